@@ -1,0 +1,195 @@
+"""Dataclass schema of the model and its parallel layout.
+
+Defaults describe a tiny CPU model; YAML files in ``configs/`` and ``key=value`` overrides move
+it to real scales. ``validate`` methods fail before any work with a message naming the fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that contradicts itself; the message names the fields."""
+
+
+FUSION_MECHANISMS = ("casa", "cross_attention")
+PLACEMENTS = ("parallel", "before", "replace")
+IMAGE_POSITION_SCHEMES = ("insertion", "none")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+ATTENTION_BACKENDS = ("auto", "torch", "flash", "te")
+
+
+@dataclass
+class LanguageModelConfig:
+    """GPT-style decoder: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2 / Helium family)."""
+
+    vocab_size: int = 512
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 176
+    kv_channels: Optional[int] = None
+    add_qkv_bias: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    max_position_embeddings: int = 4096
+    init_method_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.lm.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.lm.num_query_groups={self.num_query_groups}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.lm.hidden_size={self.hidden_size} is not divisible by "
+                f"model.lm.num_attention_heads={self.num_attention_heads}; set model.lm.kv_channels"
+            )
+
+
+@dataclass
+class VisionConfig:
+    """Vision encoder: ViT over 14 px patches, then a 2x2 spatial merge in the projector.
+
+    ``trainable_blocks``: -1 trains every block, 0 freezes the encoder, k > 0 trains the last k
+    blocks (the paper trains the last 4 for images and freezes the encoder for video).
+    """
+
+    encoder: str = "tiny_vit"
+    num_layers: int = 2
+    hidden_size: int = 48
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 96
+    patch_size: int = 14
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    norm_epsilon: float = 1e-6
+    trainable_blocks: int = -1
+    projector_trainable: bool = True
+
+    def validate(self) -> None:
+        if self.encoder != "tiny_vit":
+            raise ConfigError(f"model.vision.encoder={self.encoder!r}: only 'tiny_vit' is built so far")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.vision.hidden_size={self.hidden_size} is not divisible by "
+                f"model.vision.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.trainable_blocks < -1 or self.trainable_blocks > self.num_layers:
+            raise ConfigError(
+                f"model.vision.trainable_blocks={self.trainable_blocks} must be -1 (all), 0 (frozen) "
+                f"or at most model.vision.num_layers={self.num_layers}"
+            )
+
+
+@dataclass
+class FusionConfig:
+    """How vision enters the LM.
+
+    ``mechanism``: ``casa`` (text queries attend to [window images ++ window text <= t]) or
+    ``cross_attention`` (same module with text keys off). ``placement``: ``parallel`` (default,
+    ``x + SA(N1 x) + CASA(N2 x)``), ``before`` (``x + CASA(N x)`` then the usual block) or
+    ``replace`` (CASA instead of self-attention). ``share_projections``: CASA reuses the layer's
+    self-attention Q/K/V/O (no new parameters; parallel/before only). Layers are chosen by
+    ``layers`` (0-based LM indices) or ``every_n`` (layers n-1, 2n-1, ...); neither means all.
+    ``image_position_scheme``: RoPE for image keys; ``insertion`` (default) rotates every image
+    key by the text position of its window start, so the query-key phase depends only on the
+    distance from the window start, like text; ``none`` leaves image keys unrotated.
+    """
+
+    mechanism: str = "casa"
+    placement: str = "parallel"
+    share_projections: bool = False
+    layers: Optional[List[int]] = None
+    every_n: Optional[int] = None
+    image_position_scheme: str = "insertion"
+    init_from_self_attention: bool = True
+
+    def fusion_layers(self, num_layers: int) -> List[int]:
+        """0-based LM layer indices that hold a CASA module."""
+        if self.layers is not None:
+            return sorted(set(self.layers))
+        n = self.every_n or 1
+        return [i for i in range(num_layers) if (i + 1) % n == 0]
+
+    def validate(self, num_layers: int) -> None:
+        if self.mechanism not in FUSION_MECHANISMS:
+            raise ConfigError(f"model.fusion.mechanism={self.mechanism!r} not in {FUSION_MECHANISMS}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"model.fusion.placement={self.placement!r} not in {PLACEMENTS}")
+        if self.image_position_scheme not in IMAGE_POSITION_SCHEMES:
+            raise ConfigError(
+                f"model.fusion.image_position_scheme={self.image_position_scheme!r} "
+                f"not in {IMAGE_POSITION_SCHEMES}"
+            )
+        if self.layers is not None and self.every_n is not None:
+            raise ConfigError("model.fusion.layers and model.fusion.every_n are both set; choose one")
+        if self.every_n is not None and self.every_n < 1:
+            raise ConfigError(f"model.fusion.every_n={self.every_n} must be >= 1")
+        bad = [i for i in (self.layers or []) if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(
+                f"model.fusion.layers has indices {bad} outside [0, model.lm.num_layers={num_layers})"
+            )
+        if self.share_projections and self.placement == "replace":
+            raise ConfigError(
+                "model.fusion.share_projections=true with model.fusion.placement='replace': a "
+                "replaced layer has no self-attention to share"
+            )
+        if not self.fusion_layers(num_layers):
+            raise ConfigError("model.fusion selects no LM layer; check layers / every_n")
+
+
+@dataclass
+class ModelConfig:
+    lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    freeze_lm: bool = False
+    transformer_impl: str = "auto"
+    attention_backend: str = "auto"
+
+    def validate(self) -> None:
+        self.lm.validate()
+        self.vision.validate()
+        self.fusion.validate(self.lm.num_layers)
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} not in {TRANSFORMER_IMPLS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention_backend={self.attention_backend!r} not in {ATTENTION_BACKENDS}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self, model: ModelConfig) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        lm = model.lm
+        for name, value in (("num_attention_heads", lm.num_attention_heads),
+                            ("num_query_groups", lm.num_query_groups)):
+            if value % tp:
+                raise ConfigError(
+                    f"parallel.tensor_model_parallel_size={tp} does not divide model.lm.{name}={value}"
+                )
+        if model.vision.num_attention_heads % tp:
+            raise ConfigError(
+                f"parallel.tensor_model_parallel_size={tp} does not divide "
+                f"model.vision.num_attention_heads={model.vision.num_attention_heads}"
+            )
+        if lm.num_layers % pp:
+            raise ConfigError(
+                f"parallel.pipeline_model_parallel_size={pp} does not divide model.lm.num_layers={lm.num_layers}"
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")

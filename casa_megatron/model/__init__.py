@@ -1,0 +1,1 @@
+"""CASA vision-language models on megatron-core."""

@@ -1,0 +1,171 @@
+"""A decoder layer that holds a CASA module next to (or instead of) its self-attention.
+
+Placements (DESIGN.md §1), each a small private block method in the moshi style:
+
+* ``parallel`` (default): ``h = x + SA(N1 x) + CASA(N2 x)``; ``out = h + MLP(N3 h)``
+* ``before``:   ``x = x + CASA(Nc x)``; then ``h = x + SA(N1 x)``; ``out = h + MLP(N3 h)``
+* ``replace``:  ``h = x + CASA(N1 x)``; ``out = h + MLP(N3 h)`` (no self-attention)
+
+With ``share_projections`` the CASA module reuses this layer's SA Q/K/V/O (no new weights).
+New CASA weights are copied from the same layer's SA by :meth:`init_casa_from_self_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
+from torch import Tensor
+
+from casa_megatron.model.vision_context import VisionContext
+
+PLACEMENTS = ("parallel", "before", "replace")
+
+
+@dataclass
+class CASALayerSubmodules:
+    input_layernorm: Union[ModuleSpec, type] = IdentityOp
+    self_attention: Union[ModuleSpec, type, None] = None
+    self_attn_bda: Union[ModuleSpec, type] = IdentityFuncOp
+    casa_layernorm: Union[ModuleSpec, type] = IdentityOp
+    casa_attention: Union[ModuleSpec, type, None] = None
+    casa_bda: Union[ModuleSpec, type] = IdentityFuncOp
+    pre_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
+    mlp: Union[ModuleSpec, type] = IdentityOp
+    mlp_bda: Union[ModuleSpec, type] = IdentityFuncOp
+    sharded_state_dict_keys_map: Dict[str, str] = field(default_factory=dict)
+
+
+class CASATransformerLayer(MegatronModule):
+    """[s, b, h] -> [s, b, h], reading the images through a :class:`VisionContext`."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: CASALayerSubmodules,
+        layer_number: int = 1,
+        placement: str = "parallel",
+        share_projections: bool = False,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"CASA placement {placement!r} not in {PLACEMENTS}")
+        if share_projections and placement == "replace":
+            raise ValueError("share_projections needs a self-attention: not with placement='replace'")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.submodules_config = submodules
+        self.tp_group = pg_collection.tp
+        self.placement = placement
+        self.share_projections = share_projections
+        self.layer_number = layer_number + get_transformer_layer_offset(
+            config, vp_stage, parallel_state.get_pipeline_model_parallel_rank()
+        )
+        self.hidden_dropout = config.hidden_dropout
+
+        def norm(spec):
+            return build_module(spec, config=config, hidden_size=config.hidden_size,
+                                eps=config.layernorm_epsilon)
+
+        self.input_layernorm = norm(submodules.input_layernorm)
+        if placement != "replace":
+            self.self_attention = build_module(
+                submodules.self_attention, config=config, layer_number=self.layer_number,
+                pg_collection=pg_collection,
+            )
+            self.self_attn_bda = build_module(submodules.self_attn_bda)
+            self.casa_layernorm = norm(submodules.casa_layernorm)
+        shared = None
+        if share_projections:
+            shared = (self.self_attention.linear_qkv, self.self_attention.linear_proj)
+        self.casa_attention = build_module(
+            submodules.casa_attention, config=config, layer_number=self.layer_number,
+            shared_projections=shared, pg_collection=pg_collection,
+        )
+        self.casa_bda = build_module(submodules.casa_bda)
+        self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
+        self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+        self.mlp_bda = build_module(submodules.mlp_bda)
+        if config.perform_initialization:
+            self.init_casa_from_self_attention()
+
+    # --- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_casa_from_self_attention(self) -> None:
+        """Copy this layer's SA projections (and its pre-SA norm) into the CASA module.
+
+        Call again after loading backbone weights (e.g. from Hugging Face). No-op when the
+        projections are shared or when CASA replaces SA (it then *is* the backbone attention).
+        """
+        if self.placement == "replace" or self.share_projections:
+            return
+        sa_qkv, sa_proj = self.self_attention.linear_qkv, self.self_attention.linear_proj
+        casa_qkv, casa_proj = self.casa_attention.linear_qkv, self.casa_attention.linear_proj
+        for src, dst in ((sa_qkv, casa_qkv), (sa_proj, casa_proj)):
+            dst_state = dst.state_dict()
+            for name, value in src.state_dict().items():
+                if name in dst_state and torch.is_tensor(value) and value.shape == dst_state[name].shape:
+                    dst_state[name].copy_(value)
+        _copy_norm(self.input_layernorm, self.casa_layernorm)
+
+    def casa_parameters(self):
+        """Parameters created for CASA (new weights; empty when projections are shared)."""
+        if self.placement == "replace":
+            return list(self.casa_attention.parameters())
+        return list(self.casa_attention.parameters()) + list(self.casa_layernorm.parameters())
+
+    # --- blocks -----------------------------------------------------------------------------
+    def _bda(self, bda, out_with_bias, residual: Tensor) -> Tensor:
+        return bda(self.training, self.config.bias_dropout_fusion)(
+            out_with_bias, residual, self.hidden_dropout
+        )
+
+    def _sa_block(self, x: Tensor, attention_mask, rotary_pos_emb):
+        return self.self_attention(self.input_layernorm(x), attention_mask=attention_mask,
+                                   rotary_pos_emb=rotary_pos_emb)
+
+    def _casa_block(self, x: Tensor, norm, image_states: Tensor, vision: VisionContext):
+        return self.casa_attention(norm(x), image_states, vision)
+
+    def _mlp_block(self, h: Tensor) -> Tensor:
+        return self._bda(self.mlp_bda, self.mlp(self.pre_mlp_layernorm(h)), h)
+
+    def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        x = hidden_states  # [s, b, h]
+        rope = vision.text_rotary
+        if self.placement == "parallel":
+            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope), x)
+            h = self._bda(self.casa_bda, self._casa_block(x, self.casa_layernorm, image_states, vision), h)
+        elif self.placement == "before":
+            x = self._bda(self.casa_bda, self._casa_block(x, self.casa_layernorm, image_states, vision), x)
+            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope), x)
+        else:  # replace
+            h = self._bda(self.casa_bda, self._casa_block(x, self.input_layernorm, image_states, vision), x)
+        return self._mlp_block(h)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        mapping = {f"{prefix}{k}": f"{prefix}{v}"
+                   for k, v in self.submodules_config.sharded_state_dict_keys_map.items()}
+        if mapping:
+            apply_prefix_mapping(sharded, mapping)
+        return sharded
+
+
+def _copy_norm(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    dst_state = dst.state_dict()
+    for name, value in src.state_dict().items():
+        if name in dst_state and torch.is_tensor(value):
+            dst_state[name].copy_(value)

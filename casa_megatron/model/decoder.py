@@ -1,0 +1,76 @@
+"""The LM decoder stack of one pipeline stage: megatron layers and CASA layers side by side.
+
+megatron's TransformerBlock passes one fixed set of arguments to every layer; CASA layers also
+need the image states and windows, so this small block calls each layer with what it needs
+instead of smuggling images through unrelated arguments.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core import parallel_state
+from torch import Tensor
+
+from casa_megatron.model.casa_layer import CASATransformerLayer
+from casa_megatron.model.vision_context import VisionContext
+
+
+class CASADecoder(MegatronModule):
+    def __init__(self, config: TransformerConfig, layer_specs: List[ModuleSpec], final_norm,
+                 post_process: bool, pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        pp_size = config.pipeline_model_parallel_size
+        num_local = config.num_layers // pp_size
+        self.layer_offset = get_transformer_layer_offset(
+            config, None, parallel_state.get_pipeline_model_parallel_rank()
+        )
+        self.layers = torch.nn.ModuleList([
+            build_module(layer_specs[self.layer_offset + i], config=config, layer_number=i + 1,
+                         pg_collection=pg_collection)
+            for i in range(num_local)
+        ])
+        self.final_layernorm = None
+        if post_process:
+            self.final_layernorm = build_module(final_norm, config=config,
+                                                hidden_size=config.hidden_size,
+                                                eps=config.layernorm_epsilon)
+
+    def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext,
+                attention_mask: Optional[Tensor]) -> Tensor:
+        # hidden_states [s(/tp), b, h]; image_states [si(/tp), b, h]
+        for layer in self.layers:
+            if isinstance(layer, CASATransformerLayer):
+                hidden_states = layer(hidden_states, image_states, vision, attention_mask)
+            else:
+                hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
+                                         rotary_pos_emb=vision.text_rotary)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Layers are keyed by their *global* index so checkpoints reshard across PP layouts."""
+        sharded = {}
+        for local_idx, layer in enumerate(self.layers):
+            local_prefix = f"{prefix}layers.{local_idx}."
+            global_prefix = f"{prefix}layers.{self.layer_offset + local_idx}."
+            layer_sd = layer.sharded_state_dict(prefix=local_prefix, sharded_offsets=sharded_offsets,
+                                                metadata=metadata)
+            replace_prefix_for_sharding(layer_sd, local_prefix, global_prefix)
+            sharded.update(layer_sd)
+        if self.final_layernorm is not None:
+            from megatron.core.transformer.utils import sharded_state_dict_default
+
+            sharded.update(sharded_state_dict_default(
+                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata))
+        return sharded

@@ -1,0 +1,90 @@
+"""Translate our dataclasses into megatron-core ``TransformerConfig`` objects.
+
+Three configs: the LM (pipelined), the vision encoder (first stage only, so never pipelined,
+never sequence-parallel) and the projector (an MLP from merged patches to the LM width).
+On CPU, initialisation happens on the CPU from the global seed (``use_cpu_initialization``),
+so every TP/PP layout draws the *same* full weights and then keeps its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from casa_megatron.config.schema import ModelConfig, ParallelConfig
+
+
+def _common(parallel: ParallelConfig, params_dtype: torch.dtype) -> dict:
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        normalization="RMSNorm",
+    )
+
+
+def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                          params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    lm = model.lm
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        kv_channels=lm.head_dim,
+        layernorm_epsilon=lm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=lm.add_qkv_bias,
+        init_method_std=lm.init_method_std,
+        **_common(parallel, params_dtype),
+    )
+
+
+def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                              params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    v = model.vision
+    common = _common(parallel, params_dtype)
+    common.update(pipeline_model_parallel_size=1, sequence_parallel=False)
+    return TransformerConfig(
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        layernorm_epsilon=v.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=True,
+        **common,
+    )
+
+
+def projector_transformer_config(lm_config: TransformerConfig) -> TransformerConfig:
+    """MLP (merged patches -> LM width): GELU, biases, replicated input (no SP)."""
+    return dataclasses.replace(
+        lm_config,
+        ffn_hidden_size=lm_config.hidden_size,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        sequence_parallel=False,
+        pipeline_model_parallel_size=1,
+    )

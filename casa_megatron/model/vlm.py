@@ -1,0 +1,182 @@
+"""The CASA vision-language model, one pipeline stage of it.
+
+First stage: text embedding, vision encoder and projector. Every stage: its slice of the LM
+decoder. Last stage: final norm, output layer, per-token loss.
+
+Pipeline contract (DESIGN.md §2): the tensor sent between stages is
+``cat([text hidden [s, b, h], image slots [si, b, h]], dim=0)`` (each part divided by TP when
+sequence-parallel). Image embeddings ride along unchanged, so each stage's CASA layers read them
+and the gradients of every stage's CASA layers flow back to the projector and encoder.
+Image tokens fill the ``si * b`` slots slot-major; unused slots are zero padding.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from casa_megatron.config.schema import ModelConfig
+from casa_megatron.model import specs
+from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_marks
+from casa_megatron.model.casa_layer import CASATransformerLayer
+from casa_megatron.model.decoder import CASADecoder
+from casa_megatron.model.rope import PositionRotary
+from casa_megatron.model.vision import PatchMergerProjector, TinyViT, tokens_per_image
+from casa_megatron.model.vision_context import VisionContext
+from casa_megatron.model.windows import build_windows
+
+
+class CASAVLM(MegatronModule):
+    def __init__(
+        self,
+        model: ModelConfig,
+        lm_config: TransformerConfig,
+        vision_config: TransformerConfig,
+        projector_config: TransformerConfig,
+        image_seq_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__(config=lm_config)
+        self.model_config = model
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_seq_length = image_seq_length
+        self.use_te = specs.resolve_use_te(model.transformer_impl)
+        self.sequence_parallel = lm_config.sequence_parallel
+        self.tp = lm_config.tensor_model_parallel_size
+        self.input_tensor: Optional[Tensor] = None
+        if self.sequence_parallel and image_seq_length % self.tp:
+            raise ValueError(f"image_seq_length={image_seq_length} must be a multiple of "
+                             f"tensor_model_parallel_size={self.tp} with sequence parallelism")
+
+        self.rotary = PositionRotary(lm_config, model.lm.head_dim, model.lm.rotary_base)
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                lm_config, vocab_size=model.lm.vocab_size,
+                max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
+            )
+            self.vision = TinyViT(vision_config, model.vision, specs.vision_layer_spec(self.use_te),
+                                  specs.final_norm_spec(self.use_te))
+            self.projector = PatchMergerProjector(
+                projector_config, model.vision.hidden_size, model.vision.spatial_merge_size,
+                specs.projector_submodules(self.use_te), specs.final_norm_spec(self.use_te),
+                model.vision.norm_epsilon,
+            )
+        layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
+                                           model.attention_backend)
+        self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
+                                   post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                lm_config.hidden_size, model.lm.vocab_size, config=lm_config,
+                init_method=lm_config.init_method, bias=False, skip_bias_add=False,
+                gather_output=False,
+            )
+        self._tag_new_parameters()
+        self.apply_freezing()
+
+    # --- parameters -------------------------------------------------------------------------
+    def casa_layers(self) -> List[CASATransformerLayer]:
+        return [l for l in self.decoder.layers if isinstance(l, CASATransformerLayer)]
+
+    def _tag_new_parameters(self) -> None:
+        """``param.casa_new = True`` on weights that do not exist in the backbone (own LR group)."""
+        for p in self.parameters():
+            p.casa_new = False
+        for layer in self.casa_layers():
+            for p in layer.casa_parameters():
+                p.casa_new = True
+        if self.pre_process:
+            for p in self.projector.parameters():
+                p.casa_new = True
+
+    def apply_freezing(self) -> None:
+        """LM frozen or not (CASA weights always train); ViT: all / none / last k blocks."""
+        cfg = self.model_config
+        if cfg.freeze_lm:
+            for p in self.parameters():
+                p.requires_grad_(False)
+            for layer in self.casa_layers():
+                for p in layer.casa_parameters():
+                    p.requires_grad_(True)
+        if self.pre_process:
+            k = cfg.vision.trainable_blocks
+            blocks = self.vision.blocks
+            trainable = set(range(len(blocks))) if k == -1 else set(range(len(blocks) - k, len(blocks)))
+            for p in self.vision.parameters():
+                p.requires_grad_(k == -1)
+            for i, block in enumerate(blocks):
+                for p in block.parameters():
+                    p.requires_grad_(i in trainable)
+            for p in self.projector.parameters():
+                p.requires_grad_(cfg.vision.projector_trainable)
+
+    @torch.no_grad()
+    def init_casa_from_self_attention(self) -> None:
+        for layer in self.casa_layers():
+            layer.init_casa_from_self_attention()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's pipeline schedules on every stage but the first."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # --- forward ----------------------------------------------------------------------------
+    def vision_context(self, batch: VLMBatch, num_image_embeddings: Optional[int] = None) -> VisionContext:
+        b, s = batch.shape
+        counts = tokens_per_image(batch.image_grid_hw, self.model_config.vision.spatial_merge_size)
+        windows = build_windows(
+            b, s, batch.image_rows, batch.image_positions, counts,
+            window_starts=window_start_marks(batch), position_ids=batch.position_ids,
+            num_image_embeddings=num_image_embeddings,
+        )
+        if windows.num_image_tokens > self.image_seq_length * b:
+            raise ValueError(f"micro-batch has {windows.num_image_tokens} image tokens but only "
+                             f"image_seq_length * batch = {self.image_seq_length} * {b} slots")
+        image_rotary = None
+        if self.model_config.fusion.image_position_scheme == "insertion" and windows.num_image_tokens:
+            image_rotary = self.rotary(windows.image_key_positions)  # [i, 1, d]
+        return VisionContext(windows=windows, text_rotary=self.rotary.text_freqs(batch.position_ids),
+                             image_rotary=image_rotary, num_image_tokens=windows.num_image_tokens)
+
+    def encode_images(self, batch: VLMBatch, batch_size: int) -> Tensor:
+        """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
+        features = self.vision(batch.pixel_patches, batch.image_grid_hw)  # [n_patches, hv]
+        tokens = self.projector(features)  # [n_img_tokens, h]
+        slots = self.image_seq_length * batch_size
+        padded = torch.nn.functional.pad(tokens, (0, 0, 0, slots - tokens.shape[0]))
+        image_states = padded.view(self.image_seq_length, batch_size, -1)  # [si, b, h]
+        if self.sequence_parallel:
+            image_states = tensor_parallel.scatter_to_sequence_parallel_region(image_states)
+        return image_states
+
+    def forward(self, batch: VLMBatch) -> Tensor:
+        """First/middle stages: [s+si (/tp), b, h]. Last stage: per-token loss [b, s] with
+        labels, else TP-sharded logits [s, b, v/tp]."""
+        b, s = batch.shape
+        if self.pre_process:
+            image_states = self.encode_images(batch, b)
+            vision = self.vision_context(batch)
+            text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
+        else:
+            vision = self.vision_context(batch)
+            s_local = s // self.tp if self.sequence_parallel else s
+            text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]
+        mask = block_causal_mask(batch.sample_starts, b, s, text.device)
+        text = self.decoder(text, image_states, vision, mask)  # [s(/tp), b, h]
+        if not self.post_process:
+            return torch.cat([text, image_states], dim=0)
+        logits, _ = self.output_layer(text)  # [s, b, v/tp]
+        if batch.labels is None:
+            return logits
+        loss = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), batch.labels.transpose(0, 1).contiguous())  # [s, b]
+        return loss.transpose(0, 1).contiguous()  # [b, s]
