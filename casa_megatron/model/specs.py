@@ -8,6 +8,7 @@ these specs and never imports a TE class directly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 import torch
@@ -27,6 +28,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from casa_megatron.config.schema import FusionConfig
 from casa_megatron.model.casa_attention import CASAAttention, CASAAttentionSubmodules, WindowCoreAttention
 from casa_megatron.model.casa_layer import CASALayerSubmodules, CASATransformerLayer
+from casa_megatron.model.norm import LocalRMSNorm
 
 
 def te_available() -> bool:
@@ -57,10 +59,20 @@ def _provider(use_te: bool):
     return LocalSpecProvider()
 
 
+def _norm(use_te: bool):
+    if use_te:
+        return _provider(True).layer_norm(rms_norm=True, for_qk=False)
+    return LocalRMSNorm
+
+
 def _plain_layer_spec(use_te: bool) -> ModuleSpec:
+    """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm)."""
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
+                                     pre_mlp_layernorm=LocalRMSNorm)
+    return dataclasses.replace(spec, submodules=submodules)
 
 
 def _self_attention_spec(provider) -> ModuleSpec:
@@ -98,7 +110,7 @@ def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: st
 def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str = "auto") -> ModuleSpec:
     provider = _provider(use_te)
     plain = _plain_layer_spec(use_te).submodules
-    norm = provider.layer_norm(rms_norm=True, for_qk=False)
+    norm = _norm(use_te)
     keys_map = {k: v for k, v in plain.sharded_state_dict_keys_map.items()
                 if k.startswith("pre_mlp_layernorm")}
     return ModuleSpec(
@@ -130,13 +142,13 @@ def lm_layer_specs(num_layers: int, fusion: FusionConfig, use_te: bool,
 
 
 def final_norm_spec(use_te: bool):
-    return _provider(use_te).layer_norm(rms_norm=True, for_qk=False)
+    return _norm(use_te)
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:
     """Bidirectional ViT block (RMSNorm, SwiGLU, QKV bias) with a block-diagonal image mask."""
     provider = _provider(use_te)
-    norm = provider.layer_norm(rms_norm=True, for_qk=False)
+    norm = _norm(use_te)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

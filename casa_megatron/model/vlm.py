@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -46,6 +47,7 @@ class CASAVLM(MegatronModule):
     ):
         super().__init__(config=lm_config)
         self.model_config = model
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process, self.post_process = pre_process, post_process
         self.image_seq_length = image_seq_length
         self.use_te = specs.resolve_use_te(model.transformer_impl)

@@ -1,0 +1,50 @@
+"""A small CASA VLM config and random packed batches with every window situation."""
+
+from __future__ import annotations
+
+import torch
+
+from casa_megatron.config import FusionConfig, LanguageModelConfig, ModelConfig, VisionConfig
+from casa_megatron.model.batch import VLMBatch
+
+SEQ, IMAGE_SLOTS, VOCAB = 16, 16, 128
+
+
+def small_model_config(**fusion) -> ModelConfig:
+    return ModelConfig(
+        lm=LanguageModelConfig(vocab_size=VOCAB, num_layers=4, hidden_size=32, num_attention_heads=4,
+                               num_query_groups=2, ffn_hidden_size=48, add_qkv_bias=True),
+        vision=VisionConfig(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48),
+        fusion=FusionConfig(**fusion),
+        transformer_impl="local",
+    )
+
+
+def random_batch(seed: int, with_labels: bool = True) -> VLMBatch:
+    """b=2, s=16. Row 0: two consecutive images at 0 (shared window), one at 9.
+    Row 1: leading text-only window, an image at 5, a packed second sample from 8, an image at 11."""
+    g = torch.Generator().manual_seed(seed)
+    b = 2
+    grid = torch.tensor([[2, 4], [2, 2], [4, 4], [2, 2], [2, 4]])
+    n_patches = int((grid[:, 0] * grid[:, 1]).sum())
+    positions = torch.arange(SEQ).repeat(b, 1)
+    positions[1, 8:] -= 8
+    sample_starts = torch.zeros(b, SEQ, dtype=torch.bool)
+    sample_starts[1, 8] = True
+    return VLMBatch(
+        input_ids=torch.randint(0, VOCAB, (b, SEQ), generator=g),
+        position_ids=positions,
+        pixel_patches=torch.randn(n_patches, 3 * 14 * 14, generator=g),
+        image_grid_hw=grid,
+        image_rows=torch.tensor([0, 0, 0, 1, 1]),
+        image_positions=torch.tensor([0, 0, 9, 5, 11]),
+        labels=torch.randint(0, VOCAB, (b, SEQ), generator=g) if with_labels else None,
+        loss_mask=(torch.rand(b, SEQ, generator=g) > 0.3).float(),
+        sample_starts=sample_starts,
+    )
+
+
+def perturbed_full_state(model, seed: int = 7, scale: float = 0.05):
+    """The model's full (TP=1) parameters plus noise, so norms and CASA copies are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + scale * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
