@@ -193,3 +193,66 @@ class ParallelConfig:
             )
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+
+
+@dataclass
+class DataConfig:
+    """``synthetic``: the generated colour/side task (data/synthetic.py)."""
+
+    source: str = "synthetic"
+    seq_length: int = 32
+    image_seq_length: int = 24
+    image_size: int = 56
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.source != "synthetic":
+            raise ConfigError(f"data.source={self.source!r}: only 'synthetic' exists so far")
+        if self.image_size % 28:
+            raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 28 (patch 14 x merge 2)")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with separate learning rates for new (CASA, projector) and pretrained weights."""
+
+    lr_new: float = 1e-4
+    lr_pretrained: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "casa_megatron"
+    tracking_uri: Optional[str] = None  # default: sqlite file in the run directory
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    train_steps: int = 200
+    log_interval: int = 10
+    seed: int = 1234
+    run_dir: str = "runs/tiny_cpu"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model)
+        self.data.validate()
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size={self.micro_batch_size}")
+        if self.parallel.sequence_parallel and (
+                self.data.seq_length % self.parallel.tensor_model_parallel_size
+                or self.data.image_seq_length % self.parallel.tensor_model_parallel_size):
+            raise ConfigError("data.seq_length and data.image_seq_length must be multiples of "
+                              "parallel.tensor_model_parallel_size with sequence_parallel=true")

@@ -29,14 +29,16 @@ def tokens_per_image(grid_hw: Tensor, merge: int = 2) -> Tensor:
 
 
 class VisionEncoder(MegatronModule, ABC):
-    """pixel patches [n_patches, C*p*p] + grid [n_img, 2] -> features [n_patches, hv]."""
+    """pixel patches [n_patches, C*p*p] + grid [n_img, 2] -> features [n_patches, hv].
+
+    Implementations keep their transformer blocks in ``self.blocks`` (a ModuleList) so
+    freezing "all but the last k blocks" works for any encoder.
+    """
+
+    blocks: torch.nn.ModuleList
 
     @abstractmethod
     def forward(self, pixel_patches: Tensor, grid_hw: Tensor) -> Tensor: ...
-
-    @property
-    @abstractmethod
-    def blocks(self) -> torch.nn.ModuleList: ...
 
 
 def _patch_coords(grid_hw: Tensor, merge: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -77,16 +79,12 @@ class TinyViT(VisionEncoder):
         self.merge = vision.spatial_merge_size
         patch_dim = vision.in_channels * vision.patch_size ** 2
         self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, bias=True)
-        self._blocks = torch.nn.ModuleList([
+        self.blocks = torch.nn.ModuleList([
             build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(config.num_layers)
         ])
         self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
                                             eps=config.layernorm_epsilon)
-
-    @property
-    def blocks(self) -> torch.nn.ModuleList:
-        return self._blocks
 
     def forward(self, pixel_patches: Tensor, grid_hw: Tensor) -> Tensor:
         expected = int((grid_hw[:, 0] * grid_hw[:, 1]).sum())
@@ -99,7 +97,7 @@ class TinyViT(VisionEncoder):
         image_ids = image_ids.to(x.device)
         mask = (image_ids[:, None] != image_ids[None, :])[None, None]  # [1, 1, n, n], True = masked
         x = x[:, None]  # [n, 1, hv]
-        for block in self._blocks:
+        for block in self.blocks:
             x, _ = block(hidden_states=x, attention_mask=mask)
         return self.final_layernorm(x)[:, 0]  # [n, hv]
 

@@ -7,6 +7,7 @@ parameter, the vision encoder included.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from support.dist import run_distributed
@@ -75,9 +76,17 @@ def _tp_worker(rank, world, fusion):
     return report
 
 
-def test_tensor_parallel_matches_single_process():
+TP_VARIANTS = {
+    "casa_parallel": {},
+    "casa_shared_every_2": {"share_projections": True, "every_n": 2},
+    "cross_attention_replace": {"mechanism": "cross_attention", "placement": "replace", "every_n": 2},
+}
+
+
+@pytest.mark.parametrize("variant", list(TP_VARIANTS))
+def test_tensor_parallel_matches_single_process(variant):
     """TP=2 without and with sequence parallelism: loss, logits and every gradient."""
-    reports = run_distributed(_tp_worker, world_size=2, fusion={})
+    reports = run_distributed(_tp_worker, world_size=2, fusion=TP_VARIANTS[variant])
     for sp, (loss, max_grad_err) in reports[0].items():
         assert max_grad_err < 1e-4, (sp, max_grad_err)
 
@@ -88,7 +97,7 @@ def _forward_step(data_iterator, model):
 
     def loss_func(per_token):
         loss = _masked_loss(per_token, batch)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
     return output, loss_func
 
@@ -139,12 +148,18 @@ def _global_name(name: str, offset: int) -> str:
     return name
 
 
-def test_pipeline_parallel_matches_single_process():
+PP_VARIANTS = {"casa_parallel": ({}, 3), "casa_before_layers_1_2": ({"placement": "before", "layers": [1, 2]}, 2)}
+
+
+@pytest.mark.parametrize("variant", list(PP_VARIANTS))
+def test_pipeline_parallel_matches_single_process(variant):
     """PP=2 through megatron's 1F1B schedule, 3 micro-batches: losses and all gradients,
     including the vision encoder's, which receives gradient from CASA layers on both stages."""
-    reports = run_distributed(_pp_worker, world_size=2, fusion={})
+    fusion, casa_layer_on_stage_1 = PP_VARIANTS[variant]
+    reports = run_distributed(_pp_worker, world_size=2, fusion=fusion)
     checked = set(reports[0]["checked"]) | set(reports[1]["checked"])
     assert any(n.startswith("vision.") for n in reports[0]["checked"])
-    assert any(n.startswith("decoder.layers.3.casa_attention") for n in reports[1]["checked"])
+    assert any(n.startswith(f"decoder.layers.{casa_layer_on_stage_1}.casa_attention")
+               for n in reports[1]["checked"])
     assert reports[0]["vision_grad_norm"] > 0
     assert len(checked) == len(reports[0]["checked"]) + len(reports[1]["checked"])

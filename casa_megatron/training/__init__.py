@@ -1,0 +1,1 @@
+"""Training: the step (batch -> loss), the loop, optimizer set-up."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set-up and the two front-door jobs, on a fresh machine:
+#   bash dev.sh train   -> install, then the tiny CASA pretraining run (CPU, generated data, MLflow)
+#   bash dev.sh test    -> install, then the test suite
+# VENV=path chooses the virtual environment (default .venv next to this file).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+# The CPU wheel of torch 2.13.0 is pinned here: an unpinned torch pulls GBs of CUDA packages.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+case "${1:-}" in
+  train) shift; casa-train configs/tiny_cpu.yaml "$@" ;;
+  test)  shift; python -m pytest tests -q "$@" ;;
+  *) echo "usage: bash dev.sh train|test [args]" >&2; exit 2 ;;
+esac
