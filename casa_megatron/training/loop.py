@@ -23,7 +23,7 @@ from casa_megatron.data.synthetic import synthetic_batches
 from casa_megatron.model.build import build_vlm
 from casa_megatron.parallel import initialize_parallel
 from casa_megatron.tracking import make_tracker
-from casa_megatron.training.step import finalize_grads, forward_step
+from casa_megatron.training.step import clip_grads, finalize_grads, forward_step
 
 TEXT_ONLY_FLOOR = (math.log(8) + math.log(2)) / 2  # best loss without looking at images
 
@@ -94,8 +94,7 @@ def train(cfg: TrainConfig) -> dict:
                         seq_length=cfg.data.seq_length + cfg.data.image_seq_length,
                         micro_batch_size=cfg.micro_batch_size)
             finalize_grads(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.grad is not None], cfg.optimizer.clip_grad)
+            grad_norm = clip_grads(model, cfg.optimizer.clip_grad)
             optimizer.step()
             step_time = time.perf_counter() - start
             if not is_logger or (step % cfg.log_interval and step != cfg.train_steps):

@@ -45,3 +45,30 @@ def test_cli_reports_config_errors(capsys):
 
     assert main(["configs/tiny_cpu.yaml", "global_batch_size=7"]) == 2
     assert "global_batch_size=7" in capsys.readouterr().err
+
+
+def _short_run(rank, world, run_dir, overrides):
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.loop import train
+
+    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml",
+                      [f"run_dir={run_dir}", "train_steps=12", "log_interval=4",
+                       "tracking.enabled=false", *overrides])
+    train(cfg)
+
+
+def test_tensor_parallel_training_follows_single_process_curve(tmp_path):
+    """12 optimizer steps at TP=2 + sequence parallelism (2 processes) give the losses and the
+    global grad norms of the single-process run."""
+    curves = {}
+    for name, world, overrides in (("tp1", 1, []),
+                                   ("tp2_sp", 2, ["parallel.tensor_model_parallel_size=2",
+                                                  "parallel.sequence_parallel=true"])):
+        run_dir = tmp_path / name
+        run_distributed(_short_run, world_size=world, run_dir=str(run_dir), overrides=overrides)
+        curves[name] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for ref, got in zip(curves["tp1"], curves["tp2_sp"], strict=True):
+        assert got["step"] == ref["step"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One node or many: torchrun around casa-train. Rendezvous comes from the environment.
+#   NPROC_PER_NODE=8 bash launch/torchrun.sh configs/tiny_cpu.yaml parallel.tensor_model_parallel_size=2
+# Many nodes: also set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM script: planned).
+set -euo pipefail
+exec torchrun \
+  --nproc_per_node="${NPROC_PER_NODE:-1}" \
+  --nnodes="${NNODES:-1}" \
+  --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+  --master_port="${MASTER_PORT:-29500}" \
+  -m casa_megatron.train "$@"

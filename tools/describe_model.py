@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Print a model's parameter budget: per component, total / new (CASA, projector) / trainable.
+
+    python tools/describe_model.py configs/tiny_cpu.yaml [key=value ...]
+
+Builds the model on one CPU process (no data, no training), so a recipe's size and which layers
+hold CASA modules can be checked before asking for GPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+
+def main(argv) -> int:
+    if not argv:
+        print(__doc__.strip())
+        return 2
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import ParallelConfig, TrainConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    cfg = load_config(TrainConfig, argv[0], argv[1:])
+    initialize_parallel(1, 1, cfg.seed)
+    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length)
+    rows = defaultdict(lambda: [0, 0, 0])
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        if part == "decoder" and ".casa_" in name:
+            part = "decoder (CASA)"
+        rows[part][0] += p.numel()
+        rows[part][1] += p.numel() if p.casa_new else 0
+        rows[part][2] += p.numel() if p.requires_grad else 0
+    print(f"{'component':<18}{'params':>14}{'new':>14}{'trainable':>14}")
+    for part, (total, new, trainable) in rows.items():
+        print(f"{part:<18}{total:>14,}{new:>14,}{trainable:>14,}")
+    totals = [sum(r[i] for r in rows.values()) for i in range(3)]
+    print(f"{'total':<18}{totals[0]:>14,}{totals[1]:>14,}{totals[2]:>14,}")
+    layers = [l.layer_number - 1 for l in model.casa_layers()]
+    print(f"CASA layers ({cfg.model.fusion.mechanism}, {cfg.model.fusion.placement}"
+          f"{', shared projections' if cfg.model.fusion.share_projections else ''}): {layers}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
