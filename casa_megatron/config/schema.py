@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-class ConfigError(ValueError):
-    """A configuration that contradicts itself; the message names the fields."""
+from casa_megatron.config.errors import ConfigError
+from casa_megatron.data.config import DataConfig
 
+__all__ = ["ConfigError", "DataConfig"]
 
-FUSION_MECHANISMS = ("casa", "cross_attention")
+FUSION_MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("insertion", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -94,8 +95,9 @@ class VisionConfig:
 class FusionConfig:
     """How vision enters the LM.
 
-    ``mechanism``: ``casa`` (text queries attend to [window images ++ window text <= t]) or
-    ``cross_attention`` (same module with text keys off). ``placement``: ``parallel`` (default,
+    ``mechanism``: ``casa`` (text queries attend to [window images ++ window text <= t]),
+    ``cross_attention`` (same module with text keys off) or ``insertion`` (the baseline: image
+    tokens inserted into the text stream; no fusion layers). ``placement``: ``parallel`` (default,
     ``x + SA(N1 x) + CASA(N2 x)``), ``before`` (``x + CASA(N x)`` then the usual block) or
     ``replace`` (CASA instead of self-attention). ``share_projections``: CASA reuses the layer's
     self-attention Q/K/V/O (no new parameters; parallel/before only). Layers are chosen by
@@ -107,6 +109,7 @@ class FusionConfig:
 
     mechanism: str = "casa"
     placement: str = "parallel"
+    cross_attention_gate: bool = False  # Flamingo/mllama tanh gate (init 0), cross_attention only
     share_projections: bool = False
     layers: Optional[List[int]] = None
     every_n: Optional[int] = None
@@ -114,7 +117,9 @@ class FusionConfig:
     init_from_self_attention: bool = True
 
     def fusion_layers(self, num_layers: int) -> List[int]:
-        """0-based LM layer indices that hold a CASA module."""
+        """0-based LM layer indices that hold a CASA module (none for insertion)."""
+        if self.mechanism == "insertion":
+            return []
         if self.layers is not None:
             return sorted(set(self.layers))
         n = self.every_n or 1
@@ -144,8 +149,11 @@ class FusionConfig:
                 "model.fusion.share_projections=true with model.fusion.placement='replace': a "
                 "replaced layer has no self-attention to share"
             )
-        if not self.fusion_layers(num_layers):
+        if self.mechanism != "insertion" and not self.fusion_layers(num_layers):
             raise ConfigError("model.fusion selects no LM layer; check layers / every_n")
+        if self.cross_attention_gate and self.mechanism != "cross_attention":
+            raise ConfigError(f"model.fusion.cross_attention_gate=true needs mechanism='cross_attention', "
+                              f"not {self.mechanism!r}")
 
 
 @dataclass
@@ -193,23 +201,6 @@ class ParallelConfig:
             )
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
-
-
-@dataclass
-class DataConfig:
-    """``synthetic``: the generated colour/side task (data/synthetic.py)."""
-
-    source: str = "synthetic"
-    seq_length: int = 32
-    image_seq_length: int = 24
-    image_size: int = 56
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.source != "synthetic":
-            raise ConfigError(f"data.source={self.source!r}: only 'synthetic' exists so far")
-        if self.image_size % 28:
-            raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 28 (patch 14 x merge 2)")
 
 
 @dataclass
