@@ -18,7 +18,13 @@ setup(
         "pyyaml>=6.0",
         "mlflow>=2.10",
         "numpy",
+        "psutil",  # megatron checkpoint writer, MLflow system metrics
         "matplotlib",
+        "av>=12",  # PyAV: CPU video decoding/encoding (FFmpeg with x264/vpx bundled in the wheel)
+        "pillow",  # image decoding, synthetic dataset rendering
+        "transformers>=4.46",  # AutoTokenizer from a local path
+        "tokenizers",  # the tiny word-level tokenizer of generated datasets
+        "tqdm",  # progress bars of the data tools
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", "nvidia-dali-cuda120"],

@@ -9,7 +9,9 @@ megatron-core's own; only *where tensors live* and *which RNG is forked* change.
 2. Literal ``device="cuda"`` / ``.cuda()`` appear in the schedules (token counters), the
    optimizer (found-inf flags, grad-norm buffers) and the grad buffers. A ``TorchFunctionMode``
    rewrites any CUDA device argument of a torch call to the CPU (the same mechanism torch uses
-   for ``torch.set_default_device``). ``torch.cuda.synchronize`` becomes a no-op.
+   for ``torch.set_default_device``). ``torch.cuda.synchronize`` becomes a no-op. The same mode
+   answers ``tensor.type()`` with the CUDA type name (``torch.cuda.FloatTensor``), because
+   megatron's optimizers select fp32/fp16 handling by comparing those strings.
 3. The model-parallel RNG tracker forks the CUDA generator (dropout in TP regions, GPU weight
    init). Here it forks the CPU default generator instead, with the same seeds megatron uses.
 
@@ -49,6 +51,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _CPU
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers check dtypes as `t.type() == "torch.cuda.FloatTensor"`.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)

@@ -205,13 +205,67 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with separate learning rates for new (CASA, projector) and pretrained weights."""
+    """AdamW (megatron's, distributed over data-parallel ranks by default) with separate learning
+    rates for new weights (CASA, projector: ``lr_new``) and pretrained ones (``lr_pretrained``),
+    and a warmup -> constant -> decay schedule (``decay_style: WSD``, the paper's recipe)."""
 
     lr_new: float = 1e-4
     lr_pretrained: float = 1e-5
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
     warmup_steps: int = 10
+    decay_style: str = "WSD"  # constant | linear | cosine | WSD
+    wsd_decay_steps: int = 0  # WSD: steps of the final decay (0 = no decay)
     clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+    def validate(self, train_steps: int) -> None:
+        styles = ("constant", "linear", "cosine", "WSD")
+        if self.decay_style not in styles:
+            raise ConfigError(f"optimizer.decay_style={self.decay_style!r} not in {styles}")
+        if self.lr_new <= 0 or self.lr_pretrained <= 0:
+            raise ConfigError("optimizer.lr_new and optimizer.lr_pretrained must be > 0")
+        if self.warmup_steps + self.wsd_decay_steps > train_steps:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} + optimizer.wsd_decay_steps="
+                              f"{self.wsd_decay_steps} exceed train_steps={train_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron dist_checkpointing; ``dir`` None = ``<run_dir>/checkpoints``."""
+
+    dir: Optional[str] = None
+    save_interval: int = 0  # 0 = only at the end (and on SIGTERM)
+    resume: bool = True  # continue from the latest complete checkpoint in ``dir``
+    keep_last: int = 2
+
+
+@dataclass
+class PrecisionConfig:
+    """bf16 and FP8 need a GPU; FP8 also needs Transformer Engine."""
+
+    bf16: bool = False
+    fp8: Optional[str] = None  # None | "hybrid" | "e4m3"
+    fp8_recipe: str = "delayed"
+
+    def validate(self, transformer_impl: str) -> None:
+        import torch
+
+        if self.fp8 is not None:
+            if self.fp8 not in ("hybrid", "e4m3"):
+                raise ConfigError(f"precision.fp8={self.fp8!r} not in (None, 'hybrid', 'e4m3')")
+            if not torch.cuda.is_available():
+                raise ConfigError(f"precision.fp8={self.fp8!r} needs a GPU; none is visible")
+            if transformer_impl == "local":
+                raise ConfigError("precision.fp8 needs model.transformer_impl='transformer_engine' or 'auto'")
+            try:
+                import transformer_engine  # noqa: F401
+            except Exception as exc:
+                raise ConfigError(f"precision.fp8={self.fp8!r} needs Transformer Engine: {exc}") from exc
+        if self.bf16 and not torch.cuda.is_available():
+            raise ConfigError("precision.bf16=true: bf16 training is supported on GPU only here")
 
 
 @dataclass
@@ -227,6 +281,8 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     micro_batch_size: int = 2
     global_batch_size: int = 4
@@ -239,6 +295,8 @@ class TrainConfig:
         self.model.validate()
         self.parallel.validate(self.model)
         self.data.validate()
+        self.optimizer.validate(self.train_steps)
+        self.precision.validate(self.model.transformer_impl)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")

@@ -1,26 +1,96 @@
-"""Data configuration (owned by the data pipeline; embedded in the training config as ``data``)."""
+"""Data configuration (owned by the data pipeline; embedded in the training config as ``data``).
+
+``source`` picks the pipeline: ``"synthetic"`` is the in-memory generated colour/side task
+(data/synthetic.py); anything else is a path to real data: a directory of ``*.tar`` shards, one
+``.tar`` file, or a ``.jsonl`` manifest of local files (see docs/data.md for the formats).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
-from casa_megatron.config.errors import ConfigError
+
+DECODERS = ("auto", "cpu", "dali")
+WORKER_TYPES = ("thread", "process")
+QA_WINDOWS = ("per_turn", "per_sample")
 
 
 @dataclass
 class DataConfig:
-    """``synthetic``: the generated colour/side task (data/synthetic.py)."""
+    """Where samples come from and how they become packed ``VLMBatch`` micro-batches."""
 
     source: str = "synthetic"
-    seq_length: int = 32
-    image_seq_length: int = 24
-    image_size: int = 56
+    seq_length: int = 32  # text tokens per row (text slots)
+    image_seq_length: int = 24  # image tokens per row (image slots); the model pads to it
+    image_size: int = 56  # synthetic task only: square image side in px
     seed: int = 0
 
+    # --- real data -------------------------------------------------------------------------
+    tokenizer_path: str = ""  # local HF tokenizer dir; "" = a ``tokenizer/`` dir next to source
+    pixel_budget: int = 448 * 448  # max pixels of an image after smart resize
+    min_pixels: int = 56 * 56  # min pixels of an image / frame after smart resize
+    video_pixel_budget: int = 224 * 224  # max pixels of one video frame
+    fps: float = 2.0  # video frames sampled per second of video
+    max_frames: int = 32  # frames kept per clip (the first ones: fps is preserved)
+    window_per_frame: bool = True  # False: all frames of a clip open one window
+    qa_windows: str = "per_turn"  # per_turn: every QA pair its window (image repeated); per_sample
+    decoder: str = "auto"  # video decoder: auto (DALI if importable and a GPU exists) | cpu | dali
+    num_workers: int = 2  # background decode workers (0 = decode in the calling thread)
+    worker_type: str = "thread"  # thread | process
+    prefetch: int = 0  # samples decoded ahead; 0 = 4 * max(1, num_workers)
+    pack_buffer: int = 64  # samples the first-fit packer chooses from
+    shuffle: bool = True  # seeded permutation of the samples every epoch
+    truncate: bool = True  # cut over-long samples at a window boundary instead of skipping them
+    image_token: str = "<image>"  # placeholder token, one per image, the image sits before it
+    answer_token: str = "<answer>"  # ends a question; the answer follows
+    end_of_turn_token: str = "<eot>"  # ends an answer or a frame caption (it is trained on)
+    log_interval: int = 100  # batches between throughput log lines (0 = never)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    def resolved_tokenizer_path(self) -> Optional[Path]:
+        """``tokenizer_path`` or a ``tokenizer/`` directory beside/inside the source."""
+        if self.tokenizer_path:
+            return Path(self.tokenizer_path)
+        src = Path(self.source)
+        for candidate in (src / "tokenizer", src.parent / "tokenizer"):
+            if (candidate / "tokenizer_config.json").exists():
+                return candidate
+        return None
+
     def validate(self) -> None:
-        if self.source != "synthetic":
-            raise ConfigError(f"data.source={self.source!r}: only 'synthetic' exists so far")
+        # Imported here: casa_megatron.config's package imports this module (schema embeds
+        # DataConfig), so a top-level import would be circular when data is imported first.
+        from casa_megatron.config.errors import ConfigError
+
         if self.image_size % 28:
             raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 28 (patch 14 x merge 2)")
-
-
+        if self.seq_length < 2 or self.image_seq_length < 1:
+            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 2 and "
+                              f"data.image_seq_length={self.image_seq_length} >= 1")
+        if self.is_synthetic:
+            return
+        if not Path(self.source).exists():
+            raise ConfigError(f"data.source={self.source!r}: no such shard directory, .tar or .jsonl manifest "
+                              "(use 'synthetic' for the generated task)")
+        tok = self.resolved_tokenizer_path()
+        if tok is None or not tok.exists():
+            raise ConfigError(f"data.tokenizer_path={self.tokenizer_path!r}: no local tokenizer found "
+                              f"(looked for a 'tokenizer' directory next to {self.source!r})")
+        for name, value, allowed in (("decoder", self.decoder, DECODERS),
+                                     ("worker_type", self.worker_type, WORKER_TYPES),
+                                     ("qa_windows", self.qa_windows, QA_WINDOWS)):
+            if value not in allowed:
+                raise ConfigError(f"data.{name}={value!r} must be one of {allowed}")
+        if self.fps <= 0 or self.max_frames < 1:
+            raise ConfigError(f"data.fps={self.fps} must be > 0 and data.max_frames={self.max_frames} >= 1")
+        if min(self.pixel_budget, self.video_pixel_budget) < 28 * 28 or self.min_pixels < 1:
+            raise ConfigError(f"data.pixel_budget={self.pixel_budget} and data.video_pixel_budget="
+                              f"{self.video_pixel_budget} must be >= 784 (one 28x28 merge unit)")
+        if self.num_workers < 0 or self.pack_buffer < 1 or self.prefetch < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}, data.prefetch={self.prefetch} must be >= 0 "
+                              f"and data.pack_buffer={self.pack_buffer} >= 1")

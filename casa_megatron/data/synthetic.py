@@ -9,7 +9,8 @@ packed several to a row; every image opens its window; labels exist only on answ
 
 from __future__ import annotations
 
-from typing import Iterator, List
+import base64
+from typing import List
 
 import torch
 
@@ -34,42 +35,79 @@ def _image(colour: int, right: bool, size: int, g: torch.Generator) -> torch.Ten
     return img
 
 
+class SyntheticBatches:
+    """Endless packed micro-batches; ``seq_length // 5`` samples per row.
+
+    Resumable: ``state_dict()`` holds the generator state (JSON-safe), so a restored iterator
+    yields exactly the batches the original would have yielded next.
+    """
+
+    def __init__(self, batch_size: int, seq_length: int, image_size: int = 56, seed: int = 0):
+        self.batch_size, self.seq_length, self.image_size, self.seed = batch_size, seq_length, image_size, seed
+        self.per_row = seq_length // SAMPLE_LEN
+        if self.per_row < 1:
+            raise ValueError(f"seq_length={seq_length} cannot hold one {SAMPLE_LEN}-token sample")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches = 0
+
+    def __iter__(self) -> "SyntheticBatches":
+        return self
+
+    def __next__(self) -> VLMBatch:
+        batch = _make_batch(self.batch_size, self.seq_length, self.image_size, self.per_row, self.generator)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self.generator.get_state().numpy().tobytes()
+        return {"kind": "synthetic", "seed": self.seed, "batches": self.batches,
+                "generator_state": base64.b64encode(state).decode("ascii")}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "synthetic" or state.get("seed") != self.seed:
+            raise ValueError(f"state is not of a synthetic iterator with seed {self.seed}: "
+                             f"kind={state.get('kind')!r}, seed={state.get('seed')!r}")
+        raw = base64.b64decode(state["generator_state"])
+        self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        self.batches = int(state["batches"])
+
+
 def synthetic_batches(batch_size: int, seq_length: int, image_size: int = 56,
-                      seed: int = 0) -> Iterator[VLMBatch]:
+                      seed: int = 0) -> SyntheticBatches:
     """Endless packed micro-batches; ``seq_length // 5`` samples per row."""
-    g = torch.Generator().manual_seed(seed)
-    per_row = seq_length // SAMPLE_LEN
-    if per_row < 1:
-        raise ValueError(f"seq_length={seq_length} cannot hold one {SAMPLE_LEN}-token sample")
-    while True:
-        ids = torch.full((batch_size, seq_length), PAD, dtype=torch.long)
-        labels = torch.full_like(ids, PAD)
-        loss_mask = torch.zeros(batch_size, seq_length)
-        positions = torch.zeros_like(ids)
-        starts = torch.zeros(batch_size, seq_length, dtype=torch.bool)
-        patches: List[torch.Tensor] = []
-        grids, rows, cols = [], [], []
-        for r in range(batch_size):
-            for k in range(per_row):
-                o = k * SAMPLE_LEN
-                colour = int(torch.randint(0, len(COLOURS), (1,), generator=g))
-                right = bool(torch.randint(0, 2, (1,), generator=g))
-                ask_colour = bool(torch.randint(0, 2, (1,), generator=g))
-                answer = COLOUR_TOKENS[colour] if ask_colour else SIDE_TOKENS[int(right)]
-                ids[r, o:o + SAMPLE_LEN] = torch.tensor(
-                    [BOS, IMAGE, ASK_COLOUR if ask_colour else ASK_SIDE, answer, EOS])
-                labels[r, o + 2] = answer  # predicted from the question token
-                loss_mask[r, o + 2] = 1.0
-                positions[r, o:o + SAMPLE_LEN] = torch.arange(SAMPLE_LEN)
-                starts[r, o] = True
-                p, grid = image_to_patches(_image(colour, right, image_size, g))
-                patches.append(p)
-                grids.append(grid)
-                rows.append(r)
-                cols.append(o + 1)  # the image opens its window at the <image> token
-        yield VLMBatch(
-            input_ids=ids, position_ids=positions, pixel_patches=torch.cat(patches),
-            image_grid_hw=torch.tensor(grids), image_rows=torch.tensor(rows),
-            image_positions=torch.tensor(cols), labels=labels, loss_mask=loss_mask,
-            sample_starts=starts,
-        )
+    return SyntheticBatches(batch_size, seq_length, image_size, seed)
+
+
+def _make_batch(batch_size: int, seq_length: int, image_size: int, per_row: int,
+                g: torch.Generator) -> VLMBatch:
+    ids = torch.full((batch_size, seq_length), PAD, dtype=torch.long)
+    labels = torch.full_like(ids, PAD)
+    loss_mask = torch.zeros(batch_size, seq_length)
+    positions = torch.zeros_like(ids)
+    starts = torch.zeros(batch_size, seq_length, dtype=torch.bool)
+    patches: List[torch.Tensor] = []
+    grids, rows, cols = [], [], []
+    for r in range(batch_size):
+        for k in range(per_row):
+            o = k * SAMPLE_LEN
+            colour = int(torch.randint(0, len(COLOURS), (1,), generator=g))
+            right = bool(torch.randint(0, 2, (1,), generator=g))
+            ask_colour = bool(torch.randint(0, 2, (1,), generator=g))
+            answer = COLOUR_TOKENS[colour] if ask_colour else SIDE_TOKENS[int(right)]
+            ids[r, o:o + SAMPLE_LEN] = torch.tensor(
+                [BOS, IMAGE, ASK_COLOUR if ask_colour else ASK_SIDE, answer, EOS])
+            labels[r, o + 2] = answer  # predicted from the question token
+            loss_mask[r, o + 2] = 1.0
+            positions[r, o:o + SAMPLE_LEN] = torch.arange(SAMPLE_LEN)
+            starts[r, o] = True
+            p, grid = image_to_patches(_image(colour, right, image_size, g))
+            patches.append(p)
+            grids.append(grid)
+            rows.append(r)
+            cols.append(o + 1)  # the image opens its window at the <image> token
+    return VLMBatch(
+        input_ids=ids, position_ids=positions, pixel_patches=torch.cat(patches),
+        image_grid_hw=torch.tensor(grids), image_rows=torch.tensor(rows),
+        image_positions=torch.tensor(cols), labels=labels, loss_mask=loss_mask,
+        sample_starts=starts,
+    )

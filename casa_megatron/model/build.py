@@ -1,11 +1,20 @@
-"""Build the VLM stage this rank holds from the typed configs."""
+"""Build the VLM stage this rank holds from the typed configs.
+
+``model.fusion.mechanism`` picks the model class: ``casa`` and ``cross_attention`` are
+:class:`CASAVLM` (the attention module differs), ``insertion`` is :class:`InsertionVLM`. All
+share the embedding, vision encoder, projector, LM layers and output layer, so one backbone
+loads into each and comparisons are fair.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from megatron.core import parallel_state
 
 from casa_megatron.config.schema import ModelConfig, ParallelConfig
+from casa_megatron.model.insertion import InsertionVLM
 from casa_megatron.model.transformer_config import (
     lm_transformer_config,
     projector_transformer_config,
@@ -15,16 +24,32 @@ from casa_megatron.model.vlm import CASAVLM
 
 
 def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: int,
-              params_dtype: torch.dtype = torch.float32) -> CASAVLM:
+              params_dtype: torch.dtype = torch.float32, precision=None) -> CASAVLM:
+    """``precision`` (a PrecisionConfig) turns on FP8 through Transformer Engine for the LM."""
     model.validate()
     parallel.validate(model)
     lm_cfg = lm_transformer_config(model, parallel, params_dtype)
-    vlm = CASAVLM(
+    if precision is not None and precision.fp8:
+        lm_cfg = dataclasses.replace(lm_cfg, fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
+    cls = InsertionVLM if model.fusion.mechanism == "insertion" else CASAVLM
+    vlm = cls(
         model, lm_cfg, vision_transformer_config(model, parallel, params_dtype),
         projector_transformer_config(lm_cfg), image_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    if model.fusion.cross_attention_gate:
+        _add_gates(vlm)
     if torch.cuda.is_available():
         vlm.cuda(torch.cuda.current_device())
     return vlm
+
+
+def _add_gates(vlm: CASAVLM) -> None:
+    """Give every fusion layer its tanh gate (alpha = 0), then re-run the tagging / freezing
+    that CASAVLM did in its constructor so alpha is a ``casa_new``, trainable parameter.
+    (The layer spec could pass ``gate=True`` instead; ``CASATransformerLayer`` accepts it.)"""
+    for layer in vlm.casa_layers():
+        layer.add_gate()
+    vlm._tag_new_parameters()
+    vlm.apply_freezing()

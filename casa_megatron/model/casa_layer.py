@@ -8,6 +8,11 @@ Placements (DESIGN.md §1), each a small private block method in the moshi style
 
 With ``share_projections`` the CASA module reuses this layer's SA Q/K/V/O (no new weights).
 New CASA weights are copied from the same layer's SA by :meth:`init_casa_from_self_attention`.
+
+With ``gate`` (``model.fusion.cross_attention_gate``) the fusion output is multiplied by
+``tanh(alpha)``, a scalar initialised at 0 (Flamingo / mllama): at initialisation the layer is
+exactly the backbone layer, and alpha still gets a gradient (d tanh/d alpha = 1 at 0). CASA itself
+needs no gate (its softmax over [image, text] keys balances them); vanilla cross-attention does.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class CASATransformerLayer(MegatronModule):
         layer_number: int = 1,
         placement: str = "parallel",
         share_projections: bool = False,
+        gate: bool = False,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
     ):
@@ -97,8 +103,27 @@ class CASATransformerLayer(MegatronModule):
         self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
         self.mlp_bda = build_module(submodules.mlp_bda)
+        self.register_parameter("casa_gate", None)  # tanh gate alpha, see add_gate
+        if gate:
+            self.add_gate()
         if config.perform_initialization:
             self.init_casa_from_self_attention()
+
+    def add_gate(self) -> None:
+        """Create the tanh gate ``alpha`` (shape [1], zero) if the layer has none yet.
+
+        Replicated over TP ranks. Under sequence parallelism each rank sees a slice of the
+        sequence, so alpha's gradient is partial and carries the ``sequence_parallel`` tag that
+        gradient finalisation sums over TP (like the norm weights).
+        """
+        if self.casa_gate is not None:
+            return
+        if self.placement == "replace":
+            raise ValueError("a gated 'replace' layer would start with no attention at all: use the gate "
+                             "with placement 'parallel' or 'before'")
+        device = next(self.parameters()).device
+        self.casa_gate = torch.nn.Parameter(torch.zeros(1, dtype=self.config.params_dtype, device=device))
+        setattr(self.casa_gate, "sequence_parallel", self.config.sequence_parallel)
 
     # --- initialisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -121,9 +146,10 @@ class CASATransformerLayer(MegatronModule):
 
     def casa_parameters(self):
         """Parameters created for CASA (new weights; empty when projections are shared)."""
+        gate = [self.casa_gate] if self.casa_gate is not None else []
         if self.placement == "replace":
-            return list(self.casa_attention.parameters())
-        return list(self.casa_attention.parameters()) + list(self.casa_layernorm.parameters())
+            return list(self.casa_attention.parameters()) + gate
+        return list(self.casa_attention.parameters()) + list(self.casa_layernorm.parameters()) + gate
 
     # --- blocks -----------------------------------------------------------------------------
     def _bda(self, bda, out_with_bias, residual: Tensor) -> Tensor:
@@ -136,7 +162,11 @@ class CASATransformerLayer(MegatronModule):
                                    rotary_pos_emb=rotary_pos_emb)
 
     def _casa_block(self, x: Tensor, norm, image_states: Tensor, vision: VisionContext):
-        return self.casa_attention(norm(x), image_states, vision)
+        out, bias = self.casa_attention(norm(x), image_states, vision)  # [s(/tp), b, h]
+        if self.casa_gate is not None:
+            g = torch.tanh(self.casa_gate).to(out.dtype)
+            out, bias = out * g, (bias * g if bias is not None else None)
+        return out, bias
 
     def _mlp_block(self, h: Tensor) -> Tensor:
         return self._bda(self.mlp_bda, self.mlp(self.pre_mlp_layernorm(h)), h)

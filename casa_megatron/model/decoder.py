@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core import parallel_state
+from megatron.core.fp8_utils import get_fp8_context
 from torch import Tensor
 
 from casa_megatron.model.casa_layer import CASATransformerLayer
@@ -48,12 +49,14 @@ class CASADecoder(MegatronModule):
     def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext,
                 attention_mask: Optional[Tensor]) -> Tensor:
         # hidden_states [s(/tp), b, h]; image_states [si(/tp), b, h]
-        for layer in self.layers:
-            if isinstance(layer, CASATransformerLayer):
-                hidden_states = layer(hidden_states, image_states, vision, attention_mask)
-            else:
-                hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
-                                         rotary_pos_emb=vision.text_rotary)
+        # FP8 autocast (Transformer Engine) when config.fp8 is set; a null context otherwise.
+        with get_fp8_context(self.config):
+            for layer in self.layers:
+                if isinstance(layer, CASATransformerLayer):
+                    hidden_states = layer(hidden_states, image_states, vision, attention_mask)
+                else:
+                    hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
+                                             rotary_pos_emb=vision.text_rotary)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states
@@ -72,5 +75,6 @@ class CASADecoder(MegatronModule):
             from megatron.core.transformer.utils import sharded_state_dict_default
 
             sharded.update(sharded_state_dict_default(
-                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata))
+                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata,
+                parallel_state.get_tensor_model_parallel_group()))
         return sharded

@@ -86,6 +86,21 @@ class TinyViT(VisionEncoder):
         self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
                                             eps=config.layernorm_epsilon)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Per block: megatron's default would treat the ModuleList as replicated tensors,
+        which is wrong for TP-sharded block weights."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # replica ids need the TP rank
+        sharded = {}
+        for name, child in self.named_children():
+            children = enumerate(child) if isinstance(child, torch.nn.ModuleList) else [(None, child)]
+            for idx, module in children:
+                sub = f"{prefix}{name}." if idx is None else f"{prefix}{name}.{idx}."
+                sharded.update(sharded_state_dict_default(module, sub, sharded_offsets, metadata, tp_group))
+        return sharded
+
     def forward(self, pixel_patches: Tensor, grid_hw: Tensor) -> Tensor:
         expected = int((grid_hw[:, 0] * grid_hw[:, 1]).sum())
         if pixel_patches.shape[0] != expected:

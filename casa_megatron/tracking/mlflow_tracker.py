@@ -25,6 +25,7 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, str]:
 
 class NullTracker:
     def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: Dict[str, str]) -> None: ...
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -52,6 +53,10 @@ class MLflowTracker(NullTracker):
         flat = [Param(k, v[:500]) for k, v in _flatten(params).items()]
         for i in range(0, len(flat), 100):
             self.client.log_batch(self.run_id, params=flat[i:i + 100])
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         import time

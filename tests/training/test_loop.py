@@ -54,6 +54,7 @@ def _short_run(rank, world, run_dir, overrides):
 
     cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml",
                       [f"run_dir={run_dir}", "train_steps=12", "log_interval=4",
+                       "optimizer.warmup_steps=4", "optimizer.wsd_decay_steps=4",
                        "tracking.enabled=false", *overrides])
     train(cfg)
 

@@ -1,0 +1,71 @@
+"""Loose ``<key>.<ext>`` files -> tar shards (and a JSONL manifest of the same files).
+
+Files are grouped by key (relative path up to the basename's first dot, as webdataset does) and
+written in sorted key order, so the shards are reproducible. A key without a ``.json`` part or
+without a media part is reported and left out rather than written as a broken sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from casa_megatron.data.manifest import write_manifest
+from casa_megatron.data.processor import IMAGE_EXTS, VIDEO_EXTS
+from casa_megatron.data.shards import ShardWriter, split_key
+
+logger = logging.getLogger(__name__)
+
+
+def collect_samples(src_dir: str | Path) -> Tuple[Dict[str, Dict[str, Path]], List[str]]:
+    """key -> {ext: path} for complete samples, and the keys left out (with why)."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory")
+    groups: Dict[str, Dict[str, Path]] = defaultdict(dict)
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        key, ext = split_key(path.relative_to(src).as_posix())
+        if key:
+            groups[key][ext] = path
+    complete, rejected = {}, []
+    for key in sorted(groups):
+        exts = {e.rsplit(".", 1)[-1].lower() for e in groups[key]}
+        if "json" not in exts:
+            rejected.append(f"{key}: no .json")
+        elif not exts & set(IMAGE_EXTS + VIDEO_EXTS):
+            rejected.append(f"{key}: no image/video file")
+        else:
+            complete[key] = groups[key]
+    return complete, rejected
+
+
+def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 1000,
+                 manifest: Optional[str | Path] = None, progress: bool = True) -> List[Path]:
+    """Write ``out_dir/shard-NNNNNN.tar``; optionally a manifest (paths relative to it)."""
+    from tqdm import tqdm
+
+    samples, rejected = collect_samples(src_dir)
+    for why in rejected:
+        logger.warning("build_shards: leaving out %s", why)
+    if not samples:
+        raise ValueError(f"{src_dir}: no complete sample (<key>.json + an image or video file)")
+    with ShardWriter(out_dir, samples_per_shard) as writer:
+        for key, parts in tqdm(samples.items(), desc="shards", unit="sample", disable=not progress):
+            writer.write(key, {ext: path.read_bytes() for ext, path in parts.items()})
+    if manifest is not None:
+        root = Path(manifest).resolve().parent
+        rows = []
+        for key, parts in samples.items():
+            media = next(p for e, p in parts.items() if e.rsplit(".", 1)[-1].lower() != "json")
+            rows.append({"key": key, "media": _relative(media, root),
+                         "annotation": _relative(parts["json"], root)})
+        write_manifest(manifest, rows)
+    return writer.paths
+
+
+def _relative(path: Path, root: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), root)

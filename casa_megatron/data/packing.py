@@ -1,0 +1,155 @@
+"""Pack samples into micro-batches under two budgets per row, and collate them into a VLMBatch.
+
+Each row holds at most ``seq_length`` text tokens and ``image_seq_length`` image tokens (the
+model's per-row image slots; the paper uses 2048 / 20480 per GPU). Packing is first-fit over a
+buffer of samples in arrival order: the oldest sample goes first (into row 0 when the batch is
+empty), so no sample waits forever, and the result depends only on the buffer's content and
+order (deterministic, hence resumable). Samples keep their sample-relative layout; collation
+shifts positions by the row offset, restarts ``position_ids`` per sample, marks sample and window
+starts, and turns images into pixel patches in stream order (sorted by row, then position).
+Padding at the end of a row is its own block (its own sample start) with no targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from casa_megatron.data.patches import image_to_patches
+from casa_megatron.data.records import SampleInfo, TokenizedSample
+from casa_megatron.model.batch import VLMBatch
+
+PATCH_DIM = 3 * 14 * 14
+
+
+@dataclass
+class PackStats:
+    """Slot utilisation over every batch packed so far."""
+
+    batches: int = 0
+    rows: int = 0
+    samples: int = 0
+    text_tokens: int = 0
+    text_slots: int = 0
+    image_tokens: int = 0
+    image_slots: int = 0
+    loss_tokens: int = 0
+
+    @property
+    def text_utilization(self) -> float:
+        return self.text_tokens / self.text_slots if self.text_slots else 0.0
+
+    @property
+    def image_utilization(self) -> float:
+        return self.image_tokens / self.image_slots if self.image_slots else 0.0
+
+    def as_dict(self) -> dict:
+        return {"batches": self.batches, "packed_samples": self.samples, "text_tokens": self.text_tokens,
+                "image_tokens": self.image_tokens, "loss_tokens": self.loss_tokens,
+                "text_utilization": self.text_utilization, "image_utilization": self.image_utilization,
+                "samples_per_row": self.samples / max(1, self.rows)}
+
+
+class Packer:
+    def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int):
+        self.b, self.s, self.si, self.pad_id = micro_batch_size, seq_length, image_seq_length, pad_id
+        self.stats = PackStats()
+
+    def fits_one_row(self, sample: TokenizedSample) -> bool:
+        return len(sample) <= self.s and sample.num_image_tokens <= self.si
+
+    def assign(self, buffer: Sequence[TokenizedSample]) -> Tuple[List[List[TokenizedSample]], List[int]]:
+        """First-fit: rows of samples, and the buffer indices that were placed (in buffer order)."""
+        rows: List[List[TokenizedSample]] = [[] for _ in range(self.b)]
+        text = [0] * self.b
+        image = [0] * self.b
+        placed = []
+        for j, sample in enumerate(buffer):
+            n_text, n_img = len(sample), sample.num_image_tokens
+            for r in range(self.b):
+                if text[r] + n_text <= self.s and image[r] + n_img <= self.si:
+                    rows[r].append(sample)
+                    text[r] += n_text
+                    image[r] += n_img
+                    placed.append(j)
+                    break
+            if min(text) == self.s:
+                break
+        return rows, placed
+
+    def next_batch(self, buffer: Sequence[TokenizedSample]
+                   ) -> Tuple[VLMBatch, List[SampleInfo], List[TokenizedSample]]:
+        """Pack from ``buffer``: (batch, where each sample went, the samples left for later)."""
+        rows, placed = self.assign(buffer)
+        taken = set(placed)
+        batch, infos = self.collate(rows)
+        return batch, infos, [s for j, s in enumerate(buffer) if j not in taken]
+
+    def collate(self, rows: Sequence[Sequence[TokenizedSample]]) -> Tuple[VLMBatch, List[SampleInfo]]:
+        b, s = len(rows), self.s
+        ids = torch.full((b, s), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, s), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros(b, s)
+        position_ids = torch.zeros(b, s, dtype=torch.long)
+        sample_starts = torch.zeros(b, s, dtype=torch.bool)
+        window_starts = torch.zeros(b, s, dtype=torch.bool)
+        patches, grids, image_rows, image_positions, infos = [], [], [], [], []
+        n_text = n_img = 0
+        for r, row in enumerate(rows):
+            off = 0
+            for sample in row:
+                n = len(sample)
+                ids[r, off:off + n] = torch.tensor(sample.input_ids)
+                labels[r, off:off + n] = torch.tensor(sample.labels)
+                loss_mask[r, off:off + n] = torch.tensor(sample.loss_mask)
+                position_ids[r, off:off + n] = torch.arange(n)
+                sample_starts[r, off] = window_starts[r, off] = True
+                window_starts[r, [off + w for w in sample.window_starts]] = True
+                for im in sample.images:  # sample images are sorted by position: stream order
+                    p, grid = image_to_patches(im.pixels.float().div_(255.0))  # [h*w, 588]
+                    patches.append(p)
+                    grids.append(grid)
+                    image_rows.append(r)
+                    image_positions.append(off + im.position)
+                infos.append(SampleInfo(sample.key, r, off, n, len(sample.images), sample.kind,
+                                        sample.qtype, sample.ref))
+                n_text += n
+                n_img += sample.num_image_tokens
+                off += n
+            if off < s:  # trailing padding: a block of its own, no targets
+                sample_starts[r, off] = window_starts[r, off] = True
+                position_ids[r, off:] = torch.arange(s - off)
+        batch = VLMBatch(
+            input_ids=ids, position_ids=position_ids,
+            pixel_patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM),
+            image_grid_hw=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
+            image_rows=torch.tensor(image_rows, dtype=torch.long),
+            image_positions=torch.tensor(image_positions, dtype=torch.long),
+            labels=labels, loss_mask=loss_mask, sample_starts=sample_starts, window_starts=window_starts,
+        )
+        st = self.stats
+        st.batches += 1
+        st.rows += b
+        st.samples += sum(len(row) for row in rows)
+        st.text_tokens += n_text
+        st.text_slots += b * s
+        st.image_tokens += n_img
+        st.image_slots += b * self.si
+        st.loss_tokens += int(loss_mask.sum())
+        return batch, infos
+
+
+def question_type_ids(infos: Sequence[SampleInfo], shape: Tuple[int, int], names: Sequence[str]) -> torch.Tensor:
+    """[b, s] long: for benchmarks reporting accuracy per question type (``coarse`` / ``fine``...).
+
+    Each packed sample's positions get the index of its ``qtype`` in ``names`` (-1 elsewhere and
+    for types not listed); combine with ``loss_mask`` to score answers only. ``infos`` is the
+    iterator's ``last_batch_samples``.
+    """
+    out = torch.full(shape, -1, dtype=torch.long)
+    for info in infos:
+        if info.qtype in names:
+            out[info.row, info.start:info.start + info.length] = list(names).index(info.qtype)
+    return out

@@ -1,0 +1,44 @@
+"""Which samples a data-parallel rank reads, in which order, epoch after epoch.
+
+Epoch ``e`` is a permutation of all ``N`` sample indices drawn from ``(seed, e)`` (identity
+without shuffling); rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...``. Ranks are
+therefore disjoint and together cover every sample exactly once per epoch, for any number of
+shards (sample-level split, so a dataset with fewer shards than ranks still works), and every
+rank's share differs by at most one sample. The order is a pure function of
+``(seed, epoch, rank, world)``, so a position ``(epoch, i)`` is all a resumed run needs.
+Memory: one int64 per sample for the current epoch (80 MB at 10M samples).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class RankOrder:
+    def __init__(self, num_samples: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        if not 0 <= rank < world:
+            raise ValueError(f"dp_rank={rank} must lie in [0, dp_size={world})")
+        if num_samples < world:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than dp_size={world} ranks")
+        self.num_samples, self.rank, self.world = num_samples, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self._epoch: Optional[int] = None
+        self._order: Optional[np.ndarray] = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[n_rank] sample indices this rank reads in ``epoch``."""
+        if self._epoch != epoch:
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            else:
+                perm = np.arange(self.num_samples)
+            self._order, self._epoch = perm[self.rank::self.world], epoch
+        return self._order
+
+    def epoch_length(self, epoch: int = 0) -> int:
+        return len(range(self.rank, self.num_samples, self.world))
+
+    def sample_at(self, epoch: int, position: int) -> int:
+        return int(self.epoch_order(epoch)[position])

@@ -1,0 +1,119 @@
+"""Text to token ids with a Hugging Face tokenizer loaded from a local path, plus the special
+tokens of the sequence layout (see ``interleave.py``).
+
+Conventions (names configurable in ``DataConfig``; the tokenizer must already contain them,
+because adding tokens would silently change the vocabulary the model was built for):
+    ``<image>``   one per image / frame; the image is inserted *before* it, so the placeholder is
+                  the first query of the image's window (and marks images for inference).
+    ``<answer>``  ends a question; the answer follows.
+    ``<eot>``     ends an answer or a frame caption; it is a trained target (the model learns to stop).
+    bos / pad     the tokenizer's own ``bos_token`` / ``pad_token`` (``<bos>`` / ``<pad>`` if unset).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from casa_megatron.data.records import SampleError
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    pad: int
+    image: int
+    answer: int
+    end_of_turn: int
+
+    def all(self) -> set:
+        return {self.bos, self.pad, self.image, self.answer, self.end_of_turn}
+
+
+class TextTokenizer:
+    """Thread-safe wrapper: one HF tokenizer instance per thread (the Rust backend refuses
+    concurrent use of one instance), loaded lazily from ``path``; picklable for process workers."""
+
+    def __init__(self, path: str | Path, image_token: str = "<image>", answer_token: str = "<answer>",
+                 end_of_turn_token: str = "<eot>"):
+        self.path = str(path)
+        self.token_names = (image_token, answer_token, end_of_turn_token)
+        self._local = threading.local()
+        self.special = self._resolve(self._get())
+
+    def __getstate__(self) -> Dict:
+        return {"path": self.path, "token_names": self.token_names, "special": self.special}
+
+    def __setstate__(self, state: Dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _get(self):
+        tok = getattr(self._local, "tok", None)
+        if tok is None:
+            tok = self._local.tok = load_tokenizer(self.path)
+        return tok
+
+    def _resolve(self, tok) -> SpecialIds:
+        ids = {}
+        names = {"bos": tok.bos_token or "<bos>", "pad": tok.pad_token or "<pad>",
+                 "image": self.token_names[0], "answer": self.token_names[1],
+                 "end_of_turn": self.token_names[2]}
+        for field, name in names.items():
+            idx = tok.convert_tokens_to_ids(name)
+            if idx is None or (tok.unk_token_id is not None and idx == tok.unk_token_id):
+                raise ValueError(f"tokenizer at {self.path} has no {name!r} token (needed as the {field} "
+                                 "token); add it when building the tokenizer or set data.*_token")
+            ids[field] = int(idx)
+        return SpecialIds(**ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._get())
+
+    def encode(self, text: str, key: str = "?") -> List[int]:
+        """Plain text -> ids, never producing a layout token (a literal "<image>" in an annotation
+        would otherwise create a placeholder without an image)."""
+        ids = self._get().encode(text, add_special_tokens=False)
+        reserved = self.special.all()
+        if any(i in reserved for i in ids):
+            raise SampleError("reserved_token", f"{key}: text {text[:60]!r} contains a reserved layout token")
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        return self._get().decode(ids)
+
+
+def load_tokenizer(path: str | Path):
+    """``AutoTokenizer.from_pretrained`` on a local directory; never downloads."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None) -> Path:
+    """Train a tiny lower-case word-level tokenizer on ``texts`` and save it as a HF tokenizer.
+
+    For generated datasets and tests: every word of the corpus is one token, so answers such as
+    colours or rendered digits map to single ids and accuracy is easy to read off.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<image>", "<answer>", "<eot>", *(extra_tokens or [])]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>",
+                                   additional_special_tokens=specials[4:])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out

@@ -1,0 +1,56 @@
+"""Metrics on disk (``metrics.jsonl``), peak memory, and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+
+def peak_memory_bytes() -> int:
+    """GPU: peak allocated by torch. CPU: peak resident set size of the process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, rows after the checkpoint's step are dropped so the
+    file holds exactly one curve."""
+
+    def __init__(self, path: Path, enabled: bool, truncate_after: int = 0):
+        self.path, self.enabled = path, enabled
+        self.rows: List[Dict] = []
+        if not enabled:
+            return
+        if truncate_after and path.exists():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= truncate_after]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **metrics}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"step {step:5d} | loss {metrics['loss']:.4f} | lr {metrics['lr_new']:.2e}/{metrics['lr_pretrained']:.2e} "
+              f"| grad norm {metrics['grad_norm']:.3f} | {metrics['text_tokens_per_s']:.0f} text tok/s "
+              f"| {metrics['step_time_s'] * 1000:.0f} ms | {metrics['peak_memory_gib']:.2f} GiB", flush=True)
+
+    def plot(self, out: Path, floor: Optional[float] = None) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows], label="answer-token loss")
+        if floor is not None:
+            ax.axhline(floor, ls="--", c="grey", label="best without vision")
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        plt.close(fig)

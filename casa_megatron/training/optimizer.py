@@ -1,0 +1,85 @@
+"""megatron DDP + (distributed) AdamW + learning-rate schedule, from our config.
+
+Two learning rates: parameters tagged ``casa_new`` (CASA projections and norms, the projector,
+gates) train at ``lr_new``; pretrained ones at ``lr_pretrained`` (the paper: 1e-4 / 1e-5). Both
+follow the same warmup -> constant -> decay shape, scaled to their own peak.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from casa_megatron.config.schema import TrainConfig
+
+
+def wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    # megatron's schedules call these: no grad sync inside micro-batch accumulation, then one
+    # finalisation (DP reduce / reduce-scatter, SP norm all-reduce) after the last micro-batch.
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(ddp_model: DistributedDataParallel, cfg: TrainConfig):
+    opt = cfg.optimizer
+    config = MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr_pretrained,
+        min_lr=opt.lr_pretrained * opt.min_lr_ratio,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        clip_grad=opt.clip_grad,
+        bf16=cfg.precision.bf16,
+        params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
+        use_distributed_optimizer=opt.use_distributed_optimizer,
+    )
+    overrides = {ParamKey(attr="casa_new"): {"max_lr": opt.lr_new, "min_lr": opt.lr_new * opt.min_lr_ratio}}
+    optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
+    return optimizer, build_scheduler(optimizer, cfg)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
+    opt = cfg.optimizer
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=opt.lr_pretrained,
+        min_lr=opt.lr_pretrained * opt.min_lr_ratio,
+        lr_warmup_steps=opt.warmup_steps,
+        lr_decay_steps=cfg.train_steps,
+        lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=cfg.train_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=opt.wsd_decay_steps if opt.decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if opt.decay_style == "WSD" else None,
+    )
+
+
+def current_lrs(optimizer, cfg: TrainConfig) -> Tuple[float, float]:
+    """(lr of new weights, lr of pretrained weights) right now, told apart by their peak lr
+    (the distributed optimizer's groups hold shard copies, which carry no tags)."""
+    new = pre = 0.0
+    for group in optimizer.param_groups:
+        if group["max_lr"] == cfg.optimizer.lr_new:
+            new = group["lr"]
+        if group["max_lr"] == cfg.optimizer.lr_pretrained:
+            pre = group["lr"]
+    return new, pre

@@ -1,0 +1,22 @@
+"""Shared data fixtures: one small generated dataset per session, and media builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Dict[str, Path]:
+    """18 images (3 of each task) + 4 H.264 clips, 6 samples per shard, tokenizer, manifest."""
+    from casa_megatron.data.synthetic_dataset import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth"), num_images=18, num_videos=4, seed=1,
+                        samples_per_shard=6, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_dataset) -> Path:
+    return tiny_dataset["tokenizer"]

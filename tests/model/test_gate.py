@@ -1,0 +1,138 @@
+"""The Flamingo/mllama tanh gate on fusion layers (``model.fusion.cross_attention_gate``).
+
+At initialisation (alpha = 0) a gated model is exactly its backbone with the fusion layers
+removed, yet alpha receives a gradient; once alpha moves the images matter. Under TP (+SP) the
+replicated alpha gets the same gradient as in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from support.dist import run_distributed
+from support.vlm import IMAGE_SLOTS, perturbed_full_state, random_batch, small_model_config
+
+TOL = dict(rtol=2e-4, atol=2e-5)
+GATED = {"mechanism": "cross_attention", "cross_attention_gate": True}
+
+
+def _build(tp: int = 1, sp: bool = False, **fusion):
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    initialize_parallel(tp, 1, seed=0)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
+    return build_vlm(small_model_config(**fusion), parallel, image_seq_length=IMAGE_SLOTS)
+
+
+def _backbone_only():
+    """The same CASAVLM class with no fusion layer at all (every layer a plain megatron layer)."""
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.transformer_config import (
+        lm_transformer_config, projector_transformer_config, vision_transformer_config)
+    from casa_megatron.model.vlm import CASAVLM
+
+    cfg = small_model_config(mechanism="insertion")
+    lm = lm_transformer_config(cfg, ParallelConfig())
+    return CASAVLM(cfg, lm, vision_transformer_config(cfg, ParallelConfig()),
+                   projector_transformer_config(lm), IMAGE_SLOTS)
+
+
+def _masked_loss(per_token, batch):
+    return (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
+
+
+def _init_checks(rank, world):
+    from casa_megatron.parallel.tp_layout import load_full_state
+
+    batch = random_batch(5)
+    gated = _build(**GATED)
+    full = {n: v for n, v in perturbed_full_state(gated).items() if not n.endswith("casa_gate")}
+    for name, p in gated.named_parameters():
+        if not name.endswith("casa_gate"):
+            p.data.copy_(full[name])
+    backbone = _backbone_only()
+    load_full_state(backbone, {n: full[n] for n, _ in backbone.named_parameters()}, 0, 1)
+    ungated = _build(mechanism="cross_attention")
+    load_full_state(ungated, full, 0, 1)
+
+    loss = _masked_loss(gated(batch), batch)
+    loss.backward()
+    with torch.no_grad():
+        backbone_loss = _masked_loss(backbone(batch), batch)
+        ungated_loss = _masked_loss(ungated(batch), batch)
+        for layer in gated.casa_layers():
+            layer.casa_gate.fill_(0.5)
+        opened_loss = _masked_loss(gated(batch), batch)
+    gates = {n: p for n, p in gated.named_parameters() if n.endswith("casa_gate")}
+    casa_weights = [p for n, p in gated.named_parameters() if ".casa_attention." in n]
+    return {
+        "loss": loss.item(), "backbone": backbone_loss.item(), "ungated": ungated_loss.item(),
+        "opened": opened_loss.item(), "n_layers": len(gated.casa_layers()),
+        "gate_grads": [p.grad.abs().item() for p in gates.values()],
+        "gates_new": all(p.casa_new and p.requires_grad for p in gates.values()),
+        "gates_in_casa_parameters": all(any(q is p for q in l.casa_parameters())
+                                        for l, p in zip(gated.casa_layers(), gates.values())),
+        "casa_weight_grad": max(p.grad.abs().max().item() for p in casa_weights),
+    }
+
+
+def test_gate_closed_at_init_equals_backbone_and_alpha_learns():
+    r = run_distributed(_init_checks, world_size=1)[0]
+    assert r["n_layers"] == 4 and len(r["gate_grads"]) == 4
+    assert r["loss"] == pytest.approx(r["backbone"], abs=1e-6)
+    assert abs(r["ungated"] - r["backbone"]) > 1e-4  # without the gate cross-attention contributes
+    assert abs(r["opened"] - r["backbone"]) > 1e-4  # an open gate lets the images in
+    assert all(g > 0 for g in r["gate_grads"])  # d tanh / d alpha = 1 at 0
+    assert r["casa_weight_grad"] == 0.0  # tanh(0) = 0 blocks them until alpha moves (Flamingo)
+    assert r["gates_new"] and r["gates_in_casa_parameters"]
+
+
+def _replace_rejected(rank, world):
+    try:
+        _build(**GATED, placement="replace")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_gate_with_replace_placement_is_refused():
+    message = run_distributed(_replace_rejected, world_size=1)[0]
+    assert message and "replace" in message
+
+
+def _tp_worker(rank, world):
+    from megatron.core import parallel_state
+
+    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
+
+    batch = random_batch(1)
+    ref = _build(**GATED)
+    full = perturbed_full_state(ref)  # moves every alpha away from 0 too
+    load_full_state(ref, full, 0, 1)
+    ref_loss = _masked_loss(ref(batch), batch)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    for sp in (False, True):
+        model = _build(tp=2, sp=sp, **GATED)
+        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
+        loss = _masked_loss(model(batch), batch)
+        loss.backward()
+        for p in model.parameters():  # what megatron's finalize_model_grads does for SP tags
+            if sp and getattr(p, "sequence_parallel", False):
+                dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+        torch.testing.assert_close(loss, ref_loss, **TOL)
+        grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()},
+                            parallel_state.get_tensor_model_parallel_group())
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (sp={sp}): {m}")
+    return [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]
+
+
+def test_gate_tensor_parallel_matches_single_process():
+    gate_grads = run_distributed(_tp_worker, world_size=2)[0]
+    assert len(gate_grads) == 4 and all(abs(g) > 0 for g in gate_grads)
