@@ -48,6 +48,7 @@ class CASAVLM(MegatronModule):
         super().__init__(config=lm_config)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (PP)
         self.pre_process, self.post_process = pre_process, post_process
         self.image_seq_length = image_seq_length
         self.use_te = specs.resolve_use_te(model.transformer_impl)

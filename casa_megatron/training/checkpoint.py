@@ -149,7 +149,8 @@ class Checkpointer:
         state = {"model": model_sd,
                  "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING)}
         dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_SHARDING)
-        torch.save({"rng": _rng_state(), "data": data_state}, tmp / f"rank_{rank:05d}.pt")
+        torch.save({"rng": _rng_state(), "data": data_state,
+                    "dp_rank": parallel_state.get_data_parallel_rank()}, tmp / f"rank_{rank:05d}.pt")
         if rank == 0:
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "layout": _layout()},
                        tmp / "trainer.pt")
@@ -176,8 +177,9 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler) -> Tuple[int, Optional[dict]]:
         """Restore model, optimizer and scheduler; return (step, this rank's data state or None).
 
-        RNG and data position are restored only when the layout is unchanged (they are per
-        rank); at another TP/PP/DP layout the run continues with fresh ones.
+        RNG states are per rank: restored only at the same layout. The data position belongs to
+        a data-parallel rank: restored whenever the DP size is unchanged (TP/PP may differ);
+        with another DP size the data order starts afresh.
         """
         trainer = torch.load(path / "trainer.pt", weights_only=False)
         _prepare_optimizer_for_load(optimizer)
@@ -196,9 +198,16 @@ class Checkpointer:
         _unshare_adam_steps(optimizer)
         scheduler.load_state_dict(trainer["scheduler"])
         data_state = None
-        per_rank = path / f"rank_{dist.get_rank():05d}.pt"
-        if trainer["layout"] == _layout() and per_rank.exists():
-            extras = torch.load(per_rank, weights_only=False)
+        layout = _layout()
+        if trainer["layout"] == layout:
+            extras = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
             _set_rng_state(extras["rng"])
             data_state = extras["data"]
+        elif trainer["layout"]["dp"] == layout["dp"]:
+            dp_rank = parallel_state.get_data_parallel_rank()
+            for rank_file in sorted(path.glob("rank_*.pt")):
+                extras = torch.load(rank_file, weights_only=False)
+                if extras["dp_rank"] == dp_rank:
+                    data_state = extras["data"]
+                    break
         return trainer["step"], data_state
