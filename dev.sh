@@ -14,7 +14,10 @@ python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 case "${1:-}" in
-  train) shift; casa-train configs/tiny_cpu.yaml "$@" ;;
+  train) shift
+         # The generated dataset (images, H.264 clips, tokenizer, shards): made once, ~6 s.
+         [ -f data/synthetic/manifest.jsonl ] || python tools/make_synthetic_data.py --out data/synthetic
+         casa-train configs/tiny_cpu.yaml "$@" ;;
   test)  shift; python -m pytest tests -q "$@" ;;
   *) echo "usage: bash dev.sh train|test [args]" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node or many: torchrun around casa-train. Rendezvous comes from the environment.
-#   NPROC_PER_NODE=8 bash launch/torchrun.sh configs/tiny_cpu.yaml parallel.tensor_model_parallel_size=2
+#   NPROC_PER_NODE=8 bash launch/torchrun.sh configs/tiny_cpu_synthetic.yaml parallel.tensor_model_parallel_size=2
 # Many nodes: also set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM script: planned).
 set -euo pipefail
 exec torchrun \

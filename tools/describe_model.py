@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print a model's parameter budget: per component, total / new (CASA, projector) / trainable.
 
-    python tools/describe_model.py configs/tiny_cpu.yaml [key=value ...]
+    python tools/describe_model.py configs/tiny_cpu_synthetic.yaml [key=value ...]
 
 Builds the model on one CPU process (no data, no training), so a recipe's size and which layers
 hold CASA modules can be checked before asking for GPUs.

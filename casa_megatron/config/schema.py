@@ -272,7 +272,9 @@ class PrecisionConfig:
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "casa_megatron"
-    tracking_uri: Optional[str] = None  # default: sqlite file in the run directory
+    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else sqlite in the run dir
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

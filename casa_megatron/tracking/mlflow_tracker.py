@@ -32,7 +32,8 @@ class NullTracker:
 
 
 class MLflowTracker(NullTracker):
-    def __init__(self, run_dir: Path, experiment: str, tracking_uri: Optional[str] = None):
+    def __init__(self, run_dir: Path, experiment: str, tracking_uri: Optional[str] = None,
+                 system_metrics: bool = True, system_metrics_interval: float = 10.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -46,6 +47,14 @@ class MLflowTracker(NullTracker):
             if uri.startswith("sqlite") else None)
         self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
         self._mlflow = mlflow
+        self._system = None
+        if system_metrics:
+            # CPU / memory / disk (and GPU with nvidia-ml-py) sampled by MLflow in a thread.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_interval,
+                                                tracking_uri=uri)
+            self._system.start()
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -70,11 +79,15 @@ class MLflowTracker(NullTracker):
         self.client.log_artifact(self.run_id, path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.client.set_terminated(self.run_id, status=status)
 
 
 def make_tracker(enabled: bool, is_logging_rank: bool, run_dir: Path, experiment: str,
-                 tracking_uri: Optional[str] = None):
+                 tracking_uri: Optional[str] = None, system_metrics: bool = True,
+                 system_metrics_interval: float = 10.0):
     if not (enabled and is_logging_rank):
         return NullTracker()
-    return MLflowTracker(run_dir, experiment, tracking_uri)
+    return MLflowTracker(run_dir, experiment, tracking_uri, system_metrics, system_metrics_interval)

@@ -84,7 +84,8 @@ def train(cfg: TrainConfig) -> dict:
         resumed_from = str(latest)
 
     tracker = make_tracker(cfg.tracking.enabled, is_logger, run_dir, cfg.tracking.experiment,
-                           cfg.tracking.tracking_uri)
+                           cfg.tracking.tracking_uri, cfg.tracking.system_metrics,
+                           cfg.tracking.system_metrics_interval_s)
     tracker.log_params(to_dict(cfg))
     tracker.set_tags({"checkpoint_dir": str(ckpt.dir.resolve()), "resumed_from": resumed_from or "",
                       "start_step": str(start_step)})

@@ -42,3 +42,33 @@ def test_contradictions_name_the_fields(overrides, match):
 def test_parallel_layout_contradictions(parallel, match):
     with pytest.raises(ConfigError, match=match):
         parallel.validate(ModelConfig())
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["precision.fp8=hybrid"], "precision.fp8='hybrid' needs a GPU"),
+    (["precision.bf16=true"], "precision.bf16"),
+    (["global_batch_size=7"], "global_batch_size=7 is not a multiple of micro_batch_size=2"),
+    (["parallel.tensor_model_parallel_size=3"], "does not divide model.lm.num_attention_heads"),
+    (["parallel.pipeline_model_parallel_size=3"], "does not divide model.lm.num_layers"),
+    (["model.fusion.layers=[5]"], r"model.fusion.layers has indices \[5\]"),
+    (["optimizer.decay_style=step"], "optimizer.decay_style"),
+    (["optimizer.warmup_steps=400"], "exceed train_steps"),
+], ids=lambda v: v if isinstance(v, str) else v[0])
+def test_training_config_contradictions_fail_before_any_work(overrides, match):
+    """Every contradiction is reported from the config alone (no process group, no model)."""
+    from casa_megatron.config.schema import TrainConfig
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", overrides)
+
+
+def test_recipes_load(tmp_path):
+    """Every shipped YAML resolves and validates (FP8 recipes need a GPU: checked separately)."""
+    from pathlib import Path
+
+    from casa_megatron.config.schema import TrainConfig
+
+    for path in sorted(Path("configs").glob("*.yaml")):
+        cfg = load_config(TrainConfig, path, ["precision.bf16=false", "precision.fp8=null", "data.source=synthetic"])
+        save_config(cfg, tmp_path / path.name)
+        assert load_config(TrainConfig, tmp_path / path.name) == cfg, path

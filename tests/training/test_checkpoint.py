@@ -23,7 +23,7 @@ def _rows(run_dir: Path):
 
 
 def _cli(run_dir, *extra, tracking=False):
-    return [sys.executable, "-m", "casa_megatron.train", "configs/tiny_cpu.yaml", *BASE,
+    return [sys.executable, "-m", "casa_megatron.train", "configs/tiny_cpu_synthetic.yaml", *BASE,
             f"run_dir={run_dir}", f"tracking.enabled={str(tracking).lower()}", *extra]
 
 
@@ -92,7 +92,7 @@ def _train(rank, world, run_dir, overrides):
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
 
-    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml",
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
                       [*BASE, f"run_dir={run_dir}", "tracking.enabled=false", *overrides])
     return train(cfg)
 

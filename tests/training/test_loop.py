@@ -13,7 +13,7 @@ def _train(rank, world, run_dir):
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
 
-    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml",
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
                       [f"run_dir={run_dir}", "train_steps=120", "log_interval=20"])
     return train(cfg)
 
@@ -43,7 +43,7 @@ def test_tiny_run_learns_and_is_tracked(tmp_path):
 def test_cli_reports_config_errors(capsys):
     from casa_megatron.train import main
 
-    assert main(["configs/tiny_cpu.yaml", "global_batch_size=7"]) == 2
+    assert main(["configs/tiny_cpu_synthetic.yaml", "global_batch_size=7"]) == 2
     assert "global_batch_size=7" in capsys.readouterr().err
 
 
@@ -52,7 +52,7 @@ def _short_run(rank, world, run_dir, overrides):
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
 
-    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml",
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
                       [f"run_dir={run_dir}", "train_steps=12", "log_interval=4",
                        "optimizer.warmup_steps=4", "optimizer.wsd_decay_steps=4",
                        "tracking.enabled=false", *overrides])
