@@ -68,18 +68,26 @@ def _norm(use_te: bool):
 def _plain_layer_spec(use_te: bool) -> ModuleSpec:
     """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm)."""
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # TE ignores a dense mask under ``causal``; packed samples need their block-causal mask
+        # honoured, so TE runs ``arbitrary`` (correct; the thd/cu_seqlens path is the faster one).
+        spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        attention = dataclasses.replace(spec.submodules.self_attention,
+                                        params={"attn_mask_type": AttnMaskType.arbitrary})
+        return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
+                                                                        self_attention=attention))
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
                                      pre_mlp_layernorm=LocalRMSNorm)
     return dataclasses.replace(spec, submodules=submodules)
 
 
-def _self_attention_spec(provider) -> ModuleSpec:
+def _self_attention_spec(provider, use_te: bool) -> ModuleSpec:
     # Unfused norm + linear even under TE so CASA can copy / share SA projections exactly.
+    # The dense block-causal mask is honoured by megatron's local attention under ``causal``;
+    # TE needs ``arbitrary`` for it (see _plain_layer_spec).
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params={"attn_mask_type": AttnMaskType.arbitrary if use_te else AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=provider.column_parallel_linear(),
             core_attention=provider.core_attention(),
@@ -118,7 +126,7 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
         params={"placement": fusion.placement, "share_projections": fusion.share_projections},
         submodules=CASALayerSubmodules(
             input_layernorm=norm,
-            self_attention=_self_attention_spec(provider),
+            self_attention=_self_attention_spec(provider, use_te),
             self_attn_bda=get_bias_dropout_add,
             casa_layernorm=norm,
             casa_attention=casa_attention_spec(
