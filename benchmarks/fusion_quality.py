@@ -8,9 +8,16 @@ batches, overall and per question type. A text-only control (the ``control_fusio
 trained and evaluated with every image replaced by Gaussian noise) shows how far the questions
 can be answered without vision: chance is 1/8 for colour and 1/2 for side questions.
 
-Tasks are a registry (``TASKS``): a task gives batches, how to read the question type of each
-answer position, and its type names. To add the coarse / fine-grained generated data, register
-a factory returning a :class:`Task` and run with ``task=<name>``.
+Tasks are a registry (``TASKS``, name -> factory(cfg) -> :class:`Task`): a task gives batches,
+how to read the question type of each answer position, and its type names. ``task=colour_side``
+is the in-memory colour/side task; ``task=generated`` is the real generated dataset of
+``tools/make_synthetic_data.py`` (PNG images with coarse and fine-grained questions, H.264 clips
+with captions), read through ``make_train_iterator``: accuracy per type ``coarse`` / ``fine``
+(image questions) and ``caption`` (video captions), scoring the answer / caption words (the
+trivially predictable ``<eot>`` ending each answer is not counted). Training uses a dataset
+generated with ``generated.seed``; evaluation a separate split generated with
+``generated.eval_seed`` (held-out images and clips). Both are generated on first use into
+``generated.dir`` (default: a cache directory under the system temp dir).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -33,6 +40,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import FUSIONS, fusion_model_config, format_table, machine_info, train_step  # noqa: E402
 from casa_megatron.config.schema import ConfigError, ModelConfig  # noqa: E402
+from casa_megatron.data.config import DataConfig  # noqa: E402
 from casa_megatron.model.batch import VLMBatch  # noqa: E402
 
 
@@ -45,10 +53,12 @@ class Task:
     batches: Callable[[int, int], Iterator[VLMBatch]]  # (micro_batch_size, seed) -> endless batches
     question_types: Callable[[VLMBatch], torch.Tensor]  # -> [b, s] long type id per position (-1: none)
     type_names: List[str]
-    chance: Dict[str, float]  # best accuracy without vision, per type
+    chance: Dict[str, float]  # best accuracy without vision, per type ({}: not known; see the control)
+    eval_batches: Optional[Callable[[int, int], Iterator[VLMBatch]]] = None  # held-out split (None: batches)
+    info: Dict = field(default_factory=dict)  # recorded in the report
 
 
-def colour_side_task(image_size: int = 56, seq_length: int = 30) -> Task:
+def colour_side_task(cfg: "QualityConfig" = None, image_size: int = 56, seq_length: int = 30) -> Task:
     """``data/synthetic.py``: "what colour is the square" (8 answers) / "which side" (2)."""
     from casa_megatron.data import synthetic as syn
 
@@ -68,8 +78,95 @@ def colour_side_task(image_size: int = 56, seq_length: int = 30) -> Task:
     )
 
 
-# Hook for more generated data (e.g. coarse vs fine-grained questions): name -> factory() -> Task.
-TASKS: Dict[str, Callable[[], Task]] = {"colour_side": colour_side_task}
+@dataclass
+class GeneratedConfig:
+    """``task=generated``: the dataset of tools/make_synthetic_data.py, train and held-out splits."""
+
+    dir: str = ""  # where the splits live / are generated; "" = <tmp>/casa_megatron_fusion_quality
+    num_images: int = 192  # training split
+    num_videos: int = 24
+    seed: int = 0
+    eval_num_images: int = 96  # held-out split (another generator seed: unseen images and clips)
+    eval_num_videos: int = 12
+    eval_seed: int = 1
+    video_seconds: float = 3.0
+    data: DataConfig = field(default_factory=lambda: DataConfig(
+        source="", seq_length=128, image_seq_length=160, num_workers=1, log_interval=0))
+
+
+GENERATED_TYPES = ["coarse", "fine", "caption"]
+
+
+def _generated_split(root: Path, num_images: int, num_videos: int, seed: int, seconds: float) -> Path:
+    """``root/<split>/shards``, generating the split first if it is missing (atomic rename)."""
+    import shutil
+    import tempfile
+
+    from casa_megatron.data.synthetic_dataset import make_dataset
+
+    out = root / f"img{num_images}_vid{num_videos}_seed{seed}_sec{seconds:g}"
+    if not (out / "shards").is_dir() or not (out / "tokenizer").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+        make_dataset(tmp, num_images, num_videos, seed, video_seconds=seconds, progress=False)
+        try:
+            tmp.replace(out)
+        except OSError:  # generated meanwhile by another process
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / "shards"
+
+
+def generated_task(cfg: "QualityConfig") -> Task:
+    """Coarse / fine-grained image questions and video captions from the real generated dataset."""
+    import tempfile
+
+    from casa_megatron.data import make_train_iterator
+    from casa_megatron.data.packing import question_type_ids
+    from casa_megatron.data.tokenization import TextTokenizer
+
+    gen = cfg.generated
+    root = Path(gen.dir) if gen.dir else Path(tempfile.gettempdir()) / "casa_megatron_fusion_quality"
+    train = _generated_split(root, gen.num_images, gen.num_videos, gen.seed, gen.video_seconds)
+    held_out = _generated_split(root, gen.eval_num_images, gen.eval_num_videos, gen.eval_seed, gen.video_seconds)
+    data_cfg = dataclasses.replace(gen.data, source=str(train))
+    data_cfg.validate()
+    tok = TextTokenizer(data_cfg.resolved_tokenizer_path(), data_cfg.image_token, data_cfg.answer_token,
+                        data_cfg.end_of_turn_token)
+    n_vocab = tok.vocab_size() if callable(tok.vocab_size) else tok.vocab_size
+    if cfg.model.lm.vocab_size < n_vocab:
+        raise ConfigError(f"model.lm.vocab_size={cfg.model.lm.vocab_size} < the generated tokenizer's {n_vocab}")
+    eot = tok.special.end_of_turn
+    types: Dict[int, torch.Tensor] = {}  # id(batch) -> [b, s] type ids (batches are kept alive below)
+
+    def batches(source: Path):
+        def make(b: int, seed: int) -> Iterator[VLMBatch]:
+            it = make_train_iterator(dataclasses.replace(data_cfg, source=str(source)), b, dp_rank=0, dp_size=1,
+                                     seed=seed)
+            try:
+                while True:
+                    batch = next(it)
+                    infos = [dataclasses.replace(i, qtype="caption") if i.kind == "video" else i
+                             for i in it.last_batch_samples]
+                    t = question_type_ids(infos, tuple(batch.input_ids.shape), GENERATED_TYPES)
+                    t = torch.where(batch.labels == eot, -1, t)  # score the words, not the final <eot>
+                    types.clear()
+                    types[id(batch)] = t
+                    yield batch
+            finally:
+                it.close()
+        return make
+
+    return Task(
+        name="generated", vocab_size=cfg.model.lm.vocab_size, seq_length=data_cfg.seq_length,
+        image_seq_length=data_cfg.image_seq_length, batches=batches(train),
+        question_types=lambda batch: types[id(batch)], type_names=list(GENERATED_TYPES), chance={},
+        eval_batches=batches(held_out),
+        info={"train_split": str(train), "held_out_split": str(held_out), "tokenizer_vocab": n_vocab},
+    )
+
+
+# name -> factory(cfg) -> Task.
+TASKS: Dict[str, Callable[..., Task]] = {"colour_side": colour_side_task, "generated": generated_task}
 
 
 @dataclass
@@ -87,6 +184,7 @@ class QualityConfig:
     eval_batches: int = 64
     seed: int = 1234
     data_seed: int = 0
+    generated: GeneratedConfig = field(default_factory=GeneratedConfig)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -131,16 +229,17 @@ def train_and_evaluate(cfg: QualityConfig, task: Task, fusion: str, noise: bool)
 def evaluate(model, task: Task, cfg: QualityConfig, noise: bool) -> dict:
     """Argmax accuracy at answer positions of held-out batches (a data seed no training run uses)."""
     model.eval()
-    data, g = task.batches(cfg.micro_batch_size, cfg.data_seed + 10_000), torch.Generator().manual_seed(2)
+    make = task.eval_batches or task.batches
+    data, g = make(cfg.micro_batch_size, cfg.data_seed + 10_000), torch.Generator().manual_seed(2)
     correct = torch.zeros(len(task.type_names))
     total = torch.zeros(len(task.type_names))
     for _ in range(cfg.eval_batches):
         batch = next(data)
+        types = task.question_types(batch)
         batch = _noise_images(batch, g) if noise else batch
         logits = model(dataclasses.replace(batch, labels=None))  # [s, b, v] (TP=1: full vocab)
         pred = logits.argmax(-1).transpose(0, 1)  # [b, s]
-        at = batch.loss_mask > 0
-        types = task.question_types(batch)
+        at = (batch.loss_mask > 0) & (types >= 0)
         hit = (pred == batch.labels) & at
         for t in range(len(task.type_names)):
             correct[t] += (hit & (types == t)).sum()
@@ -162,7 +261,7 @@ def main(argv=None) -> int:
     from casa_megatron.config import load_config, to_dict
 
     cfg = load_config(QualityConfig, args.config, args.overrides)
-    task = TASKS[cfg.task]()
+    task = TASKS[cfg.task](cfg)
     runs = [(f, False) for f in cfg.fusions] + ([(cfg.control_fusion, True)] if cfg.control_fusion else [])
     results = []
     for fusion, noise in runs:
@@ -173,13 +272,15 @@ def main(argv=None) -> int:
     columns = [("fusion", "fusion", ""), ("accuracy", "accuracy", ".3f"),
                *[(name, f"accuracy_{name}", ".3f") for name in task.type_names],
                ("final train loss", "final_train_loss", ".3f"), ("train time (s)", "train_time_s", ".1f")]
-    chance = {"fusion": "chance (no vision)", **{f"accuracy_{k}": v for k, v in task.chance.items()}}
+    chance = [{"fusion": "chance (no vision)", **{f"accuracy_{k}": v for k, v in task.chance.items()}}] \
+        if task.chance else []
     print(f"task {task.name}: {cfg.steps} steps x {cfg.num_microbatches * cfg.micro_batch_size} rows, "
           f"{cfg.eval_batches * cfg.micro_batch_size} held-out rows ({results[0]['answers']} answers)")
-    print(format_table(results + [chance], columns))
+    print(format_table(results + chance, columns))
     report = {"results": results, "chance": task.chance, "task": task.name, "machine": machine_info(),
               "config": to_dict(cfg), "config_path": args.config,
-              "text_only_loss_floor": _floor(task)}
+              "type_names": task.type_names, "task_info": task.info,
+              "text_only_loss_floor": _floor(task) if task.chance else None}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -7,11 +7,9 @@ replicated alpha gets the same gradient as in one process.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 from support.dist import run_distributed
 from support.vlm import IMAGE_SLOTS, perturbed_full_state, random_batch, small_model_config
 
@@ -105,34 +103,4 @@ def test_gate_with_replace_placement_is_refused():
     assert message and "replace" in message
 
 
-def _tp_worker(rank, world):
-    from megatron.core import parallel_state
-
-    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
-
-    batch = random_batch(1)
-    ref = _build(**GATED)
-    full = perturbed_full_state(ref)  # moves every alpha away from 0 too
-    load_full_state(ref, full, 0, 1)
-    ref_loss = _masked_loss(ref(batch), batch)
-    ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    for sp in (False, True):
-        model = _build(tp=2, sp=sp, **GATED)
-        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
-        loss = _masked_loss(model(batch), batch)
-        loss.backward()
-        for p in model.parameters():  # what megatron's finalize_model_grads does for SP tags
-            if sp and getattr(p, "sequence_parallel", False):
-                dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
-        torch.testing.assert_close(loss, ref_loss, **TOL)
-        grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()},
-                            parallel_state.get_tensor_model_parallel_group())
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (sp={sp}): {m}")
-    return [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]
-
-
-def test_gate_tensor_parallel_matches_single_process():
-    gate_grads = run_distributed(_tp_worker, world_size=2)[0]
-    assert len(gate_grads) == 4 and all(abs(g) > 0 for g in gate_grads)
+# TP=2 (+SP) equivalence of the gated model: tests/model/test_vlm_parallel.py ('cross_attention_gated').

@@ -7,27 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 from support.dist import run_distributed
-from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, small_model_config
+from support.equivalence import TOL, build
+from support.vlm import SEQ, perturbed_full_state, random_batch
 
-TOL = dict(rtol=2e-4, atol=2e-5)
 INSERTION = {"mechanism": "insertion"}
-
-
-def _build(tp: int = 1, pp: int = 1, sp: bool = False):
-    from casa_megatron.config import ParallelConfig
-    from casa_megatron.model.build import build_vlm
-    from casa_megatron.parallel import initialize_parallel
-
-    initialize_parallel(tp, pp, seed=0)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp)
-    return build_vlm(small_model_config(**INSERTION), parallel, image_seq_length=IMAGE_SLOTS)
-
-
-def _masked_loss(per_token, batch):
-    return (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
 
 
 # --- layout (pure index bookkeeping) -----------------------------------------------------------
@@ -107,7 +91,7 @@ def _naive_per_token_loss(model, batch):
 
 
 def _single_process_checks(rank, world):
-    model = _build()
+    model = build(**INSERTION)
     full = perturbed_full_state(model)
     from casa_megatron.parallel.tp_layout import load_full_state
 
@@ -140,116 +124,6 @@ def test_single_process_matches_literal_interleaving_and_isolates_packed_samples
 
 
 # --- tensor parallelism -------------------------------------------------------------------------
-def _finalize_sp_grads(model):
-    from megatron.core import parallel_state
-
-    for p in model.parameters():
-        if p.grad is not None and getattr(p, "sequence_parallel", False):
-            dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 
-def _tp_worker(rank, world):
-    from megatron.core import parallel_state, tensor_parallel
-
-    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
-
-    batch, logits_batch = random_batch(1), random_batch(1, with_labels=False)
-    ref = _build()
-    full = perturbed_full_state(ref)
-    load_full_state(ref, full, 0, 1)
-    ref_loss = _masked_loss(ref(batch), batch)
-    ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    with torch.no_grad():
-        ref_logits = ref(logits_batch)
-    report = {}
-    for sp in (False, True):
-        model = _build(tp=2, sp=sp)
-        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
-        loss = _masked_loss(model(batch), batch)
-        loss.backward()
-        _finalize_sp_grads(model)
-        with torch.no_grad():
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(logits_batch))
-        torch.testing.assert_close(loss, ref_loss, **TOL)
-        torch.testing.assert_close(logits, ref_logits, **TOL)
-        grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()},
-                            parallel_state.get_tensor_model_parallel_group())
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (sp={sp}): {m}")
-        report[sp] = loss.item()
-    assert all(g.abs().sum() > 0 for n, g in ref_grads.items() if n.startswith(("vision.", "projector.")))
-    return report
-
-
-def test_tensor_parallel_matches_single_process():
-    """TP=2 without and with sequence parallelism: loss, text logits and every gradient."""
-    reports = run_distributed(_tp_worker, world_size=2)
-    assert set(reports[0]) == {False, True}
-
-
-# --- pipeline parallelism ------------------------------------------------------------------------
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch)
-
-    def loss_func(per_token):
-        loss = _masked_loss(per_token, batch)
-        return loss, {"loss": loss.detach().clone()}
-
-    return output, loss_func
-
-
-def _run_schedule(model, batches):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=SEQ + IMAGE_SLOTS, micro_batch_size=2,
-    )
-    return [l["loss"] for l in losses]
-
-
-def _global_name(name: str, offset: int) -> str:
-    if name.startswith("decoder.layers."):
-        parts = name.split(".")
-        parts[2] = str(int(parts[2]) + offset)
-        return ".".join(parts)
-    return name
-
-
-def _pp_worker(rank, world):
-    from megatron.core import parallel_state
-
-    from casa_megatron.parallel.tp_layout import load_full_state
-
-    batches = [random_batch(seed) for seed in (11, 12, 13)]
-    ref = _build()
-    full = perturbed_full_state(ref)
-    load_full_state(ref, full, 0, 1)
-    ref_losses = _run_schedule(ref, batches)
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
-
-    stage = _build(pp=2)
-    to_global = {n: _global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
-    load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
-    losses = _run_schedule(stage, batches)
-    if parallel_state.is_pipeline_last_stage():
-        torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
-    for name, p in stage.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
-    return {"checked": sorted(to_global.values()),
-            "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
-                                    if n.startswith("vision."))}
-
-
-def test_pipeline_parallel_matches_single_process():
-    """PP=2 through megatron's 1F1B schedule with 3 micro-batches: the combined stream
-    [s + si, b, h] crosses the stage boundary and the ViT gets its gradient back."""
-    reports = run_distributed(_pp_worker, world_size=2)
-    first, second = reports[0]["checked"], reports[1]["checked"]
-    assert any(n.startswith("vision.") for n in first) and not any(n.startswith("vision.") for n in second)
-    assert any(n.startswith("decoder.layers.3.") for n in second)
-    assert reports[0]["vision_grad_norm"] > 0
-    assert not set(first) & set(second)
+# TP=2 / PP=2 equivalence for insertion: tests/model/test_vlm_parallel.py (variant 'insertion').

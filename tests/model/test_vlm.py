@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 from support.dist import run_distributed
 from support.vlm import IMAGE_SLOTS, random_batch, small_model_config

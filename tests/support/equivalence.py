@@ -1,0 +1,130 @@
+"""Layout equivalence workers shared by the model tests: a model at TP=2 (with and without
+sequence parallelism) or PP=2 must reproduce one process's loss, logits and every gradient.
+
+Each layout loads the same full weights (split by megatron's own partition tags) and runs the
+same packed batches; run them with ``support.dist.run_distributed(worker, world_size=2, fusion=...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, small_model_config
+
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def build(tp: int = 1, pp: int = 1, sp: bool = False, **fusion):
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    initialize_parallel(tp, pp, seed=0)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sp)
+    return build_vlm(small_model_config(**fusion), parallel, image_seq_length=IMAGE_SLOTS)
+
+
+def masked_loss(per_token, batch):
+    return (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
+
+
+def finalize_sp_grads(model):
+    """What megatron's finalize_model_grads does for sequence-parallel (norm, gate) weights."""
+    from megatron.core import parallel_state
+
+    for p in model.parameters():
+        if p.grad is not None and getattr(p, "sequence_parallel", False):
+            dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
+def tp_worker(rank, world, fusion):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
+
+    batch, logits_batch = random_batch(1), random_batch(1, with_labels=False)
+    ref = build(**fusion)
+    full = perturbed_full_state(ref)  # also moves gates away from 0
+    load_full_state(ref, full, 0, 1)
+    ref_loss = masked_loss(ref(batch), batch)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    with torch.no_grad():
+        ref_logits = ref(logits_batch)
+    report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
+    for sp in (False, True):
+        model = build(tp=2, sp=sp, **fusion)
+        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
+        loss = masked_loss(model(batch), batch)
+        loss.backward()
+        finalize_sp_grads(model)
+        with torch.no_grad():
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(logits_batch))
+        torch.testing.assert_close(loss, ref_loss, **TOL)
+        torch.testing.assert_close(logits, ref_logits, **TOL)
+        grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()},
+                            parallel_state.get_tensor_model_parallel_group())
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (sp={sp}): {m}")
+        report["max_grad_err"][sp] = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
+    assert all(g.abs().sum() > 0 for n, g in ref_grads.items()
+               if n.startswith(("vision.", "projector.")) or ".casa_attention." in n)
+    return report
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch)
+
+    def loss_func(per_token):
+        loss = masked_loss(per_token, batch)
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return output, loss_func
+
+
+def run_schedule(model, batches):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=SEQ + IMAGE_SLOTS, micro_batch_size=2,
+    )
+    return [l["loss"] for l in losses]
+
+
+def global_name(name: str, offset: int) -> str:
+    """Stage-local parameter name -> the one-process model's name (decoder layers shift)."""
+    if name.startswith("decoder.layers."):
+        parts = name.split(".")
+        parts[2] = str(int(parts[2]) + offset)
+        return ".".join(parts)
+    return name
+
+
+def pp_worker(rank, world, fusion):
+    from megatron.core import parallel_state
+
+    from casa_megatron.parallel.tp_layout import load_full_state
+
+    batches = [random_batch(seed) for seed in (11, 12, 13)]
+    ref = build(**fusion)
+    full = perturbed_full_state(ref)
+    load_full_state(ref, full, 0, 1)
+    ref_losses = run_schedule(ref, batches)
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+    stage = build(pp=2, **fusion)
+    to_global = {n: global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
+    load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
+    losses = run_schedule(stage, batches)
+    if parallel_state.is_pipeline_last_stage():
+        torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
+    for name, p in stage.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
+    return {"stage": parallel_state.get_pipeline_model_parallel_rank(),
+            "checked": sorted(to_global.values()),
+            "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
+                                    if n.startswith("vision."))}
