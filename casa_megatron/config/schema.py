@@ -105,6 +105,8 @@ class FusionConfig:
     ``image_position_scheme``: RoPE for image keys; ``insertion`` (default) rotates every image
     key by the text position of its window start, so the query-key phase depends only on the
     distance from the window start, like text; ``none`` leaves image keys unrotated.
+    ``normalize_images``: image tokens go through the CASA layer's pre-attention norm, like the
+    text (default; ``false`` feeds the raw projector output, an ablation: see docs/benchmarks.md).
     """
 
     mechanism: str = "casa"
@@ -114,6 +116,7 @@ class FusionConfig:
     layers: Optional[List[int]] = None
     every_n: Optional[int] = None
     image_position_scheme: str = "insertion"
+    normalize_images: bool = True
     init_from_self_attention: bool = True
 
     def fusion_layers(self, num_layers: int) -> List[int]:

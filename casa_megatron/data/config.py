@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
+
+from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
 
 
 DECODERS = ("auto", "cpu", "dali")
@@ -34,6 +36,8 @@ class DataConfig:
     video_pixel_budget: int = 224 * 224  # max pixels of one video frame
     fps: float = 2.0  # video frames sampled per second of video
     max_frames: int = 32  # frames kept per clip (the first ones: fps is preserved)
+    image_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # pixel normalisation
+    image_std: List[float] = field(default_factory=lambda: list(CLIP_STD))  # per RGB channel
     window_per_frame: bool = True  # False: all frames of a clip open one window
     qa_windows: str = "per_turn"  # per_turn: every QA pair its window (image repeated); per_sample
     decoder: str = "auto"  # video decoder: auto (DALI if importable and a GPU exists) | cpu | dali
@@ -91,6 +95,9 @@ class DataConfig:
         if min(self.pixel_budget, self.video_pixel_budget) < 28 * 28 or self.min_pixels < 1:
             raise ConfigError(f"data.pixel_budget={self.pixel_budget} and data.video_pixel_budget="
                               f"{self.video_pixel_budget} must be >= 784 (one 28x28 merge unit)")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ConfigError(f"data.image_mean={self.image_mean} and data.image_std={self.image_std} need "
+                              "3 values (RGB), every std > 0")
         if self.num_workers < 0 or self.pack_buffer < 1 or self.prefetch < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}, data.prefetch={self.prefetch} must be >= 0 "
                               f"and data.pack_buffer={self.pack_buffer} >= 1")

@@ -21,6 +21,18 @@ from casa_megatron.data.records import SampleError
 
 UNIT = 28  # patch 14 x merge 2
 MAX_ASPECT = 200.0
+# Per-channel pixel normalisation of the OpenAI CLIP / Qwen2-VL processors: the pretrained
+# encoders expect it, and a from-scratch one learns faster from zero-centred, unit-scale pixels
+# than from [0, 1] values whose grey background swamps the colour differences.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(pixels: Tensor, mean, std) -> Tensor:
+    """uint8 [..., C, H, W] -> float32 ``(pixels / 255 - mean) / std`` per channel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+    std = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = UNIT * UNIT,

@@ -66,7 +66,7 @@ class TrainIterator:
         self.processor = SampleProcessor(ProcessorSettings.from_config(cfg, resolve_decoder(cfg.decoder)))
         self.order = RankOrder(len(self.source), dp_rank, dp_size, seed, cfg.shuffle)
         self.packer = Packer(micro_batch_size, cfg.seq_length, cfg.image_seq_length,
-                             self.processor.tokenizer.special.pad)
+                             self.processor.tokenizer.special.pad, cfg.image_mean, cfg.image_std)
         self.pool = OrderedPool(_LoadSample(self.source, self.processor), cfg.num_workers, cfg.worker_type)
         self.prefetch = cfg.prefetch or 4 * max(1, cfg.num_workers)
         self.buffer: List[TokenizedSample] = []

@@ -6,7 +6,8 @@ buffer of samples in arrival order: the oldest sample goes first (into row 0 whe
 empty), so no sample waits forever, and the result depends only on the buffer's content and
 order (deterministic, hence resumable). Samples keep their sample-relative layout; collation
 shifts positions by the row offset, restarts ``position_ids`` per sample, marks sample and window
-starts, and turns images into pixel patches in stream order (sorted by row, then position).
+starts, and turns images into normalised pixel patches (``(x / 255 - mean) / std`` per channel,
+CLIP's statistics by default) in stream order (sorted by row, then position).
 Padding at the end of a row is its own block (its own sample start) with no targets.
 """
 
@@ -17,6 +18,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD, normalize_pixels
 from casa_megatron.data.patches import image_to_patches
 from casa_megatron.data.records import SampleInfo, TokenizedSample
 from casa_megatron.model.batch import VLMBatch
@@ -53,8 +55,10 @@ class PackStats:
 
 
 class Packer:
-    def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int):
+    def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int,
+                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD):
         self.b, self.s, self.si, self.pad_id = micro_batch_size, seq_length, image_seq_length, pad_id
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.stats = PackStats()
 
     def fits_one_row(self, sample: TokenizedSample) -> bool:
@@ -108,7 +112,8 @@ class Packer:
                 sample_starts[r, off] = window_starts[r, off] = True
                 window_starts[r, [off + w for w in sample.window_starts]] = True
                 for im in sample.images:  # sample images are sorted by position: stream order
-                    p, grid = image_to_patches(im.pixels.float().div_(255.0))  # [h*w, 588]
+                    pixels = normalize_pixels(im.pixels, self.image_mean, self.image_std)  # [3, H, W]
+                    p, grid = image_to_patches(pixels)  # [h*w, 588]
                     patches.append(p)
                     grids.append(grid)
                     image_rows.append(r)

@@ -22,6 +22,11 @@ COUNT_WORDS = ("one", "two", "three", "four")
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "car", "moon", "star", "cup", "hat")
 BARS = ("a", "b", "c")
 BACKGROUND = (128, 128, 128)
+# Bumped whenever the pixels or texts a seed produces change: caches of generated splits key on it.
+GENERATOR_VERSION = 2
+# Radius of the coarse-question shape, as a fraction of the image's short side: large enough that a
+# shape still covers several 28x28-pixel LM tokens after the smart resize to a small pixel budget.
+SHAPE_RADIUS = 0.3
 QUESTIONS = {
     "shape": "what shape is in the image ?", "colour": "what colour is the shape ?",
     "count": "how many shapes are there ?", "number": "what number is written ?",
@@ -77,7 +82,7 @@ def render_image_task(rng: np.random.Generator, task: str) -> Tuple[np.ndarray, 
     width, height = _size(rng)
     img = _canvas(rng, width, height)
     draw = ImageDraw.Draw(img)
-    r = min(width, height) * 0.18
+    r = min(width, height) * SHAPE_RADIUS
     if task in ("shape", "colour"):
         shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
         cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)

@@ -6,6 +6,13 @@ Placements (DESIGN.md §1), each a small private block method in the moshi style
 * ``before``:   ``x = x + CASA(Nc x)``; then ``h = x + SA(N1 x)``; ``out = h + MLP(N3 h)``
 * ``replace``:  ``h = x + CASA(N1 x)``; ``out = h + MLP(N3 h)`` (no self-attention)
 
+Image tokens pass through the same pre-attention norm as the text (``N2``, ``Nc`` or ``N1``)
+before the CASA projections, as they would in token insertion where they are ordinary tokens of
+the stream: the projector's output is not on the normalised text's scale (about 0.01 vs 1 at
+initialisation), and un-normalised image keys/values that are ~100x smaller than the text's left
+the model ignoring the images (docs/benchmarks.md). ``normalize_images=False`` keeps the raw
+projector output (an ablation).
+
 With ``share_projections`` the CASA module reuses this layer's SA Q/K/V/O (no new weights).
 New CASA weights are copied from the same layer's SA by :meth:`init_casa_from_self_attention`.
 
@@ -61,6 +68,7 @@ class CASATransformerLayer(MegatronModule):
         placement: str = "parallel",
         share_projections: bool = False,
         gate: bool = False,
+        normalize_images: bool = True,
         pg_collection: Optional[ProcessGroupCollection] = None,
         vp_stage: Optional[int] = None,
     ):
@@ -75,6 +83,7 @@ class CASATransformerLayer(MegatronModule):
         self.tp_group = pg_collection.tp
         self.placement = placement
         self.share_projections = share_projections
+        self.normalize_images = normalize_images
         self.layer_number = layer_number + get_transformer_layer_offset(
             config, vp_stage, parallel_state.get_pipeline_model_parallel_rank()
         )
@@ -162,6 +171,8 @@ class CASATransformerLayer(MegatronModule):
                                    rotary_pos_emb=rotary_pos_emb)
 
     def _casa_block(self, x: Tensor, norm, image_states: Tensor, vision: VisionContext):
+        if self.normalize_images:
+            image_states = norm(image_states)  # [si(/tp), b, h]: per token, so SP slices are fine
         out, bias = self.casa_attention(norm(x), image_states, vision)  # [s(/tp), b, h]
         if self.casa_gate is not None:
             g = torch.tanh(self.casa_gate).to(out.dtype)

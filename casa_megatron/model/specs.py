@@ -123,7 +123,8 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
                 if k.startswith("pre_mlp_layernorm")}
     return ModuleSpec(
         module=CASATransformerLayer,
-        params={"placement": fusion.placement, "share_projections": fusion.share_projections},
+        params={"placement": fusion.placement, "share_projections": fusion.share_projections,
+                "normalize_images": fusion.normalize_images},
         submodules=CASALayerSubmodules(
             input_layernorm=norm,
             self_attention=_self_attention_spec(provider, use_te),

@@ -25,6 +25,8 @@ def test_tokenizer_is_found_next_to_shards(tiny_dataset):
     ("fps", 0.0, "data.fps"),
     ("pixel_budget", 100, "data.pixel_budget"),
     ("pack_buffer", 0, "data.pack_buffer"),
+    ("image_std", [0.2, 0.0, 0.2], "data.image_std"),
+    ("image_mean", [0.5, 0.5], "data.image_mean"),
 ])
 def test_bad_fields_are_named(tiny_dataset, field, value, match):
     cfg = DataConfig(source=str(tiny_dataset["shards"]), **{field: value})

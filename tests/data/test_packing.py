@@ -115,13 +115,16 @@ def test_images_pixels_and_windows_match(packed):
             s = by_key[info.key]
             expected_starts |= {(info.row, info.start + w) for w in [0] + s.window_starts}
             for im in s.images:
-                expected_patches.append(image_to_patches(im.pixels.float() / 255)[0])
+                # CLIP normalisation from its definition: (x / 255 - mean) / std per channel
+                mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+                std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+                expected_patches.append(image_to_patches((im.pixels.float() / 255 - mean) / std)[0])
                 expected_rows.append(info.row)
                 expected_pos.append(info.start + im.position)
         assert batch.image_rows.tolist() == expected_rows
         assert batch.image_positions.tolist() == expected_pos
         if expected_patches:
-            assert torch.equal(batch.pixel_patches, torch.cat(expected_patches))
+            torch.testing.assert_close(batch.pixel_patches, torch.cat(expected_patches), rtol=1e-6, atol=1e-6)
         row_end = {r: 0 for r in range(BATCH)}
         for info in infos:
             row_end[info.row] = max(row_end[info.row], info.start + info.length)

@@ -191,3 +191,44 @@ def test_perturbing_one_image_changes_only_its_window():
     expected = torch.zeros(SEQ, 2, dtype=torch.bool)
     expected[9:, 0] = True  # row 0's window opened at position 9 runs to the end of the row
     assert torch.equal(torch.from_numpy(changed), expected), changed.T
+
+
+def _rms_norm(x, weight, eps):  # from its definition, not the module under test
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _image_norm(rank, world):
+    """Layer(x, images) with image normalisation == the same layer without it fed N(images),
+    N the placement's pre-CASA norm (N2 for parallel/before, N1 for replace) with distinct weights."""
+    out = {}
+    for name in ("parallel", "before", "replace_every_2", "cross_attention"):
+        model = _build(**PLACEMENTS[name])
+        batch = random_batch(8)
+        layer = model.casa_layers()[0]
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for norm in (layer.input_layernorm, getattr(layer, "casa_layernorm", None)):
+                if norm is not None:
+                    norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        hidden = torch.randn(SEQ, 2, 32, generator=g)
+        images = 0.01 * torch.randn(IMAGE_SLOTS, 2, 32, generator=g)  # projector-like scale
+        vision = model.vision_context(batch)
+        casa_norm = layer.input_layernorm if layer.placement == "replace" else layer.casa_layernorm
+        with torch.no_grad():
+            assert layer.normalize_images
+            normalised = layer(hidden, images, vision)
+            layer.normalize_images = False
+            raw = layer(hidden, images, vision)
+            by_hand = layer(hidden, _rms_norm(images, casa_norm.weight, casa_norm.eps).float(), vision)
+        out[name] = (float((normalised - by_hand).abs().max()), float((normalised - raw).abs().max()))
+    return out
+
+
+def test_image_tokens_use_the_placements_pre_casa_norm():
+    """``fusion.normalize_images`` (default): image tokens get the CASA layer's own pre-attention
+    RMSNorm, like the text; switching it off feeds the projector output raw (a different layer)."""
+    errors, = run_distributed(_image_norm, world_size=1)
+    for name, (err, effect) in errors.items():
+        assert err < 1e-5, (name, err)
+        assert effect > 1e-3, (name, effect)
