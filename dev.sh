@@ -15,8 +15,9 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 case "${1:-}" in
   train) shift
-         # The generated dataset (images, H.264 clips, tokenizer, shards): made once, ~6 s.
-         [ -f data/synthetic/manifest.jsonl ] || python tools/make_synthetic_data.py --out data/synthetic
+         # The generated dataset (images, H.264 clips, tokenizer, shards): made once per generator
+         # version, ~6 s.
+         python tools/make_synthetic_data.py --out data/synthetic --if-stale
          casa-train configs/tiny_cpu.yaml "$@" ;;
   test)  shift; python -m pytest tests -q "$@" ;;
   *) echo "usage: bash dev.sh train|test [args]" >&2; exit 2 ;;

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Generate a small real dataset (PNG images, H.264 clips, tokenizer, shards, manifest).
 
-    python tools/make_synthetic_data.py --out data/synth [--num-images 192 --num-videos 24 --seed 0]
+    python tools/make_synthetic_data.py --out data/synth [--num-images 192 --num-videos 24 --seed 0] [--if-stale]
+
+``--if-stale`` keeps an existing dataset made by the same generator version with the same
+arguments (``generator.json`` in it) and otherwise rebuilds it in a temporary directory that
+replaces the old one only once complete.
 
 Train on it with ``data.source=data/synth/shards`` (the tokenizer is found next to it) or
 ``data.source=data/synth/manifest.jsonl``. See docs/data.md.
@@ -10,13 +14,19 @@ Train on it with ``data.source=data/synth/shards`` (the tokenizer is found next 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casa_megatron.data.synthetic_dataset import make_dataset  # noqa: E402
+from casa_megatron.data.synthetic_media import GENERATOR_VERSION  # noqa: E402
+
+STAMP = "generator.json"
 
 
 def main(argv=None) -> int:
@@ -28,10 +38,33 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=32)
     p.add_argument("--video-codec", choices=("h264", "vp9"), default="h264")
     p.add_argument("--video-seconds", type=float, default=3.0)
+    p.add_argument("--if-stale", action="store_true",
+                   help="do nothing if --out holds a dataset of this generator version and these arguments")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    stamp = {"generator_version": GENERATOR_VERSION,
+             **{k: v for k, v in vars(args).items() if k not in ("out", "if_stale")}}
+    if args.if_stale and (out / STAMP).is_file() and json.loads((out / STAMP).read_text()) == stamp:
+        print(f"{out} is up to date (generator version {GENERATOR_VERSION})")
+        return 0
     start = time.perf_counter()
-    paths = make_dataset(args.out, args.num_images, args.num_videos, args.seed, args.samples_per_shard,
-                         args.video_codec, video_seconds=args.video_seconds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        make_dataset(tmp, args.num_images, args.num_videos, args.seed, args.samples_per_shard,
+                     args.video_codec, video_seconds=args.video_seconds)
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
+        if out.exists():  # swap only once the new dataset is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.replace(old / out.name)
+            tmp.replace(out)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    paths = {"raw": out / "raw", "tokenizer": out / "tokenizer", "shards": out / "shards",
+             "manifest": out / "manifest.jsonl"}
     n_shards = len(list(paths["shards"].glob("*.tar")))
     print(f"wrote {args.num_images} images + {args.num_videos} clips to {paths['raw']}, {n_shards} shards in "
           f"{paths['shards']}, manifest {paths['manifest']}, tokenizer {paths['tokenizer']} "

@@ -66,3 +66,24 @@ def test_clip_captions_match_where_the_shape_is():
 def test_generated_clip_decodes(generated):
     clip = PyAVDecoder().decode((generated / "raw" / "vid_000000.mp4").read_bytes(), 2.0, 32, 224 * 224, 56 * 56)
     assert clip.indices == [0, 5, 10, 15, 20, 25] and clip.info.codec == "h264"
+
+
+def test_if_stale_keeps_an_up_to_date_dataset_and_rebuilds_a_stale_one(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_synthetic_data", "tools/make_synthetic_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "data"
+    args = ["--out", str(out), "--num-images", "6", "--num-videos", "0", "--if-stale"]
+    assert tool.main(args) == 0
+    first = (out / "raw" / "img_000000.png").read_bytes()
+    marker = out / "raw" / "user_note.txt"  # would vanish on a rebuild
+    marker.write_text("x")
+    assert tool.main(args) == 0 and marker.exists()  # same version and arguments: untouched
+    stamp = json.loads((out / tool.STAMP).read_text())
+    stamp["generator_version"] -= 1  # as if made by an older generator
+    (out / tool.STAMP).write_text(json.dumps(stamp))
+    assert tool.main(args) == 0
+    assert not marker.exists() and (out / "raw" / "img_000000.png").read_bytes() == first  # same seed
+    assert tool.main(args[:-1] + ["--seed", "5", "--if-stale"]) == 0  # other arguments: rebuilt
+    assert (out / "raw" / "img_000000.png").read_bytes() != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left over
