@@ -162,18 +162,47 @@ def tables(task: Task, summary: List[dict]) -> str:
     shown = [{"fusion": r["fusion"], **{k: _mean_sd(r, k, spec) for _, k, spec in head}} for r in summary]
     chance = [{"fusion": "chance (no vision)", **{f"accuracy_{k}": format(v, ".3f") for k, v in task.chance.items()}}] \
         if task.chance else []
-    text = format_table(shown + chance, [("fusion", "fusion", "")] + [(h, k, "") for h, k, _ in head])
+    text = format_table(shown + (chance if set(task.chance) & set(task.headline) else []),
+                        [("fusion", "fusion", "")] + [(h, k, "") for h, k, _ in head])
     if task.detail:
         detail = [(n, f"accuracy_{n}", ".3f") for n in task.detail]
         rows = [{"fusion": r["fusion"], **{k: _mean_sd(r, k, spec) for _, k, spec in detail}} for r in summary]
-        text += "\n\n" + format_table(rows, [("fusion", "fusion", "")] + [(h, k, "") for h, k, _ in detail])
+        text += "\n\n" + format_table(rows + (chance if set(task.chance) & set(task.detail) else []),
+                                       [("fusion", "fusion", "")] + [(h, k, "") for h, k, _ in detail])
     return text
+
+
+def plot_losses(results: List[dict], path: str, window: int = 25) -> None:
+    """Training-loss curves (moving average over ``window`` steps), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for r in results:
+        curve = torch.tensor(r["loss_curve"])
+        if len(curve) >= window:
+            curve = torch.nn.functional.avg_pool1d(curve[None, None], window, 1)[0, 0]
+        colour = colours.setdefault(r["fusion"], f"C{len(colours)}")
+        label = r["fusion"] if sum(x["fusion"] == r["fusion"] for x in results[:results.index(r)]) == 0 else None
+        ax.plot(range(len(curve)), curve.tolist(), color=colour, alpha=0.8, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"answer loss ({window}-step mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write the training-loss curves (PNG) here")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. task=NAME steps=50)")
     args = parser.parse_args(argv)
     from casa_megatron.config import load_config, to_dict
@@ -203,6 +232,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot_losses(results, args.plot)
     return 0
 
 

@@ -110,6 +110,7 @@ def generated_task(cfg) -> Task:
     read through ``make_train_iterator``; held-out batches score every held-out sample once."""
     from casa_megatron.data import make_train_iterator
     from casa_megatron.data.packing import question_type_ids
+    from casa_megatron.data import synthetic_media as media
     from casa_megatron.data.synthetic_media import QUESTIONS
     from casa_megatron.data.tokenization import TextTokenizer
 
@@ -172,6 +173,9 @@ def generated_task(cfg) -> Task:
         image_seq_length=data_cfg.image_seq_length, batches=batches(train, once=False),
         groups=lambda batch: last[id(batch)], headline=list(GENERATED_TYPES), detail=detail,
         eval_batches=batches(held_out, once=True),
+        # answers are drawn uniformly by the generator: 1 / (number of possible answers)
+        chance={"shape": 1 / len(media.SHAPES), "colour": 1 / len(media.COLOURS), "count": 1 / len(media.COUNT_WORDS),
+                "number": 1 / 90, "word": 1 / len(media.WORDS), "chart": 1 / len(media.BARS)},
         info={"train_split": str(train), "held_out_split": str(held_out), "tokenizer_vocab": n_vocab,
               "held_out_samples": len(_sample_keys(held_out))},
     )

@@ -34,10 +34,12 @@ def test_generated_task_reports_per_type_accuracy(tmp_path):
     config, out = tmp_path / "micro.yaml", tmp_path / "out" / "quality.json"
     config.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fusion_quality.py"), "--config", str(config), "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "fusion_quality.py"), "--config", str(config), "--json", str(out),
+         "--plot", str(tmp_path / "out" / "loss.png")],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["task"] == "generated" and report["type_names"] == TYPES and report["detail_names"] == QUESTIONS
     info = report["task_info"]
     assert info["train_split"] != info["held_out_split"]  # evaluation on a separate generated split
