@@ -36,8 +36,8 @@ class DataConfig:
     video_pixel_budget: int = 224 * 224  # max pixels of one video frame
     fps: float = 2.0  # video frames sampled per second of video
     max_frames: int = 32  # frames kept per clip (the first ones: fps is preserved)
-    image_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # pixel normalisation
-    image_std: List[float] = field(default_factory=lambda: list(CLIP_STD))  # per RGB channel
+    image_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # pixel normalisation per
+    image_std: List[float] = field(default_factory=lambda: list(CLIP_STD))  # RGB channel (real data only)
     window_per_frame: bool = True  # False: all frames of a clip open one window
     qa_windows: str = "per_turn"  # per_turn: every QA pair its window (image repeated); per_sample
     decoder: str = "auto"  # video decoder: auto (DALI if importable and a GPU exists) | cpu | dali
