@@ -189,7 +189,8 @@ def plot_losses(results: List[dict], path: str, window: int = 25) -> None:
         label = r["fusion"] if sum(x["fusion"] == r["fusion"] for x in results[:results.index(r)]) == 0 else None
         ax.plot(range(len(curve)), curve.tolist(), color=colour, alpha=0.8, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"answer loss ({window}-step mean)")
+    ax.set_yscale("log")
+    ax.set_ylabel(f"answer loss ({window}-step mean, log scale)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
