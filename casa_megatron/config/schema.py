@@ -17,7 +17,7 @@ __all__ = ["ConfigError", "DataConfig"]
 
 FUSION_MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
-IMAGE_POSITION_SCHEMES = ("insertion", "none")
+IMAGE_POSITION_SCHEMES = ("auto", "insertion", "mrope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "torch", "flash", "te")
 
@@ -38,10 +38,24 @@ class LanguageModelConfig:
     norm_epsilon: float = 1e-6
     max_position_embeddings: int = 4096
     init_method_std: float = 0.02
+    mrope_section: Optional[List[int]] = None  # rotary frequency pairs per (t, h, w); None: default split
 
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def resolved_mrope_section(self) -> List[int]:
+        """Multimodal-RoPE split of the head_dim/2 frequencies into (temporal, height, width).
+
+        Default: Qwen2.5-VL's proportions 1/4, 3/8, 3/8 ([16, 24, 24] of 64 at head_dim 128),
+        rounded so any head_dim works; the lowest-index (fastest) frequencies go to time.
+        """
+        if self.mrope_section is not None:
+            return list(self.mrope_section)
+        half = self.head_dim // 2
+        hw = (3 * half) // 8
+        return [half - 2 * hw, hw, hw]
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
@@ -49,6 +63,10 @@ class LanguageModelConfig:
                 f"model.lm.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.lm.num_query_groups={self.num_query_groups}"
             )
+        if self.mrope_section is not None and (len(self.mrope_section) != 3 or
+                                               sum(self.mrope_section) != self.head_dim // 2):
+            raise ConfigError(f"model.lm.mrope_section={self.mrope_section} must be 3 numbers (t, h, w) "
+                              f"summing to head_dim / 2 = {self.head_dim // 2}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.lm.hidden_size={self.hidden_size} is not divisible by "
@@ -56,12 +74,26 @@ class LanguageModelConfig:
             )
 
 
+VISION_ENCODERS = ("tiny_vit", "qwen2_5_vl")
+
+
 @dataclass
 class VisionConfig:
     """Vision encoder: ViT over 14 px patches, then a 2x2 spatial merge in the projector.
 
+    ``encoder``: ``tiny_vit`` (small, from scratch, for tests and CPU runs) or ``qwen2_5_vl``
+    (the Qwen2.5-VL ViT: conv3d patch embedding over ``temporal_patch_size`` frames, 2D RoPE,
+    window attention over ``window_size`` px windows with full attention in
+    ``fullatt_block_indexes``; HF weights map onto it, see conversion/vision_tables.py). Field
+    names follow megatron (``num_layers``); ``conversion/hf_configs/vision.py`` fills them from
+    an HF ``vision_config`` (``depth``, ``num_heads``, ``intermediate_size``...).
+
     ``trainable_blocks``: -1 trains every block, 0 freezes the encoder, k > 0 trains the last k
     blocks (the paper trains the last 4 for images and freezes the encoder for video).
+    ``ffn_pad_multiple``: the MLP width is padded with zero units to a multiple of this, so that
+    widths like Qwen2.5-VL's 3420 split over TP=8; the padding is exact (its gate, up and down
+    weights are zero and get zero gradients) and depends on the config only, never on TP, so
+    checkpoints reshard across TP layouts (docs/architecture.md, "Vision encoders").
     """
 
     encoder: str = "tiny_vit"
@@ -73,12 +105,36 @@ class VisionConfig:
     in_channels: int = 3
     spatial_merge_size: int = 2
     norm_epsilon: float = 1e-6
+    temporal_patch_size: int = 1  # frames per patch; qwen2_5_vl: 2 (a still image is repeated)
+    window_size: int = 112  # qwen2_5_vl: window-attention side in px
+    fullatt_block_indexes: Optional[List[int]] = None  # qwen2_5_vl: full-attention blocks; None = all
+    rope_theta: float = 10000.0  # qwen2_5_vl: 2D RoPE base
+    tokens_per_second: float = 2.0  # qwen2_5_vl: temporal mrope step per second of video
+    projector_hidden_size: Optional[int] = None  # None: LM width (tiny_vit), hidden*merge^2 (qwen2_5_vl)
+    ffn_pad_multiple: int = 1
     trainable_blocks: int = -1
     projector_trainable: bool = True
 
+    @property
+    def padded_ffn_hidden_size(self) -> int:
+        m = self.ffn_pad_multiple
+        return -(-self.ffn_hidden_size // m) * m
+
+    @property
+    def patch_dim(self) -> int:
+        """Width of one pixel patch row: C * T * p * p."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    def projector_width(self, lm_hidden: int) -> int:
+        if self.projector_hidden_size is not None:
+            return self.projector_hidden_size
+        if self.encoder == "qwen2_5_vl":
+            return self.hidden_size * self.spatial_merge_size ** 2
+        return lm_hidden
+
     def validate(self) -> None:
-        if self.encoder != "tiny_vit":
-            raise ConfigError(f"model.vision.encoder={self.encoder!r}: only 'tiny_vit' is built so far")
+        if self.encoder not in VISION_ENCODERS:
+            raise ConfigError(f"model.vision.encoder={self.encoder!r} not in {VISION_ENCODERS}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -89,6 +145,25 @@ class VisionConfig:
                 f"model.vision.trainable_blocks={self.trainable_blocks} must be -1 (all), 0 (frozen) "
                 f"or at most model.vision.num_layers={self.num_layers}"
             )
+        if self.encoder == "tiny_vit" and self.temporal_patch_size != 1:
+            raise ConfigError(f"model.vision.temporal_patch_size={self.temporal_patch_size}: tiny_vit "
+                              "embeds single frames (1)")
+        if self.temporal_patch_size < 1 or self.ffn_pad_multiple < 1:
+            raise ConfigError(f"model.vision.temporal_patch_size={self.temporal_patch_size} and "
+                              f"model.vision.ffn_pad_multiple={self.ffn_pad_multiple} must be >= 1")
+        if self.encoder == "qwen2_5_vl":
+            head_dim = self.hidden_size // self.num_attention_heads
+            if head_dim % 4:
+                raise ConfigError(f"model.vision head dim {head_dim} (hidden_size / num_attention_heads) "
+                                  "must be a multiple of 4 for the 2D RoPE (height and width halves)")
+            unit = self.patch_size * self.spatial_merge_size
+            if self.window_size % unit:
+                raise ConfigError(f"model.vision.window_size={self.window_size} must be a multiple of "
+                                  f"patch_size * spatial_merge_size = {unit}")
+        bad = [i for i in (self.fullatt_block_indexes or []) if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"model.vision.fullatt_block_indexes has {bad} outside "
+                              f"[0, model.vision.num_layers={self.num_layers})")
 
 
 @dataclass
@@ -102,9 +177,16 @@ class FusionConfig:
     ``replace`` (CASA instead of self-attention). ``share_projections``: CASA reuses the layer's
     self-attention Q/K/V/O (no new parameters; parallel/before only). Layers are chosen by
     ``layers`` (0-based LM indices) or ``every_n`` (layers n-1, 2n-1, ...); neither means all.
-    ``image_position_scheme``: RoPE for image keys; ``insertion`` (default) rotates every image
-    key by the text position of its window start, so the query-key phase depends only on the
-    distance from the window start, like text; ``none`` leaves image keys unrotated.
+    ``image_position_scheme``: RoPE positions of image tokens. CASA / cross-attention image keys:
+    ``insertion`` rotates every image key by the text position of its window start, so the
+    query-key phase depends only on the distance from the window start, like text; ``mrope``
+    gives each image key its Qwen2.5-VL multimodal position (temporal, height, width) added to
+    that window start, so frame order and spatial layout are visible; ``none`` leaves image keys
+    unrotated. Token insertion: ``insertion`` counts image tokens as consecutive positions
+    (LLaVA), ``mrope`` builds Qwen2.5-VL's 3D positions (transformers' ``get_rope_index``).
+    ``auto`` (default) is ``mrope`` with the ``qwen2_5_vl`` encoder, ``insertion`` otherwise.
+    Text always keeps 1-D positions; the (t, h, w) split of the rotary frequencies is
+    ``model.lm.mrope_section``.
     ``normalize_images``: image tokens go through the CASA layer's pre-attention norm, like the
     text (default; ``false`` feeds the raw projector output, an ablation: see docs/benchmarks.md).
     """
@@ -115,7 +197,7 @@ class FusionConfig:
     share_projections: bool = False
     layers: Optional[List[int]] = None
     every_n: Optional[int] = None
-    image_position_scheme: str = "insertion"
+    image_position_scheme: str = "auto"
     normalize_images: bool = True
     init_from_self_attention: bool = True
 
@@ -128,6 +210,12 @@ class FusionConfig:
         n = self.every_n or 1
         return [i for i in range(num_layers) if (i + 1) % n == 0]
 
+    def resolved_image_position_scheme(self, encoder: str) -> str:
+        """``auto`` -> ``mrope`` for the Qwen2.5-VL encoder (its native positions), else ``insertion``."""
+        if self.image_position_scheme != "auto":
+            return self.image_position_scheme
+        return "mrope" if encoder == "qwen2_5_vl" else "insertion"
+
     def validate(self, num_layers: int) -> None:
         if self.mechanism not in FUSION_MECHANISMS:
             raise ConfigError(f"model.fusion.mechanism={self.mechanism!r} not in {FUSION_MECHANISMS}")
@@ -138,6 +226,9 @@ class FusionConfig:
                 f"model.fusion.image_position_scheme={self.image_position_scheme!r} "
                 f"not in {IMAGE_POSITION_SCHEMES}"
             )
+        if self.mechanism == "insertion" and self.image_position_scheme == "none":
+            raise ConfigError("model.fusion.image_position_scheme='none' has no meaning for "
+                              "mechanism='insertion' (image tokens sit in the text stream)")
         if self.layers is not None and self.every_n is not None:
             raise ConfigError("model.fusion.layers and model.fusion.every_n are both set; choose one")
         if self.every_n is not None and self.every_n < 1:
@@ -198,6 +289,17 @@ class ParallelConfig:
                 f"parallel.tensor_model_parallel_size={tp} does not divide "
                 f"model.vision.num_attention_heads={model.vision.num_attention_heads}"
             )
+        vision = model.vision
+        if vision.padded_ffn_hidden_size % tp:
+            raise ConfigError(
+                f"parallel.tensor_model_parallel_size={tp} does not divide the vision MLP width "
+                f"{vision.padded_ffn_hidden_size} (model.vision.ffn_hidden_size={vision.ffn_hidden_size} padded to "
+                f"model.vision.ffn_pad_multiple={vision.ffn_pad_multiple}); set ffn_pad_multiple to a "
+                f"multiple of {tp} (e.g. 64: exact, zero units)"
+            )
+        if vision.projector_width(lm.hidden_size) % tp:
+            raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide the projector width "
+                              f"{vision.projector_width(lm.hidden_size)} (model.vision.projector_hidden_size)")
         if lm.num_layers % pp:
             raise ConfigError(
                 f"parallel.pipeline_model_parallel_size={pp} does not divide model.lm.num_layers={lm.num_layers}"

@@ -15,7 +15,7 @@ from torch import Tensor
 class VLMBatch:
     input_ids: Tensor  # [b, s] text tokens only (one placeholder token may mark an image)
     position_ids: Tensor  # [b, s] text positions (count text only; restart per packed sample)
-    pixel_patches: Tensor  # [n_patches, C*p*p] all images of the micro-batch, in stream order
+    pixel_patches: Tensor  # [n_patches, C*T*p*p] all images of the micro-batch, in stream order
     image_grid_hw: Tensor  # [n_img, 2] patch grid of each image
     image_rows: Tensor  # [n_img] row of the batch each image belongs to
     image_positions: Tensor  # [n_img] text position the image is inserted before (window start)
@@ -23,6 +23,11 @@ class VLMBatch:
     loss_mask: Optional[Tensor] = None  # [b, s] 1.0 on answer tokens
     sample_starts: Optional[Tensor] = None  # [b, s] bool: packed-sample boundaries (SA is block-causal)
     window_starts: Optional[Tensor] = None  # [b, s] bool: extra window starts (QA pairs, frames)
+    # Temporal patches per image (qwen2_5_vl: a clip's frames in pairs; a still image is 1); None = all 1.
+    image_grid_t: Optional[Tensor] = None  # [n_img]
+    # Seconds covered by one temporal patch of a video (Qwen2.5-VL's second_per_grid_ts), for the
+    # temporal multimodal-RoPE step; 0 (or None) marks a still image.
+    image_second_per_grid: Optional[Tensor] = None  # [n_img] float
 
     def to(self, device) -> "VLMBatch":
         return dataclasses.replace(self, **{
@@ -33,6 +38,13 @@ class VLMBatch:
     @property
     def shape(self):
         return tuple(self.input_ids.shape)
+
+    @property
+    def image_grid_thw(self) -> Tensor:
+        """[n_img, 3] (temporal, height, width) patch grid of each image (Qwen2.5-VL's grid_thw)."""
+        hw = self.image_grid_hw.long().reshape(-1, 2)
+        t = torch.ones_like(hw[:, :1]) if self.image_grid_t is None else self.image_grid_t.long().reshape(-1, 1)
+        return torch.cat([t, hw], dim=1)
 
 
 def block_causal_mask(sample_starts: Optional[Tensor], batch: int, seq: int, device) -> Tensor:

@@ -34,7 +34,8 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     cls = InsertionVLM if model.fusion.mechanism == "insertion" else CASAVLM
     vlm = cls(
         model, lm_cfg, vision_transformer_config(model, parallel, params_dtype),
-        projector_transformer_config(lm_cfg), image_seq_length,
+        projector_transformer_config(lm_cfg, model.vision.projector_width(model.lm.hidden_size)),
+        image_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )

@@ -153,7 +153,7 @@ class InsertionVLM(CASAVLM):
 
     def layout(self, batch: VLMBatch) -> InsertionLayout:
         b, s = batch.shape
-        counts = tokens_per_image(batch.image_grid_hw, self.model_config.vision.spatial_merge_size)
+        counts = tokens_per_image(batch.image_grid_thw, self.model_config.vision.spatial_merge_size)
         return build_insertion_layout(b, s, self.image_seq_length, batch.image_rows,
                                       batch.image_positions, counts, batch.position_ids,
                                       batch.sample_starts)
@@ -167,7 +167,7 @@ class InsertionVLM(CASAVLM):
             # holds the same full stream, so the backward only splits (output_grad=False).
             text = tensor_parallel.gather_from_sequence_parallel_region(
                 text, tensor_parallel_output_grad=False)  # [s, b, h]
-        features = self.vision(batch.pixel_patches, batch.image_grid_hw)  # [n_patches, hv]
+        features = self.vision(batch.pixel_patches, batch.image_grid_thw)  # [n_patches, hv]
         images = self.projector(features).to(text.dtype)  # [n_tok, h]
         h = text.shape[-1]
         source = torch.cat([text.transpose(0, 1).reshape(b * s, h), images, text.new_zeros(1, h)])

@@ -29,6 +29,7 @@ from casa_megatron.config.schema import FusionConfig
 from casa_megatron.model.casa_attention import CASAAttention, CASAAttentionSubmodules, WindowCoreAttention
 from casa_megatron.model.casa_layer import CASALayerSubmodules, CASATransformerLayer
 from casa_megatron.model.norm import LocalRMSNorm
+from casa_megatron.model.vision.attention import VarlenVisionAttention
 
 
 def te_available() -> bool:
@@ -98,12 +99,17 @@ def _self_attention_spec(provider, use_te: bool) -> ModuleSpec:
     )
 
 
+def _window_backend(use_te: bool, attention_backend: str) -> str:
+    """``auto`` follows the layer implementation: TE's thd kernel under TE, torch otherwise."""
+    if attention_backend == "auto":
+        return "te" if use_te else "torch"
+    return attention_backend
+
+
 def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: str,
                         attention_backend: str) -> ModuleSpec:
     provider = _provider(use_te)
-    backend = attention_backend
-    if backend == "auto":
-        backend = "te" if use_te else "torch"
+    backend = _window_backend(use_te, attention_backend)
     return ModuleSpec(
         module=CASAAttention,
         params={"text_keys": text_keys, "image_position_scheme": image_position_scheme},
@@ -154,20 +160,22 @@ def final_norm_spec(use_te: bool):
     return _norm(use_te)
 
 
-def vision_layer_spec(use_te: bool) -> ModuleSpec:
-    """Bidirectional ViT block (RMSNorm, SwiGLU, QKV bias) with a block-diagonal image mask."""
+def vision_layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSpec:
+    """Bidirectional ViT block (RMSNorm, SwiGLU, QKV bias); attention per image / frame / window
+    through the varlen window-attention interface (segments come in ``packed_seq_params``)."""
     provider = _provider(use_te)
     norm = _norm(use_te)
+    backend = _window_backend(use_te, attention_backend)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary if use_te else AttnMaskType.padding},
+                params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=provider.column_parallel_linear(),
-                    core_attention=provider.core_attention(),
+                    core_attention=ModuleSpec(module=VarlenVisionAttention, params={"backend": backend}),
                     linear_proj=provider.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

@@ -68,7 +68,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
-        ffn_hidden_size=v.ffn_hidden_size,
+        ffn_hidden_size=v.padded_ffn_hidden_size,  # zero units up to ffn_pad_multiple (exact)
         layernorm_epsilon=v.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -77,11 +77,13 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
     )
 
 
-def projector_transformer_config(lm_config: TransformerConfig) -> TransformerConfig:
-    """MLP (merged patches -> LM width): GELU, biases, replicated input (no SP)."""
+def projector_transformer_config(lm_config: TransformerConfig,
+                                 ffn_hidden_size: int | None = None) -> TransformerConfig:
+    """MLP (merged patches -> LM width): GELU, biases, replicated input (no SP). Its width is
+    ``model.vision.projector_width`` (the LM width by default; Qwen2.5-VL's merger: 4 * hv)."""
     return dataclasses.replace(
         lm_config,
-        ffn_hidden_size=lm_config.hidden_size,
+        ffn_hidden_size=ffn_hidden_size or lm_config.hidden_size,
         gated_linear_unit=False,
         activation_func=F.gelu,
         add_bias_linear=True,

@@ -28,7 +28,7 @@ from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_
 from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
 from casa_megatron.model.rope import PositionRotary
-from casa_megatron.model.vision import PatchMergerProjector, TinyViT, tokens_per_image
+from casa_megatron.model.vision import PatchMergerProjector, build_vision_encoder, tokens_per_image
 from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 
@@ -64,8 +64,8 @@ class CASAVLM(MegatronModule):
                 lm_config, vocab_size=model.lm.vocab_size,
                 max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
             )
-            self.vision = TinyViT(vision_config, model.vision, specs.vision_layer_spec(self.use_te),
-                                  specs.final_norm_spec(self.use_te))
+            self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
+                                               model.attention_backend)
             self.projector = PatchMergerProjector(
                 projector_config, model.vision.hidden_size, model.vision.spatial_merge_size,
                 specs.projector_submodules(self.use_te), specs.final_norm_spec(self.use_te),
@@ -134,7 +134,7 @@ class CASAVLM(MegatronModule):
     # --- forward ----------------------------------------------------------------------------
     def vision_context(self, batch: VLMBatch, num_image_embeddings: Optional[int] = None) -> VisionContext:
         b, s = batch.shape
-        counts = tokens_per_image(batch.image_grid_hw, self.model_config.vision.spatial_merge_size)
+        counts = tokens_per_image(batch.image_grid_thw, self.model_config.vision.spatial_merge_size)
         windows = build_windows(
             b, s, batch.image_rows, batch.image_positions, counts,
             window_starts=window_start_marks(batch), position_ids=batch.position_ids,
@@ -151,7 +151,7 @@ class CASAVLM(MegatronModule):
 
     def encode_images(self, batch: VLMBatch, batch_size: int) -> Tensor:
         """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
-        features = self.vision(batch.pixel_patches, batch.image_grid_hw)  # [n_patches, hv]
+        features = self.vision(batch.pixel_patches, batch.image_grid_thw)  # [n_patches, hv]
         tokens = self.projector(features)  # [n_img_tokens, h]
         slots = self.image_seq_length * batch_size
         padded = torch.nn.functional.pad(tokens, (0, 0, 0, slots - tokens.shape[0]))

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron conversion: declarative mapping tables and typed transforms."""

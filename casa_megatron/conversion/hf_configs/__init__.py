@@ -1,0 +1,1 @@
+"""HF ``config.json`` sections -> fields of our typed configs."""

@@ -1,0 +1,21 @@
+"""``model.vision.encoder`` -> the encoder module (layer structure from ``specs.py``)."""
+
+from __future__ import annotations
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model import specs
+from casa_megatron.model.vision.interface import VisionEncoder
+from casa_megatron.model.vision.qwen2_5_vl import QwenVisionEncoder
+from casa_megatron.model.vision.tiny_vit import TinyViT
+
+
+def build_vision_encoder(vision: VisionConfig, config: TransformerConfig, use_te: bool,
+                         attention_backend: str = "auto") -> VisionEncoder:
+    spec = specs.vision_layer_spec(use_te, attention_backend)
+    if vision.encoder == "qwen2_5_vl":
+        return QwenVisionEncoder(config, vision, spec)
+    if vision.encoder == "tiny_vit":
+        return TinyViT(config, vision, spec, specs.final_norm_spec(use_te))
+    raise ValueError(f"model.vision.encoder={vision.encoder!r} is not built here")

@@ -1,0 +1,65 @@
+"""A small ViT from megatron-core layers, for tests and CPU runs (parameters trained from scratch).
+
+Patch embedding (a linear with bias over the flattened patch), fixed 2D sin-cos positions,
+bidirectional attention within each image (one varlen segment per image: no mask over the
+micro-batch), final RMSNorm. Its parameter names are part of the checkpoint format: keep them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model.vision.geometry import Segments, frame_segments, patch_coords
+from casa_megatron.model.vision.interface import VisionEncoder, check_patches
+
+
+def _sincos_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
+    """Fixed 2D sin-cos position features [n, dim]: no parameters, any grid size."""
+    quarter = dim // 4
+    freq = torch.exp(-math.log(10000.0) * torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = []
+    for coord in (rows, cols):
+        angle = coord.float()[:, None] * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    out = torch.cat(parts, dim=-1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[-1]))
+
+
+class TinyViT(VisionEncoder):
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec,
+                 final_norm, pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.merge = vision.spatial_merge_size
+        self.patch_dim = vision.patch_dim
+        self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=True,
+                                           dtype=config.params_dtype)
+        self.blocks = torch.nn.ModuleList([
+            build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
+            for i in range(config.num_layers)
+        ])
+        self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
+                                            eps=config.layernorm_epsilon)
+
+    def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
+        if grid_thw.shape[-1] == 3 and bool((grid_thw[:, 0] != 1).any()):
+            raise ValueError("tiny_vit embeds single frames: every image needs t = 1 temporal patch")
+        grid_thw = grid_thw if grid_thw.shape[-1] == 3 else torch.nn.functional.pad(grid_thw, (1, 0), value=1)
+        check_patches(pixel_patches, grid_thw, self.patch_dim)
+        rows, cols, _ = patch_coords(grid_thw, self.merge)
+        x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
+        x = x + _sincos_2d(rows, cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        segments = Segments(frame_segments(grid_thw)).packed(x.device)  # one segment per image
+        x = x[:, None]  # [n, 1, hv]
+        for block in self.blocks:
+            x, _ = block(hidden_states=x, attention_mask=None, packed_seq_params=segments)
+        return self.final_layernorm(x)[:, 0]  # [n, hv]
