@@ -15,10 +15,12 @@ Masks. Block-causal over packed samples (``sample_starts``): an image belongs to
 its insertion position and is a causal member of it (it sees its sample's earlier text and
 images, later text sees it), nothing crosses samples.
 
-Positions (a choice). RoPE positions count image tokens too, LLaVA style: inside a sample the
-combined tokens get consecutive positions starting at the sample's first text position, so the
-text after an image of ``n`` tokens is shifted by ``n``. This is what HF LLaVA / megatron's
-``llava_model`` do for 1D RoPE backbones (Helium, Llama); Qwen2-VL's M-RoPE is not built here.
+Positions (``model.fusion.image_position_scheme``). ``insertion``: RoPE positions count image
+tokens too, LLaVA style: inside a sample the combined tokens get consecutive positions starting
+at the sample's first text position, so the text after an image of ``n`` tokens is shifted by
+``n`` (HF LLaVA / megatron's ``llava_model`` for 1D RoPE backbones). ``mrope`` (default with the
+Qwen2.5-VL encoder): Qwen2.5-VL's multimodal positions as transformers' ``get_rope_index``
+builds them, computed from the batch structure (``model/mrope.py``).
 
 Pipeline. The first stage builds the combined stream; every stage sends
 ``[s + si (/tp under sequence parallelism), b, h]``; the last stage gathers the text positions
@@ -37,6 +39,7 @@ from megatron.core.fp8_utils import get_fp8_context
 from torch import Tensor
 
 from casa_megatron.model.batch import VLMBatch
+from casa_megatron.model.mrope import insertion_positions, mrope_freqs
 from casa_megatron.model.vision import tokens_per_image
 from casa_megatron.model.vlm import CASAVLM
 
@@ -158,6 +161,23 @@ class InsertionVLM(CASAVLM):
                                       batch.image_positions, counts, batch.position_ids,
                                       batch.sample_starts)
 
+    def stream_rotary(self, batch: VLMBatch, layout: InsertionLayout) -> Tensor:
+        """RoPE phases of the combined stream [L, b, 1, d]: consecutive 1-D positions (scheme
+        ``insertion``, LLaVA) or Qwen2.5-VL's multimodal positions (``mrope``)."""
+        if self.image_position_scheme != "mrope":
+            return self.rotary.text_freqs(layout.position_ids)
+        positions = self.mrope_positions(batch, layout)  # [3, b, L]
+        freqs = mrope_freqs(self.rotary, positions, self.model_config.lm.resolved_mrope_section)  # [b, L, 1, d]
+        return freqs.transpose(0, 1).contiguous()
+
+    def mrope_positions(self, batch: VLMBatch, layout: InsertionLayout) -> Tensor:
+        """[3, b, L]: transformers' get_rope_index over the combined stream, from its structure."""
+        b, s = batch.shape
+        return insertion_positions(batch.image_grid_thw, batch.image_rows, batch.image_positions,
+                                   batch.position_ids, batch.sample_starts, layout.text_index,
+                                   layout.image_index, layout.length,
+                                   self.model_config.vision.spatial_merge_size, self.temporal_steps(batch))
+
     def _combined_stream(self, batch: VLMBatch, layout: InsertionLayout) -> Tensor:
         """Text embeddings + projected images -> combined stream [L(/tp), b, h]."""
         b, s = batch.shape
@@ -204,7 +224,7 @@ class InsertionVLM(CASAVLM):
         b, s = batch.shape
         layout = self.layout(batch)
         hidden = self._combined_stream(batch, layout) if self.pre_process else self.input_tensor
-        rotary = self.rotary.text_freqs(layout.position_ids)  # [L, b, 1, d]
+        rotary = self.stream_rotary(batch, layout)  # [L, b, 1, d]
         hidden = self._decode(hidden, layout.attention_mask(), rotary)  # [L(/tp), b, h]
         if not self.post_process:
             return hidden

@@ -27,6 +27,7 @@ from casa_megatron.model import specs
 from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_marks
 from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
+from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
 from casa_megatron.model.rope import PositionRotary
 from casa_megatron.model.vision import PatchMergerProjector, build_vision_encoder, tokens_per_image
 from casa_megatron.model.vision_context import VisionContext
@@ -144,10 +145,25 @@ class CASAVLM(MegatronModule):
             raise ValueError(f"micro-batch has {windows.num_image_tokens} image tokens but only "
                              f"image_seq_length * batch = {self.image_seq_length} * {b} slots")
         image_rotary = None
-        if self.model_config.fusion.image_position_scheme == "insertion" and windows.num_image_tokens:
+        if windows.num_image_tokens and self.image_position_scheme == "insertion":
             image_rotary = self.rotary(windows.image_key_positions)  # [i, 1, d]
+        elif windows.num_image_tokens and self.image_position_scheme == "mrope":
+            positions = casa_image_positions(batch.image_grid_thw, batch.image_rows, batch.image_positions,
+                                             batch.position_ids, self.model_config.vision.spatial_merge_size,
+                                             self.temporal_steps(batch))  # [3, i]
+            image_rotary = mrope_freqs(self.rotary, positions.to(batch.position_ids.device),
+                                       self.model_config.lm.resolved_mrope_section)  # [i, 1, d]
         return VisionContext(windows=windows, text_rotary=self.rotary.text_freqs(batch.position_ids),
                              image_rotary=image_rotary, num_image_tokens=windows.num_image_tokens)
+
+    @property
+    def image_position_scheme(self) -> str:
+        cfg = self.model_config
+        return cfg.fusion.resolved_image_position_scheme(cfg.vision.encoder)
+
+    def temporal_steps(self, batch: VLMBatch) -> Tensor:
+        return temporal_steps(batch.image_grid_thw, batch.image_second_per_grid,
+                              self.model_config.vision.tokens_per_second)
 
     def encode_images(self, batch: VLMBatch, batch_size: int) -> Tensor:
         """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
