@@ -404,6 +404,10 @@ class TrainConfig:
         self.data.validate()
         self.optimizer.validate(self.train_steps)
         self.precision.validate(self.model.transformer_impl)
+        t_data, t_model = self.data.temporal_patch_size, self.model.vision.temporal_patch_size
+        if t_data is not None and t_data != t_model:
+            raise ConfigError(f"data.temporal_patch_size={t_data} disagrees with model.vision.temporal_patch_size="
+                              f"{t_model}; leave data.temporal_patch_size unset (it follows the encoder)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")

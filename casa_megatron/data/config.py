@@ -39,6 +39,10 @@ class DataConfig:
     image_mean: List[float] = field(default_factory=lambda: list(CLIP_MEAN))  # pixel normalisation per
     image_std: List[float] = field(default_factory=lambda: list(CLIP_STD))  # RGB channel (real data only)
     window_per_frame: bool = True  # False: all frames of a clip open one window
+    # Frames per pixel patch (Qwen2.5-VL: 2, a still image repeated; frames sharing a window are
+    # grouped in pairs). None = the encoder's model.vision.temporal_patch_size (the training loop
+    # fills it; 1 when the data pipeline is used alone).
+    temporal_patch_size: Optional[int] = None
     qa_windows: str = "per_turn"  # per_turn: every QA pair its window (image repeated); per_sample
     decoder: str = "auto"  # video decoder: auto (DALI if importable and a GPU exists) | cpu | dali
     num_workers: int = 2  # background decode workers (0 = decode in the calling thread)

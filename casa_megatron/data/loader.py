@@ -66,7 +66,8 @@ class TrainIterator:
         self.processor = SampleProcessor(ProcessorSettings.from_config(cfg, resolve_decoder(cfg.decoder)))
         self.order = RankOrder(len(self.source), dp_rank, dp_size, seed, cfg.shuffle)
         self.packer = Packer(micro_batch_size, cfg.seq_length, cfg.image_seq_length,
-                             self.processor.tokenizer.special.pad, cfg.image_mean, cfg.image_std)
+                             self.processor.tokenizer.special.pad, cfg.image_mean, cfg.image_std,
+                             temporal_patch_size=cfg.temporal_patch_size or 1, fps=cfg.fps)
         self.pool = OrderedPool(_LoadSample(self.source, self.processor), cfg.num_workers, cfg.worker_type)
         self.prefetch = cfg.prefetch or 4 * max(1, cfg.num_workers)
         self.buffer: List[TokenizedSample] = []
@@ -208,7 +209,8 @@ class SyntheticIterator:
     """The generated colour/side task behind the same interface (resumable, with stats)."""
 
     def __init__(self, cfg: DataConfig, micro_batch_size: int, dp_rank: int, seed: int):
-        self.batches = SyntheticBatches(micro_batch_size, cfg.seq_length, cfg.image_size, seed + dp_rank)
+        self.batches = SyntheticBatches(micro_batch_size, cfg.seq_length, cfg.image_size, seed + dp_rank,
+                                        temporal_patch_size=cfg.temporal_patch_size or 1)
         self.cfg, self.b = cfg, micro_batch_size
         self._t0: Optional[float] = None
 

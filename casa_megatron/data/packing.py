@@ -7,7 +7,8 @@ empty), so no sample waits forever, and the result depends only on the buffer's 
 order (deterministic, hence resumable). Samples keep their sample-relative layout; collation
 shifts positions by the row offset, restarts ``position_ids`` per sample, marks sample and window
 starts, and turns images into normalised pixel patches (``(x / 255 - mean) / std`` per channel,
-CLIP's statistics by default) in stream order (sorted by row, then position).
+CLIP's statistics by default) in stream order (sorted by row, then position), with
+``temporal_patch_size`` frames per patch for the Qwen2.5-VL encoder (``media_groups``).
 Padding at the end of a row is its own block (its own sample start) with no targets.
 """
 
@@ -19,8 +20,8 @@ from typing import List, Sequence, Tuple
 import torch
 
 from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD, normalize_pixels
-from casa_megatron.data.patches import image_to_patches
-from casa_megatron.data.records import SampleInfo, TokenizedSample
+from casa_megatron.data.patches import frames_to_patches
+from casa_megatron.data.records import ImageItem, SampleInfo, TokenizedSample
 from casa_megatron.model.batch import VLMBatch
 
 PATCH_DIM = 3 * 14 * 14
@@ -54,11 +55,31 @@ class PackStats:
                 "samples_per_row": self.samples / max(1, self.rows)}
 
 
+def media_groups(sample: TokenizedSample, temporal: int) -> List[Tuple[int, List[ImageItem]]]:
+    """(position, frames) per encoder input, in stream order.
+
+    With ``temporal > 1`` (Qwen2.5-VL) the frames of a video that share a window (same
+    position, same size) become one clip, embedded ``temporal`` frames per patch; every other
+    image stays alone (its frame repeated). With ``temporal == 1`` every item is its own image.
+    """
+    groups: List[Tuple[int, List[ImageItem]]] = []
+    for im in sample.images:
+        last = groups[-1] if groups else None
+        if (temporal > 1 and sample.kind == "video" and last is not None and last[0] == im.position
+                and last[1][-1].pixels.shape == im.pixels.shape):
+            last[1].append(im)
+        else:
+            groups.append((im.position, [im]))
+    return groups
+
+
 class Packer:
     def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int,
-                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD):
+                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
+                 temporal_patch_size: int = 1, fps: float = 2.0):
         self.b, self.s, self.si, self.pad_id = micro_batch_size, seq_length, image_seq_length, pad_id
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.temporal, self.fps = temporal_patch_size, fps
         self.stats = PackStats()
 
     def fits_one_row(self, sample: TokenizedSample) -> bool:
@@ -100,6 +121,7 @@ class Packer:
         sample_starts = torch.zeros(b, s, dtype=torch.bool)
         window_starts = torch.zeros(b, s, dtype=torch.bool)
         patches, grids, image_rows, image_positions, infos = [], [], [], [], []
+        grid_t, seconds = [], []
         n_text = n_img = 0
         for r, row in enumerate(rows):
             off = 0
@@ -111,25 +133,32 @@ class Packer:
                 position_ids[r, off:off + n] = torch.arange(n)
                 sample_starts[r, off] = window_starts[r, off] = True
                 window_starts[r, [off + w for w in sample.window_starts]] = True
-                for im in sample.images:  # sample images are sorted by position: stream order
-                    pixels = normalize_pixels(im.pixels, self.image_mean, self.image_std)  # [3, H, W]
-                    p, grid = image_to_patches(pixels)  # [h*w, 588]
+                for position, frames in media_groups(sample, self.temporal):  # stream order
+                    pixels = normalize_pixels(torch.stack([im.pixels for im in frames]),
+                                              self.image_mean, self.image_std)  # [n, 3, H, W]
+                    if len(frames) == 1:  # a still image (or one frame): repeated to T frames
+                        pixels = pixels.expand(self.temporal, -1, -1, -1)
+                    p, (t, h, w) = frames_to_patches(pixels, temporal=self.temporal)  # [t*h*w, 3*T*196]
                     patches.append(p)
-                    grids.append(grid)
+                    grids.append((h, w))
+                    grid_t.append(t)
+                    n_img += t * h * w // 4  # frame pairs: half the per-frame budget
+                    seconds.append(self.temporal / self.fps if len(frames) > 1 else 0.0)
                     image_rows.append(r)
-                    image_positions.append(off + im.position)
+                    image_positions.append(off + position)
                 infos.append(SampleInfo(sample.key, r, off, n, len(sample.images), sample.kind,
                                         sample.qtype, sample.ref))
                 n_text += n
-                n_img += sample.num_image_tokens
                 off += n
             if off < s:  # trailing padding: a block of its own, no targets
                 sample_starts[r, off] = window_starts[r, off] = True
                 position_ids[r, off:] = torch.arange(s - off)
         batch = VLMBatch(
             input_ids=ids, position_ids=position_ids,
-            pixel_patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM),
+            pixel_patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM * self.temporal),
             image_grid_hw=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
+            image_grid_t=torch.tensor(grid_t, dtype=torch.long) if self.temporal > 1 else None,
+            image_second_per_grid=torch.tensor(seconds) if self.temporal > 1 else None,
             image_rows=torch.tensor(image_rows, dtype=torch.long),
             image_positions=torch.tensor(image_positions, dtype=torch.long),
             labels=labels, loss_mask=loss_mask, sample_starts=sample_starts, window_starts=window_starts,

@@ -42,8 +42,10 @@ class SyntheticBatches:
     yields exactly the batches the original would have yielded next.
     """
 
-    def __init__(self, batch_size: int, seq_length: int, image_size: int = 56, seed: int = 0):
+    def __init__(self, batch_size: int, seq_length: int, image_size: int = 56, seed: int = 0,
+                 temporal_patch_size: int = 1):
         self.batch_size, self.seq_length, self.image_size, self.seed = batch_size, seq_length, image_size, seed
+        self.temporal_patch_size = temporal_patch_size  # the encoder's frames per patch (image repeated)
         self.per_row = seq_length // SAMPLE_LEN
         if self.per_row < 1:
             raise ValueError(f"seq_length={seq_length} cannot hold one {SAMPLE_LEN}-token sample")
@@ -54,7 +56,8 @@ class SyntheticBatches:
         return self
 
     def __next__(self) -> VLMBatch:
-        batch = _make_batch(self.batch_size, self.seq_length, self.image_size, self.per_row, self.generator)
+        batch = _make_batch(self.batch_size, self.seq_length, self.image_size, self.per_row, self.generator,
+                            self.temporal_patch_size)
         self.batches += 1
         return batch
 
@@ -79,7 +82,7 @@ def synthetic_batches(batch_size: int, seq_length: int, image_size: int = 56,
 
 
 def _make_batch(batch_size: int, seq_length: int, image_size: int, per_row: int,
-                g: torch.Generator) -> VLMBatch:
+                g: torch.Generator, temporal_patch_size: int = 1) -> VLMBatch:
     ids = torch.full((batch_size, seq_length), PAD, dtype=torch.long)
     labels = torch.full_like(ids, PAD)
     loss_mask = torch.zeros(batch_size, seq_length)
@@ -100,7 +103,7 @@ def _make_batch(batch_size: int, seq_length: int, image_size: int, per_row: int,
             loss_mask[r, o + 2] = 1.0
             positions[r, o:o + SAMPLE_LEN] = torch.arange(SAMPLE_LEN)
             starts[r, o] = True
-            p, grid = image_to_patches(_image(colour, right, image_size, g))
+            p, grid = image_to_patches(_image(colour, right, image_size, g), temporal=temporal_patch_size)
             patches.append(p)
             grids.append(grid)
             rows.append(r)

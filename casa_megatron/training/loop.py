@@ -10,6 +10,8 @@ the tracker run is marked KILLED.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import signal
 import time
@@ -71,7 +73,8 @@ def train(cfg: TrainConfig) -> dict:
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    data = make_train_iterator(cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed)
+    data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
+    data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed)
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
 
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
