@@ -46,7 +46,13 @@ def test_parallel_layout_contradictions(parallel, match):
 
 @pytest.mark.parametrize("overrides, match", [
     (["precision.fp8=hybrid"], "precision.fp8='hybrid' needs a GPU"),
-    (["precision.bf16=true"], "precision.bf16"),
+    (["model.vision.encoder=siglip"], "model.vision.encoder='siglip' not in"),
+    (["data.temporal_patch_size=2"], "disagrees with model.vision.temporal_patch_size=1"),
+    (["model.vision.ffn_hidden_size=97", "parallel.tensor_model_parallel_size=2"],
+     "does not divide the vision MLP width 97"),
+    (["model.fusion.mechanism=insertion", "model.fusion.image_position_scheme=none"],
+     "image_position_scheme='none' has no meaning"),
+    (["model.lm.mrope_section=[4,4,4]"], r"mrope_section=\[4, 4, 4\] must be 3 numbers"),
     (["global_batch_size=7"], "global_batch_size=7 is not a multiple of micro_batch_size=2"),
     (["parallel.tensor_model_parallel_size=3"], "does not divide model.lm.num_attention_heads"),
     (["parallel.pipeline_model_parallel_size=3"], "does not divide model.lm.num_layers"),
