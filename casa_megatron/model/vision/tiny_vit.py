@@ -58,6 +58,8 @@ class TinyViT(VisionEncoder):
         rows, cols, _ = patch_coords(grid_thw, self.merge)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
         x = x + _sincos_2d(rows, cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        if x.shape[0] == 0:  # a micro-batch without images: megatron's attention cannot take 0 rows
+            return self.final_layernorm(x)
         segments = Segments(frame_segments(grid_thw)).packed(x.device)  # one segment per image
         x = x[:, None]  # [n, 1, hv]
         for block in self.blocks:

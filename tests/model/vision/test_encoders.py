@@ -1,0 +1,94 @@
+"""Both encoders inside the VLM: per-image attention (no leakage between images, equal to
+encoding each image alone), a micro-batch without any image, freezing the last k blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from support.dist import run_distributed
+from support.vlm import IMAGE_SLOTS, random_batch, small_model_config
+
+QWEN = dict(encoder="qwen2_5_vl", temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56,
+            num_layers=2)
+
+
+def _config(encoder: str, **fusion):
+    cfg = small_model_config(**fusion)
+    if encoder == "qwen2_5_vl":
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **QWEN))
+    return cfg
+
+
+def _build(cfg, dtype=torch.float32):
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    initialize_parallel(1, 1, seed=0)
+    return build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS, params_dtype=dtype)
+
+
+def _batch_for(cfg, seed: int):
+    batch = random_batch(seed)
+    width = cfg.vision.patch_dim
+    return dataclasses.replace(batch, pixel_patches=torch.randn(
+        batch.pixel_patches.shape[0], width, generator=torch.Generator().manual_seed(seed)))
+
+
+def _alone_vs_together(rank, world, encoder):
+    cfg = _config(encoder)
+    model = _build(cfg)
+    batch = _batch_for(cfg, 0)
+    grid = batch.image_grid_thw
+    with torch.no_grad():
+        together = model.vision(batch.pixel_patches, grid)
+        alone, start = [], 0
+        for g in grid:
+            n = int(g.prod())
+            alone.append(model.vision(batch.pixel_patches[start:start + n], g[None]))
+            start += n
+    return (together - torch.cat(alone)).abs().max().item(), together.abs().mean().item()
+
+
+@pytest.mark.parametrize("encoder", ["tiny_vit", "qwen2_5_vl"])
+def test_images_attend_only_to_themselves(encoder):
+    err, scale = run_distributed(_alone_vs_together, world_size=1, encoder=encoder)[0]
+    assert err < 1e-5 * max(1.0, scale)
+
+
+def _imageless(rank, world):
+    results = {}
+    for encoder in ("tiny_vit", "qwen2_5_vl"):
+        for mechanism in ("casa", "cross_attention", "insertion"):
+            cfg = _config(encoder, mechanism=mechanism)
+            model = _build(cfg, torch.bfloat16)
+            b = random_batch(4)
+            batch = dataclasses.replace(b, pixel_patches=torch.zeros(0, cfg.vision.patch_dim),
+                                        image_grid_hw=torch.zeros(0, 2, dtype=torch.long),
+                                        image_rows=torch.zeros(0, dtype=torch.long),
+                                        image_positions=torch.zeros(0, dtype=torch.long))
+            loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
+            loss.backward()
+            results[f"{encoder}/{mechanism}"] = loss.item()
+    return results
+
+
+def test_micro_batch_without_images_bf16():
+    results = run_distributed(_imageless, world_size=1)[0]
+    assert len(results) == 6 and all(torch.isfinite(torch.tensor(v)) for v in results.values()), results
+
+
+def _freeze_last_block(rank, world):
+    cfg = _config("qwen2_5_vl")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, trainable_blocks=1))
+    model = _build(cfg)
+    batch = _batch_for(cfg, 2)
+    (model(batch) * batch.loss_mask).sum().backward()
+    return sorted(n for n, p in model.named_parameters() if n.startswith("vision.") and p.grad is not None)
+
+
+def test_qwen_encoder_trains_only_its_last_blocks():
+    with_grad = run_distributed(_freeze_last_block, world_size=1)[0]
+    assert with_grad and all(n.startswith("vision.blocks.1.") for n in with_grad)
