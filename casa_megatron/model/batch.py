@@ -43,7 +43,11 @@ class VLMBatch:
     def image_grid_thw(self) -> Tensor:
         """[n_img, 3] (temporal, height, width) patch grid of each image (Qwen2.5-VL's grid_thw)."""
         hw = self.image_grid_hw.long().reshape(-1, 2)
-        t = torch.ones_like(hw[:, :1]) if self.image_grid_t is None else self.image_grid_t.long().reshape(-1, 1)
+        if self.image_grid_t is None:
+            return torch.cat([torch.ones_like(hw[:, :1]), hw], dim=1)
+        t = self.image_grid_t.long().reshape(-1, 1)
+        if t.shape[0] != hw.shape[0]:
+            raise ValueError(f"image_grid_t has {t.shape[0]} entries but image_grid_hw {hw.shape[0]} (one per image)")
         return torch.cat([t, hw], dim=1)
 
 

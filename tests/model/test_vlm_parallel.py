@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from support.dist import run_distributed
 from support.equivalence import pp_worker, tp_worker
+from support.vlm import QWEN_VISION
 
 TP_VARIANTS = {
     "casa_parallel": {},
@@ -13,13 +14,16 @@ TP_VARIANTS = {
     "cross_attention_replace": {"mechanism": "cross_attention", "placement": "replace", "every_n": 2},
     "cross_attention_gated": {"mechanism": "cross_attention", "cross_attention_gate": True},
     "insertion": {"mechanism": "insertion"},
+    "casa_qwen_encoder_mrope": {"vision": QWEN_VISION},
+    "insertion_qwen_encoder_mrope": {"mechanism": "insertion", "vision": QWEN_VISION},
 }
 
 
 @pytest.mark.parametrize("variant", list(TP_VARIANTS))
 def test_tensor_parallel_matches_single_process(variant):
     """TP=2 without and with sequence parallelism: loss, logits and every gradient."""
-    report = run_distributed(tp_worker, world_size=2, fusion=TP_VARIANTS[variant])[0]
+    fusion = dict(TP_VARIANTS[variant])
+    report = run_distributed(tp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)[0]
     assert set(report["max_grad_err"]) == {False, True}
     if TP_VARIANTS[variant].get("cross_attention_gate"):  # alpha replicated, SP-tagged, learns
         assert len(report["gate_grads"]) == 4 and all(abs(g) > 0 for g in report["gate_grads"])
@@ -30,6 +34,7 @@ PP_VARIANTS = {
     "casa_parallel": ({}, 3),
     "casa_before_layers_1_2": ({"placement": "before", "layers": [1, 2]}, 2),
     "insertion": ({"mechanism": "insertion"}, None),
+    "casa_qwen_encoder_mrope": ({"vision": QWEN_VISION}, 3),
 }
 
 
@@ -38,7 +43,8 @@ def test_pipeline_parallel_matches_single_process(variant):
     """PP=2 through megatron's 1F1B schedule, 3 micro-batches: losses and all gradients,
     including the vision encoder's, which lives on stage 0 and receives gradient from stage 1."""
     fusion, casa_layer_on_stage_1 = PP_VARIANTS[variant]
-    first, second = run_distributed(pp_worker, world_size=2, fusion=fusion)
+    fusion = dict(fusion)
+    first, second = run_distributed(pp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)
     assert any(n.startswith("vision.") for n in first["checked"])
     assert not any(n.startswith("vision.") for n in second["checked"])
     assert not set(first["checked"]) & set(second["checked"])

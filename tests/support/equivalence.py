@@ -14,7 +14,7 @@ from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, sm
 TOL = dict(rtol=2e-4, atol=2e-5)
 
 
-def build(tp: int = 1, pp: int = 1, sp: bool = False, **fusion):
+def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, **fusion):
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
@@ -22,7 +22,7 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, **fusion):
     initialize_parallel(tp, pp, seed=0)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               sequence_parallel=sp)
-    return build_vlm(small_model_config(**fusion), parallel, image_seq_length=IMAGE_SLOTS)
+    return build_vlm(small_model_config(vision, **fusion), parallel, image_seq_length=IMAGE_SLOTS)
 
 
 def masked_loss(per_token, batch):
@@ -38,13 +38,18 @@ def finalize_sp_grads(model):
             dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 
-def tp_worker(rank, world, fusion):
+def _temporal(vision) -> int:
+    return (vision or {}).get("temporal_patch_size", 1)
+
+
+def tp_worker(rank, world, fusion, vision=None):
     from megatron.core import parallel_state, tensor_parallel
 
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
 
-    batch, logits_batch = random_batch(1), random_batch(1, with_labels=False)
-    ref = build(**fusion)
+    t = _temporal(vision)
+    batch, logits_batch = random_batch(1, temporal=t), random_batch(1, with_labels=False, temporal=t)
+    ref = build(vision=vision, **fusion)
     full = perturbed_full_state(ref)  # also moves gates away from 0
     load_full_state(ref, full, 0, 1)
     ref_loss = masked_loss(ref(batch), batch)
@@ -54,7 +59,7 @@ def tp_worker(rank, world, fusion):
         ref_logits = ref(logits_batch)
     report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
     for sp in (False, True):
-        model = build(tp=2, sp=sp, **fusion)
+        model = build(tp=2, sp=sp, vision=vision, **fusion)
         load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
         loss = masked_loss(model(batch), batch)
         loss.backward()
@@ -104,19 +109,19 @@ def global_name(name: str, offset: int) -> str:
     return name
 
 
-def pp_worker(rank, world, fusion):
+def pp_worker(rank, world, fusion, vision=None):
     from megatron.core import parallel_state
 
     from casa_megatron.parallel.tp_layout import load_full_state
 
-    batches = [random_batch(seed) for seed in (11, 12, 13)]
-    ref = build(**fusion)
+    batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (11, 12, 13)]
+    ref = build(vision=vision, **fusion)
     full = perturbed_full_state(ref)
     load_full_state(ref, full, 0, 1)
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    stage = build(pp=2, **fusion)
+    stage = build(pp=2, vision=vision, **fusion)
     to_global = {n: global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     losses = run_schedule(stage, batches)

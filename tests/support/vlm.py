@@ -10,23 +10,32 @@ from casa_megatron.model.batch import VLMBatch
 SEQ, IMAGE_SLOTS, VOCAB = 16, 16, 128
 
 
-def small_model_config(**fusion) -> ModelConfig:
+# A tiny Qwen2.5-VL encoder: odd MLP width padded to 48 (splits over TP=2), 28 px windows (one merge
+# group each) in block 0, full attention in block 1.
+QWEN_VISION = dict(encoder="qwen2_5_vl", temporal_patch_size=2, ffn_hidden_size=45, ffn_pad_multiple=8,
+                   fullatt_block_indexes=[1], window_size=28)
+
+
+def small_model_config(vision: dict | None = None, **fusion) -> ModelConfig:
     return ModelConfig(
         lm=LanguageModelConfig(vocab_size=VOCAB, num_layers=4, hidden_size=32, num_attention_heads=4,
                                num_query_groups=2, ffn_hidden_size=48, add_qkv_bias=True),
-        vision=VisionConfig(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48),
+        vision=VisionConfig(**{**dict(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48),
+                               **(vision or {})}),
         fusion=FusionConfig(**fusion),
         transformer_impl="local",
     )
 
 
-def random_batch(seed: int, with_labels: bool = True) -> VLMBatch:
+def random_batch(seed: int, with_labels: bool = True, temporal: int = 1) -> VLMBatch:
     """b=2, s=16. Row 0: two consecutive images at 0 (shared window), one at 9.
-    Row 1: leading text-only window, an image at 5, a packed second sample from 8, an image at 11."""
+    Row 1: leading text-only window, an image at 5, a packed second sample from 8, an image at 11.
+    ``temporal`` > 1 (Qwen2.5-VL patches): the second image is a 2-temporal-patch clip."""
     g = torch.Generator().manual_seed(seed)
     b = 2
     grid = torch.tensor([[2, 4], [2, 2], [4, 4], [2, 2], [2, 4]])
-    n_patches = int((grid[:, 0] * grid[:, 1]).sum())
+    grid_t = torch.tensor([1, 2, 1, 1, 1]) if temporal > 1 else None
+    n_patches = int((grid[:, 0] * grid[:, 1] * (1 if grid_t is None else grid_t)).sum())
     positions = torch.arange(SEQ).repeat(b, 1)
     positions[1, 8:] -= 8
     sample_starts = torch.zeros(b, SEQ, dtype=torch.bool)
@@ -34,8 +43,10 @@ def random_batch(seed: int, with_labels: bool = True) -> VLMBatch:
     return VLMBatch(
         input_ids=torch.randint(0, VOCAB, (b, SEQ), generator=g),
         position_ids=positions,
-        pixel_patches=torch.randn(n_patches, 3 * 14 * 14, generator=g),
+        pixel_patches=torch.randn(n_patches, 3 * temporal * 14 * 14, generator=g),
         image_grid_hw=grid,
+        image_grid_t=grid_t,
+        image_second_per_grid=None if grid_t is None else torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
         image_rows=torch.tensor([0, 0, 0, 1, 1]),
         image_positions=torch.tensor([0, 0, 9, 5, 11]),
         labels=torch.randint(0, VOCAB, (b, SEQ), generator=g) if with_labels else None,

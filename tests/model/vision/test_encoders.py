@@ -8,17 +8,10 @@ import dataclasses
 import pytest
 import torch
 from support.dist import run_distributed
-from support.vlm import IMAGE_SLOTS, random_batch, small_model_config
-
-QWEN = dict(encoder="qwen2_5_vl", temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56,
-            num_layers=2)
-
+from support.vlm import IMAGE_SLOTS, QWEN_VISION, random_batch, small_model_config
 
 def _config(encoder: str, **fusion):
-    cfg = small_model_config(**fusion)
-    if encoder == "qwen2_5_vl":
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **QWEN))
-    return cfg
+    return small_model_config(QWEN_VISION if encoder == "qwen2_5_vl" else None, **fusion)
 
 
 def _build(cfg, dtype=torch.float32):
@@ -31,10 +24,7 @@ def _build(cfg, dtype=torch.float32):
 
 
 def _batch_for(cfg, seed: int):
-    batch = random_batch(seed)
-    width = cfg.vision.patch_dim
-    return dataclasses.replace(batch, pixel_patches=torch.randn(
-        batch.pixel_patches.shape[0], width, generator=torch.Generator().manual_seed(seed)))
+    return random_batch(seed, temporal=cfg.vision.temporal_patch_size)
 
 
 def _alone_vs_together(rank, world, encoder):
@@ -64,11 +54,12 @@ def _imageless(rank, world):
         for mechanism in ("casa", "cross_attention", "insertion"):
             cfg = _config(encoder, mechanism=mechanism)
             model = _build(cfg, torch.bfloat16)
-            b = random_batch(4)
+            b = _batch_for(cfg, 4)
             batch = dataclasses.replace(b, pixel_patches=torch.zeros(0, cfg.vision.patch_dim),
                                         image_grid_hw=torch.zeros(0, 2, dtype=torch.long),
                                         image_rows=torch.zeros(0, dtype=torch.long),
-                                        image_positions=torch.zeros(0, dtype=torch.long))
+                                        image_positions=torch.zeros(0, dtype=torch.long),
+                                        image_grid_t=None, image_second_per_grid=None)
             loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
             loss.backward()
             results[f"{encoder}/{mechanism}"] = loss.item()
