@@ -119,7 +119,7 @@ class FrozenStubEncoder(torch.nn.Module):
     def __init__(self, vision, dtype: torch.dtype):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        dim = vision.in_channels * vision.patch_size ** 2
+        dim = vision.patch_dim  # C * T * p * p
         self.register_buffer("proj", (torch.randn(dim, vision.hidden_size, generator=g) / dim ** 0.5).to(dtype))
         self.blocks = torch.nn.ModuleList()
 

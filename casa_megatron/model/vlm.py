@@ -29,7 +29,7 @@ from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
 from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
 from casa_megatron.model.rope import PositionRotary
-from casa_megatron.model.vision import PatchMergerProjector, build_vision_encoder, tokens_per_image
+from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
 from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 
@@ -67,11 +67,7 @@ class CASAVLM(MegatronModule):
             )
             self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
                                                model.attention_backend)
-            self.projector = PatchMergerProjector(
-                projector_config, model.vision.hidden_size, model.vision.spatial_merge_size,
-                specs.projector_submodules(self.use_te), specs.final_norm_spec(self.use_te),
-                model.vision.norm_epsilon,
-            )
+            self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
                                            model.attention_backend)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),

@@ -61,21 +61,19 @@ class VisionStack(torch.nn.Module):
     def __init__(self, model_cfg, tp: int, params_dtype=torch.float32):
         super().__init__()
         from casa_megatron.config import ParallelConfig
-        from casa_megatron.model import specs
         from casa_megatron.model.transformer_config import (
             lm_transformer_config,
             projector_transformer_config,
             vision_transformer_config,
         )
-        from casa_megatron.model.vision import PatchMergerProjector, build_vision_encoder
+        from casa_megatron.model.vision import build_projector, build_vision_encoder
 
         parallel = ParallelConfig(tensor_model_parallel_size=tp)
         v = model_cfg.vision
         self.vision = build_vision_encoder(v, vision_transformer_config(model_cfg, parallel, params_dtype), False)
         lm_cfg = lm_transformer_config(model_cfg, parallel, params_dtype)
-        self.projector = PatchMergerProjector(
-            projector_transformer_config(lm_cfg, v.projector_width(model_cfg.lm.hidden_size)), v.hidden_size,
-            v.spatial_merge_size, specs.projector_submodules(False), specs.final_norm_spec(False), v.norm_epsilon)
+        width = v.projector_width(model_cfg.lm.hidden_size)
+        self.projector = build_projector(v, projector_transformer_config(lm_cfg, width), False)
 
     def forward(self, pixels, grid_thw):
         return self.projector(self.vision(pixels, grid_thw))  # [n/4, h]

@@ -1,4 +1,4 @@
-"""``model.vision.encoder`` -> the encoder module (layer structure from ``specs.py``)."""
+"""``model.vision`` -> the encoder and the projector modules (layer structure from ``specs.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from casa_megatron.config.schema import VisionConfig
 from casa_megatron.model import specs
 from casa_megatron.model.vision.interface import VisionEncoder
+from casa_megatron.model.vision.projector import PatchMergerProjector
 from casa_megatron.model.vision.qwen2_5_vl import QwenVisionEncoder
 from casa_megatron.model.vision.tiny_vit import TinyViT
 
@@ -19,3 +20,10 @@ def build_vision_encoder(vision: VisionConfig, config: TransformerConfig, use_te
     if vision.encoder == "tiny_vit":
         return TinyViT(config, vision, spec, specs.final_norm_spec(use_te))
     raise ValueError(f"model.vision.encoder={vision.encoder!r} is not built here")
+
+
+def build_projector(vision: VisionConfig, config: TransformerConfig, use_te: bool) -> PatchMergerProjector:
+    """``config``: the projector's TransformerConfig (``projector_transformer_config``)."""
+    return PatchMergerProjector(config, vision.hidden_size, vision.spatial_merge_size,
+                                specs.projector_submodules(use_te), specs.final_norm_spec(use_te),
+                                vision.norm_epsilon)
