@@ -133,3 +133,23 @@ def test_default_mrope_section_any_head_dim():
         lm = LanguageModelConfig(hidden_size=head_dim * 2, num_attention_heads=2, num_query_groups=1)
         t, h, w = lm.resolved_mrope_section
         assert t + h + w == head_dim // 2 and h == w and t > 0
+
+
+def test_casa_image_positions_follow_the_window_and_time():
+    """Written out from the definition: key = window start + (t, row, column) in merged tokens;
+    the images of one window follow each other in time (a clip steps by tokens_per_second * s)."""
+    from casa_megatron.model.mrope import casa_image_positions
+
+    grid = torch.tensor([[1, 2, 4], [2, 2, 2], [1, 4, 2]])  # still, clip (1.5 s per patch), still
+    rows, positions = torch.tensor([0, 0, 1]), torch.tensor([3, 3, 1])
+    position_ids = torch.arange(8).repeat(2, 1) + torch.tensor([[10], [20]])  # window starts 13 and 21
+    steps = temporal_steps(grid, torch.tensor([0.0, 1.5, 0.0]), TOKENS_PER_SECOND)
+    got = casa_image_positions(grid, rows, positions, position_ids, 2, steps)
+    want = []
+    for start, t_first, (t_n, h_n, w_n), step in ((13, 0, (1, 1, 2), 1.0), (13, 1, (2, 1, 1), 3.0),
+                                                   (21, 0, (1, 2, 1), 1.0)):
+        for t in range(t_n):
+            for h in range(h_n):
+                for w in range(w_n):
+                    want.append((start + t_first + int(t * step), start + h, start + w))
+    assert got.T.tolist() == [list(p) for p in want]
