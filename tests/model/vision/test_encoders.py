@@ -83,3 +83,32 @@ def _freeze_last_block(rank, world):
 def test_qwen_encoder_trains_only_its_last_blocks():
     with_grad = run_distributed(_freeze_last_block, world_size=1)[0]
     assert with_grad and all(n.startswith("vision.blocks.1.") for n in with_grad)
+
+
+def _largest_tensor(rank, world, encoder):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    cfg = _config(encoder)
+    model = _build(cfg)
+    grid = torch.tensor([[1, 8, 8]] * 16)  # 16 images of 64 patches: 1024 patches
+    pixels = torch.randn(1024, cfg.vision.patch_dim)
+    with torch.no_grad(), Largest():
+        model.vision(pixels, grid)
+    return Largest.numel
+
+
+@pytest.mark.parametrize("encoder", ["tiny_vit", "qwen2_5_vl"])
+def test_no_dense_mask_over_the_micro_batch(encoder):
+    """The largest intermediate grows with the images, not with (all patches)^2."""
+    largest = run_distributed(_largest_tensor, world_size=1, encoder=encoder)[0]
+    assert largest < 1024 * 1024 // 8, largest
