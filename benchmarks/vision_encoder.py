@@ -67,8 +67,14 @@ def _run(rank, world, layers: int, repeats: int, dtype: str, threads: int):
 
     ref, t_hf = timed(lambda: hf(pixels, grid_thw=GRID).pooler_output)
     got, t_ours = timed(lambda: ours(pixels, GRID))
+    extra = {}
+    if dt != torch.float32:  # how far each low-precision run is from the fp32 result
+        with torch.no_grad():
+            exact = hf.float()(pixels.float(), grid_thw=GRID).pooler_output
+        extra = {"transformers_vs_fp32": (ref.float() - exact).abs().max().item(),
+                 "ours_vs_fp32": (got.float() - exact).abs().max().item()}
     return {"layers": layers, "dtype": dtype, "patches": int(GRID.prod(1).sum()), "tokens": got.shape[0],
-            "max_abs_diff": (got.float() - ref.float()).abs().max().item(),
+            "max_abs_diff": (got.float() - ref.float()).abs().max().item(), **extra,
             "ref_abs_max": ref.float().abs().max().item(),
             "seconds_transformers": t_hf, "seconds_ours": t_ours, "threads": torch.get_num_threads(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
