@@ -6,33 +6,12 @@ from __future__ import annotations
 
 import torch
 from support.dist import run_distributed
-from support.vlm import QWEN_VISION, small_model_config
+from support.vlm import QWEN_VISION, train_on_batches
 
 from casa_megatron.data.config import DataConfig
 from casa_megatron.data.loader import make_train_iterator
 
 IMAGE_SLOTS = 160
-
-
-def _step(rank, world, batches):
-    import dataclasses
-
-    from casa_megatron.config import ParallelConfig
-    from casa_megatron.model.build import build_vlm
-    from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.training.step import masked_mean
-
-    initialize_parallel(1, 1, seed=0)
-    cfg = small_model_config(QWEN_VISION)
-    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=512))
-    model = build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS)
-    losses = []
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        loss = masked_mean(model(batch), batch)
-        loss.backward()
-        losses.append(float(loss))
-    return losses, sum(float(p.grad.abs().sum()) for p in model.vision.parameters() if p.grad is not None)
 
 
 def test_qwen_patches_from_real_shards_train_the_model(tiny_dataset):
@@ -47,5 +26,6 @@ def test_qwen_patches_from_real_shards_train_the_model(tiny_dataset):
     seconds = torch.cat([b.image_second_per_grid for b in batches])
     assert (grid_t > 1).any() and (grid_t == 1).any()  # clips in pairs and still images
     assert bool((seconds[grid_t > 1] > 0).all())  # clips carry their seconds per temporal patch
-    (losses, vision_grad), = run_distributed(_step, world_size=1, batches=batches)
+    (losses, _, vision_grad), = run_distributed(train_on_batches, world_size=1, batches=batches,
+                                                image_slots=IMAGE_SLOTS, vision=QWEN_VISION)
     assert all(torch.isfinite(torch.tensor(losses))) and vision_grad > 0

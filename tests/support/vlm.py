@@ -59,3 +59,30 @@ def perturbed_full_state(model, seed: int = 7, scale: float = 0.05):
     """The model's full (TP=1) parameters plus noise, so norms and CASA copies are not trivial."""
     g = torch.Generator().manual_seed(seed)
     return {n: p.detach() + scale * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def train_on_batches(rank, world, batches, image_slots: int, vision: dict | None = None):
+    """(worker) Forward, masked loss and backward of a small VLM (vocab 512) on each batch:
+    (losses, summed |grad| of the projector, of the vision encoder)."""
+    import dataclasses
+
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.step import masked_mean
+
+    initialize_parallel(1, 1, seed=0)
+    cfg = small_model_config(vision)
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=512))
+    model = build_vlm(cfg, ParallelConfig(), image_seq_length=image_slots)
+    losses = []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss = masked_mean(model(batch), batch)
+        loss.backward()
+        losses.append(float(loss))
+
+    def grad(module):
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    return losses, grad(model.projector), grad(model.vision)
