@@ -22,7 +22,7 @@ setup(
         "matplotlib",
         "av>=12",  # PyAV: CPU video decoding/encoding (FFmpeg with x264/vpx bundled in the wheel)
         "pillow",  # image decoding, synthetic dataset rendering
-        "transformers>=4.46",  # AutoTokenizer from a local path
+        "transformers>=5.0",  # AutoTokenizer; Qwen2.5-VL oracle in tests (get_rope_index API of 5.x)
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
         "tqdm",  # progress bars of the data tools
     ],
