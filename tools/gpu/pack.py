@@ -80,6 +80,18 @@ def pack(directory: Path, piece: int, budget: int) -> list:
     return out
 
 
+def bundle_completion(directory: Path) -> dict:
+    """bundle -> the call after which all its pieces have been carried."""
+    where = {p.name: int(f.name.split("-")[1]) for f in directory.glob("call-*") for p in f.iterdir()}
+    last = {}
+    for line in (directory / "MANIFEST").read_text().split("\n"):
+        if line.strip():
+            bundle, name, _, _, pieces = line.split()
+            calls = [where[f"{name}.piece-{k:02d}"] for k in range(int(pieces))]
+            last[bundle] = max(last.get(bundle, 0), *calls)
+    return last
+
+
 def join(store: Path, out: Path, bundles=None) -> list:
     """Join and verify every file of ``bundles`` (default: all in MANIFEST); returns the paths."""
     manifest = store / "MANIFEST"
@@ -125,6 +137,8 @@ def main(argv=None) -> int:
         folders = pack(args.dir, int(args.piece_mib * 2**20), int(args.budget_mib * 2**20))
         print(f"{len(folders)} call folders in {args.dir}: "
               + ", ".join(f"{f.name} {used / 2**20:.1f} MiB" for f, used in folders))
+        for bundle, last in bundle_completion(args.dir).items():
+            print(f"bundle {bundle!r} is complete after call {last}")
     else:
         files = join(args.store, args.out, [b for b in args.bundles.split(",") if b])
         print(f"joined and verified {len(files)} files into {args.out}")
