@@ -143,3 +143,18 @@ def zero_keyless_windows(
 
 def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
     return float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
+
+
+def require_cuda_half(backend: str, q: torch.Tensor) -> None:
+    """The fused GPU backends take CUDA fp16/bf16 tensors only; say so by name."""
+    if not q.is_cuda:
+        raise ValueError(f"window attention backend {backend!r} needs CUDA tensors; use backend='torch' on CPU")
+    if q.dtype not in HALF_DTYPES:
+        raise ValueError(f"window attention backend {backend!r} needs fp16/bf16 inputs, got {q.dtype}")
+
+
+def nothing_to_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen_kv: int) -> Optional[torch.Tensor]:
+    """Zeros (still connected to k and v in the graph) when no query has any key, else None."""
+    if int(max_seqlen_kv) == 0 or q.shape[0] == 0:
+        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    return None

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from casa_megatron.model.kernels.base import HALF_DTYPES, default_scale, zero_keyless_windows
+from casa_megatron.model.kernels.base import default_scale, nothing_to_attend, require_cuda_half, zero_keyless_windows
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,15 +60,12 @@ def torch_varlen_window_attention(
     softmax_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """GPU path: ``torch.nn.attention.varlen.varlen_attn``. q [tq, hq, d], k/v [tk, hkv, d] -> [tq, hq, d]."""
-    if not q.is_cuda:
-        raise ValueError("window attention backend 'torch_varlen' needs CUDA tensors (its flash kernel "
-                         "has no CPU implementation); use backend='torch' on CPU")
-    if q.dtype not in HALF_DTYPES:
-        raise ValueError(f"window attention backend 'torch_varlen' needs fp16/bf16 inputs, got {q.dtype}")
+    require_cuda_half("torch_varlen", q)  # its flash kernel has no CPU implementation
     varlen_attn, params = _varlen_api()
     tq, hq, d = q.shape
-    if int(max_seqlen_kv) == 0 or tq == 0:  # nothing to attend to anywhere
-        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    empty = nothing_to_attend(q, k, v, max_seqlen_kv)
+    if empty is not None:
+        return empty
     scale = default_scale(d, softmax_scale)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if k.shape[1] != hq and "enable_gqa" not in params:
