@@ -33,6 +33,7 @@ def test_tensor_parallel_matches_single_process(variant):
 PP_VARIANTS = {
     "casa_parallel": ({}, 3),
     "casa_before_layers_1_2": ({"placement": "before", "layers": [1, 2]}, 2),
+    "cross_attention": ({"mechanism": "cross_attention"}, 3),
     "insertion": ({"mechanism": "insertion"}, None),
 }
 
