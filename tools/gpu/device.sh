@@ -25,14 +25,15 @@ case "${1:-}" in
   install)
     bundles=${2:-core,te}
     start=$(date +%s)
-    python3 "$here/pack.py" join "$store" "$store/whole" --bundles "$bundles"
-    wheels=$(ls "$store"/whole/*.whl)
+    whole="$store/whole/${bundles//,/_}"  # this install's files only (core may be installed before te)
+    python3 "$here/pack.py" join "$store" "$whole" --bundles "$bundles"
+    wheels=$(ls "$whole"/*.whl)
     # shellcheck disable=SC2086
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels
-    log "installed into $site in $(( $(date +%s) - start )) s: $(ls "$store/whole" | tr '\n' ' ')" ;;
+    log "installed into $site in $(( $(date +%s) - start )) s: $(ls "$whole" | tr '\n' ' ')" ;;
   build-te)
-    sdist=$(ls "$store"/whole/transformer_engine_torch-*.tar.gz 2>/dev/null | head -1)
-    [ -n "$sdist" ] || { echo "no transformer_engine_torch sdist in $store/whole: install the te bundle first"; exit 2; }
+    sdist=$(ls "$store"/whole/*/transformer_engine_torch-*.tar.gz 2>/dev/null | head -1)
+    [ -n "$sdist" ] || { echo "no transformer_engine_torch sdist under $store/whole: install the te bundle first"; exit 2; }
     start=$(date +%s)
     # No network there: force the local build (it would try to download a prebuilt wheel first).
     NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90} \
