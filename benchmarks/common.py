@@ -99,15 +99,16 @@ def fusion_model_config(model: ModelConfig, mechanism: str) -> ModelConfig:
     return dataclasses.replace(model, fusion=fusion)
 
 
-def build_model(cfg: BenchConfig, mechanism: str, image_seq_length: int):
-    """One process, TP=PP=1; the model for ``mechanism`` on the current device."""
+def build_model(cfg: BenchConfig, mechanism: str, image_seq_length: int, precision=None):
+    """One process, TP=PP=1; the model for ``mechanism`` on the current device (``precision``: a
+    PrecisionConfig, for FP8 through Transformer Engine)."""
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
 
     initialize_parallel(1, 1, seed=cfg.seed)
     model = build_vlm(fusion_model_config(cfg.model, mechanism), ParallelConfig(), image_seq_length,
-                      params_dtype=DTYPES[cfg.dtype])
+                      params_dtype=DTYPES[cfg.dtype], precision=precision)
     if cfg.vision == "frozen_stub":
         model.vision = FrozenStubEncoder(cfg.model.vision, DTYPES[cfg.dtype]).to(model.projector.norm.weight.device)
     return model

@@ -19,7 +19,7 @@ FUSION_MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("auto", "insertion", "mrope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-ATTENTION_BACKENDS = ("auto", "torch", "flash", "te")
+ATTENTION_BACKENDS = ("auto", "torch", "flash", "te", "torch_varlen")
 
 
 @dataclass
@@ -189,6 +189,9 @@ class FusionConfig:
     ``model.lm.mrope_section``.
     ``normalize_images``: image tokens go through the CASA layer's pre-attention norm, like the
     text (default; ``false`` feeds the raw projector output, an ablation: see docs/benchmarks.md).
+    ``image_kv_only``: image tokens are projected to keys/values only (the K/V rows of the fused
+    QKV weight; same result, no wasted query GEMM); ``false`` runs the whole fused QKV on them and
+    drops the queries (the old path, kept as the reference).
     """
 
     mechanism: str = "casa"
@@ -199,6 +202,7 @@ class FusionConfig:
     every_n: Optional[int] = None
     image_position_scheme: str = "auto"
     normalize_images: bool = True
+    image_kv_only: bool = True
     init_from_self_attention: bool = True
 
     def fusion_layers(self, num_layers: int) -> List[int]:
@@ -252,12 +256,18 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
+    """``attention_backend``: the window-attention kernel of CASA and of packed self-attention
+    (``auto``: flash-attn, then TE, then torch varlen on CUDA half tensors, else padded torch).
+    ``packed_attention``: LM self-attention over packed samples by cu_seqlens, without the dense
+    ``[b, 1, s, s]`` block-causal mask; ``false`` keeps the dense-mask path (the reference)."""
+
     lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     freeze_lm: bool = False
     transformer_impl: str = "auto"
     attention_backend: str = "auto"
+    packed_attention: bool = True
 
     def validate(self) -> None:
         self.lm.validate()

@@ -1,14 +1,16 @@
 """CASA attention as a megatron-core submodule.
 
 Text queries attend, in one softmax, to ``[image tokens of their window] ++ [window text <= t]``.
-Images are keys/values only: they go through the same fused QKV projection as text (the Q
-rows of images are discarded) so that CASA projections have exactly the layout of the
-backbone's self-attention — which makes initialising from SA a copy, sharing SA projections a
-reference, and the Hugging Face mapping identical to SA's.
+Images are keys/values only. CASA projections keep exactly the layout of the backbone's
+self-attention (one fused QKV weight) — which makes initialising from SA a copy, sharing SA
+projections a reference, and the Hugging Face mapping identical to SA's. Image tokens go through
+the K/V rows of that weight only (``model/kv_projection.py``; ``image_kv_only=False`` runs the
+whole fused QKV on them and discards the queries, the old path).
 
-Sequence parallelism: text arrives as [s/tp, b, h] and images as [si/tp, b, h]; each goes
-through ``linear_qkv`` (which all-gathers along the sequence) so both the local and the
-shared-projection variants use megatron's own SP path; ``linear_proj`` reduce-scatters.
+Sequence parallelism: text arrives as [s/tp, b, h] and images as [si/tp, b, h]; each is
+projected with megatron's own SP path (all-gather along the sequence in forward, reduce-scatter
+of the input gradient in backward), for the local and the shared-projection variants alike;
+``linear_proj`` reduce-scatters.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.model.kernels import window_attention
+from casa_megatron.model.kv_projection import project_kv, supports_kv_only
 from casa_megatron.model.rope import rotate
 from casa_megatron.model.vision_context import VisionContext
 
@@ -69,6 +72,7 @@ class CASAAttention(MegatronModule):
         image_position_scheme: str = "insertion",
         shared_projections: Optional[Tuple[torch.nn.Module, torch.nn.Module]] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        image_kv_only: bool = True,
     ):
         super().__init__(config=config)
         if pg_collection is None:
@@ -76,6 +80,8 @@ class CASAAttention(MegatronModule):
         self.layer_number = layer_number
         self.text_keys = text_keys
         self.image_position_scheme = image_position_scheme
+        self.image_kv_only = image_kv_only
+        self.tp_group = pg_collection.tp
         tp = pg_collection.tp.size()
         self.head_dim = config.kv_channels
         self.heads = config.num_attention_heads // tp  # local query heads
@@ -117,14 +123,22 @@ class CASAAttention(MegatronModule):
         q, k, v = torch.split(mixed, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=3)
         return q.reshape(n, b, self.heads, self.head_dim), k, v
 
+    def _image_kv(self, linear_qkv, image_states: Tensor) -> Tuple[Tensor, Tensor]:
+        """image_states [si(/tp), b, h] -> k, v [si, b, ng, hn]: the K/V rows only when possible."""
+        if self.image_kv_only and supports_kv_only(linear_qkv):
+            return project_kv(linear_qkv, image_states, self.groups, self.heads // self.groups,
+                              self.head_dim, self.config, self.tp_group)
+        image_qkv, _ = linear_qkv(image_states)  # [si, b, (np+2ng)*hn]; queries discarded
+        _, k_image, v_image = self._split_qkv(image_qkv)
+        return k_image, v_image
+
     def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext):
         """hidden_states [s(/tp), b, h], image_states [si(/tp), b, h] -> ([s(/tp), b, h], bias)."""
         linear_qkv, linear_proj = self.projections
         windows = vision.windows
         text_qkv, _ = linear_qkv(hidden_states)  # [s, b, (np+2ng)*hn]
-        image_qkv, _ = linear_qkv(image_states)  # [si, b, (np+2ng)*hn]
         q_text, k_text, v_text = self._split_qkv(text_qkv)
-        _, k_image, v_image = self._split_qkv(image_qkv)
+        k_image, v_image = self._image_kv(linear_qkv, image_states)  # [si, b, ng, hn] each
         s, b = q_text.shape[:2]
 
         # Flatten row-major ([s, b] -> [b*s]) so windows are contiguous runs of tokens.

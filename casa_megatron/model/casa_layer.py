@@ -166,9 +166,9 @@ class CASATransformerLayer(MegatronModule):
             out_with_bias, residual, self.hidden_dropout
         )
 
-    def _sa_block(self, x: Tensor, attention_mask, rotary_pos_emb):
+    def _sa_block(self, x: Tensor, attention_mask, rotary_pos_emb, packed_seq_params):
         return self.self_attention(self.input_layernorm(x), attention_mask=attention_mask,
-                                   rotary_pos_emb=rotary_pos_emb)
+                                   rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
 
     def _casa_block(self, x: Tensor, norm, image_states: Tensor, vision: VisionContext):
         if self.normalize_images:
@@ -183,15 +183,16 @@ class CASATransformerLayer(MegatronModule):
         return self._bda(self.mlp_bda, self.mlp(self.pre_mlp_layernorm(h)), h)
 
     def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
+        """Self-attention over packed samples: ``packed_seq_params`` (cu_seqlens) or a dense mask."""
         x = hidden_states  # [s, b, h]
-        rope = vision.text_rotary
+        rope, packed = vision.text_rotary, packed_seq_params
         if self.placement == "parallel":
-            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope), x)
+            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope, packed), x)
             h = self._bda(self.casa_bda, self._casa_block(x, self.casa_layernorm, image_states, vision), h)
         elif self.placement == "before":
             x = self._bda(self.casa_bda, self._casa_block(x, self.casa_layernorm, image_states, vision), x)
-            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope), x)
+            h = self._bda(self.self_attn_bda, self._sa_block(x, attention_mask, rope, packed), x)
         else:  # replace
             h = self._bda(self.casa_bda, self._casa_block(x, self.input_layernorm, image_states, vision), x)
         return self._mlp_block(h)

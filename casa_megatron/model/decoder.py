@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core import parallel_state
 from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from casa_megatron.model.casa_layer import CASATransformerLayer
@@ -47,16 +48,21 @@ class CASADecoder(MegatronModule):
                                                 eps=config.layernorm_epsilon)
 
     def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext,
-                attention_mask: Optional[Tensor]) -> Tensor:
+                attention_mask: Optional[Tensor],
+                packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+        """Self-attention sees packed samples either through ``packed_seq_params`` (cu_seqlens,
+        ``model/packed_attention.py``) or through a dense ``attention_mask`` (the reference)."""
         # hidden_states [s(/tp), b, h]; image_states [si(/tp), b, h]
         # FP8 autocast (Transformer Engine) when config.fp8 is set; a null context otherwise.
         with get_fp8_context(self.config):
             for layer in self.layers:
                 if isinstance(layer, CASATransformerLayer):
-                    hidden_states = layer(hidden_states, image_states, vision, attention_mask)
+                    hidden_states = layer(hidden_states, image_states, vision, attention_mask,
+                                          packed_seq_params)
                 else:
                     hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
-                                             rotary_pos_emb=vision.text_rotary)
+                                             rotary_pos_emb=vision.text_rotary,
+                                             packed_seq_params=packed_seq_params)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from casa_megatron.model.batch import VLMBatch
 from casa_megatron.model.mrope import insertion_positions, mrope_freqs
+from casa_megatron.model.packed_attention import packed_seq_params, segment_starts
 from casa_megatron.model.vision import tokens_per_image
 from casa_megatron.model.vlm import CASAVLM
 
@@ -208,12 +209,19 @@ class InsertionVLM(CASAVLM):
             text = tensor_parallel.scatter_to_sequence_parallel_region(text)  # [s/tp, b, h]
         return text
 
-    def _decode(self, hidden: Tensor, mask: Tensor, rotary: Tensor) -> Tensor:
+    def _decode(self, hidden: Tensor, layout: InsertionLayout, rotary: Tensor) -> Tensor:
         # Only plain megatron layers here, so call them directly (no VisionContext needed);
         # FP8 autocast as in CASADecoder (a null context unless config.fp8 is set).
+        # Packed samples: cu_seqlens over the combined stream (padding is its own segment), or
+        # the dense block-causal mask on the reference path.
+        if self.model_config.packed_attention:
+            mask, packed = None, packed_seq_params(segment_starts(layout.segment_ids))
+        else:
+            mask, packed = layout.attention_mask(), None
         with get_fp8_context(self.config):
             for layer in self.decoder.layers:
-                hidden, _ = layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+                hidden, _ = layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary,
+                                  packed_seq_params=packed)
         if self.decoder.final_layernorm is not None:
             hidden = self.decoder.final_layernorm(hidden)
         return hidden
@@ -225,7 +233,7 @@ class InsertionVLM(CASAVLM):
         layout = self.layout(batch)
         hidden = self._combined_stream(batch, layout) if self.pre_process else self.input_tensor
         rotary = self.stream_rotary(batch, layout)  # [L, b, 1, d]
-        hidden = self._decode(hidden, layout.attention_mask(), rotary)  # [L(/tp), b, h]
+        hidden = self._decode(hidden, layout, rotary)  # [L(/tp), b, h]
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(self._text_positions(hidden, layout, b, s))  # [s, b, v/tp]

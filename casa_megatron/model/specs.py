@@ -4,6 +4,13 @@
 where there is no fusion, a :class:`CASATransformerLayer` where the fusion config puts one.
 ``vision_layer_spec`` builds the ViT block. Everything else in the package builds modules from
 these specs and never imports a TE class directly.
+
+LM self-attention over packed samples (``packed``, the default): the core attention is
+:class:`PackedCoreAttention` under both the local and the TE spec (cu_seqlens per packed sample
+through the window-attention kernels; ``model/packed_attention.py`` says why not megatron's own
+``thd`` path). ``packed=False`` keeps the dense block-causal mask path: megatron's core
+attention, ``causal`` locally and ``arbitrary`` under TE (TE ignores a dense mask under
+``causal``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from casa_megatron.config.schema import FusionConfig
 from casa_megatron.model.casa_attention import CASAAttention, CASAAttentionSubmodules, WindowCoreAttention
 from casa_megatron.model.casa_layer import CASALayerSubmodules, CASATransformerLayer
 from casa_megatron.model.norm import LocalRMSNorm
+from casa_megatron.model.packed_attention import PackedCoreAttention
 from casa_megatron.model.vision.attention import VarlenVisionAttention
 
 
@@ -66,29 +74,41 @@ def _norm(use_te: bool):
     return LocalRMSNorm
 
 
-def _plain_layer_spec(use_te: bool) -> ModuleSpec:
+def _packed_core(attention_backend: str) -> ModuleSpec:
+    return ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
+
+
+def _with_packed_core(attention: ModuleSpec, use_te: bool, packed: bool,
+                      attention_backend: str) -> ModuleSpec:
+    """A SelfAttention spec with the packed core attention, or the dense-mask mask type."""
+    if packed:
+        submodules = dataclasses.replace(attention.submodules,
+                                         core_attention=_packed_core(attention_backend))
+        return dataclasses.replace(attention, submodules=submodules,
+                                   params={"attn_mask_type": AttnMaskType.causal})
+    # TE ignores a dense mask under ``causal``: packed samples need ``arbitrary`` (slow).
+    mask_type = AttnMaskType.arbitrary if use_te else AttnMaskType.causal
+    return dataclasses.replace(attention, params={"attn_mask_type": mask_type})
+
+
+def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str = "auto") -> ModuleSpec:
     """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm)."""
     if use_te:
-        # TE ignores a dense mask under ``causal``; packed samples need their block-causal mask
-        # honoured, so TE runs ``arbitrary`` (correct; the thd/cu_seqlens path is the faster one).
         spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-        attention = dataclasses.replace(spec.submodules.self_attention,
-                                        params={"attn_mask_type": AttnMaskType.arbitrary})
-        return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
-                                                                        self_attention=attention))
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
-                                     pre_mlp_layernorm=LocalRMSNorm)
-    return dataclasses.replace(spec, submodules=submodules)
+        submodules = spec.submodules
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
+                                         pre_mlp_layernorm=LocalRMSNorm)
+    attention = _with_packed_core(submodules.self_attention, use_te, packed, attention_backend)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(submodules, self_attention=attention))
 
 
-def _self_attention_spec(provider, use_te: bool) -> ModuleSpec:
+def _self_attention_spec(provider, use_te: bool, packed: bool = True,
+                         attention_backend: str = "auto") -> ModuleSpec:
     # Unfused norm + linear even under TE so CASA can copy / share SA projections exactly.
-    # The dense block-causal mask is honoured by megatron's local attention under ``causal``;
-    # TE needs ``arbitrary`` for it (see _plain_layer_spec).
-    return ModuleSpec(
+    spec = ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.arbitrary if use_te else AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=provider.column_parallel_linear(),
             core_attention=provider.core_attention(),
@@ -97,33 +117,30 @@ def _self_attention_spec(provider, use_te: bool) -> ModuleSpec:
             k_layernorm=IdentityOp,
         ),
     )
-
-
-def _window_backend(use_te: bool, attention_backend: str) -> str:
-    """``auto`` follows the layer implementation: TE's thd kernel under TE, torch otherwise."""
-    if attention_backend == "auto":
-        return "te" if use_te else "torch"
-    return attention_backend
+    return _with_packed_core(spec, use_te, packed, attention_backend)
 
 
 def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: str,
-                        attention_backend: str) -> ModuleSpec:
+                        attention_backend: str, image_kv_only: bool = True) -> ModuleSpec:
+    """``attention_backend='auto'`` is resolved per call by the kernels (flash-attn, TE, torch
+    varlen on CUDA half tensors; the padded torch path otherwise)."""
     provider = _provider(use_te)
-    backend = _window_backend(use_te, attention_backend)
     return ModuleSpec(
         module=CASAAttention,
-        params={"text_keys": text_keys, "image_position_scheme": image_position_scheme},
+        params={"text_keys": text_keys, "image_position_scheme": image_position_scheme,
+                "image_kv_only": image_kv_only},
         submodules=CASAAttentionSubmodules(
             linear_qkv=provider.column_parallel_linear(),
-            core_attention=ModuleSpec(module=WindowCoreAttention, params={"backend": backend}),
+            core_attention=ModuleSpec(module=WindowCoreAttention, params={"backend": attention_backend}),
             linear_proj=provider.row_parallel_linear(),
         ),
     )
 
 
-def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str = "auto") -> ModuleSpec:
+def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str = "auto",
+                    packed: bool = True) -> ModuleSpec:
     provider = _provider(use_te)
-    plain = _plain_layer_spec(use_te).submodules
+    plain = _plain_layer_spec(use_te, packed, attention_backend).submodules
     norm = _norm(use_te)
     keys_map = {k: v for k, v in plain.sharded_state_dict_keys_map.items()
                 if k.startswith("pre_mlp_layernorm")}
@@ -133,11 +150,12 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
                 "normalize_images": fusion.normalize_images},
         submodules=CASALayerSubmodules(
             input_layernorm=norm,
-            self_attention=_self_attention_spec(provider, use_te),
+            self_attention=_self_attention_spec(provider, use_te, packed, attention_backend),
             self_attn_bda=get_bias_dropout_add,
             casa_layernorm=norm,
             casa_attention=casa_attention_spec(
-                use_te, fusion.mechanism == "casa", fusion.image_position_scheme, attention_backend
+                use_te, fusion.mechanism == "casa", fusion.image_position_scheme, attention_backend,
+                fusion.image_kv_only,
             ),
             casa_bda=get_bias_dropout_add,
             pre_mlp_layernorm=plain.pre_mlp_layernorm,
@@ -149,10 +167,12 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
 
 
 def lm_layer_specs(num_layers: int, fusion: FusionConfig, use_te: bool,
-                   attention_backend: str = "auto") -> List[ModuleSpec]:
-    """One spec per global LM layer (index 0 .. num_layers-1)."""
+                   attention_backend: str = "auto", packed: bool = True) -> List[ModuleSpec]:
+    """One spec per global LM layer (index 0 .. num_layers-1). ``packed``: self-attention over
+    packed samples by cu_seqlens (no dense mask); False = the dense block-causal mask path."""
     fused = set(fusion.fusion_layers(num_layers))
-    plain, casa = _plain_layer_spec(use_te), casa_layer_spec(use_te, fusion, attention_backend)
+    plain = _plain_layer_spec(use_te, packed, attention_backend)
+    casa = casa_layer_spec(use_te, fusion, attention_backend, packed)
     return [casa if i in fused else plain for i in range(num_layers)]
 
 
@@ -165,7 +185,6 @@ def vision_layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSp
     through the varlen window-attention interface (segments come in ``packed_seq_params``)."""
     provider = _provider(use_te)
     norm = _norm(use_te)
-    backend = _window_backend(use_te, attention_backend)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -175,7 +194,7 @@ def vision_layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSp
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=provider.column_parallel_linear(),
-                    core_attention=ModuleSpec(module=VarlenVisionAttention, params={"backend": backend}),
+                    core_attention=ModuleSpec(module=VarlenVisionAttention, params={"backend": attention_backend}),
                     linear_proj=provider.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

@@ -28,6 +28,7 @@ from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_
 from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
 from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
+from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
 from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
 from casa_megatron.model.vision_context import VisionContext
@@ -69,7 +70,7 @@ class CASAVLM(MegatronModule):
                                                model.attention_backend)
             self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
-                                           model.attention_backend)
+                                           model.attention_backend, model.packed_attention)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
                                    post_process=post_process)
         if post_process:
@@ -161,6 +162,13 @@ class CASAVLM(MegatronModule):
         return temporal_steps(batch.image_grid_thw, batch.image_second_per_grid,
                               self.model_config.vision.tokens_per_second)
 
+    def self_attention_inputs(self, batch: VLMBatch, device):
+        """(dense mask, None) on the reference path, (None, cu_seqlens per packed sample) else."""
+        b, s = batch.shape
+        if self.model_config.packed_attention:
+            return None, params_from_sample_starts(batch.sample_starts, b, s, device)
+        return block_causal_mask(batch.sample_starts, b, s, device), None
+
     def encode_images(self, batch: VLMBatch, batch_size: int) -> Tensor:
         """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
         features = self.vision(batch.pixel_patches, batch.image_grid_thw)  # [n_patches, hv]
@@ -184,8 +192,8 @@ class CASAVLM(MegatronModule):
             vision = self.vision_context(batch)
             s_local = s // self.tp if self.sequence_parallel else s
             text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]
-        mask = block_causal_mask(batch.sample_starts, b, s, text.device)
-        text = self.decoder(text, image_states, vision, mask)  # [s(/tp), b, h]
+        mask, packed = self.self_attention_inputs(batch, text.device)
+        text = self.decoder(text, image_states, vision, mask, packed)  # [s(/tp), b, h]
         if not self.post_process:
             return torch.cat([text, image_states], dim=0)
         logits, _ = self.output_layer(text)  # [s, b, v/tp]

@@ -81,8 +81,14 @@ def _naive_per_token_loss(model, batch):
                 if segments[r][i] == segments[r][j]:
                     mask[r, 0, i, j] = False
     rotary = model.rotary.text_freqs(torch.tensor(positions))
+    attention = dict(attention_mask=mask)
+    if model.model_config.packed_attention:  # the same samples, given as cu_seqlens
+        from casa_megatron.model.packed_attention import packed_seq_params, segment_starts
+
+        attention = dict(attention_mask=None,
+                         packed_seq_params=packed_seq_params(segment_starts(torch.tensor(segments))))
     for layer in model.decoder.layers:
-        hidden, _ = layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+        hidden, _ = layer(hidden_states=hidden, rotary_pos_emb=rotary, **attention)
     hidden = model.decoder.final_layernorm(hidden)
     text_out = torch.stack([hidden[text_slots[r], r] for r in range(b)], dim=1)  # [s, b, h]
     logits, _ = model.output_layer(text_out)

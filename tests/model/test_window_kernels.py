@@ -13,7 +13,13 @@ import math
 import pytest
 import torch
 
-from casa_megatron.model.kernels import flash_available, resolve_backend, te_available, window_attention
+from casa_megatron.model.kernels import (
+    flash_available,
+    resolve_backend,
+    te_available,
+    torch_varlen_available,
+    window_attention,
+)
 
 GPU_REASON = "needs a CUDA GPU (and flash-attn / transformer-engine)"
 
@@ -94,8 +100,45 @@ def test_output_dtype_follows_q():
     assert out.dtype == torch.float32 and out.shape == q.shape
 
 
-def test_auto_is_torch_on_cpu():
-    assert resolve_backend("auto", torch.zeros(1, 1, 1)) == "torch"
+def test_auto_is_torch_on_cpu_and_the_choice_is_logged_once(caplog, monkeypatch):
+    from casa_megatron.model.kernels import base
+
+    monkeypatch.setattr(base, "_LOGGED_CHOICES", set())
+    with caplog.at_level("INFO", logger="casa_megatron.model.kernels.base"):
+        for _ in range(3):
+            assert resolve_backend("auto", torch.zeros(1, 1, 1)) == "torch"
+            assert resolve_backend("auto", torch.zeros(1, 1, 1, dtype=torch.bfloat16)) == "torch"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "'torch'" in messages[0] and "not on a CUDA device" in messages[0]
+
+
+def test_self_attention_windows_take_the_mask_free_path(monkeypatch):
+    """Causal windows whose queries are their keys (packed samples) run SDPA's is_causal on the
+    padded windows, with no mask at all, and still equal the float64 definition."""
+    from casa_megatron.model.kernels import torch_window
+
+    seen = []
+    real = torch_window.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_window.F, "scaled_dot_product_attention", spy)
+    lens = [5, 1, 7, 3]
+    q, k, v = _inputs(lens, lens, 4, 2)
+    cu = _cu(lens)
+    out = window_attention(q, k, v, cu, cu, 7, 7, causal_bottom_right=True, backend="torch")
+    torch.testing.assert_close(out, naive_windows(q, k, v, lens, lens, True), rtol=1e-10, atol=1e-10)
+    other = window_attention(q, k, v, cu, _cu([5, 2, 6, 3]), 7, 7, causal_bottom_right=True, backend="torch")
+    assert seen == [(True, True), (False, False)] and other.shape == out.shape
+
+
+def test_torch_varlen_refuses_cpu_tensors_with_a_clear_error():
+    q, k, v = torch.zeros(3, 2, 8, dtype=torch.bfloat16), torch.zeros(5, 2, 8), torch.zeros(5, 2, 8)
+    cu_q, cu_kv = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="'torch_varlen' needs CUDA tensors"):
+        window_attention(q, k, v, cu_q, cu_kv, 3, 5, causal_bottom_right=True, backend="torch_varlen")
 
 
 @pytest.mark.parametrize(
@@ -149,3 +192,11 @@ def test_flash_backend_matches_torch(causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_te_backend_matches_torch(causal):
     _compare_with_torch("te", causal)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch_varlen_available()),
+                    reason="needs a CUDA GPU and torch >= 2.10 (torch.nn.attention.varlen)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_backend_matches_torch(causal):
+    """Includes windows with more keys than queries: the causal mask must be bottom-right."""
+    _compare_with_torch("torch_varlen", causal)

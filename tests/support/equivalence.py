@@ -1,6 +1,11 @@
 """Layout equivalence workers shared by the model tests: a model at TP=2 (with and without
 sequence parallelism) or PP=2 must reproduce one process's loss, logits and every gradient.
 
+The one-process reference runs the *reference paths* (``build(reference=True)``): self-attention
+with the dense block-causal mask and image tokens through the whole fused QKV. Every other model
+runs the fast paths (cu_seqlens per packed sample, K/V-only image projection), at TP=1 too, so
+each worker also proves fast == reference in the same processes.
+
 Each layout loads the same full weights (split by megatron's own partition tags) and runs the
 same packed batches; run them with ``support.dist.run_distributed(worker, world_size=2, fusion=...)``.
 """
@@ -14,7 +19,8 @@ from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, sm
 TOL = dict(rtol=2e-4, atol=2e-5)
 
 
-def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, **fusion):
+def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, **fusion):
+    """``reference``: the dense-mask self-attention and the fused image QKV (the old paths)."""
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
@@ -22,7 +28,9 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, **fusion):
     initialize_parallel(tp, pp, seed=0)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               sequence_parallel=sp)
-    return build_vlm(small_model_config(vision, **fusion), parallel, image_seq_length=IMAGE_SLOTS)
+    config = small_model_config(vision, **fusion, image_kv_only=not reference)
+    config.packed_attention = not reference
+    return build_vlm(config, parallel, image_seq_length=IMAGE_SLOTS)
 
 
 def masked_loss(per_token, batch):
@@ -49,7 +57,7 @@ def tp_worker(rank, world, fusion, vision=None):
 
     t = _temporal(vision)
     batch, logits_batch = random_batch(1, temporal=t), random_batch(1, with_labels=False, temporal=t)
-    ref = build(vision=vision, **fusion)
+    ref = build(vision=vision, reference=True, **fusion)
     full = perturbed_full_state(ref)  # also moves gates away from 0
     load_full_state(ref, full, 0, 1)
     ref_loss = masked_loss(ref(batch), batch)
@@ -58,22 +66,25 @@ def tp_worker(rank, world, fusion, vision=None):
     with torch.no_grad():
         ref_logits = ref(logits_batch)
     report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
-    for sp in (False, True):
-        model = build(tp=2, sp=sp, vision=vision, **fusion)
-        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
+    for tp, sp in ((1, False), (2, False), (2, True)):
+        model = build(tp=tp, sp=sp, vision=vision, **fusion)
+        load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0, tp)
         loss = masked_loss(model(batch), batch)
         loss.backward()
         finalize_sp_grads(model)
         with torch.no_grad():
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(logits_batch))
+            logits = model(logits_batch)
+            if tp > 1:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         torch.testing.assert_close(loss, ref_loss, **TOL)
         torch.testing.assert_close(logits, ref_logits, **TOL)
-        grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()},
-                            parallel_state.get_tensor_model_parallel_group())
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        if tp > 1:
+            grads = gather_full(model, grads, parallel_state.get_tensor_model_parallel_group())
         assert grads.keys() == ref_grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (sp={sp}): {m}")
-        report["max_grad_err"][sp] = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
+            torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name} (tp={tp}, sp={sp}): {m}")
+        report["max_grad_err"][(tp, sp)] = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
     assert all(g.abs().sum() > 0 for n, g in ref_grads.items()
                if n.startswith(("vision.", "projector.")) or ".casa_attention." in n)
     return report
@@ -115,7 +126,7 @@ def pp_worker(rank, world, fusion, vision=None):
     from casa_megatron.parallel.tp_layout import load_full_state
 
     batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (11, 12, 13)]
-    ref = build(vision=vision, **fusion)
+    ref = build(vision=vision, reference=True, **fusion)
     full = perturbed_full_state(ref)
     load_full_state(ref, full, 0, 1)
     ref_losses = run_schedule(ref, batches)

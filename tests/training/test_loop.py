@@ -61,15 +61,20 @@ def _short_run(rank, world, run_dir, overrides):
 
 def test_tensor_parallel_training_follows_single_process_curve(tmp_path):
     """12 optimizer steps at TP=2 + sequence parallelism (2 processes) give the losses and the
-    global grad norms of the single-process run."""
+    global grad norms of the single-process run; and the single-process run with the reference
+    paths of before (dense block-causal self-attention mask, image tokens through the whole fused
+    QKV) gives the same curve as the default packed / K/V-only paths."""
     curves = {}
     for name, world, overrides in (("tp1", 1, []),
                                    ("tp2_sp", 2, ["parallel.tensor_model_parallel_size=2",
-                                                  "parallel.sequence_parallel=true"])):
+                                                  "parallel.sequence_parallel=true"]),
+                                   ("tp1_reference_paths", 1, ["model.packed_attention=false",
+                                                               "model.fusion.image_kv_only=false"])):
         run_dir = tmp_path / name
         run_distributed(_short_run, world_size=world, run_dir=str(run_dir), overrides=overrides)
         curves[name] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for ref, got in zip(curves["tp1"], curves["tp2_sp"], strict=True):
-        assert got["step"] == ref["step"]
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+    for other in ("tp2_sp", "tp1_reference_paths"):
+        for ref, got in zip(curves["tp1"], curves[other], strict=True):
+            assert got["step"] == ref["step"]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4), other
+            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), other

@@ -1,10 +1,11 @@
-"""Packed window attention: one interface, three backends.
+"""Packed window attention: one interface, four backends.
 
 CASA layers describe their attention as a list of independent windows in the
-varlen ("thd") layout. :func:`window_attention` runs it with flash-attn,
-Transformer Engine or plain torch, so model code never branches on what is
-installed. The backends are imported lazily: only the torch one is needed on
-CPU.
+varlen ("thd") layout; packed LM self-attention does the same with one window
+per packed sample (``model/packed_attention.py``). :func:`window_attention`
+runs it with flash-attn, Transformer Engine, PyTorch's flash varlen or plain
+torch, so model code never branches on what is installed. The backends are
+imported lazily: only the torch one is needed on CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from casa_megatron.model.kernels.base import (
     flash_available,
     resolve_backend,
     te_available,
+    torch_varlen_available,
 )
 from casa_megatron.model.kernels.torch_window import torch_window_attention
 
@@ -28,6 +30,7 @@ __all__ = [
     "torch_window_attention",
     "flash_available",
     "te_available",
+    "torch_varlen_available",
     "resolve_backend",
 ]
 
@@ -57,7 +60,9 @@ def window_attention(
 
     backend: "torch" (portable, differentiable, pads windows), "flash"
     (flash-attn varlen, CUDA fp16/bf16), "te" (Transformer Engine thd, CUDA
-    fp16/bf16) or "auto" (flash, then te where applicable, else torch).
+    fp16/bf16), "torch_varlen" (``torch.nn.attention.varlen``, CUDA fp16/bf16)
+    or "auto" (flash, then te, then torch_varlen where applicable, else torch;
+    the choice is logged once).
     """
     check_window_inputs(q, k, v, cu_seqlens_q, cu_seqlens_kv)
     chosen = resolve_backend(backend, q)
@@ -71,4 +76,8 @@ def window_attention(
         from casa_megatron.model.kernels.te_window import te_window_attention
 
         return te_window_attention(*args, **kwargs)
+    if chosen == "torch_varlen":
+        from casa_megatron.model.kernels.torch_varlen import torch_varlen_window_attention
+
+        return torch_varlen_window_attention(*args, **kwargs)
     return torch_window_attention(*args, **kwargs)

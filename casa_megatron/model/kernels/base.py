@@ -10,12 +10,16 @@ zeros" rule live here so that the three backends cannot drift apart.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "flash", "te")
+BACKENDS = ("auto", "torch", "flash", "te", "torch_varlen")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+logger = logging.getLogger(__name__)
+_LOGGED_CHOICES: set = set()
 
 
 def flash_available() -> bool:
@@ -31,23 +35,47 @@ def te_available() -> bool:
         return False
 
 
+def torch_varlen_available() -> bool:
+    """True if this torch has ``torch.nn.attention.varlen`` (>= 2.10; its kernels are CUDA-only)."""
+    try:
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Map ``backend`` (possibly "auto") to a concrete backend name.
 
-    "auto" prefers the fused GPU kernels (flash-attn, then Transformer Engine)
-    but only where they apply: CUDA tensors in fp16/bf16. Anything else falls
-    back to the vectorised torch path, which runs everywhere.
+    "auto" prefers the fused GPU kernels -- flash-attn, then Transformer Engine, then PyTorch's
+    own flash varlen (``torch_varlen``, no extra package) -- but only where they apply: CUDA
+    tensors in fp16/bf16. Anything else falls back to the padded torch path, which runs
+    everywhere. The first time each choice is made it is logged (``logging``, INFO), so a run's
+    log says which kernel it used and why.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown window-attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if q.is_cuda and q.dtype in HALF_DTYPES:
-        if flash_available():
-            return "flash"
-        if te_available():
-            return "te"
-    return "torch"
+    if not q.is_cuda:
+        chosen, why = "torch", "tensors are not on a CUDA device"
+    elif q.dtype not in HALF_DTYPES:
+        chosen, why = "torch", f"{q.dtype} (the fused kernels need fp16/bf16)"
+    elif flash_available():
+        chosen, why = "flash", "flash-attn is installed"
+    elif te_available():
+        chosen, why = "te", "Transformer Engine is installed (flash-attn is not)"
+    elif torch_varlen_available():
+        chosen, why = "torch_varlen", "torch.nn.attention.varlen (neither flash-attn nor TE is installed)"
+    else:
+        chosen, why = "torch", "no fused varlen kernel is installed"
+    _log_choice(chosen, why)
+    return chosen
+
+
+def _log_choice(chosen: str, why: str) -> None:
+    if chosen not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add(chosen)
+        logger.info("window attention backend 'auto' -> %r: %s", chosen, why)
 
 
 def check_window_inputs(
@@ -115,3 +143,18 @@ def zero_keyless_windows(
 
 def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
     return float(softmax_scale) if softmax_scale is not None else head_dim**-0.5
+
+
+def require_cuda_half(backend: str, q: torch.Tensor) -> None:
+    """The fused GPU backends take CUDA fp16/bf16 tensors only; say so by name."""
+    if not q.is_cuda:
+        raise ValueError(f"window attention backend {backend!r} needs CUDA tensors; use backend='torch' on CPU")
+    if q.dtype not in HALF_DTYPES:
+        raise ValueError(f"window attention backend {backend!r} needs fp16/bf16 inputs, got {q.dtype}")
+
+
+def nothing_to_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen_kv: int) -> Optional[torch.Tensor]:
+    """Zeros (still connected to k and v in the graph) when no query has any key, else None."""
+    if int(max_seqlen_kv) == 0 or q.shape[0] == 0:
+        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    return None

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from casa_megatron.model.kernels.base import HALF_DTYPES, zero_keyless_windows
+from casa_megatron.model.kernels.base import nothing_to_attend, require_cuda_half, zero_keyless_windows
 
 _MIN_FLASH_VERSION = (2, 1)
 
@@ -61,13 +61,11 @@ def flash_window_attention(
     writes zeros there, the explicit step just makes the contract independent
     of kernel version.
     """
-    if not q.is_cuda:
-        raise ValueError("window attention backend 'flash' needs CUDA tensors; use backend='torch' on CPU")
-    if q.dtype not in HALF_DTYPES:
-        raise ValueError(f"window attention backend 'flash' needs fp16/bf16 inputs, got {q.dtype}")
+    require_cuda_half("flash", q)
     flash_attn_varlen_func = _import_flash_varlen()
-    if int(max_seqlen_kv) == 0 or q.shape[0] == 0:  # nothing to attend to anywhere
-        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    empty = nothing_to_attend(q, k, v, max_seqlen_kv)
+    if empty is not None:
+        return empty
     out = flash_attn_varlen_func(
         q,  # [tq, hq, d]
         k.to(q.dtype),  # [tk, hkv, d]

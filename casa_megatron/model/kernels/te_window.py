@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from casa_megatron.model.kernels.base import HALF_DTYPES, default_scale, zero_keyless_windows
+from casa_megatron.model.kernels.base import default_scale, nothing_to_attend, require_cuda_half, zero_keyless_windows
 
 
 def _import_te_dpa():
@@ -84,14 +84,12 @@ def te_window_attention(
     cross-attention does not depend on how a TE backend treats empty
     sequences.
     """
-    if not q.is_cuda:
-        raise ValueError("window attention backend 'te' needs CUDA tensors; use backend='torch' on CPU")
-    if q.dtype not in HALF_DTYPES:
-        raise ValueError(f"window attention backend 'te' needs fp16/bf16 inputs, got {q.dtype}")
+    require_cuda_half("te", q)
     tq, hq, d = q.shape
     hkv = k.shape[1]
-    if int(max_seqlen_kv) == 0 or tq == 0:  # nothing to attend to anywhere
-        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+    empty = nothing_to_attend(q, k, v, max_seqlen_kv)
+    if empty is not None:
+        return empty
     mask_type = "padding_causal_bottom_right" if causal_bottom_right else "padding"
     module = get_te_attention(hq, hkv, d, mask_type, default_scale(d, softmax_scale))
     out = module(

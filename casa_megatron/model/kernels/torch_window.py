@@ -1,10 +1,17 @@
 """Portable window attention on top of ``torch.nn.functional.scaled_dot_product_attention``.
 
 Runs on CPU and GPU and is differentiable, which makes it the reference
-backend for tests and the fallback when neither flash-attn nor Transformer
-Engine applies. It pads every window to ``max_seqlen`` so it costs
-``O(W * max_q * max_kv)`` memory for the mask and scores: fine for tests and
-small batches, not meant for long-context training.
+backend for tests and the fallback when no fused varlen kernel applies. It pads
+every window to ``max_seqlen``. In general it builds a ``[W, max_q, max_kv]``
+mask: fine for CASA windows and tests, not meant for long-context training.
+
+Causal windows whose queries are their keys (packed LM self-attention: one
+window per packed sample, ``cu_seqlens_q`` is ``cu_seqlens_kv``) take a
+mask-free path: SDPA's own ``is_causal`` on the padded windows. Padding sits at
+the end of each window, so a real query ``i < n`` only ever sees keys
+``j <= i < n``; the padded rows are discarded. No tensor quadratic in the
+sequence is allocated (SDPA's CPU flash kernel works in blocks), which is what
+lets the CPU path drop the dense ``[b, 1, s, s]`` mask.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ def torch_window_attention(
     device = q.device
     if tq == 0 or num_windows == 0:
         return q.new_zeros(tq, hq, d) + 0 * (k.sum() + v.sum())  # keep the graph connected
+    if causal_bottom_right and _same_windows(cu_seqlens_q, cu_seqlens_kv):
+        return _causal_self_attention(q, k, v, cu_seqlens_q, max_q, default_scale(d, softmax_scale))
 
     # --- pad into [W, L, h, d] ----------------------------------------------------
     win_q, loc_q = _local_index(cu_seqlens_q, tq)  # [tq], [tq]
@@ -86,3 +95,27 @@ def torch_window_attention(
     out = out[win_q, loc_q]  # [tq, hq, d]
     keep = row_has_key[win_q, loc_q]  # [tq]
     return torch.where(keep[:, None, None], out, torch.zeros((), dtype=dtype, device=device))
+
+
+def _same_windows(cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor) -> bool:
+    if cu_seqlens_q is cu_seqlens_kv:
+        return True
+    if cu_seqlens_q.is_cuda:  # comparing values would cost a device sync
+        return False
+    return torch.equal(cu_seqlens_q, cu_seqlens_kv)
+
+
+def _causal_self_attention(q, k, v, cu_seqlens, max_len: int, scale: float) -> torch.Tensor:
+    """Windows with nq == nk, causal: q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d], no mask."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    num_windows = cu_seqlens.numel() - 1
+    win, loc = _local_index(cu_seqlens, t)  # [t], [t]
+    q_pad = q.new_zeros(num_windows, max_len, hq, d).index_put((win, loc), q).transpose(1, 2)  # [W, hq, L, d]
+    k_pad = k.new_zeros(num_windows, max_len, hkv, d).index_put((win, loc), k).transpose(1, 2)  # [W, hkv, L, d]
+    v_pad = v.new_zeros(num_windows, max_len, hkv, d).index_put((win, loc), v).transpose(1, 2)  # [W, hkv, L, d]
+    if hq != hkv:
+        k_pad = k_pad.repeat_interleave(hq // hkv, dim=1)  # [W, hq, L, d]
+        v_pad = v_pad.repeat_interleave(hq // hkv, dim=1)
+    out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, is_causal=True, scale=scale)  # [W, hq, L, d]
+    return out.transpose(1, 2)[win, loc]  # [t, hq, d]

@@ -1,0 +1,177 @@
+"""Every GPU check of issue 13 in one command; writes a markdown report and its JSON.
+
+    python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts abcdef] [--quick]
+
+Parts (each reports "not available" with the reason when its package or a GPU is missing;
+a part that raises is reported "failed" with the error, the others still run):
+  (a) every available window-attention kernel (torch, flash-attn, TE, torch varlen) vs the
+      float32 torch reference, forward and backward (``gpu_parts/kernels.py``);
+  (b) the TE-spec model vs the local-spec model with the same weights, bf16 (``models.py``);
+  (c) bf16 and FP8 (TE recipe) training steps of the CASA model: loss, step time, peak memory;
+  (d) DALI decoding vs PyAV on the same clips: pixel error, frames/s (VP9 with DALI's CPU
+      operators anywhere, H.264 + the GPU decoder on a GPU) (``dali_decode.py``);
+  (e) ``train_efficiency`` at ``benchmarks/configs/gpu_paper.yaml`` (Helium-2B shape, 2,048 text +
+      20,480 image tokens): CASA vs cross-attention vs insertion, peak memory, text tokens/s;
+  (f) MFU of the CASA model in bf16 at that shape (``efficiency.py``).
+
+How MFU FLOPs are counted (part f): the FLOPs of what actually runs, in two terms. (1) Every GEMM
+of one real training step (forward + backward, all micro-batches), counted by
+``torch.utils.flop_counter.FlopCounterMode`` while the step runs with the local spec -- so the
+K/V-only image projection, frozen weights (no weight gradient), the projector and the output
+layer are counted as executed, and a different fusion cannot borrow another's count. (2) The
+attention FLOPs, which fused kernels hide from the counter, from the micro-batch's own
+cu_seqlens: 4 * head_dim * query_heads per visible (query, key) pair forward (QK^T and PV),
+twice that backward; visible = causal within each packed sample for self-attention, images + the
+causal text of the window for CASA, the window's images for cross-attention (``flops.py``).
+Flash attention's backward recompute is not counted (model FLOPs, not hardware FLOPs). MFU =
+FLOPs / (median step time x peak), against the datasheet's dense bf16 peak and against the
+bf16 GEMM rate measured in the same run.
+
+The report goes between ``<!-- gpu_check:begin -->`` and ``<!-- gpu_check:end -->`` in ``--out``
+when the file has those markers (docs/gpu.md keeps its hand-written guide around them); else the
+file is the report. Writes are atomic. The JSON (default: ``--out`` with ``.json``) holds every
+number. Exit status 1 if a part failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_megatron` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_parts.common import NotAvailable, PartResult  # noqa: E402
+
+BEGIN, END = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
+TITLES = {
+    "a": "Window-attention kernels vs the float32 torch reference",
+    "b": "Transformer Engine spec vs local spec, same weights (bf16)",
+    "c": "bf16 and FP8 training steps of the CASA model",
+    "d": "DALI decoding vs PyAV",
+    "e": "Training efficiency at the paper's shape (gpu_paper.yaml)",
+    "f": "MFU of the CASA model in bf16",
+}
+
+
+def _runner(part: str, args):
+    from benchmarks.gpu_parts import dali_decode, efficiency, kernels, models
+
+    return {
+        "a": kernels.run,
+        "b": lambda: models.te_vs_local(quick=args.quick),
+        "c": lambda: models.precision_steps(args.config, quick=args.quick),
+        "d": lambda: dali_decode.run(quick=args.quick),
+        "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick),
+        "f": lambda: efficiency.mfu(args.config, quick=args.quick),
+    }[part]
+
+
+def run_part(part: str, args) -> PartResult:
+    start = time.perf_counter()
+    try:
+        result = _runner(part, args)()
+    except NotAvailable as exc:
+        result = PartResult(part, TITLES[part], status="not available", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others
+        result = PartResult(part, TITLES[part], status="failed", reason=f"{type(exc).__name__}: {exc}",
+                            markdown="```\n" + traceback.format_exc()[-3000:] + "\n```")
+    result.seconds = time.perf_counter() - start
+    print(f"({part}) {result.title}: {result.status}{' -- ' + result.reason if result.reason else ''} "
+          f"[{result.seconds:.1f} s]", file=sys.stderr, flush=True)
+    return result
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "cpu_count": os.cpu_count()}
+    from importlib import metadata
+
+    for dist in ("megatron-core", "transformer-engine", "transformer-engine-torch", "flash-attn",
+                 "nvidia-dali-cuda130", "nvidia-dali-cuda120", "av"):
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = None
+    return env
+
+
+def render(results, env: dict, command: str) -> str:
+    lines = [f"_Written by `{command}` on {env['date_utc']} UTC._", "",
+             "| | |", "|---|---|",
+             f"| GPU | {env['gpu'] or 'none (CPU only: the GPU parts are not available here)'} |",
+             f"| torch / CUDA | {env['torch']} / {env['cuda']} |"]
+    for dist in ("megatron-core", "transformer-engine", "transformer-engine-torch", "flash-attn",
+                 "nvidia-dali-cuda130", "nvidia-dali-cuda120", "av"):
+        lines.append(f"| {dist} | {env[dist] or 'not installed'} |")
+    targets = [(r.part, name, t) for r in results for name, t in r.targets.items()]
+    if targets:
+        lines += ["", "Issue 13 targets:", "", "| part | target | value | goal | met |", "|---|---|---|---|---|"]
+        for part, name, t in targets:
+            value = t["value"] if not isinstance(t["value"], float) else f"{t['value']:.3f}"
+            met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+            lines.append(f"| {part} | {name} | {value} | {t['target']} | {met} |")
+    for r in results:
+        lines += ["", f"### ({r.part}) {r.title}", "",
+                  f"**Status: {r.status}**" + (f" — {r.reason}" if r.reason else "") + f" ({r.seconds:.1f} s)"]
+        if r.markdown:
+            lines += ["", r.markdown]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report_md: str) -> None:
+    """Between the markers when ``out`` has them, else the whole file; atomic."""
+    text = f"{BEGIN}\n{report_md}{END}\n"
+    if out.exists():
+        old = out.read_text()
+        if BEGIN in old and END in old:
+            text = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
+    atomic_write(out, text)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"), help="markdown report (docs/gpu.md)")
+    parser.add_argument("--json", help="JSON of every number (default: --out with .json)")
+    parser.add_argument("--parts", default="abcdef", help="which parts, e.g. 'ad'")
+    parser.add_argument("--config", default=str(ROOT / "benchmarks" / "configs" / "gpu_paper.yaml"),
+                        help="the paper-shape config of parts (e) and (f)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run of the structure)")
+    args = parser.parse_args(argv)
+    bad = set(args.parts) - set(TITLES)
+    if bad or not args.parts:
+        parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
+    env = environment()
+    results = [run_part(p, args) for p in sorted(set(args.parts))]
+    command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    write_report(out, render(results, env, command.strip()))
+    json_path = Path(args.json) if args.json else out.with_suffix(".json")
+    atomic_write(json_path, json.dumps({"environment": env, "command": command.strip(),
+                                        "parts": [r.__dict__ for r in results]}, indent=2, default=str))
+    print(f"report: {out}\njson: {json_path}", file=sys.stderr)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Parts (e) and (f): the fusions at the paper's shape, and the CASA model's MFU.
+
+(e) ``benchmarks/train_efficiency.py`` at ``gpu_paper.yaml`` (Helium-2B shape, bf16, 2,048 text
+and 20,480 image tokens per step), one fresh process per fusion (so peak memory is each
+fusion's own; a fusion that runs out of memory is reported as such, the others still run).
+Targets: CASA / insertion peak memory <= 0.5, text tokens/s >= 1.1.
+
+(f) MFU of the CASA model in bf16 at that shape. FLOPs of what runs (``benchmarks/flops.py``):
+GEMMs counted by PyTorch's FLOP counter during one real training step of the local-spec model
+plus attention from the batch's cu_seqlens. Step time: median of timed steps of the same model
+(and of the TE-spec model when Transformer Engine imports; the FLOPs are the same computation).
+MFU against the datasheet dense bf16 peak (989.4 TFLOP/s for H100 / H200 SXM) and against the
+bf16 GEMM rate measured here (8192^3, random data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_parts.common import PartResult, median, require_cuda, target, time_it
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM
+
+
+def _fusion_process(config: str, fusion: str, overrides) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "train_efficiency.py"), "--config", config,
+               "--child", fusion, "--child-json", str(out), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode or not out.exists():
+            tail = proc.stderr[-1500:]
+            return {"fusion": fusion, "error": "out of memory" if "OutOfMemory" in tail else tail}
+        return json.loads(out.read_text())
+
+
+def paper_efficiency(config: str, quick: bool = False) -> PartResult:
+    require_cuda("the paper-shape efficiency benchmark")
+    from benchmarks.train_efficiency import summarize
+
+    result = PartResult("e", "Training efficiency at the paper's shape (gpu_paper.yaml)")
+    overrides = ["steps=2", "warmup_steps=1"] if quick else []
+    runs = [_fusion_process(config, f, overrides) for f in ("casa", "cross_attention", "insertion")]
+    ok = [r for r in runs if "error" not in r]
+    summarize(ok)
+    casa = next((r for r in ok if r["fusion"] == "casa"), {})
+    result.data = {"results": runs, "config": config, "overrides": overrides}
+    result.targets = {"CASA / insertion peak memory": target(casa.get("memory_vs_insertion"), 0.5, "max"),
+                      "CASA / insertion text tokens/s": target(casa.get("throughput_vs_insertion"), 1.1, "min")}
+    lines = ["| fusion | peak memory (GiB) | step (s) | text tokens/s | images/s | memory vs insertion | "
+             "tokens/s vs insertion |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['fusion']} | {r['error'][:60]} | | | | | |")
+            continue
+        mem = r["peak_memory_bytes"] / 2**30
+        lines.append(f"| {r['fusion']} | {mem:.1f} | {r['step_time_s']:.3f} | {r['text_tokens_per_s']:.0f} | "
+                     f"{r['images_per_s']:.2f} | {r.get('memory_vs_insertion', float('nan')):.3f} | "
+                     f"{r.get('throughput_vs_insertion', float('nan')):.3f} |")
+    result.markdown = (f"`{config}` {' '.join(overrides)}: each fusion in its own process; memory = "
+                       "torch.cuda.max_memory_allocated (weights, grads, optimizer states, activations).\n\n"
+                       + "\n".join(lines))
+    if any("error" in r and r["error"] != "out of memory" for r in runs):
+        result.status, result.reason = "failed", "a fusion's process failed (see the table)"
+    return result
+
+
+def gemm_rate(n: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 GEMM FLOP/s on random data (the ceiling MFU is also reported against)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / median(time_it(lambda: a @ b, repeats))
+
+
+def mfu(config: str, quick: bool = False) -> PartResult:
+    require_cuda("MFU")
+    from benchmarks.common import build_model, image_heavy_batch, train_step
+    from benchmarks.flops import step_flops
+    from benchmarks.train_efficiency import load
+
+    result = PartResult("f", "MFU of the CASA model in bf16")
+    cfg = load(config, ["steps=2", "warmup_steps=1"] if quick else [])
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    data = cfg.data
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
+    measured_peak = gemm_rate()
+    impls = ["local"]
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        impls.append("transformer_engine")
+    except Exception:  # noqa: BLE001 - the TE row is optional
+        pass
+    rows, flops = [], None
+    for impl in impls:
+        torch.cuda.empty_cache()
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, transformer_impl=impl))
+        model = build_model(run_cfg, "casa", data.image_seq_length)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).cuda()
+                   for k in range(data.num_microbatches)]
+        seq = data.seq_length + data.image_seq_length
+        step = lambda: train_step(model, optimizer, batches, seq, data.micro_batch_size)  # noqa: E731
+        if flops is None:  # counted on the local spec: every GEMM is a torch matmul there
+            flops = step_flops(cfg.model, batches, data.image_seq_length, step)
+        seconds = median(time_it(step, cfg.steps, warmup=cfg.warmup_steps))
+        rows.append({"spec": impl, "step_time_s": seconds, "tflops_per_s": flops["total"] / seconds / 1e12,
+                     "mfu_datasheet": flops["total"] / seconds / peak if peak else None,
+                     "mfu_measured_gemm": flops["total"] / seconds / measured_peak})
+        del model, optimizer
+    best = max(r["mfu_datasheet"] or 0 for r in rows) if peak else None
+    result.data = {"flops": flops, "rows": rows, "datasheet_peak": peak, "measured_gemm_peak": measured_peak,
+                   "gpu": gpu, "config": config}
+    result.targets = {"CASA bf16 MFU (datasheet peak)": target(best, 0.40, "min")}
+    lines = ["| spec | step (s) | TFLOP/s | MFU (datasheet) | MFU (measured GEMM peak) |", "|---|---|---|---|---|"]
+    for r in rows:
+        ds = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "n/a"
+        lines.append(f"| {r['spec']} | {r['step_time_s']:.3f} | {r['tflops_per_s']:.1f} | {ds} | "
+                     f"{r['mfu_measured_gemm']:.3f} |")
+    result.markdown = (f"FLOPs per step: {flops['total'] / 1e12:.2f} TFLOP = GEMMs {flops['gemm'] / 1e12:.2f} "
+                       f"(FlopCounterMode, one real step) + attention {flops['attention'] / 1e12:.2f} "
+                       f"({flops['attention_pairs']:,} visible query-key pairs). Peak: datasheet "
+                       f"{(peak or 0) / 1e12:.0f} TFLOP/s, measured bf16 GEMM {measured_peak / 1e12:.0f} TFLOP/s "
+                       f"({gpu}).\n\n" + "\n".join(lines))
+    return result

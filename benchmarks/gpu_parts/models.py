@@ -1,0 +1,144 @@
+"""Parts (b) and (c): the Transformer Engine spec against the local spec, and bf16 / FP8 steps.
+
+(b) One CASA VLM is built with the local spec and one with the TE spec; the local weights are
+copied into the TE model (names are the same except the norms TE fuses into the next linear:
+``input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight`` and
+``pre_mlp_layernorm.weight`` -> ``mlp.linear_fc1.layer_norm_weight`` of plain megatron layers).
+Both run the same packed batch in bf16; loss, logits and every mapped gradient are compared
+(rel. error, bf16 tolerance 2e-2).
+
+(c) The CASA model at the paper shape (``gpu_paper.yaml``), TE spec, one bf16 and one FP8 run
+(TE's delayed-scaling recipe, ``hybrid`` format): loss of the first step (same init and batch),
+median step time, peak memory; FP8 speed-up over bf16 (issue target >= 1.3x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from benchmarks.gpu_parts.common import NotAvailable, PartResult, median, rel_err, require_cuda, target, time_it
+
+BF16_TOL = 2e-2
+TE_FUSED_NORMS = (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+                  ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"))
+
+
+def local_name_for(te_name: str, local_names) -> str:
+    """The local-spec parameter holding the same tensor as TE-spec parameter ``te_name``."""
+    if te_name in local_names:
+        return te_name
+    for fused, unfused in TE_FUSED_NORMS:
+        if te_name.endswith(fused):
+            candidate = te_name[: -len(fused)] + unfused
+            if candidate in local_names:
+                return candidate
+    raise KeyError(f"TE-spec parameter {te_name!r} has no local-spec counterpart")
+
+
+def _require_te():
+    require_cuda("the Transformer Engine spec")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        raise NotAvailable(f"Transformer Engine does not import: {type(exc).__name__}: {exc}") from exc
+
+
+def _bench_config(path: str, quick: bool, **overrides):
+    from benchmarks.train_efficiency import load
+
+    cfg = load(path, [])
+    if quick:
+        cfg.steps, cfg.warmup_steps = 2, 1
+    return dataclasses.replace(cfg, **overrides)
+
+
+def te_vs_local(quick: bool = False) -> PartResult:
+    _require_te()
+    from benchmarks.common import BenchConfig, ImageHeavyData, build_model, image_heavy_batch
+    from casa_megatron.config.schema import FusionConfig, LanguageModelConfig, ModelConfig, VisionConfig
+
+    result = PartResult("b", "Transformer Engine spec vs local spec, same weights (bf16)")
+    model_cfg = ModelConfig(
+        lm=LanguageModelConfig(vocab_size=1024, num_layers=4, hidden_size=512, num_attention_heads=8,
+                               num_query_groups=4, ffn_hidden_size=1408),
+        vision=VisionConfig(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512),
+        fusion=FusionConfig(every_n=2))  # CASA layers 1 and 3, plain megatron layers 0 and 2
+    data = ImageHeavyData(micro_batch_size=2, seq_length=256, samples_per_row=4, image_grid=[8, 8])
+    models = {}
+    for impl in ("local", "transformer_engine"):
+        cfg = BenchConfig(model=dataclasses.replace(model_cfg, transformer_impl=impl), data=data,
+                          dtype="bfloat16", vision="frozen_stub")
+        models[impl] = build_model(cfg, "casa", data.image_seq_length)
+    local, te = models["local"], models["transformer_engine"]
+    local_params = dict(local.named_parameters())
+    mapping = {n: local_name_for(n, local_params) for n, _ in te.named_parameters()}
+    unused = set(local_params) - set(mapping.values())
+    if unused:
+        raise KeyError(f"local-spec parameters without a TE-spec counterpart: {sorted(unused)[:5]}")
+    with torch.no_grad():
+        for n, p in te.named_parameters():
+            p.copy_(local_params[mapping[n]])
+    batch = image_heavy_batch(data, model_cfg.lm.vocab_size, seed=3).to("cuda")
+    outs = {}
+    for impl, model in models.items():
+        loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
+        loss.backward()
+        with torch.no_grad():
+            logits = model(dataclasses.replace(batch, labels=None)).float()
+        outs[impl] = (loss.detach(), logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (l_loss, l_logits, l_grads), (t_loss, t_logits, t_grads) = outs["local"], outs["transformer_engine"]
+    grad_errs = {n: rel_err(g, l_grads[mapping[n]]) for n, g in t_grads.items()}
+    worst = max(grad_errs, key=grad_errs.get)
+    result.data = {"loss_local": l_loss.item(), "loss_te": t_loss.item(), "loss_rel_err": rel_err(t_loss, l_loss),
+                   "logits_rel_err": rel_err(t_logits, l_logits), "max_grad_rel_err": grad_errs[worst],
+                   "worst_grad": worst, "params_compared": len(grad_errs), "tolerance": BF16_TOL}
+    ok = max(result.data["loss_rel_err"], result.data["logits_rel_err"], grad_errs[worst]) <= BF16_TOL
+    result.targets = {"TE spec == local spec (bf16)": {"value": ok, "target": f"rel err <= {BF16_TOL}", "met": ok}}
+    d = result.data
+    result.markdown = (f"CASA VLM (4 layers, hidden 512, CASA in layers 1 and 3; frozen stub encoder), "
+                       f"one packed batch, bf16.\n\n"
+                       f"| quantity | rel. error |\n|---|---|\n| loss ({d['loss_local']:.4f} vs {d['loss_te']:.4f}) | "
+                       f"{d['loss_rel_err']:.2e} |\n| logits | {d['logits_rel_err']:.2e} |\n| worst of "
+                       f"{d['params_compared']} gradients (`{worst}`) | {grad_errs[worst]:.2e} |")
+    if not ok:
+        result.status, result.reason = "failed", f"TE spec differs from the local spec beyond {BF16_TOL}"
+    return result
+
+
+def precision_steps(config_path: str = None, quick: bool = False) -> PartResult:
+    _require_te()
+    from benchmarks.common import build_model, image_heavy_batch, train_step
+    from benchmarks.train_efficiency import ROOT
+    from casa_megatron.config.schema import PrecisionConfig
+
+    result = PartResult("c", "bf16 and FP8 training steps of the CASA model")
+    path = config_path or str(ROOT / "benchmarks" / "configs" / "gpu_paper.yaml")
+    cfg = _bench_config(path, quick)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, transformer_impl="transformer_engine"),
+                              dtype="bfloat16")
+    data, rows = cfg.data, []
+    for name, precision in (("bf16", None), ("fp8 (hybrid, delayed scaling)", PrecisionConfig(fp8="hybrid"))):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = build_model(cfg, "casa", data.image_seq_length, precision=precision)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).cuda()
+                   for k in range(data.num_microbatches)]
+        seq = data.seq_length + data.image_seq_length
+        losses = [train_step(model, optimizer, batches, seq, data.micro_batch_size)]
+        times = time_it(lambda: losses.append(train_step(model, optimizer, batches, seq, data.micro_batch_size)),
+                        cfg.steps, warmup=cfg.warmup_steps)
+        rows.append({"precision": name, "first_loss": losses[0], "last_loss": losses[-1],
+                     "step_time_s": median(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+        del model, optimizer
+    speedup = rows[0]["step_time_s"] / rows[1]["step_time_s"]
+    result.data = {"rows": rows, "fp8_speedup": speedup, "config": path}
+    result.targets = {"FP8 step speed-up over bf16": target(speedup, 1.3, "min")}
+    lines = ["| precision | first loss | last loss | step (s) | peak memory (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['first_loss']:.4f} | {r['last_loss']:.4f} | {r['step_time_s']:.3f} | "
+              f"{r['peak_memory_gib']:.1f} |" for r in rows]
+    result.markdown = (f"CASA model at `{path}` (TE spec), {cfg.steps} timed steps after {cfg.warmup_steps} warm-up.\n\n"
+                       + "\n".join(lines) + f"\n\nFP8 speed-up: {speedup:.2f}x")
+    return result

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU-machine side of tools/gpu (docs/gpu.md has the whole sequence). Run from the repo root:
+#   bash tools/gpu/device.sh store K        move .gpu/call-K (carried by this call) to the store
+#   bash tools/gpu/device.sh install [B]    join + sha256-check the pieces of bundles B (default
+#                                           core,te: those whose pieces are all there), pip-install
+#                                           the wheels into the site folder (no network, no deps)
+#   bash tools/gpu/device.sh build-te       build the Transformer Engine torch extension (sm_90)
+#   bash tools/gpu/device.sh probe          versions + what imports: answers GPU.md's questions
+#   bash tools/gpu/device.sh check [ARGS]   benchmarks/gpu_check.py -> $OUT/gpu.md, $OUT/gpu.json
+# GPU_STORE (default /root/gpu-store) and GPU_SITE (default /root/gpu-site) live outside the
+# repository, so they survive from call to call while the machine stays warm (30 s after a call).
+# GPU_CALLS (default .gpu) is where the carried call folders are.
+set -euo pipefail
+store=${GPU_STORE:-/root/gpu-store}; site=${GPU_SITE:-/root/gpu-site}; out=${OUT:-/tmp/gpu-out}
+here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd); calls=${GPU_CALLS:-$repo/.gpu}
+mkdir -p "$store" "$site" "$out"
+log() { echo "[device.sh $(date +%H:%M:%S)] $*"; }
+
+case "${1:-}" in
+  store)
+    k=${2:?usage: device.sh store K}
+    [ -d "$calls/call-$k" ] || { echo "no $calls/call-$k here: name .gpu/call-$k in the call's carry"; exit 2; }
+    cp "$calls/call-$k"/* "$store/"
+    log "call-$k stored: $(ls "$store" | grep -c piece) pieces in $store ($(du -sh "$store" | cut -f1))" ;;
+  install)
+    bundles=${2:-core,te}
+    start=$(date +%s)
+    whole="$store/whole/${bundles//,/_}"  # this install's files only (core may be installed before te)
+    python3 "$here/pack.py" join "$store" "$whole" --bundles "$bundles"
+    wheels=$(ls "$whole"/*.whl)
+    # shellcheck disable=SC2086
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels
+    log "installed into $site in $(( $(date +%s) - start )) s: $(ls "$whole" | tr '\n' ' ')" ;;
+  build-te)
+    sdist=$(ls "$store"/whole/*/transformer_engine_torch-*.tar.gz 2>/dev/null | head -1)
+    [ -n "$sdist" ] || { echo "no transformer_engine_torch sdist under $store/whole: install the te bundle first"; exit 2; }
+    start=$(date +%s)
+    # No network there: force the local build (it would try to download a prebuilt wheel first).
+    NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90} \
+      MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$site" \
+      python3 -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir --upgrade \
+      --target "$site" "$sdist" > "$out/te_build.log" 2>&1 || { tail -40 "$out/te_build.log"; exit 1; }
+    log "TE torch extension built in $(( $(date +%s) - start )) s (log: \$OUT/te_build.log)" ;;
+  probe)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    PYTHONPATH="$site:$repo" python3 - <<'PY'
+import importlib, inspect, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for name in ("megatron.core", "transformer_engine.pytorch", "flash_attn", "nvidia.dali", "av",
+             "torch.nn.attention.varlen"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name}: ok {getattr(mod, '__version__', '')}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: FAILED {type(exc).__name__}: {exc}"[:300])
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("varlen_attn signature:", inspect.signature(varlen_attn))
+except Exception as exc:  # noqa: BLE001
+    print("varlen_attn: none", exc)
+PY
+    ;;
+  check)
+    shift
+    cd "$repo"
+    cp docs/gpu.md "$out/gpu.md"  # the guide with its report markers: the report lands between them
+    PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
+      --out "$out/gpu.md" --json "$out/gpu.json" "$@" ;;
+  *) sed -n 2,12p "$0"; exit 2 ;;
+esac
