@@ -24,11 +24,13 @@ setup(
         "pillow",  # image decoding, synthetic dataset rendering
         "transformers>=4.46",  # AutoTokenizer from a local path
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
-        "tqdm",  # progress bars of the data tools
+        "tqdm",  # progress bars of the data tools and the converter
+        "safetensors",  # Hugging Face checkpoints, read tensor by tensor (conversion/)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", "nvidia-dali-cuda120"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main"]},
+    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
+                                        "casa-convert=casa_megatron.conversion.cli:main"]},
 )

@@ -106,6 +106,8 @@ class TinyViT(VisionEncoder):
         if pixel_patches.shape[0] != expected:
             raise ValueError(f"pixel_patches has {pixel_patches.shape[0]} rows but image_grid_hw "
                              f"describes {expected} patches")
+        if expected == 0:  # a text-only micro-batch: no patches, no features
+            return pixel_patches.new_zeros(0, self.patch_embed.out_features, dtype=self.patch_embed.weight.dtype)
         rows, cols, image_ids = _patch_coords(grid_hw.cpu(), self.merge)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
         x = x + _sincos_2d(rows, cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
