@@ -83,7 +83,7 @@ def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
     return DTYPES[choice]
 
 
-def _vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
+def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
                    skip_vision: bool):
     """(Source, table or None) of the vision component; see docs/conversion.md "Vision"."""
     kind = arch.vision_kind
@@ -124,8 +124,8 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         raise ConversionError(str(exc)) from exc
 
     lm_reader = SafetensorsReader(hf_dir)
-    vision_source, vtable = _vision_source(cfg, vision_arch, lm_reader, vision_from, skip_vision)
-    sources = {"lm": Source(lm_reader), "vision": vision_source}
+    vision, vtable = vision_source(cfg, vision_arch, lm_reader, vision_from, skip_vision)
+    sources = {"lm": Source(lm_reader), "vision": vision}
     tables = {"lm": lm_table(cfg.model)}
     if vtable is not None:
         tables["vision"] = vtable

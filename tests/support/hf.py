@@ -35,8 +35,8 @@ def hf_config(family: str):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
     if family == "qwen2_5_vl":
         return Qwen2_5_VLConfig(
-            text_config=_lm_kwargs(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                    "rope_theta": 1e6}),
+            text_config=_lm_kwargs(bos_token_id=1, eos_token_id=2, rope_parameters={
+                "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
             vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
                                fullatt_block_indexes=[1]),
             tie_word_embeddings=True, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
