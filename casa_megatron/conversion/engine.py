@@ -135,11 +135,15 @@ def _account_optional(optional_missing: List[str], report: ImportReport) -> None
 
 def _partial_casa(optional_missing: List[str], bindings: Dict[str, Binding]) -> List[str]:
     """A layer's CASA weights come all from the checkpoint or all from self-attention."""
-    missing_layers = {n.rsplit(".casa_", 1)[0] for n in optional_missing if not n.endswith("casa_gate")}
-    partial = sorted({b.megatron for b in bindings.values() if b.optional and not b.megatron.endswith("casa_gate")
-                      and b.megatron.rsplit(".casa_", 1)[0] in missing_layers
-                      and b.megatron not in optional_missing})
-    return [_listing("CASA tensors present for only part of a layer", partial)] if partial else []
+    def layer(name: str) -> str:
+        return name.rsplit(".casa_", 1)[0]
+
+    missing = [n for n in optional_missing if not n.endswith("casa_gate")]
+    present_layers = {layer(b.megatron) for b in bindings.values() if b.optional
+                      and not b.megatron.endswith("casa_gate") and b.megatron not in optional_missing}
+    partial = [f"{', '.join(bindings[n].hf)} (for {n})" for n in missing if layer(n) in present_layers]
+    return [_listing("missing CASA tensors of a layer whose other CASA tensors are present", partial)] \
+        if partial else []
 
 
 def _unexpected(sources: Dict[str, Source], read: set, report: ImportReport, tied: bool) -> List[str]:
