@@ -6,7 +6,7 @@ Output folder::
     OUT/
       weights/             megatron dist checkpoint of the whole model (torch_dist, TP=1/PP=1 keys)
       architecture.yaml    model fields the weights fix (model.lm from config.json, vision, fusion)
-      recipe.yaml          the resolved recipe the import was made with
+      model.yaml           the resolved model config the import was made with
       import_report.json   every parameter's origin; HF tensors not imported or unused, and why
       hf_config.json       the source config.json
       tokenizer / processor / chat-template files copied from the source
@@ -58,15 +58,27 @@ class ImportResult:
 
 def resolve_config(recipe: Optional[str], overrides: Sequence[str], arch: HFArchitecture,
                    vision_fields: Optional[dict], hf_dir: str) -> TrainConfig:
-    """The recipe with the HF architecture filled in; contradictions name both values."""
-    explicit = yaml.safe_load(Path(recipe).read_text()) or {} if recipe else {}
-    explicit = apply_overrides(explicit, overrides)
-    explicit.setdefault("checkpoint", {})["pretrained"] = None  # this import is what it would point at
+    """The recipe with the HF architecture filled in; contradictions name both values.
+
+    Only the recipe's ``model`` (and ``seed``) matter to the weights: data, parallelism,
+    precision, optimizer and checkpoint settings are the training run's and are not validated
+    here (the recipe's shard folder need not exist on the machine that converts, its bf16 needs
+    no GPU here, and ``checkpoint.pretrained`` is this import's output)."""
+    explicit = raw_recipe(recipe, overrides)
+    explicit = {k: explicit[k] for k in ("model", "seed") if k in explicit}
     architecture = {"lm": arch.lm}
     if vision_fields:
         architecture["vision"] = vision_fields
     merged = merge_architecture(explicit, architecture, f"{hf_dir}/config.json")
     return load_config_dict(TrainConfig, merged)
+
+
+def raw_recipe(recipe: Optional[str], overrides: Sequence[str]) -> dict:
+    """The recipe's YAML with the overrides applied (no defaults: what the user set)."""
+    explicit = (yaml.safe_load(Path(recipe).read_text()) or {}) if recipe else {}
+    if not isinstance(explicit, dict):
+        raise ConversionError(f"--config {recipe}: not a YAML mapping")
+    return apply_overrides(explicit, overrides)
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -159,7 +171,7 @@ def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: I
               "dtype": dtype if dtype != "auto" else (arch.torch_dtype or "float32")}
     (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
         {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
-    save_config(cfg, tmp / "recipe.yaml")
+    save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to
     (tmp / "import_report.json").write_text(json.dumps({"source": source, **report.to_json()}, indent=1))
     shutil.copy2(Path(hf_dir) / "config.json", tmp / "hf_config.json")
     for folder in [Path(hf_dir)] + ([Path(vision_from)] if vision_from else []):
