@@ -1,6 +1,7 @@
 """Import at TP=1 through the CLI (``python -m casa_megatron.conversion``), then train at TP=2 +
-SP from ``checkpoint.pretrained``: losses finite and falling; a checkpoint to resume from takes
-precedence over the pretrained weights."""
+SP from ``checkpoint.pretrained``: losses finite and falling; PP=2 (tied embeddings split over
+two stages) follows the same curve; a checkpoint to resume from takes precedence over the
+pretrained weights."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support.dist import run_distributed
 from support.hf import make_hf_model, save_hf_model
 
@@ -71,6 +73,13 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(l) for l in losses)
     assert losses[2] < losses[0], losses
+
+    pp_dir = tmp_path / "run_pp2"
+    run_distributed(_train, world_size=2, recipe=str(recipe),
+                    overrides=[*common[:1], f"run_dir={pp_dir}", "tracking.enabled=false",
+                               "parallel.pipeline_model_parallel_size=2"])
+    pp_losses = [json.loads(l)["loss"] for l in (pp_dir / "metrics.jsonl").read_text().splitlines()]
+    assert pp_losses == pytest.approx(losses, rel=1e-4)  # the tied weight's two copies stay in sync
 
     again = run_distributed(_train, world_size=2, recipe=str(recipe), overrides=[*common, "train_steps=5"])
     assert [r["loads"] for r in again] == [[]] * 2  # resumed from run_dir/checkpoints instead
