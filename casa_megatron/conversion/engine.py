@@ -40,11 +40,13 @@ class Source:
     """Where a component's tensors come from. ``reader`` None: the component is fresh
     (``reason`` says why). ``skipped``: ``(reader, prefix)`` whose tensors under the prefix are
     not imported and reported as such with ``reason`` (pending vision table, or skipped on
-    request): never silently dropped, never "unexpected"."""
+    request): never silently dropped, never "unexpected". ``only``: the rest of the reader's
+    tensors are reported as not imported (the LM of a ``--vision-from`` folder)."""
 
     reader: object = None
     reason: str = ""
     skipped: Optional[Tuple[object, str]] = None
+    only: Optional[str] = None  # this folder serves only tensors under this prefix (--vision-from)
 
 
 @dataclass
@@ -152,8 +154,13 @@ def _unexpected(sources: Dict[str, Source], read: set, report: ImportReport, tie
     skipped = [(s.skipped[0], s.skipped[1], s.reason) for s in live if s.skipped]
     unexpected = []
     for reader in readers.values():
+        users = [s for s in live if reader is s.reader or (s.skipped and reader is s.skipped[0])]
+        scopes = [s.only for s in users]
         for name in reader.names():
             if name in read:
+                continue
+            if scopes and all(scope is not None and not name.startswith(scope) for scope in scopes):
+                report.not_imported[name] = f"outside {scopes[0]}*: only that part of this folder is used"
                 continue
             why = next((w for p, w in INTENTIONALLY_UNUSED if p.match(name)), None)
             if why is None and tied and name == "lm_head.weight":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,14 @@ def raw_recipe(recipe: Optional[str], overrides: Sequence[str]) -> dict:
     return apply_overrides(explicit, overrides)
 
 
+def _phase_logger(start: float, enabled: bool):
+    """``import-hf [12.3 s] phase`` lines on stderr (the benchmark reads them)."""
+    def log(phase: str) -> None:
+        if enabled:
+            print(f"import-hf [{time.perf_counter() - start:.1f} s] {phase}", file=sys.stderr, flush=True)
+    return log
+
+
 def _check_output(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConversionError(f"output {out} already exists and is not empty (it may hold a checkpoint); "
@@ -103,21 +112,25 @@ def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from
     if kind is None:
         return Source(reason="not in the source checkpoint (LM only): initialised fresh"), None
     reader = SafetensorsReader(vision_from) if vision_from else lm_reader
+    only = "visual." if vision_from else None
     if skip_vision:
-        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual.")), None
+        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
+                      only=only), None
     if kind not in VISION_TABLES:
         why = PENDING_VISION.get(kind, f"no vision table for {kind!r}")
-        return Source(reason=why, skipped=(reader, "visual.")), None
+        return Source(reason=why, skipped=(reader, "visual."), only=only), None
     if cfg.model.vision.encoder != kind:
         raise ConversionError(f"{where} holds a {kind!r} vision encoder but the recipe has model.vision.encoder="
                               f"{cfg.model.vision.encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
-    return Source(reader), vision_table(cfg.model, kind)
+    return Source(reader, only=only), vision_table(cfg.model, kind)
 
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
               force: bool = False, vision_from: Optional[str] = None, skip_vision: bool = False,
-              dtype: str = "auto", progress: bool = True) -> ImportResult:
+              dtype: str = "auto", progress: bool = True, phases: bool = False) -> ImportResult:
+    """See the module docstring; ``progress``: tqdm bar, ``phases``: timed phase lines on stderr."""
     start = time.perf_counter()
+    log = _phase_logger(start, phases)
     out = Path(out_dir)
     _check_output(out, force)
     arch = read_hf_config(hf_dir)
@@ -147,17 +160,21 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     from casa_megatron.training.pretrained import save_model_weights
 
     initialize_parallel(1, 1, cfg.seed)
+    log("building the model")
     model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, _dtype(dtype, arch))
+    log("loading weights")
     report = load_weights(model, tables, sources, progress=progress)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        save_model_weights(model, tmp / WEIGHTS_DIR)
+        log("saving the dist checkpoint")
+        save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
         _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, dtype)
         _publish(tmp, out, force)
+        log("done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

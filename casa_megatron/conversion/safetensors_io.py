@@ -54,7 +54,6 @@ class SafetensorsReader:
                     self._where[name] = (file, key)
                     self._shapes[name] = tuple(piece.get_shape())
                     self._dtypes[name] = piece.get_dtype()
-        self._handles: Dict[Path, object] = {}
 
     def _files(self) -> List[Path]:
         index = self.folder / INDEX
@@ -87,19 +86,15 @@ class SafetensorsReader:
         return self._dtypes[name]
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of its file; the file is closed again, so its mapped pages
+        never pile up in this process's memory while the whole checkpoint is streamed."""
         file, key = self._where[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(key)
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(key)
 
     def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)
-
-    def close(self) -> None:
-        self._handles.clear()
-
 
 class DictReader:
     """The reader interface over in-memory tensors (tests, and round trips without files)."""
@@ -122,5 +117,3 @@ class DictReader:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def close(self) -> None:
-        pass

@@ -147,6 +147,8 @@ class PadVocab(Transform):
 
     def to_megatron(self, hf: Sequence[Tensor]) -> Tensor:
         (t,) = hf
+        if t.shape[0] == self.padded_vocab_size:  # nothing to pad: no copy of a 600 MB embedding
+            return t
         return torch.nn.functional.pad(t, (0, 0, 0, self.padded_vocab_size - t.shape[0]))
 
     def to_hf(self, tensor: Tensor) -> List[Tensor]:

@@ -192,3 +192,47 @@ def test_bad_tensors_are_listed(hf_dirs):
     assert "model.layers.0.self_attn.k_proj.weight: checkpoint (16, 64) vs model (32, 64)" in m["shape"]
     assert "missing CASA tensors of a layer whose other CASA tensors are present (3)" in m["partial_casa"]
     assert "model.layers.1.casa_attn.q_proj.weight, model.layers.1.casa_attn.k_proj.weight" in m["partial_casa"]
+
+
+def _publish_worker(rank, world, hf_dirs, root):
+    from pathlib import Path
+
+    from casa_megatron.conversion.importer import import_hf
+    from casa_megatron.training import pretrained
+
+    out = Path(root) / "out"
+    original = pretrained.save_model_weights
+
+    def dies_half_way(model, directory, release_model=False):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt("killed while saving")
+
+    pretrained.save_model_weights = dies_half_way
+    try:
+        import_hf(hf_dirs["qwen2"], str(out), progress=False)
+    except KeyboardInterrupt:
+        pass
+    interrupted = sorted(p.name for p in Path(root).iterdir())
+    pretrained.save_model_weights = original
+    out.mkdir()
+    (out / "old_checkpoint_marker").write_text("x")
+    result = import_hf(hf_dirs["helium"], str(out), force=True, vision_from=hf_dirs["qwen2_5_vl"], progress=False)
+    why = result.report.not_imported
+    return {"interrupted": interrupted, "replaced": sorted(p.name for p in Path(root).iterdir()),
+            "files": sorted(p.name for p in out.iterdir()),
+            "visual": sorted({w for n, w in why.items() if n.startswith("visual.")}),
+            "n_visual": sum(n.startswith("visual.") for n in why),
+            "others": sorted({w for n, w in why.items() if not n.startswith("visual.")})}
+
+
+def test_interrupted_import_leaves_nothing_and_force_replaces(hf_dirs, tmp_path):
+    """A save killed half-way leaves neither OUT nor its temporary folder; --force replaces an
+    existing OUT only once the new one is complete. Also: Helium LM + --vision-from a
+    Qwen2.5-VL folder (whose vision tensors take the pending path, reported)."""
+    r, = run_distributed(_publish_worker, world_size=1, hf_dirs=hf_dirs, root=str(tmp_path))
+    assert r["interrupted"] == []
+    assert r["replaced"] == ["out"]
+    assert "old_checkpoint_marker" not in r["files"] and {"weights", "architecture.yaml"} <= set(r["files"])
+    assert r["n_visual"] == 30 and len(r["visual"]) == 1 and "pending vision table" in r["visual"][0]
+    assert r["others"] == ["outside visual.*: only that part of this folder is used"]  # its LM

@@ -83,3 +83,11 @@ def test_index_naming_missing_shards_is_refused(tmp_path):
         {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(ConversionError, match=r"names shard files that do not exist: \['model-00001-of-00002"):
         import_hf(str(folder), str(tmp_path / "out"))
+
+
+def test_vision_from_must_hold_a_vision_encoder_and_be_the_only_one(tmp_path):
+    helium, qwen = _folder(tmp_path, hf_config("helium"), "helium"), _folder(tmp_path, hf_config("qwen2_5_vl"), "vl")
+    with pytest.raises(ConversionError, match="its config.json has no vision encoder"):
+        import_hf(str(helium), str(tmp_path / "out"), vision_from=str(helium))
+    with pytest.raises(ConversionError, match="already holds a vision encoder"):
+        import_hf(str(qwen), str(tmp_path / "out"), vision_from=str(qwen))
