@@ -36,7 +36,7 @@ import yaml
 from casa_megatron.config.loader import apply_overrides, load_config_dict, save_config
 from casa_megatron.config.pretrained import ARCHITECTURE_FILE, WEIGHTS_DIR, architecture_of, merge_architecture
 from casa_megatron.config.schema import ConfigError, ParallelConfig, TrainConfig
-from casa_megatron.conversion.engine import ImportReport, Source, load_weights
+from casa_megatron.conversion.engine import ImportReport, Source, component_of, load_weights
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_config import HFArchitecture, read_hf_config
 from casa_megatron.conversion.safetensors_io import SafetensorsReader
@@ -161,9 +161,11 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
 
     initialize_parallel(1, 1, cfg.seed)
     log("building the model")
-    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, _dtype(dtype, arch))
+    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, _dtype(dtype, arch),
+                      skip_init=tuple(tables))  # every weight of these is overwritten (engine accounting)
     log("loading weights")
     report = load_weights(model, tables, sources, progress=progress)
+    _check_accounted(model, report, tables)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -179,6 +181,14 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ImportResult(out, cfg, report, time.perf_counter() - start)
+
+
+def _check_accounted(model, report: ImportReport, tables) -> None:
+    """Components built without initialisation must have had every weight written."""
+    done = set(report.imported) | set(report.casa_from_self_attention) | set(report.zero_initialised)
+    left = [n for n, _ in model.named_parameters() if component_of(n) in tables and n not in done]
+    if left:
+        raise ConversionError(f"internal: parameters neither imported nor initialised: {left}")
 
 
 def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,

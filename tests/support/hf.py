@@ -33,6 +33,8 @@ def hf_config(family: str):
         return LlamaConfig(**_lm_kwargs(head_dim=24, rope_parameters={
             "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
+    if family == "llama_linear":  # linear RoPE scaling (positions / factor)
+        return LlamaConfig(**_lm_kwargs(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}))
     if family == "qwen2_5_vl":
         return Qwen2_5_VLConfig(
             text_config=_lm_kwargs(bos_token_id=1, eos_token_id=2, rope_parameters={
