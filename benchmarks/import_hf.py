@@ -5,7 +5,7 @@ checkpoint (random bf16 weights; nothing is downloaded).
 
 1. transformers builds ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-3B's published
    config on the *meta* device (names and shapes only, no memory) and writes its config.json;
-   the random bf16 tensors are then generated and written shard by shard (<= 2 GB per
+   the random bf16 tensors are then generated and written shard by shard (<= 2 GiB per
    ``model-XXXXX-of-YYYYY.safetensors`` + index JSON, hub key layout, no ``lm_head``: tied), so
    this script never holds the model either.
 2. ``python -m casa_megatron.conversion import-hf`` runs in a child process with the recipe

@@ -96,6 +96,11 @@ class CASAVLM(LanguageModule):
         self._tag_new_parameters()
         self.apply_freezing()
 
+    def _set_attention_backend(self) -> None:
+        """No-op: LanguageModule's env-var handshake (NVTE_*_ATTN, asserting on the user's
+        values) belongs to megatron's GPTModel; our kernels are chosen by
+        ``model.attention_backend`` in specs.py."""
+
     # --- parameters -------------------------------------------------------------------------
     def casa_layers(self) -> List[CASATransformerLayer]:
         return [l for l in self.decoder.layers if isinstance(l, CASATransformerLayer)]
