@@ -43,7 +43,10 @@ def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
     path = hf_dir / "config.json"
     if not path.exists():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise ConversionError(

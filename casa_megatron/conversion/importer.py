@@ -134,6 +134,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     out = Path(out_dir)
     _check_output(out, force)
     arch = read_hf_config(hf_dir)
+    params_dtype = _dtype(dtype, arch)
     vision_arch = arch
     if vision_from:
         vision_arch = read_hf_config(vision_from)
@@ -161,7 +162,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
 
     initialize_parallel(1, 1, cfg.seed)
     log("building the model")
-    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, _dtype(dtype, arch),
+    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, params_dtype,
                       skip_init=tuple(tables))  # every weight of these is overwritten (engine accounting)
     log("loading weights")
     report = load_weights(model, tables, sources, progress=progress)
@@ -174,7 +175,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         log("saving the dist checkpoint")
         save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
-        _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, dtype)
+        _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype)
         _publish(tmp, out, force)
         log("done")
     except BaseException:
@@ -192,10 +193,10 @@ def _check_accounted(model, report: ImportReport, tables) -> None:
 
 
 def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,
-                    vision_from: Optional[str], dtype: str) -> None:
+                    vision_from: Optional[str], dtype: torch.dtype) -> None:
     source = {"hf_dir": str(Path(hf_dir).resolve()), "family": arch.family, "model_type": arch.model_type,
               "vision_from": str(Path(vision_from).resolve()) if vision_from else None,
-              "dtype": dtype if dtype != "auto" else (arch.torch_dtype or "float32")}
+              "dtype": str(dtype).replace("torch.", "")}
     (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
         {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
     save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to

@@ -91,3 +91,14 @@ def test_vision_from_must_hold_a_vision_encoder_and_be_the_only_one(tmp_path):
         import_hf(str(helium), str(tmp_path / "out"), vision_from=str(helium))
     with pytest.raises(ConversionError, match="already holds a vision encoder"):
         import_hf(str(qwen), str(tmp_path / "out"), vision_from=str(qwen))
+
+
+def test_cli_reports_errors_with_status_2(tmp_path, capsys):
+    from casa_megatron.conversion.cli import main
+
+    folder = _folder(tmp_path, hf_config("qwen2"))
+    assert main(["import-hf", str(folder), str(tmp_path / "out"), "--dtype", "fp8"]) == 2
+    assert "casa-convert: error: --dtype 'fp8' not in" in capsys.readouterr().err
+    (folder / "config.json").write_text("{not json")
+    assert main(["import-hf", str(folder), str(tmp_path / "out")]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err
