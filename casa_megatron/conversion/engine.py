@@ -98,7 +98,9 @@ def plan_import(params: Dict[str, torch.Tensor], tables: Dict[str, MappingTable]
     read: set = set()
     for name, binding in bindings.items():
         reader = sources[binding.component].reader
-        if all(n in reader for n in binding.hf):
+        primary = all(n in reader for n in binding.hf)
+        read.update(n for n in (binding.hf if primary else binding.hf + binding.fallback) if n in reader)
+        if primary:  # (names are marked read even when their shapes turn out wrong: one problem, one line)
             names = binding.hf
         elif binding.fallback and all(n in reader for n in binding.fallback):
             names = binding.fallback
@@ -115,7 +117,6 @@ def plan_import(params: Dict[str, torch.Tensor], tables: Dict[str, MappingTable]
                            for n, a, e in zip(names, actual, expected) if tuple(e) != a]
             continue
         steps.append(_Step(binding, names))
-        read.update(names)
     _account_optional(optional_missing, report)
     unexpected = _unexpected(sources, read, report, tied_embeddings)
     problems = [_listing(kind, items) for kind, items in (("missing tensors", missing),

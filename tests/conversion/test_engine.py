@@ -190,6 +190,7 @@ def test_bad_tensors_are_listed(hf_dirs):
     assert "unexpected tensors (2): model.layers.9.mlp.up_proj.weight, visual.blocks.0.norm1.weight" \
         in m["unexpected"]
     assert "model.layers.0.self_attn.k_proj.weight: checkpoint (16, 64) vs model (32, 64)" in m["shape"]
+    assert "unexpected" not in m["shape"] and "missing" not in m["shape"]  # only the real problem
     assert "missing CASA tensors of a layer whose other CASA tensors are present (3)" in m["partial_casa"]
     assert "model.layers.1.casa_attn.q_proj.weight, model.layers.1.casa_attn.k_proj.weight" in m["partial_casa"]
 
