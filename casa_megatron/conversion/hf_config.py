@@ -35,7 +35,6 @@ class HFArchitecture:
     vision_kind: Optional[str] = None  # "qwen2_5_vl" when the checkpoint holds a vision encoder
     vision: dict = field(default_factory=dict)  # model.vision fields (when a reader is registered)
     torch_dtype: Optional[str] = None
-    hf_config: object = None
 
 
 def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
@@ -59,7 +58,7 @@ def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
     text = getattr(config, "text_config", None) if family == "qwen2_5_vl" else config
     lm = _lm_fields(text, family, path)
     lm["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
-    arch = HFArchitecture(family=family, model_type=model_type, lm=lm, hf_config=config,
+    arch = HFArchitecture(family=family, model_type=model_type, lm=lm,
                           torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype")
                                           or (raw.get("text_config") or {}).get("dtype") or "") or None)
     if family == "qwen2_5_vl":

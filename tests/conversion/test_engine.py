@@ -31,7 +31,7 @@ def hf_dirs(tmp_path_factory):
     new_layout = root / "qwen2_5_vl_new_layout"
     new_layout.mkdir()
     (new_layout / "config.json").write_text((root / "qwen2_5_vl" / "config.json").read_text())
-    state = {k: v.clone().contiguous() for k, v in models["qwen2_5_vl"].state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.clone().contiguous() for k, v in models["qwen2_5_vl"].state_dict().items()}  # lm_head too
     assert any(k.startswith("model.language_model.") for k in state)
     save_file(state, str(new_layout / "model.safetensors"))
     dirs["qwen2_5_vl_new_layout"] = str(new_layout)
@@ -81,6 +81,7 @@ def _nan_fill_worker(rank, world, hf_dirs):
             "hf_all": reader.names(), "hf_accounted": sorted(read | set(report.unused) | set(report.not_imported)),
             "not_imported": sorted(set(report.not_imported.values())),
             "gates": [params[n].item() for n in report.zero_initialised],
+            "unused": report.unused,
         }
     return out
 
@@ -99,8 +100,9 @@ def test_every_parameter_written_and_every_hf_tensor_read(hf_dirs):
     assert report["helium_gated_shared"]["gates"] == [0.0, 0.0, 0.0, 0.0]
     for vl in ("qwen2_5_vl_casa", "qwen2_5_vl_new_layout"):
         assert report[vl]["not_imported"] and "pending vision table" in report[vl]["not_imported"][0]
-    new = report["qwen2_5_vl_new_layout"]
-    assert new["hf_all"] == report["qwen2_5_vl_casa"]["hf_all"]  # both layouts normalise to hub names
+    new = report["qwen2_5_vl_new_layout"]  # in-memory layout, with the tied lm_head stored
+    assert new["unused"] == {"lm_head.weight": "tied to model.embed_tokens.weight (tie_word_embeddings)"}
+    assert sorted(set(new["hf_all"]) - {"lm_head.weight"}) == report["qwen2_5_vl_casa"]["hf_all"]
 
 
 def _round_trip_worker(rank, world, fusion):
