@@ -7,6 +7,8 @@ takes these fields from the checkpoint: a field the recipe leaves unset is fille
 the recipe sets to another value is an error naming both values. Everything else (freezing,
 trainable ViT blocks, RoPE scheme of image keys, kernels, parallelism, data, optimizer) stays
 the recipe's. The importer applies the same rule between the recipe and the HF ``config.json``.
+``checkpoint.pretrained`` may also name a training checkpoint: a later stage (video after
+images) then starts from an earlier stage's weights and architecture with a fresh optimizer.
 
 Only fields that a recipe *sets* (YAML or ``key=value``) are compared, so this works on the
 explicit dict before defaults are merged in.
@@ -25,6 +27,7 @@ from casa_megatron.config.errors import ConfigError
 
 ARCHITECTURE_FILE = "architecture.yaml"
 WEIGHTS_DIR = "weights"
+RUN_CONFIG = "config.yaml"  # the run config inside every training checkpoint (training/checkpoint.py)
 # From the checkpoint when unset, but a recipe may change them (they shape no weight).
 SOFT_FIELDS = {"lm": {"init_method_std", "max_position_embeddings"}, "vision": set(), "fusion": set()}
 TRAINING_VISION_FIELDS = ("trainable_blocks", "projector_trainable")
@@ -33,24 +36,44 @@ FUSION_FIELDS = ("mechanism", "placement", "share_projections", "cross_attention
 
 def architecture_of(model) -> dict:
     """The architecture part of a resolved ModelConfig, as plain data."""
-    full = dataclasses.asdict(model)
-    return {"lm": full["lm"],
-            "vision": {k: v for k, v in full["vision"].items() if k not in TRAINING_VISION_FIELDS},
-            "fusion": {k: full["fusion"][k] for k in FUSION_FIELDS}}
+    return architecture_from_dict(dataclasses.asdict(model))
+
+
+def architecture_from_dict(full: dict) -> dict:
+    """The same from a model config dict (a run's saved ``config.yaml``; older ones may lack fields)."""
+    return {"lm": dict(full.get("lm") or {}),
+            "vision": {k: v for k, v in (full.get("vision") or {}).items() if k not in TRAINING_VISION_FIELDS},
+            "fusion": {k: v for k, v in (full.get("fusion") or {}).items() if k in FUSION_FIELDS}}
+
+
+def resolve_pretrained_dir(directory: str | Path) -> Path:
+    """``checkpoint.pretrained`` may name an import folder, one training checkpoint
+    (``iter_N/``), or a run's checkpoint folder (its ``latest`` pointer is followed)."""
+    path = Path(directory)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    return path
 
 
 def read_architecture(directory: str | Path) -> dict:
-    path = Path(directory) / ARCHITECTURE_FILE
-    if not Path(directory).is_dir():
+    """``architecture.yaml`` of an import, or the ``model`` of a training checkpoint's
+    ``config.yaml`` (a later stage starting from an earlier one's weights, fresh optimizer)."""
+    path = resolve_pretrained_dir(directory)
+    if not path.is_dir():
         raise ConfigError(f"checkpoint.pretrained={str(directory)!r}: no such directory; create it with "
                           f"`casa-convert import-hf HF_DIR {directory} --config RECIPE.yaml`")
-    if not path.exists():
-        raise ConfigError(f"checkpoint.pretrained={str(directory)!r} has no {ARCHITECTURE_FILE}: not a "
-                          "checkpoint written by `casa-convert import-hf` (or an interrupted one)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data.get("model"), dict):
-        raise ConfigError(f"{path}: no 'model' mapping")
-    return data
+    if (path / ARCHITECTURE_FILE).exists():
+        data = yaml.safe_load((path / ARCHITECTURE_FILE).read_text()) or {}
+        if not isinstance(data.get("model"), dict):
+            raise ConfigError(f"{path / ARCHITECTURE_FILE}: no 'model' mapping")
+        return data
+    if (path / RUN_CONFIG).exists() and (path / "metadata.json").exists():
+        run = yaml.safe_load((path / RUN_CONFIG).read_text()) or {}
+        if not isinstance(run.get("model"), dict):
+            raise ConfigError(f"{path / RUN_CONFIG}: no 'model' mapping")
+        return {"model": architecture_from_dict(run["model"]), "source": {"training_checkpoint": str(path)}}
+    raise ConfigError(f"checkpoint.pretrained={str(directory)!r} has no {ARCHITECTURE_FILE}: neither a folder "
+                      "written by `casa-convert import-hf` (or an interrupted one) nor a training checkpoint")
 
 
 def merge_architecture(explicit: dict, architecture: dict, source: str) -> dict:

@@ -1,4 +1,5 @@
 """Start a run from an imported checkpoint (``checkpoint.pretrained=DIR``): weights only.
+(DIR may also be a training checkpoint: a later stage starting from an earlier one's weights.)
 
 The optimizer, scheduler and data order start fresh; a checkpoint to resume from in
 ``checkpoint.dir`` takes precedence (a restarted job continues its own run instead of going
@@ -20,7 +21,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-from casa_megatron.config.pretrained import WEIGHTS_DIR
+from casa_megatron.config.pretrained import WEIGHTS_DIR, resolve_pretrained_dir
 from casa_megatron.training import checkpoint as checkpointing
 from casa_megatron.training.checkpoint import CheckpointError
 
@@ -61,10 +62,13 @@ def _replace_views_releasing_params(sharded: dict, model) -> None:
 
 
 def load_model_weights(model, directory: str | Path) -> None:
-    path = Path(directory) / WEIGHTS_DIR
+    """The model part of an import (``DIR/weights``) or of a training checkpoint (its
+    optimizer state is not read)."""
+    path = resolve_pretrained_dir(directory)
+    path = path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
     if not (path / "metadata.json").exists():
-        raise CheckpointError(f"{path}: no imported weights (expected a dist checkpoint written by "
-                              "`casa-convert import-hf`)")
+        raise CheckpointError(f"{path}: no model weights (expected a dist checkpoint written by "
+                              "`casa-convert import-hf` or a training checkpoint)")
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes

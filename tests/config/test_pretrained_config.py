@@ -88,3 +88,20 @@ def test_paper_recipes_validate_with_the_real_architectures(tmp_path):
     cfg = load_config(TrainConfig, "configs/helium2b_casa_parallel.yaml",
                       [*base, f"checkpoint.pretrained={_paper_architecture(tmp_path, 'helium', helium)}"])
     assert (cfg.model.lm.family, cfg.model.lm.norm_epsilon, cfg.model.lm.num_layers) == ("helium", 1e-8, 28)
+
+
+def test_a_training_checkpoint_gives_its_run_architecture(tmp_path):
+    """A later stage may start from an earlier stage's checkpoint (``latest`` is followed)."""
+    from casa_megatron.config import save_config
+
+    earlier = load_config(TrainConfig, None, ["model.lm.num_layers=6", "model.fusion.every_n=3"])
+    step = tmp_path / "checkpoints" / "iter_0000010"
+    step.mkdir(parents=True)
+    save_config(earlier, step / "config.yaml")
+    (step / "metadata.json").write_text("{}")
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000010")
+    cfg = load_config(TrainConfig, None, [f"checkpoint.pretrained={tmp_path / 'checkpoints'}",
+                                          "model.vision.trainable_blocks=0"])  # a training choice: free
+    assert cfg.model.lm.num_layers == 6 and cfg.model.fusion.fusion_layers(6) == [2, 5]
+    with pytest.raises(ConfigError, match="model.lm.num_layers: recipe 4 vs"):
+        load_config(TrainConfig, None, [f"checkpoint.pretrained={step}", "model.lm.num_layers=4"])

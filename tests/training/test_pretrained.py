@@ -1,7 +1,7 @@
 """Import at TP=1 through the CLI (``python -m casa_megatron.conversion``), then train at TP=2 +
 SP from ``checkpoint.pretrained``: losses finite and falling; PP=2 (tied embeddings split over
 two stages) follows the same curve; a checkpoint to resume from takes precedence over the
-pretrained weights."""
+pretrained weights; a next stage starts from that training checkpoint with a fresh optimizer."""
 
 from __future__ import annotations
 
@@ -85,3 +85,11 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     assert [r["loads"] for r in again] == [[]] * 2  # resumed from run_dir/checkpoints instead
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+    stage2 = tmp_path / "stage2"  # weights (and architecture) of run_dir's latest checkpoint, step 1 again
+    nxt, = run_distributed(_train, world_size=1, recipe=str(recipe),
+                           overrides=[f"checkpoint.pretrained={run_dir / 'checkpoints'}", f"run_dir={stage2}",
+                                      "tracking.enabled=false", "train_steps=1"])
+    assert nxt["loads"] == [str(run_dir / "checkpoints")]
+    first = json.loads((stage2 / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] < losses[0] - 0.05  # same first batch, trained weights
