@@ -30,12 +30,14 @@ setup(
         "pillow",  # image decoding, synthetic dataset rendering
         "transformers>=5.0",  # AutoTokenizer; Qwen2.5-VL oracle in tests (get_rope_index API of 5.x)
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
-        "tqdm",  # progress bars of the data tools
+        "tqdm",  # progress bars of the data tools and the converter
+        "safetensors",  # Hugging Face checkpoints, read tensor by tensor (conversion/)
     ],
     extras_require={
         # DALI for CUDA 13 drivers (the lent GPU machines); on CUDA 12 use nvidia-dali-cuda120.
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", DALI],
         "test": ["pytest>=8", DALI],
     },
-    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main"]},
+    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
+                                        "casa-convert=casa_megatron.conversion.cli:main"]},
 )

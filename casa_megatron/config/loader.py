@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Sequence, Type, TypeVar
 
 import yaml
 
+from casa_megatron.config.pretrained import apply_pretrained_architecture
 from casa_megatron.config.schema import ConfigError
 
 T = TypeVar("T")
@@ -58,10 +60,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def load_config(cls: Type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     data: dict = to_dict(cls())
+    loaded: dict = {}
     if yaml_path is not None:
         loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         data = _deep_merge(data, loaded)
     data = apply_overrides(data, overrides)
+    # checkpoint.pretrained: the architecture comes from the imported checkpoint (config/pretrained.py)
+    data = apply_pretrained_architecture(data, apply_overrides(copy.deepcopy(loaded), overrides))
     config = _from_dict(cls, data)
     if hasattr(config, "validate"):
         config.validate()
@@ -85,3 +90,11 @@ def save_config(config: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     tmp.replace(path)
+
+
+def load_config_dict(cls: Type[T], explicit: dict) -> T:
+    """Like :func:`load_config` from an already-merged explicit dict (YAML + overrides)."""
+    config = _from_dict(cls, _deep_merge(to_dict(cls()), explicit))
+    if hasattr(config, "validate"):
+        config.validate()
+    return config

@@ -22,11 +22,49 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "torch", "flash", "te", "torch_varlen")
 
 
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "helium", "llama")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling read from a Hugging Face config (``rope_parameters``).
+
+    ``linear`` divides positions by ``factor``; ``llama3`` is Llama 3.1's smooth per-frequency
+    scaling (megatron-core's implementation, with all four of its parameters passed through).
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ConfigError(f"model.lm.rope_scaling.type={self.type!r} not in {ROPE_SCALING_TYPES}")
+        if self.type != "none" and self.factor <= 0:
+            raise ConfigError(f"model.lm.rope_scaling.factor={self.factor} must be > 0")
+
+
 @dataclass
 class LanguageModelConfig:
-    """GPT-style decoder: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2 / Helium family)."""
+    """GPT-style decoder: RMSNorm, SwiGLU, RoPE, GQA, optional QKV bias (Qwen2 / Helium family).
+
+    ``family`` names the Hugging Face model family the weights follow (set by the importer;
+    ``generic`` = our own models): it picks the conversion table, e.g. Helium's interleaved RoPE
+    is stored permuted to megatron's rotate-half layout and permuted back on export.
+    ``make_vocab_size_divisible_by``: the embedding and output layer hold ``padded_vocab_size``
+    rows so every TP size divides them (independent of TP, so a checkpoint loads at any TP);
+    the padded logits are masked out of the loss and sliced off for export.
+    ``mrope_section``: Qwen2.5-VL's multimodal RoPE split of the rotary half-dimension, kept
+    from the HF config for the insertion baseline's multimodal positions.
+    """
 
     vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 1
+    tie_word_embeddings: bool = False
+    family: str = "generic"
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -38,6 +76,7 @@ class LanguageModelConfig:
     norm_epsilon: float = 1e-6
     max_position_embeddings: int = 4096
     init_method_std: float = 0.02
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     mrope_section: Optional[List[int]] = None  # rotary frequency pairs per (t, h, w); None: default split
 
     @property
@@ -57,7 +96,18 @@ class LanguageModelConfig:
         hw = (3 * half) // 8
         return [half - 2 * hw, hw, hw]
 
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
+
     def validate(self) -> None:
+        self.rope_scaling.validate()
+        if self.family not in LM_FAMILIES:
+            raise ConfigError(f"model.lm.family={self.family!r} not in {LM_FAMILIES}")
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError(f"model.lm.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} "
+                              "must be >= 1")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.lm.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -294,6 +344,12 @@ class ParallelConfig:
                 raise ConfigError(
                     f"parallel.tensor_model_parallel_size={tp} does not divide model.lm.{name}={value}"
                 )
+        if lm.padded_vocab_size % tp:
+            raise ConfigError(
+                f"parallel.tensor_model_parallel_size={tp} does not divide the padded vocabulary "
+                f"({lm.padded_vocab_size} = model.lm.vocab_size={lm.vocab_size} rounded up to "
+                f"model.lm.make_vocab_size_divisible_by={lm.make_vocab_size_divisible_by}); raise the latter"
+            )
         if model.vision.num_attention_heads % tp:
             raise ConfigError(
                 f"parallel.tensor_model_parallel_size={tp} does not divide "
@@ -355,6 +411,10 @@ class CheckpointConfig:
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM)
     resume: bool = True  # continue from the latest complete checkpoint in ``dir``
     keep_last: int = 2
+    # An imported checkpoint (``casa-convert import-hf``) to start from: weights only, with a
+    # fresh optimizer, scheduler and data order. A checkpoint in ``dir`` (resume) takes
+    # precedence. The model architecture is read from it (see casa_megatron/config/pretrained.py).
+    pretrained: Optional[str] = None
 
 
 @dataclass

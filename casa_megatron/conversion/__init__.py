@@ -1,1 +1,2 @@
-"""Hugging Face <-> megatron conversion: declarative mapping tables and typed transforms."""
+"""Hugging Face <-> megatron conversion: declarative mapping tables (tables/), typed invertible
+transforms, a streaming safetensors reader, the engine and ``casa-convert import-hf``."""

@@ -139,10 +139,14 @@ class CASATransformerLayer(MegatronModule):
     def init_casa_from_self_attention(self) -> None:
         """Copy this layer's SA projections (and its pre-SA norm) into the CASA module.
 
-        Call again after loading backbone weights (e.g. from Hugging Face). No-op when the
-        projections are shared or when CASA replaces SA (it then *is* the backbone attention).
+        Call again after loading backbone weights (e.g. from Hugging Face). No-op when CASA
+        replaces SA (it then *is* the backbone attention); with shared projections only the
+        CASA norm is new, and it is copied.
         """
-        if self.placement == "replace" or self.share_projections:
+        if self.placement == "replace":
+            return
+        _copy_norm(self.input_layernorm, self.casa_layernorm)
+        if self.share_projections:
             return
         sa_qkv, sa_proj = self.self_attention.linear_qkv, self.self_attention.linear_proj
         casa_qkv, casa_proj = self.casa_attention.linear_qkv, self.casa_attention.linear_proj
@@ -151,7 +155,6 @@ class CASATransformerLayer(MegatronModule):
             for name, value in src.state_dict().items():
                 if name in dst_state and torch.is_tensor(value) and value.shape == dst_state[name].shape:
                     dst_state[name].copy_(value)
-        _copy_norm(self.input_layernorm, self.casa_layernorm)
 
     def casa_parameters(self):
         """Parameters created for CASA (new weights; empty when projections are shared)."""

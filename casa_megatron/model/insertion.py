@@ -236,7 +236,7 @@ class InsertionVLM(CASAVLM):
         hidden = self._decode(hidden, layout, rotary)  # [L(/tp), b, h]
         if not self.post_process:
             return hidden
-        logits, _ = self.output_layer(self._text_positions(hidden, layout, b, s))  # [s, b, v/tp]
+        logits = self.output_logits(self._text_positions(hidden, layout, b, s))  # [s, b, v/tp]
         if batch.labels is None:
             return logits
         loss = tensor_parallel.vocab_parallel_cross_entropy(

@@ -17,14 +17,25 @@ from torch import Tensor
 class PositionRotary(torch.nn.Module):
     """Megatron's RotaryEmbedding, looked up at arbitrary position ids."""
 
-    def __init__(self, config: TransformerConfig, kv_channels: int, rotary_base: float):
+    def __init__(self, config: TransformerConfig, kv_channels: int, rotary_base: float, scaling=None):
+        """``scaling``: a RopeScalingConfig (HF ``rope_parameters``): ``linear`` divides positions
+        by its factor (megatron's ``seq_len_interpolation_factor``); ``llama3`` rescales the
+        frequencies with megatron's Llama 3.1 formula, given all four HF parameters (megatron's
+        constructor would pass only the factor)."""
         super().__init__()
+        kind = getattr(scaling, "type", "none")
         self.rotary = RotaryEmbedding(
             kv_channels=kv_channels,
             rotary_percent=1.0,
             rotary_base=rotary_base,
+            seq_len_interpolation_factor=scaling.factor if kind == "linear" else None,
             use_cpu_initialization=config.use_cpu_initialization,
         )
+        if kind == "llama3":
+            self.rotary.inv_freq = self.rotary._apply_scaling(
+                self.rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+                high_freq_factor=scaling.high_freq_factor,
+                original_max_position_embeddings=scaling.original_max_position_embeddings)
 
     def forward(self, position_ids: Tensor) -> Tensor:
         """position_ids [...] -> freqs [..., 1, d] (one head axis to broadcast over)."""

@@ -8,6 +8,13 @@ Pipeline contract (DESIGN.md §2): the tensor sent between stages is
 sequence-parallel). Image embeddings ride along unchanged, so each stage's CASA layers read them
 and the gradients of every stage's CASA layers flow back to the projector and encoder.
 Image tokens fill the ``si * b`` slots slot-major; unused slots are zero padding.
+
+Embeddings. megatron's :class:`LanguageModule` ties the output layer to the word embeddings
+when ``model.lm.tie_word_embeddings`` (Qwen2.5-3B): one weight at PP=1; under PP the last stage
+keeps a copy that megatron keeps equal (initial all-reduce, gradients summed over the embedding
+group) and checkpoints as the embedding. The vocabulary is padded to
+``model.lm.padded_vocab_size`` (divisible by every TP size); padded logits are set to -inf so
+they take no probability mass: the loss equals the unpadded model's.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
@@ -35,7 +42,7 @@ from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 
 
-class CASAVLM(MegatronModule):
+class CASAVLM(LanguageModule):
     def __init__(
         self,
         model: ModelConfig,
@@ -49,7 +56,9 @@ class CASAVLM(MegatronModule):
         super().__init__(config=lm_config)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads (PP)
+        # read by finalize_model_grads (PP: embedding-group all-reduce of the tied weight)
+        self.share_embeddings_and_output_weights = model.lm.tie_word_embeddings
+        self.vocab_size, self.padded_vocab_size = model.lm.vocab_size, model.lm.padded_vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.image_seq_length = image_seq_length
         self.use_te = specs.resolve_use_te(model.transformer_impl)
@@ -60,10 +69,11 @@ class CASAVLM(MegatronModule):
             raise ValueError(f"image_seq_length={image_seq_length} must be a multiple of "
                              f"tensor_model_parallel_size={self.tp} with sequence parallelism")
 
-        self.rotary = PositionRotary(lm_config, model.lm.head_dim, model.lm.rotary_base)
+        self.rotary = PositionRotary(lm_config, model.lm.head_dim, model.lm.rotary_base,
+                                     model.lm.rope_scaling)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
-                lm_config, vocab_size=model.lm.vocab_size,
+                lm_config, vocab_size=self.padded_vocab_size,
                 max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
             )
             self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
@@ -75,12 +85,19 @@ class CASAVLM(MegatronModule):
                                    post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                lm_config.hidden_size, model.lm.vocab_size, config=lm_config,
+                lm_config.hidden_size, self.padded_vocab_size, config=lm_config,
                 init_method=lm_config.init_method, bias=False, skip_bias_add=False,
                 gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
             )
+        self.setup_embeddings_and_output_layer()
         self._tag_new_parameters()
         self.apply_freezing()
+
+    def _set_attention_backend(self) -> None:
+        """No-op: LanguageModule's env-var handshake (NVTE_*_ATTN, asserting on the user's
+        values) belongs to megatron's GPTModel; our kernels are chosen by
+        ``model.attention_backend`` in specs.py."""
 
     # --- parameters -------------------------------------------------------------------------
     def casa_layers(self) -> List[CASATransformerLayer]:
@@ -196,9 +213,20 @@ class CASAVLM(MegatronModule):
         text = self.decoder(text, image_states, vision, mask, packed)  # [s(/tp), b, h]
         if not self.post_process:
             return torch.cat([text, image_states], dim=0)
-        logits, _ = self.output_layer(text)  # [s, b, v/tp]
+        logits = self.output_logits(text)  # [s, b, v/tp]
         if batch.labels is None:
             return logits
         loss = tensor_parallel.vocab_parallel_cross_entropy(
             logits.float(), batch.labels.transpose(0, 1).contiguous())  # [s, b]
         return loss.transpose(0, 1).contiguous()  # [b, s]
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """[s(/tp), b, h] -> TP-sharded logits [s, b, v_padded/tp]; padded columns are -inf."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, v_padded/tp]
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        first = self.tp_group.rank() * local  # global index of this shard's column 0
+        padded = torch.arange(first, first + local, device=logits.device) >= self.vocab_size
+        return logits.masked_fill(padded, float("-inf"))

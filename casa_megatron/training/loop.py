@@ -31,6 +31,7 @@ from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, wrap_ddp
+from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.step import forward_step
 
 TEXT_ONLY_FLOOR = (math.log(8) + math.log(2)) / 2  # synthetic task: best loss without images
@@ -70,6 +71,7 @@ def train(cfg: TrainConfig) -> dict:
 
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
+    pretrained_from = start_from_pretrained(model, cfg, run_dir)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -91,7 +93,7 @@ def train(cfg: TrainConfig) -> dict:
                            cfg.tracking.system_metrics_interval_s)
     tracker.log_params(to_dict(cfg))
     tracker.set_tags({"checkpoint_dir": str(ckpt.dir.resolve()), "resumed_from": resumed_from or "",
-                      "start_step": str(start_step)})
+                      "start_step": str(start_step), "pretrained_from": pretrained_from or ""})
     if is_logger:
         tracker.log_artifact(str(run_dir / "config.yaml"))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_logger, truncate_after=start_step)

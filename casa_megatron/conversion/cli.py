@@ -1,0 +1,57 @@
+"""``casa-convert import-hf HF_DIR OUT_DIR --config RECIPE.yaml [key=value ...]``
+(also ``python -m casa_megatron.conversion``).
+
+Imports a Hugging Face Qwen2 / Qwen2.5, Qwen2.5-VL, Helium or Llama folder (safetensors) into a
+megatron dist checkpoint that ``checkpoint.pretrained=OUT_DIR`` starts a run from, at any
+TP/PP. The HF config.json decides the LM architecture; the recipe decides fusion and the rest.
+See docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="casa-convert", description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="Hugging Face folder -> megatron dist checkpoint")
+    imp.add_argument("hf_dir", help="Hugging Face folder: config.json + safetensors (index or single file)")
+    imp.add_argument("out_dir", help="output folder (refused if it exists and is not empty, unless --force)")
+    imp.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    imp.add_argument("--config", help="recipe YAML (fusion, vision, ...); the LM comes from HF_DIR")
+    imp.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    imp.add_argument("--vision-from", help="take the vision encoder from this HF folder (e.g. Qwen2.5-VL)")
+    imp.add_argument("--skip-vision", action="store_true", help="do not import a vision encoder (reported)")
+    imp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bf16 or fp32")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.importer import import_hf
+
+    try:
+        result = import_hf(args.hf_dir, args.out_dir, args.config, args.overrides, force=args.force,
+                           vision_from=args.vision_from, skip_vision=args.skip_vision, dtype=args.dtype,
+                           progress=not args.no_progress, phases=True)
+    except ConversionError as exc:
+        print(f"casa-convert: error: {exc}", file=sys.stderr)
+        return 2
+    summary = result.report.summary()
+    print(f"imported {args.hf_dir} -> {result.out_dir} in {result.seconds:.1f} s: " +
+          ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    reasons = sorted(set(result.report.not_imported.values()))
+    for why in reasons:
+        count = sum(1 for w in result.report.not_imported.values() if w == why)
+        print(f"WARNING: {count} HF tensors NOT imported: {why} (listed in {result.out_dir}/import_report.json)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

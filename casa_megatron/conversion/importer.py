@@ -1,0 +1,221 @@
+"""``import-hf``: a Hugging Face folder -> a megatron dist checkpoint (weights only) that
+``checkpoint.pretrained`` loads at any TP/PP.
+
+Output folder::
+
+    OUT/
+      weights/             megatron dist checkpoint of the whole model (torch_dist, TP=1/PP=1 keys)
+      architecture.yaml    model fields the weights fix (model.lm from config.json, vision, fusion)
+      model.yaml           the resolved model config the import was made with
+      import_report.json   every parameter's origin; HF tensors not imported or unused, and why
+      hf_config.json       the source config.json
+      tokenizer / processor / chat-template files copied from the source
+
+It is written to a hidden sibling ``.OUT.tmp-PID`` and renamed into place at the end, so an
+interrupted import never leaves a folder that looks like a checkpoint; an existing ``OUT`` is
+refused unless ``force`` (then replaced only after the new one is complete).
+
+The model is built once, on one process, in the checkpoint's dtype (bf16 for Qwen2.5-VL), and
+filled row by row from the safetensors files (engine.py), so peak memory is about one model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+
+from casa_megatron.config.loader import apply_overrides, load_config_dict, save_config
+from casa_megatron.config.pretrained import ARCHITECTURE_FILE, WEIGHTS_DIR, architecture_of, merge_architecture
+from casa_megatron.config.schema import ConfigError, ParallelConfig, TrainConfig
+from casa_megatron.conversion.engine import ImportReport, Source, component_of, load_weights
+from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.hf_config import HFArchitecture, read_hf_config
+from casa_megatron.conversion.safetensors_io import SafetensorsReader
+from casa_megatron.conversion.tables import PENDING_VISION, VISION_TABLES, lm_table, vision_table
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                "tokenizer.model", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+                "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                "generation_config.json")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ImportResult:
+    out_dir: Path
+    config: TrainConfig
+    report: ImportReport
+    seconds: float
+
+
+def resolve_config(recipe: Optional[str], overrides: Sequence[str], arch: HFArchitecture,
+                   vision_fields: Optional[dict], hf_dir: str) -> TrainConfig:
+    """The recipe with the HF architecture filled in; contradictions name both values.
+
+    Only the recipe's ``model`` (and ``seed``) matter to the weights: data, parallelism,
+    precision, optimizer and checkpoint settings are the training run's and are not validated
+    here (the recipe's shard folder need not exist on the machine that converts, its bf16 needs
+    no GPU here, and ``checkpoint.pretrained`` is this import's output)."""
+    explicit = raw_recipe(recipe, overrides)
+    explicit = {k: explicit[k] for k in ("model", "seed") if k in explicit}
+    architecture = {"lm": arch.lm}
+    if vision_fields:
+        architecture["vision"] = vision_fields
+    merged = merge_architecture(explicit, architecture, f"{hf_dir}/config.json")
+    return load_config_dict(TrainConfig, merged)
+
+
+def raw_recipe(recipe: Optional[str], overrides: Sequence[str]) -> dict:
+    """The recipe's YAML with the overrides applied (no defaults: what the user set)."""
+    explicit = (yaml.safe_load(Path(recipe).read_text()) or {}) if recipe else {}
+    if not isinstance(explicit, dict):
+        raise ConversionError(f"--config {recipe}: not a YAML mapping")
+    return apply_overrides(explicit, overrides)
+
+
+def _phase_logger(start: float, enabled: bool):
+    """``import-hf [12.3 s] phase`` lines on stderr (the benchmark reads them)."""
+    def log(phase: str) -> None:
+        if enabled:
+            print(f"import-hf [{time.perf_counter() - start:.1f} s] {phase}", file=sys.stderr, flush=True)
+    return log
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConversionError(f"output {out} already exists and is not empty (it may hold a checkpoint); "
+                              "pass --force to replace it")
+
+
+def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if arch.torch_dtype == "bfloat16" else torch.float32
+    if choice not in DTYPES:
+        raise ConversionError(f"--dtype {choice!r} not in {sorted(DTYPES) + ['auto']}")
+    return DTYPES[choice]
+
+
+def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
+                   skip_vision: bool):
+    """(Source, table or None) of the vision component; see docs/conversion.md "Vision"."""
+    kind = arch.vision_kind
+    where = vision_from or "the checkpoint"
+    if kind is None:
+        return Source(reason="not in the source checkpoint (LM only): initialised fresh"), None
+    reader = SafetensorsReader(vision_from) if vision_from else lm_reader
+    only = "visual." if vision_from else None
+    if skip_vision:
+        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
+                      only=only), None
+    if kind not in VISION_TABLES:
+        why = PENDING_VISION.get(kind, f"no vision table for {kind!r}")
+        return Source(reason=why, skipped=(reader, "visual."), only=only), None
+    if cfg.model.vision.encoder != kind:
+        raise ConversionError(f"{where} holds a {kind!r} vision encoder but the recipe has model.vision.encoder="
+                              f"{cfg.model.vision.encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
+    return Source(reader, only=only), vision_table(cfg.model, kind)
+
+
+def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
+              force: bool = False, vision_from: Optional[str] = None, skip_vision: bool = False,
+              dtype: str = "auto", progress: bool = True, phases: bool = False) -> ImportResult:
+    """See the module docstring; ``progress``: tqdm bar, ``phases``: timed phase lines on stderr."""
+    start = time.perf_counter()
+    log = _phase_logger(start, phases)
+    out = Path(out_dir)
+    _check_output(out, force)
+    arch = read_hf_config(hf_dir)
+    params_dtype = _dtype(dtype, arch)
+    vision_arch = arch
+    if vision_from:
+        vision_arch = read_hf_config(vision_from)
+        if vision_arch.vision_kind is None:
+            raise ConversionError(f"--vision-from {vision_from}: its config.json has no vision encoder")
+        if arch.vision_kind is not None:
+            raise ConversionError(f"{hf_dir} already holds a vision encoder; --vision-from {vision_from} "
+                                  "would give two (use --skip-vision on one side instead)")
+    importing_vision = vision_arch.vision_kind in VISION_TABLES and not skip_vision
+    try:
+        cfg = resolve_config(recipe, overrides, arch, vision_arch.vision if importing_vision else None, hf_dir)
+    except ConfigError as exc:
+        raise ConversionError(str(exc)) from exc
+
+    lm_reader = SafetensorsReader(hf_dir)
+    vision, vtable = vision_source(cfg, vision_arch, lm_reader, vision_from, skip_vision)
+    sources = {"lm": Source(lm_reader), "vision": vision}
+    tables = {"lm": lm_table(cfg.model)}
+    if vtable is not None:
+        tables["vision"] = vtable
+
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.pretrained import save_model_weights
+
+    initialize_parallel(1, 1, cfg.seed)
+    log("building the model")
+    model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, params_dtype,
+                      skip_init=tuple(tables))  # every weight of these is overwritten (engine accounting)
+    log("loading weights")
+    report = load_weights(model, tables, sources, progress=progress)
+    _check_accounted(model, report, tables)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        log("saving the dist checkpoint")
+        save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
+        del model
+        _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype)
+        _publish(tmp, out, force)
+        log("done")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ImportResult(out, cfg, report, time.perf_counter() - start)
+
+
+def _check_accounted(model, report: ImportReport, tables) -> None:
+    """Components built without initialisation must have had every weight written."""
+    done = set(report.imported) | set(report.casa_from_self_attention) | set(report.zero_initialised)
+    left = [n for n, _ in model.named_parameters() if component_of(n) in tables and n not in done]
+    if left:
+        raise ConversionError(f"internal: parameters neither imported nor initialised: {left}")
+
+
+def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,
+                    vision_from: Optional[str], dtype: torch.dtype) -> None:
+    source = {"hf_dir": str(Path(hf_dir).resolve()), "family": arch.family, "model_type": arch.model_type,
+              "vision_from": str(Path(vision_from).resolve()) if vision_from else None,
+              "dtype": str(dtype).replace("torch.", "")}
+    (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
+        {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
+    save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to
+    (tmp / "import_report.json").write_text(json.dumps({"source": source, **report.to_json()}, indent=1))
+    shutil.copy2(Path(hf_dir) / "config.json", tmp / "hf_config.json")
+    for folder in [Path(hf_dir)] + ([Path(vision_from)] if vision_from else []):
+        for name in COPIED_FILES:
+            if (folder / name).exists() and not (tmp / name).exists():
+                shutil.copy2(folder / name, tmp / name)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Atomic as far as the filesystem allows: the new folder appears complete or not at all."""
+    if out.exists():
+        _check_output(out, force)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)

@@ -1,0 +1,52 @@
+"""Mapping tables per component, and the registry the vision encoders plug into.
+
+A vision table builder is ``builder(model: ModelConfig) -> list of rows`` where a row is a
+plain ``(megatron_name, hf_name_or_names, transform)`` tuple (or a :class:`Row`), covering the
+encoder's ``vision.*`` and the projector's ``projector.*`` parameters. Register one with
+:func:`register_vision_table` (the Qwen2.5-VL encoder does so when it lands); an encoder in
+``PENDING_VISION`` has no table yet and its checkpoint tensors are reported as not imported.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from casa_megatron.config.schema import ModelConfig
+from casa_megatron.conversion.mapping import MappingTable
+from casa_megatron.conversion.tables.lm import lm_rows
+from casa_megatron.conversion.tables.vision import merger_rows, tiny_vit_rows
+
+VisionTableBuilder = Callable[[ModelConfig], List]
+
+VISION_TABLES: Dict[str, VisionTableBuilder] = {"tiny_vit": tiny_vit_rows}
+PENDING_VISION: Dict[str, str] = {
+    "qwen2_5_vl": "pending vision table: the Qwen2.5-VL encoder's mapping table is not registered yet "
+                  "(casa_megatron.conversion.tables.register_vision_table)",
+}
+
+
+def register_vision_table(encoder: str, builder: VisionTableBuilder) -> None:
+    VISION_TABLES[encoder] = builder
+    PENDING_VISION.pop(encoder, None)
+
+
+def lm_table(model: ModelConfig) -> MappingTable:
+    return MappingTable("lm", lm_rows(model.lm, model.fusion))
+
+
+def vision_table(model: ModelConfig, encoder: Optional[str] = None) -> Optional[MappingTable]:
+    builder = VISION_TABLES.get(encoder or model.vision.encoder)
+    return MappingTable("vision", builder(model)) if builder is not None else None
+
+
+def tables_for(model: ModelConfig) -> Dict[str, MappingTable]:
+    """Both components' tables for a model (export uses these; import chooses per source)."""
+    tables = {"lm": lm_table(model)}
+    vision = vision_table(model)
+    if vision is not None:
+        tables["vision"] = vision
+    return tables
+
+
+__all__ = ["PENDING_VISION", "VISION_TABLES", "lm_table", "merger_rows", "register_vision_table",
+           "tables_for", "vision_table"]

@@ -1,0 +1,89 @@
+"""Start a run from an imported checkpoint (``checkpoint.pretrained=DIR``): weights only.
+(DIR may also be a training checkpoint: a later stage starting from an earlier one's weights.)
+
+The optimizer, scheduler and data order start fresh; a checkpoint to resume from in
+``checkpoint.dir`` takes precedence (a restarted job continues its own run instead of going
+back to the pretrained weights). The weights are a megatron dist checkpoint written at TP=1,
+PP=1 by ``casa-convert import-hf``; megatron reshards them to this run's TP/PP on load, and
+casts them to the run's parameter dtype. The architecture was already taken from the
+checkpoint's ``architecture.yaml`` when the config was loaded (config/pretrained.py).
+Weights are loaded before the optimizer is built, so its (fp32 main) copies start from them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+from casa_megatron.config.pretrained import WEIGHTS_DIR, resolve_pretrained_dir
+from casa_megatron.training import checkpoint as checkpointing
+from casa_megatron.training.checkpoint import CheckpointError
+
+
+def save_model_weights(model, directory: str | Path, release_model: bool = False) -> None:
+    """The model's weights only (no optimizer), in megatron's reshardable dist format.
+
+    ``release_model`` (the importer, which drops the model afterwards): megatron's writer clones
+    every tensor that is a *view* before writing any, and the SwiGLU ``linear_fc1`` is saved as
+    two views (gate, up) of each weight, so a save would briefly hold a second copy of every
+    fc1 (~3.8 GB for Qwen2.5-VL-3B). Here each such weight is cloned into its halves and
+    released one at a time first, so the save never holds more than one model. The model's
+    parameters are empty afterwards.
+    """
+    checkpointing._use_in_process_results_queue()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    sharded = model.sharded_state_dict()
+    if release_model:
+        apply_factories(sharded)
+        _replace_views_releasing_params(sharded, model)
+    dist_checkpointing.save({"model": sharded}, str(directory))
+
+
+def _replace_views_releasing_params(sharded: dict, model) -> None:
+    tensors = [t for t in nested_values(sharded) if isinstance(t, ShardedTensor)]
+    by_storage = defaultdict(list)
+    for sh in tensors:
+        by_storage[sh.data.untyped_storage().data_ptr()].append(sh)
+    owners = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
+    for ptr, group in by_storage.items():
+        whole = any(sh.data.untyped_storage().nbytes() == sh.data.numel() * sh.data.element_size()
+                    for sh in group)
+        if whole or ptr not in owners:
+            continue
+        for sh in group:
+            sh.data = sh.data.clone()
+        owners[ptr].data = torch.empty(0, dtype=owners[ptr].dtype)
+
+
+def load_model_weights(model, directory: str | Path) -> None:
+    """The model part of an import (``DIR/weights``) or of a training checkpoint (its
+    optimizer state is not read)."""
+    path = resolve_pretrained_dir(directory)
+    path = path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
+    if not (path / "metadata.json").exists():
+        raise CheckpointError(f"{path}: no model weights (expected a dist checkpoint written by "
+                              "`casa-convert import-hf` or a training checkpoint)")
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
+        raise CheckpointError(f"imported weights {path} do not fit this model: {exc!r}") from exc
+    model.load_state_dict(state["model"])
+
+
+def start_from_pretrained(model, cfg, run_dir: Path) -> Optional[str]:
+    """Load ``checkpoint.pretrained`` into ``model`` unless the run will resume; returns the
+    directory loaded (for the tracker) or None."""
+    directory = cfg.checkpoint.pretrained
+    if not directory:
+        return None
+    if cfg.checkpoint.resume and checkpointing.Checkpointer(
+            cfg.checkpoint.dir or run_dir / "checkpoints").latest() is not None:
+        return None
+    load_model_weights(model, directory)
+    return str(directory)
