@@ -79,12 +79,22 @@ def rules() -> Dict[type, Dict[str, Range]]:
     }
 
 
+def choices() -> Dict[type, Dict[str, tuple]]:
+    """Fields with a fixed set of values that no ``validate()`` checks yet."""
+    from casa_megatron.config import schema
+
+    return {schema.CheckpointConfig: {"verify": ("checksum", "size")}}
+
+
 def check_limits(config: Any) -> None:
     """Raise ConfigError for the first field outside its range (``None`` means unset: allowed)."""
-    table = rules()
+    table, allowed = rules(), choices()
     for path, owner, name in walk(config):
         rule = table.get(type(owner), {}).get(name)
         value = getattr(owner, name)
+        options = allowed.get(type(owner), {}).get(name)
+        if options is not None and value not in options:
+            raise ConfigError(f"{path}={value!r}: must be one of {options}")
         if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not rule.accepts(value):

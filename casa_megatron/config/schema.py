@@ -241,8 +241,9 @@ class CheckpointConfig:
 
     dir: Optional[str] = None
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM)
-    resume: bool = True  # continue from the latest complete checkpoint in ``dir``
+    resume: bool = True  # continue from the newest complete checkpoint in ``dir`` (docs/training.md)
     keep_last: int = 2
+    verify: str = "checksum"  # resume checks files against the manifest: checksum (CRC-32) | size
 
 
 @dataclass

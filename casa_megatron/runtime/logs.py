@@ -14,7 +14,9 @@ Start-up noise filtered (each one checked to be non-actionable here):
   * torch's "``.grad`` of a non-leaf Tensor" warning raised through ``compat/cpu.py``'s
     function mode (megatron reads ``.grad`` of views while building its buffers).
   * megatron's "Implicit initialization of Rerun State Machine" prints (rerun mode is off).
-  * MLflow's INFO chatter at start (database creation/migration, system-metrics monitor).
+  * MLflow's INFO chatter at start (database creation/migration, system-metrics monitor) and
+    megatron-core's INFO records (every DDP / optimizer config field, every parameter name);
+    ``CASA_LOG_LEVEL=DEBUG`` shows them all.
 Everything else (including megatron's other warnings) still shows.
 """
 
@@ -32,16 +34,19 @@ NOISY_WARNINGS = [  # (message regex, category) filtered everywhere
     (r"full scope is deprecated", UserWarning),
     (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning),
+    (r"`load_state_dict` is deprecated and will be removed", FutureWarning),  # megatron's dist_checkpointing
 ]
 CPU_ONLY_WARNINGS = [  # filtered only without a GPU, where nothing can be installed to act on them
     (r"Transformer Engine and Apex are not installed", UserWarning),
     (r"Apex is not installed", UserWarning),
 ]
-QUIET_LOGGERS = {  # logger -> level below which its records are dropped
+QUIET_LOGGERS = {  # logger -> level below which its records are dropped (unless CASA_LOG_LEVEL=DEBUG)
+    "megatron": logging.WARNING,  # INFO: every DDP / optimizer config field and parameter name
     "mlflow.store.db.utils": logging.WARNING,
     "mlflow.system_metrics.system_metrics_monitor": logging.WARNING,
     "megatron.core.rerun_state_machine": logging.ERROR,  # "initialized in mode DISABLED"
     "alembic": logging.WARNING,
+    "megatron.core.optimizer_param_scheduler": logging.WARNING,  # "> overriding learning rate value..."
 }
 
 
@@ -64,6 +69,16 @@ def filter_startup_warnings(on_gpu: bool | None = None) -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+_STATE = {"configured": False, "level": logging.INFO}
+
+
+def promote_rank(verbose: bool) -> None:
+    """Let this rank log at the configured level (the metrics rank: last pipeline stage, which
+    is not rank 0 under pipeline parallelism). No-op unless ``setup_logging`` ran."""
+    if _STATE["configured"]:
+        logging.getLogger().setLevel(_STATE["level"] if verbose else max(logging.WARNING, _STATE["level"]))
+
+
 def setup_logging(rank: int = 0, level: str | None = None) -> None:
     """Configure the root logger once per process (later calls update the rank and level)."""
     level = (level or os.environ.get("CASA_LOG_LEVEL") or "INFO").upper()
@@ -82,6 +97,7 @@ def setup_logging(rank: int = 0, level: str | None = None) -> None:
         handler.setFormatter(formatter)
         handler._casa = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    root.setLevel(numeric if rank == 0 else max(logging.WARNING, numeric))
+    _STATE.update(configured=True, level=numeric)
+    promote_rank(rank == 0)
     for name, quiet in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(max(quiet, root.level))
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else max(quiet, numeric))
