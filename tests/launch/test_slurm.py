@@ -58,7 +58,10 @@ def test_two_node_job_resolves_paths_against_the_submit_dir(tmp_path):
     (submit / "cfg.yaml").write_text((REPO / "configs" / "tiny_cpu.yaml").read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    # torchrun is `python -m torch.distributed.run`: pinned to this interpreter (its venv may not
+    # have the console script, e.g. one that reuses another venv's packages)
+    torchrun = f"#!/usr/bin/env bash\nexec {sys.executable} -m torch.distributed.run \"$@\"\n"
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", torchrun)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -77,7 +80,7 @@ def test_two_node_job_resolves_paths_against_the_submit_dir(tmp_path):
     run_dir = submit / "runs" / "two_nodes"  # in the submit dir, where the next job finds it
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert json.loads((run_dir / "checkpoints" / "iter_0000002" / "trainer.pt").exists() and "1" or "0")
+    assert (run_dir / "checkpoints" / "iter_0000002" / "manifest.json").exists()
     snapshot = submit / "runs" / "code-4242"
     assert (snapshot / "casa_megatron" / "train.py").exists() and (snapshot / "launch" / "snapshot_train.py").exists()
     assert not (snapshot / "runs").exists() and not (snapshot / "data").exists()  # nothing landed in the snapshot
