@@ -11,7 +11,6 @@ import typing
 import pytest
 
 from casa_megatron.config import ConfigError, load_config
-from casa_megatron.config.limits import check_limits, choices, rules
 from casa_megatron.config.schema import TrainConfig
 
 BASE = "configs/tiny_cpu_synthetic.yaml"
@@ -78,6 +77,8 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
 
 
 def test_every_range_and_choice_rule_names_an_existing_numeric_field():
+    from casa_megatron.config.limits import choices, rules
+
     for cls, table in {**rules(), **{c: dict.fromkeys(t) for c, t in choices().items()}}.items():
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -90,6 +91,8 @@ def test_every_range_and_choice_rule_names_an_existing_numeric_field():
 
 def test_shipped_configs_are_within_range():
     from pathlib import Path
+
+    from casa_megatron.config.limits import check_limits
 
     for path in sorted(Path("configs").glob("*.yaml")):
         check_limits(load_config(TrainConfig, path, ["precision.bf16=false", "precision.fp8=null",

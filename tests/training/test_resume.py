@@ -13,7 +13,6 @@ from support.dist import run_distributed
 
 from casa_megatron.config import load_config
 from casa_megatron.config.schema import TrainConfig
-from casa_megatron.training.resume import MAY_CHANGE, MUST_MATCH, classify, compare
 
 BASE = ["train_steps=6", "log_interval=1", "checkpoint.save_interval=3", "optimizer.warmup_steps=1",
         "optimizer.wsd_decay_steps=2", "tracking.enabled=false"]
@@ -60,6 +59,8 @@ def run_copy(base_run, tmp_path):
 
 # --- the rules, as data ---------------------------------------------------------------------
 def test_rules_default_new_model_fields_to_must_match():
+    from casa_megatron.training.resume import MAY_CHANGE, MUST_MATCH, classify
+
     assert classify("model.lm.num_layers") == MUST_MATCH
     assert classify("model.vision.some_field_added_later") == MUST_MATCH
     assert classify("model.transformer_impl") == MAY_CHANGE
@@ -71,6 +72,8 @@ def test_rules_default_new_model_fields_to_must_match():
 
 
 def test_a_field_missing_from_an_older_checkpoint_counts_as_its_default():
+    from casa_megatron.training.resume import compare
+
     cfg = _cfg("x")
     saved = json.loads(json.dumps(__import__("dataclasses").asdict(cfg)))
     del saved["model"]["fusion"]["normalize_images"]  # as if written before the field existed
