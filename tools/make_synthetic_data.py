@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casa_megatron.data.synthetic_dataset import make_dataset  # noqa: E402
 from casa_megatron.data.synthetic_media import GENERATOR_VERSION  # noqa: E402
+from casa_megatron.runtime.lock import pid_alive  # noqa: E402
 
 STAMP = "generator.json"
 
@@ -42,23 +43,13 @@ def _remove_stale_temporaries(out: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-")
     for path in sorted(out.parent.glob(f".{out.name}.*")):
         match = pattern.match(path.name)
-        if not match or not path.is_dir() or _alive(int(match.group(2))):
+        if not match or not path.is_dir() or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not out.exists() and (path / out.name).is_dir():
             (path / out.name).replace(out)  # killed mid-swap: the previous dataset goes back
             print(f"restored {out} from {path}, left by a run killed while replacing it")
         shutil.rmtree(path, ignore_errors=True)
         print(f"removed {path}, left behind by a killed run")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _exit_on_sigterm(signum, frame):

@@ -37,7 +37,8 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {when})"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,7 +100,7 @@ class RunDirLock:
         if pid is None or pid == os.getpid():
             return
         if host == socket.gethostname():
-            if _pid_alive(int(pid)):
+            if pid_alive(int(pid)):
                 raise RunDirBusy(f"run dir {self.path.parent} is in use by {_describe(holder)} (lock {self.path})")
             return
         raise RunDirBusy(f"run dir {self.path.parent} is held by {_describe(holder)}, which cannot be checked from "

@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config import save_config, to_dict
+from casa_megatron.config.limits import check_limits
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator
 from casa_megatron.model.build import build_vlm
@@ -52,6 +53,7 @@ def _mean_over_dp(value: torch.Tensor) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_limits(cfg)  # load_config did it already; a config built in code gets it here
     cfg.validate()
     par = cfg.parallel
     initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -45,12 +45,21 @@ class RunSession:
 
     def __init__(self, cfg, run_dir: Path, ckpt: Checkpointer):
         self.cfg, self.run_dir, self.ckpt = cfg, run_dir, ckpt
-        self.lock: Optional[RunDirLock] = None
+        self.locks: List[RunDirLock] = []
+        self.took_over: List[str] = []
+
+    def _lock(self, directory: Path) -> None:
+        self.locks.append(RunDirLock(directory).acquire())
+        if self.locks[-1].took_over:
+            self.took_over.append(self.locks[-1].took_over)
 
     def _rank0_checks(self) -> Optional[str]:
-        self.lock = RunDirLock(self.run_dir).acquire()
         try:
+            self._lock(self.run_dir)
             self.ckpt.check_writable()
+            run, ckpt = self.run_dir.resolve(), self.ckpt.dir.resolve()
+            if ckpt != run and run not in ckpt.parents:  # elsewhere: two runs must not share it either
+                self._lock(self.ckpt.dir)
             existing = self.ckpt.candidates()
             if existing and not self.cfg.checkpoint.resume:
                 raise CheckpointError(
@@ -61,7 +70,7 @@ class RunSession:
         except BaseException:
             self.close()
             raise
-        return self.lock.took_over
+        return "; ".join(self.took_over) or None
 
     def open(self) -> None:
         took_over = on_rank0(self._rank0_checks)
@@ -79,6 +88,5 @@ class RunSession:
         logger.info("run dir %s | checkpoints %s | MLflow %s", self.run_dir.resolve(), self.ckpt.dir.resolve(), uri)
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        while self.locks:
+            self.locks.pop().release()

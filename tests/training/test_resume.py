@@ -115,17 +115,21 @@ def test_resume_false_refuses_to_overwrite_checkpoints(run_copy):
     assert _snapshot(run_copy) == before
 
 
-def _train_beside_a_holder(rank, world, run_dir):
+def _train_beside_a_holder(rank, world, run_dir, held, overrides=()):
     from casa_megatron.runtime.lock import RunDirLock
 
-    with RunDirLock(run_dir):  # stands for another live run of this directory
-        return _train(rank, world, run_dir)
+    with RunDirLock(held):  # stands for another live run using this directory
+        return _train(rank, world, run_dir, overrides)
 
 
-def test_a_second_run_on_a_locked_dir_is_refused(run_copy):
+@pytest.mark.parametrize("shared", ["run_dir", "checkpoint_dir_elsewhere"])
+def test_a_second_run_on_a_locked_dir_is_refused(run_copy, tmp_path, shared):
     before = _snapshot(run_copy)
-    with pytest.raises(AssertionError, match=r"RunDirBusy: run dir .* is in use by pid \d+ on host"):
-        run_distributed(_train_beside_a_holder, world_size=1, run_dir=str(run_copy))
+    held, run_dir, overrides = run_copy, run_copy, []
+    if shared == "checkpoint_dir_elsewhere":  # another run dir, same checkpoints
+        held, run_dir, overrides = run_copy / "checkpoints", tmp_path / "other", [f"checkpoint.dir={run_copy}/checkpoints"]
+    with pytest.raises(AssertionError, match=rf"RunDirBusy: run dir {held} is in use by pid \d+ on host"):
+        run_distributed(_train_beside_a_holder, world_size=1, run_dir=str(run_dir), held=str(held), overrides=overrides)
     assert _snapshot(run_copy) == before
 
 
