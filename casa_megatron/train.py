@@ -36,6 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_CONFIG
     filter_startup_warnings()
     setup_logging(int(os.environ.get("RANK", "0")))
+    from casa_megatron.data.records import ShardError
     from casa_megatron.training.checkpoint import CheckpointError
     from casa_megatron.training.loop import train
 
@@ -46,6 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_CONFIG
     except (RunDirBusy, CheckpointError) as exc:
         _say(f"error: {exc}")
+        return EXIT_REFUSED
+    except ShardError as exc:  # the dataset itself is unusable (named in the message)
+        _say(f"data error: {exc}")
         return EXIT_REFUSED
     except KeyboardInterrupt:
         _say("interrupted: exited at once, without a checkpoint; the last complete one is the resume point")
