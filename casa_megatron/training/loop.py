@@ -98,6 +98,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     if dist.get_rank() == 0:  # the run is accepted: only now is anything of it written
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()  # the logging rank (last pipeline stage) uploads config.yaml next
 
     tracker = make_tracker(cfg.tracking.enabled, is_logger, run_dir, cfg.tracking.experiment,
                            cfg.tracking.tracking_uri, cfg.tracking.system_metrics,
