@@ -66,14 +66,18 @@ def test_missing_or_unparsable_files_are_one_line_errors(tmp_path, content, matc
     assert "\n" not in str(info.value)
 
 
-def test_cli_prints_one_line_without_traceback(tmp_path):
+def test_cli_prints_one_line_without_traceback(tmp_path, capsys):
+    from casa_megatron.train import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimizer: {lr_new: [}\n")
-    for args, expected in (([str(tmp_path / "nope.yaml")], "does not exist"), ([str(bad)], "not valid YAML"),
-                           ([BASE, "train_steps=abc"], "train_steps='abc'")):
-        done = subprocess.run([sys.executable, "-m", "casa_megatron.train", *args], capture_output=True, text=True)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("config error: ") and expected in done.stderr
+    for args, expected in (([str(tmp_path / "nope.yaml")], "does not exist"), ([str(bad)], "not valid YAML")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("config error: ") and expected in err
+    done = subprocess.run([sys.executable, "-m", "casa_megatron.train", BASE, "train_steps=abc"],
+                          capture_output=True, text=True)  # the real entry point: no traceback
+    assert done.returncode == 2 and done.stderr == "config error: train_steps='abc': expected int, got str\n"
 
 
 def test_every_range_and_choice_rule_names_an_existing_numeric_field():
