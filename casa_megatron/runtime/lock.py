@@ -7,6 +7,11 @@ different files of the same name). The kernel drops an ``flock`` when its proces
 it dies, so a lock left by a SIGKILLed run is free again: the next run takes it over and says
 whose it was. The file's content (pid, host, start time, command line) is only for messages.
 
+A SLURM job requeued after a node failure may find the lock still held by the dead node (a
+network file system keeps it until the client's lease expires): a holder recorded with the same
+``SLURM_JOB_ID`` and a lower ``SLURM_RESTART_COUNT`` is an earlier incarnation of this very job,
+so the lock file is replaced and taken.
+
 Where ``flock`` is unsupported (some network file systems answer ENOLCK), it falls back to the
 recorded pid: a holder on this host that no longer exists is stale; a holder on another host
 cannot be checked, so the error says which file to remove once that run is known to be gone.
@@ -48,6 +53,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_identity() -> dict:
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job_id": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)} if job else {}
+
+
+def _earlier_incarnation_of_this_job(holder: dict) -> bool:
+    """A SLURM job that was requeued keeps its id; SLURM never runs two incarnations at once,
+    so a lock held by an earlier one belongs to a dead process. It matters on network file
+    systems, where the lock of a node that died can outlive it until the server's lease
+    expires, long after SLURM requeued the job."""
+    mine = _slurm_identity()
+    return bool(mine) and holder.get("slurm_job_id") == mine["slurm_job_id"] and \
+        int(holder.get("slurm_restart", 0)) < mine["slurm_restart"]
+
+
 class RunDirLock:
     """``with RunDirLock(run_dir):`` or ``acquire()`` / ``release()``; ``took_over`` describes a
     stale holder that was replaced (None if the lock was free)."""
@@ -73,9 +93,13 @@ class RunDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunDirBusy(f"run dir {self.path.parent} is in use by {_describe(self._read_holder(fd))} "
-                                 f"(lock {self.path}); wait for it to finish, stop it, or choose another "
-                                 f"run_dir") from None
+                holder = self._read_holder(fd)
+                if not _earlier_incarnation_of_this_job(holder):
+                    raise RunDirBusy(f"run dir {self.path.parent} is in use by {_describe(holder)} "
+                                     f"(lock {self.path}); wait for it to finish, stop it, or choose another "
+                                     f"run_dir") from None
+                os.close(fd)
+                fd = self._fresh_lock_file()
             except OSError as exc:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
@@ -83,7 +107,7 @@ class RunDirLock:
             if holder.get("pid") is not None or holder.get("raw"):
                 self.took_over = _describe(holder)
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                      "argv": sys.argv}
+                      "argv": sys.argv, **_slurm_identity()}
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, (json.dumps(record) + "\n").encode())
@@ -93,6 +117,20 @@ class RunDirLock:
             raise
         self._fd = fd
         return self
+
+    def _fresh_lock_file(self) -> int:
+        """Replace the lock file by a new one (a new inode, so the old ``flock`` no longer
+        matters) and lock that; used only for a holder known to be dead."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("")
+        os.replace(tmp, self.path)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirBusy(f"run dir {self.path.parent}: lost the race for {self.path} to another process") from None
+        return fd
 
     def _check_pid_holder(self, holder: dict) -> None:
         """No flock here: judge the recorded holder by its pid (only possible on the same host)."""

@@ -49,3 +49,24 @@ def test_stale_lock_file_without_a_holder_is_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "started": time.time()}))
     with RunDirLock(tmp_path) as lock:
         assert "pid 999999 on host elsewhere" in lock.took_over
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_incarnation(tmp_path, monkeypatch):
+    """The earlier incarnation's lock is still held (as on a network file system after a node
+    died); the same job id with a higher restart count takes it; another job does not."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = RunDirLock(tmp_path).acquire()
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused
+        with pytest.raises(RunDirBusy):
+            RunDirLock(tmp_path).acquire()
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        with pytest.raises(RunDirBusy):  # same incarnation (e.g. a second srun step): refused
+            RunDirLock(tmp_path).acquire()
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued
+        with RunDirLock(tmp_path) as second:
+            assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_restart"] == 1
+            assert f"pid {os.getpid()}" in second.took_over  # the earlier incarnation, named
+    finally:
+        first.release()
