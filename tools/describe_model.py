@@ -14,15 +14,23 @@ from collections import defaultdict
 
 
 def main(argv) -> int:
-    if not argv:
-        print(__doc__.strip())
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="a training config YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for casa-train")
+    args = parser.parse_args(argv)
     from casa_megatron.config import load_config
-    from casa_megatron.config.schema import ParallelConfig, TrainConfig
+    from casa_megatron.config.schema import ConfigError, ParallelConfig, TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
 
-    cfg = load_config(TrainConfig, argv[0], argv[1:])
     initialize_parallel(1, 1, cfg.seed)
     model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length)
     rows = defaultdict(lambda: [0, 0, 0])

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -25,8 +28,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casa_megatron.data.synthetic_dataset import make_dataset  # noqa: E402
 from casa_megatron.data.synthetic_media import GENERATOR_VERSION  # noqa: E402
+from casa_megatron.runtime.lock import pid_alive  # noqa: E402
 
 STAMP = "generator.json"
+
+
+def _tmp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{os.getpid()}-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """A run killed with SIGKILL cannot clean up: its temporary folder carries its pid, and the
+    next run removes it once that process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-")
+    for path in sorted(out.parent.glob(f".{out.name}.*")):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir() or pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not out.exists() and (path / out.name).is_dir():
+            (path / out.name).replace(out)  # killed mid-swap: the previous dataset goes back
+            print(f"restored {out} from {path}, left by a run killed while replacing it")
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}, left behind by a killed run")
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the ``finally`` that removes the temporary folder
 
 
 def main(argv=None) -> int:
@@ -49,13 +76,15 @@ def main(argv=None) -> int:
         return 0
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_stale_temporaries(out)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         make_dataset(tmp, args.num_images, args.num_videos, args.seed, args.samples_per_shard,
                      args.video_codec, video_seconds=args.video_seconds)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
         if out.exists():  # swap only once the new dataset is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             out.replace(old / out.name)
             tmp.replace(out)
             shutil.rmtree(old)
@@ -63,6 +92,7 @@ def main(argv=None) -> int:
             tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     paths = {"raw": out / "raw", "tokenizer": out / "tokenizer", "shards": out / "shards",
              "manifest": out / "manifest.jsonl"}
     n_shards = len(list(paths["shards"].glob("*.tar")))

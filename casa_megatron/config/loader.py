@@ -1,45 +1,62 @@
-"""defaults < YAML < ``key=value`` overrides, into typed dataclasses (lingua-style, ~80 lines)."""
+"""defaults < YAML < ``key=value`` overrides, into typed dataclasses (lingua-style).
+
+Values are coerced by the declared field types (``coerce.py``) and range-checked (``limits.py``)
+before the dataclasses' own ``validate()``; a missing or unparsable file is a one-line
+``ConfigError`` naming it, not a traceback.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any, Sequence, Type, TypeVar
 
 import yaml
 
+from casa_megatron.config.coerce import from_dict
+from casa_megatron.config.errors import ConfigError
+from casa_megatron.config.limits import check_limits
 from casa_megatron.config.pretrained import apply_pretrained_architecture
-from casa_megatron.config.schema import ConfigError
 
 T = TypeVar("T")
-
-
-def _from_dict(cls: Type[T], data: dict, path: str = "") -> T:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config keys {[f'{path}{k}' for k in unknown]}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _from_dict(hint, value or {}, f"{path}{name}.")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={text!r}: not a valid YAML value ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}".replace("\n", " ")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; ConfigError (one line) if missing, unreadable or not a mapping."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, not a {type(loaded).__name__}")
+    return loaded
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -48,13 +65,15 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: empty key")
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(key, raw)
     return data
 
 
@@ -62,12 +81,13 @@ def load_config(cls: Type[T], yaml_path: str | Path | None = None, overrides: Se
     data: dict = to_dict(cls())
     loaded: dict = {}
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        loaded = read_yaml(yaml_path)
         data = _deep_merge(data, loaded)
     data = apply_overrides(data, overrides)
     # checkpoint.pretrained: the architecture comes from the imported checkpoint (config/pretrained.py)
     data = apply_pretrained_architecture(data, apply_overrides(copy.deepcopy(loaded), overrides))
-    config = _from_dict(cls, data)
+    config = from_dict(cls, data)
+    check_limits(config)
     if hasattr(config, "validate"):
         config.validate()
     return config
@@ -94,7 +114,8 @@ def save_config(config: Any, path: str | Path) -> None:
 
 def load_config_dict(cls: Type[T], explicit: dict) -> T:
     """Like :func:`load_config` from an already-merged explicit dict (YAML + overrides)."""
-    config = _from_dict(cls, _deep_merge(to_dict(cls()), explicit))
+    config = from_dict(cls, _deep_merge(to_dict(cls()), explicit))
+    check_limits(config)
     if hasattr(config, "validate"):
         config.validate()
     return config

@@ -409,8 +409,9 @@ class CheckpointConfig:
 
     dir: Optional[str] = None
     save_interval: int = 0  # 0 = only at the end (and on SIGTERM)
-    resume: bool = True  # continue from the latest complete checkpoint in ``dir``
+    resume: bool = True  # continue from the newest complete checkpoint in ``dir`` (docs/training.md)
     keep_last: int = 2
+    verify: str = "checksum"  # resume checks files against the manifest: checksum (CRC-32) | size
     # An imported checkpoint (``casa-convert import-hf``) to start from: weights only, with a
     # fresh optimizer, scheduler and data order. A checkpoint in ``dir`` (resume) takes
     # precedence. The model architecture is read from it (see casa_megatron/config/pretrained.py).

@@ -76,6 +76,7 @@ class TrainIterator:
         self._submitted = (0, 0)  # next stream position sent to the workers
         self._counters: Counter = Counter()  # seen, skipped, good_in_epoch, failures_in_row, ...
         self._skips: Counter = Counter()
+        self._reported: set = set()  # sample indices already named in a warning
         self._decode_s = 0.0
         self._wait_s = 0.0
         self._t0: Optional[float] = None
@@ -116,7 +117,12 @@ class TrainIterator:
         self._counters["skipped"] += 1
         self._counters["failures_in_row"] += 1
         self._skips[error.reason] += 1
-        logger.warning("skipped sample %r from %s: %s", self.source.key(index), self.source.location(index), error)
+        # Named once (a bad sample fails again every epoch); the totals by reason are logged
+        # and tracked by the training loop (training/data_stats.py).
+        first = index not in self._reported
+        self._reported.add(index)
+        logger.log(logging.WARNING if first else logging.DEBUG, "skipped sample %r from %s: %s%s",
+                   self.source.key(index), self.source.location(index), error, "" if first else " (again)")
         if self._counters["failures_in_row"] >= MAX_CONSECUTIVE_FAILURES:
             raise ShardError(f"{MAX_CONSECUTIVE_FAILURES} samples in a row failed on dp rank {self.dp_rank} "
                              f"(reasons so far: {dict(self._skips)}); last: {error}")

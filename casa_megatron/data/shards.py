@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 from casa_megatron.data.records import RawSample, SampleError, ShardError
 
+BLOCK = tarfile.BLOCKSIZE  # 512
+
 
 def split_key(name: str) -> Tuple[str, str]:
     """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``): the key ends at the basename's first dot."""
@@ -36,28 +38,39 @@ class IndexedSample:
 
 
 def index_tar(path: str | Path) -> List[IndexedSample]:
-    """Samples of one shard. A truncated or damaged tar keeps the samples before the damage;
-    a shard with none raises ShardError naming it."""
+    """Samples of one shard. A truncated or damaged tar keeps the samples before the damage
+    (minus the last one, which may be missing parts) and is named in a warning; a shard with
+    none raises ShardError naming it.
+
+    A tar cut exactly between two members reads like a shorter, valid tar (``tarfile`` stops at
+    the missing header without complaint); what gives it away is the missing end-of-archive
+    marker, two zero blocks after the last member, which every tar writer emits."""
     path = str(path)
     samples: List[IndexedSample] = []
     problem: Optional[str] = None
+    end = 0  # byte after the last member's (512-padded) data
     try:
         file_size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tf:
             for member in tf:
-                if not member.isfile():
-                    continue
                 if member.offset_data + member.size > file_size:
                     problem = f"member {member.name!r} is cut off at byte {file_size}"
                     break
+                end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                if not member.isfile():
+                    continue
                 key, ext = split_key(member.name)
                 if not key:
                     continue
                 if not samples or samples[-1].key != key:
                     samples.append(IndexedSample(key))
                 samples[-1].parts[ext] = (member.offset_data, member.size)
+        if problem is None and end:
+            problem = _end_marker_problem(path, end, file_size)
     except (tarfile.TarError, EOFError, OSError) as e:
         problem = f"{type(e).__name__}: {e}"
+    if problem and samples:
+        samples.pop()  # the sample at the damage may be missing parts: not trusted
     if not samples:
         raise ShardError(f"shard {path}: nothing readable ({problem or 'no <key>.<ext> members'})")
     if problem:
@@ -66,6 +79,16 @@ def index_tar(path: str | Path) -> List[IndexedSample]:
         logging.getLogger(__name__).warning("shard %s is damaged (%s); using its first %d samples",
                                             path, problem, len(samples))
     return samples
+
+
+def _end_marker_problem(path: str, end: int, file_size: int) -> Optional[str]:
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(2 * BLOCK)
+    if len(tail) < 2 * BLOCK or tail.count(0) != len(tail):
+        return (f"no end-of-archive marker after the last complete member at byte {end} (file size "
+                f"{file_size}): the file was cut, the members after it are lost")
+    return None
 
 
 def read_sample(path: str, entry: IndexedSample) -> RawSample:

@@ -1,5 +1,6 @@
 """Experiment tracking behind a small protocol (MLflow, or nothing)."""
 
-from casa_megatron.tracking.mlflow_tracker import MLflowTracker, NullTracker, make_tracker
+from casa_megatron.tracking.mlflow_tracker import (MLflowTracker, NullTracker, close_stale_runs, make_tracker,
+                                                   resolve_tracking_uri)
 
-__all__ = ["MLflowTracker", "NullTracker", "make_tracker"]
+__all__ = ["MLflowTracker", "NullTracker", "close_stale_runs", "make_tracker", "resolve_tracking_uri"]

@@ -3,6 +3,11 @@
 ``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``) points at a server instead. Metrics go
 through ``log_batch`` once per logged step (async logging to sqlite lost points, see
 shared/DEPENDENCIES.md). The run ends FAILED on an exception and KILLED on interruption.
+
+A process killed outright (SIGKILL, node failure) cannot end its run, which would stay RUNNING
+forever. Every run is tagged with its absolute run directory (``casa.run_dir``); since the
+run-directory lock guarantees one live run per directory, the next run there marks any run
+still RUNNING under that tag KILLED (``close_stale_runs``), with a tag saying so.
 """
 
 from __future__ import annotations
@@ -31,21 +36,32 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
+RUN_DIR_TAG = "casa.run_dir"
+
+
+def resolve_tracking_uri(run_dir: Path, configured: Optional[str] = None) -> str:
+    """Where a run in ``run_dir`` logs: the config's URI, else MLFLOW_TRACKING_URI, else sqlite
+    in the run directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
 class MLflowTracker(NullTracker):
     def __init__(self, run_dir: Path, experiment: str, tracking_uri: Optional[str] = None,
                  system_metrics: bool = True, system_metrics_interval: float = 10.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        uri = resolve_tracking_uri(run_dir, tracking_uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             experiment, artifact_location=(run_dir / "mlartifacts").resolve().as_uri()
             if uri.startswith("sqlite") else None)
-        self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+        run_dir_tag = str(run_dir.resolve())
+        self.closed_stale = close_stale_runs(self.client, exp_id, run_dir_tag)
+        self.run_id = self.client.create_run(exp_id, run_name=run_dir.name,
+                                             tags={RUN_DIR_TAG: run_dir_tag}).info.run_id
         self._mlflow = mlflow
         self._system = None
         if system_metrics:
@@ -83,6 +99,18 @@ class MLflowTracker(NullTracker):
             self._system.finish()
             self._system = None
         self.client.set_terminated(self.run_id, status=status)
+
+
+def close_stale_runs(client, experiment_id: str, run_dir_tag: str) -> list:
+    """Mark runs of this run directory still RUNNING as KILLED (their process is gone: we hold
+    the directory's lock). Returns their ids."""
+    quoted = run_dir_tag.replace("\\", "\\\\").replace("'", "\\'")
+    stale = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{quoted}' "
+                                                              "and attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_tag(run.info.run_id, "casa.ended_by", "a later run in the same run dir found it still RUNNING")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in stale]
 
 
 def make_tracker(enabled: bool, is_logging_rank: bool, run_dir: Path, experiment: str,

@@ -6,11 +6,15 @@ Layout of ``<dir>``::
       trainer.pt           step, scheduler, parallel layout          (rank 0)
       rank_00003.pt        RNG states and data-iterator position     (every rank)
       config.yaml          the resolved config of the run
+      manifest.json        every file's size and CRC-32, written last (ckpt_manifest.py)
+    iter_0000200.damaged/  a checkpoint that failed its manifest check, set aside (never deleted)
     latest                 name of the newest complete checkpoint (replaced atomically)
 
-A save writes ``iter_N.tmp/`` and renames it only after every rank finished, then updates
-``latest``: a save killed half-way leaves the previous checkpoint and pointer untouched (the
-stale ``.tmp`` is removed by the next save). Model and optimizer are saved in megatron's
+A save writes ``iter_N.tmp/``, then the manifest, and renames it only after every rank
+finished, then updates ``latest``: a save killed half-way leaves the previous checkpoint and
+pointer untouched (the stale ``.tmp`` is removed by the next save). ``latest`` is a convenience
+for people and tools; resuming trusts the directories: the newest ``iter_N`` whose manifest
+checks out (``candidates()`` + ``verify()``). Model and optimizer are saved in megatron's
 reshardable formats, so a checkpoint loads at another TP/PP layout.
 
 Why saves were slow (184 s first save on CPU): megatron's writer creates its results queue
@@ -22,12 +26,14 @@ is exact and starts nothing: the first save now takes ~0.2 s for the tiny model.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,8 +42,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from casa_megatron.config import save_config
+from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+CHECKPOINT_NAME = re.compile(r"^iter_(\d+)$")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -118,21 +127,99 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+_SCHEDULED = ("params", "step", "lr", "weight_decay")  # restored state / set by the scheduler
+
+
+def _configured_hyperparameters(optimizer) -> List[dict]:
+    """The param groups' config-derived settings (peak / min LR, betas, eps...) before a load."""
+    return [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in optimizer.param_groups]
+
+
+def _restore_hyperparameters(optimizer, configured: List[dict]) -> None:
+    """megatron's optimizer load replaces whole param groups, so a peak LR changed on resume
+    was silently ignored (and ``current_lrs`` logged 0, matching no group). The config wins, as
+    with megatron's ``override_opt_param_scheduler``; Adam's step and the moments stay restored."""
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep_last: int = 2):
+    def __init__(self, directory: str | Path, keep_last: int = 2, verify: str = "checksum"):
         self.dir = Path(directory)
         self.keep_last = keep_last
+        self.checksums = verify == "checksum"
         _use_in_process_results_queue()
 
     # --- finding ----------------------------------------------------------------------------
-    def latest(self) -> Optional[Path]:
-        pointer = self.dir / "latest"
-        if not pointer.exists():
+    def candidates(self) -> List[Path]:
+        """Finished checkpoint directories (``iter_N``, not ``.tmp`` / set aside), newest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir()
+                 if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def pointer(self) -> Optional[str]:
+        """The name ``latest`` holds (None if there is no pointer)."""
+        try:
+            return (self.dir / "latest").read_text().strip() or None
+        except FileNotFoundError:
             return None
-        path = self.dir / pointer.read_text().strip()
-        if not (path / "trainer.pt").exists():
-            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
-        return path
+
+    def latest(self) -> Optional[Path]:
+        """The newest finished checkpoint directory (not verified: see ``verify``)."""
+        found = self.candidates()
+        return found[0] if found else None
+
+    def verify(self, path: Path) -> Optional[str]:
+        """Collective. None if ``path`` is complete and intact, else what is wrong (naming the file).
+        A checkpoint written before manifests existed is accepted when its ``trainer.pt`` is there."""
+        try:
+            legacy = read_manifest(path) is None and (path / "trainer.pt").exists()
+        except ValueError:
+            legacy = False
+        if legacy:
+            logger.warning("checkpoint %s has no manifest (written by an older version): not verified", path)
+            return None
+        return check_files(path, self.checksums)
+
+    def set_aside(self, path: Path, reason: str) -> Optional[Path]:
+        """Rank 0: rename a checkpoint that cannot be used to ``<name>.<reason>[-k]`` (never delete)."""
+        if dist.get_rank() != 0 or not path.exists():
+            return None
+        target = path.with_name(f"{path.name}.{reason}")
+        k = 1
+        while target.exists():
+            k += 1
+            target = path.with_name(f"{path.name}.{reason}-{k}")
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            logger.warning("could not set aside %s (%s); it stays where it is", path, exc)
+            return None
+        logger.warning("kept %s as %s", path.name, target.name)
+        return target
+
+    def check_writable(self) -> None:
+        """Rank 0, before step 1: the directory can be created and written (a probe file), so an
+        unwritable or missing mount fails now, not at the first save hours later."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test-{os.getpid()}"
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint dir {self.dir} is not writable: {exc.strerror or exc}") from None
+        newest = self.latest()
+        if newest is not None:
+            size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+            free = shutil.disk_usage(self.dir).free
+            if free < size:
+                logger.warning("checkpoint dir %s has %.1f GiB free, less than the last checkpoint (%.1f GiB)",
+                               self.dir, free / 2**30, size / 2**30)
 
     # --- saving -----------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, data_state: dict, config) -> Path:
@@ -156,9 +243,11 @@ class Checkpointer:
                        tmp / "trainer.pt")
             save_config(config, tmp / "config.yaml")
         _barrier()
+        write_manifest(tmp, step, self.checksums)  # last: its presence means "complete"
+        _barrier()
         if rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a checkpoint of this step that the resume skipped: keep it aside
+                self.set_aside(final, "replaced")
             os.replace(tmp, final)
             pointer_tmp = self.dir / "latest.tmp"
             pointer_tmp.write_text(final.name)
@@ -168,8 +257,10 @@ class Checkpointer:
         return final
 
     def _prune(self, keep: Path) -> None:
-        done = sorted(p for p in self.dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-self.keep_last] if self.keep_last > 0 else []:
+        """Delete finished checkpoints older than the newest ``keep_last`` (by step number, never
+        the one just written; directories set aside are not touched)."""
+        done = self.candidates()
+        for old in done[self.keep_last:] if self.keep_last > 0 else []:
             if old != keep:
                 shutil.rmtree(old)
 
@@ -177,25 +268,27 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler) -> Tuple[int, Optional[dict]]:
         """Restore model, optimizer and scheduler; return (step, this rank's data state or None).
 
+        Any failure raises (the caller, ``training/resume.py``, decides about falling back).
+
         RNG states are per rank: restored only at the same layout. The data position belongs to
         a data-parallel rank: restored whenever the DP size is unchanged (TP/PP may differ);
         with another DP size the data order starts afresh.
         """
         trainer = torch.load(path / "trainer.pt", weights_only=False)
         _prepare_optimizer_for_load(optimizer)
+        configured = _configured_hyperparameters(optimizer)
         model_sd = model.sharded_state_dict()
-        try:
-            state = dist_checkpointing.load(
-                {"model": model_sd,
-                 "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                           metadata=OPTIMIZER_SHARDING)},
-                str(path))
-        except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
-            raise CheckpointError(f"checkpoint {path} does not fit this model "
-                                  f"(another architecture or config?): {exc!r}") from exc
+        state = dist_checkpointing.load(
+            {"model": model_sd,
+             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)},
+            str(path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(optimizer)
+        _restore_hyperparameters(optimizer, configured)
+        # Built with override_opt_param_scheduler: the schedule's shape comes from the config
+        # (train_steps, warmup, decay), only the step count from the checkpoint.
+        scheduler.num_steps = 0  # load_state_dict adds the saved count (a failed attempt may have run)
         scheduler.load_state_dict(trainer["scheduler"])
         data_state = None
         layout = _layout()

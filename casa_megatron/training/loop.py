@@ -4,16 +4,19 @@ Each step runs megatron-core's forward-backward schedule over the micro-batches 
 batch (1F1B when pipelined) on the DDP-wrapped model; megatron's (distributed) optimizer
 reduces gradients, clips by the global norm and steps AdamW; the scheduler sets both learning
 rates. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and when SIGTERM
-arrives (SLURM's pre-emption signal): the step in flight finishes, a checkpoint is written,
-the tracker run is marked KILLED.
+(SLURM's pre-emption signal) or SIGINT (Ctrl-C) arrives: the step in flight finishes, a
+checkpoint is written, the tracker run is marked KILLED (runtime/signals.py).
+
+Before any of that, ``RunSession`` (session.py) locks the run directory and refuses what would
+lose work; ``resume`` (resume.py) picks the newest usable checkpoint and checks that it fits
+the config. The run's ``config.yaml`` and ``metrics.jsonl`` are written only after that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -23,32 +26,26 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config import save_config, to_dict
+from casa_megatron.config.limits import check_limits
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator
 from casa_megatron.model.build import build_vlm
 from casa_megatron.parallel import initialize_parallel
+from casa_megatron.runtime.logs import promote_rank
+from casa_megatron.runtime.signals import StopRequest
 from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
+from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
+from casa_megatron.training.resume import Resumed, resume
+from casa_megatron.training.session import RunSession
 from casa_megatron.training.step import forward_step
 
+logger = logging.getLogger("casa_megatron.train")
+
 TEXT_ONLY_FLOOR = (math.log(8) + math.log(2)) / 2  # synthetic task: best loss without images
-
-
-class _StopFlag:
-    """Set by SIGTERM; checked between steps so a checkpoint is never cut in half."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _mean_over_dp(value: torch.Tensor) -> float:
@@ -58,20 +55,38 @@ def _mean_over_dp(value: torch.Tensor) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_limits(cfg)  # load_config did it already; a config built in code gets it here
     cfg.validate()
     par = cfg.parallel
     initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     run_dir = Path(cfg.run_dir)
+    ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                        cfg.checkpoint.verify)
+    session = RunSession(cfg, run_dir, ckpt)
+    session.open()  # lock, writable check, resume pre-check: refuses before anything is written
+    try:
+        return _train(cfg, run_dir, ckpt)
+    finally:
+        session.close()
+
+
+def _load_data_state(data, state) -> None:
+    try:
+        data.load_state_dict(state)
+    except ValueError as exc:  # the dataset itself changed (e.g. regenerated with more samples)
+        logger.warning("data order starts afresh: the saved data position does not fit (%s)", exc)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
+    par = cfg.parallel
     last_stage = parallel_state.is_pipeline_last_stage()
     is_logger = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and \
         parallel_state.get_data_parallel_rank() == 0
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    promote_rank(is_logger or dist.get_rank() == 0)
 
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
-    pretrained_from = start_from_pretrained(model, cfg, run_dir)  # weights only, before the optimizer
+    pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -79,14 +94,15 @@ def train(cfg: TrainConfig) -> dict:
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed)
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
 
-    ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    start_step, resumed_from = 0, None
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        start_step, data_state = ckpt.load(latest, model, optimizer, scheduler)
-        if data_state is not None:
-            data.load_state_dict(data_state)
-        resumed_from = str(latest)
+    resumed = resume(ckpt, cfg, model, optimizer, scheduler) if cfg.checkpoint.resume else Resumed()
+    if resumed.data_state is not None:
+        _load_data_state(data, resumed.data_state)
+    start_step = resumed.step
+    resumed_from = str(resumed.path) if resumed.path is not None else None
+    if dist.get_rank() == 0:  # the run is accepted: only now is anything of it written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()  # the logging rank (last pipeline stage) uploads config.yaml next
 
     tracker = make_tracker(cfg.tracking.enabled, is_logger, run_dir, cfg.tracking.experiment,
                            cfg.tracking.tracking_uri, cfg.tracking.system_metrics,
@@ -96,14 +112,20 @@ def train(cfg: TrainConfig) -> dict:
                       "start_step": str(start_step), "pretrained_from": pretrained_from or ""})
     if is_logger:
         tracker.log_artifact(str(run_dir / "config.yaml"))
+        for stale in getattr(tracker, "closed_stale", []):
+            logger.warning("MLflow run %s of this run dir was left RUNNING by a killed process: marked KILLED", stale)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_logger, truncate_after=start_step)
     if is_logger and resumed_from:
-        print(f"resumed from {resumed_from} at step {start_step}", flush=True)
+        logger.info("resumed from %s at step %d", resumed_from, start_step)
+    if start_step >= cfg.train_steps:
+        logger.info("the checkpoint is at step %d, train_steps=%d: nothing to train (raise train_steps to "
+                    "continue)", start_step, cfg.train_steps)
 
-    stop = _StopFlag()
+    stop = StopRequest()
     fb = get_forward_backward_func()
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
-    step, saved_at, status = start_step, None, "FINISHED"
+    step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
+    skipped_seen = 0
     try:
         while step < cfg.train_steps:
             step += 1
@@ -119,20 +141,28 @@ def train(cfg: TrainConfig) -> dict:
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
                 loss = _mean_over_dp(torch.stack([l["loss"] for l in losses]).mean())
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
+                totals = skip_totals(data)
                 metrics = {"loss": loss, "lr_new": lr_new, "lr_pretrained": lr_pre,
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
                            "text_tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_time,
-                           "peak_memory_gib": peak_memory_bytes() / 2**30}
+                           "peak_memory_gib": peak_memory_bytes() / 2**30, **skip_metrics(totals)}
                 tracker.log_metrics(metrics, step)
                 log.write(step, metrics)
+                if is_logger and totals["skipped"] > skipped_seen:
+                    logger.warning("data: %s", describe(totals))
+                skipped_seen = totals["skipped"]
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
                 saved_at = step
-            if _any_rank(stop.requested):
+            if _any_rank(stop.requested is not None):
                 status = "KILLED"
                 break
         if saved_at != step:
             ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
+        if last_stage:
+            totals = skip_totals(data)
+            if is_logger:
+                logger.info("data: %s", describe(totals))
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
@@ -144,9 +174,11 @@ def train(cfg: TrainConfig) -> dict:
     if is_logger and log.rows:
         log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.source == "synthetic" else None)
         tracker.log_artifact(str(run_dir / "loss.png"))
-        print(f"{'stopped by SIGTERM' if status == 'KILLED' else 'done'} at step {step}: "
-              f"loss {log.rows[-1]['loss']:.4f}; run dir {run_dir}; checkpoints {ckpt.dir}; "
-              f"MLflow {getattr(tracker, 'uri', 'off')}", flush=True)
+    if is_logger:
+        ended = f"stopped by {stop.requested}" if status == "KILLED" else "done"
+        loss_text = f"loss {log.rows[-1]['loss']:.4f}; " if log.rows else ""
+        logger.info("%s at step %d: %srun dir %s; checkpoints %s; MLflow %s", ended, step, loss_text, run_dir,
+                    ckpt.dir, getattr(tracker, "uri", "off"))
     tracker.finish(status)
     return {"final_loss": log.rows[-1]["loss"] if log.rows else None, "steps": step, "status": status}
 

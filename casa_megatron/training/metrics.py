@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+logger = logging.getLogger("casa_megatron.train")
 
 
 def peak_memory_bytes() -> int:
@@ -37,9 +40,9 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"step {step:5d} | loss {metrics['loss']:.4f} | lr {metrics['lr_new']:.2e}/{metrics['lr_pretrained']:.2e} "
-              f"| grad norm {metrics['grad_norm']:.3f} | {metrics['text_tokens_per_s']:.0f} text tok/s "
-              f"| {metrics['step_time_s'] * 1000:.0f} ms | {metrics['peak_memory_gib']:.2f} GiB", flush=True)
+        logger.info("step %5d | loss %.4f | lr %.2e/%.2e | grad norm %.3f | %.0f text tok/s | %.0f ms | %.2f GiB",
+                    step, metrics["loss"], metrics["lr_new"], metrics["lr_pretrained"], metrics["grad_norm"],
+                    metrics["text_tokens_per_s"], metrics["step_time_s"] * 1000, metrics["peak_memory_gib"])
 
     def plot(self, out: Path, floor: Optional[float] = None) -> None:
         import matplotlib

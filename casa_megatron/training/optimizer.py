@@ -70,6 +70,10 @@ def build_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         wsd_decay_steps=opt.wsd_decay_steps if opt.decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if opt.decay_style == "WSD" else None,
+        # On resume the schedule follows the config (an extended train_steps, a new LR) and only
+        # the step count comes from the checkpoint: megatron's --override-opt_param-scheduler.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

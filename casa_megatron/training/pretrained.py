@@ -76,14 +76,13 @@ def load_model_weights(model, directory: str | Path) -> None:
     model.load_state_dict(state["model"])
 
 
-def start_from_pretrained(model, cfg, run_dir: Path) -> Optional[str]:
-    """Load ``checkpoint.pretrained`` into ``model`` unless the run will resume; returns the
-    directory loaded (for the tracker) or None."""
+def start_from_pretrained(model, cfg, ckpt: "checkpointing.Checkpointer") -> Optional[str]:
+    """Load ``checkpoint.pretrained`` into ``model`` unless the run will resume from ``ckpt``
+    (the run's own checkpoints); returns the directory loaded (for the tracker) or None."""
     directory = cfg.checkpoint.pretrained
     if not directory:
         return None
-    if cfg.checkpoint.resume and checkpointing.Checkpointer(
-            cfg.checkpoint.dir or run_dir / "checkpoints").latest() is not None:
+    if cfg.checkpoint.resume and ckpt.latest() is not None:
         return None
     load_model_weights(model, directory)
     return str(directory)

@@ -1,9 +1,11 @@
-"""Resumable checkpoints: SIGKILL mid-run, a save killed half-way, SIGTERM, TP/PP resharding."""
+"""Resumable checkpoints: SIGKILL mid-run, a save killed half-way, SIGTERM / SIGINT (Ctrl-C), a
+second run on the same directory, TP/PP resharding."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,9 +29,9 @@ def _cli(run_dir, *extra, tracking=False):
             f"run_dir={run_dir}", f"tracking.enabled={str(tracking).lower()}", *extra]
 
 
-def _start(cmd):
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+def _start(cmd, stdout=False):
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def _wait_for_step(proc, run_dir: Path, step: int, timeout: float = 300):
@@ -52,14 +54,22 @@ def uninterrupted(tmp_path_factory):
     return _rows(run_dir)
 
 
+def _mlflow_runs(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("casa_megatron").experiment_id])
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_curve(tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
-    proc = _start(_cli(run_dir))
+    proc = _start(_cli(run_dir, tracking=True))
     _wait_for_step(proc, run_dir, 12)  # last checkpoint: step 8
     proc.kill()
     proc.wait()
     assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000008"
-    resumed = subprocess.run(_cli(run_dir), cwd=REPO, capture_output=True, text=True,
+    resumed = subprocess.run(_cli(run_dir, tracking=True), cwd=REPO, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -68,23 +78,57 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(tmp_path, uninterrupt
     for got, want in zip(rows, uninterrupted):
         assert got["loss"] == want["loss"], got["step"]  # bit-exact: same data, RNG, optimizer state
         assert got["grad_norm"] == want["grad_norm"], got["step"]
+    killed, finished = _mlflow_runs(run_dir)  # the SIGKILLed run no longer claims to be RUNNING
+    assert killed.info.status == "KILLED" and "casa.ended_by" in killed.data.tags
+    assert finished.info.status == "FINISHED"
 
 
-def test_sigterm_checkpoints_and_marks_the_run_killed(tmp_path):
-    run_dir = tmp_path / "term"
-    proc = _start(_cli(run_dir, "train_steps=200", "optimizer.wsd_decay_steps=0", tracking=True))
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_and_marks_the_run_killed(tmp_path, sig):
+    """SIGTERM (SLURM) and Ctrl-C both finish the step, save, mark the MLflow run KILLED; with
+    SIGINT, a second run on the same directory is refused meanwhile, and the checkpoint resumes."""
+    run_dir = tmp_path / "stopped"
+    proc = _start(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0", tracking=True), stdout=True)
     _wait_for_step(proc, run_dir, 10)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-3000:]
+    if sig == signal.SIGINT:
+        second = subprocess.run(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0"), cwd=REPO,
+                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert second.returncode == 3, second.stderr[-3000:]
+        assert f"is in use by pid {proc.pid} on host" in second.stderr and "Traceback" not in second.stderr
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 0
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    assert "Traceback" not in err, err[-3000:]
     step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
-    assert 10 <= step < 200
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    run, = client.search_runs([client.get_experiment_by_name("casa_megatron").experiment_id])
+    assert 10 <= step < 2000
+    assert f"stopped by {sig.name} at step {step}" in out
+    # Honest, quiet logs: time, level and rank on every line; where things are, up front; no
+    # start-up warnings that nobody can act on.
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[rank 0\] casa_megatron.train: run dir "
+                     rf"{re.escape(str(run_dir))} \| checkpoints .* \| MLflow sqlite:", out, re.M), out[:2000]
+    assert not re.search(r"Warning:|warnings.warn|Rerun State Machine|MLflow database", err + out), err
+    run, = _mlflow_runs(run_dir)
     assert run.info.status == "KILLED"
     assert run.data.tags["checkpoint_dir"] == str((run_dir / "checkpoints").resolve())
+    if sig == signal.SIGINT:  # the checkpoint it wrote loads and training goes on from it
+        summary, = run_distributed(_train, world_size=1, run_dir=str(run_dir),
+                                   overrides=[f"train_steps={step + 2}", "optimizer.wsd_decay_steps=0"])
+        assert summary["steps"] == step + 2 and _rows(run_dir)[-1]["step"] == step + 2
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    run_dir = tmp_path / "impatient"
+    proc = _start(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0"))
+    _wait_for_step(proc, run_dir, 4)
+    proc.send_signal(signal.SIGINT)
+    lines = []
+    while not any("SIGINT received" in line for line in lines):  # the first one was handled
+        lines.append(proc.stderr.readline().decode())
+        assert lines[-1], "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = "".join(lines) + proc.stderr.read().decode()
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: exited at once"), err
 
 
 def _train(rank, world, run_dir, overrides):

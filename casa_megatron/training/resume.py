@@ -1,0 +1,231 @@
+"""Resume safely: which checkpoint, whether it fits this run's config, and what may change.
+
+Compatibility is a table (``RESUME_RULES``), first matching pattern wins:
+
+* **must match**: everything under ``model.`` (architecture, fusion, vision, trainability) unless
+  listed as changeable, and ``optimizer.use_distributed_optimizer`` (it changes the optimizer
+  state's format). A new ``model.*`` field added later falls into this class by default: the
+  safe choice, since a silently different architecture is the failure this module prevents.
+* **may change**: everything else (``train_steps``, learning rates and schedule, intervals, data
+  sources, the parallel layout, tracking, ``checkpoint.*``), and the implementation choices
+  ``model.transformer_impl`` / ``model.attention_backend`` and initialisation-only fields.
+  Changes are applied and listed in a one-line notice; the LR schedule is rebuilt from the
+  config at the checkpoint's step (megatron's ``override_opt_param_scheduler``).
+* **trainability** (``model.freeze_lm``, ``model.vision.trainable_blocks``,
+  ``model.vision.projector_trainable``): must match on resume (the optimizer state holds exactly
+  the trainable parameters) but may change for a weights-only start
+  (``check_compatible(..., weights_only=True)``).
+
+The data position (loader state) is restored only when nothing in ``DATA_POSITION_FIELDS``
+changed; otherwise the data order starts afresh, and the notice says why.
+
+Fallback: candidates are tried newest first; one whose files fail the manifest check, or whose
+load raises, is reported by path and the previous one is tried. Skipped ones are renamed
+(``.damaged`` / ``.unloadable``) once an older checkpoint has loaded, never deleted. If the
+directory holds checkpoints and none can be used, the run stops: starting from step 0 there
+would overwrite them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from casa_megatron.config import to_dict
+from casa_megatron.config.errors import ConfigError
+from casa_megatron.training.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+MUST_MATCH, MAY_CHANGE, TRAINABILITY = "must match", "may change", "trainability"
+RESUME_RULES: List[Tuple[str, str]] = [
+    ("model.transformer_impl", MAY_CHANGE),  # implementation: the same weights
+    ("model.attention_backend", MAY_CHANGE),
+    ("model.lm.init_method_std", MAY_CHANGE),  # used only to initialise
+    ("model.fusion.init_from_self_attention", MAY_CHANGE),
+    ("model.freeze_lm", TRAINABILITY),
+    ("model.vision.trainable_blocks", TRAINABILITY),
+    ("model.vision.projector_trainable", TRAINABILITY),
+    ("model.*", MUST_MATCH),
+    ("optimizer.use_distributed_optimizer", MUST_MATCH),
+    ("*", MAY_CHANGE),
+]
+# Fields that decide which sample comes next; the rest of data.* (workers, prefetch, decoder,
+# logging) does not change the stream.
+DATA_POSITION_FIELDS = ["data.*", "micro_batch_size"]
+DATA_RUNTIME_FIELDS = ["data.num_workers", "data.worker_type", "data.prefetch", "data.decoder", "data.log_interval"]
+
+
+class ResumeMismatch(ConfigError):
+    """The checkpoint was written by a run whose must-match fields differ from this config."""
+
+
+def classify(name: str, weights_only: bool = False) -> str:
+    """The class of dotted field ``name`` under ``RESUME_RULES``."""
+    for pattern, kind in RESUME_RULES:
+        if fnmatch.fnmatchcase(name, pattern):
+            if kind == TRAINABILITY:
+                return MAY_CHANGE if weights_only else MUST_MATCH
+            return kind
+    return MAY_CHANGE
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@dataclass
+class Differences:
+    mismatched: List[Tuple[str, Any, Any]] = field(default_factory=list)  # (field, saved, now)
+    changed: List[Tuple[str, Any, Any]] = field(default_factory=list)
+
+    def data_position_changed(self) -> List[str]:
+        return [name for name, _, _ in self.changed
+                if any(fnmatch.fnmatchcase(name, p) for p in DATA_POSITION_FIELDS)
+                and not any(fnmatch.fnmatchcase(name, p) for p in DATA_RUNTIME_FIELDS)]
+
+
+_MISSING = "<not set>"
+
+
+def compare(saved: Dict[str, Any], current: Any, defaults: Any = None, weights_only: bool = False) -> Differences:
+    """Compare a checkpoint's resolved config (a nested dict) with this run's config.
+
+    A field the checkpoint does not have (written before the field existed) counts as its
+    default value; a field this version does not know is reported as ``<not set>`` now."""
+    now = flatten(to_dict(current))
+    base = flatten(to_dict(defaults if defaults is not None else type(current)()))
+    old = {**base, **flatten(saved)}
+    diff = Differences()
+    for name in sorted(set(old) | set(now)):
+        a, b = old.get(name, _MISSING), now.get(name, _MISSING)
+        if a == b:
+            continue
+        kind = classify(name, weights_only)
+        (diff.mismatched if kind == MUST_MATCH else diff.changed).append((name, a, b))
+    return diff
+
+
+def check_compatible(saved: Dict[str, Any], current: Any, source: str, weights_only: bool = False) -> Differences:
+    """Raise ``ResumeMismatch`` listing every must-match field that differs (both values);
+    return the differences otherwise. ``source`` names the checkpoint in the message."""
+    diff = compare(saved, current, weights_only=weights_only)
+    if diff.mismatched:
+        lines = "; ".join(f"{name}: checkpoint {a!r}, config {b!r}" for name, a, b in diff.mismatched)
+        raise ResumeMismatch(f"{source} was written by a different model ({lines}). These fields must match to "
+                             f"resume; start a new run_dir (or checkpoint.dir) for another model")
+    return diff
+
+
+def read_saved_config(path: Path) -> Dict[str, Any]:
+    """The resolved config stored in checkpoint ``path`` (ValueError if missing or unreadable)."""
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path / 'config.yaml'} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path / 'config.yaml'} does not hold a config mapping")
+    return saved
+
+
+def precheck(ckpt, cfg) -> Optional[Differences]:
+    """Before anything is built or written: compare the config of the newest checkpoint that has a
+    readable one (a mismatch raises). Damaged checkpoints are dealt with in ``resume``."""
+    for path in ckpt.candidates():
+        try:
+            saved = read_saved_config(path)
+        except ValueError:
+            continue
+        return check_compatible(saved, cfg, f"checkpoint {path}")
+    return None
+
+
+def describe_changes(diff: Differences) -> str:
+    return ", ".join(f"{name} {a!r} -> {b!r}" for name, a, b in diff.changed)
+
+
+@dataclass
+class Resumed:
+    step: int = 0
+    path: Optional[Path] = None
+    data_state: Optional[dict] = None
+    skipped: List[Tuple[Path, str, str]] = field(default_factory=list)  # (path, reason tag, why)
+
+
+def _first_failure(why: Optional[str]) -> Optional[str]:
+    """Every rank must take the same branch: a failure on one rank is a failure everywhere."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return why
+    whys: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(whys, why)
+    return next((w for w in whys if w is not None), None)
+
+
+def resume(ckpt, cfg, model, optimizer, scheduler) -> Resumed:
+    """Load the newest usable checkpoint of ``ckpt`` (collective), falling back past damaged or
+    unloadable ones; ``Resumed()`` (step 0) when the directory holds none.
+
+    Raises ResumeMismatch for a checkpoint of another model, CheckpointError when checkpoints
+    exist but none can be used."""
+    out = Resumed()
+    candidates = ckpt.candidates()
+    pointer = ckpt.pointer()
+    if candidates and pointer is None:
+        logger.warning("%s has no 'latest' pointer; using the checkpoint directories themselves", ckpt.dir)
+    elif pointer is not None and (ckpt.dir / pointer) not in candidates:
+        logger.warning("%s/latest names %s, which does not exist; using the checkpoint directories", ckpt.dir, pointer)
+    for path in candidates:
+        problem = ckpt.verify(path)
+        if problem is not None:
+            logger.error("checkpoint %s is damaged: %s", path, problem)
+            out.skipped.append((path, "damaged", problem))
+            continue
+        try:
+            saved = read_saved_config(path)
+        except ValueError as exc:
+            out.skipped.append((path, "damaged", str(exc)))
+            continue
+        diff = check_compatible(saved, cfg, f"checkpoint {path}")
+        why = None
+        try:
+            step, data_state = ckpt.load(path, model, optimizer, scheduler)
+        except Exception as exc:  # noqa: BLE001 - any failure to load: report it and fall back
+            why = f"{type(exc).__name__}: {str(exc)[:500]}"
+        why = _first_failure(why)
+        if why is not None:
+            logger.error("checkpoint %s could not be loaded: %s", path, why)
+            out.skipped.append((path, "unloadable", why))
+            continue
+        out.step, out.path = step, path
+        moved = diff.data_position_changed()
+        if moved and data_state is not None:
+            logger.warning("data order starts afresh: %s changed since the checkpoint", ", ".join(moved))
+            data_state = None
+        out.data_state = data_state
+        if diff.changed:
+            logger.info("resume: applying config changes: %s", describe_changes(diff))
+        break
+    if candidates and out.path is None:
+        listing = "; ".join(f"{p.name}: {why}" for p, _, why in out.skipped)
+        raise CheckpointError(f"{ckpt.dir} holds checkpoints but none can be used ({listing}). Nothing was "
+                              f"overwritten; move them away (or set checkpoint.dir to a new directory) to start over")
+    if out.path is not None and out.skipped:
+        logger.warning("resuming from %s, the newest usable checkpoint (skipped: %s)", out.path.name,
+                       ", ".join(p.name for p, _, _ in out.skipped))
+        for path, reason, _ in out.skipped:
+            ckpt.set_aside(path, reason)
+    return out
