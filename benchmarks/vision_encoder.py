@@ -35,10 +35,9 @@ def _run(rank, world, layers: int, repeats: int, dtype: str, threads: int):
 
     from casa_megatron.config import LanguageModelConfig, ModelConfig, VisionConfig
     from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
-    from casa_megatron.conversion.vision_tables import hf_to_megatron
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.parallel.tp_layout import load_full_state
-    from support.qwen_vision import VisionStack
+    from support.qwen_vision import VisionStack, hf_to_megatron
 
     torch.set_num_threads(threads)
     full = list(range(layers // 4 - 1, layers, layers // 4)) if layers >= 4 else [layers - 1]
@@ -53,7 +52,8 @@ def _run(rank, world, layers: int, repeats: int, dtype: str, threads: int):
                       vision=vision, transformer_impl="local")
     initialize_parallel(1, 1, seed=0)
     ours = VisionStack(cfg, tp=1, params_dtype=dt).eval()
-    load_full_state(ours, hf_to_megatron({f"visual.{k}": v for k, v in hf.state_dict().items()}, vision), 0, 1)
+    names = [n for n, _ in ours.named_parameters()]
+    load_full_state(ours, hf_to_megatron(names, cfg, {f"visual.{k}": v for k, v in hf.state_dict().items()}), 0, 1)
     pixels = torch.randn(int(GRID.prod(1).sum()), vision.patch_dim, generator=torch.Generator().manual_seed(1)).to(dt)
 
     def timed(fn):

@@ -134,7 +134,7 @@ class VisionConfig:
     ``encoder``: ``tiny_vit`` (small, from scratch, for tests and CPU runs) or ``qwen2_5_vl``
     (the Qwen2.5-VL ViT: conv3d patch embedding over ``temporal_patch_size`` frames, 2D RoPE,
     window attention over ``window_size`` px windows with full attention in
-    ``fullatt_block_indexes``; HF weights map onto it, see conversion/vision_tables.py). Field
+    ``fullatt_block_indexes``; HF weights map onto it, see conversion/tables/vision.py). Field
     names follow megatron (``num_layers``); ``conversion/hf_configs/vision.py`` fills them from
     an HF ``vision_config`` (``depth``, ``num_heads``, ``intermediate_size``...).
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -208,6 +208,27 @@ def _initialise_casa(model, report: ImportReport) -> None:
     missed = [p for p, m in layers_by_prefix.items() if m is None]
     if missed:
         raise ConversionError(f"cannot initialise CASA weights of {missed} from self-attention")
+
+
+def import_tensors(names: Iterable[str], tables: Dict[str, MappingTable],
+                   reader) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The import direction without a model: ``(megatron name, full TP=1 tensor)`` for every
+    name, from the reader's HF tensors (primary names, else the fallback; an absent optional
+    row is skipped). For state dicts that are split over TP afterwards (tests, benchmarks) and
+    for anything linear in the weights (gradients map alike). Missing tensors: one error."""
+    steps, missing = [], []
+    for name, binding in bind_all(names, tables, component_of).items():
+        for candidate in (binding.hf, binding.fallback):
+            if candidate and all(n in reader for n in candidate):
+                steps.append((name, binding, candidate))
+                break
+        else:
+            if not (binding.optional and not any(n in reader for n in binding.hf)):
+                missing += [f"{n} (for {name})" for n in binding.hf if n not in reader]
+    if missing:
+        raise ConversionError("the checkpoint does not fit the model:\n  " + _listing("missing tensors", missing))
+    for name, binding, hf_names in steps:
+        yield name, binding.transform.to_megatron([reader.get(n) for n in hf_names])
 
 
 def export_tensors(model: torch.nn.Module, tables: Dict[str, MappingTable],

@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from casa_megatron.config.errors import ConfigError
 from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
 
 # model_type -> our family; the LM is read from the config itself or its ``text_config``.
 FAMILIES = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl", "helium": "helium", "llama": "llama"}
 VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by TP 1..128 (powers of 2), same at every TP
 ROPE_TYPES = ("default", "linear", "llama3")
 
-# Vision config readers by vision kind: hf vision config -> model.vision fields. The
-# Qwen2.5-VL encoder registers its reader with its table.
-VISION_CONFIG_READERS: Dict[str, Callable[[object], dict]] = {}
+# Vision config readers by vision kind: the HF ``vision_config`` (as a dict) -> model.vision
+# fields. A new encoder registers its reader here and its table with
+# ``tables.register_vision_table``.
+VISION_CONFIG_READERS: Dict[str, Callable[[dict], dict]] = {"qwen2_5_vl": vision_config_from_hf}
 
 
 @dataclass
@@ -34,6 +37,7 @@ class HFArchitecture:
     lm: dict  # model.lm fields
     vision_kind: Optional[str] = None  # "qwen2_5_vl" when the checkpoint holds a vision encoder
     vision: dict = field(default_factory=dict)  # model.vision fields (when a reader is registered)
+    vision_output_size: Optional[int] = None  # width the checkpoint's merger maps to (its LM's)
     torch_dtype: Optional[str] = None
 
 
@@ -63,9 +67,14 @@ def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
                                           or (raw.get("text_config") or {}).get("dtype") or "") or None)
     if family == "qwen2_5_vl":
         arch.vision_kind = "qwen2_5_vl"
-        reader = VISION_CONFIG_READERS.get("qwen2_5_vl")
+        vision = config.vision_config.to_dict()
+        arch.vision_output_size = int(vision.get("out_hidden_size") or text.hidden_size)
+        reader = VISION_CONFIG_READERS.get(arch.vision_kind)
         if reader is not None:
-            arch.vision = reader(config.vision_config)
+            try:
+                arch.vision = reader(vision)
+            except ConfigError as exc:
+                raise ConversionError(f"{path}: {exc}") from exc
     return arch
 
 

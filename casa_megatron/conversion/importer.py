@@ -38,9 +38,9 @@ from casa_megatron.config.pretrained import ARCHITECTURE_FILE, WEIGHTS_DIR, arch
 from casa_megatron.config.schema import ConfigError, ParallelConfig, TrainConfig
 from casa_megatron.conversion.engine import ImportReport, Source, component_of, load_weights
 from casa_megatron.conversion.errors import ConversionError
-from casa_megatron.conversion.hf_config import HFArchitecture, read_hf_config
+from casa_megatron.conversion.hf_config import VISION_CONFIG_READERS, HFArchitecture, read_hf_config
 from casa_megatron.conversion.safetensors_io import SafetensorsReader
-from casa_megatron.conversion.tables import PENDING_VISION, VISION_TABLES, lm_table, vision_table
+from casa_megatron.conversion.tables import VISION_TABLES, lm_table, vision_table
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                 "tokenizer.model", "added_tokens.json", "chat_template.json", "chat_template.jinja",
@@ -105,24 +105,38 @@ def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
 
 
 def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
-                   skip_vision: bool):
+                  skip_vision: bool):
     """(Source, table or None) of the vision component; see docs/conversion.md "Vision"."""
     kind = arch.vision_kind
     where = vision_from or "the checkpoint"
     if kind is None:
+        if not skip_vision and cfg.model.vision.encoder != "tiny_vit":
+            raise ConversionError(
+                f"the recipe's model.vision.encoder={cfg.model.vision.encoder!r} expects pretrained vision weights "
+                f"but {where} holds no vision encoder; pass --vision-from a folder that has one (e.g. "
+                "Qwen2.5-VL), or --skip-vision to initialise the encoder fresh")
         return Source(reason="not in the source checkpoint (LM only): initialised fresh"), None
     reader = SafetensorsReader(vision_from) if vision_from else lm_reader
     only = "visual." if vision_from else None
     if skip_vision:
         return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
                       only=only), None
-    if kind not in VISION_TABLES:
-        why = PENDING_VISION.get(kind, f"no vision table for {kind!r}")
-        return Source(reason=why, skipped=(reader, "visual."), only=only), None
+    _check_vision_kind(kind, where)
     if cfg.model.vision.encoder != kind:
         raise ConversionError(f"{where} holds a {kind!r} vision encoder but the recipe has model.vision.encoder="
                               f"{cfg.model.vision.encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
+    if arch.vision_output_size is not None and arch.vision_output_size != cfg.model.lm.hidden_size:
+        raise ConversionError(
+            f"the vision merger of {where} maps to width {arch.vision_output_size} (out_hidden_size) but the LM's "
+            f"hidden_size is {cfg.model.lm.hidden_size}: its last layer cannot be imported; choose a vision "
+            "checkpoint made for this LM width, or pass --skip-vision")
     return Source(reader, only=only), vision_table(cfg.model, kind)
+
+
+def _check_vision_kind(kind: str, where: str) -> None:
+    if kind not in VISION_TABLES or kind not in VISION_CONFIG_READERS:
+        raise ConversionError(f"{where} holds a {kind!r} vision encoder, which has no conversion table "
+                              f"(registered: {sorted(VISION_TABLES)}); pass --skip-vision to import the LM alone")
 
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
@@ -143,7 +157,9 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         if arch.vision_kind is not None:
             raise ConversionError(f"{hf_dir} already holds a vision encoder; --vision-from {vision_from} "
                                   "would give two (use --skip-vision on one side instead)")
-    importing_vision = vision_arch.vision_kind in VISION_TABLES and not skip_vision
+    importing_vision = vision_arch.vision_kind is not None and not skip_vision
+    if importing_vision:
+        _check_vision_kind(vision_arch.vision_kind, vision_from or hf_dir)
     try:
         cfg = resolve_config(recipe, overrides, arch, vision_arch.vision if importing_vision else None, hf_dir)
     except ConfigError as exc:

@@ -10,13 +10,14 @@ import inverted by construction. Transforms only reshape, concatenate and index;
 Megatron layouts (TP=1; TP sharding is the checkpoint's business):
 * fused QKV: rows grouped per KV head, ``[ng, (np/ng) q heads + k + v, hn]``;
 * SwiGLU ``linear_fc1``: ``[gate; up]`` stacked on rows;
-* padded vocabulary: ``padded_vocab_size`` rows, the extra ones zero.
+* padded vocabulary: ``padded_vocab_size`` rows, the extra ones zero;
+* padded vision MLP width: ``padded_ffn_hidden_size`` units, the extra ones zero.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -124,38 +125,70 @@ class FusedQKV(Transform):
         return f"FusedQKV(heads={self.heads}, groups={self.groups}, head_dim={self.head_dim})"
 
 
-class GatedMLP(Transform):
-    """``gate_proj``, ``up_proj`` (weight or bias) <-> SwiGLU ``linear_fc1`` = ``[gate; up]``."""
-
-    arity = 2
-
-    def to_megatron(self, hf: Sequence[Tensor]) -> Tensor:
-        gate, up = hf
-        return torch.cat([gate, up], dim=0)
-
-    def to_hf(self, tensor: Tensor) -> List[Tensor]:
-        return list(torch.chunk(tensor, 2, dim=0))
-
-
 @dataclass(frozen=True, repr=False)
-class PadVocab(Transform):
-    """Embedding / LM head rows: zero-padded from ``vocab_size`` to ``padded_vocab_size`` on
-    import, sliced back on export."""
+class ZeroPad(Transform):
+    """A tensor zero-padded along ``dim`` from ``size`` to ``padded`` on import, sliced back on
+    export (no copy when nothing is padded). The padded entries are exact no-ops of the model
+    (zero vocabulary rows with masked logits; zero MLP units, see the subclasses)."""
 
-    vocab_size: int
-    padded_vocab_size: int
+    size: int
+    padded: int
+    dim: int = 0
 
     def to_megatron(self, hf: Sequence[Tensor]) -> Tensor:
         (t,) = hf
-        if t.shape[0] == self.padded_vocab_size:  # nothing to pad: no copy of a 600 MB embedding
+        extra = self.padded - t.shape[self.dim]
+        if extra == 0:  # nothing to pad: no copy of a 600 MB embedding
             return t
-        return torch.nn.functional.pad(t, (0, 0, 0, self.padded_vocab_size - t.shape[0]))
+        pad = [0, 0] * (t.dim() - 1 - self.dim) + [0, extra]
+        return torch.nn.functional.pad(t, pad)
 
     def to_hf(self, tensor: Tensor) -> List[Tensor]:
-        return [tensor[: self.vocab_size]]
+        return [tensor.narrow(self.dim, 0, self.size)]
 
     def __repr__(self) -> str:
-        return f"PadVocab({self.vocab_size} -> {self.padded_vocab_size})"
+        return f"{type(self).__name__}({self.size} -> {self.padded}, dim={self.dim})"
+
+
+@dataclass(frozen=True, repr=False)
+class PadVocab(ZeroPad):
+    """Embedding / LM head rows: zero-padded from ``vocab_size`` to ``padded_vocab_size`` on
+    import, sliced back on export."""
+
+    def __repr__(self) -> str:
+        return f"PadVocab({self.size} -> {self.padded})"
+
+
+@dataclass(frozen=True, repr=False)
+class PadFFN(ZeroPad):
+    """An MLP width padded with zero units (``model.vision.ffn_pad_multiple``: Qwen2.5-VL's 3420
+    -> 3424 so that it splits over TP = 8). ``dim`` 0: the rows of a gate / up weight or bias;
+    ``dim`` 1: the columns of the down projection. Zero gate, up and down entries make the
+    extra units exact no-ops with zero gradients (docs/architecture.md, "Vision encoders")."""
+
+    def __repr__(self) -> str:
+        return f"PadFFN({self.size} -> {self.padded}, dim={self.dim})"
+
+
+@dataclass(frozen=True, repr=False)
+class GatedMLP(Transform):
+    """``gate_proj``, ``up_proj`` (weight or bias) <-> SwiGLU ``linear_fc1`` = ``[gate; up]``.
+
+    ``pad``: each half padded to the MLP's padded width first (vision MLPs; None: no padding)."""
+
+    pad: Optional[PadFFN] = None
+    arity = 2
+
+    def to_megatron(self, hf: Sequence[Tensor]) -> Tensor:
+        gate, up = (self.pad.to_megatron([t]) if self.pad else t for t in hf)
+        return torch.cat([gate, up], dim=0)
+
+    def to_hf(self, tensor: Tensor) -> List[Tensor]:
+        halves = torch.chunk(tensor, 2, dim=0)
+        return [self.pad.to_hf(h)[0] if self.pad else h for h in halves]
+
+    def __repr__(self) -> str:
+        return f"GatedMLP(pad={self.pad!r})" if self.pad else "GatedMLP"
 
 
 @dataclass(frozen=True, repr=False)

@@ -9,7 +9,7 @@ import torch
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.mapping import MappingTable, Row
 from casa_megatron.conversion.transforms import (
-    IDENTITY, QKV, Conv3dToLinear, FusedQKV, GatedMLP, PadVocab, rotary_half_permutation)
+    IDENTITY, QKV, Conv3dToLinear, FusedQKV, GatedMLP, PadFFN, PadVocab, rotary_half_permutation)
 
 HEADS, GROUPS, HD, H = 8, 2, 6, 16
 
@@ -22,6 +22,9 @@ HEADS, GROUPS, HD, H = 8, 2, 6, 16
     (FusedQKV(4, 4, HD), [(3 * 4 * HD, H)]),
     (GatedMLP(), [(7, H), (7, H)]),
     (PadVocab(99, 128), [(99, H)]),
+    (PadFFN(45, 48, dim=1), [(H, 45)]),  # a vision down projection's columns
+    (GatedMLP(pad=PadFFN(45, 48)), [(45, H), (45, H)]),  # gate / up rows
+    (GatedMLP(pad=PadFFN(45, 48)), [(45,), (45,)]),  # their biases
     (Conv3dToLinear(3, 2, 14), [(32, 3, 2, 14, 14)]),
 ], ids=repr)
 def test_round_trip_and_expected_shapes(transform, shapes):
@@ -32,6 +35,15 @@ def test_round_trip_and_expected_shapes(transform, shapes):
     for a, b in zip(back, hf):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert transform.expected_hf_shapes(megatron.shape) == [tuple(s) for s in shapes]
+
+
+def test_padded_units_are_zero_and_in_place():
+    gate, up = torch.randn(45, H), torch.randn(45, H)
+    fc1 = GatedMLP(pad=PadFFN(45, 48)).to_megatron([gate, up])  # [2 * 48, H]
+    assert torch.equal(fc1[:45], gate) and torch.equal(fc1[48:93], up)
+    assert fc1[45:48].abs().sum() == 0 and fc1[93:].abs().sum() == 0
+    down = PadFFN(45, 48, dim=1).to_megatron([torch.randn(H, 45)])
+    assert down.shape == (H, 48) and down[:, 45:].abs().sum() == 0
 
 
 def test_qkv_layout_is_megatrons_grouped_layout():

@@ -1,5 +1,7 @@
-"""The vision mapping tables: every HF ``visual.*`` tensor is read and every parameter written,
-export is import inverted, and the HF vision config fills ``VisionConfig``."""
+"""The vision tables in the engine's one format (tables/vision.py): on the real encoder +
+projector modules, every parameter is written and every HF ``visual.*`` tensor read, export is
+import inverted bit-exactly (the Qwen MLP width padded and sliced back), a missing tensor is
+named, and the HF vision config fills ``VisionConfig``."""
 
 from __future__ import annotations
 
@@ -12,47 +14,74 @@ from support.qwen_vision import VisionStack, hf_vision_config, hf_visual_state, 
 
 from casa_megatron.config import ConfigError, VisionConfig
 from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
-from casa_megatron.conversion.vision_tables import hf_to_megatron, megatron_to_hf
 
 
-def test_qwen_table_reads_every_hf_tensor_and_round_trips():
-    hf = hf_visual_state(hf_vision_model(intermediate_size=45))
-    vision = VisionConfig(**vision_config_from_hf(hf_vision_config(45).to_dict()))
-    ours = hf_to_megatron(hf, vision)
-    back = megatron_to_hf(ours, vision)
-    assert sorted(back) == sorted(hf)  # nothing left unread, nothing invented
-    for name, tensor in hf.items():
-        assert torch.equal(back[name], tensor), name
-    fc1 = ours["vision.blocks.0.mlp.linear_fc1.weight"]
-    assert fc1.shape[0] == 2 * vision.padded_ffn_hidden_size == 96  # 45 padded to 48, [gate; up]
-    assert fc1[45:48].abs().sum() == 0 and fc1[93:96].abs().sum() == 0
-
-
-def test_missing_hf_tensor_is_named():
-    hf = hf_visual_state(hf_vision_model())
-    del hf["visual.blocks.2.attn.qkv.bias"]
-    vision = VisionConfig(**vision_config_from_hf(hf_vision_config().to_dict()))
-    with pytest.raises(KeyError, match=r"visual\.blocks\.2\.attn\.qkv\.bias"):
-        hf_to_megatron(hf, vision)
-
-
-def _tiny_vit_names(rank, world):
-    cfg = dataclasses.replace(model_config_for(hf_vision_config()), vision=VisionConfig(hidden_size=32,
-                              num_attention_heads=2, ffn_hidden_size=48))
+def _tables_worker(rank, world):
+    from casa_megatron.conversion.engine import Source, export_tensors, load_weights
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.safetensors_io import DictReader
+    from casa_megatron.conversion.tables import tables_for
     from casa_megatron.parallel import initialize_parallel
 
     initialize_parallel(1, 1, seed=0)
+    out = {}
+    # Qwen2.5-VL: HF -> NaN-filled modules -> HF again
+    hf = hf_visual_state(hf_vision_model(intermediate_size=45))
+    cfg = model_config_for(hf_vision_config(45))
     stack = VisionStack(cfg, tp=1)
-    ours = {n: p.detach().clone() for n, p in stack.named_parameters()}
-    hf = megatron_to_hf(ours, cfg.vision)
-    back = hf_to_megatron(hf, cfg.vision)
-    return sorted(ours), sorted(back), sorted(hf), all(torch.equal(ours[n], back[n]) for n in ours)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.fill_(float("nan"))
+    tables = {"vision": tables_for(cfg)["vision"]}
+    report = load_weights(stack, tables, {"vision": Source(DictReader(hf))}, progress=False)
+    back = dict(export_tensors(stack, tables))
+    fc1 = dict(stack.named_parameters())["vision.blocks.0.mlp.linear_fc1.weight"]
+    out["qwen"] = {"nan": [n for n, p in stack.named_parameters() if torch.isnan(p).any()],
+                   "read": sorted(h for names in report.imported.values() for h in names), "hf": sorted(hf),
+                   "back": sorted(back), "exact": all(torch.equal(back[n], hf[n]) for n in hf),
+                   "fc1_rows": fc1.shape[0], "pad_zero": bool(fc1[45:48].abs().sum() == 0 and fc1[93:96].abs().sum() == 0)}
+    del hf["visual.blocks.2.attn.qkv.bias"]
+    try:
+        load_weights(stack, tables, {"vision": Source(DictReader(hf))}, progress=False)
+    except ConversionError as exc:
+        out["missing"] = str(exc)
+    # tiny_vit: perturbed modules -> HF -> fresh modules
+    tiny = dataclasses.replace(cfg, vision=VisionConfig(hidden_size=32, num_attention_heads=2, ffn_hidden_size=48))
+    src, dst = VisionStack(tiny, tp=1), VisionStack(tiny, tp=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.rand(p.shape, generator=g))
+    tables = {"vision": tables_for(tiny)["vision"]}
+    exported = dict(export_tensors(src, tables))
+    load_weights(dst, tables, {"vision": Source(DictReader(exported))}, progress=False)
+    out["tiny"] = {"hf": sorted(exported), "exact": all(torch.equal(a, b) for a, b in
+                                                       zip(src.parameters(), dst.parameters()))}
+    return out
 
 
-def test_tiny_vit_table_covers_every_parameter():
-    ours, back, hf, equal = run_distributed(_tiny_vit_names, world_size=1)[0]
-    assert ours == back and equal
-    assert "visual.patch_embed.proj.bias" in hf and "visual.final_norm.weight" in hf
+@pytest.fixture(scope="module")
+def tables_report():
+    return run_distributed(_tables_worker, world_size=1)[0]
+
+
+def test_qwen_table_reads_every_hf_tensor_and_round_trips(tables_report):
+    r = tables_report["qwen"]
+    assert r["nan"] == []  # every parameter written
+    assert r["read"] == r["hf"] == r["back"]  # every HF tensor read, nothing invented on export
+    assert r["exact"]
+    assert r["fc1_rows"] == 2 * 48 and r["pad_zero"]  # 45 padded to 48, [gate; up], zero units
+
+
+def test_missing_hf_tensor_is_named(tables_report):
+    assert "missing tensors (1): visual.blocks.2.attn.qkv.bias (for vision.blocks.2.self_attention.linear_qkv.bias)" \
+        in tables_report["missing"]
+
+
+def test_tiny_vit_table_covers_every_parameter(tables_report):
+    r = tables_report["tiny"]
+    assert r["exact"]
+    assert "visual.patch_embed.proj.bias" in r["hf"] and "visual.final_norm.weight" in r["hf"]
 
 
 def test_vision_config_from_hf():

@@ -1,13 +1,20 @@
-"""The insertion baseline built from a Qwen2.5-VL checkpoint *is* Qwen2.5-VL: its text logits
-equal ``Qwen2_5_VLForConditionalGeneration``'s on image + text and video + text inputs (fp32,
-TP=1 and TP=2), with multimodal RoPE positions computed from the batch structure."""
+"""The insertion baseline imported from a Qwen2.5-VL checkpoint *is* Qwen2.5-VL: a tiny random
+``Qwen2_5_VLForConditionalGeneration`` saved by transformers goes through the real import
+(``casa-convert import-hf``'s ``main``: LM + vision encoder + merger), the model is built from
+``checkpoint.pretrained``, and its text logits equal transformers' on image + text and video +
+text inputs (fp32) at TP=1 and TP=2 (the same two processes), with multimodal RoPE positions
+computed from the batch structure."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from support.dist import run_distributed
-from support.qwen_vl import IMAGE_ID, VIDEO_ID, hf_qwen_vl, model_config, to_megatron
+from support.hf_equivalence import build_pretrained
+from support.qwen_vl import IMAGE_ID, VIDEO_ID, hf_qwen_vl
 
 IMAGE_SLOTS = 16
 
@@ -52,32 +59,52 @@ def _hf_logits(hf, model, batch):
     return logits.view(b, s, -1).transpose(0, 1)  # [s, b, v]
 
 
-def _worker(rank, world):
-    from megatron.core import parallel_state, tensor_parallel
+def _import(rank, world, hf_dir, out):
+    from casa_megatron.conversion.cli import main
 
-    from casa_megatron.config import ParallelConfig
-    from casa_megatron.model.build import build_vlm
-    from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.parallel.tp_layout import load_full_state
-
-    hf = hf_qwen_vl()
-    cfg = model_config(hf)
-    initialize_parallel(world, 1, seed=0)
-    model = build_vlm(cfg, ParallelConfig(tensor_model_parallel_size=world), image_seq_length=IMAGE_SLOTS)
-    full = to_megatron(hf, cfg)
-    assert sorted(full) == sorted(n for n, _ in model.named_parameters())  # every parameter written
-    load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), world)
-    batch = _batch(cfg.vision.patch_dim)
-    assert model.image_position_scheme == "mrope"  # the default with the Qwen2.5-VL encoder
-    with torch.no_grad():
-        ours = tensor_parallel.gather_from_tensor_model_parallel_region(model(batch))  # [s, b, v]
-    ref = _hf_logits(hf, model, batch)
-    err = (ours - ref).abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-    return err, ref.abs().max().item()
+    assert main(["import-hf", hf_dir, out, "model.fusion.mechanism=insertion", "model.transformer_impl=local",
+                 "--no-progress"]) == 0
+    return json.loads((Path(out) / "import_report.json").read_text())
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_insertion_equals_qwen2_5_vl(tp):
-    errors = run_distributed(_worker, world_size=tp)
-    assert all(err < 1e-4 for err, _ in errors)
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen_vl")
+    hf_qwen_vl().save_pretrained(str(root / "hf"))
+    report, = run_distributed(_import, world_size=1, hf_dir=str(root / "hf"), out=str(root / "imported"))
+    return root, report
+
+
+def test_import_reads_every_tensor_of_the_checkpoint(imported):
+    _, report = imported
+    assert report["summary"]["fresh"] == 0 and report["summary"]["hf_not_imported"] == 0
+    assert report["summary"]["hf_unused"] == 0
+    read = {h for names in report["imported"].values() for h in names}
+    assert any(n.startswith("visual.blocks.") for n in read) and "visual.merger.mlp.2.weight" in read
+    assert report["source"]["dtype"] == "float32"
+
+
+def _worker(rank, world, root):
+    from megatron.core import tensor_parallel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{root}/hf", attn_implementation="eager").float().eval()
+    report = {}
+    for tp in (1, world):
+        model = build_pretrained(f"{root}/imported", tp=tp, image_slots=IMAGE_SLOTS)
+        assert model.image_position_scheme == "mrope"  # the default with the Qwen2.5-VL encoder
+        batch = _batch(model.model_config.vision.patch_dim)
+        with torch.no_grad():
+            ours = tensor_parallel.gather_from_tensor_model_parallel_region(model(batch))  # [s, b, v]
+        ref = _hf_logits(hf, model, batch)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"tp={tp}: {m}")
+        report[tp] = ((ours - ref).abs().max().item(), ref.abs().max().item())
+    return report
+
+
+def test_imported_insertion_equals_qwen2_5_vl_at_tp1_and_tp2(imported):
+    root, _ = imported
+    reports = run_distributed(_worker, world_size=2, root=str(root))
+    for report in reports:
+        assert sorted(report) == [1, 2]
+        assert all(err < 1e-4 and scale > 1.0 for err, scale in report.values()), report

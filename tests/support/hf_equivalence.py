@@ -19,7 +19,7 @@ def text_only_batch(input_ids):
                     image_rows=empty, image_positions=empty)
 
 
-def build_pretrained(directory, tp: int = 1, pp: int = 1, sp: bool = False, overrides=()):
+def build_pretrained(directory, tp: int = 1, pp: int = 1, sp: bool = False, overrides=(), image_slots=IMAGE_SLOTS):
     """Our model with the architecture and weights of an imported checkpoint, at a layout."""
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
@@ -32,7 +32,7 @@ def build_pretrained(directory, tp: int = 1, pp: int = 1, sp: bool = False, over
                                           f"parallel.pipeline_model_parallel_size={pp}",
                                           f"parallel.sequence_parallel={str(sp).lower()}", *overrides])
     initialize_parallel(tp, pp, seed=0)
-    model = build_vlm(cfg.model, cfg.parallel, IMAGE_SLOTS)
+    model = build_vlm(cfg.model, cfg.parallel, image_slots)
     load_model_weights(model, directory)
     return model.eval()
 

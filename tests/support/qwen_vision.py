@@ -1,5 +1,5 @@
 """A tiny random transformers Qwen2.5-VL vision tower (the oracle) and our encoder + projector
-built from the same HF config and weights through the conversion table."""
+built from the same HF config and weights through the conversion table (``tables/vision.py``)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def hf_vision_model(seed: int = 0, intermediate_size: int = 45):
 def hf_visual_state(model) -> dict:
     """The tower's tensors under their hub names (``visual.*``)."""
     return {f"visual.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hf_to_megatron(names, model_cfg, hf_tensors: dict) -> dict:
+    """Full (TP=1) tensors of our ``names`` from HF ``visual.*`` tensors, by the vision table."""
+    from casa_megatron.conversion.engine import import_tensors
+    from casa_megatron.conversion.safetensors_io import DictReader
+    from casa_megatron.conversion.tables import vision_table
+
+    return dict(import_tensors(names, {"vision": vision_table(model_cfg)}, DictReader(hf_tensors)))
 
 
 def model_config_for(hf_cfg, **overrides):

@@ -1,10 +1,12 @@
-"""Mapping tables per component, and the registry the vision encoders plug into.
+"""Mapping tables per component, and the registry of vision encoders.
 
 A vision table builder is ``builder(model: ModelConfig) -> list of rows`` where a row is a
 plain ``(megatron_name, hf_name_or_names, transform)`` tuple (or a :class:`Row`), covering the
-encoder's ``vision.*`` and the projector's ``projector.*`` parameters. Register one with
-:func:`register_vision_table` (the Qwen2.5-VL encoder does so when it lands); an encoder in
-``PENDING_VISION`` has no table yet and its checkpoint tensors are reported as not imported.
+encoder's ``vision.*`` and the projector's ``projector.*`` parameters. ``tiny_vit`` and
+``qwen2_5_vl`` are built in; another encoder plugs in with :func:`register_vision_table` (and
+its HF config reader in ``hf_config.VISION_CONFIG_READERS``). A checkpoint whose vision kind
+has no table is refused by the importer, naming the registered ones (``--skip-vision`` imports
+its LM alone).
 """
 
 from __future__ import annotations
@@ -14,20 +16,15 @@ from typing import Callable, Dict, List, Optional
 from casa_megatron.config.schema import ModelConfig
 from casa_megatron.conversion.mapping import MappingTable
 from casa_megatron.conversion.tables.lm import lm_rows
-from casa_megatron.conversion.tables.vision import merger_rows, tiny_vit_rows
+from casa_megatron.conversion.tables.vision import merger_rows, qwen2_5_vl_rows, tiny_vit_rows
 
 VisionTableBuilder = Callable[[ModelConfig], List]
 
-VISION_TABLES: Dict[str, VisionTableBuilder] = {"tiny_vit": tiny_vit_rows}
-PENDING_VISION: Dict[str, str] = {
-    "qwen2_5_vl": "pending vision table: the Qwen2.5-VL encoder's mapping table is not registered yet "
-                  "(casa_megatron.conversion.tables.register_vision_table)",
-}
+VISION_TABLES: Dict[str, VisionTableBuilder] = {"tiny_vit": tiny_vit_rows, "qwen2_5_vl": qwen2_5_vl_rows}
 
 
 def register_vision_table(encoder: str, builder: VisionTableBuilder) -> None:
     VISION_TABLES[encoder] = builder
-    PENDING_VISION.pop(encoder, None)
 
 
 def lm_table(model: ModelConfig) -> MappingTable:
@@ -48,5 +45,5 @@ def tables_for(model: ModelConfig) -> Dict[str, MappingTable]:
     return tables
 
 
-__all__ = ["PENDING_VISION", "VISION_TABLES", "lm_table", "merger_rows", "register_vision_table",
+__all__ = ["VISION_TABLES", "lm_table", "merger_rows", "register_vision_table",
            "tables_for", "vision_table"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from support.dist import run_distributed
-from support.qwen_vision import GRID_THW, VisionStack, hf_visual_state, hf_vision_model, model_config_for, random_pixels
+from support.qwen_vision import (GRID_THW, VisionStack, hf_to_megatron, hf_visual_state, hf_vision_model,
+                                 model_config_for, random_pixels)
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # the issue's bound for the features
 GRAD_TOL = dict(rtol=1e-4, atol=5e-5)  # gradients sum ~600 patches' float32 terms
@@ -28,7 +29,6 @@ def _hf_reference():
 def _worker(rank, world):
     from megatron.core import parallel_state
 
-    from casa_megatron.conversion.vision_tables import hf_to_megatron
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
 
@@ -36,8 +36,9 @@ def _worker(rank, world):
     cfg = model_config_for(hf.config)
     initialize_parallel(world, 1, seed=0)
     stack = VisionStack(cfg, tp=world)
-    full = hf_to_megatron(hf_visual_state(hf), cfg.vision)
-    assert sorted(full) == sorted(n for n, _ in stack.named_parameters())
+    names = [n for n, _ in stack.named_parameters()]
+    full = hf_to_megatron(names, cfg, hf_visual_state(hf))
+    assert sorted(full) == sorted(names)
     load_full_state(stack, full, parallel_state.get_tensor_model_parallel_rank(), world)
 
     x = pixels.clone().requires_grad_(True)
@@ -47,7 +48,7 @@ def _worker(rank, world):
     torch.testing.assert_close(x.grad, ref_pixel_grad, **GRAD_TOL)
     grads = gather_full(stack, {n: p.grad for n, p in stack.named_parameters()},
                         parallel_state.get_tensor_model_parallel_group())
-    expected = hf_to_megatron(ref_grads, cfg.vision)  # the transforms are linear: grads map alike
+    expected = hf_to_megatron(names, cfg, ref_grads)  # the transforms are linear: grads map alike
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], **GRAD_TOL, msg=lambda m: f"{name}: {m}")
     fc1 = grads["vision.blocks.0.mlp.linear_fc1.weight"]
