@@ -104,39 +104,52 @@ def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
     return DTYPES[choice]
 
 
-def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
-                  skip_vision: bool):
-    """(Source, table or None) of the vision component; see docs/conversion.md "Vision"."""
-    kind = arch.vision_kind
-    where = vision_from or "the checkpoint"
-    if kind is None:
-        if not skip_vision and cfg.model.vision.encoder != "tiny_vit":
-            raise ConversionError(
-                f"the recipe's model.vision.encoder={cfg.model.vision.encoder!r} expects pretrained vision weights "
-                f"but {where} holds no vision encoder; pass --vision-from a folder that has one (e.g. "
-                "Qwen2.5-VL), or --skip-vision to initialise the encoder fresh")
-        return Source(reason="not in the source checkpoint (LM only): initialised fresh"), None
-    reader = SafetensorsReader(vision_from) if vision_from else lm_reader
-    only = "visual." if vision_from else None
+def check_vision(cfg: TrainConfig, arch: HFArchitecture, vision_from: Optional[str], skip_vision: bool) -> None:
+    """Refuse, before any tensor is read, a vision source the model cannot take: a vision kind
+    with no table, a recipe with another encoder, a merger made for another LM width, or a
+    recipe asking for a pretrained encoder the folders do not hold."""
+    kind, where = arch.vision_kind, vision_from or "the checkpoint"
+    encoder = cfg.model.vision.encoder
     if skip_vision:
-        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
-                      only=only), None
+        return
+    if kind is None:
+        if encoder != "tiny_vit":
+            raise ConversionError(
+                f"the recipe's model.vision.encoder={encoder!r} expects pretrained vision weights but {where} "
+                "holds no vision encoder; pass --vision-from a folder that has one (e.g. Qwen2.5-VL), or "
+                "--skip-vision to initialise the encoder fresh")
+        return
     _check_vision_kind(kind, where)
-    if cfg.model.vision.encoder != kind:
+    if encoder != kind:
         raise ConversionError(f"{where} holds a {kind!r} vision encoder but the recipe has model.vision.encoder="
-                              f"{cfg.model.vision.encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
+                              f"{encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
     if arch.vision_output_size is not None and arch.vision_output_size != cfg.model.lm.hidden_size:
         raise ConversionError(
-            f"the vision merger of {where} maps to width {arch.vision_output_size} (out_hidden_size) but the LM's "
-            f"hidden_size is {cfg.model.lm.hidden_size}: its last layer cannot be imported; choose a vision "
-            "checkpoint made for this LM width, or pass --skip-vision")
-    return Source(reader, only=only), vision_table(cfg.model, kind)
+            f"the vision merger of {where} maps to width {arch.vision_output_size} (vision_config.out_hidden_size) "
+            f"but the LM's hidden_size is {cfg.model.lm.hidden_size}: its last layer cannot be imported; choose a "
+            "vision checkpoint made for this LM width, or pass --skip-vision")
 
 
 def _check_vision_kind(kind: str, where: str) -> None:
     if kind not in VISION_TABLES or kind not in VISION_CONFIG_READERS:
         raise ConversionError(f"{where} holds a {kind!r} vision encoder, which has no conversion table "
                               f"(registered: {sorted(VISION_TABLES)}); pass --skip-vision to import the LM alone")
+
+
+def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
+                  skip_vision: bool):
+    """(Source, table or None) of the vision component (after :func:`check_vision`); see
+    docs/conversion.md "Vision"."""
+    kind = arch.vision_kind
+    if kind is None:
+        why = "skipped (--skip-vision)" if skip_vision else "not in the source checkpoint (LM only)"
+        return Source(reason=f"{why}: initialised fresh"), None
+    reader = SafetensorsReader(vision_from) if vision_from else lm_reader
+    only = "visual." if vision_from else None
+    if skip_vision:
+        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
+                      only=only), None
+    return Source(reader, only=only), vision_table(cfg.model, kind)
 
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
@@ -164,6 +177,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         cfg = resolve_config(recipe, overrides, arch, vision_arch.vision if importing_vision else None, hf_dir)
     except ConfigError as exc:
         raise ConversionError(str(exc)) from exc
+    check_vision(cfg, vision_arch, vision_from, skip_vision)
 
     lm_reader = SafetensorsReader(hf_dir)
     vision, vtable = vision_source(cfg, vision_arch, lm_reader, vision_from, skip_vision)

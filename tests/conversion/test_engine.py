@@ -8,16 +8,22 @@ import torch
 from support.dist import run_distributed
 from support.hf import make_hf_model, save_hf_model
 
-# (family, recipe overrides): CASA initialised from self-attention, CASA replacing it (reads
-# self_attn through the fallback rows), gated cross-attention on shared projections, and a
-# Qwen2.5-VL checkpoint whose vision tensors take the pending-table path.
+# (family, recipe overrides, --vision-from): CASA initialised from self-attention, CASA
+# replacing it (reads self_attn through the fallback rows), gated cross-attention on shared
+# projections, a Qwen2.5-VL checkpoint (LM + vision encoder + merger), the same in the new key
+# layout, and a Helium LM with the Qwen2.5-VL encoder of another folder.
 VARIANTS = {
-    "qwen2_casa_every_2": ("qwen2", ["model.fusion.every_n=2"]),
-    "llama_casa_replace": ("llama", ["model.fusion.placement=replace", "model.fusion.every_n=2"]),
+    "qwen2_casa_every_2": ("qwen2", ["model.fusion.every_n=2"], None),
+    "llama_casa_replace": ("llama", ["model.fusion.placement=replace", "model.fusion.every_n=2"], None),
     "helium_gated_shared": ("helium", ["model.fusion.mechanism=cross_attention", "model.fusion.cross_attention_gate=true",
-                                       "model.fusion.share_projections=true"]),
-    "qwen2_5_vl_casa": ("qwen2_5_vl", []),
+                                       "model.fusion.share_projections=true"], None),
+    "qwen2_5_vl_casa": ("qwen2_5_vl", [], None),
+    "qwen2_5_vl_new_layout": ("qwen2_5_vl_new_layout", [], None),
+    "helium_vision_from_qwen2_5_vl": ("helium", [], "qwen2_5_vl"),
 }
+QWEN_VISION = ["fusion.every_n=2", "vision.encoder=qwen2_5_vl", "vision.temporal_patch_size=2",
+               "vision.ffn_hidden_size=45", "vision.ffn_pad_multiple=8", "vision.fullatt_block_indexes=[1]"]
+WITH_VISION = ("qwen2_5_vl_casa", "qwen2_5_vl_new_layout", "helium_vision_from_qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,9 @@ def hf_dirs(tmp_path_factory):
     return dirs
 
 
-def _model_and_sources(hf_dir, overrides):
+def _model_and_sources(hf_dir, overrides, vision_from=None):
+    """The importer's own steps up to the load: config from config.json (+ the vision folder),
+    model, tables and sources."""
     from casa_megatron.config.schema import ParallelConfig
     from casa_megatron.conversion.engine import Source
     from casa_megatron.conversion.hf_config import read_hf_config
@@ -49,21 +57,24 @@ def _model_and_sources(hf_dir, overrides):
     from casa_megatron.parallel import initialize_parallel
 
     arch = read_hf_config(hf_dir)
-    cfg = resolve_config(None, ["model.transformer_impl=local", *overrides], arch, None, hf_dir)
+    vision_arch = read_hf_config(vision_from) if vision_from else arch
+    cfg = resolve_config(None, ["model.transformer_impl=local", *overrides], arch, vision_arch.vision or None, hf_dir)
     initialize_parallel(1, 1, seed=0)
     model = build_vlm(cfg.model, ParallelConfig(), 4)
     reader = SafetensorsReader(hf_dir)
-    vision, _ = vision_source(cfg, arch, reader, None, False)
-    return model, {"lm": lm_table(cfg.model)}, {"lm": Source(reader), "vision": vision}, reader
+    vision, vtable = vision_source(cfg, vision_arch, reader, vision_from, False)
+    tables = {"lm": lm_table(cfg.model), **({"vision": vtable} if vtable is not None else {})}
+    readers = [reader] + ([vision.reader] if vision_from else [])
+    return model, tables, {"lm": Source(reader), "vision": vision}, readers
 
 
 def _nan_fill_worker(rank, world, hf_dirs):
     from casa_megatron.conversion.engine import load_weights
 
     out = {}
-    cases = {**VARIANTS, "qwen2_5_vl_new_layout": ("qwen2_5_vl_new_layout", [])}
-    for name, (family, overrides) in cases.items():
-        model, tables, sources, reader = _model_and_sources(hf_dirs[family], overrides)
+    for name, (family, overrides, vision_from) in VARIANTS.items():
+        model, tables, sources, readers = _model_and_sources(hf_dirs[family], overrides,
+                                                             vision_from and hf_dirs[vision_from])
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float("nan"))
@@ -78,31 +89,40 @@ def _nan_fill_worker(rank, world, hf_dirs):
             "nan": sorted(n for n, p in params.items() if torch.isnan(p).any()),
             "fresh": sorted(report.fresh), "casa_from_sa": report.casa_from_self_attention,
             "zero": report.zero_initialised, "casa_equal_sa": casa_equal_sa,
-            "hf_all": reader.names(), "hf_accounted": sorted(read | set(report.unused) | set(report.not_imported)),
+            "hf_all": sorted({n for r in readers for n in r.names()}),
+            "hf_accounted": sorted(read | set(report.unused) | set(report.not_imported)),
             "not_imported": sorted(set(report.not_imported.values())),
             "gates": [params[n].item() for n in report.zero_initialised],
-            "unused": report.unused,
+            "unused": report.unused, "encoder": model.model_config.vision.encoder,
+            "visual_read": sum(h.startswith("visual.") for h in read),
+            "vision_params": sum(n.startswith(("vision.", "projector.")) for n in params),
         }
     return out
 
 
 def test_every_parameter_written_and_every_hf_tensor_read(hf_dirs):
     """Fill every parameter with NaN, import: only the components the checkpoint does not hold
-    (reported as fresh) stay NaN; every HF tensor is read or listed with a reason."""
+    (reported as fresh) stay NaN; every HF tensor is read or listed with a reason; a Qwen2.5-VL
+    checkpoint (or --vision-from one) fills the vision encoder and merger too."""
     report, = run_distributed(_nan_fill_worker, world_size=1, hf_dirs=hf_dirs)
     for name, r in report.items():
         assert r["nan"] == r["fresh"], name
-        assert r["fresh"] and all(n.startswith(("vision.", "projector.")) for n in r["fresh"]), name
         assert r["hf_accounted"] == r["hf_all"], name
         assert r["casa_equal_sa"], name
+        if name in WITH_VISION:
+            assert r["fresh"] == [] and r["encoder"] == "qwen2_5_vl", name
+            assert r["visual_read"] == 2 * 12 + 1 + 5 and r["vision_params"] == 2 * 10 + 1 + 5, name
+        else:
+            assert r["fresh"] and all(n.startswith(("vision.", "projector.")) for n in r["fresh"]), name
     assert len(report["qwen2_casa_every_2"]["casa_from_sa"]) == 2 * 4  # layers 1, 3: qkv w+b, proj, norm
     assert report["llama_casa_replace"]["casa_from_sa"] == []  # read from self_attn via the fallback rows
     assert report["helium_gated_shared"]["gates"] == [0.0, 0.0, 0.0, 0.0]
-    for vl in ("qwen2_5_vl_casa", "qwen2_5_vl_new_layout"):
-        assert report[vl]["not_imported"] and "pending vision table" in report[vl]["not_imported"][0]
+    assert report["qwen2_5_vl_casa"]["not_imported"] == []
     new = report["qwen2_5_vl_new_layout"]  # in-memory layout, with the tied lm_head stored
     assert new["unused"] == {"lm_head.weight": "tied to model.embed_tokens.weight (tie_word_embeddings)"}
     assert sorted(set(new["hf_all"]) - {"lm_head.weight"}) == report["qwen2_5_vl_casa"]["hf_all"]
+    assert report["helium_vision_from_qwen2_5_vl"]["not_imported"] == [
+        "outside visual.*: only that part of this folder is used"]  # the Qwen2.5-VL folder's LM
 
 
 def _round_trip_worker(rank, world, fusion):
@@ -122,9 +142,15 @@ def _round_trip_worker(rank, world, fusion):
     with torch.no_grad():
         for p in src.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        for name, p in src.named_parameters():  # padded vocabulary rows are zero (never trained)
+        for name, p in src.named_parameters():  # padded vocabulary rows / MLP units are zero (never trained)
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 p[cfg.lm.vocab_size:] = 0
+            real, padded = cfg.vision.ffn_hidden_size, cfg.vision.padded_ffn_hidden_size
+            if name.startswith("vision.") and ".linear_fc1." in name:
+                p[real:padded] = 0
+                p[padded + real:] = 0
+            if name.startswith("vision.") and name.endswith("linear_fc2.weight"):
+                p[:, real:] = 0
     tables = tables_for(cfg)
     hf = dict(export_tensors(src, tables))
     dst = build_vlm(cfg, ParallelConfig(), 4)
@@ -135,27 +161,38 @@ def _round_trip_worker(rank, world, fusion):
     report = load_weights(dst, tables, {"lm": Source(reader), "vision": Source(reader)}, progress=False)
     mismatched = [n for (n, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()) if not torch.equal(a, b)]
     return {"names": sorted(hf), "mismatched": mismatched, "casa_from_sa": report.casa_from_self_attention,
-            "embed_rows": hf["model.embed_tokens.weight"].shape[0]}
+            "embed_rows": hf["model.embed_tokens.weight"].shape[0], "fresh": sorted(report.fresh),
+            "shapes": {n: tuple(t.shape) for n, t in hf.items() if n.startswith("visual.")}}
 
 
 @pytest.mark.parametrize("fusion", [
     ["fusion.every_n=2", "lm.tie_word_embeddings=true", "lm.add_qkv_bias=true"],
     ["fusion.mechanism=cross_attention", "fusion.cross_attention_gate=true", "lm.family=helium"],
-], ids=["casa_tied", "gated_helium"])
+    QWEN_VISION,
+], ids=["casa_tied", "gated_helium", "qwen2_5_vl_vision"])
 def test_export_then_import_is_exact(fusion):
     """The same tables export (to_hf) and import (to_megatron): a perturbed model survives the
-    round trip bit-exactly, tiny_vit and projector included, in the COMMON hub names."""
+    round trip bit-exactly, vision encoder (tiny_vit, or Qwen2.5-VL with its padded MLP width
+    sliced back to the HF one) and projector included, in the COMMON hub names."""
     r, = run_distributed(_round_trip_worker, world_size=1, fusion=fusion)
-    assert r["mismatched"] == [] and r["casa_from_sa"] == []
+    assert r["mismatched"] == [] and r["casa_from_sa"] == [] and r["fresh"] == []
     assert r["embed_rows"] == 100  # padding (to 128) sliced off on export
     names = set(r["names"])
     assert {"model.layers.1.casa_attn.q_proj.weight", "model.layers.1.casa_layernorm.weight",
-            "visual.blocks.0.attn.qkv.weight", "visual.patch_embed.proj.bias", "visual.final_norm.weight",
-            "visual.merger.mlp.0.weight", "visual.blocks.1.mlp.gate_proj.bias"} <= names
+            "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight",
+            "visual.blocks.1.mlp.gate_proj.bias"} <= names
+    if fusion is QWEN_VISION:  # Conv3d kernel, HF MLP width 45 (48 in the model)
+        assert r["shapes"]["visual.patch_embed.proj.weight"] == (48, 3, 2, 14, 14)
+        assert r["shapes"]["visual.blocks.1.mlp.gate_proj.weight"] == (45, 48)
+        assert r["shapes"]["visual.blocks.1.mlp.down_proj.weight"] == (48, 45)
+        assert "visual.final_norm.weight" not in names and "visual.patch_embed.proj.bias" not in names
+    else:
+        assert {"visual.patch_embed.proj.bias", "visual.final_norm.weight"} <= names
     if "lm.tie_word_embeddings=true" in fusion:
         assert "lm_head.weight" not in names and "model.layers.1.self_attn.q_proj.bias" in names
     else:
-        assert "lm_head.weight" in names and "model.layers.3.casa_attn.gate" in names
+        assert "lm_head.weight" in names
+    assert ("model.layers.3.casa_attn.gate" in names) == ("fusion.cross_attention_gate=true" in fusion)
 
 
 def _bad_tensors_worker(rank, world, hf_dir):
@@ -163,7 +200,7 @@ def _bad_tensors_worker(rank, world, hf_dir):
     from casa_megatron.conversion.errors import ConversionError
     from casa_megatron.conversion.safetensors_io import DictReader
 
-    model, tables, _, reader = _model_and_sources(hf_dir, ["model.fusion.every_n=2"])
+    model, tables, _, (reader,) = _model_and_sources(hf_dir, ["model.fusion.every_n=2"])
     good = {n: reader.get(n) for n in reader.names()}
     edits = {
         "missing": lambda d: d.pop("model.layers.1.mlp.up_proj.weight"),
@@ -224,18 +261,20 @@ def _publish_worker(rank, world, hf_dirs, root):
     why = result.report.not_imported
     return {"interrupted": interrupted, "replaced": sorted(p.name for p in Path(root).iterdir()),
             "files": sorted(p.name for p in out.iterdir()),
-            "visual": sorted({w for n, w in why.items() if n.startswith("visual.")}),
-            "n_visual": sum(n.startswith("visual.") for n in why),
+            "n_visual_not_imported": sum(n.startswith("visual.") for n in why),
+            "visual_imported": sum(h.startswith("visual.") for names in result.report.imported.values() for h in names),
+            "fresh": len(result.report.fresh), "encoder": result.config.model.vision.encoder,
             "others": sorted({w for n, w in why.items() if not n.startswith("visual.")})}
 
 
 def test_interrupted_import_leaves_nothing_and_force_replaces(hf_dirs, tmp_path):
     """A save killed half-way leaves neither OUT nor its temporary folder; --force replaces an
     existing OUT only once the new one is complete. Also: Helium LM + --vision-from a
-    Qwen2.5-VL folder (whose vision tensors take the pending path, reported)."""
+    Qwen2.5-VL folder (its encoder and merger imported, its LM reported as not used)."""
     r, = run_distributed(_publish_worker, world_size=1, hf_dirs=hf_dirs, root=str(tmp_path))
     assert r["interrupted"] == []
     assert r["replaced"] == ["out"]
     assert "old_checkpoint_marker" not in r["files"] and {"weights", "architecture.yaml"} <= set(r["files"])
-    assert r["n_visual"] == 30 and len(r["visual"]) == 1 and "pending vision table" in r["visual"][0]
+    assert r["n_visual_not_imported"] == 0 and r["visual_imported"] == 30 and r["fresh"] == 0
+    assert r["encoder"] == "qwen2_5_vl"  # the vision architecture comes from the vision folder
     assert r["others"] == ["outside visual.*: only that part of this folder is used"]  # its LM

@@ -102,3 +102,33 @@ def test_cli_reports_errors_with_status_2(tmp_path, capsys):
     (folder / "config.json").write_text("{not json")
     assert main(["import-hf", str(folder), str(tmp_path / "out")]) == 2
     assert "config.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_vision_sources_the_model_cannot_take_are_refused(tmp_path, monkeypatch):
+    """Before any tensor is read: a merger made for another LM width, a recipe asking for a
+    pretrained encoder that no folder holds, a vision kind without a conversion table."""
+    from casa_megatron.conversion import tables
+
+    helium, qwen = _folder(tmp_path, hf_config("helium"), "helium"), _folder(tmp_path, hf_config("qwen2_5_vl"), "vl")
+    raw = json.loads((qwen / "config.json").read_text())
+    raw["vision_config"]["out_hidden_size"] = 32
+    narrow = tmp_path / "vl_narrow"
+    narrow.mkdir()
+    (narrow / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConversionError, match=r"maps to width 32 \(vision_config.out_hidden_size\) but the LM's "
+                                              r"hidden_size is 64"):
+        import_hf(str(helium), str(tmp_path / "out"), vision_from=str(narrow))
+    with pytest.raises(ConversionError, match="model.vision.encoder='qwen2_5_vl' expects pretrained vision weights "
+                                              "but the checkpoint holds no vision encoder; pass --vision-from"):
+        import_hf(str(helium), str(tmp_path / "out"), overrides=["model.vision.encoder=qwen2_5_vl"])
+    monkeypatch.delitem(tables.VISION_TABLES, "qwen2_5_vl")
+    with pytest.raises(ConversionError, match=r"holds a 'qwen2_5_vl' vision encoder, which has no conversion table "
+                                              r"\(registered: \['tiny_vit'\]\); pass --skip-vision"):
+        import_hf(str(qwen), str(tmp_path / "out"))
+
+
+def test_the_qwen2_5_vl_vision_config_is_read(tmp_path):
+    arch = read_hf_config(_folder(tmp_path, hf_config("qwen2_5_vl")))
+    assert arch.vision["encoder"] == "qwen2_5_vl" and arch.vision_output_size == 64
+    assert (arch.vision["num_layers"], arch.vision["hidden_size"], arch.vision["ffn_hidden_size"]) == (2, 32, 48)
+    assert arch.vision["fullatt_block_indexes"] == [1] and arch.vision["temporal_patch_size"] == 2
