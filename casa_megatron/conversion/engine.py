@@ -31,8 +31,14 @@ INTENTIONALLY_UNUSED = (
 SHOW = 12  # names listed per problem kind in an error message
 
 
+COMPONENTS = ("lm", "vision", "projector")
+
+
 def component_of(name: str) -> str:
-    return "vision" if name.startswith(("vision.", "projector.")) else "lm"
+    """``vision`` (the encoder), ``projector`` (Qwen2.5-VL's merger) or ``lm`` (the rest)."""
+    if name.startswith("vision."):
+        return "vision"
+    return "projector" if name.startswith("projector.") else "lm"
 
 
 @dataclass
@@ -232,7 +238,7 @@ def import_tensors(names: Iterable[str], tables: Dict[str, MappingTable],
 
 
 def export_tensors(model: torch.nn.Module, tables: Dict[str, MappingTable],
-                   components=("lm", "vision")) -> Iterator[Tuple[str, torch.Tensor]]:
+                   components=COMPONENTS) -> Iterator[Tuple[str, torch.Tensor]]:
     """The inverse direction, parameter by parameter: (HF name, tensor) in hub names.
 
     ``model`` must hold full tensors (one process, TP=1, PP=1)."""

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -40,7 +40,8 @@ from casa_megatron.conversion.engine import ImportReport, Source, component_of, 
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_config import VISION_CONFIG_READERS, HFArchitecture, read_hf_config
 from casa_megatron.conversion.safetensors_io import SafetensorsReader
-from casa_megatron.conversion.tables import VISION_TABLES, lm_table, vision_table
+from casa_megatron.conversion.mapping import MappingTable
+from casa_megatron.conversion.tables import VISION_TABLES, lm_table, projector_table, vision_table
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                 "tokenizer.model", "added_tokens.json", "chat_template.json", "chat_template.jinja",
@@ -106,8 +107,8 @@ def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
 
 def check_vision(cfg: TrainConfig, arch: HFArchitecture, vision_from: Optional[str], skip_vision: bool) -> None:
     """Refuse, before any tensor is read, a vision source the model cannot take: a vision kind
-    with no table, a recipe with another encoder, a merger made for another LM width, or a
-    recipe asking for a pretrained encoder the folders do not hold."""
+    with no table, a recipe with another encoder, or a recipe asking for a pretrained encoder
+    the folders do not hold."""
     kind, where = arch.vision_kind, vision_from or "the checkpoint"
     encoder = cfg.model.vision.encoder
     if skip_vision:
@@ -123,11 +124,6 @@ def check_vision(cfg: TrainConfig, arch: HFArchitecture, vision_from: Optional[s
     if encoder != kind:
         raise ConversionError(f"{where} holds a {kind!r} vision encoder but the recipe has model.vision.encoder="
                               f"{encoder!r}; set model.vision.encoder={kind} or pass --skip-vision")
-    if arch.vision_output_size is not None and arch.vision_output_size != cfg.model.lm.hidden_size:
-        raise ConversionError(
-            f"the vision merger of {where} maps to width {arch.vision_output_size} (vision_config.out_hidden_size) "
-            f"but the LM's hidden_size is {cfg.model.lm.hidden_size}: its last layer cannot be imported; choose a "
-            "vision checkpoint made for this LM width, or pass --skip-vision")
 
 
 def _check_vision_kind(kind: str, where: str) -> None:
@@ -136,20 +132,34 @@ def _check_vision_kind(kind: str, where: str) -> None:
                               f"(registered: {sorted(VISION_TABLES)}); pass --skip-vision to import the LM alone")
 
 
-def vision_source(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
-                  skip_vision: bool):
-    """(Source, table or None) of the vision component (after :func:`check_vision`); see
-    docs/conversion.md "Vision"."""
-    kind = arch.vision_kind
+def vision_sources(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_from: Optional[str],
+                   skip_vision: bool) -> Tuple[Dict[str, Source], Dict[str, MappingTable]]:
+    """Sources and tables of the ``vision`` and ``projector`` components (after
+    :func:`check_vision`). The projector (the checkpoint's merger) is imported only when it maps
+    to this LM's width; otherwise it starts fresh and its tensors are reported as not imported
+    (Qwen2.5-VL-3B's encoder in Helium-2B). See docs/conversion.md "Vision"."""
+    kind, where = arch.vision_kind, vision_from or "the checkpoint"
     if kind is None:
         why = "skipped (--skip-vision)" if skip_vision else "not in the source checkpoint (LM only)"
-        return Source(reason=f"{why}: initialised fresh"), None
+        fresh = Source(reason=f"{why}: initialised fresh")
+        return {"vision": fresh, "projector": fresh}, {}
     reader = SafetensorsReader(vision_from) if vision_from else lm_reader
     only = "visual." if vision_from else None
     if skip_vision:
-        return Source(reason="skipped (--skip-vision): initialised fresh", skipped=(reader, "visual."),
-                      only=only), None
-    return Source(reader, only=only), vision_table(cfg.model, kind)
+        why = "skipped (--skip-vision): initialised fresh"
+        return {"vision": Source(reason=why, skipped=(reader, "visual."), only=only),
+                "projector": Source(reason=why)}, {}
+    sources = {"vision": Source(reader, only=only)}
+    tables = {"vision": vision_table(cfg.model, kind)}
+    width, lm_width = arch.vision_output_size, cfg.model.lm.hidden_size
+    if width is None or width == lm_width:
+        sources["projector"] = Source(reader, only=only)
+        tables["projector"] = projector_table()
+    else:
+        why = (f"the merger of {where} maps to width {width} (vision_config.out_hidden_size), this LM's is "
+               f"{lm_width}: projector initialised fresh")
+        sources["projector"] = Source(reason=why, skipped=(reader, "visual.merger."), only=only)
+    return sources, tables
 
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
@@ -180,11 +190,9 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     check_vision(cfg, vision_arch, vision_from, skip_vision)
 
     lm_reader = SafetensorsReader(hf_dir)
-    vision, vtable = vision_source(cfg, vision_arch, lm_reader, vision_from, skip_vision)
-    sources = {"lm": Source(lm_reader), "vision": vision}
-    tables = {"lm": lm_table(cfg.model)}
-    if vtable is not None:
-        tables["vision"] = vtable
+    vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)
+    sources = {"lm": Source(lm_reader), **vision}
+    tables = {"lm": lm_table(cfg.model), **vision_tables}
 
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel

@@ -27,7 +27,7 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
               params_dtype: torch.dtype = torch.float32, precision=None, skip_init=()) -> CASAVLM:
     """``precision`` (a PrecisionConfig) turns on FP8 through Transformer Engine for the LM.
 
-    ``skip_init``: components (``"lm"``, ``"vision"`` = encoder + projector) whose megatron
+    ``skip_init``: components (``"lm"``, ``"vision"`` (the encoder), ``"projector"``) whose megatron
     weights are only allocated, not initialised, because the caller overwrites them all (the
     HF importer: initialising 3B parameters it then replaces cost it half its time and ~2 GB of
     allocator memory from the fp32 init copies)."""
@@ -40,6 +40,7 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     projector_cfg = projector_transformer_config(lm_cfg, model.vision.projector_width(model.lm.hidden_size))
     if "vision" in skip_init:
         vision_cfg = dataclasses.replace(vision_cfg, perform_initialization=False)
+    if "projector" in skip_init:
         projector_cfg = dataclasses.replace(projector_cfg, perform_initialization=False)
     if "lm" in skip_init:
         lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False)

@@ -100,4 +100,4 @@ def test_shipped_configs_are_within_range():
 
     for path in sorted(Path("configs").glob("*.yaml")):
         check_limits(load_config(TrainConfig, path, ["precision.bf16=false", "precision.fp8=null",
-                                                     "data.source=synthetic"]))
+                                                     "data.source=synthetic", "checkpoint.pretrained=null"]))

@@ -57,37 +57,67 @@ def test_missing_or_foreign_folder(tmp_path):
         load_config(TrainConfig, None, [f"checkpoint.pretrained={tmp_path}"])
 
 
-def _paper_architecture(tmp_path, name, config):
-    """What import-hf writes into architecture.yaml for the LM, from a config.json alone."""
+QWEN25VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, in_channels=3,
+                          hidden_act="silu")  # Qwen2.5-VL-3B-Instruct's published vision_config
+
+
+def _paper_import(tmp_path, name, recipe, config, vision_config=None):
+    """What import-hf writes into architecture.yaml for a recipe, from config.json(s) alone (the
+    importer's own resolution: a recipe contradicting the HF config fails here)."""
+    from casa_megatron.config.pretrained import architecture_of
     from casa_megatron.conversion.hf_config import read_hf_config
+    from casa_megatron.conversion.importer import check_vision, resolve_config
 
     folder = tmp_path / name
     config.save_pretrained(str(folder))
-    arch = read_hf_config(folder)
-    (folder / ARCHITECTURE_FILE).write_text(yaml.safe_dump({"model": {"lm": arch.lm}}))
+    arch = vision_arch = read_hf_config(folder)
+    if vision_config is not None:
+        vision_config.save_pretrained(str(tmp_path / f"{name}_vision"))
+        vision_arch = read_hf_config(tmp_path / f"{name}_vision")
+    cfg = resolve_config(recipe, [], arch, vision_arch.vision, str(folder))
+    check_vision(cfg, vision_arch, str(tmp_path / f"{name}_vision") if vision_config else None, False)
+    (folder / ARCHITECTURE_FILE).write_text(yaml.safe_dump({"model": architecture_of(cfg.model)}))
     return str(folder)
 
 
+def _assert_qwen25vl_3b_vision(vision):
+    assert (vision.encoder, vision.num_layers, vision.hidden_size, vision.num_attention_heads) == \
+        ("qwen2_5_vl", 32, 1280, 16)
+    assert (vision.ffn_hidden_size, vision.padded_ffn_hidden_size, vision.temporal_patch_size) == (3420, 3424, 2)
+    assert (vision.window_size, vision.fullatt_block_indexes) == (112, [7, 15, 23, 31])
+    assert vision.trainable_blocks == 4  # the recipe's training choice
+
+
 def test_paper_recipes_validate_with_the_real_architectures(tmp_path):
+    """Both recipes, with the LM and the vision encoder read from transformers configs with the
+    published sizes, resolve without contradiction and validate at their TP=2 + SP layout."""
     from transformers import HeliumConfig, Qwen2_5_VLConfig
 
-    qwen = Qwen2_5_VLConfig(  # Qwen2.5-VL-3B-Instruct's published text config
+    qwen = Qwen2_5_VLConfig(  # Qwen2.5-VL-3B-Instruct's published config
         text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                          num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
                          rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                              "mrope_section": [16, 24, 24]}),
-        tie_word_embeddings=True)
+        vision_config=QWEN25VL_3B_VISION, tie_word_embeddings=True)
     helium = HeliumConfig(vocab_size=64000, num_hidden_layers=28)  # transformers' Helium defaults otherwise
     base = ["precision.bf16=false", "data.source=synthetic"]
-    cfg = load_config(TrainConfig, "configs/qwen25vl3b_casa_frozen_lm.yaml",
-                      [*base, f"checkpoint.pretrained={_paper_architecture(tmp_path, 'qwen', qwen)}"])
+    recipe = "configs/qwen25vl3b_casa_frozen_lm.yaml"
+    cfg = load_config(TrainConfig, recipe, [*base, f"checkpoint.pretrained={_paper_import(tmp_path, 'qwen', recipe, qwen)}"])
     lm = cfg.model.lm
     assert (lm.family, lm.num_layers, lm.num_query_groups, lm.tie_word_embeddings, lm.add_qkv_bias) == \
         ("qwen2_5_vl", 36, 2, True, True)
     assert lm.mrope_section == [16, 24, 24] and lm.padded_vocab_size == 151936 and cfg.model.freeze_lm
-    cfg = load_config(TrainConfig, "configs/helium2b_casa_parallel.yaml",
-                      [*base, f"checkpoint.pretrained={_paper_architecture(tmp_path, 'helium', helium)}"])
+    _assert_qwen25vl_3b_vision(cfg.model.vision)
+    assert cfg.model.fusion.resolved_image_position_scheme(cfg.model.vision.encoder) == "mrope"
+    recipe = "configs/helium2b_casa_parallel.yaml"
+    cfg = load_config(TrainConfig, recipe, [*base, "checkpoint.pretrained=" +
+                                            _paper_import(tmp_path, "helium", recipe, helium, qwen)])
     assert (cfg.model.lm.family, cfg.model.lm.norm_epsilon, cfg.model.lm.num_layers) == ("helium", 1e-8, 28)
+    _assert_qwen25vl_3b_vision(cfg.model.vision)  # the encoder; the projector maps 5120 -> Helium's 2560
+    assert (cfg.model.lm.hidden_size, cfg.model.vision.projector_width(cfg.model.lm.hidden_size)) == (2560, 5120)
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel) == (2, True)
 
 
 def test_a_training_checkpoint_gives_its_run_architecture(tmp_path):

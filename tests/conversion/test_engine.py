@@ -20,6 +20,7 @@ VARIANTS = {
     "qwen2_5_vl_casa": ("qwen2_5_vl", [], None),
     "qwen2_5_vl_new_layout": ("qwen2_5_vl_new_layout", [], None),
     "helium_vision_from_qwen2_5_vl": ("helium", [], "qwen2_5_vl"),
+    "helium_vision_from_other_width": ("helium", [], "qwen2_5_vl_merger_32"),  # encoder only, fresh projector
 }
 QWEN_VISION = ["fusion.every_n=2", "vision.encoder=qwen2_5_vl", "vision.temporal_patch_size=2",
                "vision.ffn_hidden_size=45", "vision.ffn_pad_multiple=8", "vision.fullatt_block_indexes=[1]"]
@@ -29,7 +30,8 @@ WITH_VISION = ("qwen2_5_vl_casa", "qwen2_5_vl_new_layout", "helium_vision_from_q
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    models = {f: make_hf_model(f, seed=i) for i, f in enumerate(("qwen2", "llama", "helium", "qwen2_5_vl"))}
+    models = {f: make_hf_model(f, seed=i) for i, f in enumerate(("qwen2", "llama", "helium", "qwen2_5_vl",
+                                                                 "qwen2_5_vl_merger_32"))}
     dirs = {f: str(save_hf_model(m, root / f)) for f, m in models.items()}
     # transformers >= 4.52 in-memory layout (model.language_model.*, model.visual.*), one file
     from safetensors.torch import save_file
@@ -50,7 +52,7 @@ def _model_and_sources(hf_dir, overrides, vision_from=None):
     from casa_megatron.config.schema import ParallelConfig
     from casa_megatron.conversion.engine import Source
     from casa_megatron.conversion.hf_config import read_hf_config
-    from casa_megatron.conversion.importer import resolve_config, vision_source
+    from casa_megatron.conversion.importer import resolve_config, vision_sources
     from casa_megatron.conversion.safetensors_io import SafetensorsReader
     from casa_megatron.conversion.tables import lm_table
     from casa_megatron.model.build import build_vlm
@@ -62,10 +64,9 @@ def _model_and_sources(hf_dir, overrides, vision_from=None):
     initialize_parallel(1, 1, seed=0)
     model = build_vlm(cfg.model, ParallelConfig(), 4)
     reader = SafetensorsReader(hf_dir)
-    vision, vtable = vision_source(cfg, vision_arch, reader, vision_from, False)
-    tables = {"lm": lm_table(cfg.model), **({"vision": vtable} if vtable is not None else {})}
-    readers = [reader] + ([vision.reader] if vision_from else [])
-    return model, tables, {"lm": Source(reader), "vision": vision}, readers
+    vision, vision_tables = vision_sources(cfg, vision_arch, reader, vision_from, False)
+    readers = [reader] + ([vision["vision"].reader] if vision_from else [])
+    return model, {"lm": lm_table(cfg.model), **vision_tables}, {"lm": Source(reader), **vision}, readers
 
 
 def _nan_fill_worker(rank, world, hf_dirs):
@@ -96,6 +97,7 @@ def _nan_fill_worker(rank, world, hf_dirs):
             "unused": report.unused, "encoder": model.model_config.vision.encoder,
             "visual_read": sum(h.startswith("visual.") for h in read),
             "vision_params": sum(n.startswith(("vision.", "projector.")) for n in params),
+            "fresh_why": sorted(set(report.fresh.values())),
         }
     return out
 
@@ -109,6 +111,8 @@ def test_every_parameter_written_and_every_hf_tensor_read(hf_dirs):
         assert r["nan"] == r["fresh"], name
         assert r["hf_accounted"] == r["hf_all"], name
         assert r["casa_equal_sa"], name
+        if name == "helium_vision_from_other_width":
+            continue
         if name in WITH_VISION:
             assert r["fresh"] == [] and r["encoder"] == "qwen2_5_vl", name
             assert r["visual_read"] == 2 * 12 + 1 + 5 and r["vision_params"] == 2 * 10 + 1 + 5, name
@@ -123,6 +127,14 @@ def test_every_parameter_written_and_every_hf_tensor_read(hf_dirs):
     assert sorted(set(new["hf_all"]) - {"lm_head.weight"}) == report["qwen2_5_vl_casa"]["hf_all"]
     assert report["helium_vision_from_qwen2_5_vl"]["not_imported"] == [
         "outside visual.*: only that part of this folder is used"]  # the Qwen2.5-VL folder's LM
+    other = report["helium_vision_from_other_width"]  # its merger maps to 32, the LM is 64 wide
+    assert other["fresh"] == ["projector.mlp.encoder.linear_fc1.bias", "projector.mlp.encoder.linear_fc1.weight",
+                              "projector.mlp.encoder.linear_fc2.bias", "projector.mlp.encoder.linear_fc2.weight",
+                              "projector.norm.weight"]
+    assert other["visual_read"] == 2 * 12 + 1 and other["encoder"] == "qwen2_5_vl"
+    assert other["fresh_why"] == ["the merger of " + hf_dirs["qwen2_5_vl_merger_32"] + " maps to width 32 "
+                                  "(vision_config.out_hidden_size), this LM's is 64: projector initialised fresh"]
+    assert len(other["not_imported"]) == 2 and other["fresh_why"][0] in other["not_imported"]
 
 
 def _round_trip_worker(rank, world, fusion):
@@ -158,7 +170,7 @@ def _round_trip_worker(rank, world, fusion):
         for p in dst.parameters():
             p.fill_(float("nan"))
     reader = DictReader(hf)
-    report = load_weights(dst, tables, {"lm": Source(reader), "vision": Source(reader)}, progress=False)
+    report = load_weights(dst, tables, {c: Source(reader) for c in tables}, progress=False)
     mismatched = [n for (n, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()) if not torch.equal(a, b)]
     return {"names": sorted(hf), "mismatched": mismatched, "casa_from_sa": report.casa_from_self_attention,
             "embed_rows": hf["model.embed_tokens.weight"].shape[0], "fresh": sorted(report.fresh),
@@ -214,8 +226,8 @@ def _bad_tensors_worker(rank, world, hf_dir):
         tensors = dict(good)
         edit(tensors)
         try:
-            load_weights(model, tables, {"lm": Source(DictReader(tensors)), "vision": Source(reason="fresh")},
-                         progress=False)
+            load_weights(model, tables, {"lm": Source(DictReader(tensors)), "vision": Source(reason="fresh"),
+                                         "projector": Source(reason="fresh")}, progress=False)
             messages[kind] = None
         except ConversionError as exc:
             messages[kind] = str(exc)

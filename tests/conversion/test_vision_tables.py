@@ -32,8 +32,8 @@ def _tables_worker(rank, world):
     with torch.no_grad():
         for p in stack.parameters():
             p.fill_(float("nan"))
-    tables = {"vision": tables_for(cfg)["vision"]}
-    report = load_weights(stack, tables, {"vision": Source(DictReader(hf))}, progress=False)
+    tables = {c: t for c, t in tables_for(cfg).items() if c != "lm"}  # encoder + projector (= merger)
+    report = load_weights(stack, tables, {c: Source(DictReader(hf)) for c in tables}, progress=False)
     back = dict(export_tensors(stack, tables))
     fc1 = dict(stack.named_parameters())["vision.blocks.0.mlp.linear_fc1.weight"]
     out["qwen"] = {"nan": [n for n, p in stack.named_parameters() if torch.isnan(p).any()],
@@ -42,7 +42,7 @@ def _tables_worker(rank, world):
                    "fc1_rows": fc1.shape[0], "pad_zero": bool(fc1[45:48].abs().sum() == 0 and fc1[93:96].abs().sum() == 0)}
     del hf["visual.blocks.2.attn.qkv.bias"]
     try:
-        load_weights(stack, tables, {"vision": Source(DictReader(hf))}, progress=False)
+        load_weights(stack, tables, {c: Source(DictReader(hf)) for c in tables}, progress=False)
     except ConversionError as exc:
         out["missing"] = str(exc)
     # tiny_vit: perturbed modules -> HF -> fresh modules
@@ -52,9 +52,9 @@ def _tables_worker(rank, world):
     with torch.no_grad():
         for p in src.parameters():
             p.add_(torch.rand(p.shape, generator=g))
-    tables = {"vision": tables_for(tiny)["vision"]}
+    tables = {c: t for c, t in tables_for(tiny).items() if c != "lm"}
     exported = dict(export_tensors(src, tables))
-    load_weights(dst, tables, {"vision": Source(DictReader(exported))}, progress=False)
+    load_weights(dst, tables, {c: Source(DictReader(exported)) for c in tables}, progress=False)
     out["tiny"] = {"hf": sorted(exported), "exact": all(torch.equal(a, b) for a, b in
                                                        zip(src.parameters(), dst.parameters()))}
     return out

@@ -35,12 +35,12 @@ def hf_config(family: str):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
     if family == "llama_linear":  # linear RoPE scaling (positions / factor)
         return LlamaConfig(**_lm_kwargs(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}))
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "qwen2_5_vl_merger_32"):  # the latter: a merger to another LM width
         return Qwen2_5_VLConfig(
             text_config=_lm_kwargs(bos_token_id=1, eos_token_id=2, rope_parameters={
                 "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
-            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
-                               fullatt_block_indexes=[1]),
+            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64 if family == "qwen2_5_vl" else 32,
+                               intermediate_size=48, num_heads=2, fullatt_block_indexes=[1]),
             tie_word_embeddings=True, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
             vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4)
     raise ValueError(family)
@@ -51,7 +51,7 @@ def make_hf_model(family: str, seed: int = 0):
 
     torch.manual_seed(seed)
     config = hf_config(family)
-    if family == "qwen2_5_vl":
+    if family.startswith("qwen2_5_vl"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     else:
         model = AutoModelForCausalLM.from_config(config)

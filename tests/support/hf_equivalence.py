@@ -9,13 +9,13 @@ IMAGE_SLOTS = 4
 TOL = dict(rtol=1e-4, atol=3e-5)
 
 
-def text_only_batch(input_ids):
+def text_only_batch(input_ids, patch_dim: int = 3 * 14 * 14):
     from casa_megatron.model.batch import VLMBatch
 
     b, s = input_ids.shape
     empty = torch.zeros(0, dtype=torch.long)
     return VLMBatch(input_ids=input_ids, position_ids=torch.arange(s).expand(b, s).contiguous(),
-                    pixel_patches=torch.zeros(0, 3 * 14 * 14), image_grid_hw=torch.zeros(0, 2, dtype=torch.long),
+                    pixel_patches=torch.zeros(0, patch_dim), image_grid_hw=torch.zeros(0, 2, dtype=torch.long),
                     image_rows=empty, image_positions=empty)
 
 
@@ -43,7 +43,7 @@ def full_logits(model, input_ids, vocab: int):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batch = text_only_batch(input_ids)
+    batch = text_only_batch(input_ids, model.model_config.vision.patch_dim)
     b, s = input_ids.shape
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         out = model(batch)

@@ -45,12 +45,14 @@ def hf_visual_state(model) -> dict:
 
 
 def hf_to_megatron(names, model_cfg, hf_tensors: dict) -> dict:
-    """Full (TP=1) tensors of our ``names`` from HF ``visual.*`` tensors, by the vision table."""
+    """Full (TP=1) tensors of our ``names`` from HF ``visual.*`` tensors, by the vision and
+    projector tables."""
     from casa_megatron.conversion.engine import import_tensors
     from casa_megatron.conversion.safetensors_io import DictReader
-    from casa_megatron.conversion.tables import vision_table
+    from casa_megatron.conversion.tables import projector_table, vision_table
 
-    return dict(import_tensors(names, {"vision": vision_table(model_cfg)}, DictReader(hf_tensors)))
+    tables = {"vision": vision_table(model_cfg), "projector": projector_table()}
+    return dict(import_tensors(names, tables, DictReader(hf_tensors)))
 
 
 def model_config_for(hf_cfg, **overrides):

@@ -1,9 +1,14 @@
 """Mapping tables per component, and the registry of vision encoders.
 
+Three components, each with its table and its source in an import: ``lm``, ``vision`` (the
+encoder) and ``projector`` (= Qwen2.5-VL's ``visual.merger``, the same module whatever the
+encoder). The projector is its own component because a merger maps to the width of the LM it
+was trained with: Qwen2.5-VL-3B's encoder goes into Helium-2B (width 2560) but its merger
+(2048) does not, and is then initialised fresh, reported.
+
 A vision table builder is ``builder(model: ModelConfig) -> list of rows`` where a row is a
 plain ``(megatron_name, hf_name_or_names, transform)`` tuple (or a :class:`Row`), covering the
-encoder's ``vision.*`` and the projector's ``projector.*`` parameters. ``tiny_vit`` and
-``qwen2_5_vl`` are built in; another encoder plugs in with :func:`register_vision_table` (and
+encoder's ``vision.*`` parameters. ``tiny_vit`` and ``qwen2_5_vl`` are built in; another encoder plugs in with :func:`register_vision_table` (and
 its HF config reader in ``hf_config.VISION_CONFIG_READERS``). A checkpoint whose vision kind
 has no table is refused by the importer, naming the registered ones (``--skip-vision`` imports
 its LM alone).
@@ -36,14 +41,18 @@ def vision_table(model: ModelConfig, encoder: Optional[str] = None) -> Optional[
     return MappingTable("vision", builder(model)) if builder is not None else None
 
 
+def projector_table() -> MappingTable:
+    return MappingTable("projector", merger_rows())
+
+
 def tables_for(model: ModelConfig) -> Dict[str, MappingTable]:
-    """Both components' tables for a model (export uses these; import chooses per source)."""
-    tables = {"lm": lm_table(model)}
+    """Every component's table for a model (export uses these; import chooses per source)."""
+    tables = {"lm": lm_table(model), "projector": projector_table()}
     vision = vision_table(model)
     if vision is not None:
         tables["vision"] = vision
     return tables
 
 
-__all__ = ["VISION_TABLES", "lm_table", "merger_rows", "register_vision_table",
+__all__ = ["VISION_TABLES", "lm_table", "merger_rows", "projector_table", "register_vision_table",
            "tables_for", "vision_table"]

@@ -1,5 +1,5 @@
-"""Vision tables: the vision encoder and the projector (Qwen2.5-VL's ``visual.merger``) are
-one component, since a checkpoint's merger belongs to its encoder.
+"""Vision tables: the encoders (component ``vision``) and the projector = Qwen2.5-VL's
+``visual.merger`` (component ``projector``, the same rows whatever the encoder).
 
 Both encoders are megatron ``TransformerLayer`` blocks under Qwen2.5-VL's hub names (COMMON
 contract), so they share the block rows:
@@ -12,8 +12,8 @@ contract), so they share the block rows:
   (``visual.patch_embed.proj.{weight,bias}``), and a final norm ``visual.final_norm.weight``.
 
 The projector = Qwen2.5-VL's merger (``ln_q``, ``mlp.0``, GELU, ``mlp.2``). Its last layer maps
-to the LM width: importing a merger into an LM of another width is a shape mismatch (the
-importer names both widths before that).
+to the width of the LM it was trained with: into an LM of another width the importer takes the
+encoder alone and initialises the projector fresh (reported).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def qwen2_5_vl_rows(model: ModelConfig) -> List[Row]:
         Row("vision.patch_embed.weight", "visual.patch_embed.proj.weight",
             Conv3dToLinear(v.in_channels, v.temporal_patch_size, v.patch_size)),
         *block_rows(v),
-        *merger_rows(),
     ]
 
 
@@ -69,7 +68,6 @@ def tiny_vit_rows(model: ModelConfig) -> List[Row]:
         Row("vision.patch_embed.bias", "visual.patch_embed.proj.bias"),
         *block_rows(model.vision),
         Row("vision.final_layernorm.weight", "visual.final_norm.weight"),
-        *merger_rows(),
     ]
 
 
