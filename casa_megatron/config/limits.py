@@ -60,9 +60,15 @@ def rules() -> Dict[type, Dict[str, Range]]:
     return {
         schema.LanguageModelConfig: {**sizes, "vocab_size": AT_LEAST_1, "num_query_groups": AT_LEAST_1,
                                      "kv_channels": AT_LEAST_1, "max_position_embeddings": AT_LEAST_1,
-                                     "rotary_base": POSITIVE, "norm_epsilon": POSITIVE, "init_method_std": POSITIVE},
+                                     "rotary_base": POSITIVE, "norm_epsilon": POSITIVE, "init_method_std": POSITIVE,
+                                     "make_vocab_size_divisible_by": AT_LEAST_1},
+        schema.RopeScalingConfig: {"factor": POSITIVE, "low_freq_factor": POSITIVE, "high_freq_factor": POSITIVE,
+                                   "original_max_position_embeddings": AT_LEAST_1},
         schema.VisionConfig: {**sizes, "patch_size": AT_LEAST_1, "in_channels": AT_LEAST_1,
-                              "spatial_merge_size": AT_LEAST_1, "norm_epsilon": POSITIVE},
+                              "spatial_merge_size": AT_LEAST_1, "norm_epsilon": POSITIVE,
+                              "temporal_patch_size": AT_LEAST_1, "window_size": AT_LEAST_1, "rope_theta": POSITIVE,
+                              "tokens_per_second": POSITIVE, "projector_hidden_size": AT_LEAST_1,
+                              "ffn_pad_multiple": AT_LEAST_1, "trainable_blocks": Range(-1)},
         schema.FusionConfig: {"every_n": AT_LEAST_1},
         schema.ParallelConfig: {"tensor_model_parallel_size": AT_LEAST_1, "pipeline_model_parallel_size": AT_LEAST_1},
         schema.OptimizerConfig: {"lr_new": POSITIVE, "lr_pretrained": POSITIVE, "min_lr_ratio": FRACTION,
@@ -71,11 +77,12 @@ def rules() -> Dict[type, Dict[str, Range]]:
         schema.CheckpointConfig: {"save_interval": AT_LEAST_0, "keep_last": AT_LEAST_0},
         schema.TrackingConfig: {"system_metrics_interval_s": POSITIVE},
         schema.TrainConfig: {"micro_batch_size": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
-                             "train_steps": AT_LEAST_1, "log_interval": AT_LEAST_1},
+                             "train_steps": AT_LEAST_1, "log_interval": AT_LEAST_1, "seed": AT_LEAST_0},
         DataConfig: {"seq_length": Range(2), "image_seq_length": AT_LEAST_1, "image_size": AT_LEAST_1,
                      "pixel_budget": AT_LEAST_1, "min_pixels": AT_LEAST_1, "video_pixel_budget": AT_LEAST_1,
                      "fps": POSITIVE, "max_frames": AT_LEAST_1, "num_workers": AT_LEAST_0, "prefetch": AT_LEAST_0,
-                     "pack_buffer": AT_LEAST_1, "log_interval": AT_LEAST_0},
+                     "pack_buffer": AT_LEAST_1, "log_interval": AT_LEAST_0, "temporal_patch_size": AT_LEAST_1,
+                     "seed": AT_LEAST_0},
     }
 
 
