@@ -1,4 +1,5 @@
-"""LM self-attention over packed samples, without a dense mask.
+"""Self-attention over packed segments, without a dense mask: causal for the LM's packed
+samples, non-causal for the vision encoder's images / frames / windows (one module).
 
 A micro-batch row holds several packed samples (``VLMBatch.sample_starts``); self-attention must
 be causal inside each sample and blind across samples. The reference path builds a dense
@@ -18,6 +19,11 @@ flattens ``[s, b]`` to packed tokens (one transpose of q/k/v and of the output; 
 ``b = 1``) and calls the varlen kernel. The ``PackedSeqParams`` carry ``qkv_format="sbhd_packed"``
 so megatron's ``thd`` branches stay off, and a spec that wired megatron's own core attention by
 mistake would fail loudly on the unknown format instead of silently ignoring the samples.
+
+The vision encoders use the same module with ``causal=False``: they pack every patch of a
+micro-batch into one row (``[n, 1, hv]``, so the flatten is the identity) and pass one segment
+per image, frame or window (``model/vision/geometry.py``); megatron applies their 2D RoPE in
+``sbhd`` as for the LM.
 """
 
 from __future__ import annotations
@@ -43,20 +49,26 @@ def segment_starts(segment_ids: Tensor) -> Tensor:
     return starts
 
 
+def segment_params(cu_seqlens: Tensor) -> PackedSeqParams:
+    """``PackedSeqParams`` of segments given as cu_seqlens [n_segments + 1] (int32) over the
+    row-major flatten of ``[b, s]``. One host sync (``max_seqlen``, which the kernels need as an
+    int), once per micro-batch."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    longest = int(lengths.max()) if lengths.numel() else 0
+    return PackedSeqParams(qkv_format=ROW_PACKED, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 def packed_seq_params(starts: Tensor) -> PackedSeqParams:
     """[b, s] bool sample starts -> ``PackedSeqParams`` over the row-major flatten of ``[b, s]``.
 
-    Row starts always open a sample, so no sample crosses a row. One host sync (``max_seqlen``,
-    which the kernels need as an int), once per micro-batch.
+    Row starts always open a sample, so no sample crosses a row.
     """
     b, s = starts.shape
     flat = starts.reshape(b * s).clone()
     flat[::s] = True
     begin = flat.nonzero().squeeze(1)  # [n_samples]
-    cu = torch.cat([begin, begin.new_tensor([b * s])]).to(torch.int32)  # [n_samples + 1]
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format=ROW_PACKED, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    return segment_params(torch.cat([begin, begin.new_tensor([b * s])]).to(torch.int32))  # [n_samples + 1]
 
 
 def params_from_sample_starts(sample_starts: Optional[Tensor], batch: int, seq: int,
@@ -70,12 +82,14 @@ def params_from_sample_starts(sample_starts: Optional[Tensor], batch: int, seq: 
 
 
 class PackedCoreAttention(MegatronModule):
-    """megatron core-attention interface, causal within packed samples, through window attention.
+    """megatron core-attention interface, within packed segments, through window attention.
 
     Takes megatron's ``DotProductAttention`` arguments so a spec can put it in place of it:
     query [sq, b, np, hn], key/value [sq, b, ng, hn] -> [sq, b, np*hn]. ``packed_seq_params``
-    (``qkv_format="sbhd_packed"``) gives the samples; without it every row is one causal
-    sequence. A dense ``attention_mask`` is refused: this module exists to not need one.
+    (``qkv_format="sbhd_packed"``) gives the segments; without it every row is one sequence.
+    ``causal``: True for the LM (causal within each packed sample), False for the vision
+    encoders (every patch of a segment sees the whole segment). A dense ``attention_mask`` is
+    refused: this module exists to not need one.
     """
 
     def __init__(
@@ -89,6 +103,7 @@ class PackedCoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         backend: str = "auto",
+        causal: bool = True,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -98,11 +113,12 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError(f"PackedCoreAttention has no attention dropout (got {dropout}); set "
                              "attention_dropout=0 or model.packed_attention=false")
         if attention_type != "self":
-            raise ValueError(f"PackedCoreAttention is causal self-attention, not {attention_type!r}")
+            raise ValueError(f"PackedCoreAttention is self-attention, not {attention_type!r}")
         if softmax_scale is None:
             softmax_scale = getattr(config, "softmax_scale", None) or 1.0 / math.sqrt(config.kv_channels)
         self.softmax_scale = softmax_scale
         self.backend = backend
+        self.causal = causal
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None,
@@ -124,7 +140,7 @@ class PackedCoreAttention(MegatronModule):
         q = query.transpose(0, 1).reshape(b * sq, heads, hn)  # [t, np, hn], t = b*s row-major
         k = key.transpose(0, 1).reshape(b * sq, key.shape[2], hn)  # [t, ng, hn]
         v = value.transpose(0, 1).reshape(b * sq, value.shape[2], hn)  # [t, ng, hn]
-        out = window_attention(q, k, v, cu, cu, longest, longest, causal_bottom_right=True,
+        out = window_attention(q, k, v, cu, cu, longest, longest, causal_bottom_right=self.causal,
                                softmax_scale=self.softmax_scale, backend=self.backend)  # [t, np, hn]
         return out.view(b, sq, heads * hn).transpose(0, 1).contiguous()  # [sq, b, np*hn]
 

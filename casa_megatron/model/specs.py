@@ -37,7 +37,6 @@ from casa_megatron.model.casa_attention import CASAAttention, CASAAttentionSubmo
 from casa_megatron.model.casa_layer import CASALayerSubmodules, CASATransformerLayer
 from casa_megatron.model.norm import LocalRMSNorm
 from casa_megatron.model.packed_attention import PackedCoreAttention
-from casa_megatron.model.vision.attention import VarlenVisionAttention
 
 
 def te_available() -> bool:
@@ -182,7 +181,7 @@ def final_norm_spec(use_te: bool):
 
 def vision_layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSpec:
     """Bidirectional ViT block (RMSNorm, SwiGLU, QKV bias); attention per image / frame / window
-    through the varlen window-attention interface (segments come in ``packed_seq_params``)."""
+    through the packed core attention, non-causal (segments come in ``packed_seq_params``)."""
     provider = _provider(use_te)
     norm = _norm(use_te)
     return ModuleSpec(
@@ -194,7 +193,8 @@ def vision_layer_spec(use_te: bool, attention_backend: str = "auto") -> ModuleSp
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=provider.column_parallel_linear(),
-                    core_attention=ModuleSpec(module=VarlenVisionAttention, params={"backend": attention_backend}),
+                    core_attention=ModuleSpec(module=PackedCoreAttention,
+                                              params={"backend": attention_backend, "causal": False}),
                     linear_proj=provider.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

@@ -67,6 +67,23 @@ def test_core_attention_equals_per_sample_causal_sdpa_and_refuses_dense_masks():
         _core(dropout=0.1)
 
 
+def test_non_causal_mode_is_full_attention_per_segment():
+    """The vision encoders' mode: one row of patches, every segment (image / frame / window)
+    attends to all of itself and nothing else."""
+    from casa_megatron.model.packed_attention import segment_params
+
+    n, d = 9, 4
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, 1, 4, d, generator=g, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 2, 7, 9], dtype=torch.int32)
+    out = _core(causal=False)(q, k, v, None, packed_seq_params=segment_params(cu))  # [n, 1, 16]
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[lo:hi, 0].transpose(0, 1) for x in (q, k, v))).transpose(0, 1) for lo, hi in ((0, 2), (2, 7), (7, 9))])
+    torch.testing.assert_close(out, expected.reshape(n, 1, 4 * d), rtol=1e-12, atol=1e-12)
+    causal = _core()(q, k, v, None, packed_seq_params=segment_params(cu))
+    assert not torch.allclose(causal, out)
+
+
 # --- no tensor quadratic in the row length ------------------------------------------------------
 ROW, SAMPLES_PER_ROW, GRID = 384, 8, (2, 4)  # 48-token samples, one 2-token image each
 

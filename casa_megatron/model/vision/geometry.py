@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
+from casa_megatron.model.packed_attention import segment_params
+
 
 def _check_grid(grid_thw: Tensor, merge: int) -> None:
     for idx, (t, h, w) in enumerate(grid_thw.tolist()):
@@ -96,10 +98,8 @@ class Segments:
     cu_seqlens: Tensor  # [n_segments + 1] int32
 
     def packed(self, device) -> PackedSeqParams:
-        """``sbhd`` keeps megatron's RoPE on the [s, 1, heads, d] layout (``thd`` would restart
-        positions per segment); our core attention reads the segments from cu_seqlens."""
-        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        cu = self.cu_seqlens.to(device)
-        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=longest, max_seqlen_kv=longest)
+        """The packed core attention's ``sbhd_packed`` format (``model/packed_attention.py``):
+        megatron applies our per-patch RoPE on the [n, 1, heads, d] layout as in ``sbhd``
+        (``thd`` would restart positions per segment); the core attention reads the segments
+        from cu_seqlens."""
+        return segment_params(self.cu_seqlens.to(device))

@@ -7,7 +7,7 @@ Same function as transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` up t
 - 2D RoPE (theta 1e4) on the patch row / column, in merge-group order (``geometry.rotary_2d``);
 - blocks = megatron ``TransformerLayer``: RMSNorm, fused QKV with bias, SwiGLU with biases;
   attention per 112 px window, or per frame in ``fullatt_block_indexes``, through the varlen
-  core attention (``attention.py``): no dense mask;
+  packed core attention (``model/packed_attention.py``, non-causal): no dense mask;
 - tensor parallel like any megatron layer: heads split over TP, the MLP width padded with exact
   zero units to ``model.vision.ffn_pad_multiple`` so that 3420 splits over TP = 8.
 
