@@ -49,7 +49,8 @@ def qwen25vl_3b_config(layers: int = 0):
                          max_position_embeddings=128000, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=layers or 32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31]),
+                           out_hidden_size=2048,
+                           fullatt_block_indexes=[layers - 1] if layers else [7, 15, 23, 31]),
         tie_word_embeddings=True, dtype="bfloat16")
 
 
@@ -104,12 +105,13 @@ def write_checkpoint(folder: Path, layers: int = 0) -> dict:
     return {"tensors": len(shapes), "parameters": total // 2, "bytes": total, "shards": n_written}
 
 
-def run_import(hf: Path, out: Path, interval: float = 0.2) -> dict:
+def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2) -> dict:
     """Run the CLI in a child; sample its RSS; timestamp its phase lines as they arrive."""
     import psutil
 
+    shrink = [f"model.vision.num_layers={layers}", f"model.vision.trainable_blocks={min(layers, 4)}"] if layers else []
     cmd = [sys.executable, "-m", "casa_megatron.conversion", "import-hf", str(hf), str(out),
-           "--config", str(RECIPE), "--no-progress"]
+           "--config", str(RECIPE), "--no-progress", *shrink]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
         written["write_s"] = time.perf_counter() - t0
         print(f"wrote {written['parameters'] / 1e9:.2f} B parameters ({written['bytes'] / 2 ** 30:.2f} GiB bf16) "
               f"in {written['shards']} shards, {written['write_s']:.0f} s", flush=True)
-        result = run_import(hf, out)
+        result = run_import(hf, out, args.layers)
         samples = result.pop("rss_samples")
         summary = {
             "checkpoint": written, "import_wall_s": result["wall_s"],

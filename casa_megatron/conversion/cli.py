@@ -30,8 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: List[str]) -> argparse.Namespace:
+    """``key=value`` overrides may also follow the options (``HF OUT --config R k=v``, the
+    documented form), where argparse has already closed the positional list."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     from casa_megatron.conversion.errors import ConversionError
     from casa_megatron.conversion.importer import import_hf
 

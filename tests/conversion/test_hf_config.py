@@ -99,6 +99,12 @@ def test_cli_reports_errors_with_status_2(tmp_path, capsys):
     folder = _folder(tmp_path, hf_config("qwen2"))
     assert main(["import-hf", str(folder), str(tmp_path / "out"), "--dtype", "fp8"]) == 2
     assert "casa-convert: error: --dtype 'fp8' not in" in capsys.readouterr().err
+    # overrides after the options (the documented form) reach the recipe
+    assert main(["import-hf", str(folder), str(tmp_path / "out"), "--dtype", "fp32", "model.lm.num_layers=3"]) == 2
+    assert "model.lm.num_layers: recipe 3 vs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["import-hf", str(folder), str(tmp_path / "out"), "--frobnicate"])
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
     (folder / "config.json").write_text("{not json")
     assert main(["import-hf", str(folder), str(tmp_path / "out")]) == 2
     assert "config.json: not valid JSON" in capsys.readouterr().err
