@@ -151,6 +151,18 @@ def _du(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _merged_phases(phases, gap: float):
+    """Phases that start within ``gap`` seconds of each other share one label (no overprint)."""
+    merged = []
+    for t_phase, name in phases:
+        name = name.replace("the ", "")
+        if merged and t_phase - merged[-1][0] < gap:
+            merged[-1] = (merged[-1][0], f"{merged[-1][1]} / {name}")
+        else:
+            merged.append((t_phase, name))
+    return merged
+
+
 def plot(samples, phases, hf_bytes: int, path: Path) -> None:
     import matplotlib
 
@@ -163,9 +175,9 @@ def plot(samples, phases, hf_bytes: int, path: Path) -> None:
     ax.axhline(hf_bytes / 2 ** 30, color="grey", ls="--", label="HF checkpoint size")
     ax.axhline(2 * hf_bytes / 2 ** 30, color="red", ls=":", label="2x checkpoint size")
     top = max(r for _, r in samples) / 2 ** 30
-    for t_phase, name in phases:
+    for t_phase, name in _merged_phases(phases, gap=0.03 * t[-1]):
         ax.axvline(t_phase, color="black", lw=0.5, alpha=0.4)
-        ax.text(t_phase, top * 1.02, name.replace("the ", ""), rotation=90, fontsize=7, va="top", ha="right")
+        ax.text(t_phase, top * 1.02, name, rotation=90, fontsize=7, va="top", ha="right")
     ax.set_xlabel("seconds since the command started")
     ax.set_ylabel("GiB")
     ax.set_title("casa-convert import-hf, Qwen2.5-VL-3B-shaped bf16 checkpoint")
