@@ -8,7 +8,8 @@ unexpected tensors) into one error before anything is written. The *load* then r
 tensors of one row at a time, transforms them and copies them into the parameter, so memory
 holds the model plus one row. Parameters are accounted for exactly once: imported, CASA
 initialised from self-attention (or a zero gate) after loading, or fresh (a component the
-checkpoint does not hold, e.g. the vision encoder of an LM-only checkpoint).
+checkpoint does not hold, e.g. the vision encoder of an LM-only checkpoint). Components:
+``lm``, ``vision`` (the encoder) and ``projector`` (the merger), each with its table and source.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def component_of(name: str) -> str:
 class Source:
     """Where a component's tensors come from. ``reader`` None: the component is fresh
     (``reason`` says why). ``skipped``: ``(reader, prefix)`` whose tensors under the prefix are
-    not imported and reported as such with ``reason`` (pending vision table, or skipped on
-    request): never silently dropped, never "unexpected". ``only``: the rest of the reader's
+    not imported and reported as such with ``reason`` (a merger made for another LM width, or
+    skipped on request): never silently dropped, never "unexpected". ``only``: the rest of the reader's
     tensors are reported as not imported (the LM of a ``--vision-from`` folder)."""
 
     reader: object = None
