@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from typing import List, Optional
 
 
@@ -57,11 +58,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = result.report.summary()
     print(f"imported {args.hf_dir} -> {result.out_dir} in {result.seconds:.1f} s: " +
           ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
-    reasons = sorted(set(result.report.not_imported.values()))
-    for why in reasons:
-        count = sum(1 for w in result.report.not_imported.values() if w == why)
-        print(f"WARNING: {count} HF tensors NOT imported: {why} (listed in {result.out_dir}/import_report.json)",
-              file=sys.stderr)
+    listed = f"(listed in {result.out_dir}/import_report.json)"
+    for why, count in Counter(result.report.fresh.values()).items():
+        print(f"{count} parameters initialised fresh: {why} {listed}", flush=True)
+    for why, count in sorted(Counter(result.report.not_imported.values()).items()):
+        print(f"WARNING: {count} HF tensors NOT imported: {why} {listed}", file=sys.stderr)
     return 0
 
 

@@ -181,8 +181,6 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
             raise ConversionError(f"{hf_dir} already holds a vision encoder; --vision-from {vision_from} "
                                   "would give two (use --skip-vision on one side instead)")
     importing_vision = vision_arch.vision_kind is not None and not skip_vision
-    if importing_vision:
-        _check_vision_kind(vision_arch.vision_kind, vision_from or hf_dir)
     try:
         cfg = resolve_config(recipe, overrides, arch, vision_arch.vision if importing_vision else None, hf_dir)
     except ConfigError as exc:

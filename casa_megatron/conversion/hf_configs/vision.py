@@ -3,7 +3,8 @@
 The HF config decides the architecture; the recipe keeps what is about training
 (``trainable_blocks``, ``projector_trainable``). The merger's output width
 (``out_hidden_size``) is not a vision field: our projector always maps to the LM width, so the
-import checks it against the LM (a mismatch means the merger's last layer cannot be imported).
+importer compares it with the LM (``hf_config.HFArchitecture.vision_output_size``) and starts
+the projector fresh when they differ. Registered in ``hf_config.VISION_CONFIG_READERS``.
 """
 
 from __future__ import annotations
