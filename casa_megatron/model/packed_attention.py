@@ -49,12 +49,14 @@ def segment_starts(segment_ids: Tensor) -> Tensor:
     return starts
 
 
-def segment_params(cu_seqlens: Tensor) -> PackedSeqParams:
+def segment_params(cu_seqlens: Tensor, device=None) -> PackedSeqParams:
     """``PackedSeqParams`` of segments given as cu_seqlens [n_segments + 1] (int32) over the
-    row-major flatten of ``[b, s]``. One host sync (``max_seqlen``, which the kernels need as an
-    int), once per micro-batch."""
+    row-major flatten of ``[b, s]``, moved to ``device`` (default: where they are). One host sync
+    (``max_seqlen``, which the kernels need as an int; none when ``cu_seqlens`` is on the CPU),
+    once per micro-batch."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     longest = int(lengths.max()) if lengths.numel() else 0
+    cu_seqlens = cu_seqlens.to(device) if device is not None else cu_seqlens
     return PackedSeqParams(qkv_format=ROW_PACKED, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 

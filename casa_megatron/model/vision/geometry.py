@@ -102,4 +102,4 @@ class Segments:
         megatron applies our per-patch RoPE on the [n, 1, heads, d] layout as in ``sbhd``
         (``thd`` would restart positions per segment); the core attention reads the segments
         from cu_seqlens."""
-        return segment_params(self.cu_seqlens.to(device))
+        return segment_params(self.cu_seqlens, device)
