@@ -1,0 +1,44 @@
+"""Our typed ``ModelConfig`` -> the exported ``config.json`` fields of ``CasaConfig``.
+
+The LM family decides the names and RoPE layout on the HF side; our ``LanguageModelConfig`` does
+not record one yet (the Hugging Face import adds it), so callers pass ``lm_family`` (default
+``qwen2``: rotate-half RoPE, the layout megatron uses).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from casa_megatron.config.schema import ModelConfig
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_casa.CasaConfig",
+    "AutoModelForCausalLM": "modeling_casa.CasaForCausalLM",
+    "AutoProcessor": "processing_casa.CasaProcessor",
+}
+
+
+def casa_config_dict(model: ModelConfig, image_token_id: int, lm_family: str = "qwen2",
+                     tie_word_embeddings: bool = False, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    lm, vision, fusion = model.lm, model.vision, model.fusion
+    cfg = dict(
+        model_type="casa", architectures=["CasaForCausalLM"], auto_map=dict(AUTO_MAP),
+        vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
+        num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_attention_heads,
+        num_key_value_heads=lm.num_query_groups, head_dim=lm.head_dim, rms_norm_eps=lm.norm_epsilon,
+        max_position_embeddings=lm.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(lm.rotary_base)},
+        attention_bias=lm.add_qkv_bias, lm_family=lm_family, tie_word_embeddings=tie_word_embeddings,
+        fusion_mechanism=fusion.mechanism, fusion_placement=fusion.placement,
+        fusion_layers=fusion.fusion_layers(lm.num_layers), share_projections=fusion.share_projections,
+        cross_attention_gate=fusion.cross_attention_gate, image_position_scheme=fusion.image_position_scheme,
+        normalize_images=fusion.normalize_images, image_token_id=int(image_token_id),
+        initializer_range=lm.init_method_std,
+        vision_config=dict(encoder=vision.encoder, depth=vision.num_layers, hidden_size=vision.hidden_size,
+                           num_heads=vision.num_attention_heads, intermediate_size=vision.ffn_hidden_size,
+                           patch_size=vision.patch_size, in_channels=vision.in_channels,
+                           spatial_merge_size=vision.spatial_merge_size, temporal_patch_size=1,
+                           rms_norm_eps=vision.norm_epsilon),
+    )
+    cfg.update(extra or {})
+    return cfg
