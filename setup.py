@@ -22,13 +22,16 @@ setup(
         "matplotlib",
         "av>=12",  # PyAV: CPU video decoding/encoding (FFmpeg with x264/vpx bundled in the wheel)
         "pillow",  # image decoding, synthetic dataset rendering
-        "transformers>=4.46",  # AutoTokenizer from a local path
+        "transformers>=5.0",  # AutoTokenizer; the exported model's remote code (Cache API of v5)
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
         "tqdm",  # progress bars of the data tools
+        "safetensors",  # Hugging Face export
+        "huggingface_hub",  # sharded safetensors + index (save_torch_state_dict)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", "nvidia-dali-cuda120"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main"]},
+    entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
+                                      "casa-stream=casa_megatron.inference.cli:main"]},
 )
