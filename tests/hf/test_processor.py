@@ -43,13 +43,10 @@ def test_qwen_layout_equals_transformers_image_processor():
     """For the qwen2_5_vl encoder the patches follow transformers' Qwen2-VL layout exactly."""
     from transformers import Qwen2VLImageProcessor
 
-    from casa_megatron.hf.remote.processing_casa import CLIP_MEAN, CLIP_STD, CasaProcessor
+    from casa_megatron.hf.remote.processing_casa import CLIP_MEAN, CLIP_STD, image_patches
 
-    processor = CasaProcessor.__new__(CasaProcessor)  # image side only: no tokenizer needed
-    processor.encoder, processor.patch_size, processor.merge_size, processor.temporal_patch_size = "qwen2_5_vl", 14, 2, 2
-    processor.image_mean, processor.image_std = list(CLIP_MEAN), list(CLIP_STD)
     pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 56, 84), dtype=np.uint8))
-    ours, grid = processor.patches(pixels)
+    ours, grid = image_patches(pixels, "qwen2_5_vl")
     ref = Qwen2VLImageProcessor(do_resize=False, image_mean=CLIP_MEAN, image_std=CLIP_STD)(
         images=[pixels.permute(1, 2, 0).numpy()], return_tensors="pt")
     assert grid == ref["image_grid_thw"][0].tolist()

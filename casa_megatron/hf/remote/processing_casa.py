@@ -91,6 +91,28 @@ def resize_uint8(pixels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
 
+def image_patches(pixels: torch.Tensor, encoder: str = "tiny_vit", mean: Sequence[float] = CLIP_MEAN,
+                  std: Sequence[float] = CLIP_STD, patch: int = 14, merge: int = 2,
+                  temporal: int = 2) -> Tuple[torch.Tensor, List[int]]:
+    """[3, H, W] uint8 (already resized) -> normalised patches [n, D] and the grid [t, h, w].
+
+    ``tiny_vit``: ``[h*w, C*p*p]`` merge-group first (casa_megatron ``data/patches.py``).
+    ``qwen2_5_vl``: transformers' Qwen2-VL layout ``[h*w, C*T*p*p]``, the still frame repeated T times.
+    """
+    x = (pixels.float() / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    c, height, width = x.shape
+    p, m = patch, merge
+    if height % (p * m) or width % (p * m):
+        raise ValueError(f"image of {height}x{width} px is not a multiple of {p * m} px; resize it first")
+    h, w = height // p, width // p
+    if encoder == "tiny_vit":
+        y = x.reshape(c, h // m, m, p, w // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [h/m, w/m, m, m, C, p, p]
+        return y.reshape(h * w, c * p * p), [1, h, w]
+    y = x[None].expand(temporal, c, height, width)
+    y = y.reshape(1, temporal, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return y.reshape(h * w, c * temporal * p * p), [1, h, w]
+
+
 class CasaProcessor(ProcessorMixin):
     def __init__(self, tokenizer=None, chat_template: Optional[str] = None, encoder: str = "tiny_vit",
                  max_pixels: int = 448 * 448, min_pixels: int = 56 * 56, video_max_pixels: int = 224 * 224,
@@ -117,22 +139,8 @@ class CasaProcessor(ProcessorMixin):
         return resize_uint8(pixels, size)
 
     def patches(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-        """[3, H, W] uint8 (already resized) -> normalised patches [n, D], grid [t, h, w]."""
-        mean = torch.tensor(self.image_mean)[:, None, None]
-        std = torch.tensor(self.image_std)[:, None, None]
-        x = (pixels.float() / 255.0 - mean) / std  # [C, H, W]
-        c, height, width = x.shape
-        p, m = self.patch_size, self.merge_size
-        if height % (p * m) or width % (p * m):
-            raise ValueError(f"image of {height}x{width} px is not a multiple of {p * m} px; resize it first")
-        h, w = height // p, width // p
-        if self.encoder == "tiny_vit":
-            y = x.reshape(c, h // m, m, p, w // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [h/m, w/m, m, m, C, p, p]
-            return y.reshape(h * w, c * p * p), [1, h, w]
-        t = self.temporal_patch_size
-        y = x[None].expand(t, c, height, width)  # a still image is its frame repeated
-        y = y.reshape(1, t, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return y.reshape(h * w, c * t * p * p), [1, h, w]
+        return image_patches(pixels, self.encoder, self.image_mean, self.image_std, self.patch_size,
+                             self.merge_size, self.temporal_patch_size)
 
     def process_images(self, images: Sequence, max_pixels: Optional[int] = None):
         chunks, grids = [], []
