@@ -86,8 +86,9 @@ class CasaConfig(PretrainedConfig):
         self.cross_attention_gate = cross_attention_gate
         self.image_position_scheme = image_position_scheme
         self.normalize_images = normalize_images
-        vision = dict(TINY_VIT_DEFAULTS)
-        vision.update(vision_config or {})
+        vision = dict(vision_config or {})
+        if vision.get("encoder", "tiny_vit") == "tiny_vit":  # qwen2_5_vl: transformers' own defaults
+            vision = {**TINY_VIT_DEFAULTS, **vision}
         self.vision_config = vision
         self.image_token_id = image_token_id
         self.initializer_range = initializer_range

@@ -78,14 +78,35 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+def _flash_varlen():
+    """torch's flash varlen kernel (CUDA builds of torch >= 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [H, n, d], k/v [KV, L, d] (L >= n; the last n keys are the queries' own tokens)
-    -> [n, H*d]. Bottom-right causal: query i sees keys 0 .. L-n+i. SDPA (flash / efficient
-    kernels on GPU, the math kernel on CPU); GQA without copying K/V."""
+    -> [n, H*d]. Bottom-right causal: query i sees keys 0 .. L-n+i.
+
+    GPU (fp16/bf16): torch's flash varlen kernel, whose causal mask is bottom-right aligned
+    (``window_size=(-1, 0)``). Elsewhere SDPA with a lower-right causal bias (no mask for a
+    single query). GQA without copying K/V in both."""
     n, length = q.shape[1], k.shape[1]
+    varlen = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen is not None:
+        cu_q = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+        out = varlen(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, n, length, scale=scale,
+                     window_size=(-1, 0), enable_gqa=q.shape[0] != k.shape[0])  # [n, H, d]
+        return out.reshape(n, -1)
     mask = None
     if n > 1:
-        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(diagonal=length - n)
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(n, length)
     out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[0] != k.shape[0])[0]  # [H, n, d]
     return out.transpose(0, 1).reshape(n, -1)

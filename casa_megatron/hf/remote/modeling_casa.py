@@ -122,7 +122,7 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
 
     # --- images ---------------------------------------------------------------------------
     def tokens_per_image(self, image_grid_thw: torch.Tensor) -> List[int]:
-        merge = self.config.vision_config["spatial_merge_size"]
+        merge = self.config.vision_config.get("spatial_merge_size", 2)
         return (image_grid_thw.prod(-1) // (merge * merge)).tolist()
 
     def image_embeddings(self, pixel_values, image_grid_thw) -> List[torch.Tensor]:

@@ -142,26 +142,21 @@ class TinyVit(nn.Module):
         return self.merger(self.final_norm(x))  # [n/4, h]
 
 
-class QwenVisionTower(nn.Module):
-    """transformers' Qwen2.5-VL vision tower; ``self.tower`` is unwrapped by the parent so its
-    parameters keep the hub names ``visual.patch_embed``, ``visual.blocks``, ``visual.merger``."""
-
-    @staticmethod
-    def build(cfg: Dict, out_hidden: int) -> nn.Module:
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        fields = {k: v for k, v in cfg.items() if k not in ("encoder", "rms_norm_eps", "in_channels")}
-        fields["out_hidden_size"] = out_hidden
-        fields.setdefault("in_chans", cfg.get("in_channels", 3))
-        tower = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**fields))
-        return tower
+QWEN_VISION_FIELDS = ("depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels",
+                      "patch_size", "spatial_merge_size", "temporal_patch_size", "tokens_per_second",
+                      "window_size", "fullatt_block_indexes", "initializer_range")
 
 
 def build_vision(cfg: Dict, out_hidden: int) -> nn.Module:
+    """``tiny_vit``: our re-implementation. ``qwen2_5_vl``: transformers' own Qwen2.5-VL tower
+    (its parameters keep the hub names ``visual.patch_embed / blocks / merger``)."""
     if cfg["encoder"] == "tiny_vit":
         return TinyVit(cfg, out_hidden)
-    return QwenVisionTower.build(cfg, out_hidden)
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    fields = {k: v for k, v in cfg.items() if k in QWEN_VISION_FIELDS}
+    return Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**fields, out_hidden_size=out_hidden))
 
 
 def encode_images(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
