@@ -7,7 +7,8 @@ dict minus the CASA modules); only the fusion differs. Each turn is the live cap
 (``casa_megatron.inference.streaming.LiveCaptioner``): the frame opens a window, then exactly
 ``--tokens`` caption tokens are generated (stop tokens suppressed, the paper's 16 tokens/turn),
 the cache persisting across turns. Per turn: latency (frame in -> last token), time to first
-token, the cache's exact bytes, and memory (CUDA peak allocated on GPU; process RSS on CPU).
+token, the turn's CPU time (one thread: its compute, undistorted by other processes on a shared
+machine), the cache's exact bytes, and memory (CUDA peak allocated on GPU; process RSS on CPU).
 Each fusion runs in its own forked process, after one warm-up turn on a cache that is dropped.
 
 Targets (issue 11) for CASA: mean latency of the last 10 turns / first 10 <= 1.05, and memory
@@ -154,6 +155,7 @@ def slope(values) -> float:
 def summarise(name: str, out: dict, tokens: int) -> dict:
     recs = out["records"]
     turn = [r["turn_s"] for r in recs]
+    cpu = [r["turn_cpu_s"] for r in recs]
     cache = [sum(r["cache_bytes"].values()) for r in recs]
     text_per_turn = tokens + 1  # the frame's placeholder + its tokens (the last enters with the next frame)
     per_frame_tokens = text_per_turn + (out["image_tokens_inserted"] if name == "insertion" else 0)
@@ -163,6 +165,8 @@ def summarise(name: str, out: dict, tokens: int) -> dict:
         "fusion": name, "frames": len(recs),
         "first10_turn_ms": 1e3 * statistics.mean(turn[:n]), "last10_turn_ms": 1e3 * statistics.mean(turn[-n:]),
         "latency_ratio": statistics.mean(turn[-n:]) / statistics.mean(turn[:n]),
+        "first10_cpu_ms": 1e3 * statistics.mean(cpu[:n]), "last10_cpu_ms": 1e3 * statistics.mean(cpu[-n:]),
+        "cpu_ratio": statistics.mean(cpu[-n:]) / statistics.mean(cpu[:n]),
         "first10_ttft_ms": 1e3 * statistics.mean(r["ttft_s"] for r in recs[:n]),
         "last10_ttft_ms": 1e3 * statistics.mean(r["ttft_s"] for r in recs[-n:]),
         "cache_end_mib": cache[-1] / 2 ** 20, "cache_slope_bytes": slope(cache), "formula_bytes": formula,
@@ -196,6 +200,8 @@ def main(argv=None) -> dict:
     table = format_table(rows, [
         ("fusion", "fusion", ""), ("frames", "frames", "d"), ("turn ms first 10", "first10_turn_ms", ".1f"),
         ("turn ms last 10", "last10_turn_ms", ".1f"), ("last/first", "latency_ratio", ".3f"),
+        ("CPU ms first 10", "first10_cpu_ms", ".1f"), ("CPU ms last 10", "last10_cpu_ms", ".1f"),
+        ("CPU last/first", "cpu_ratio", ".3f"),
         ("TTFT ms first 10", "first10_ttft_ms", ".1f"), ("TTFT ms last 10", "last10_ttft_ms", ".1f"),
         ("cache MiB at end", "cache_end_mib", ".2f"), ("cache growth B/frame", "cache_slope_bytes", ".0f"),
         ("formula B/frame", "formula_bytes", ".0f"), ("memory growth B/frame", "memory_slope_bytes", ".0f"),

@@ -24,6 +24,7 @@ def plot_series(path: Path, series: Dict[str, List[Dict]], title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels: Sequence = (("ttft_s", "time to first token (ms)", 1e3), ("turn_s", "turn latency (ms)", 1e3),
+                        ("turn_cpu_s", "turn CPU time (ms)", 1e3),
                         ("decode_tokens_per_s", "decode tokens/s", 1.0), ("cache_total", "cache (MiB)", 2 ** -20),
                         ("memory_bytes", "memory (MiB)", 2 ** -20))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)

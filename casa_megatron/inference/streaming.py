@@ -7,8 +7,10 @@ drops the previous frame's K/V when the next frame arrives, so memory grows with
 As in the released captioner, a frame's last sampled token (its stop token) is not run on its
 own: it is prepended to the next frame's input and enters the cache in that forward pass.
 
-Per frame we record time-to-first-token (preprocessing + vision + prefill + first token), decode
-tokens/s, the cache's bytes (self-attention text / CASA windows) and process memory.
+Per frame we record time-to-first-token (preprocessing + vision + prefill + first token), the
+turn's wall and CPU time, decode tokens/s, the cache's bytes (self-attention text / CASA windows)
+and memory. CPU time is what a shared machine cannot distort: with one thread it is the turn's
+compute, whatever other processes do (wall time on a loaded 2-core machine is not).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class FrameRecord:
     tokens: List[int]
     ttft_s: float
     turn_s: float
+    turn_cpu_s: float  # process CPU time of the turn: the work done, unaffected by other load
     decode_tokens_per_s: float
     text_tokens: int
     cache_bytes: Dict[str, int]
@@ -105,7 +108,7 @@ class LiveCaptioner:
 
     def caption_frame(self, frame, time_s: float) -> FrameRecord:
         """One turn: open the frame's window, generate its caption."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
         images = {"pixel_values": pixel_values.to(self.device, self.model.dtype),
                   "image_grid_thw": grid.to(self.device)}
@@ -116,7 +119,7 @@ class LiveCaptioner:
         while tokens[-1] not in self.stop_tokens and len(tokens) < self.max_new_tokens:
             tokens.append(int(self._forward([tokens[-1]])))
         _sync(self.device)
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
         self.pending = [tokens[-1]]
         self.frames_seen += 1
         text = [t for t in tokens if t not in self.stop_tokens]
@@ -125,7 +128,7 @@ class LiveCaptioner:
         return FrameRecord(
             index=self.frames_seen - 1, time_s=float(time_s),
             caption=self.processor.tokenizer.decode(text, skip_special_tokens=True).strip(), tokens=tokens,
-            ttft_s=first - start, turn_s=end - start,
+            ttft_s=first - start, turn_s=end - start, turn_cpu_s=cpu_end - cpu_start,
             decode_tokens_per_s=decode_n / (end - first) if decode_n and end > first else 0.0,
             text_tokens=row.text_tokens, cache_bytes=self.cache.nbytes(), memory_bytes=memory_bytes(self.device))
 
