@@ -43,9 +43,9 @@ def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Mappin
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_torch_state_dict(state, str(tmp), max_shard_size=max_shard_size)
-        if tokenizer_dir is not None:
-            _write_tokenizer_and_processor(tmp, Path(tokenizer_dir), config, processor or {})
         gen = {"_from_model_config": False, "do_sample": False}
+        if tokenizer_dir is not None:
+            gen.update(_write_tokenizer_and_processor(tmp, Path(tokenizer_dir), config, dict(processor or {})))
         gen.update(generation or {})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if out.exists():
@@ -58,9 +58,10 @@ def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Mappin
 
 
 def _write_tokenizer_and_processor(out: Path, tokenizer_dir: Path, config: Dict[str, Any],
-                                   processor: Dict[str, Any]) -> None:
+                                   processor: Dict[str, Any]) -> Dict[str, Any]:
     """Tokenizer files, the chat template (processor's, and the tokenizer's if it has none) and
-    ``processor_config.json`` whose ``auto_map`` makes ``AutoProcessor`` find our class."""
+    ``processor_config.json`` whose ``auto_map`` makes ``AutoProcessor`` find our class. Returns
+    the generation-config token ids: generation stops at the end of a turn (``<eot>``) or at eos."""
     from transformers import AutoTokenizer
 
     from casa_megatron.hf.remote.processing_casa import DEFAULT_CHAT_TEMPLATE
@@ -78,3 +79,6 @@ def _write_tokenizer_and_processor(out: Path, tokenizer_dir: Path, config: Dict[
     fields.update(processor_class="CasaProcessor", auto_map={"AutoProcessor": "processing_casa.CasaProcessor"})
     (out / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(template)
+    stops = [i for i in (tok.convert_tokens_to_ids("<eot>"), tok.eos_token_id)
+             if i is not None and i != tok.unk_token_id]
+    return {"eos_token_id": stops, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}

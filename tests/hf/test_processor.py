@@ -78,7 +78,8 @@ def test_fresh_process_loads_through_remote_code_only(exported):
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
         inputs = processor(text="<bos> w1 <image> w2 w3", images=[np.full((60, 90, 3), 128, np.uint8)])
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=[4])
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             suppress_tokens=[4])
         leaked = sorted(m for m in sys.modules if m.split(".")[0] == "casa_megatron")
         print(json.dumps({{"model": type(model).__name__, "module": type(model).__module__,
                           "processor": type(processor).__name__, "new": out.shape[1] - inputs["input_ids"].shape[1],
@@ -91,3 +92,4 @@ def test_fresh_process_loads_through_remote_code_only(exported):
     assert result == {"model": "CasaForCausalLM", "module": result["module"], "processor": "CasaProcessor",
                       "new": 4, "leaked": []}
     assert result["module"].startswith("transformers_modules.")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [6, 3]  # <eot>, <eos>
