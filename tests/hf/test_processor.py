@@ -68,7 +68,7 @@ def test_chat_template_gives_the_training_layout(exported):
     assert ids == expected
 
 
-def test_fresh_process_loads_through_remote_code_only(exported):
+def test_fresh_process_loads_through_remote_code_only(exported, tmp_path):
     """A new interpreter loads model + processor and generates with nothing of casa_megatron imported."""
     folder = exported[0] / "casa_parallel"
     script = textwrap.dedent(f"""
@@ -80,16 +80,19 @@ def test_fresh_process_loads_through_remote_code_only(exported):
         inputs = processor(text="<bos> w1 <image> w2 w3", images=[np.full((60, 90, 3), 128, np.uint8)])
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              suppress_tokens=[4])
+        model.save_pretrained("resaved"); processor.save_pretrained("resaved")  # a user's fine-tuned copy
+        again = AutoModelForCausalLM.from_pretrained("resaved", trust_remote_code=True)
+        same = bool((again(**inputs).logits == model(**inputs).logits).all())
         leaked = sorted(m for m in sys.modules if m.split(".")[0] == "casa_megatron")
         print(json.dumps({{"model": type(model).__name__, "module": type(model).__module__,
                           "processor": type(processor).__name__, "new": out.shape[1] - inputs["input_ids"].shape[1],
-                          "leaked": leaked}}))
+                          "leaked": leaked, "resaved_same": same}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=str(exported[0]))
+                          cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"model": "CasaForCausalLM", "module": result["module"], "processor": "CasaProcessor",
-                      "new": 4, "leaked": []}
+                      "new": 4, "leaked": [], "resaved_same": True}
     assert result["module"].startswith("transformers_modules.")
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [6, 3]  # <eot>, <eos>
