@@ -109,3 +109,18 @@ def test_streamed_frames_cache_holds_text_and_one_window(exported, variant):
         # bos, then per frame: its placeholder and its tokens, the last one entering with the next frame
         assert record.text_tokens == row.text_tokens == 1 + (k + 1) + generated - 1
     assert captioner.frames_seen == 5
+
+
+@pytest.mark.parametrize("variant", ["casa_parallel", "insertion"])
+def test_left_padded_batch_generates_like_each_row_alone(exported, variant):
+    model, processor = _load(exported[0], variant)
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    texts = ["<bos> w1 <image> w2 w3 w4", "<bos> <image> w5 <image> w6"]
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, suppress_tokens=[IMG])
+    batch = processor(text=texts, images=frames)
+    assert batch["attention_mask"][0].tolist() == [1] * 6 and batch["attention_mask"][1, 0] == 0
+    together = model.generate(**batch, **kwargs)[:, -5:]
+    alone = [model.generate(**processor(text=[texts[0]], images=frames[:1]), **kwargs)[:, -5:],
+             model.generate(**processor(text=[texts[1]], images=frames[1:]), **kwargs)[:, -5:]]
+    assert torch.equal(together, torch.cat(alone))

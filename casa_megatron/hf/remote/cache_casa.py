@@ -10,8 +10,8 @@ So CASA's memory grows by ``2 * kv_heads * head_dim * bytes`` per text token and
 layer, and stays bounded by one window per CASA layer. K/V buffers grow by doubling, so appending
 one token is O(1) amortised instead of re-copying the whole history (flat per-token latency).
 
-One :class:`RowCache` per batch row: rows open windows at different places, so each row is run
-on its own (``CasaCache.rows``).
+One :class:`RowCache` per batch row: rows open windows at different places (and may be padded
+differently), so each row is run on its own (``CasaCache.rows``).
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class CasaCache(Cache):
         super().__init__(layers=[])
         self.num_layers, self.fusion_layers = num_layers, list(fusion_layers)
         self.rows: List[RowCache] = []
+        self.columns = 0  # input columns consumed (pads included): what generate() slices against
 
     def row(self, r: int) -> RowCache:
         while len(self.rows) <= r:
@@ -123,8 +124,9 @@ class CasaCache(Cache):
         return self.rows[r]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Text tokens seen: what ``generate()`` compares ``input_ids`` against."""
-        return self.rows[0].text_tokens if self.rows else 0
+        """Input columns consumed (text tokens, pads included): what ``generate()`` compares
+        ``input_ids`` against."""
+        return self.columns
 
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
         return -1

@@ -10,7 +10,9 @@ before it; a run of adjacent placeholders shares one window), ``pixel_values`` (
 patches, stream order) and ``image_grid_thw`` ``[n_img, 3]``. A window opens at every run of
 placeholders and lasts until the next one; text before the first image is a text-only window.
 
-Rows are run one at a time (each opens windows at its own places). Within a row, the new tokens
+Rows are run one at a time (each opens windows at its own places); padded positions
+(``attention_mask`` 0, left padding for batched generation) are skipped, so a padded row computes
+exactly what it computes alone (pads get zero hidden states). Within a row, the new tokens
 are cut at window starts and each piece goes through all layers before the next, appending to
 the row's :class:`~.cache_casa.RowCache`; a fresh cache gives full recomputation, a kept one
 gives cached generation through the very same code.
@@ -221,24 +223,30 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         """input_ids [b, s] (the new tokens of each row) -> logits [b, s, vocab]."""
         if input_ids is None:
             raise ValueError("CasaForCausalLM needs input_ids (image placeholders mark the images)")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise NotImplementedError("padded batches are not supported: run rows of different lengths "
-                                      "separately (attention_mask has zeros)")
+        b, s = input_ids.shape
+        # Padding (left or anywhere): a row runs on its real tokens only, so a padded row gives
+        # exactly what it gives alone. ``attention_mask`` may span the whole history (generate).
+        keep = torch.ones(b, s, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask[:, -s:].bool()
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, CasaCache):
             raise TypeError(f"past_key_values must be a CasaCache, got {type(past_key_values).__name__}")
         cache = past_key_values if past_key_values is not None else self.new_cache()
         images = self.image_embeddings(pixel_values, image_grid_thw)
-        ph = (input_ids == self.config.image_token_id).sum(1).tolist()
+        ph = ((input_ids == self.config.image_token_id) & keep).sum(1).tolist()
         if images and sum(ph) != len(images):
             raise ValueError(f"missing image tokens: the text has {sum(ph)} image placeholder(s) "
                              f"(id {self.config.image_token_id}) but {len(images)} image(s) were given")
         run_row = self._insertion_row if self.config.fusion_mechanism == "insertion" else self._casa_row
         hidden, used = [], 0
-        for r in range(input_ids.shape[0]):
+        for r in range(b):
             row_images = images[used:used + ph[r]] if images else []
             used += len(row_images)
-            hidden.append(run_row(input_ids[r], row_images, cache.row(r)))
+            out = self.model.embed_tokens.weight.new_zeros(s, self.config.hidden_size)  # pads stay 0
+            if bool(keep[r].any()):
+                out[keep[r]] = run_row(input_ids[r][keep[r]], row_images, cache.row(r))
+            hidden.append(out)
+        cache.columns += s
         hidden = self.model.norm(torch.stack(hidden))  # [b, s, h]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

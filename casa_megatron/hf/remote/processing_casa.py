@@ -158,17 +158,17 @@ class CasaProcessor(ProcessorMixin):
             raise ValueError("CasaProcessor needs text (one <image> placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text)
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        lengths = {len(x) for x in ids}
-        if len(lengths) > 1:
-            raise ValueError(f"texts tokenize to different lengths {sorted(lengths)}; the model takes "
-                             "unpadded rows: process them one at a time")
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        mask = [[0] * (width - len(x)) + [1] * len(x) for x in ids]  # left padding, as generate() wants
+        ids = [[pad] * (width - len(x)) + x for x in ids]
         images = list(images or [])
-        n_ph = sum(row.count(self.image_token_id) for row in ids)
+        n_ph = sum(tok == self.image_token_id for row, m in zip(ids, mask) for tok, keep in zip(row, m) if keep)
         if n_ph != len(images):
             raise ValueError(f"the text has {n_ph} {self.image_token!r} placeholder(s) but {len(images)} "
                              "image(s) were given")
         data = {"input_ids": torch.tensor(ids, dtype=torch.long)}
-        data["attention_mask"] = torch.ones_like(data["input_ids"])
+        data["attention_mask"] = torch.tensor(mask, dtype=torch.long)
         if images:
             data["pixel_values"], data["image_grid_thw"] = self.process_images(images, max_pixels)
         return BatchFeature(data=data, tensor_type=None)
