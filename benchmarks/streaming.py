@@ -56,6 +56,11 @@ PRESETS = {
 }
 
 
+# text_only: the same LM fed the same text without any image -- the cost every text LM pays for its
+# growing self-attention cache; CASA's own per-frame cost is CASA minus this.
+FUSIONS = ("casa", "insertion", "text_only")
+
+
 def _config(preset: dict, mechanism: str):
     from casa_megatron.hf.remote.configuration_casa import CasaConfig
 
@@ -99,7 +104,8 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
     torch.set_num_threads(threads)
     preset = PRESETS[preset_name]
     dtype = getattr(torch, preset["dtype"])
-    model = build_models(preset, mechanism).to(device=device, dtype=dtype).eval()
+    model = build_models(preset, "insertion" if mechanism == "text_only" else mechanism)
+    model = model.to(device=device, dtype=dtype).eval()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -107,7 +113,8 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
         pass
     with tempfile.TemporaryDirectory() as tmp:
         processor = _processor(model.config.vocab_size, Path(tmp), preset)
-    captioner = LiveCaptioner(model, processor, max_new_tokens=tokens, force_tokens=True)
+    captioner = LiveCaptioner(model, processor, max_new_tokens=tokens, force_tokens=True,
+                              use_images=mechanism != "text_only")
     rng = np.random.default_rng(0)
     px = preset["frame_px"]
     captioner.caption_frame(rng.integers(0, 256, (px, px, 3), dtype=np.uint8), 0.0)  # warm-up
@@ -191,17 +198,25 @@ def main(argv=None) -> dict:
     out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
     start = time.time()
     runs, rows = {}, []
-    for name in ("casa", "insertion"):
+    for name in FUSIONS:
         runs[name] = run_in_fork(name, args.preset, args.frames, args.tokens, args.threads, args.device)
     # image tokens per frame, known from the CASA run (insertion has no window to read it from)
     for run in runs.values():
         run["image_tokens_inserted"] = runs["casa"]["image_tokens"]
     rows = [summarise(name, run, args.tokens) for name, run in runs.items()]
+    text = runs["text_only"]["records"]
+    for row in rows:  # what vision adds per turn, over the text-only LM (CPU time)
+        own = [r["turn_cpu_s"] - t["turn_cpu_s"] for r, t in zip(runs[row["fusion"]]["records"], text)]
+        n = min(10, len(own) // 2) or 1
+        row["vision_cpu_ms_first10"] = 1e3 * statistics.mean(own[:n])
+        row["vision_cpu_ms_last10"] = 1e3 * statistics.mean(own[-n:])
     table = format_table(rows, [
         ("fusion", "fusion", ""), ("frames", "frames", "d"), ("turn ms first 10", "first10_turn_ms", ".1f"),
         ("turn ms last 10", "last10_turn_ms", ".1f"), ("last/first", "latency_ratio", ".3f"),
         ("CPU ms first 10", "first10_cpu_ms", ".1f"), ("CPU ms last 10", "last10_cpu_ms", ".1f"),
         ("CPU last/first", "cpu_ratio", ".3f"),
+        ("over text-only: CPU ms first 10", "vision_cpu_ms_first10", ".1f"),
+        ("over text-only: CPU ms last 10", "vision_cpu_ms_last10", ".1f"),
         ("TTFT ms first 10", "first10_ttft_ms", ".1f"), ("TTFT ms last 10", "last10_ttft_ms", ".1f"),
         ("cache MiB at end", "cache_end_mib", ".2f"), ("cache growth B/frame", "cache_slope_bytes", ".0f"),
         ("formula B/frame", "formula_bytes", ".0f"), ("memory growth B/frame", "memory_slope_bytes", ".0f"),

@@ -70,6 +70,7 @@ class LiveCaptioner:
     stop_tokens: Sequence[int] = ()
     max_pixels: Optional[int] = None
     force_tokens: bool = False  # never stop early (benchmarks: a fixed number of tokens per turn)
+    use_images: bool = True  # False: the placeholder stays a plain token (a text-only baseline)
     cache: object = None
     frames_seen: int = 0
     pending: List[int] = field(default_factory=list)
@@ -109,9 +110,11 @@ class LiveCaptioner:
     def caption_frame(self, frame, time_s: float) -> FrameRecord:
         """One turn: open the frame's window, generate its caption."""
         start, cpu_start = time.perf_counter(), time.process_time()
-        pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
-        images = {"pixel_values": pixel_values.to(self.device, self.model.dtype),
-                  "image_grid_thw": grid.to(self.device)}
+        images = {}
+        if self.use_images:
+            pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
+            images = {"pixel_values": pixel_values.to(self.device, self.model.dtype),
+                      "image_grid_thw": grid.to(self.device)}
         token = self._forward(self._frame_input_ids(), **images)
         _sync(self.device)
         first = time.perf_counter()

@@ -99,10 +99,6 @@ class RowCache:
         self.windows_opened = 0
         self.last_token_was_image = False
 
-    def self_attention_tokens(self) -> int:
-        lengths = {kv.length for kv in self.self_attn.values() if kv.k is not None}
-        return max(lengths) if lengths else 0
-
     def nbytes(self) -> Dict[str, int]:
         return {"self_attention": sum(kv.nbytes() for kv in self.self_attn.values()),
                 "casa_windows": sum(w.nbytes() for w in self.windows.values())}

@@ -92,8 +92,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     -> [n, H*d]. Bottom-right causal: query i sees keys 0 .. L-n+i.
 
     GPU (fp16/bf16): torch's flash varlen kernel, whose causal mask is bottom-right aligned
-    (``window_size=(-1, 0)``). Elsewhere SDPA with a lower-right causal bias (no mask for a
-    single query). GQA without copying K/V in both."""
+    (``window_size=(-1, 0)``). Elsewhere: a single query (decoding) by two grouped matmuls (SDPA's
+    CPU kernel expands K/V for GQA: an O(cache) copy per step), several by SDPA with a
+    lower-right causal bias."""
     n, length = q.shape[1], k.shape[1]
     varlen = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if varlen is not None:
@@ -102,6 +103,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
         out = varlen(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, n, length, scale=scale,
                      window_size=(-1, 0), enable_gqa=q.shape[0] != k.shape[0])  # [n, H, d]
         return out.reshape(n, -1)
+    if n == 1:  # decoding: one query sees every key; grouped matmuls, K/V never expanded for GQA
+        kv_heads = k.shape[0]
+        qg = q.reshape(kv_heads, -1, q.shape[-1])  # [KV, H/KV, d]
+        probs = (torch.matmul(qg, k.transpose(1, 2)) * scale).float().softmax(-1).to(v.dtype)  # [KV, H/KV, L]
+        return torch.matmul(probs, v).reshape(1, -1)  # [1, H*d]
     mask = None
     if n > 1:
         from torch.nn.attention.bias import causal_lower_right
