@@ -21,7 +21,6 @@ every layer's cache; its growth is reported beside.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
