@@ -4,8 +4,8 @@ This file is transformers remote code: it is copied into every exported folder a
 ``trust_remote_code=True`` in processes that have never heard of ``casa_megatron``, so it may
 import torch / transformers only. One flat config describes the three parts:
 
-* the LM backbone in its family's Hugging Face vocabulary (``lm_family``: ``qwen2``, ``llama`` or
-  ``helium``; Helium rotates interleaved pairs, the others rotate halves);
+* the LM backbone in its family's Hugging Face vocabulary (``lm_family``: ``generic``, ``qwen2``,
+  ``qwen2_5_vl``, ``llama`` or ``helium``; Helium rotates interleaved pairs, the others halves);
 * the fusion (``fusion_mechanism``: ``casa`` / ``cross_attention`` / ``insertion``;
   ``fusion_placement``: ``parallel`` / ``before`` / ``replace``; ``fusion_layers``: global LM
   indices holding a fusion module; ``share_projections``; ``cross_attention_gate``;
@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers import PretrainedConfig
 
-LM_FAMILIES = ("qwen2", "llama", "helium")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "llama", "helium")  # casa_megatron model.lm.family
 MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("insertion", "none", "mrope")
@@ -57,6 +57,7 @@ class CasaConfig(PretrainedConfig):
         share_projections: bool = False,
         cross_attention_gate: bool = False,
         image_position_scheme: str = "insertion",
+        mrope_section: Optional[List[int]] = None,
         normalize_images: bool = True,
         vision_config: Optional[Dict[str, Any]] = None,
         image_token_id: int = 4,
@@ -85,6 +86,7 @@ class CasaConfig(PretrainedConfig):
         self.share_projections = share_projections
         self.cross_attention_gate = cross_attention_gate
         self.image_position_scheme = image_position_scheme
+        self.mrope_section = list(mrope_section) if mrope_section is not None else None
         self.normalize_images = normalize_images
         vision = dict(vision_config or {})
         if vision.get("encoder", "tiny_vit") == "tiny_vit":  # qwen2_5_vl: transformers' own defaults
@@ -95,6 +97,16 @@ class CasaConfig(PretrainedConfig):
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_casa()
+
+    @property
+    def resolved_mrope_section(self) -> List[int]:
+        """(t, h, w) split of the head_dim/2 rotary frequencies; default Qwen2.5-VL's proportions
+        1/4, 3/8, 3/8 rounded as casa_megatron does (``LanguageModelConfig.resolved_mrope_section``)."""
+        if self.mrope_section is not None:
+            return list(self.mrope_section)
+        half = self.head_dim // 2
+        hw = (3 * half) // 8
+        return [half - 2 * hw, hw, hw]
 
     @property
     def rope_interleaved(self) -> bool:
@@ -117,6 +129,12 @@ class CasaConfig(PretrainedConfig):
             raise ValueError(f"CasaConfig.fusion_layers {bad} outside [0, {self.num_hidden_layers})")
         if self.share_projections and self.fusion_placement == "replace":
             raise ValueError("CasaConfig.share_projections needs a self-attention: not with fusion_placement='replace'")
+        if sum(self.resolved_mrope_section) != self.head_dim // 2 or len(self.resolved_mrope_section) != 3:
+            raise ValueError(f"CasaConfig.mrope_section={self.mrope_section} must be 3 numbers summing to "
+                             f"head_dim / 2 = {self.head_dim // 2}")
+        if self.image_position_scheme == "mrope" and self.fusion_mechanism == "insertion":
+            raise ValueError("image_position_scheme='mrope' with insertion is Qwen2.5-VL itself: export it as "
+                             "transformers' Qwen2_5_VLForConditionalGeneration, not as model_type 'casa'")
         if self.cross_attention_gate and self.fusion_mechanism != "cross_attention":
             raise ValueError("CasaConfig.cross_attention_gate needs fusion_mechanism='cross_attention'")
 

@@ -66,6 +66,21 @@ class Rotary(nn.Module):
             emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
+    def cos_sin_multimodal(self, positions: torch.Tensor, section, dtype: torch.dtype):
+        """positions [3, n] (t, h, w) -> cos, sin [n, d]: each rotary frequency turns by the
+        position of its section (Qwen2.5-VL's M-RoPE), in this backbone's layout. A token with
+        t = h = w gets exactly :meth:`cos_sin`."""
+        half = self.inv_freq.shape[0]
+        bounds = torch.tensor([section[0], section[0] + section[1]])
+        which = torch.bucketize(torch.arange(half), bounds, right=True).to(positions.device)  # [d/2]
+        pos = positions.float()[which]  # [d/2, n]: each frequency's own position
+        freqs = pos.transpose(0, 1) * self.inv_freq.to(positions.device)[None]  # [n, d/2]
+        if self.interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
     def rotate(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         """x [heads, n, d]."""
         cos, sin = cos_sin

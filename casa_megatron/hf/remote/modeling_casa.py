@@ -34,21 +34,32 @@ from .layers_casa import CasaAttention, CasaRMSNorm, DecoderLayer, Rotary
 from .vision_casa import build_vision, encode_images
 
 
-def image_key_positions(config: CasaConfig, window_start: int, num_tokens: int, device) -> Optional[torch.Tensor]:
-    """RoPE positions of a window's image keys [num_tokens], or None (unrotated).
+def image_key_positions(config: CasaConfig, window_start: int, grids: List[List[int]],
+                        device) -> Optional[torch.Tensor]:
+    """RoPE positions of a window's image keys, or None (unrotated). ``grids``: the window's
+    images' ``[t, h, w]`` patch grids, in order.
 
-    ``insertion``: every image key at the text position of its window start (the query-key
-    phase then depends only on the distance from the window start, as for text keys).
-    ``none``: unrotated. ``mrope`` is the hook for Qwen2.5-VL multimodal (t, h, w) positions
-    relative to the window, built in casa_megatron by the Qwen2.5-VL encoder work (issue 9);
-    it needs the image grids and lands here with that scheme.
+    ``insertion``: every image key at the text position of its window start ([n]); the query-key
+    phase then depends only on the distance from the window start, as for text keys.
+    ``none``: unrotated. ``mrope`` ([3, n]): Qwen2.5-VL multimodal positions relative to the
+    window, ``window start + (t, row, column)`` in merged tokens, the images of one window following
+    each other in time (frame order and layout become visible) -- casa_megatron's
+    ``model/mrope.casa_image_positions`` for still images (temporal step 1).
     """
+    merge = config.vision_config.get("spatial_merge_size", 2)
+    counts = [t * h * w // (merge * merge) for t, h, w in grids]
     scheme = config.image_position_scheme
     if scheme == "none":
         return None
     if scheme == "insertion":
-        return torch.full((num_tokens,), window_start, dtype=torch.long, device=device)
-    raise NotImplementedError("image_position_scheme='mrope' is not implemented in this remote code yet")
+        return torch.full((sum(counts),), window_start, dtype=torch.long, device=device)
+    out, t_next = [], 0
+    for t, h, w in grids:
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
+        offsets = torch.stack([tt.flatten() + t_next, hh.flatten(), ww.flatten()])  # [3, t*h*w/merge^2]
+        t_next = int(offsets[0].max()) + 1
+        out.append(offsets + window_start)
+    return torch.cat(out, dim=1).to(device)
 
 
 class CasaPreTrainedModel(PreTrainedModel):
@@ -92,7 +103,11 @@ class CasaTextModel(CasaPreTrainedModel):
             image_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [n, h] embeddings of one row's new tokens (one window piece) -> hidden [n, h]."""
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        image_cos_sin = None if image_positions is None else self.rotary.cos_sin(image_positions, x.dtype)
+        image_cos_sin = None
+        if image_positions is not None and image_positions.dim() == 2:  # mrope: [3, n]
+            image_cos_sin = self.rotary.cos_sin_multimodal(image_positions, self.config.resolved_mrope_section, x.dtype)
+        elif image_positions is not None:
+            image_cos_sin = self.rotary.cos_sin(image_positions, x.dtype)
         for layer in self.layers:
             if open_window and layer.fused:
                 layer.open_window(window_images, self.rotary, image_cos_sin, row.windows[layer.index])
@@ -128,14 +143,18 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         return (image_grid_thw.prod(-1) // (merge * merge)).tolist()
 
     def image_embeddings(self, pixel_values, image_grid_thw) -> List[torch.Tensor]:
-        """All images -> one tensor [tokens, h] per image (stream order)."""
+        """All images -> one tensor [tokens, h] per image (stream order); each carries its
+        ``[t, h, w]`` grid as ``.grid`` (for mrope image-key positions)."""
         if pixel_values is None:
             return []
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
         grid = torch.as_tensor(image_grid_thw).to(pixel_values.device).long()
         tokens = encode_images(self.visual, pixel_values, grid).to(self.lm_head.weight.dtype)
-        return list(torch.split(tokens, self.tokens_per_image(grid)))
+        per_image = list(torch.split(tokens, self.tokens_per_image(grid)))
+        for emb, g in zip(per_image, grid.tolist()):
+            emb.grid = g
+        return per_image
 
     # --- one row ----------------------------------------------------------------------------
     def _window_pieces(self, ids: torch.Tensor, row: RowCache, has_images: bool) -> List[Tuple[int, int, int]]:
@@ -177,7 +196,8 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
                 if n_img:
                     window_images = torch.cat(images[used:used + n_img])  # [m, h]
                     used += n_img
-                    image_pos = image_key_positions(self.config, row.window_start, window_images.shape[0], ids.device)
+                    grids = [im.grid for im in images[used - n_img:used]]
+                    image_pos = image_key_positions(self.config, row.window_start, grids, ids.device)
             out.append(self.model.run(embeds[a:b], positions, row, window_images, n_img >= 0, image_pos))
             row.text_tokens += b - a
         row.last_token_was_image = bool(ids[-1] == self.config.image_token_id) and bool(images)
