@@ -23,6 +23,20 @@ VARIANTS = {
 IMAGE_SLOTS = 40
 
 
+def _mrope_variants() -> Dict:
+    """Qwen2.5-VL multimodal positions for image keys, where the megatron model has the scheme
+    (main after the Qwen2.5-VL encoder work; verified there on a trial merge)."""
+    from casa_megatron.config.schema import IMAGE_POSITION_SCHEMES
+
+    if "mrope" not in IMAGE_POSITION_SCHEMES:
+        return {}
+    return {"casa_mrope": dict(image_position_scheme="mrope"),
+            "cross_attention_mrope": dict(mechanism="cross_attention", image_position_scheme="mrope", every_n=2)}
+
+
+VARIANTS.update(_mrope_variants())
+
+
 def _rows(kind: str) -> List[List[int]]:
     w = lambda *ids: [7 + i for i in ids]  # noqa: E731
     if kind == "image":  # two rows: text-only leading window, an image, two images sharing a window
