@@ -28,10 +28,11 @@ setup(
         "matplotlib",
         "av>=12",  # PyAV: CPU video decoding/encoding (FFmpeg with x264/vpx bundled in the wheel)
         "pillow",  # image decoding, synthetic dataset rendering
-        "transformers>=5.0",  # AutoTokenizer; Qwen2.5-VL oracle in tests (get_rope_index API of 5.x)
+        "transformers>=5.0",  # AutoTokenizer; Qwen2.5-VL oracle in tests; the exported model's remote code (v5 APIs)
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
         "tqdm",  # progress bars of the data tools and the converter
-        "safetensors",  # Hugging Face checkpoints, read tensor by tensor (conversion/)
+        "safetensors",  # Hugging Face checkpoints, read tensor by tensor (conversion/), and export
+        "huggingface_hub",  # sharded safetensors + index (save_torch_state_dict)
     ],
     extras_require={
         # DALI for CUDA 13 drivers (the lent GPU machines); on CUDA 12 use nvidia-dali-cuda120.
@@ -39,5 +40,6 @@ setup(
         "test": ["pytest>=8", DALI],
     },
     entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
-                                        "casa-convert=casa_megatron.conversion.cli:main"]},
+                                        "casa-convert=casa_megatron.conversion.cli:main",
+                                        "casa-stream=casa_megatron.inference.cli:main"]},
 )

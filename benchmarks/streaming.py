@@ -1,0 +1,237 @@
+"""Streaming video captioning: CASA vs token insertion, frames arriving one by one.
+
+    python benchmarks/streaming.py --preset cpu_tiny --frames 512 --json benchmarks/results/streaming_cpu_tiny.json
+
+Both models share the backbone, vision tower and weights (same seed; insertion loads CASA's state
+dict minus the CASA modules); only the fusion differs. Each turn is the live captioner's protocol
+(``casa_megatron.inference.streaming.LiveCaptioner``): the frame opens a window, then exactly
+``--tokens`` caption tokens are generated (stop tokens suppressed, the paper's 16 tokens/turn),
+the cache persisting across turns. Per turn: latency (frame in -> last token), time to first
+token, the turn's CPU time (one thread: its compute, undistorted by other processes on a shared
+machine), the cache's exact bytes, and memory (CUDA peak allocated on GPU; process RSS on CPU).
+Each fusion runs in its own forked process, after one warm-up turn on a cache that is dropped.
+
+Targets (issue 11) for CASA: mean latency of the last 10 turns / first 10 <= 1.05, and memory
+growth per frame = the text cache only: ``tokens_per_turn * n_self_attention_layers * 2 *
+kv_heads * head_dim * bytes_per_element`` (one placeholder + the turn's tokens enter the text
+cache; CASA windows are replaced, not accumulated). Insertion adds ``image_tokens`` per frame to
+every layer's cache; its growth is reported beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import format_table  # noqa: E402
+
+PRESETS = {
+    # CPU: a small LM (all 4 layers CASA-parallel) and the tiny ViT; 224 px frames -> 64 image tokens.
+    "cpu_tiny": dict(
+        lm=dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+        vision=dict(encoder="tiny_vit", depth=2, hidden_size=128, num_heads=4, intermediate_size=256),
+        frame_px=224, dtype="float32"),
+    # GPU (not run here: no GPU was lent): Helium1-2B-shaped LM, Qwen2.5-VL-shaped ViT, 448 px frames.
+    "helium2b_gpu": dict(
+        lm=dict(vocab_size=64000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, lm_family="helium", rms_norm_eps=1e-8),
+        vision=dict(encoder="qwen2_5_vl", depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31]),
+        frame_px=448, dtype="bfloat16"),
+}
+
+
+# text_only: the same LM fed the same text without any image -- the cost every text LM pays for its
+# growing self-attention cache; CASA's own per-frame cost is CASA minus this.
+FUSIONS = ("casa", "insertion", "text_only")
+
+
+def _config(preset: dict, mechanism: str):
+    from casa_megatron.hf.remote.configuration_casa import CasaConfig
+
+    return CasaConfig(**preset["lm"], fusion_mechanism=mechanism, fusion_placement="parallel",
+                      vision_config=preset["vision"], image_token_id=4)
+
+
+def build_models(preset: dict, mechanism: str, seed: int = 0):
+    """The CASA model from ``seed``; insertion = the same weights without the CASA modules."""
+    from casa_megatron.hf.remote.modeling_casa import CasaForCausalLM
+
+    torch.manual_seed(seed)
+    casa = CasaForCausalLM(_config(preset, "casa"))
+    if mechanism == "casa":
+        return casa
+    insertion = CasaForCausalLM(_config(preset, "insertion"))
+    missing, unexpected = insertion.load_state_dict(casa.state_dict(), strict=False)
+    assert not missing and all(".casa_" in k for k in unexpected), (missing, unexpected)
+    return insertion
+
+
+def _processor(vocab: int, workdir: Path, preset: dict):
+    from casa_megatron.data.tokenization import build_word_tokenizer
+    from casa_megatron.hf.remote.processing_casa import CasaProcessor
+    from transformers import AutoTokenizer
+
+    tok_dir = build_word_tokenizer([" ".join(f"w{i}" for i in range(vocab - 7))], workdir / "tok")
+    px = preset["frame_px"]
+    return CasaProcessor(AutoTokenizer.from_pretrained(str(tok_dir)), encoder=preset["vision"]["encoder"],
+                         max_pixels=px * px, video_max_pixels=px * px,
+                         temporal_patch_size=preset["vision"].get("temporal_patch_size", 1))
+
+
+def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, threads: int, device: str):
+    """One fusion in a fresh (forked) process -> per-turn records."""
+    import ctypes
+    import gc
+
+    from casa_megatron.inference.streaming import LiveCaptioner
+
+    torch.set_num_threads(threads)
+    preset = PRESETS[preset_name]
+    dtype = getattr(torch, preset["dtype"])
+    model = build_models(preset, "insertion" if mechanism == "text_only" else mechanism)
+    model = model.to(device=device, dtype=dtype).eval()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = _processor(model.config.vocab_size, Path(tmp), preset)
+    captioner = LiveCaptioner(model, processor, max_new_tokens=tokens, force_tokens=True,
+                              use_images=mechanism != "text_only")
+    rng = np.random.default_rng(0)
+    px = preset["frame_px"]
+    captioner.caption_frame(rng.integers(0, 256, (px, px, 3), dtype=np.uint8), 0.0)  # warm-up
+    captioner.reset()
+    records = []
+    for k in range(frames):
+        frame = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
+        records.append(captioner.caption_frame(frame, k / 2).to_json())
+    cfg = model.config
+    sa_layers = sum(1 for i in range(cfg.num_hidden_layers)
+                    if not (i in cfg.fusion_layers and cfg.fusion_placement == "replace"))
+    return {"records": records, "sa_layers": sa_layers,
+            "bytes_per_token_layer": 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8,
+            "image_tokens": int(captioner.cache.rows[0].windows[cfg.fusion_layers[0]].num_image_tokens)
+            if cfg.fusion_layers else None}
+
+
+def _child(queue, *args):
+    try:
+        queue.put(("ok", _run_fusion(*args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        queue.put(("error", f"{e}\n{traceback.format_exc()}"))
+
+
+def run_in_fork(*args):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, *args))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"streaming benchmark child failed: {payload}")
+    return payload
+
+
+def slope(values) -> float:
+    """Least-squares growth per frame."""
+    x = np.arange(len(values), dtype=np.float64)
+    return float(np.polyfit(x, np.asarray(values, dtype=np.float64), 1)[0]) if len(values) > 1 else 0.0
+
+
+def summarise(name: str, out: dict, tokens: int) -> dict:
+    recs = out["records"]
+    turn = [r["turn_s"] for r in recs]
+    cpu = [r["turn_cpu_s"] for r in recs]
+    cache = [sum(r["cache_bytes"].values()) for r in recs]
+    text_per_turn = tokens + 1  # the frame's placeholder + its tokens (the last enters with the next frame)
+    per_frame_tokens = text_per_turn + (out["image_tokens_inserted"] if name == "insertion" else 0)
+    formula = per_frame_tokens * out["sa_layers"] * out["bytes_per_token_layer"]
+    n = min(10, len(recs) // 2) or 1
+    return {
+        "fusion": name, "frames": len(recs),
+        "first10_turn_ms": 1e3 * statistics.mean(turn[:n]), "last10_turn_ms": 1e3 * statistics.mean(turn[-n:]),
+        "latency_ratio": statistics.mean(turn[-n:]) / statistics.mean(turn[:n]),
+        "first10_cpu_ms": 1e3 * statistics.mean(cpu[:n]), "last10_cpu_ms": 1e3 * statistics.mean(cpu[-n:]),
+        "cpu_ratio": statistics.mean(cpu[-n:]) / statistics.mean(cpu[:n]),
+        "first10_ttft_ms": 1e3 * statistics.mean(r["ttft_s"] for r in recs[:n]),
+        "last10_ttft_ms": 1e3 * statistics.mean(r["ttft_s"] for r in recs[-n:]),
+        "cache_end_mib": cache[-1] / 2 ** 20, "cache_slope_bytes": slope(cache), "formula_bytes": formula,
+        "memory_end_mib": recs[-1]["memory_bytes"] / 2 ** 20,
+        "memory_slope_bytes": slope([r["memory_bytes"] for r in recs]),
+        "decode_tok_s_last10": statistics.mean(r["decode_tokens_per_s"] for r in recs[-n:]),
+    }
+
+
+def main(argv=None) -> dict:
+    from benchmarks.common import machine_info
+    from casa_megatron.inference.report import plot_series, write_json_atomic
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS))
+    p.add_argument("--frames", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=16, help="caption tokens per turn")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/streaming_<preset>.json")
+    args = p.parse_args(argv)
+    out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
+    start = time.time()
+    runs, rows = {}, []
+    for name in FUSIONS:
+        runs[name] = run_in_fork(name, args.preset, args.frames, args.tokens, args.threads, args.device)
+    # image tokens per frame, known from the CASA run (insertion has no window to read it from)
+    for run in runs.values():
+        run["image_tokens_inserted"] = runs["casa"]["image_tokens"]
+    rows = [summarise(name, run, args.tokens) for name, run in runs.items()]
+    text = runs["text_only"]["records"]
+    for row in rows:  # what vision adds per turn, over the text-only LM (CPU time)
+        own = [r["turn_cpu_s"] - t["turn_cpu_s"] for r, t in zip(runs[row["fusion"]]["records"], text)]
+        n = min(10, len(own) // 2) or 1
+        row["vision_cpu_ms_first10"] = 1e3 * statistics.mean(own[:n])
+        row["vision_cpu_ms_last10"] = 1e3 * statistics.mean(own[-n:])
+    table = format_table(rows, [
+        ("fusion", "fusion", ""), ("frames", "frames", "d"), ("turn ms first 10", "first10_turn_ms", ".1f"),
+        ("turn ms last 10", "last10_turn_ms", ".1f"), ("last/first", "latency_ratio", ".3f"),
+        ("CPU ms first 10", "first10_cpu_ms", ".1f"), ("CPU ms last 10", "last10_cpu_ms", ".1f"),
+        ("CPU last/first", "cpu_ratio", ".3f"),
+        ("over text-only: CPU ms first 10", "vision_cpu_ms_first10", ".1f"),
+        ("over text-only: CPU ms last 10", "vision_cpu_ms_last10", ".1f"),
+        ("TTFT ms first 10", "first10_ttft_ms", ".1f"), ("TTFT ms last 10", "last10_ttft_ms", ".1f"),
+        ("cache MiB at end", "cache_end_mib", ".2f"), ("cache growth B/frame", "cache_slope_bytes", ".0f"),
+        ("formula B/frame", "formula_bytes", ".0f"), ("memory growth B/frame", "memory_slope_bytes", ".0f"),
+        ("decode tok/s last 10", "decode_tok_s_last10", ".0f")])
+    print(table)
+    result = {"preset": args.preset, "config": PRESETS[args.preset], "frames": args.frames, "tokens_per_turn": args.tokens,
+              "threads": args.threads, "device": args.device, "machine": machine_info(), "summary": rows,
+              "table": table, "wall_s": time.time() - start,
+              "targets": {"casa_latency_ratio_max": 1.05,
+                          "casa_cache_growth_equals_text_formula": True},
+              "per_frame": {name: run["records"] for name, run in runs.items()}}
+    write_json_atomic(out_json, result)
+    plot_series(out_json.with_suffix(".png"), result["per_frame"],
+                f"streaming {args.preset}: {args.tokens} tokens/turn, {args.frames} frames")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Transformers remote code of the exported CASA model (copied into every export; see hf/folder.py)."""

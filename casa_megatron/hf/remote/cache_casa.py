@@ -1,0 +1,145 @@
+"""The generation cache of a CASA model: text in self-attention, one window in each CASA layer.
+
+* Self-attention layers cache the K/V of **text tokens only** (for the insertion baseline the
+  stream also holds image tokens: that is the baseline's cost, measured beside CASA).
+* Each CASA / cross-attention layer keeps the K/V of its **current window**: the window's image
+  tokens and the window's text so far. When the next image opens a window, both are dropped and
+  the new image's K/V take their place. Images never enter the self-attention cache.
+
+So CASA's memory grows by ``2 * kv_heads * head_dim * bytes`` per text token and self-attention
+layer, and stays bounded by one window per CASA layer. K/V buffers grow by doubling, so appending
+one token is O(1) amortised instead of re-copying the whole history (flat per-token latency).
+
+One :class:`RowCache` per batch row: rows open windows at different places (and may be padded
+differently), so each row is run on its own (``CasaCache.rows``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class GrowingKV:
+    """K/V ``[kv_heads, length, head_dim]`` in a buffer that grows by doubling."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """k, v [kv_heads, n, d] -> the whole cached K/V [kv_heads, length + n, d] (views)."""
+        n = k.shape[1]
+        need = self.length + n
+        if self.k is None or need > self.k.shape[1]:
+            capacity = max(need, 2 * (self.k.shape[1] if self.k is not None else 0), 16)
+            new_k = k.new_empty(k.shape[0], capacity, k.shape[2])
+            new_v = v.new_empty(v.shape[0], capacity, v.shape[2])
+            if self.length:
+                new_k[:, :self.length] = self.k[:, :self.length]
+                new_v[:, :self.length] = self.v[:, :self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, self.length:need] = k
+        self.v[:, self.length:need] = v
+        self.length = need
+        return self.k[:, :need], self.v[:, :need]
+
+    def view(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if self.k is None:
+            return None, None
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens (the allocated buffer may be up to 2x that)."""
+        if self.k is None:
+            return 0
+        return 2 * self.length * self.k.shape[0] * self.k.shape[2] * self.k.element_size()
+
+    def allocated_bytes(self) -> int:
+        if self.k is None:
+            return 0
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class WindowKV:
+    """One CASA layer's current window: image K/V (fixed once the window opens) + window text."""
+
+    def __init__(self):
+        self.image_k: Optional[torch.Tensor] = None  # [kv_heads, n_img, d]
+        self.image_v: Optional[torch.Tensor] = None
+        self.text = GrowingKV()
+
+    def open(self, image_k: Optional[torch.Tensor], image_v: Optional[torch.Tensor]) -> None:
+        """A new window: the previous window's images and text are dropped."""
+        self.image_k, self.image_v = image_k, image_v
+        self.text = GrowingKV()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 0 if self.image_k is None else int(self.image_k.shape[1])
+
+    def nbytes(self) -> int:
+        img = 0 if self.image_k is None else 2 * self.image_k.numel() * self.image_k.element_size()
+        return img + self.text.nbytes()
+
+
+class RowCache:
+    """Everything one batch row remembers between forward calls."""
+
+    def __init__(self, num_layers: int, fusion_layers: List[int]):
+        self.self_attn: Dict[int, GrowingKV] = {i: GrowingKV() for i in range(num_layers)}
+        self.windows: Dict[int, WindowKV] = {i: WindowKV() for i in fusion_layers}
+        self.text_tokens = 0  # text tokens seen (= the next text position)
+        self.stream_tokens = 0  # tokens in the self-attention stream (text + inserted images)
+        self.window_start = 0  # text position of the current window's first token
+        self.window_images = 0  # images in the current window
+        self.windows_opened = 0
+        self.last_token_was_image = False
+
+    def nbytes(self) -> Dict[str, int]:
+        return {"self_attention": sum(kv.nbytes() for kv in self.self_attn.values()),
+                "casa_windows": sum(w.nbytes() for w in self.windows.values())}
+
+
+class CasaCache(Cache):
+    """A transformers ``Cache`` so ``generate()`` carries it between steps; the per-row state
+    lives in :class:`RowCache` objects created on first use."""
+
+    def __init__(self, num_layers: int, fusion_layers: List[int]):
+        super().__init__(layers=[])
+        self.num_layers, self.fusion_layers = num_layers, list(fusion_layers)
+        self.rows: List[RowCache] = []
+        self.columns = 0  # input columns consumed (pads included): what generate() slices against
+
+    def row(self, r: int) -> RowCache:
+        while len(self.rows) <= r:
+            self.rows.append(RowCache(self.num_layers, self.fusion_layers))
+        return self.rows[r]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns consumed (text tokens, pads included): what ``generate()`` compares
+        ``input_ids`` against."""
+        return self.columns
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def nbytes(self) -> Dict[str, int]:
+        total = {"self_attention": 0, "casa_windows": 0}
+        for row in self.rows:
+            for key, value in row.nbytes().items():
+                total[key] += value
+        return total
+
+    def __repr__(self) -> str:
+        return f"CasaCache(rows={len(self.rows)}, bytes={self.nbytes()})"

@@ -1,0 +1,1 @@
+"""Inference on exported Hugging Face models: live (streaming) video captioning."""

@@ -1,0 +1,94 @@
+"""``casa-stream VIDEO --model HF_DIR``: live captions of a video with an exported CASA model.
+
+Prints ``[mm:ss.s] caption`` per frame and writes ``stream.json`` (per-frame time-to-first-token,
+decode tokens/s, cache bytes, memory, captions) and ``stream.png`` into ``--out``. A video that
+cannot be decoded stops with an error naming it; a stream that breaks mid-way (decoding error,
+Ctrl-C) keeps and writes the captions so far, marked ``"stopped": <reason>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
+from casa_megatron.inference.report import plot_series, write_json_atomic
+from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner, load_model
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="casa-stream", description=__doc__.splitlines()[0])
+    p.add_argument("video", help="video file (anything FFmpeg decodes)")
+    p.add_argument("--model", required=True, help="exported Hugging Face folder (casa-convert export-hf)")
+    p.add_argument("--out", default="stream_out", help="folder for stream.json and stream.png")
+    p.add_argument("--fps", type=float, default=2.0)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prompt", default="", help="text after <bos>, before the first frame")
+    p.add_argument("--max-pixels", type=int, default=None, help="frame pixel budget (processor default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--decoder", default="auto", choices=("auto", "cpu", "dali"),
+                   help="auto: DALI on a GPU when it is installed, else PyAV on the CPU")
+    return p.parse_args(argv)
+
+
+def _decoder(kind: str, device: str) -> str:
+    if kind != "auto":
+        return kind
+    from casa_megatron.data.video.dali import dali_available
+
+    return "dali" if device.startswith("cuda") and dali_available() else "cpu"
+
+
+def stamp(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, processor = load_model(args.model, args.device, args.dtype)
+    captioner = LiveCaptioner(model, processor, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                              max_pixels=args.max_pixels)
+    records: List[FrameRecord] = []
+    stopped = None
+    start = time.perf_counter()
+    frames = iter_frames(args.video, args.fps, args.max_frames, _decoder(args.decoder, args.device))
+    try:
+        for record in captioner.stream(frames):
+            records.append(record)
+            print(f"[{stamp(record.time_s)}] {record.caption}", flush=True)
+    except StreamBroken as e:
+        stopped = str(e)
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    result = {"video": str(args.video), "model": str(args.model), "fps": args.fps, "device": args.device,
+              "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
+              "wall_s": time.perf_counter() - start}
+    out = Path(args.out)
+    write_json_atomic(out / "stream.json", result)
+    if records:
+        plot_series(out / "stream.png", {"casa-stream": result["frames"]}, f"{Path(args.video).name} @ {args.fps} fps")
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except VideoDecodeError as e:
+        print(f"casa-stream: {e}", file=sys.stderr)
+        return 2
+    if result["stopped"]:
+        print(f"casa-stream: stream stopped early ({result['stopped']}); "
+              f"{len(result['frames'])} frames captioned, written to {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Live video captioning with an exported CASA model (the paper's live-captioner protocol).
+
+Every frame opens a new window: its input is ``[<image>]`` (the first frame is preceded by
+``<bos>`` and an optional prompt), then the caption is generated token by token until a stop
+token (``<eot>``) or ``max_new_tokens``. The text cache persists across frames; each CASA layer
+drops the previous frame's K/V when the next frame arrives, so memory grows with the text only.
+As in the released captioner, a frame's last sampled token (its stop token) is not run on its
+own: it is prepended to the next frame's input and enters the cache in that forward pass.
+
+Per frame we record time-to-first-token (preprocessing + vision + prefill + first token), the
+turn's wall and CPU time, decode tokens/s, the cache's bytes (self-attention text / CASA windows)
+and memory. CPU time is what a shared machine cannot distort: with one thread it is the turn's
+compute, whatever other processes do (wall time on a loaded 2-core machine is not).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class FrameRecord:
+    index: int
+    time_s: float
+    caption: str
+    tokens: List[int]
+    ttft_s: float
+    turn_s: float
+    turn_cpu_s: float  # process CPU time of the turn: the work done, unaffected by other load
+    decode_tokens_per_s: float
+    text_tokens: int
+    cache_bytes: Dict[str, int]
+    memory_bytes: int
+
+    def to_json(self) -> Dict:
+        return asdict(self)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory since the last call on GPU; resident set size on CPU (from /proc)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(peak)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class LiveCaptioner:
+    """Caption frames one by one with a persistent cache (``model`` is an HF CasaForCausalLM)."""
+
+    model: torch.nn.Module
+    processor: object
+    max_new_tokens: int = 16
+    prompt: str = ""
+    stop_tokens: Sequence[int] = ()
+    max_pixels: Optional[int] = None
+    force_tokens: bool = False  # never stop early (benchmarks: a fixed number of tokens per turn)
+    use_images: bool = True  # False: the placeholder stays a plain token (a text-only baseline)
+    cache: object = None
+    frames_seen: int = 0
+    pending: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        tok = self.processor.tokenizer
+        if not self.stop_tokens:
+            eot = tok.convert_tokens_to_ids("<eot>")
+            self.stop_tokens = [t for t in (eot, tok.eos_token_id) if t is not None and t != tok.unk_token_id]
+        self.device = next(self.model.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+        self.frames_seen, self.pending = 0, []
+
+    def _frame_input_ids(self) -> List[int]:
+        tok = self.processor.tokenizer
+        ids = list(self.pending)
+        if self.frames_seen == 0:
+            bos = tok.bos_token_id
+            ids += ([bos] if bos is not None else []) + (tok(self.prompt, add_special_tokens=False)["input_ids"]
+                                                         if self.prompt else [])
+        return ids + [self.processor.image_token_id]
+
+    @torch.no_grad()
+    def _forward(self, ids: List[int], **images) -> torch.Tensor:
+        input_ids = torch.tensor([ids], device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                         **images)
+        logits = out.logits[0, -1]
+        if self.force_tokens:
+            logits[list(self.stop_tokens)] = float("-inf")
+        logits[self.processor.image_token_id] = float("-inf")  # images come from frames only
+        return logits.argmax()
+
+    def caption_frame(self, frame, time_s: float) -> FrameRecord:
+        """One turn: open the frame's window, generate its caption."""
+        start, cpu_start = time.perf_counter(), time.process_time()
+        images = {}
+        if self.use_images:
+            pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
+            images = {"pixel_values": pixel_values.to(self.device, self.model.dtype),
+                      "image_grid_thw": grid.to(self.device)}
+        token = self._forward(self._frame_input_ids(), **images)
+        _sync(self.device)
+        first = time.perf_counter()
+        tokens = [int(token)]
+        while tokens[-1] not in self.stop_tokens and len(tokens) < self.max_new_tokens:
+            tokens.append(int(self._forward([tokens[-1]])))
+        _sync(self.device)
+        end, cpu_end = time.perf_counter(), time.process_time()
+        self.pending = [tokens[-1]]
+        self.frames_seen += 1
+        text = [t for t in tokens if t not in self.stop_tokens]
+        decode_n = len(tokens) - 1
+        row = self.cache.rows[0]
+        return FrameRecord(
+            index=self.frames_seen - 1, time_s=float(time_s),
+            caption=self.processor.tokenizer.decode(text, skip_special_tokens=True).strip(), tokens=tokens,
+            ttft_s=first - start, turn_s=end - start, turn_cpu_s=cpu_end - cpu_start,
+            decode_tokens_per_s=decode_n / (end - first) if decode_n and end > first else 0.0,
+            text_tokens=row.text_tokens, cache_bytes=self.cache.nbytes(), memory_bytes=memory_bytes(self.device))
+
+    def stream(self, frames: Iterable[Tuple[float, object]]) -> Iterator[FrameRecord]:
+        for time_s, frame in frames:
+            yield self.caption_frame(frame, time_s)
+
+
+def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32"):
+    """An exported folder -> (model, processor) through transformers' remote code."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
+                                                 dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    return model, processor

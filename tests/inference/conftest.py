@@ -1,0 +1,9 @@
+"""One exported CASA model (parallel placement) for the streaming tests."""
+
+import pytest
+from support.hf_fixture import export_variants
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    return export_variants(tmp_path_factory.mktemp("hf_export_stream"), ["casa_parallel"])
