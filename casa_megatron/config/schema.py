@@ -293,6 +293,8 @@ class TrainConfig:
     global_batch_size: int = 4
     train_steps: int = 200
     log_interval: int = 10
+    eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
+    eval_iters: int = 1  # global batches of data.valid per evaluation
     seed: int = 1234
     run_dir: str = "runs/tiny_cpu"
 
@@ -302,6 +304,10 @@ class TrainConfig:
         self.data.validate()
         self.optimizer.validate(self.train_steps)
         self.precision.validate(self.model.transformer_impl)
+        if self.eval_interval < 0 or self.eval_iters < 1:
+            raise ConfigError(f"eval_interval={self.eval_interval} must be >= 0 and eval_iters={self.eval_iters} >= 1")
+        if self.eval_interval and not self.data.valid:
+            raise ConfigError(f"eval_interval={self.eval_interval} needs validation sources in data.valid")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")

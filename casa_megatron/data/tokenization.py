@@ -96,11 +96,14 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None) -> Path:
+def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None,
+                         chat_template: Optional[str] = None) -> Path:
     """Train a tiny lower-case word-level tokenizer on ``texts`` and save it as a HF tokenizer.
 
     For generated datasets and tests: every word of the corpus is one token, so answers such as
-    colours or rendered digits map to single ids and accuracy is easy to read off.
+    colours or rendered digits map to single ids and accuracy is easy to read off. With a
+    ``chat_template`` (its special tokens in ``extra_tokens``) the data pipeline lays samples out
+    with the template, as it would with a real backbone's tokenizer.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -113,6 +116,8 @@ def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>", eos_token="<eos>",
                                    additional_special_tokens=specials[4:])
+    if chat_template:
+        fast.chat_template = chat_template
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))

@@ -5,7 +5,8 @@ batch (1F1B when pipelined) on the DDP-wrapped model; megatron's (distributed) o
 reduces gradients, clips by the global norm and steps AdamW; the scheduler sets both learning
 rates. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and when SIGTERM
 arrives (SLURM's pre-emption signal): the step in flight finishes, a checkpoint is written,
-the tracker run is marked KILLED.
+the tracker run is marked KILLED. Every ``eval_interval`` steps (and at the last one) the
+validation loss on ``data.valid`` is computed under the same layout (``evaluation.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from casa_megatron.model.build import build_vlm
 from casa_megatron.parallel import initialize_parallel
 from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
+from casa_megatron.training.evaluation import evaluate
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, wrap_ddp
 from casa_megatron.training.step import forward_step
@@ -71,7 +73,8 @@ def train(cfg: TrainConfig) -> dict:
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    data = make_train_iterator(cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed)
+    data = make_train_iterator(cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
+                               fusion=cfg.model.fusion.mechanism)
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
 
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last)
@@ -120,6 +123,11 @@ def train(cfg: TrainConfig) -> dict:
                            "peak_memory_gib": peak_memory_bytes() / 2**30}
                 tracker.log_metrics(metrics, step)
                 log.write(step, metrics)
+            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_steps):
+                valid_loss = evaluate(ddp, cfg, num_micro)
+                if valid_loss is not None:
+                    tracker.log_metrics({"valid_loss": valid_loss}, step)
+                    log.write_eval(step, valid_loss)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
                 saved_at = step
