@@ -8,8 +8,8 @@
                                                           {"type": "text", "text": ...}]}, ...],
                "images"?: [...], "videos"?: [...]}   (Hugging Face / TRL chat messages)
 
-Media without a path (``{"type": "image"}``, or any reference inside a tar shard) are the
-sample's media parts in index order. LLaVA-Video's ``<image>`` placeholder for its video is
+Media without a path (``{"type": "image"}``, a LLaVA sample without ``image`` / ``video``
+fields, or any reference inside a tar shard) are the sample's media parts in index order. LLaVA-Video's ``<image>`` placeholder for its video is
 accepted as well as ``<video>``. The newline LLaVA puts after a placeholder belongs to the
 placeholder (``"<image>\\nWhat?"`` is the same sample as ``[image, "What?"]``).
 """
@@ -93,6 +93,7 @@ def _as_list(value: Any, name: str, key: str) -> List[str]:
 def _llava(obj: dict, key: str, _qa_windows: str) -> Conversation:
     images = _as_list(obj.get("image"), "image", key)
     videos = _as_list(obj.get("video"), "video", key)
+    positional = "image" not in obj and "video" not in obj  # a tar sample: the media parts are the images
     turns = obj["conversations"]
     if not isinstance(turns, list) or not turns:
         raise SampleError("bad_annotation", f"{key}: 'conversations' must be a non-empty list")
@@ -109,7 +110,8 @@ def _llava(obj: dict, key: str, _qa_windows: str) -> Conversation:
         for j, piece in enumerate(pieces):
             if piece in found:
                 found[piece] += 1
-                content.append(_take_media(piece, queue, images, videos, found, key))
+                content.append(Media("video" if piece == "<video>" else None) if positional
+                               else _take_media(piece, queue, images, videos, found, key))
                 continue
             if j > 0:  # the newline after a placeholder belongs to it (LLaVA's "<image>\n")
                 piece = piece.lstrip("\n")
