@@ -33,7 +33,6 @@ placeholders.
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,6 +41,7 @@ from torch import Tensor
 from casa_megatron.data.conversation import Conversation, Media, Message, media_groups
 from casa_megatron.data.interleave import captions_per_frame
 from casa_megatron.data.records import ImageItem, SampleError, TokenizedSample
+from casa_megatron.data.tokenization import PerThreadTokenizer
 
 IMAGE_CANDIDATES = ("<|image_pad|>", "<image>", "<|image|>", "<start_of_image>")
 VIDEO_CANDIDATES = ("<|video_pad|>", "<video>")
@@ -56,7 +56,7 @@ class DecodedMedia:
     times: Optional[List[float]] = None  # video only
 
 
-class ChatTemplateLayout:
+class ChatTemplateLayout(PerThreadTokenizer):
     """Conversation + decoded media -> TokenizedSample, with the tokenizer's chat template.
 
     Thread-safe (one tokenizer per thread) and picklable (process workers reload it)."""
@@ -65,7 +65,6 @@ class ChatTemplateLayout:
                  merge_consecutive: bool = True, window_per_frame: bool = True, fps: float = 2.0):
         self.path = str(path)
         self.merge_consecutive, self.window_per_frame, self.fps = merge_consecutive, window_per_frame, fps
-        self._local = threading.local()
         tok = self._get()
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"tokenizer at {self.path} has no chat_template: set data.text_layout=layout_tokens "
@@ -83,23 +82,6 @@ class ChatTemplateLayout:
         self._placeholder_re = re.compile("|".join(sorted(alternatives, key=len, reverse=True)))
 
     # --- tokenizer -----------------------------------------------------------------------------
-    def __getstate__(self) -> Dict:
-        state = dict(self.__dict__)
-        state.pop("_local")
-        return state
-
-    def __setstate__(self, state: Dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _get(self):
-        tok = getattr(self._local, "tok", None)
-        if tok is None:
-            from casa_megatron.data.tokenization import load_tokenizer
-
-            tok = self._local.tok = load_tokenizer(self.path)
-        return tok
-
     def _placeholder(self, tok, kind: str, configured: str, candidates: Sequence[str], required: bool = True):
         """The template's placeholder for one ``kind`` part: configured, the tokenizer's own
         ``<kind>_token`` attribute, or the first known name that a probe rendering contains."""
@@ -176,7 +158,7 @@ class ChatTemplateLayout:
     def _render(self, tok, messages: List[Dict], **kw) -> str:
         return tok.apply_chat_template(messages, tokenize=False, **kw)
 
-    def _spans(self, key: str, tok, hf: List[Dict]) -> Tuple[str, List[Tuple[int, int]], List[int]]:
+    def _spans(self, tok, hf: List[Dict]) -> Tuple[str, List[Tuple[int, int]], List[int]]:
         """Full text, the trained character spans, and the character ends of assistant turns."""
         full = self._render(tok, hf)
         spans, cuts = [], []
@@ -199,7 +181,7 @@ class ChatTemplateLayout:
                   kind: str, qtype: Optional[str]) -> TokenizedSample:
         tok = self._get()
         hf = self._hf_messages(key, messages)
-        full, spans, cut_chars = self._spans(key, tok, hf)
+        full, spans, cut_chars = self._spans(tok, hf)
         holes = [m.span() for m in self._placeholder_re.finditer(full)]
         if len(holes) != len(items):
             raise SampleError("image_count_mismatch", f"{key}: the chat template rendered {len(holes)} "

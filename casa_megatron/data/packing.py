@@ -18,7 +18,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD, normalize_pixels
+from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
 from casa_megatron.data.patches import image_to_patches
 from casa_megatron.data.records import SampleInfo, TokenizedSample
 from casa_megatron.model.batch import VLMBatch
@@ -54,11 +54,45 @@ class PackStats:
                 "samples_per_row": self.samples / max(1, self.rows)}
 
 
+class PatchNormalizer:
+    """uint8 images -> normalised pixel patches, all images of a batch in one preallocated tensor.
+
+    Equal to ``image_to_patches(normalize_pixels(px, mean, std))`` per image (tested), but cheaper,
+    because this runs on the training process's own thread for every image: the uint8 image is
+    cut into patches (a quarter of the bytes of float pixels), copied into one float tensor for the
+    whole batch, and normalised there in place with each patch dimension's channel statistics
+    (``x * 1 / (255 std_c) - mean_c / std_c``). The per-image float temporaries of the direct
+    formula (~6 allocations of 9.6 MB for an 896 px image) were the loader's bottleneck on a
+    loaded machine. The dimension -> channel map comes from ``image_to_patches`` itself, so any
+    patch layout that rearranges pixels is followed.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        channels = torch.arange(3, dtype=torch.uint8)[:, None, None].expand(3, 28, 28).contiguous()
+        dim_channel = image_to_patches(channels)[0][0].long()  # [D]: channel of each patch dimension
+        mean_t = torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.as_tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t))[dim_channel]  # [D]
+        self.offset = (-mean_t / std_t)[dim_channel]  # [D]
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """[3, H, W] uint8 images -> (patches [sum h*w, D] float32, grid (h, w) of each image)."""
+        cut = [image_to_patches(px) for px in images]  # ([h*w, D] uint8, (h, w))
+        out = torch.empty(sum(p.shape[0] for p, _ in cut), self.scale.numel())
+        offset = 0
+        for p, _ in cut:
+            out[offset:offset + p.shape[0]].copy_(p)
+            offset += p.shape[0]
+        out.mul_(self.scale).add_(self.offset)
+        return out, [grid for _, grid in cut]
+
+
 class Packer:
     def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int,
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD):
         self.b, self.s, self.si, self.pad_id = micro_batch_size, seq_length, image_seq_length, pad_id
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.normalizer = PatchNormalizer(self.image_mean, self.image_std)
         self.stats = PackStats()
 
     def fits_one_row(self, sample: TokenizedSample) -> bool:
@@ -99,7 +133,7 @@ class Packer:
         position_ids = torch.zeros(b, s, dtype=torch.long)
         sample_starts = torch.zeros(b, s, dtype=torch.bool)
         window_starts = torch.zeros(b, s, dtype=torch.bool)
-        patches, grids, image_rows, image_positions, infos = [], [], [], [], []
+        pixels, image_rows, image_positions, infos = [], [], [], []
         n_text = n_img = 0
         for r, row in enumerate(rows):
             off = 0
@@ -112,10 +146,7 @@ class Packer:
                 sample_starts[r, off] = window_starts[r, off] = True
                 window_starts[r, [off + w for w in sample.window_starts]] = True
                 for im in sample.images:  # sample images are sorted by position: stream order
-                    pixels = normalize_pixels(im.pixels, self.image_mean, self.image_std)  # [3, H, W]
-                    p, grid = image_to_patches(pixels)  # [h*w, 588]
-                    patches.append(p)
-                    grids.append(grid)
+                    pixels.append(im.pixels)  # [3, H, W] uint8
                     image_rows.append(r)
                     image_positions.append(off + im.position)
                 infos.append(SampleInfo(sample.key, r, off, n, len(sample.images), sample.kind,
@@ -126,9 +157,10 @@ class Packer:
             if off < s:  # trailing padding: a block of its own, no targets
                 sample_starts[r, off] = window_starts[r, off] = True
                 position_ids[r, off:] = torch.arange(s - off)
+        patches, grids = self.normalizer(pixels) if pixels else (torch.zeros(0, PATCH_DIM), [])
         batch = VLMBatch(
             input_ids=ids, position_ids=position_ids,
-            pixel_patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM),
+            pixel_patches=patches,  # [n_patches, D]
             image_grid_hw=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
             image_rows=torch.tensor(image_rows, dtype=torch.long),
             image_positions=torch.tensor(image_positions, dtype=torch.long),

@@ -32,29 +32,37 @@ class SpecialIds:
         return {self.bos, self.pad, self.image, self.answer, self.end_of_turn}
 
 
-class TextTokenizer:
-    """Thread-safe wrapper: one HF tokenizer instance per thread (the Rust backend refuses
-    concurrent use of one instance), loaded lazily from ``path``; picklable for process workers."""
+class PerThreadTokenizer:
+    """Mixin: the HF tokenizer at ``self.path``, one instance per thread (the Rust backend
+    refuses concurrent use of one instance), loaded lazily; picklable for process workers (the
+    instances are not pickled, each process loads its own)."""
+
+    path: str
+
+    def __getstate__(self) -> Dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: Dict) -> None:
+        self.__dict__.update(state)
+
+    def _get(self):
+        local = self.__dict__.setdefault("_local", threading.local())
+        tok = getattr(local, "tok", None)
+        if tok is None:
+            tok = local.tok = load_tokenizer(self.path)
+        return tok
+
+
+class TextTokenizer(PerThreadTokenizer):
+    """Our layout tokens on top of a local HF tokenizer (thread-safe, picklable)."""
 
     def __init__(self, path: str | Path, image_token: str = "<image>", answer_token: str = "<answer>",
                  end_of_turn_token: str = "<eot>"):
         self.path = str(path)
         self.token_names = (image_token, answer_token, end_of_turn_token)
-        self._local = threading.local()
         self.special = self._resolve(self._get())
-
-    def __getstate__(self) -> Dict:
-        return {"path": self.path, "token_names": self.token_names, "special": self.special}
-
-    def __setstate__(self, state: Dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _get(self):
-        tok = getattr(self._local, "tok", None)
-        if tok is None:
-            tok = self._local.tok = load_tokenizer(self.path)
-        return tok
 
     def _resolve(self, tok) -> SpecialIds:
         ids = {}

@@ -145,7 +145,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         stop.restore()
     if is_logger and log.rows:
-        log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.source == "synthetic" else None)
+        log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.is_synthetic else None)
         tracker.log_artifact(str(run_dir / "loss.png"))
         print(f"{'stopped by SIGTERM' if status == 'KILLED' else 'done'} at step {step}: "
               f"loss {log.rows[-1]['loss']:.4f}; run dir {run_dir}; checkpoints {ckpt.dir}; "

@@ -85,19 +85,10 @@ def helium_style(out: Path) -> Path:
 # as a string): transformers' ``return_assistant_tokens_mask`` then marks the assistant tokens,
 # an independent oracle for our loss mask. (A newline right after a block tag would be eaten by
 # transformers' ``trim_blocks``, hence ``{{ '\\n' }}``.)
-QWEN_GENERATION_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
-    "{% elif message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+QWEN_GENERATION_TEMPLATE = QWEN_TEMPLATE.replace(
+    "{% if message['content'] is string %}",
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+    "{{ '\\n' }}{% elif message['content'] is string %}", 1)
 HELIUM_GENERATION_TEMPLATE = HELIUM_TEMPLATE.replace(
     "{% else %}Assistant: {{ text }}{{ eos_token }}\n{% endif %}",
     "{% else %}Assistant: {% generation %}{{ text }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}{% endif %}")

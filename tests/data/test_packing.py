@@ -200,3 +200,18 @@ def test_question_type_ids_follow_the_samples(packed):
         span = ids[info.row, info.start:info.start + info.length]
         assert (span == (1 if info.kind == "video" else 0)).all()
     assert int((ids >= 0).sum()) == sum(i.length for i in infos)
+
+
+def test_patch_normalizer_equals_normalize_then_cut():
+    """The collate's in-place normaliser against the two functions it replaces, on odd sizes and stats."""
+    from casa_megatron.data.image_processing import normalize_pixels
+    from casa_megatron.data.packing import PatchNormalizer
+
+    g = torch.Generator().manual_seed(3)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.35, 0.5)
+    images = [torch.randint(0, 256, (3, 28 * h, 28 * w), dtype=torch.uint8, generator=g)
+              for h, w in ((1, 1), (2, 5), (4, 3))]
+    got, grids = PatchNormalizer(mean, std)(images)
+    expected = [image_to_patches(normalize_pixels(px, mean, std)) for px in images]
+    torch.testing.assert_close(got, torch.cat([p for p, _ in expected]), rtol=1e-6, atol=1e-6)
+    assert grids == [grid for _, grid in expected]
