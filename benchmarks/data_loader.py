@@ -4,6 +4,7 @@
     python benchmarks/data_loader.py make --out /tmp/casa_loader_bench      # the media, once (~1 min)
     python benchmarks/data_loader.py ours --data /tmp/casa_loader_bench [--workers 0,1,2] [--kinds thread,process]
         [--budgets 448,896] [--sets jpeg896,multi,video] [--repeats 2]
+        [--no-pack]
     python benchmarks/data_loader.py energon --data /tmp/casa_loader_bench [--workers 0,1,2]
 
 Media (webdataset tar shards, LLaVA JSON, the generated word tokenizer with its chat template):
@@ -91,7 +92,10 @@ def make_media(out: Path, n_jpeg: int = 96, n_multi: int = 48, n_video: int = 8,
 
 
 # --- our loader --------------------------------------------------------------------------------
-def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, min_images: int = 96) -> Dict:
+def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, min_images: int = 96,
+                 pack: bool = True) -> Dict:
+    """Delivered rate of ``make_train_iterator``; ``pack=False`` stops at decoded, tokenised samples
+    (the work energon's loader does here, without packing and patch collation)."""
     from casa_megatron.data.config import DataConfig
     from casa_megatron.data.loader import make_train_iterator
 
@@ -105,48 +109,34 @@ def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, mi
     samples = images = 0
     start = time.perf_counter()
     while images < (min_images // 2 if video else min_images) * (20 if video else 1):
-        batch = next(it)
-        samples += len(it.last_batch_samples)
-        images += int(batch.image_grid_hw.shape[0])
+        if pack:
+            batch = next(it)
+            samples += len(it.last_batch_samples)
+            images += int(batch.image_grid_hw.shape[0])
+        else:
+            samples += 1
+            images += len(it._next_sample().images)
     elapsed = time.perf_counter() - start
     skipped = it.skip_counts()
     it.close()
     assert not skipped, skipped
-    return {"set": name, "workers": workers, "worker_type": kind, "pixel_budget": f"{budget}x{budget}",
+    return {"set": name, "stage": "packed batches" if pack else "decoded samples", "workers": workers,
+            "worker_type": kind, "pixel_budget": f"{budget}x{budget}",
             "samples": samples, "images": images, "seconds": round(elapsed, 3),
             "samples_per_s": round(samples / elapsed, 2), "images_per_s": round(images / elapsed, 2)}
 
 
 # --- megatron-energon --------------------------------------------------------------------------
 def _energon_loader(root: Path, workers: int, budget: int):
-    from dataclasses import dataclass
-
-    from megatron.energon import (Cooker, DefaultTaskEncoder, Sample, WorkerConfig, basic_sample_keys,
-                                  get_savable_loader, get_train_dataset, stateless)
-
-    from casa_megatron.data.image_processing import process_image
-
-    @dataclass
-    class Decoded(Sample):
-        pixels: list
-
-    @stateless
-    def cook(sample: dict) -> Decoded:
-        names = sorted(k for k in sample if k.endswith("jpg"))
-        return Decoded(**basic_sample_keys(sample), pixels=[process_image(sample[k], budget * budget, 56 * 56)
-                                                             for k in names])
-
-    class Encoder(DefaultTaskEncoder):
-        decoder = None  # raw bytes: the cooker decodes, exactly as our processor does
-        cookers = [Cooker(cook)]
-
-        def batch(self, samples):
-            return samples
+    os.environ["CASA_BENCH_PIXEL_BUDGET"] = str(budget * budget)  # read by energon_task at import
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from energon_task import Encoder
+    from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
 
     ds = get_train_dataset(root, worker_config=WorkerConfig(rank=0, world_size=1, num_workers=workers),
                            batch_size=1, shuffle_buffer_size=16, max_samples_per_sequence=16,
                            task_encoder=Encoder())
-    return get_savable_loader(ds, checkpoint_every_min_n_samples=8, n_checkpoints=4)
+    return get_savable_loader(ds, checkpoint_every_min_n_samples=8, n_checkpoints=2 * max(1, workers) + 2)
 
 
 def measure_energon(data: Path, workers: int, budget: int, min_images: int = 96) -> Dict:
@@ -203,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the results file")
+    p.add_argument("--no-pack", action="store_true", help="ours: time decoded samples, not packed batches")
     args = p.parse_args(argv)
     data = Path(args.data)
     if args.mode == "make":
@@ -218,7 +209,7 @@ def main(argv=None) -> int:
                         if w == 0 and kind != args.kinds.split(",")[0]:
                             continue  # no workers: the kind does not matter
                         for r in range(args.repeats):
-                            row = measure_ours(data, name, w, kind, budget)
+                            row = measure_ours(data, name, w, kind, budget, pack=not args.no_pack)
                             row.update(repeat=r, worker_type=kind if w else "none")
                             rows.append(row)
                             print(json.dumps(row), flush=True)
