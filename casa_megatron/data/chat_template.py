@@ -23,7 +23,12 @@ What comes out, for a Qwen2.5-style template and one image (``[img]`` = where th
   after it is not. A token is trained when its first character lies in such a span. This needs
   a template whose rendering of a prefix of the messages is a prefix of the full rendering
   (true of Qwen2.5, Helium, Llama 3, ...); other templates are refused with a clear error.
-- **Cut points** (truncating over-long samples) are the ends of assistant messages.
+  Media markup inside an assistant turn (``<|vision_start|>``, ``<|vision_end|>``) is input,
+  never a target.
+- **Streaming captions** are one assistant turn, as CASA's live captioner runs it: each frame,
+  then its captions and the end-of-turn token (alone when nothing new happens).
+- **Cut points** (truncating over-long samples) are the ends of assistant messages and of each
+  frame's captions.
 
 The whole string is tokenised once (offsets map characters to tokens), as a Hugging Face
 processor would, so the ids equal ``tokenizer(text, add_special_tokens=False)`` minus the
@@ -41,10 +46,9 @@ from torch import Tensor
 from casa_megatron.data.conversation import Conversation, Media, Message, media_groups
 from casa_megatron.data.interleave import captions_per_frame
 from casa_megatron.data.records import ImageItem, SampleError, TokenizedSample
+from casa_megatron.data.template_probe import probe_template
 from casa_megatron.data.tokenization import PerThreadTokenizer
 
-IMAGE_CANDIDATES = ("<|image_pad|>", "<image>", "<|image|>", "<start_of_image>")
-VIDEO_CANDIDATES = ("<|video_pad|>", "<video>")
 
 
 @dataclass
@@ -70,9 +74,8 @@ class ChatTemplateLayout(PerThreadTokenizer):
             raise ValueError(f"tokenizer at {self.path} has no chat_template: set data.text_layout=layout_tokens "
                              "(our <image>/<answer>/<eot> layout; the tokenizer needs those tokens) or use a "
                              "tokenizer that ships a template")
-        self.image_placeholder = self._placeholder(tok, "image", image_placeholder, IMAGE_CANDIDATES)
-        self.video_placeholder = self._placeholder(tok, "video", video_placeholder, VIDEO_CANDIDATES,
-                                                   required=False)
+        self.info = probe_template(tok, self.path, image_placeholder, video_placeholder)
+        self.image_placeholder, self.video_placeholder = self.info.image_placeholder, self.info.video_placeholder
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.reserved = sorted({str(t) for t in tok.all_special_tokens} |
@@ -81,35 +84,17 @@ class ChatTemplateLayout(PerThreadTokenizer):
         alternatives = [re.escape(p) for p in {self.image_placeholder, self.video_placeholder} if p]
         self._placeholder_re = re.compile("|".join(sorted(alternatives, key=len, reverse=True)))
 
-    # --- tokenizer -----------------------------------------------------------------------------
-    def _placeholder(self, tok, kind: str, configured: str, candidates: Sequence[str], required: bool = True):
-        """The template's placeholder for one ``kind`` part: configured, the tokenizer's own
-        ``<kind>_token`` attribute, or the first known name that a probe rendering contains."""
-        try:
-            probe = tok.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
-                                                                                        "text": "x"}]}],
-                                            tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template that cannot render media parts
-            probe, error = "", e
-        else:
-            error = None
-        names = [configured] if configured else [getattr(tok, f"{kind}_token", None), *candidates]
-        for name in names:
-            if name and name in probe and len(tok.encode(name, add_special_tokens=False)) == 1:
-                return name
-        if not required and not configured:
-            return None
-        raise ValueError(f"tokenizer at {self.path}: cannot find the chat template's {kind} placeholder "
-                         f"(tried {[n for n in names if n]}; a {kind} part renders as {probe!r}"
-                         f"{f', error {error}' if error else ''}); set data.{kind}_placeholder to a token that "
-                         "the template emits once per part")
-
     @property
     def vocab_size(self) -> int:
         return len(self._get())
 
     # --- layout --------------------------------------------------------------------------------
     def build(self, key: str, conv: Conversation, media: Sequence[DecodedMedia]) -> TokenizedSample:
+        texts = [p for m in conv.messages for p in m.content if isinstance(p, str)] + [c.text for c in conv.captions]
+        for text in texts:
+            if any(r in text for r in self.reserved):
+                raise SampleError("reserved_token", f"{key}: text {text[:60]!r} contains a special token of the "
+                                  "tokenizer")
         if conv.captions:
             messages, items = self._caption_messages(key, conv, media[0])
         else:
@@ -119,30 +104,26 @@ class ChatTemplateLayout(PerThreadTokenizer):
 
     def _caption_messages(self, key: str, conv: Conversation, video: DecodedMedia
                           ) -> Tuple[List[Message], List[List[Tensor]]]:
-        """Streaming captions as turns: each frame in a user turn, its captions (possibly none:
-        the model learns to end the turn) in the assistant turn after it."""
-        prompt = [p for p in conv.messages[0].content if isinstance(p, str)]
+        """Streaming captions as one assistant turn, as CASA's live captioner runs: every frame,
+        then the captions that follow it and the end-of-turn token (alone when nothing new
+        happens: the model learns to wait for the next frame). The annotation's ``prompt`` is
+        the user turn before it (empty if none)."""
+        prompt = Message("user", ["".join(p for p in conv.messages[0].content if isinstance(p, str))])
         texts = captions_per_frame(conv.captions, video.times, self.fps)
         if not self.window_per_frame:
             lines = [t for frame in texts for t in frame]
             if not lines:
                 raise SampleError("no_targets", f"{key}: no caption falls inside the sampled frames")
-            return ([Message("user", [Media("video"), *prompt]), Message("assistant", ["\n".join(lines)])],
-                    [list(video.frames)])
-        messages, items = [], []
-        for k, (frame, frame_texts) in enumerate(zip(video.frames, texts)):
-            messages.append(Message("user", [Media("image"), *(prompt if k == 0 else [])]))
-            messages.append(Message("assistant", [" ".join(frame_texts)]))
-            items.append([frame])
-        return messages, items
+            return [prompt, Message("assistant", [Media("video"), "\n".join(lines)])], [list(video.frames)]
+        parts: List = []
+        for k, frame_texts in enumerate(texts):
+            end = self.info.end_of_turn if k + 1 < len(texts) else ""  # the template ends the last one
+            parts += [Media("image"), " ".join(frame_texts) + end]
+        return [prompt, Message("assistant", parts)], [[f] for f in video.frames]
 
-    def _hf_messages(self, key: str, messages: Sequence[Message]) -> List[Dict]:
+    def _hf_messages(self, messages: Sequence[Message]) -> List[Dict]:
         out = []
         for m in messages:
-            for part in m.content:
-                if isinstance(part, str) and any(r in part for r in self.reserved):
-                    raise SampleError("reserved_token", f"{key}: text {part[:60]!r} contains a special token "
-                                      "of the tokenizer")
             if all(isinstance(p, str) for p in m.content):
                 out.append({"role": m.role, "content": "".join(m.content)})
                 continue
@@ -158,14 +139,16 @@ class ChatTemplateLayout(PerThreadTokenizer):
     def _render(self, tok, messages: List[Dict], **kw) -> str:
         return tok.apply_chat_template(messages, tokenize=False, **kw)
 
-    def _spans(self, tok, hf: List[Dict]) -> Tuple[str, List[Tuple[int, int]], List[int]]:
+    def _spans(self, key: str, tok, hf: List[Dict]) -> Tuple[str, List[Tuple[int, int]], List[int]]:
         """Full text, the trained character spans, and the character ends of assistant turns."""
         full = self._render(tok, hf)
         spans, cuts = [], []
         for i, m in enumerate(hf):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(tok, hf[:i], add_generation_prompt=True) if i else ""
+            if i == 0:
+                raise SampleError("bad_annotation", f"{key}: the conversation opens with an assistant turn")
+            prompt = self._render(tok, hf[:i], add_generation_prompt=True)
             upto = self._render(tok, hf[:i + 1])
             if not (upto.startswith(prompt) and full.startswith(upto)):
                 raise ValueError(f"tokenizer at {self.path}: the chat template does not render a prefix of the "
@@ -174,14 +157,19 @@ class ChatTemplateLayout(PerThreadTokenizer):
             end = len(upto.rstrip())
             if end > len(prompt):
                 spans.append((len(prompt), end))
+            eot = self.info.end_of_turn  # streaming captions end every frame's text inside the turn
+            at = full.find(eot, len(prompt), end - 1)  # (not the turn's own end: cut after its newline)
+            while at >= 0:
+                cuts.append(at + len(eot))
+                at = full.find(eot, at + len(eot), end - 1)
             cuts.append(len(upto))
         return full, spans, cuts
 
     def _assemble(self, key: str, messages: Sequence[Message], items: Sequence[List[Tensor]],
                   kind: str, qtype: Optional[str]) -> TokenizedSample:
         tok = self._get()
-        hf = self._hf_messages(key, messages)
-        full, spans, cut_chars = self._spans(tok, hf)
+        hf = self._hf_messages(messages)
+        full, spans, cut_chars = self._spans(key, tok, hf)
         holes = [m.span() for m in self._placeholder_re.finditer(full)]
         if len(holes) != len(items):
             raise SampleError("image_count_mismatch", f"{key}: the chat template rendered {len(holes)} "
@@ -203,7 +191,12 @@ class ChatTemplateLayout(PerThreadTokenizer):
             starts.append(s)
         if positions and positions[-1] >= len(ids):
             raise SampleError("bad_annotation", f"{key}: a media part ends the text; nothing follows it")
-        trained = [any(a <= s < b for a, b in spans) for s in starts]
+        markup = []  # media markup (<|vision_start|> ... <|vision_end|>) is input, never a target
+        for hs, he in holes:
+            before, after = self.info.markup.get(full[hs:he], ("", ""))
+            if full[hs - len(before):hs] == before and full[he:he + len(after)] == after:
+                markup.append((hs - len(before), he + len(after)))
+        trained = [any(a <= s < b for a, b in spans) and not any(a <= s < b for a, b in markup) for s in starts]
         labels = [self.pad_id] * len(ids)
         loss = [0.0] * len(ids)
         for t in range(len(ids) - 1):

@@ -113,9 +113,13 @@ def test_captions_open_a_window_per_frame(qwen_tokenizer):
     positions = [im.position for im in sample.images]
     assert len(set(positions)) == 3 and sample.window_starts == positions
     trained = tok.decode([l for l, m in zip(sample.labels, sample.loss_mask) if m])
-    # frame 1 has no caption: its assistant turn is just the end of turn (the model learns to wait)
+    # one assistant turn: each frame, its captions, the end of turn (alone for frame 1: nothing new);
+    # the frames' <|vision_start|> / <|vision_end|> are input, not targets
     assert trained == "the red circle<|im_end|><|im_end|>moves right<|im_end|>"
-    assert len(sample.cut_points) == 3
+    tokens = tok.convert_ids_to_tokens(sample.input_ids)
+    assert tokens[positions[1] - 1:positions[1] + 1] == ["<|vision_start|>", "<|vision_end|>"]
+    assert tokens[positions[1] - 2] == "<|im_end|>"  # frame 0's text ended before frame 1 arrived
+    assert [tokens[c - 1] for c in sample.cut_points] == ["<|im_end|>", "<|im_end|>", "Ċ"]
 
 
 def test_reserved_tokens_in_text_are_bad_input(qwen_tokenizer):
