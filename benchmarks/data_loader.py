@@ -107,7 +107,7 @@ def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, mi
     it = make_train_iterator(cfg, 1, 0, 1, seed=0)
     next(it)  # warm-up: workers start, tokenizer loads, the packing buffer fills
     samples = images = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()  # process time: every thread of this process
     while images < (min_images // 2 if video else min_images) * (20 if video else 1):
         if pack:
             batch = next(it)
@@ -116,14 +116,17 @@ def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, mi
         else:
             samples += 1
             images += len(it._next_sample().images)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     skipped = it.skip_counts()
     it.close()
     assert not skipped, skipped
     return {"set": name, "stage": "packed batches" if pack else "decoded samples", "workers": workers,
             "worker_type": kind, "pixel_budget": f"{budget}x{budget}",
             "samples": samples, "images": images, "seconds": round(elapsed, 3),
-            "samples_per_s": round(samples / elapsed, 2), "images_per_s": round(images / elapsed, 2)}
+            "samples_per_s": round(samples / elapsed, 2), "images_per_s": round(images / elapsed, 2),
+            # CPU seconds per image in this process (thread workers only: process workers' time is theirs)
+            "cpu_ms_per_image": round(1000 * cpu / images, 1) if kind == "thread" or not workers else None,
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 # --- megatron-energon --------------------------------------------------------------------------
@@ -162,9 +165,10 @@ def measure_energon(data: Path, workers: int, budget: int, min_images: int = 96)
     restored = _energon_loader(root, workers, budget)
     restored.restore_state_rank(state)
     got = [s.__key__ for _, batch in zip(range(12), restored) for s in batch]
+    first = [s.__key__ for _, batch in zip(range(16), _energon_loader(root, workers, budget)) for s in batch]
     return {"set": "jpeg896", "loader": "megatron-energon", "workers": workers, "pixel_budget": f"{budget}x{budget}",
             "images": images, "seconds": round(elapsed, 3), "images_per_s": round(images / elapsed, 2),
-            "resume_exact": got == expected, "resume_expected": expected, "resume_got": got}
+            "resume_exact": got == expected, "resume_expected": expected, "resume_got": got, "first_keys": first}
 
 
 # --- cli ---------------------------------------------------------------------------------------
@@ -215,10 +219,16 @@ def main(argv=None) -> int:
                             print(json.dumps(row), flush=True)
     else:
         for w in workers:
-            row = measure_energon(data, w, int(args.budgets.split(",")[-1]))
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("resume_") or k == "resume_exact"}),
-                  flush=True)
+            for r in range(args.repeats):
+                row = measure_energon(data, w, int(args.budgets.split(",")[-1]))
+                row["repeat"] = r
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("resume_expected", "resume_got")}),
+                      flush=True)
+        orders = {row["workers"]: row["first_keys"] for row in rows}
+        same = len({tuple(v) for v in orders.values()}) == 1
+        print(f"energon: the first 16 samples are {'the same' if same else 'NOT the same'} for workers "
+              f"{sorted(orders)}")
     print(f"wrote {_save(f'data_loader_{args.mode}{args.tag}.json', rows)}")
     return 0
 
