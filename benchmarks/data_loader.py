@@ -6,6 +6,7 @@
         [--budgets 448,896] [--sets jpeg896,multi,video] [--repeats 2]
         [--no-pack]
     python benchmarks/data_loader.py energon --data /tmp/casa_loader_bench [--workers 0,1,2]
+    python benchmarks/data_loader.py plot     # docs/images/data_loader_throughput.png from the results below
 
 Media (webdataset tar shards, LLaVA JSON, the generated word tokenizer with its chat template):
   jpeg896  one 896x896 photo-like JPEG per sample (q90, ~170 KB: smooth structure + sensor-like noise)
@@ -121,7 +122,7 @@ def measure_ours(data: Path, name: str, workers: int, kind: str, budget: int, mi
     it.close()
     assert not skipped, skipped
     return {"set": name, "stage": "packed batches" if pack else "decoded samples", "workers": workers,
-            "worker_type": kind, "pixel_budget": f"{budget}x{budget}",
+            "worker_type": kind, "pixel_budget": "448x336 frames" if video else f"{budget}x{budget}",
             "samples": samples, "images": images, "seconds": round(elapsed, 3),
             "samples_per_s": round(samples / elapsed, 2), "images_per_s": round(images / elapsed, 2),
             # CPU seconds per image in this process (thread workers only: process workers' time is theirs)
@@ -171,6 +172,36 @@ def measure_energon(data: Path, workers: int, budget: int, min_images: int = 96)
             "resume_exact": got == expected, "resume_expected": expected, "resume_got": got, "first_keys": first}
 
 
+# --- plot --------------------------------------------------------------------------------------
+def plot(ours: Path, energon: Path, out: Path) -> None:
+    """images/s against workers: each media set and budget (ours, end to end) and energon's decode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def median_by(rows, key):
+        groups: Dict = {}
+        for r in rows:
+            groups.setdefault(key(r), []).append(r["images_per_s"])
+        return {k: sorted(v)[len(v) // 2] for k, v in groups.items()}
+
+    mine = median_by(json.loads(ours.read_text())["rows"], lambda r: (r["set"], r["pixel_budget"], r["workers"]))
+    theirs = median_by(json.loads(energon.read_text())["rows"], lambda r: ("energon", r["pixel_budget"], r["workers"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for series in (mine, theirs):
+        for name, budget in sorted({k[:2] for k in series}):
+            points = sorted((w, v) for (n, b, w), v in series.items() if (n, b) == (name, budget))
+            label = (f"{name} (decode only)" if name == "energon" else name) + f", {budget}"
+            ax.plot([w for w, _ in points], [v for _, v in points], "o--" if name == "energon" else "o-", label=label)
+    ax.axhline(40, color="grey", ls=":", label="goal: 40 images/s of 896x896 JPEGs, 2 workers")
+    ax.set_xlabel("workers"), ax.set_ylabel("images (video: frames) per second"), ax.set_xticks([0, 1, 2])
+    ax.legend(fontsize=7), fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 # --- cli ---------------------------------------------------------------------------------------
 def _machine() -> Dict:
     load = os.getloadavg()
@@ -189,7 +220,7 @@ def _save(name: str, rows: List[Dict]) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("make", "ours", "energon"))
+    p.add_argument("mode", choices=("make", "ours", "energon", "plot"))
     p.add_argument("--out", "--data", dest="data", default="/tmp/casa_loader_bench")
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--kinds", default="thread,process")
@@ -202,6 +233,11 @@ def main(argv=None) -> int:
     data = Path(args.data)
     if args.mode == "make":
         make_media(data)
+        return 0
+    if args.mode == "plot":
+        out = Path(__file__).resolve().parents[1] / "docs" / "images" / "data_loader_throughput.png"
+        plot(RESULTS / "data_loader_ours_matrix_quiet.json", RESULTS / "data_loader_energon_quiet.json", out)
+        print(f"wrote {out}")
         return 0
     workers = [int(w) for w in args.workers.split(",")]
     rows = []
