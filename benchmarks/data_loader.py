@@ -180,14 +180,14 @@ def plot(ours: Path, energon: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def median_by(rows, key):
+    def mean_by(rows, key):
         groups: Dict = {}
         for r in rows:
             groups.setdefault(key(r), []).append(r["images_per_s"])
-        return {k: sorted(v)[len(v) // 2] for k, v in groups.items()}
+        return {k: sum(v) / len(v) for k, v in groups.items()}
 
-    mine = median_by(json.loads(ours.read_text())["rows"], lambda r: (r["set"], r["pixel_budget"], r["workers"]))
-    theirs = median_by(json.loads(energon.read_text())["rows"], lambda r: ("energon", r["pixel_budget"], r["workers"]))
+    mine = mean_by(json.loads(ours.read_text())["rows"], lambda r: (r["set"], r["pixel_budget"], r["workers"]))
+    theirs = mean_by(json.loads(energon.read_text())["rows"], lambda r: ("energon", r["pixel_budget"], r["workers"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     for series in (mine, theirs):
         for name, budget in sorted({k[:2] for k in series}):
