@@ -40,3 +40,36 @@ def test_missing_source_and_tokenizer(tmp_path):
     (tmp_path / "shards").mkdir()
     with pytest.raises(ConfigError, match="no local tokenizer"):
         DataConfig(source=str(tmp_path / "shards")).validate()
+
+
+def test_blend_and_validation_sources_are_checked(tiny_dataset, tmp_path):
+    shards = str(tiny_dataset["shards"])
+    ok = DataConfig(sources=[{"path": shards, "weight": 2}, shards], valid=[{"path": shards}])
+    ok.validate()
+    assert [s.weight for s in ok.source_specs()] == [2.0, 1.0] and not ok.is_synthetic
+    assert ok.resolved_tokenizer_path() == tiny_dataset["tokenizer"]
+    for sources, valid, match in (
+            ([{"path": shards, "weight": 0}], [], r"weight of .* must be a number > 0"),
+            ([{"path": shards, "wieght": 2}], [], r"data.sources\[0\]: unknown source keys \['wieght'\]"),
+            ([{"weight": 2}], [], r"data.sources\[0\]: each source is"),
+            ([shards], [{"path": str(tmp_path / "gone")}], r"data.valid\[0\]=.*gone"),
+            ([shards, str(tmp_path / "gone")], [], r"data.sources\[1\]=.*gone")):
+        with pytest.raises(ConfigError, match=match):
+            DataConfig(sources=sources, valid=valid).validate()
+    with pytest.raises(ConfigError, match="both set"):
+        DataConfig(source=shards, sources=[shards]).validate()
+    with pytest.raises(ConfigError, match="synthetic"):
+        DataConfig(valid=[{"path": shards}]).validate()  # the in-memory task validates on itself
+    with pytest.raises(ConfigError, match="text_layout"):
+        DataConfig(source=shards, text_layout="html").validate()
+
+
+def test_eval_interval_needs_validation_sources():
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+
+    with pytest.raises(ConfigError, match="eval_interval=5 needs validation sources"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["eval_interval=5"])
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                      ["eval_interval=5", "data.valid=[{path: synthetic}]"])
+    assert cfg.eval_interval == 5 and cfg.data.valid_specs()[0].path == "synthetic"
