@@ -56,40 +56,43 @@ class PackStats:
 
 
 class PatchNormalizer:
-    """uint8 images -> normalised pixel patches, all images of a batch in one preallocated tensor.
+    """uint8 patch rows -> normalised float patches, all images of a batch in one tensor.
 
-    Equal to ``image_to_patches(normalize_pixels(px, mean, std))`` per image (tested), but cheaper,
-    because this runs on the training process's own thread for every image: the uint8 image is
-    cut into patches (a quarter of the bytes of float pixels), copied into one float tensor for the
-    whole batch while being normalised with each patch dimension's channel statistics
-    (``x * 1 / (255 std_c) - mean_c / std_c``, two passes). The per-image float temporaries of the direct
-    formula (~6 allocations of 9.6 MB for an 896 px image) were the loader's bottleneck on a
-    loaded machine. The dimension -> channel map comes from ``image_to_patches`` itself, so any
-    patch layout that rearranges pixels is followed.
+    Equal to cutting ``normalize_pixels(px, mean, std)`` into patches (tested), but cheaper,
+    because this runs on the training process's own thread for every image: the image is cut
+    into patches while still uint8 (a quarter of the bytes of float pixels), then each patch
+    dimension is scaled and shifted by its channel's statistics (``x / (255 std_c) - mean_c /
+    std_c``) straight into the batch tensor, in numpy's single-threaded loops. The direct formula
+    allocates ~6 float temporaries per 896 px image and runs in torch's two intra-op threads; on a
+    loaded 2-core machine that was the loader's bottleneck (docs/data.md, measured). The channel
+    of each patch dimension is read off ``to_patches`` itself (applied to a 28x28 image whose
+    pixels hold their channel index), so any patch layout that rearranges pixels (temporal
+    patches included: pass e.g. ``lambda im: frames_to_patches(im[None].expand(T, ...), T)``) is
+    followed.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], to_patches=image_to_patches):
         channels = torch.arange(3, dtype=torch.uint8)[:, None, None].expand(3, 28, 28).contiguous()
-        dim_channel = image_to_patches(channels)[0][0].long()  # [D]: channel of each patch dimension
+        dim_channel = to_patches(channels)[0][0].long()  # [D]: channel of each patch dimension
         mean_t = torch.as_tensor(mean, dtype=torch.float32)
         std_t = torch.as_tensor(std, dtype=torch.float32)
-        self.scale = (1.0 / (255.0 * std_t))[dim_channel]  # [D]
-        self.offset = (-mean_t / std_t)[dim_channel]  # [D]
+        self.scale = (1.0 / (255.0 * std_t))[dim_channel].numpy()  # [D]
+        self.offset = (-mean_t / std_t)[dim_channel].numpy()  # [D]
 
-    def __call__(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-        """[3, H, W] uint8 images -> (patches [sum h*w, D] float32, grid (h, w) of each image)."""
-        cut = [image_to_patches(px) for px in images]  # ([h*w, D] uint8, (h, w))
-        out = torch.empty(sum(p.shape[0] for p, _ in cut), self.scale.numel())
-        flat, scale, offset = out.numpy(), self.scale.numpy(), self.offset.numpy()
-        row = 0
-        for p, _ in cut:
-            # numpy's single-threaded loops: torch's two intra-op threads ran these 2-3x slower on
-            # a loaded 2-core machine (measured), while the decode workers need the cores
-            part = flat[row:row + p.shape[0]]
-            np.multiply(p.numpy(), scale, out=part)  # uint8 -> float32 in the same pass
-            np.add(part, offset, out=part)
-            row += p.shape[0]
-        return out, [grid for _, grid in cut]
+    @property
+    def dim(self) -> int:
+        return len(self.scale)
+
+    def __call__(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 patch rows of each image ([n_i, D]) -> [sum n_i, D] float32, normalised."""
+        out = torch.empty(sum(r.shape[0] for r in rows), self.dim)
+        flat, start = out.numpy(), 0
+        for r in rows:
+            part = flat[start:start + r.shape[0]]
+            np.multiply(r.numpy(), self.scale, out=part)  # uint8 -> float32 in the same pass
+            np.add(part, self.offset, out=part)
+            start += r.shape[0]
+        return out
 
 
 class Packer:
@@ -162,7 +165,9 @@ class Packer:
             if off < s:  # trailing padding: a block of its own, no targets
                 sample_starts[r, off] = window_starts[r, off] = True
                 position_ids[r, off:] = torch.arange(s - off)
-        patches, grids = self.normalizer(pixels) if pixels else (torch.zeros(0, PATCH_DIM), [])
+        cut = [image_to_patches(px) for px in pixels]  # ([h*w, D] uint8, (h, w)) per image
+        patches = self.normalizer([rows for rows, _ in cut])  # [n_patches, D] float32
+        grids = [grid for _, grid in cut]
         batch = VLMBatch(
             input_ids=ids, position_ids=position_ids,
             pixel_patches=patches,  # [n_patches, D]
