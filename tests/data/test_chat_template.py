@@ -159,3 +159,18 @@ def test_no_template_falls_back_to_layout_tokens_or_says_why(tmp_path, qwen_toke
     bare.save_pretrained(str(tmp_path / "bare"))
     with pytest.raises(ValueError, match="no chat_template.*'<bos>'"):
         make_layout(ProcessorSettings(str(tmp_path / "bare"), 64, 64))
+
+
+def test_captions_in_one_clip_window(qwen_tokenizer):
+    layout = ChatTemplateLayout(str(qwen_tokenizer), window_per_frame=False, fps=2.0)
+    frames = [torch.full((3, 28, 28), k, dtype=torch.uint8) for k in range(3)]
+    conv = parse_conversation({"captions": [{"t": 0.0, "text": "the red circle"}, {"t": 1.0, "text": "moves right"}],
+                               "prompt": "Describe the video."}, "c")
+    sample = layout.build("c", conv, [DecodedMedia("video", frames, [0.0, 0.5, 1.0])])
+    tok = load_tokenizer(qwen_tokenizer)
+    p = sample.images[0].position
+    assert [im.position for im in sample.images] == [p] * 3 and sample.window_starts == [p]
+    assert tok.convert_ids_to_tokens(sample.input_ids[p]) == "<|vision_end|>"
+    assert "Describe the video." in tok.decode(sample.input_ids)
+    assert tok.decode([l for l, m in zip(sample.labels, sample.loss_mask) if m]) == \
+        "the red circle\nmoves right<|im_end|>"
