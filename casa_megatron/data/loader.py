@@ -90,6 +90,7 @@ class TrainIterator:
         self._counters: Counter = Counter()  # seen, skipped, failures_in_row, epochs_done
         self._skips: Counter = Counter()
         self._skipped_keys: Dict[str, List[str]] = {}  # reason -> first few keys (for the log / MLflow)
+        self._reported: set = set()  # (source, index) of bad samples already named in a warning
         self._decode_s = 0.0
         self._wait_s = 0.0
         self._t0: Optional[float] = None
@@ -129,7 +130,12 @@ class TrainIterator:
         keys = self._skipped_keys.setdefault(error.reason, [])
         if len(keys) < 5:
             keys.append(key)
-        logger.warning("skipped sample %r from %s (%s): %s", key, src.location(index), error.reason, error)
+        # Named once (a bad sample fails again every epoch): later skips of it go to DEBUG; the
+        # counts by reason keep growing (skip_counts()).
+        first = (source, index) not in self._reported
+        self._reported.add((source, index))
+        logger.log(logging.WARNING if first else logging.DEBUG, "skipped sample %r from %s (%s): %s%s", key,
+                   src.location(index), error.reason, error, "" if first else " (again)")
         if self._counters["failures_in_row"] >= MAX_CONSECUTIVE_FAILURES:
             raise ShardError(f"{MAX_CONSECUTIVE_FAILURES} samples in a row failed on dp rank {self.dp_rank} "
                              f"(reasons so far: {dict(self._skips)}); last: {error}")

@@ -35,11 +35,14 @@ def eval_forward_step(data_iterator, model):
     return output, loss_func
 
 
-def evaluate(model, cfg, num_microbatches: int) -> Optional[float]:
-    """Validation loss of ``model`` (the DDP-wrapped module); None off the last pipeline stage."""
+def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[float]:
+    """Validation loss of ``model`` (the DDP-wrapped module); None off the last pipeline stage.
+
+    ``data_cfg``: the data config the training iterator was built with, if the loop adjusted
+    ``cfg.data`` (default ``cfg.data``)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = make_eval_iterator(cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
+    data = make_eval_iterator(data_cfg or cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                               fusion=cfg.model.fusion.mechanism)
     forward_backward = get_forward_backward_func()
     sums = torch.zeros(2, dtype=torch.float64)

@@ -179,3 +179,16 @@ def test_too_long_conversation_is_cut_at_a_turn_boundary(tmp_path, qwen_tokenize
     assert n <= 64 and it.skip_counts() == {}
     assert tok.convert_ids_to_tokens(batch.input_ids[0, n - 2:n].tolist()) == ["<|im_end|>", "Ċ"]  # a whole turn
     it.close()
+
+
+def test_a_bad_sample_is_named_once_but_counted_every_epoch(tmp_path, tokenizer_dir, caplog):
+    samples = {f"ok{i}": {"png": solid_png(), "json": qa_json()} for i in range(2)}
+    samples["broken"] = {"png": b"not a png", "json": qa_json()}
+    write_shard_dir(tmp_path / "shards", samples)
+    it = make_train_iterator(_config(tmp_path / "shards", tokenizer_dir, num_workers=0), 1, 0, 1, seed=0)
+    with caplog.at_level(logging.WARNING, logger="casa_megatron.data"):
+        while it.stats()["samples_seen"] < 9:  # three epochs
+            next(it)
+    assert it.skip_counts() == {"corrupt_image": 3}
+    assert sum("'broken'" in r.message for r in caplog.records) == 1
+    it.close()
