@@ -1,10 +1,12 @@
 """Data configuration (owned by the data pipeline; embedded in the training config as ``data``).
 
-``source`` picks the pipeline: ``"synthetic"`` is the in-memory generated colour/side task
+``source`` picks the training data: ``"synthetic"`` is the in-memory generated colour/side task
 (data/synthetic.py); anything else is a path to real data: a directory of ``*.tar`` shards, one
 ``.tar`` file, a ``.jsonl`` manifest of local files, or a LLaVA / chat-messages ``.json(l)``
-dataset (see docs/data.md for the formats). ``sources`` blends several with weights;
-``valid`` lists the validation sources.
+dataset (see docs/data.md for the formats). ``sources`` blends several with weights and is used
+when ``source`` is left empty; a set ``source`` wins, so ``data.source=...`` on the command line
+switches any recipe, blended or not, to one source. Empty both: the synthetic task. ``valid``
+lists the validation sources (the synthetic task validates on its own held-out stream).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ TEXT_LAYOUTS = ("auto", "chat_template", "layout_tokens")
 class DataConfig:
     """Where samples come from and how they become packed ``VLMBatch`` micro-batches."""
 
-    source: str = "synthetic"
-    # Weighted blend instead of ``source``: [{path, weight (default 1), media_root (JSON datasets)}]
+    source: str = ""  # one source; "" = ``sources``, or the synthetic task when that is empty too
+    # Weighted blend, used when ``source`` is empty: [{path, weight (default 1), media_root (JSON datasets)}]
     sources: List[Dict[str, Any]] = field(default_factory=list)
     valid: List[Dict[str, Any]] = field(default_factory=list)  # validation sources (same shape)
     seq_length: int = 32  # text tokens per row (text slots)
@@ -64,14 +66,15 @@ class DataConfig:
 
     @property
     def is_synthetic(self) -> bool:
-        return self.source == "synthetic" and not self.sources
+        return self.source == "synthetic" or (not self.source and not self.sources)
 
     def source_specs(self):
-        """``sources`` (or the one ``source``) as ``SourceSpec``s; ValueError names a bad entry."""
+        """The training sources as ``SourceSpec``s: the one ``source`` if set, else ``sources``;
+        ValueError names a bad entry."""
         from casa_megatron.data.sources import SourceSpec
 
-        if not self.sources:
-            return [SourceSpec(self.source)]
+        if self.source or not self.sources:
+            return [SourceSpec(self.source or "synthetic")]
         return [SourceSpec.parse(e, f"data.sources[{i}]") for i, e in enumerate(self.sources)]
 
     def valid_specs(self):
@@ -103,16 +106,12 @@ class DataConfig:
             specs, valid = self.source_specs(), self.valid_specs()
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        if self.sources and self.source != "synthetic":
-            raise ConfigError(f"data.source={self.source!r} and data.sources are both set; use one")
         if self.is_synthetic:
-            if any(v.path != "synthetic" for v in valid):
-                raise ConfigError("data.valid: the in-memory synthetic task validates on [{path: synthetic}]")
-            return
+            return  # the synthetic task validates on its own held-out stream, whatever data.valid names
         for name, spec in [(f"data.sources[{i}]", s) for i, s in enumerate(specs)] + \
                 [(f"data.valid[{i}]", v) for i, v in enumerate(valid)]:
             if not Path(spec.path).exists():
-                where = "data.source" if not self.sources and name.startswith("data.sources") else name
+                where = "data.source" if self.source and name.startswith("data.sources") else name
                 raise ConfigError(f"{where}={spec.path!r}: no such shard directory, .tar, .jsonl manifest or "
                                   ".json(l) dataset (use 'synthetic' for the generated task)")
         tok = self.resolved_tokenizer_path()

@@ -56,10 +56,6 @@ def test_blend_and_validation_sources_are_checked(tiny_dataset, tmp_path):
             ([shards, str(tmp_path / "gone")], [], r"data.sources\[1\]=.*gone")):
         with pytest.raises(ConfigError, match=match):
             DataConfig(sources=sources, valid=valid).validate()
-    with pytest.raises(ConfigError, match="both set"):
-        DataConfig(source=shards, sources=[shards]).validate()
-    with pytest.raises(ConfigError, match="synthetic"):
-        DataConfig(valid=[{"path": shards}]).validate()  # the in-memory task validates on itself
     with pytest.raises(ConfigError, match="text_layout"):
         DataConfig(source=shards, text_layout="html").validate()
 
@@ -73,3 +69,16 @@ def test_eval_interval_needs_validation_sources():
     cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
                       ["eval_interval=5", "data.valid=[{path: synthetic}]"])
     assert cfg.eval_interval == 5 and cfg.data.valid_specs()[0].path == "synthetic"
+
+
+def test_a_set_source_wins_over_the_blend(tiny_dataset, tmp_path):
+    """``data.source=...`` on the command line switches a blended recipe to one source."""
+    shards = str(tiny_dataset["shards"])
+    blend = [{"path": str(tmp_path / "not_there"), "weight": 3}]
+    one = DataConfig(source=shards, sources=blend)
+    one.validate()  # the blend is not used, so its missing path is no error
+    assert [s.path for s in one.source_specs()] == [shards] and not one.is_synthetic
+    synthetic = DataConfig(source="synthetic", sources=blend, valid=[{"path": shards}])
+    synthetic.validate()
+    assert synthetic.is_synthetic and DataConfig().is_synthetic  # empty source and sources: synthetic
+    assert not DataConfig(sources=[shards]).is_synthetic
