@@ -12,7 +12,7 @@ replaces the old one only once complete.
 Train on it with ``data.source=data/synth/shards`` (the tokenizer is found next to it),
 ``data.source=data/synth/manifest.jsonl``, or a blend with the two-image samples
 (``data.sources=[{path: data/synth/shards, weight: 3}, {path: data/synth/multi, weight: 1}]``)
-and ``data.valid=[{path: data/synth/valid}]``, as configs/tiny_cpu.yaml does. See docs/data.md.
+and ``data.valid=[{path: data/synth/valid}]`` (configs/tiny_cpu.yaml + dev.sh train). See docs/data.md.
 """
 
 from __future__ import annotations
