@@ -15,10 +15,13 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 case "${1:-}" in
   train) shift
-         # The generated dataset (images, H.264 clips, tokenizer, shards): made once per generator
-         # version, ~6 s.
+         # The generated dataset (images, H.264 clips, two-image samples, tokenizer, shards, a
+         # held-out split): made once per generator version, ~6-10 s.
          python tools/make_synthetic_data.py --out data/synthetic --if-stale
-         casa-train configs/tiny_cpu.yaml "$@" ;;
+         # Validation on the generated held-out split: given here, not in the YAML, so that the
+         # YAML stays valid with any data.source=... override.
+         casa-train configs/tiny_cpu.yaml "data.valid=[{path: data/synthetic/valid}]" eval_interval=50 eval_iters=2 \
+           "$@" ;;
   test)  shift; python -m pytest tests -q "$@" ;;
   *) echo "usage: bash dev.sh train|test [args]" >&2; exit 2 ;;
 esac

@@ -76,7 +76,8 @@ class GeneratedConfig:
     eval_seed: int = 1
     video_seconds: float = 3.0
     data: DataConfig = field(default_factory=lambda: DataConfig(
-        source="", seq_length=128, image_seq_length=160, num_workers=1, log_interval=0))
+        source="", seq_length=128, image_seq_length=160, num_workers=1, log_interval=0,
+        text_layout="layout_tokens"))  # the scorer reads our <answer> / <eot> layout tokens
 
 
 GENERATED_TYPES = ["coarse", "fine", "caption"]

@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Generate a small real dataset (PNG images, H.264 clips, tokenizer, shards, manifest).
+"""Generate a small real dataset (PNG images, H.264 clips, two-image LLaVA samples, a tokenizer
+with a chat template, shards, manifest, a validation split).
 
-    python tools/make_synthetic_data.py --out data/synth [--num-images 192 --num-videos 24 --seed 0] [--if-stale]
+    python tools/make_synthetic_data.py --out data/synth [--num-images 192 --num-videos 24 --num-multi 64
+        --valid-fraction 0.125 --seed 0] [--if-stale]
 
 ``--if-stale`` keeps an existing dataset made by the same generator version with the same
 arguments (``generator.json`` in it) and otherwise rebuilds it in a temporary directory that
 replaces the old one only once complete.
 
-Train on it with ``data.source=data/synth/shards`` (the tokenizer is found next to it) or
-``data.source=data/synth/manifest.jsonl``. See docs/data.md.
+Train on it with ``data.source=data/synth/shards`` (the tokenizer is found next to it),
+``data.source=data/synth/manifest.jsonl``, or a blend with the two-image samples
+(``data.sources=[{path: data/synth/shards, weight: 3}, {path: data/synth/multi, weight: 1}]``)
+and ``data.valid=[{path: data/synth/valid}]`` (configs/tiny_cpu.yaml + dev.sh train). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-images", type=int, default=192)
     p.add_argument("--num-videos", type=int, default=24)
+    p.add_argument("--num-multi", type=int, default=64, help="two-image samples (LLaVA format)")
+    p.add_argument("--valid-fraction", type=float, default=0.125,
+                   help="held-out split size, as a fraction of each kind (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=32)
     p.add_argument("--video-codec", choices=("h264", "vp9"), default="h264")
@@ -81,7 +88,8 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         make_dataset(tmp, args.num_images, args.num_videos, args.seed, args.samples_per_shard,
-                     args.video_codec, video_seconds=args.video_seconds)
+                     args.video_codec, video_seconds=args.video_seconds, num_multi=args.num_multi,
+                     valid_fraction=args.valid_fraction)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
         if out.exists():  # swap only once the new dataset is complete
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
@@ -97,8 +105,8 @@ def main(argv=None) -> int:
              "manifest": out / "manifest.jsonl"}
     n_shards = len(list(paths["shards"].glob("*.tar")))
     print(f"wrote {args.num_images} images + {args.num_videos} clips to {paths['raw']}, {n_shards} shards in "
-          f"{paths['shards']}, manifest {paths['manifest']}, tokenizer {paths['tokenizer']} "
-          f"({time.perf_counter() - start:.1f} s)")
+          f"{paths['shards']}, manifest {paths['manifest']}, {args.num_multi} two-image samples in {out / 'multi'}, "
+          f"validation split {out / 'valid'}, tokenizer {paths['tokenizer']} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

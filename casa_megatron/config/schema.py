@@ -465,6 +465,8 @@ class TrainConfig:
     global_batch_size: int = 4
     train_steps: int = 200
     log_interval: int = 10
+    eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
+    eval_iters: int = 1  # global batches of data.valid per evaluation
     seed: int = 1234
     run_dir: str = "runs/tiny_cpu"
 
@@ -478,6 +480,10 @@ class TrainConfig:
         if t_data is not None and t_data != t_model:
             raise ConfigError(f"data.temporal_patch_size={t_data} disagrees with model.vision.temporal_patch_size="
                               f"{t_model}; leave data.temporal_patch_size unset (it follows the encoder)")
+        if self.eval_interval < 0 or self.eval_iters < 1:
+            raise ConfigError(f"eval_interval={self.eval_interval} must be >= 0 and eval_iters={self.eval_iters} >= 1")
+        if self.eval_interval and not self.data.valid:
+            raise ConfigError(f"eval_interval={self.eval_interval} needs validation sources in data.valid")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")

@@ -1,19 +1,22 @@
-"""Data: samples on disk (tar shards / JSONL manifest) -> decoded, tokenized, packed ``VLMBatch``.
+"""Data: samples on disk (tar shards / manifest / JSON datasets) -> decoded, tokenized, packed ``VLMBatch``.
 
 Entry point: ``make_train_iterator(cfg, micro_batch_size, dp_rank, dp_size, seed)`` (loader.py).
 Module map (one job each; see docs/data.md):
   config        DataConfig                 records      sample/batch records and errors
   shards        tar index/read/write       manifest     JSONL manifest of local files
-  sources       random access over either  sampler      per-epoch, per-DP-rank order
-  annotations   conversation / captions    tokenization HF tokenizer + layout tokens
+  json_dataset  LLaVA / chat .json(l)      sources      random access over any of them
+  sampler       per-epoch, per-DP order    blend        weighted mix of sources, resumable
+  formats       ours / LLaVA / HF messages conversation the parsed form of every format
+  annotations   our conversation/captions  tokenization HF tokenizer + layout tokens
+  chat_template the tokenizer's template    interleave   our layout tokens, windows
   image_processing  smart resize           video/       frame plan, PyAV and DALI decoders
-  interleave    sequence layout, windows   processor    raw sample -> TokenizedSample
+  processor     raw sample -> TokenizedSample
   packing       first-fit packer, collate  workers      ordered thread/process pool
   loader        the resumable iterator     synthetic*   generated tasks and datasets
 Heavy dependencies (av, transformers, DALI) are imported where they are used.
 """
 
 from casa_megatron.data.config import DataConfig
-from casa_megatron.data.loader import make_train_iterator
+from casa_megatron.data.loader import make_eval_iterator, make_train_iterator
 
-__all__ = ["DataConfig", "make_train_iterator"]
+__all__ = ["DataConfig", "make_eval_iterator", "make_train_iterator"]

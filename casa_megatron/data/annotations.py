@@ -58,7 +58,7 @@ def parse_annotation(data: bytes | str | dict, key: str = "?") -> Annotation:
                 or not isinstance(turn.get("answer"), str):
             raise _bad(key, f"conversation[{i}] needs string 'question' and 'answer'")
         if not turn["answer"].strip():
-            raise _bad(key, f"conversation[{i}] has an empty answer")
+            raise SampleError("empty_turn", f"{key}: conversation[{i}] has an empty answer")
         turns.append(Turn(turn["question"], turn["answer"], turn.get("type", qtype)))
     for i, cap in enumerate(obj.get("captions") or []):
         if not isinstance(cap, dict) or not isinstance(cap.get("text"), str) \

@@ -1,6 +1,7 @@
 """Loose ``<key>.<ext>`` files -> tar shards (and a JSONL manifest of the same files).
 
-Files are grouped by key (relative path up to the basename's first dot, as webdataset does) and
+Files are grouped by key (relative path up to the basename's first dot, as webdataset does:
+``a.0.jpg`` and ``a.1.jpg`` are the media parts of sample ``a``) and
 written in sorted key order, so the shards are reproducible. A key without a ``.json`` part or
 without a media part is reported and left out rather than written as a broken sample.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from casa_megatron.data.manifest import write_manifest
-from casa_megatron.data.processor import IMAGE_EXTS, VIDEO_EXTS
+from casa_megatron.data.processor import IMAGE_EXTS, VIDEO_EXTS, part_order
 from casa_megatron.data.shards import ShardWriter, split_key
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
         root = Path(manifest).resolve().parent
         rows = []
         for key, parts in samples.items():
-            media = next(p for e, p in parts.items() if e.rsplit(".", 1)[-1].lower() != "json")
-            rows.append({"key": key, "media": _relative(media, root),
+            media = [_relative(p, root) for e, p in sorted(parts.items(), key=lambda kv: part_order(kv[0]))
+                     if e.rsplit(".", 1)[-1].lower() != "json"]
+            rows.append({"key": key, "media": media[0] if len(media) == 1 else media,
                          "annotation": _relative(parts["json"], root)})
         write_manifest(manifest, rows)
     return writer.paths

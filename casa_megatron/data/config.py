@@ -1,15 +1,19 @@
 """Data configuration (owned by the data pipeline; embedded in the training config as ``data``).
 
-``source`` picks the pipeline: ``"synthetic"`` is the in-memory generated colour/side task
+``source`` picks the training data: ``"synthetic"`` is the in-memory generated colour/side task
 (data/synthetic.py); anything else is a path to real data: a directory of ``*.tar`` shards, one
-``.tar`` file, or a ``.jsonl`` manifest of local files (see docs/data.md for the formats).
+``.tar`` file, a ``.jsonl`` manifest of local files, or a LLaVA / chat-messages ``.json(l)``
+dataset (see docs/data.md for the formats). ``sources`` blends several with weights and is used
+when ``source`` is left empty; a set ``source`` wins, so ``data.source=...`` on the command line
+switches any recipe, blended or not, to one source. Empty both: the synthetic task. ``valid``
+lists the validation sources (the synthetic task validates on its own held-out stream).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
 
@@ -17,13 +21,17 @@ from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
 DECODERS = ("auto", "cpu", "dali")
 WORKER_TYPES = ("thread", "process")
 QA_WINDOWS = ("per_turn", "per_sample")
+TEXT_LAYOUTS = ("auto", "chat_template", "layout_tokens")
 
 
 @dataclass
 class DataConfig:
     """Where samples come from and how they become packed ``VLMBatch`` micro-batches."""
 
-    source: str = "synthetic"
+    source: str = ""  # one source; "" = ``sources``, or the synthetic task when that is empty too
+    # Weighted blend, used when ``source`` is empty: [{path, weight (default 1), media_root (JSON datasets)}]
+    sources: List[Dict[str, Any]] = field(default_factory=list)
+    valid: List[Dict[str, Any]] = field(default_factory=list)  # validation sources (same shape)
     seq_length: int = 32  # text tokens per row (text slots)
     image_seq_length: int = 24  # image tokens per row (image slots); the model pads to it
     image_size: int = 56  # synthetic task only: square image side in px
@@ -54,17 +62,35 @@ class DataConfig:
     image_token: str = "<image>"  # placeholder token, one per image, the image sits before it
     answer_token: str = "<answer>"  # ends a question; the answer follows
     end_of_turn_token: str = "<eot>"  # ends an answer or a frame caption (it is trained on)
+    # auto: the tokenizer's chat template if it has one, else the layout tokens above
+    text_layout: str = "auto"  # auto | chat_template | layout_tokens
+    image_placeholder: str = ""  # the template's image token ("" = detect, e.g. <|image_pad|>)
+    video_placeholder: str = ""  # the template's video token ("" = detect, e.g. <|video_pad|>)
     log_interval: int = 100  # batches between throughput log lines (0 = never)
 
     @property
     def is_synthetic(self) -> bool:
-        return self.source == "synthetic"
+        return self.source == "synthetic" or (not self.source and not self.sources)
+
+    def source_specs(self):
+        """The training sources as ``SourceSpec``s: the one ``source`` if set, else ``sources``;
+        ValueError names a bad entry."""
+        from casa_megatron.data.sources import SourceSpec
+
+        if self.source or not self.sources:
+            return [SourceSpec(self.source or "synthetic")]
+        return [SourceSpec.parse(e, f"data.sources[{i}]") for i, e in enumerate(self.sources)]
+
+    def valid_specs(self):
+        from casa_megatron.data.sources import SourceSpec
+
+        return [SourceSpec.parse(e, f"data.valid[{i}]") for i, e in enumerate(self.valid)]
 
     def resolved_tokenizer_path(self) -> Optional[Path]:
-        """``tokenizer_path`` or a ``tokenizer/`` directory beside/inside the source."""
+        """``tokenizer_path`` or a ``tokenizer/`` directory beside/inside the (first) source."""
         if self.tokenizer_path:
             return Path(self.tokenizer_path)
-        src = Path(self.source)
+        src = Path(self.source_specs()[0].path)
         for candidate in (src / "tokenizer", src.parent / "tokenizer"):
             if (candidate / "tokenizer_config.json").exists():
                 return candidate
@@ -80,18 +106,26 @@ class DataConfig:
         if self.seq_length < 2 or self.image_seq_length < 1:
             raise ConfigError(f"data.seq_length={self.seq_length} must be >= 2 and "
                               f"data.image_seq_length={self.image_seq_length} >= 1")
+        try:
+            specs, valid = self.source_specs(), self.valid_specs()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if self.is_synthetic:
-            return
-        if not Path(self.source).exists():
-            raise ConfigError(f"data.source={self.source!r}: no such shard directory, .tar or .jsonl manifest "
-                              "(use 'synthetic' for the generated task)")
+            return  # the synthetic task validates on its own held-out stream, whatever data.valid names
+        for name, spec in [(f"data.sources[{i}]", s) for i, s in enumerate(specs)] + \
+                [(f"data.valid[{i}]", v) for i, v in enumerate(valid)]:
+            if not Path(spec.path).exists():
+                where = "data.source" if self.source and name.startswith("data.sources") else name
+                raise ConfigError(f"{where}={spec.path!r}: no such shard directory, .tar, .jsonl manifest or "
+                                  ".json(l) dataset (use 'synthetic' for the generated task)")
         tok = self.resolved_tokenizer_path()
         if tok is None or not tok.exists():
             raise ConfigError(f"data.tokenizer_path={self.tokenizer_path!r}: no local tokenizer found "
                               f"(looked for a 'tokenizer' directory next to {self.source!r})")
         for name, value, allowed in (("decoder", self.decoder, DECODERS),
                                      ("worker_type", self.worker_type, WORKER_TYPES),
-                                     ("qa_windows", self.qa_windows, QA_WINDOWS)):
+                                     ("qa_windows", self.qa_windows, QA_WINDOWS),
+                                     ("text_layout", self.text_layout, TEXT_LAYOUTS)):
             if value not in allowed:
                 raise ConfigError(f"data.{name}={value!r} must be one of {allowed}")
         if self.fps <= 0 or self.max_frames < 1:

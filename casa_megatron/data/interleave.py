@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence
 from torch import Tensor
 
 from casa_megatron.data.annotations import Annotation, Caption
+from casa_megatron.data.conversation import Conversation, Media, media_groups
 from casa_megatron.data.records import ImageItem, SampleError, TokenizedSample
 from casa_megatron.data.tokenization import TextTokenizer
 
@@ -90,6 +91,43 @@ def image_sample(key: str, ann: Annotation, pixels: Tensor, tok: TextTokenizer,
             b.images_here([pixels])
         b.qa(turn.question, turn.answer)
     return b.build("image", ann.qtype)
+
+
+def conversation_sample(key: str, conv: Conversation, media: Sequence[Sequence[Tensor]],
+                        tok: TextTokenizer) -> TokenizedSample:
+    """Chat messages in our layout-token form (tokenizers without a chat template).
+
+    ``media[j]`` are the frames of the conversation's j-th media part (one for an image). User
+    and system text is plain; a group of consecutive media (nothing but whitespace between)
+    opens one window with one ``<image>`` per frame; an assistant turn is
+    ``<answer> text <eot>`` with the text and ``<eot>`` trained. Our own format therefore gives
+    exactly ``image_sample``'s layout.
+    """
+    b = _Builder(tok, key)
+    j = 0
+    for m in conv.messages:
+        if m.role == "assistant":
+            if any(isinstance(p, Media) for p in m.content):
+                raise SampleError("bad_annotation", f"{key}: media inside an assistant turn needs a chat template")
+            b.add([b.sp.answer])
+            b.text(m.text().strip(), trained=True)
+            b.end_turn()
+            continue
+        groups = media_groups(m.content)
+        first_of = {g[0]: g for g in groups}
+        between = {i for g in groups for i in range(g[0] + 1, g[-1])}  # whitespace inside a group
+        media_index = {}
+        for i, part in enumerate(m.content):
+            if isinstance(part, Media):
+                media_index[i], j = j, j + 1
+        for i, part in enumerate(m.content):
+            if isinstance(part, str):
+                if i not in between:
+                    b.text(part)
+            elif i in first_of:  # the first of its group inserts the whole group
+                b.images_here([px for c in first_of[i] for px in media[media_index[c]]])
+    kind = "video" if any(md.kind == "video" for md in conv.media) else "image"
+    return b.build(kind, conv.qtype)
 
 
 def captions_per_frame(captions: Sequence[Caption], times: Sequence[float], fps: float) -> List[List[str]]:
@@ -154,3 +192,26 @@ def fit_to_budget(sample: TokenizedSample, max_text: int, max_image_tokens: int,
     raise SampleError("too_long", f"{sample.key}: {len(sample)} text / {sample.num_image_tokens} image tokens "
                       f"exceed one row ({max_text} / {max_image_tokens})" +
                       ("" if truncate else " and data.truncate is off"))
+
+
+class LayoutTokens:
+    """Our own layout (``<image>`` / ``<answer>`` / ``<eot>``): the fallback for tokenizers
+    without a chat template, and the layout of the quality benchmark."""
+
+    def __init__(self, path: str, image_token: str = "<image>", answer_token: str = "<answer>",
+                 end_of_turn_token: str = "<eot>", window_per_frame: bool = True, fps: float = 2.0):
+        self.tok = TextTokenizer(path, image_token, answer_token, end_of_turn_token)
+        self.window_per_frame, self.fps = window_per_frame, fps
+        self.pad_id = self.tok.special.pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.vocab_size
+
+    def build(self, key: str, conv: Conversation, media) -> TokenizedSample:
+        """``media``: the decoded parts (``chat_template.DecodedMedia``) in the conversation's order."""
+        if conv.captions:
+            clip = media[0]
+            return video_sample(key, Annotation([], conv.captions, conv.qtype), clip.frames, clip.times,
+                                self.fps, self.tok, self.window_per_frame)
+        return conversation_sample(key, conv, [m.frames for m in media], self.tok)

@@ -2,8 +2,9 @@
 
     {"key": "img_000001", "media": "raw/img_000001.png", "annotation": "raw/img_000001.json"}
     {"key": "vid_000003", "media": "raw/vid_000003.mp4", "annotation": {"captions": [...]}}
+    {"key": "multi_000000", "media": ["raw/multi_000000.0.png", "raw/multi_000000.1.png"], ...}
 
-``annotation`` is a path to the sample's JSON or the JSON object itself. Useful while a dataset
+``media`` is one path or a list (the sample's media parts in order). ``annotation`` is a path to the sample's JSON or the JSON object itself. Useful while a dataset
 is still being assembled (no shard building step); shards are faster to read at scale.
 """
 
@@ -20,7 +21,7 @@ from casa_megatron.data.records import RawSample, SampleError, ShardError
 @dataclass
 class ManifestEntry:
     key: str
-    media: Optional[Path]
+    media: Optional[List[Path]]
     annotation: Union[Path, dict, None]
     error: Optional[str] = None  # a line that could not be parsed: reading it raises SampleError
 
@@ -35,12 +36,15 @@ def read_manifest(path: str | Path) -> List[ManifestEntry]:
         try:
             obj = json.loads(line)
             key, media, ann = obj["key"], obj["media"], obj["annotation"]
-            if not isinstance(key, str) or not isinstance(media, str) or not isinstance(ann, (str, dict)):
-                raise TypeError("key and media must be strings, annotation a string or an object")
+            media = [media] if isinstance(media, str) else media
+            if not isinstance(key, str) or not isinstance(media, list) or not media \
+                    or not all(isinstance(m, str) for m in media) or not isinstance(ann, (str, dict)):
+                raise TypeError("key must be a string, media a path or a list of paths, annotation a path or "
+                                "an object")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             entries.append(ManifestEntry(f"{path.name}:{lineno}", None, None, f"bad manifest line ({e})"))
             continue
-        entries.append(ManifestEntry(key, root / media, root / ann if isinstance(ann, str) else ann))
+        entries.append(ManifestEntry(key, [root / m for m in media], root / ann if isinstance(ann, str) else ann))
     if not entries:
         raise ShardError(f"manifest {path}: no samples")
     return entries
@@ -51,7 +55,9 @@ def read_entry(entry: ManifestEntry, manifest: str) -> RawSample:
         raise SampleError("bad_manifest_line", f"{entry.key}: {entry.error}")
     parts = {}
     try:
-        parts[entry.media.suffix.lstrip(".").lower()] = entry.media.read_bytes()
+        for i, media in enumerate(entry.media):
+            ext = media.suffix.lstrip(".").lower()
+            parts[ext if len(entry.media) == 1 else f"{i}.{ext}"] = media.read_bytes()
         if isinstance(entry.annotation, dict):
             parts["json"] = json.dumps(entry.annotation).encode()
         else:

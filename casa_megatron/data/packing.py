@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD, normalize_pixels
-from casa_megatron.data.patches import frames_to_patches
+from casa_megatron.data.image_processing import CLIP_MEAN, CLIP_STD
+from casa_megatron.data.patches import frames_to_patches, image_to_patches
 from casa_megatron.data.records import ImageItem, SampleInfo, TokenizedSample
 from casa_megatron.model.batch import VLMBatch
 
@@ -73,6 +74,46 @@ def media_groups(sample: TokenizedSample, temporal: int) -> List[Tuple[int, List
     return groups
 
 
+class PatchNormalizer:
+    """uint8 patch rows -> normalised float patches, all images of a batch in one tensor.
+
+    Equal to cutting ``normalize_pixels(px, mean, std)`` into patches (tested), but cheaper,
+    because this runs on the training process's own thread for every image: the image is cut
+    into patches while still uint8 (a quarter of the bytes of float pixels), then each patch
+    dimension is scaled and shifted by its channel's statistics (``x / (255 std_c) - mean_c /
+    std_c``) straight into the batch tensor, in numpy's single-threaded loops. The direct formula
+    allocates ~6 float temporaries per 896 px image and runs in torch's two intra-op threads; on a
+    loaded 2-core machine that was the loader's bottleneck (docs/data.md, measured). The channel
+    of each patch dimension is read off ``to_patches`` itself (applied to a 28x28 image whose
+    pixels hold their channel index), so any patch layout that rearranges pixels (temporal
+    patches included: pass e.g. ``lambda im: frames_to_patches(im[None].expand(T, ...), T)``) is
+    followed.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], to_patches=image_to_patches):
+        channels = torch.arange(3, dtype=torch.uint8)[:, None, None].expand(3, 28, 28).contiguous()
+        dim_channel = to_patches(channels)[0][0].long()  # [D]: channel of each patch dimension
+        mean_t = torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.as_tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t))[dim_channel].numpy()  # [D]
+        self.offset = (-mean_t / std_t)[dim_channel].numpy()  # [D]
+
+    @property
+    def dim(self) -> int:
+        return len(self.scale)
+
+    def __call__(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 patch rows of each image ([n_i, D]) -> [sum n_i, D] float32, normalised."""
+        out = torch.empty(sum(r.shape[0] for r in rows), self.dim)
+        flat, start = out.numpy(), 0
+        for r in rows:
+            part = flat[start:start + r.shape[0]]
+            np.multiply(r.numpy(), self.scale, out=part)  # uint8 -> float32 in the same pass
+            np.add(part, self.offset, out=part)
+            start += r.shape[0]
+        return out
+
+
 class Packer:
     def __init__(self, micro_batch_size: int, seq_length: int, image_seq_length: int, pad_id: int,
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
@@ -80,6 +121,8 @@ class Packer:
         self.b, self.s, self.si, self.pad_id = micro_batch_size, seq_length, image_seq_length, pad_id
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.temporal, self.fps = temporal_patch_size, fps
+        self.normalizer = PatchNormalizer(self.image_mean, self.image_std,
+                                          lambda im: image_to_patches(im, temporal=temporal_patch_size))
         self.stats = PackStats()
 
     def fits_one_row(self, sample: TokenizedSample) -> bool:
@@ -120,7 +163,7 @@ class Packer:
         position_ids = torch.zeros(b, s, dtype=torch.long)
         sample_starts = torch.zeros(b, s, dtype=torch.bool)
         window_starts = torch.zeros(b, s, dtype=torch.bool)
-        patches, grids, image_rows, image_positions, infos = [], [], [], [], []
+        clips, grids, image_rows, image_positions, infos = [], [], [], [], []
         grid_t, seconds = [], []
         n_text = n_img = 0
         for r, row in enumerate(rows):
@@ -134,14 +177,12 @@ class Packer:
                 sample_starts[r, off] = window_starts[r, off] = True
                 window_starts[r, [off + w for w in sample.window_starts]] = True
                 for position, frames in media_groups(sample, self.temporal):  # stream order
-                    pixels = normalize_pixels(torch.stack([im.pixels for im in frames]),
-                                              self.image_mean, self.image_std)  # [n, 3, H, W]
+                    clip = torch.stack([im.pixels for im in frames])  # [n, 3, H, W] uint8
                     if len(frames) == 1:  # a still image (or one frame): repeated to T frames
-                        pixels = pixels.expand(self.temporal, -1, -1, -1)
-                    p, (t, h, w) = frames_to_patches(pixels, temporal=self.temporal)  # [t*h*w, 3*T*196]
-                    patches.append(p)
-                    grids.append((h, w))
-                    grid_t.append(t)
+                        clip = clip.expand(self.temporal, -1, -1, -1)
+                    clips.append(clip)
+                    t = -(-clip.shape[0] // self.temporal)
+                    h, w = clip.shape[2] // 14, clip.shape[3] // 14
                     n_img += t * h * w // 4  # frame pairs: half the per-frame budget
                     seconds.append(self.temporal / self.fps if len(frames) > 1 else 0.0)
                     image_rows.append(r)
@@ -153,9 +194,13 @@ class Packer:
             if off < s:  # trailing padding: a block of its own, no targets
                 sample_starts[r, off] = window_starts[r, off] = True
                 position_ids[r, off:] = torch.arange(s - off)
+        cut = [frames_to_patches(clip, temporal=self.temporal) for clip in clips]  # ([t*h*w, D] uint8, (t, h, w))
+        patches = self.normalizer([rows for rows, _ in cut])  # [n_patches, D] float32
+        grids = [(h, w) for _, (_, h, w) in cut]
+        grid_t = [t for _, (t, _, _) in cut]
         batch = VLMBatch(
             input_ids=ids, position_ids=position_ids,
-            pixel_patches=torch.cat(patches) if patches else torch.zeros(0, PATCH_DIM * self.temporal),
+            pixel_patches=patches,  # [n_patches, D]
             image_grid_hw=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
             image_grid_t=torch.tensor(grid_t, dtype=torch.long) if self.temporal > 1 else None,
             image_second_per_grid=torch.tensor(seconds) if self.temporal > 1 else None,

@@ -34,11 +34,12 @@ class ShardError(RuntimeError):
 
 @dataclass
 class RawSample:
-    """One sample as stored: ``parts`` maps an extension (``png``, ``mp4``, ``json``...) to bytes."""
+    """One sample as stored: ``parts`` maps an extension (``png``, ``0.jpg``, ``json``...) to bytes."""
 
     key: str
     source: str  # shard path or manifest path, for error messages
     parts: Dict[str, bytes]
+    files: Dict[str, bytes] = field(default_factory=dict)  # JSON datasets: media by the path in the annotation
 
 
 @dataclass

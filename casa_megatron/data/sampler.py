@@ -17,13 +17,15 @@ import numpy as np
 
 
 class RankOrder:
-    def __init__(self, num_samples: int, rank: int, world: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_samples: int, rank: int, world: int, seed: int, shuffle: bool = True,
+                 salt: Optional[int] = None):
         if not 0 <= rank < world:
             raise ValueError(f"dp_rank={rank} must lie in [0, dp_size={world})")
         if num_samples < world:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than dp_size={world} ranks")
         self.num_samples, self.rank, self.world = num_samples, rank, world
         self.seed, self.shuffle = seed, shuffle
+        self.salt = salt  # blended sources: each its own permutation (source 0 keeps the unsalted one)
         self._epoch: Optional[int] = None
         self._order: Optional[np.ndarray] = None
 
@@ -31,7 +33,8 @@ class RankOrder:
         """[n_rank] sample indices this rank reads in ``epoch``."""
         if self._epoch != epoch:
             if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                key = [self.seed, epoch] + ([self.salt] if self.salt is not None else [])
+                perm = np.random.default_rng(key).permutation(self.num_samples)
             else:
                 perm = np.arange(self.num_samples)
             self._order, self._epoch = perm[self.rank::self.world], epoch

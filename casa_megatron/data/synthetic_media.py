@@ -23,7 +23,7 @@ WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "car", "moon", "st
 BARS = ("a", "b", "c")
 BACKGROUND = (128, 128, 128)
 # Bumped whenever the pixels or texts a seed produces change: caches of generated splits key on it.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # Radius of the coarse-question shape, as a fraction of the image's short side: large enough that a
 # shape still covers several 28x28-pixel LM tokens after the smart resize to a small pixel budget.
 SHAPE_RADIUS = 0.3
@@ -34,13 +34,18 @@ QUESTIONS = {
 }
 TASK_TYPE = {"shape": "coarse", "colour": "coarse", "count": "coarse",
              "number": "fine", "word": "fine", "chart": "fine"}
+# Two-image tasks (LLaVA multi-image samples): the answer needs both pictures.
+MULTI_QUESTIONS = {"more": "which picture has more shapes ?", "same_colour": "are the shapes the same colour ?"}
+MULTI_ANSWERS = {"more": ("the first", "the second"), "same_colour": ("yes", "no")}
+CHAT_ROLES = ("system", "user", "assistant")  # role names the generated tokenizer's chat template writes
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 REGIONS = {"x": ("left", "middle", "right"), "y": ("top", "middle", "bottom")}
 
 
 def vocabulary() -> List[str]:
     """Every text the generator can produce, word by word (for the tokenizer)."""
-    words = set(" ".join(QUESTIONS.values()).split())
+    words = set(" ".join(QUESTIONS.values()).split()) | set(" ".join(MULTI_QUESTIONS.values()).split())
+    words |= {w for answers in MULTI_ANSWERS.values() for a in answers for w in a.split()} | set(CHAT_ROLES)
     words |= set(COLOURS) | set(SHAPES) | set(COUNT_WORDS) | set(WORDS) | set(BARS)
     words |= {str(n) for n in range(10, 100)}
     words |= set(DIRECTIONS) | set(REGIONS["x"]) | set(REGIONS["y"])
@@ -94,11 +99,7 @@ def render_image_task(rng: np.random.Generator, task: str) -> Tuple[np.ndarray, 
     elif task == "count":
         n = int(rng.integers(1, 5))
         shape = SHAPES[rng.integers(len(SHAPES))]
-        cells = rng.permutation(4)[:n]  # one shape per quadrant: never overlapping
-        for c in cells:
-            cx = (c % 2 + 0.5) * width / 2 + rng.uniform(-3, 3)
-            cy = (c // 2 + 0.5) * height / 2 + rng.uniform(-3, 3)
-            _draw_shape(draw, shape, cx, cy, r * 0.6, COLOURS[list(COLOURS)[rng.integers(len(COLOURS))]])
+        _draw_count(rng, draw, shape, n, width, height, r * 0.6)
         qa = [("count", COUNT_WORDS[n - 1])]
     elif task in ("number", "word"):
         text = str(int(rng.integers(10, 100))) if task == "number" else WORDS[rng.integers(len(WORDS))]
@@ -149,3 +150,49 @@ def render_clip(rng: np.random.Generator, width: int = 112, height: int = 84, fp
             region = REGIONS[axis][min(2, int(3 * pos / extent))]
             captions.append({"t": round(t, 3), "text": caption_text(colour, shape, direction, region)})
     return frames, captions
+
+
+def render_multi_task(rng: np.random.Generator, task: str) -> Tuple[List[np.ndarray], str, str]:
+    """Two images and a question about both: ([H, W, 3] uint8 x 2, question, answer).
+
+    ``more``: two count pictures with different numbers of shapes; ``same_colour``: one shape
+    each, the same colour half of the time."""
+    if task == "more":
+        counts = rng.choice(np.arange(1, 5), size=2, replace=False)
+        images = [_count_image(rng, int(n)) for n in counts]
+        answer = MULTI_ANSWERS[task][0 if counts[0] > counts[1] else 1]
+    elif task == "same_colour":
+        names = list(COLOURS)
+        first = names[rng.integers(len(names))]
+        same = bool(rng.random() < 0.5)
+        second = first if same else [c for c in names if c != first][rng.integers(len(names) - 1)]
+        images = [_shape_image(rng, colour) for colour in (first, second)]
+        answer = MULTI_ANSWERS[task][0 if same else 1]
+    else:
+        raise ValueError(f"unknown multi-image task {task!r}; choose one of {sorted(MULTI_QUESTIONS)}")
+    return images, MULTI_QUESTIONS[task], answer
+
+
+def _shape_image(rng: np.random.Generator, colour: str) -> np.ndarray:
+    width, height = _size(rng)
+    img = _canvas(rng, width, height)
+    r = min(width, height) * SHAPE_RADIUS
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    _draw_shape(ImageDraw.Draw(img), shape, rng.uniform(r, width - r), rng.uniform(r, height - r), r,
+                COLOURS[colour])
+    return np.asarray(img)
+
+
+def _count_image(rng: np.random.Generator, n: int) -> np.ndarray:
+    width, height = _size(rng)
+    img = _canvas(rng, width, height)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    _draw_count(rng, ImageDraw.Draw(img), shape, n, width, height, min(width, height) * SHAPE_RADIUS * 0.6)
+    return np.asarray(img)
+
+
+def _draw_count(rng: np.random.Generator, draw, shape: str, n: int, width: int, height: int, r: float) -> None:
+    for c in rng.permutation(4)[:n]:  # one shape per quadrant: never overlapping
+        cx = (c % 2 + 0.5) * width / 2 + rng.uniform(-3, 3)
+        cy = (c // 2 + 0.5) * height / 2 + rng.uniform(-3, 3)
+        _draw_shape(draw, shape, cx, cy, r, COLOURS[list(COLOURS)[rng.integers(len(COLOURS))]])

@@ -32,29 +32,37 @@ class SpecialIds:
         return {self.bos, self.pad, self.image, self.answer, self.end_of_turn}
 
 
-class TextTokenizer:
-    """Thread-safe wrapper: one HF tokenizer instance per thread (the Rust backend refuses
-    concurrent use of one instance), loaded lazily from ``path``; picklable for process workers."""
+class PerThreadTokenizer:
+    """Mixin: the HF tokenizer at ``self.path``, one instance per thread (the Rust backend
+    refuses concurrent use of one instance), loaded lazily; picklable for process workers (the
+    instances are not pickled, each process loads its own)."""
+
+    path: str
+
+    def __getstate__(self) -> Dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: Dict) -> None:
+        self.__dict__.update(state)
+
+    def _get(self):
+        local = self.__dict__.setdefault("_local", threading.local())
+        tok = getattr(local, "tok", None)
+        if tok is None:
+            tok = local.tok = load_tokenizer(self.path)
+        return tok
+
+
+class TextTokenizer(PerThreadTokenizer):
+    """Our layout tokens on top of a local HF tokenizer (thread-safe, picklable)."""
 
     def __init__(self, path: str | Path, image_token: str = "<image>", answer_token: str = "<answer>",
                  end_of_turn_token: str = "<eot>"):
         self.path = str(path)
         self.token_names = (image_token, answer_token, end_of_turn_token)
-        self._local = threading.local()
         self.special = self._resolve(self._get())
-
-    def __getstate__(self) -> Dict:
-        return {"path": self.path, "token_names": self.token_names, "special": self.special}
-
-    def __setstate__(self, state: Dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _get(self):
-        tok = getattr(self._local, "tok", None)
-        if tok is None:
-            tok = self._local.tok = load_tokenizer(self.path)
-        return tok
 
     def _resolve(self, tok) -> SpecialIds:
         ids = {}
@@ -96,11 +104,14 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None) -> Path:
+def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None,
+                         chat_template: Optional[str] = None) -> Path:
     """Train a tiny lower-case word-level tokenizer on ``texts`` and save it as a HF tokenizer.
 
     For generated datasets and tests: every word of the corpus is one token, so answers such as
-    colours or rendered digits map to single ids and accuracy is easy to read off.
+    colours or rendered digits map to single ids and accuracy is easy to read off. With a
+    ``chat_template`` (its special tokens in ``extra_tokens``) the data pipeline lays samples out
+    with the template, as it would with a real backbone's tokenizer.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -113,6 +124,8 @@ def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>", eos_token="<eos>",
                                    additional_special_tokens=specials[4:])
+    if chat_template:
+        fast.chat_template = chat_template
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))

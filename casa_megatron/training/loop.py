@@ -5,7 +5,9 @@ batch (1F1B when pipelined) on the DDP-wrapped model; megatron's (distributed) o
 reduces gradients, clips by the global norm and steps AdamW; the scheduler sets both learning
 rates. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and when SIGTERM
 (SLURM's pre-emption signal) or SIGINT (Ctrl-C) arrives: the step in flight finishes, a
-checkpoint is written, the tracker run is marked KILLED (runtime/signals.py).
+checkpoint is written, the tracker run is marked KILLED (runtime/signals.py). Every
+``eval_interval`` steps (and at the last one) the validation loss on ``data.valid`` is computed
+under the same layout (``evaluation.py``).
 
 Before any of that, ``RunSession`` (session.py) locks the run directory and refuses what would
 lose work; ``resume`` (resume.py) picks the newest usable checkpoint and checks that it fits
@@ -36,6 +38,7 @@ from casa_megatron.runtime.signals import StopRequest
 from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
+from casa_megatron.training.evaluation import evaluate
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
@@ -91,7 +94,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
-    data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed)
+    data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
+                               fusion=cfg.model.fusion.mechanism)
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
 
     resumed = resume(ckpt, cfg, model, optimizer, scheduler) if cfg.checkpoint.resume else Resumed()
@@ -151,6 +155,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 if is_logger and totals["skipped"] > skipped_seen:
                     logger.warning("data: %s", describe(totals))
                 skipped_seen = totals["skipped"]
+            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_steps):
+                valid_loss = evaluate(ddp, cfg, num_micro, data_cfg)
+                if valid_loss is not None:
+                    tracker.log_metrics({"valid_loss": valid_loss}, step)
+                    log.write_eval(step, valid_loss)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
                 saved_at = step
@@ -172,7 +181,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     finally:
         stop.restore()
     if is_logger and log.rows:
-        log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.source == "synthetic" else None)
+        log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.is_synthetic else None)
         tracker.log_artifact(str(run_dir / "loss.png"))
     if is_logger:
         ended = f"stopped by {stop.requested}" if status == "KILLED" else "done"

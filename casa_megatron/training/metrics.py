@@ -22,16 +22,30 @@ def peak_memory_bytes() -> int:
 
 class MetricsLog:
     """Append-only JSON lines; on resume, rows after the checkpoint's step are dropped so the
-    file holds exactly one curve."""
+    file holds exactly one curve. Validation rows (``{"step", "valid_loss"}``) are lines of
+    their own, kept apart in ``eval_rows``."""
 
     def __init__(self, path: Path, enabled: bool, truncate_after: int = 0):
         self.path, self.enabled = path, enabled
         self.rows: List[Dict] = []
+        self.eval_rows: List[Dict] = []
         if not enabled:
             return
+        kept: List[Dict] = []
         if truncate_after and path.exists():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= truncate_after]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= truncate_after]
+            self.rows = [r for r in kept if "loss" in r]
+            self.eval_rows = [r for r in kept if "valid_loss" in r]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_eval(self, step: int, valid_loss: float) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "valid_loss": valid_loss}
+        self.eval_rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"step {step:5d} | valid loss {valid_loss:.4f}", flush=True)
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -52,6 +66,9 @@ class MetricsLog:
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows], label="answer-token loss")
+        if self.eval_rows:
+            ax.plot([r["step"] for r in self.eval_rows], [r["valid_loss"] for r in self.eval_rows], "o-",
+                    label="validation loss")
         if floor is not None:
             ax.axhline(floor, ls="--", c="grey", label="best without vision")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()

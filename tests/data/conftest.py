@@ -20,3 +20,19 @@ def tiny_dataset(tmp_path_factory) -> Dict[str, Path]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tiny_dataset) -> Path:
     return tiny_dataset["tokenizer"]
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory) -> Path:
+    """Qwen2.5-style BPE tokenizer with a Qwen2.5-VL-like chat template (built here, no download)."""
+    from data.chat_tokenizers import qwen_style
+
+    return qwen_style(tmp_path_factory.mktemp("qwen_tok"))
+
+
+@pytest.fixture(scope="session")
+def helium_tokenizer(tmp_path_factory) -> Path:
+    """Helium-style unigram tokenizer with its own plain-text chat template."""
+    from data.chat_tokenizers import helium_style
+
+    return helium_style(tmp_path_factory.mktemp("helium_tok"))

@@ -99,12 +99,17 @@ def test_fit_to_budget_truncates_at_a_turn_boundary(tok):
     ({"conversation": [{"question": "q"}]}, "question' and 'answer"),
     ({"captions": [{"t": -1, "text": "x"}]}, "'t' >= 0"),
     ({"other": 1}, "neither"),
-    ({"conversation": [{"question": "q", "answer": " "}]}, "empty answer"),
 ])
 def test_bad_annotations_are_sample_errors(obj, match):
     with pytest.raises(SampleError, match=match) as info:
         parse_annotation(obj, "key1")
     assert info.value.reason == "bad_annotation"
+
+
+def test_empty_answer_is_its_own_skip_reason():
+    with pytest.raises(SampleError, match="empty answer") as info:
+        parse_annotation({"conversation": [{"question": "q", "answer": " "}]}, "key1")
+    assert info.value.reason == "empty_turn"
 
 
 def test_annotation_must_be_json():

@@ -20,7 +20,7 @@ def generated(tmp_path_factory):
     spec.loader.exec_module(tool)
     out = tmp_path_factory.mktemp("gen")
     assert tool.main(["--out", str(out), "--num-images", "12", "--num-videos", "2", "--seed", "3",
-                      "--samples-per-shard", "5"]) == 0
+                      "--samples-per-shard", "5", "--num-multi", "6", "--valid-fraction", "0.25"]) == 0
     return out
 
 
@@ -73,7 +73,7 @@ def test_if_stale_keeps_an_up_to_date_dataset_and_rebuilds_a_stale_one(tmp_path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "data"
-    args = ["--out", str(out), "--num-images", "6", "--num-videos", "0", "--if-stale"]
+    args = ["--out", str(out), "--num-images", "6", "--num-videos", "0", "--num-multi", "2", "--if-stale"]
     assert tool.main(args) == 0
     first = (out / "raw" / "img_000000.png").read_bytes()
     marker = out / "raw" / "user_note.txt"  # would vanish on a rebuild
@@ -87,3 +87,31 @@ def test_if_stale_keeps_an_up_to_date_dataset_and_rebuilds_a_stale_one(tmp_path)
     assert tool.main(args[:-1] + ["--seed", "5", "--if-stale"]) == 0  # other arguments: rebuilt
     assert (out / "raw" / "img_000000.png").read_bytes() != first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left over
+
+
+def test_two_image_samples_and_validation_split(generated):
+    from casa_megatron.data.synthetic_media import MULTI_QUESTIONS
+
+    records = [json.loads(line) for line in (generated / "llava_multi.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and len(list((generated / "raw_multi").glob("*.png"))) == 12
+    assert {r["task"] for r in records} == set(MULTI_QUESTIONS)
+    for r in records:  # LLaVA: one <image> per listed image, files next to the raw JSON
+        assert r["conversations"][0]["value"].count("<image>") == len(r["image"]) == 2
+        assert all((generated / "raw_multi" / name).exists() for name in r["image"])
+        if r["task"] == "same_colour":  # the answer matches the pixels
+            colours = []
+            for name in r["image"]:
+                px = np.asarray(Image.open(generated / "raw_multi" / name)).reshape(-1, 3).astype(int)
+                colours.append(np.median(px[np.abs(px - np.array(BACKGROUND)).max(1) > 40], 0))
+            same = np.abs(colours[0] - colours[1]).max() < 5
+            assert r["conversations"][1]["value"] == ("yes" if same else "no")
+    assert list((generated / "multi").glob("*.tar")) and list((generated / "valid").glob("*.tar"))
+    valid_keys = {p.name.split(".")[0] for p in (generated / "valid_raw").glob("*.json")}
+    assert len(valid_keys) == 3 + 1 + 2  # a quarter of each kind (at least one)
+
+
+def test_generated_tokenizer_has_a_chat_template(generated):
+    from casa_megatron.data.chat_template import ChatTemplateLayout
+
+    layout = ChatTemplateLayout(str(generated / "tokenizer"))
+    assert (layout.image_placeholder, layout.video_placeholder) == ("<|image_pad|>", "<|video_pad|>")

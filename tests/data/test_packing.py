@@ -200,3 +200,38 @@ def test_question_type_ids_follow_the_samples(packed):
         span = ids[info.row, info.start:info.start + info.length]
         assert (span == (1 if info.kind == "video" else 0)).all()
     assert int((ids >= 0).sum()) == sum(i.length for i in infos)
+
+
+def test_patch_normalizer_equals_normalize_then_cut():
+    """The collate's in-place normaliser against the two functions it replaces, on odd sizes and stats."""
+    from casa_megatron.data.image_processing import normalize_pixels
+    from casa_megatron.data.packing import PatchNormalizer
+
+    g = torch.Generator().manual_seed(3)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.35, 0.5)
+    images = [torch.randint(0, 256, (3, 28 * h, 28 * w), dtype=torch.uint8, generator=g)
+              for h, w in ((1, 1), (2, 5), (4, 3))]
+    got = PatchNormalizer(mean, std)([image_to_patches(px)[0] for px in images])
+    expected = [image_to_patches(normalize_pixels(px, mean, std))[0] for px in images]
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-6, atol=1e-6)
+    assert PatchNormalizer(mean, std)([]).shape == (0, 588)
+
+
+def test_patch_normalizer_follows_any_patch_layout():
+    """A Qwen2.5-VL-like layout ([C, T, p, p] rows, the image repeated T=2 times) is followed too."""
+    from casa_megatron.data.image_processing import normalize_pixels
+    from casa_megatron.data.packing import PatchNormalizer
+
+    def temporal_patches(image, t=2, p=14, m=2):  # [C, H, W] -> [h*w, C*T*p*p]
+        c, height, width = image.shape
+        h, w = height // p, width // p
+        x = image[None].expand(t, -1, -1, -1).reshape(t, c, h // m, m, p, w // m, m, p)
+        return x.permute(2, 5, 3, 6, 1, 0, 4, 7).reshape(h * w, c * t * p * p), (h, w)
+
+    g = torch.Generator().manual_seed(4)
+    images = [torch.randint(0, 256, (3, 56, 84), dtype=torch.uint8, generator=g) for _ in range(2)]
+    mean, std = (0.2, 0.4, 0.6), (0.3, 0.2, 0.1)
+    got = PatchNormalizer(mean, std, temporal_patches)([temporal_patches(px)[0] for px in images])
+    expected = torch.cat([temporal_patches(normalize_pixels(px, mean, std))[0] for px in images])
+    assert got.shape == (2 * 6 * 4, 3 * 2 * 196)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=2e-6)

@@ -82,6 +82,24 @@ def test_build_shards_groups_by_key_and_writes_manifest(tmp_path):
     assert manifest.read(3).parts == shards.read(3).parts
 
 
+def test_build_shards_keeps_several_media_parts_in_order(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for j in (0, 1, 10):  # 10 sorts after 1 and 2, not between them
+        (src / f"m.{j}.png").write_bytes(solid_png(colour=(j, 0, 0)))
+    (src / "m.2.jpg").write_bytes(solid_png(colour=(2, 0, 0)))
+    (src / "m.json").write_bytes(b'{"conversations": []}')
+    build_shards(src, tmp_path / "out", 8, manifest=tmp_path / "m.jsonl", progress=False)
+    row, = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert row["media"] == ["src/m.0.png", "src/m.1.png", "src/m.2.jpg", "src/m.10.png"]
+    from casa_megatron.data.processor import media_parts
+
+    from_shard = media_parts(open_source(tmp_path / "out").read(0))
+    from_manifest = media_parts(open_source(tmp_path / "m.jsonl").read(0))
+    assert [data for _, data in from_shard] == [data for _, data in from_manifest] == \
+        [(src / f"m.{j}").read_bytes() for j in ("0.png", "1.png", "2.jpg", "10.png")]
+
+
 def test_build_shards_cli(tmp_path, capsys):
     import importlib.util
 

@@ -1,0 +1,210 @@
+"""Annotation formats, detected per sample from their keys, parsed into a ``Conversation``.
+
+    ours      {"conversation": [{"question", "answer"}...]} | {"captions": [{"t", "text"}...]}
+              (+ optional "image" / "video" path in JSON datasets, "prompt" for captions)
+    llava     {"image": "a.jpg" | ["a.jpg", ...], "video"?: "v.mp4",
+               "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
+    messages  {"messages": [{"role": "user", "content": [{"type": "image", "path": ...},
+                                                          {"type": "text", "text": ...}]}, ...],
+               "images"?: [...], "videos"?: [...]}   (Hugging Face / TRL chat messages)
+
+Media without a path (``{"type": "image"}``, a LLaVA sample without ``image`` / ``video``
+fields, or any reference inside a tar shard) are the sample's media parts in index order. LLaVA-Video's ``<image>`` placeholder for its video is
+accepted as well as ``<video>``. The newline LLaVA puts after a placeholder belongs to the
+placeholder (``"<image>\\nWhat?"`` is the same sample as ``[image, "What?"]``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, List, Optional
+
+from casa_megatron.data.annotations import parse_annotation
+from casa_megatron.data.conversation import ROLES, Conversation, Media, Message, Part
+from casa_megatron.data.records import SampleError
+
+FORMATS = ("ours", "llava", "messages")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+               "system": "system"}
+_PLACEHOLDER = re.compile(r"(<image>|<video>)")
+
+
+def detect_format(obj: Any) -> Optional[str]:
+    """``ours`` / ``llava`` / ``messages``, or None when no format's key is present."""
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "llava"
+    if "conversation" in obj or "captions" in obj:
+        return "ours"
+    return None
+
+
+def describe_unknown(obj: Any) -> str:
+    keys = sorted(obj)[:12] if isinstance(obj, dict) else type(obj).__name__
+    return ("none of 'messages' (Hugging Face chat), 'conversations' (LLaVA), 'conversation' / "
+            f"'captions' (ours) is present (found {keys})")
+
+
+def parse_conversation(obj: Any, key: str = "?", qa_windows: str = "per_turn") -> Conversation:
+    """Any supported annotation -> Conversation; ``SampleError`` names what is wrong."""
+    fmt = detect_format(obj)
+    if fmt is None:
+        raise SampleError("unknown_format", f"{key}: {describe_unknown(obj)}")
+    conv = _PARSERS[fmt](obj, key, qa_windows)
+    conv.format = fmt
+    _check_targets(conv, key)
+    return conv
+
+
+# --- ours --------------------------------------------------------------------------------------
+def _ours(obj: dict, key: str, qa_windows: str) -> Conversation:
+    ann = parse_annotation(obj, key)
+    kind = "video" if ("video" in obj or ann.captions) else ("image" if "image" in obj else None)
+    source = obj.get("video") or obj.get("image") or obj.get("media")
+    if source is not None and not isinstance(source, str):
+        raise SampleError("bad_annotation", f"{key}: 'image' / 'video' must be one path")
+    media = Media(kind, source)
+    if ann.captions:
+        prompt = obj.get("prompt")
+        content: List[Part] = [media] + ([prompt] if isinstance(prompt, str) and prompt.strip() else [])
+        return Conversation([Message("user", content)], ann.captions, ann.qtype, ann.meta)
+    messages = []
+    for i, turn in enumerate(ann.turns):
+        # per_turn: the image opens a window again before every question (a video never repeats)
+        repeat = i == 0 or (qa_windows == "per_turn" and kind != "video")
+        messages.append(Message("user", ([media] if repeat else []) + [turn.question]))  # one media, shown again
+        messages.append(Message("assistant", [turn.answer]))
+    return Conversation(messages, [], ann.qtype, ann.meta)
+
+
+# --- LLaVA -------------------------------------------------------------------------------------
+def _as_list(value: Any, name: str, key: str) -> List[str]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise SampleError("bad_annotation", f"{key}: '{name}' must be a path or a list of paths")
+    return list(values)
+
+
+def _llava(obj: dict, key: str, _qa_windows: str) -> Conversation:
+    images = _as_list(obj.get("image"), "image", key)
+    videos = _as_list(obj.get("video"), "video", key)
+    positional = "image" not in obj and "video" not in obj  # a tar sample: the media parts are the images
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise SampleError("bad_annotation", f"{key}: 'conversations' must be a non-empty list")
+    queue = {"image": list(images), "video": list(videos)}
+    found = {"<image>": 0, "<video>": 0}
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) \
+                or str(turn.get("from", "")).lower() not in LLAVA_ROLES:
+            raise SampleError("bad_annotation", f"{key}: conversations[{i}] needs 'from' (one of "
+                              f"{sorted(LLAVA_ROLES)}) and a string 'value'")
+        content: List[Part] = []
+        pieces = _PLACEHOLDER.split(turn["value"])
+        for j, piece in enumerate(pieces):
+            if piece in found:
+                found[piece] += 1
+                content.append(Media("video" if piece == "<video>" else None) if positional
+                               else _take_media(piece, queue, images, videos, found, key))
+                continue
+            if j > 0:  # the newline after a placeholder belongs to it (LLaVA's "<image>\n")
+                piece = piece.lstrip("\n")
+            if j + 1 < len(pieces):
+                piece = piece.rstrip("\n")
+            if piece:
+                content.append(piece)
+        messages.append(Message(LLAVA_ROLES[str(turn["from"]).lower()], content))
+    if queue["image"] or queue["video"]:
+        raise SampleError("image_count_mismatch", f"{key}: {found['<image>']} <image> / {found['<video>']} "
+                          f"<video> placeholders for {len(images)} images / {len(videos)} videos")
+    return Conversation(messages, [], obj.get("type"), _meta(obj, ("conversations",)))
+
+
+def _take_media(placeholder: str, queue: Dict[str, List[str]], images, videos, found, key) -> Media:
+    kind = "video" if placeholder == "<video>" else "image"
+    if kind == "image" and not images and queue["video"]:
+        kind = "video"  # LLaVA-Video marks its clip with <image>
+    if not queue[kind]:
+        raise SampleError("image_count_mismatch", f"{key}: more placeholders than media: {found['<image>']} "
+                          f"<image> / {found['<video>']} <video> for {len(images)} images / {len(videos)} videos")
+    return Media(kind, queue[kind].pop(0))
+
+
+# --- Hugging Face chat messages ----------------------------------------------------------------
+_SOURCE_FIELDS = {"image": ("image", "path", "url", "image_url"), "video": ("video", "path", "url")}
+
+
+def _messages(obj: dict, key: str, _qa_windows: str) -> Conversation:
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise SampleError("bad_annotation", f"{key}: 'messages' must be a non-empty list")
+    listed = {"image": _as_list(obj.get("images"), "images", key),
+              "video": _as_list(obj.get("videos"), "videos", key)}
+    used = {"image": 0, "video": 0}
+    messages = []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise SampleError("bad_annotation", f"{key}: messages[{i}] needs a 'role' in {ROLES}")
+        raw = msg.get("content")
+        parts = [{"type": "text", "text": raw}] if isinstance(raw, str) else raw
+        if not isinstance(parts, list):
+            raise SampleError("bad_annotation", f"{key}: messages[{i}].content must be a string or a list")
+        content: List[Part] = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                content.append(part["text"])
+            elif kind in ("image", "video"):
+                source = _part_source(part, kind)
+                if source is None and listed[kind]:
+                    if used[kind] >= len(listed[kind]):
+                        raise SampleError("image_count_mismatch", f"{key}: more {kind} parts than "
+                                          f"'{kind}s' ({len(listed[kind])})")
+                    source = listed[kind][used[kind]]
+                used[kind] += 1
+                content.append(Media(kind, source))
+            else:
+                raise SampleError("bad_annotation", f"{key}: messages[{i}].content[{j}] must be "
+                                  "{'type': 'text', 'text': str} or {'type': 'image' | 'video', ...}")
+        messages.append(Message(msg["role"], content))
+    for kind, paths in listed.items():
+        if paths and used[kind] != len(paths):
+            raise SampleError("image_count_mismatch", f"{key}: {used[kind]} {kind} parts for "
+                              f"{len(paths)} '{kind}s'")
+    return Conversation(messages, [], obj.get("type"), _meta(obj, ("messages", "images", "videos")))
+
+
+def _part_source(part: dict, kind: str) -> Optional[str]:
+    for name in _SOURCE_FIELDS[kind]:
+        value = part.get(name)
+        if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
+            value = value.get("url")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _meta(obj: dict, skip) -> Dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in skip}
+
+
+def _check_targets(conv: Conversation, key: str) -> None:
+    """Every assistant turn has something to learn; a sample without any has nothing to train."""
+    if conv.captions:
+        return
+    assistant = [m for m in conv.messages if m.role == "assistant"]
+    if not assistant:
+        raise SampleError("no_targets", f"{key}: no assistant turn (nothing to train on)")
+    for i, m in enumerate(conv.messages):
+        if m.role == "assistant" and not m.text().strip():
+            raise SampleError("empty_turn", f"{key}: assistant turn (message {i}) is empty")
+
+
+_PARSERS: Dict[str, Callable[[dict, str, str], Conversation]] = {
+    "ours": _ours, "llava": _llava, "messages": _messages}

@@ -1,0 +1,94 @@
+"""Tokenizers with chat templates, built in the test (no downloads).
+
+``qwen_style``: byte-level BPE with Qwen2.5-VL's special tokens and a Qwen2.5-VL-like template
+(default system prompt, ``<|im_start|>role\\n ... <|im_end|>\\n`` turns, images as
+``<|vision_start|><|image_pad|><|vision_end|>``, videos with ``<|video_pad|>``).
+``helium_style``: a SentencePiece-like unigram model (``▁`` word boundaries), ``<s>`` / ``</s>``,
+plain-text ``User:`` / ``Assistant:`` turns closed by ``</s>``, images as ``<image>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "User: what colour is the shape ?\nAssistant: red\n which picture has more shapes ? the first one the second one",
+    "red green blue yellow circle square triangle one two three four yes no cat dog",
+    "You are a helpful assistant. Describe the video. the red circle moves right and is at the left",
+    "User Assistant user assistant system How many? What is in the image? Compare them.",
+]
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+HELIUM_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}{% set text = namespace(v='') %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set text.v = text.v + '<image>' %}"
+    "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}{% endfor %}"
+    "{% set text = text.v %}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ text }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ text }}\n"
+    "{% else %}Assistant: {{ text }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def qwen_style(out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIALS[1:])
+    fast.chat_template = QWEN_TEMPLATE
+    fast.save_pretrained(str(out))
+    return out
+
+
+def helium_style(out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+    fast.chat_template = HELIUM_TEMPLATE
+    fast.save_pretrained(str(out))
+    return out
+
+
+# The same templates with the assistant's text inside {% generation %} blocks (assistant content
+# as a string): transformers' ``return_assistant_tokens_mask`` then marks the assistant tokens,
+# an independent oracle for our loss mask. (A newline right after a block tag would be eaten by
+# transformers' ``trim_blocks``, hence ``{{ '\\n' }}``.)
+QWEN_GENERATION_TEMPLATE = QWEN_TEMPLATE.replace(
+    "{% if message['content'] is string %}",
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+    "{{ '\\n' }}{% elif message['content'] is string %}", 1)
+HELIUM_GENERATION_TEMPLATE = HELIUM_TEMPLATE.replace(
+    "{% else %}Assistant: {{ text }}{{ eos_token }}\n{% endif %}",
+    "{% else %}Assistant: {% generation %}{{ text }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}{% endif %}")

@@ -1,0 +1,166 @@
+"""Every annotation format gives the same packed batch as the equivalent sample in our format.
+
+One sample is written in each storage x format (tar shard with our JSON / LLaVA / chat messages,
+LLaVA .json list, LLaVA .jsonl, chat-messages .jsonl, manifest) and read through the loader;
+the batches must be equal field by field, with the tokenizer's chat template (Qwen2.5-style)
+and with our layout tokens (the generated word-level tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from data.helpers import colour_clip, solid_png, write_shard_dir
+
+from casa_megatron.data.config import DataConfig
+from casa_megatron.data.formats import detect_format, parse_conversation
+from casa_megatron.data.loader import make_train_iterator
+from casa_megatron.data.records import SampleError, ShardError
+from casa_megatron.data.tokenization import load_tokenizer
+from casa_megatron.data.video.encode import encode_video
+
+Q1, A1, Q2, A2 = "what colour is the shape ?", "red", "how many shapes are there ?", "one"
+MULTI_Q, MULTI_A = "which picture has more shapes ?", "the first"
+FIELDS = ("input_ids", "labels", "loss_mask", "position_ids", "sample_starts", "window_starts", "pixel_patches",
+          "image_grid_hw", "image_rows", "image_positions")
+
+
+def _llava(images, turns, path=True):
+    """LLaVA record; ``turns`` = [(human, gpt), ...]; images named in ``image`` unless ``path`` is off."""
+    conv = [x for h, g in turns for x in ({"from": "human", "value": h}, {"from": "gpt", "value": g})]
+    rec = {"conversations": conv}
+    if path:
+        rec["image"] = images[0] if len(images) == 1 else images
+    return rec
+
+
+def _messages(images, turns, path=True):
+    """Chat-messages record: the images before the first question's text."""
+    msgs = []
+    for i, (h, g) in enumerate(turns):
+        parts = [{"type": "image", **({"path": im} if path else {})} for im in (images if i == 0 else [])]
+        msgs += [{"role": "user", "content": parts + [{"type": "text", "text": h}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": g}]}]
+    return {"messages": msgs}
+
+
+def _write_all(root, images, media_bytes, turns, ours=None):
+    """The same sample in every storage x format; returns {name: source path}."""
+    for name, data in zip(images, media_bytes):
+        (root / name).write_bytes(data)
+    ext = images[0].rsplit(".", 1)[-1]
+    parts = {ext: media_bytes[0]} if len(images) == 1 else {f"{j}.{ext}": b for j, b in enumerate(media_bytes)}
+    llava_turns = [("<image>\n" * len(images) + turns[0][0], turns[0][1])] + turns[1:]
+    sources = {}
+    for name, record in (("tar_llava", _llava(images, llava_turns, path=False)),
+                         ("tar_llava_named", _llava(images, llava_turns)),
+                         ("tar_messages", _messages(images, turns, path=False)),
+                         *([("tar_ours", ours)] if ours else [])):
+        write_shard_dir(root / name, {"s0": {**parts, "json": json.dumps(record).encode()}})
+        sources[name] = root / name
+    (root / "llava.json").write_text(json.dumps([{"id": "s0", **_llava(images, llava_turns)}]))
+    (root / "llava.jsonl").write_text(json.dumps({"id": "s0", **_llava(images, llava_turns)}) + "\n")
+    (root / "messages.jsonl").write_text(json.dumps({"id": "s0", **_messages(images, turns)}) + "\n")
+    (root / "s0.json").write_text(json.dumps(_llava(images, llava_turns, path=False)))
+    (root / "manifest.jsonl").write_text(json.dumps({"key": "s0", "media": images if len(images) > 1 else images[0],
+                                                     "annotation": "s0.json"}) + "\n")
+    for name in ("llava.json", "llava.jsonl", "messages.jsonl", "manifest.jsonl"):
+        sources[name] = root / name
+    return sources
+
+
+def _batch(source, tokenizer, layout):
+    cfg = DataConfig(source=str(source), tokenizer_path=str(tokenizer), seq_length=96, image_seq_length=256,
+                     num_workers=0, pack_buffer=1, shuffle=False, log_interval=0, text_layout=layout,
+                     qa_windows="per_sample")
+    it = make_train_iterator(cfg, 1, 0, 1, seed=0)
+    batch = next(it)
+    assert it.skip_counts() == {}, it.skip_counts()
+    it.close()
+    return batch
+
+
+def _assert_same(batches):
+    (ref_name, ref), *others = batches.items()
+    for name, batch in others:
+        for f in FIELDS:
+            assert torch.equal(getattr(batch, f), getattr(ref, f)), f"{name} vs {ref_name}: {f}"
+
+
+@pytest.fixture(params=["chat_template", "layout_tokens"])
+def tokenizer_and_layout(request, qwen_tokenizer, tokenizer_dir):
+    return (qwen_tokenizer if request.param == "chat_template" else tokenizer_dir), request.param
+
+
+def test_single_image_conversation_in_every_format(tmp_path, tokenizer_and_layout):
+    tokenizer, layout = tokenizer_and_layout
+    ours = {"conversation": [{"question": Q1, "answer": A1}, {"question": Q2, "answer": A2}]}
+    sources = _write_all(tmp_path, ["a.png"], [solid_png(60, 90)], [(Q1, A1), (Q2, A2)], ours)
+    batches = {name: _batch(path, tokenizer, layout) for name, path in sources.items()}
+    _assert_same(batches)
+    batch = batches["tar_ours"]
+    assert batch.image_positions.numel() == 1
+    trained = load_tokenizer(tokenizer).decode(batch.labels[batch.loss_mask > 0].tolist())
+    assert trained == {"chat_template": "red<|im_end|>one<|im_end|>", "layout_tokens": "red <eot> one <eot>"}[layout]
+
+
+def test_two_image_conversation_in_every_format(tmp_path, tokenizer_and_layout):
+    tokenizer, layout = tokenizer_and_layout
+    pngs = [solid_png(60, 90, (200, 0, 0)), solid_png(90, 60, (0, 0, 200))]
+    sources = _write_all(tmp_path, ["a.png", "b.png"], pngs, [(MULTI_Q, MULTI_A)])
+    batches = {name: _batch(path, tokenizer, layout) for name, path in sources.items()}
+    _assert_same(batches)
+    batch = batches["tar_llava"]
+    # consecutive images: one window, both inserted where it opens
+    assert batch.image_positions.tolist()[0] == batch.image_positions.tolist()[1]
+    assert int(batch.window_starts[0].sum()) == 3  # sample start, the images' window, trailing padding
+    assert not torch.equal(batch.pixel_patches[:4], batch.pixel_patches[-4:])  # both images, in order
+
+
+def test_video_qa_and_captions_in_our_format_and_llava(tmp_path, tokenizer_and_layout):
+    tokenizer, layout = tokenizer_and_layout
+    mp4 = encode_video(colour_clip(20, 64, 96), fps=10, codec="h264")
+    (tmp_path / "v.mp4").write_bytes(mp4)
+    ours = {"conversation": [{"question": Q1, "answer": A1}]}
+    write_shard_dir(tmp_path / "tar_ours", {"v": {"mp4": mp4, "json": json.dumps(ours).encode()}})
+    (tmp_path / "video.jsonl").write_text(json.dumps({"id": "v", "video": "v.mp4", "conversations": [
+        {"from": "human", "value": "<image>\n" + Q1}, {"from": "gpt", "value": A1}]}) + "\n")
+    (tmp_path / "messages.jsonl").write_text(json.dumps({"id": "v", "messages": [
+        {"role": "user", "content": [{"type": "video", "path": "v.mp4"}, {"type": "text", "text": Q1}]},
+        {"role": "assistant", "content": A1}]}) + "\n")
+    _assert_same({p: _batch(tmp_path / p, tokenizer, layout) for p in ("tar_ours", "video.jsonl", "messages.jsonl")})
+    captions = {"captions": [{"t": 0.0, "text": "the red circle"}, {"t": 1.0, "text": "moves right"}]}
+    write_shard_dir(tmp_path / "tar_captions", {"v": {"mp4": mp4, "json": json.dumps(captions).encode()}})
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"id": "v", "video": "v.mp4", **captions}) + "\n")
+    batches = {p: _batch(tmp_path / p, tokenizer, layout) for p in ("tar_captions", "captions.jsonl")}
+    _assert_same(batches)
+    assert batches["tar_captions"].image_positions.unique().numel() == 4  # 2 s at 2 fps: a window per frame
+
+
+def test_llava_json_resolves_media_root(tmp_path, qwen_tokenizer):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(solid_png())
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "data.json").write_text(json.dumps([_llava(["a.png"], [("<image>\n" + Q1, A1)])]))
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "ann" / "data.json"), "media_root": str(tmp_path / "images")}],
+                     tokenizer_path=str(qwen_tokenizer), seq_length=96, image_seq_length=256, num_workers=0,
+                     pack_buffer=1, log_interval=0)
+    it = make_train_iterator(cfg, 1, 0, 1, seed=0)
+    next(it)
+    assert it.last_batch_samples[0].key == "data.json:1" and it.skip_counts() == {}
+
+
+def test_detection_and_unknown_format_errors(tmp_path, qwen_tokenizer):
+    assert detect_format({"messages": []}) == "messages" and detect_format({"conversations": []}) == "llava"
+    assert detect_format({"captions": []}) == "ours" and detect_format({"caption": "x"}) is None
+    with pytest.raises(SampleError) as info:
+        parse_conversation({"caption": "x"}, "k")
+    assert info.value.reason == "unknown_format"
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n")
+    write_shard_dir(tmp_path / "odd_tar", {"s0": {"png": solid_png(), "json": b'{"caption": "x"}'}})
+    for path, name in ((tmp_path / "odd.jsonl", "odd.jsonl"), (tmp_path / "odd_tar", "shard-000000.tar")):
+        cfg = DataConfig(source=str(path), tokenizer_path=str(qwen_tokenizer), log_interval=0)
+        with pytest.raises(ShardError, match=f"{name}.*unknown annotation format"):
+            make_train_iterator(cfg, 1, 0, 1, seed=0)
