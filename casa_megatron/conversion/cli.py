@@ -1,10 +1,11 @@
-"""``casa-convert import-hf HF_DIR OUT_DIR --config RECIPE.yaml [key=value ...]``
-(also ``python -m casa_megatron.conversion``).
+"""``casa-convert import-hf HF_DIR OUT_DIR --config RECIPE.yaml [key=value ...]`` and
+``casa-convert export-hf CHECKPOINT OUT_DIR [--force]`` (also ``python -m casa_megatron.conversion``).
 
-Imports a Hugging Face Qwen2 / Qwen2.5, Qwen2.5-VL, Helium or Llama folder (safetensors) into a
-megatron dist checkpoint that ``checkpoint.pretrained=OUT_DIR`` starts a run from, at any
-TP/PP. The HF config.json decides the LM architecture; the recipe decides fusion and the rest.
-See docs/conversion.md.
+``import-hf`` turns a Hugging Face Qwen2 / Qwen2.5, Qwen2.5-VL, Helium, Llama or exported CASA
+folder (safetensors) into a megatron dist checkpoint that ``checkpoint.pretrained=OUT_DIR``
+starts a run from, at any TP/PP. The HF config.json decides the LM architecture; the recipe
+decides fusion and the rest. ``export-hf`` writes a training checkpoint of any TP/PP (or an
+import) as a Hugging Face folder through the same tables. See docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--skip-vision", action="store_true", help="do not import a vision encoder (reported)")
     imp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bf16 or fp32")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp = sub.add_parser("export-hf", help="training (any TP/PP) or imported checkpoint -> Hugging Face folder")
+    exp.add_argument("checkpoint", help="iter_N/, a run's checkpoints/ folder or run dir, or an import-hf folder")
+    exp.add_argument("out_dir", help="output folder (refused if it exists and is not empty, unless --force)")
+    exp.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    exp.add_argument("--format", default="auto", choices=("auto", "casa", "qwen2_5_vl"),
+                     help="casa (remote code) or qwen2_5_vl (transformers' own class, insertion baseline); "
+                          "auto picks qwen2_5_vl for insertion with the Qwen2.5-VL encoder and mrope")
+    exp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bf16 or fp32")
+    exp.add_argument("--tokenizer", help="tokenizer folder, when the checkpoint's own is not found")
+    exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -36,7 +48,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     documented form), where argparse has already closed the positional list."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "import-hf"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
@@ -45,6 +57,8 @@ def _parse(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "export-hf":
+        return _export(args)
     from casa_megatron.conversion.errors import ConversionError
     from casa_megatron.conversion.importer import import_hf
 
@@ -63,6 +77,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{count} parameters initialised fresh: {why} {listed}", flush=True)
     for why, count in sorted(Counter(result.report.not_imported.values()).items()):
         print(f"WARNING: {count} HF tensors NOT imported: {why} {listed}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.exporter import export_hf
+
+    try:
+        result = export_hf(args.checkpoint, args.out_dir, force=args.force, fmt=args.format, dtype=args.dtype,
+                           tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                           progress=not args.no_progress, phases=True)
+    except ConversionError as exc:
+        print(f"casa-convert: error: {exc}", file=sys.stderr)
+        return 2
+    src = result.source
+    what = f"{src.kind} checkpoint {src.path}" + (f" (step {src.step})" if src.step is not None else "")
+    print(f"exported {what} -> {result.out_dir} as {result.format} ({result.tensors} tensors, "
+          f"{result.nbytes / 2**20:.1f} MiB {result.dtype}) in {result.seconds:.1f} s", flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.mapping import Binding, MappingTable, bind_all
+from casa_megatron.conversion.safetensors_io import TensorUnit
 
 # HF tensors no parameter reads, on purpose (name pattern -> why).
 INTENTIONALLY_UNUSED = (
@@ -243,8 +244,28 @@ def export_tensors(model: torch.nn.Module, tables: Dict[str, MappingTable],
     """The inverse direction, parameter by parameter: (HF name, tensor) in hub names.
 
     ``model`` must hold full tensors (one process, TP=1, PP=1)."""
+    for unit in export_units(model, tables, components):
+        yield from zip(unit.names, unit.produce())
+
+
+def export_units(model: torch.nn.Module, tables: Dict[str, MappingTable], components=COMPONENTS,
+                 dtype: Optional[torch.dtype] = None) -> List[TensorUnit]:
+    """One :class:`TensorUnit` per parameter: its HF names and shapes (from the transform run on
+    ``meta``) now, its tensors (``to_hf``, cast to ``dtype``) when the writer asks, so an export
+    holds the model plus one parameter's HF tensors. Every parameter must bind to a row."""
     wanted = {c: t for c, t in tables.items() if c in components}
     params = dict(model.named_parameters())
+    unbound = [n for n in params if component_of(n) not in wanted]
+    if unbound and set(components) >= set(COMPONENTS):
+        raise ConversionError(f"no table for the components of {unbound[:SHOW]}")
+    units = []
     for name, binding in bind_all(params, wanted, component_of).items():
-        for hf_name, tensor in zip(binding.hf, binding.transform.to_hf(params[name].detach())):
-            yield hf_name, tensor
+        param = params[name]
+        out_dtype = dtype or param.dtype
+
+        def produce(binding=binding, param=param, out_dtype=out_dtype):
+            return [t.to(out_dtype) for t in binding.transform.to_hf(param.detach())]
+
+        shapes = [tuple(s) for s in binding.expected_hf_shapes(param.shape)]
+        units.append(TensorUnit(binding.hf, shapes, out_dtype, produce))
+    return units

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.hf_configs.casa import casa_architecture, tiny_vit_config
 from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
 
 # model_type -> our family; the LM is read from the config itself or its ``text_config``.
@@ -27,7 +28,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # Vision config readers by vision kind: the HF ``vision_config`` (as a dict) -> model.vision
 # fields. A new encoder registers its reader here and its table with
 # ``tables.register_vision_table``.
-VISION_CONFIG_READERS: Dict[str, Callable[[dict], dict]] = {"qwen2_5_vl": vision_config_from_hf}
+VISION_CONFIG_READERS: Dict[str, Callable[[dict], dict]] = {"qwen2_5_vl": vision_config_from_hf,
+                                                             "tiny_vit": tiny_vit_config}
+CASA = "casa"  # our own export (casa-convert export-hf): LM, vision and fusion from config.json
 
 
 @dataclass
@@ -39,6 +42,8 @@ class HFArchitecture:
     vision: dict = field(default_factory=dict)  # model.vision fields (when a reader is registered)
     vision_output_size: Optional[int] = None  # width the checkpoint's merger maps to (its LM's)
     torch_dtype: Optional[str] = None
+    fusion: Optional[dict] = None  # model.fusion architecture fields (a CASA folder fixes them)
+    fusion_defaults: dict = field(default_factory=dict)  # model.fusion fields a recipe may change
 
 
 def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
@@ -51,10 +56,16 @@ def read_hf_config(hf_dir: str | Path) -> HFArchitecture:
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
     model_type = raw.get("model_type")
+    if model_type == CASA:
+        arch = casa_architecture(raw, path)
+        return HFArchitecture(family=arch["lm"]["family"], model_type=CASA, lm=arch["lm"],
+                              vision_kind=arch["vision_kind"], vision=arch["vision"],
+                              vision_output_size=arch["lm"]["hidden_size"], torch_dtype=arch["dtype"],
+                              fusion=arch["fusion"], fusion_defaults=arch["fusion_defaults"])
     if model_type not in FAMILIES:
         raise ConversionError(
             f"{path}: unsupported architecture model_type={model_type!r} "
-            f"(architectures={raw.get('architectures')}); supported: {sorted(FAMILIES)}")
+            f"(architectures={raw.get('architectures')}); supported: {sorted([*FAMILIES, CASA])}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(hf_dir))

@@ -41,6 +41,7 @@ from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_config import VISION_CONFIG_READERS, HFArchitecture, read_hf_config
 from casa_megatron.conversion.safetensors_io import SafetensorsReader
 from casa_megatron.conversion.mapping import MappingTable
+from casa_megatron.conversion.output_dir import check_output, publish
 from casa_megatron.conversion.tables import VISION_TABLES, lm_table, projector_table, vision_table
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -71,6 +72,11 @@ def resolve_config(recipe: Optional[str], overrides: Sequence[str], arch: HFArch
     architecture = {"lm": arch.lm}
     if vision_fields:
         architecture["vision"] = vision_fields
+    if arch.fusion is not None:  # an exported CASA folder: its fusion, and its defaults unless the recipe's
+        architecture["fusion"] = arch.fusion
+        fusion = explicit.setdefault("model", {}).setdefault("fusion", {})
+        for key, value in arch.fusion_defaults.items():
+            fusion.setdefault(key, value)
     merged = merge_architecture(explicit, architecture, f"{hf_dir}/config.json")
     return load_config_dict(TrainConfig, merged)
 
@@ -89,12 +95,6 @@ def _phase_logger(start: float, enabled: bool):
         if enabled:
             print(f"import-hf [{time.perf_counter() - start:.1f} s] {phase}", file=sys.stderr, flush=True)
     return log
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConversionError(f"output {out} already exists and is not empty (it may hold a checkpoint); "
-                              "pass --force to replace it")
 
 
 def _dtype(choice: str, arch: HFArchitecture) -> torch.dtype:
@@ -169,7 +169,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
-    _check_output(out, force)
+    check_output(out, force)
     arch = read_hf_config(hf_dir)
     params_dtype = _dtype(dtype, arch)
     vision_arch = arch
@@ -212,7 +212,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
         _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype)
-        _publish(tmp, out, force)
+        publish(tmp, out, force)
         log("done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,16 +242,3 @@ def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: I
         for name in COPIED_FILES:
             if (folder / name).exists() and not (tmp / name).exists():
                 shutil.copy2(folder / name, tmp / name)
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Atomic as far as the filesystem allows: the new folder appears complete or not at all."""
-    if out.exists():
-        _check_output(out, force)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)

@@ -1,4 +1,4 @@
-"""Stream tensors out of a Hugging Face folder, one at a time.
+"""Stream tensors out of a Hugging Face folder, one at a time, and into one.
 
 Reads ``model.safetensors`` or the shards named by ``model.safetensors.index.json``. Shapes
 and dtypes come from the safetensors headers (nothing is loaded to plan an import); a tensor
@@ -13,8 +13,10 @@ Two key layouts are accepted and normalised to the hub one: ``model.layers.*`` /
 from __future__ import annotations
 
 import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -96,6 +98,7 @@ class SafetensorsReader:
         for name in self.names():
             yield name, self.get(name)
 
+
 class DictReader:
     """The reader interface over in-memory tensors (tests, and round trips without files)."""
 
@@ -117,3 +120,110 @@ class DictReader:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+
+
+# --- writing ----------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class TensorUnit:
+    """HF tensors produced together (the outputs of one mapping row): their names and shapes are
+    known before any data exists, so a shard's header is written first and the tensors are
+    produced, written and dropped one unit at a time."""
+
+    names: Sequence[str]
+    shapes: Sequence[Tuple[int, ...]]
+    dtype: torch.dtype
+    produce: Callable[[], Sequence[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(size * _numel(s) for s in self.shapes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def units_from_tensors(tensors: Dict[str, torch.Tensor]) -> List[TensorUnit]:
+    return [TensorUnit([n], [tuple(t.shape)], t.dtype, (lambda t=t: [t])) for n, t in tensors.items()]
+
+
+def parse_size(size) -> int:
+    """``"2GB"``, ``"500MB"``, ``"40KB"`` (powers of 10, as huggingface_hub) or a number of bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    text = str(size).strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[:-len(unit)]) * factor)
+    raise ValueError(f"max shard size {size!r}: expected a number of bytes or e.g. '2GB'")
+
+
+def _shards(units: Sequence[TensorUnit], max_bytes: int) -> List[List[TensorUnit]]:
+    """Consecutive units per shard, each shard at most ``max_bytes`` unless one unit is larger."""
+    shards: List[List[TensorUnit]] = [[]]
+    size = 0
+    for unit in units:
+        if shards[-1] and size + unit.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += unit.nbytes
+    return [s for s in shards if s]
+
+
+def write_safetensors_shards(folder: Path, units: Sequence[TensorUnit], max_shard_size="2GB",
+                             progress: Optional[Callable[[int], None]] = None) -> List[str]:
+    """Write ``model.safetensors`` (one shard) or ``model-0000k-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``, the layout transformers writes and reads. Each tensor's
+    bytes go straight to the file (no serialised copy of a shard in memory): peak memory is the
+    unit being written. ``progress(n_tensors)`` is called after each unit. Returns the file names."""
+    shards = _shards(list(units), parse_size(max_shard_size))
+    names = [SINGLE] if len(shards) == 1 else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                                              for k in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        total += _write_shard(folder / name, shard, progress)
+        weight_map.update({t: name for unit in shard for t in unit.names})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _write_shard(path: Path, units: Sequence[TensorUnit], progress) -> int:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for unit in units:
+        if unit.dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{unit.names[0]}: dtype {unit.dtype} cannot be stored in safetensors")
+        size = torch.empty(0, dtype=unit.dtype).element_size()
+        for name, shape in zip(unit.names, unit.shapes):
+            end = offset + size * _numel(shape)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[unit.dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for unit in units:
+            tensors = unit.produce()
+            for name, shape, tensor in zip(unit.names, unit.shapes, tensors, strict=True):
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != unit.dtype:
+                    raise ConversionError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                          f"planned {tuple(shape)} {unit.dtype}")
+                data = tensor.detach().cpu().contiguous().reshape(-1)
+                f.write(memoryview(data.view(torch.uint8).numpy()))
+            del tensors
+            if progress is not None:
+                progress(len(unit.names))
+    return offset

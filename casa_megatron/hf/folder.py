@@ -1,24 +1,31 @@
-"""Write a Hugging Face folder for our CASA model: config, remote code, sharded safetensors with an
-index, tokenizer, chat template, processor and generation config.
+"""Write a Hugging Face model folder: config, remote code (for ``model_type: casa``), sharded
+safetensors with an index, tokenizer, chat template, processor and generation config.
 
-Everything is written into ``OUT.tmp-<pid>`` next to the target and renamed at the end, so a
-crash never leaves a folder that looks complete. An existing target is refused unless ``force``.
-Tensors are taken as a ``{hf_name: tensor}`` dict (the conversion tables produce it).
+Everything is written into a hidden ``.OUT.tmp-<pid>`` sibling and renamed at the end
+(``conversion/output_dir.py``), so a crash never leaves a folder that looks complete; an
+existing, non-empty target is refused unless ``force``. Tensors come either as a
+``{hf_name: tensor}`` dict or as :class:`TensorUnit` s whose data is produced while its shard is
+written (``casa-convert export-hf``: the model plus one parameter's HF tensors in memory).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
+
+from casa_megatron.conversion.output_dir import staged_output
+from casa_megatron.conversion.safetensors_io import TensorUnit, units_from_tensors, write_safetensors_shards
 
 REMOTE_DIR = Path(__file__).with_name("remote")
 REMOTE_FILES = ("configuration_casa.py", "modeling_casa.py", "layers_casa.py", "cache_casa.py",
                 "vision_casa.py", "processing_casa.py")
+STOP_TOKENS = ("<eot>", "<|im_end|>")  # end of an assistant turn: our layout token, Qwen-style templates
+
+Tensors = Union[Mapping[str, torch.Tensor], Sequence[TensorUnit]]
 
 
 def copy_remote_code(out_dir: Path) -> None:
@@ -26,42 +33,40 @@ def copy_remote_code(out_dir: Path) -> None:
         shutil.copyfile(REMOTE_DIR / name, out_dir / name)
 
 
-def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Mapping[str, torch.Tensor],
+def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Tensors,
                     tokenizer_dir: Optional[str | Path] = None, processor: Optional[Dict[str, Any]] = None,
                     generation: Optional[Dict[str, Any]] = None, force: bool = False,
-                    max_shard_size: str = "2GB") -> Path:
-    from huggingface_hub import save_torch_state_dict
-
+                    max_shard_size: str = "2GB", remote_code: bool = True,
+                    files: Optional[Dict[str, Path]] = None,
+                    progress: Optional[Callable[[int], None]] = None) -> Path:
+    """``remote_code``: our CASA model (remote files, ``processor_config.json`` for
+    ``CasaProcessor``). Without it (transformers' own class, e.g. Qwen2.5-VL) ``processor`` is
+    written as ``preprocessor_config.json`` as given. ``files``: more files copied in by name."""
+    units = units_from_tensors(dict(tensors)) if isinstance(tensors, Mapping) else list(tensors)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        copy_remote_code(tmp)
+    with staged_output(out, force) as tmp:
+        if remote_code:
+            copy_remote_code(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_torch_state_dict(state, str(tmp), max_shard_size=max_shard_size)
+        write_safetensors_shards(tmp, units, max_shard_size, progress)
         gen = {"_from_model_config": False, "do_sample": False}
         if tokenizer_dir is not None:
-            gen.update(_write_tokenizer_and_processor(tmp, Path(tokenizer_dir), config, dict(processor or {})))
+            tok = _write_tokenizer(tmp, Path(tokenizer_dir), dict(processor or {}))
+            gen.update(_stop_ids(tok))
+            if remote_code:
+                _write_casa_processor(tmp, config, dict(processor or {}))
+        if not remote_code and processor:
+            (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
         gen.update(generation or {})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _write_tokenizer_and_processor(out: Path, tokenizer_dir: Path, config: Dict[str, Any],
-                                   processor: Dict[str, Any]) -> Dict[str, Any]:
-    """Tokenizer files, the chat template (processor's, and the tokenizer's if it has none) and
-    ``processor_config.json`` whose ``auto_map`` makes ``AutoProcessor`` find our class. Returns
-    the generation-config token ids: generation stops at the end of a turn (``<eot>``) or at eos."""
+def _write_tokenizer(out: Path, tokenizer_dir: Path, processor: Dict[str, Any]):
+    """Tokenizer files and ``chat_template.jinja``: the tokenizer's own template, else the
+    processor's, else our layout-token default."""
     from transformers import AutoTokenizer
 
     from casa_megatron.hf.remote.processing_casa import DEFAULT_CHAT_TEMPLATE
@@ -71,6 +76,13 @@ def _write_tokenizer_and_processor(out: Path, tokenizer_dir: Path, config: Dict[
     if not getattr(tok, "chat_template", None):
         tok.chat_template = template
     tok.save_pretrained(str(out))
+    (out / "chat_template.jinja").write_text(tok.chat_template)
+    return tok
+
+
+def _write_casa_processor(out: Path, config: Dict[str, Any], processor: Dict[str, Any]) -> None:
+    """``processor_config.json`` whose ``auto_map`` makes ``AutoProcessor`` find our class."""
+    processor.pop("chat_template", None)
     vision = config.get("vision_config", {})
     fields = dict(encoder=vision.get("encoder", "tiny_vit"), patch_size=vision.get("patch_size", 14),
                   merge_size=vision.get("spatial_merge_size", 2),
@@ -78,7 +90,11 @@ def _write_tokenizer_and_processor(out: Path, tokenizer_dir: Path, config: Dict[
     fields.update(processor)
     fields.update(processor_class="CasaProcessor", auto_map={"AutoProcessor": "processing_casa.CasaProcessor"})
     (out / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
-    (out / "chat_template.jinja").write_text(template)
-    stops = [i for i in (tok.convert_tokens_to_ids("<eot>"), tok.eos_token_id)
-             if i is not None and i != tok.unk_token_id]
-    return {"eos_token_id": stops, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _stop_ids(tok) -> Dict[str, Any]:
+    """Generation stops at the end of a turn (``<eot>`` / ``<|im_end|>``) or at eos."""
+    turn = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    stops = [i for i in (*turn, tok.eos_token_id) if i is not None and i != tok.unk_token_id]
+    return {"eos_token_id": list(dict.fromkeys(stops)), "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.pad_token_id}

@@ -1,4 +1,5 @@
-"""Every fusion variant exported once per session (megatron built in one forked process)."""
+"""Every fusion variant trained one step at TP=2 and at PP=2, saved as a training checkpoint and
+exported with ``casa-convert export-hf``, once per session (support/hf_fixture.py)."""
 
 import pytest
 from support.hf_fixture import export_variants

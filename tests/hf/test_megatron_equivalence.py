@@ -1,9 +1,10 @@
 """The exported HF model (our remote code, loaded by transformers) equals the megatron model.
 
-The session fixture ``exported`` (conftest) builds every fusion variant in megatron at TP=1 with
-perturbed weights, exports it and records its logits on image+text and video+text inputs; here each
-folder is loaded with ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` and compared
-(fp32, <= 1e-4).
+The session fixture ``exported`` (conftest) trains every fusion variant one step at TP=2 and at
+PP=2 (weights perturbed first so norms, CASA copies and gates are non-trivial), saves a training
+checkpoint, exports it with ``casa-convert export-hf`` and records the megatron logits on
+image+text and video+text inputs; here each folder is loaded with
+``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` and compared (fp32, <= 1e-4).
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ from __future__ import annotations
 import pytest
 import torch
 from support.hf_cases import VARIANTS, hf_inputs, make_case
+from support.hf_fixture import LAYOUTS
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_hf_logits_equal_megatron(exported, variant):
+def test_hf_logits_equal_megatron(exported, variant, layout):
     from transformers import AutoModelForCausalLM
 
     root, logits = exported
-    model = AutoModelForCausalLM.from_pretrained(root / variant, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(root / "hf" / layout / variant, trust_remote_code=True).eval()
     assert type(model).__name__ == "CasaForCausalLM"
     for kind in ("image", "video"):
         with torch.no_grad():
             out = model(**hf_inputs(make_case(kind)), use_cache=False).logits
-        ref = torch.as_tensor(logits[variant][kind])
-        torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"{variant} / {kind}: {m}")
+        ref = torch.as_tensor(logits[layout][variant][kind])
+        torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"{variant} ({layout}) / {kind}: {m}")
 
 
 def test_images_reach_the_text(exported):

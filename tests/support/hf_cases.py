@@ -1,6 +1,6 @@
 """Image+text and video+text inputs, given both as a megatron ``VLMBatch`` and as HF model inputs.
 
-Token ids follow ``support.hf_export.tiny_tokenizer``: 2 = <bos>, 4 = <image>, 6 = <eot>, words
+Token ids follow ``support.hf_fixture.tiny_tokenizer``: 2 = <bos>, 4 = <image>, 6 = <eot>, words
 from 7. Images are random pixel patches of small grids (1, 2 or 4 LM tokens each).
 """
 

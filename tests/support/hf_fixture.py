@@ -1,45 +1,166 @@
-"""Export small megatron models (TP=1, every fusion variant) to HF folders, in one forked process.
+"""Hugging Face folders made the way a user makes them: a model trained at TP=2 or PP=2 saves a
+real training checkpoint (``Checkpointer.save``: model + distributed-optimizer state +
+``config.yaml`` + manifest), then ``casa-convert export-hf`` (``conversion.cli.main``) writes
+the folder from it.
 
-Returns the megatron logits of each variant on the image+text and video+text cases, so tests can
-compare the HF model against them. Used by the ``exported`` fixtures of tests/hf and tests/inference.
+``export_variants`` does this for every fusion variant in two forked gloo processes (the
+weights start from a perturbed full state so norms, CASA copies and gates are non-trivial, then
+take one AdamW step through megatron's schedule) and returns the megatron logits of the trained
+model on the image+text and video+text cases (``hf_cases``), per layout; the exports run in one
+more forked process (one process, TP=1, as the CLI does). Used by the ``exported`` fixtures of
+tests/hf and tests/inference.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from pathlib import Path
+from typing import Dict, Iterable, Sequence
 
 import torch
 from support.dist import run_distributed
 from support.hf_cases import IMAGE_SLOTS, VARIANTS, make_case, megatron_batch
 
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
 
-def _export(rank, world, root, variants):
-    from pathlib import Path
 
+def tiny_tokenizer(out_dir: Path, vocab: int) -> Path:
+    """A word-level tokenizer with our layout tokens (<image> = id 4) and ``vocab`` entries at most."""
+    from casa_megatron.data.tokenization import build_word_tokenizer
+
+    words = [f"w{i}" for i in range(vocab - 7)]
+    return build_word_tokenizer([" ".join(words)], out_dir)
+
+
+def train_config(fusion: dict, tp: int, pp: int, tokenizer: Path, run_dir: Path, vision: dict | None = None):
+    from casa_megatron.config.schema import OptimizerConfig, ParallelConfig, TrainConfig
+    from casa_megatron.data.config import DataConfig
+    from support.vlm import small_model_config
+
+    return TrainConfig(model=small_model_config(vision, **fusion),
+                       parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                       data=DataConfig(tokenizer_path=str(tokenizer), image_seq_length=IMAGE_SLOTS),
+                       optimizer=OptimizerConfig(warmup_steps=0, lr_new=1e-3, lr_pretrained=1e-3),
+                       train_steps=1, run_dir=str(run_dir))
+
+
+def stage_logits(model, batch, image_slots: int = IMAGE_SLOTS):
+    """[b, s, v] full logits on the last pipeline stage (None elsewhere), gathered over TP."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = batch.input_ids.shape
+    with torch.no_grad():
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            out = model(batch)
+        else:
+            outs = get_forward_backward_func()(
+                forward_step_func=lambda it, m: (m(next(it)), None), data_iterator=iter([batch]), model=[model],
+                num_microbatches=1, seq_length=s + image_slots, micro_batch_size=b, forward_only=True)
+            if not parallel_state.is_pipeline_last_stage():
+                return None
+            out = outs[0]
+    return tensor_parallel.gather_from_tensor_model_parallel_region(out).transpose(0, 1).contiguous()
+
+
+def _one_step(model, cfg, batch):
+    """One real training step (DDP, distributed AdamW, megatron's schedule); returns the optimizer
+    and scheduler that ``Checkpointer.save`` stores."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from casa_megatron.training.optimizer import build_optimizer, wrap_ddp
+    from casa_megatron.training.step import masked_mean
+
+    ddp = wrap_ddp(model, cfg)
+    optimizer, scheduler = build_optimizer(ddp, cfg)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    def step(it, m):
+        data = next(it)
+        return m(data), lambda per_token: (masked_mean(per_token, data), {})
+
+    b, s = batch.input_ids.shape
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[ddp],
+                                num_microbatches=1, seq_length=s + IMAGE_SLOTS, micro_batch_size=b)
+    optimizer.step()
+    scheduler.step(increment=1)
+    return optimizer, scheduler
+
+
+def _perturbed(name: str, vision: dict | None):
+    """The variant's full (TP=1) weights plus noise, the same on every rank."""
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.parallel.tp_layout import load_full_state
-    from support.hf_export import export_megatron, tiny_tokenizer
-    from support.vlm import VOCAB, perturbed_full_state, small_model_config
+    from support.vlm import perturbed_full_state, small_model_config
 
-    root = Path(root)
-    tok = tiny_tokenizer(root / "tokenizer", VOCAB)
     initialize_parallel(1, 1, seed=0)
-    logits = {}
+    ref = build_vlm(small_model_config(vision, **VARIANTS[name]), ParallelConfig(), IMAGE_SLOTS)
+    return perturbed_full_state(ref)
+
+
+def train_and_save(rank, world, root, variants, layouts, tokenizer, vision=None):
+    """(worker) For each layout and variant: build, load the perturbed weights, train one step,
+    save the training checkpoint under ``root/<layout>/<variant>``; return the logits."""
+    from megatron.core import parallel_state
+
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.parallel.tp_layout import load_full_state
+    from casa_megatron.training.checkpoint import Checkpointer
+    from support.equivalence import global_name
+    from support.vlm import random_batch
+
+    logits: Dict[str, Dict] = {}
     for name in variants:
-        fusion = VARIANTS[name]
-        cfg = small_model_config(**fusion)
-        model = build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS)
-        load_full_state(model, perturbed_full_state(model), 0, 1)
-        model.eval()
-        with torch.no_grad():
-            logits[name] = {kind: model(megatron_batch(make_case(kind))).transpose(0, 1).contiguous()
-                            for kind in ("image", "video")}
-        export_megatron(model, cfg, root / name, tok, image_token_id=4)
+        full = _perturbed(name, vision)
+        for layout in layouts:
+            tp, pp = LAYOUTS[layout]
+            cfg = train_config(VARIANTS[name], tp, pp, Path(tokenizer), Path(root) / layout / name, vision)
+            initialize_parallel(tp, pp, seed=0)
+            model = build_vlm(cfg.model, cfg.parallel, IMAGE_SLOTS)
+            offset = model.decoder.layer_offset if hasattr(model, "decoder") else 0
+            local = {n: full[global_name(n, offset)] for n, _ in model.named_parameters()}
+            load_full_state(model, local, parallel_state.get_tensor_model_parallel_rank(), tp)
+            optimizer, scheduler = _one_step(model, cfg, random_batch(3))
+            Checkpointer(Path(cfg.run_dir) / "checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
+            out = {kind: stage_logits(model, megatron_batch(make_case(kind))) for kind in ("image", "video")}
+            if out["image"] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+                logits.setdefault(layout, {})[name] = out
     return logits
 
 
-def export_variants(root, variants: Iterable[str] = tuple(VARIANTS)):
-    """(root, {variant: {kind: logits}}) with one HF folder per variant under ``root``."""
-    return root, run_distributed(_export, world_size=1, root=str(root), variants=list(variants))[0]
+def export_all(rank, world, jobs):
+    """(worker, world size 1) ``casa-convert export-hf CHECKPOINT OUT --no-progress`` for each job."""
+    from casa_megatron.conversion.cli import main
+
+    for checkpoint, out in jobs:
+        assert main(["export-hf", checkpoint, out, "--no-progress"]) == 0, checkpoint
+    return len(jobs)
+
+
+def merge_logits(reports: Sequence[dict]) -> dict:
+    merged: Dict[str, Dict] = {}
+    for report in reports:
+        for layout, by_variant in report.items():
+            merged.setdefault(layout, {}).update(by_variant)
+    return merged
+
+
+def export_variants(root: Path, variants: Iterable[str] = tuple(VARIANTS), layouts=tuple(LAYOUTS)):
+    """``(root, {layout: {variant: {kind: logits}}})``; the HF folder of each layout is
+    ``root/hf/<layout>/<variant>``, and ``root/<variant>`` is the TP=2 one."""
+    from support.vlm import VOCAB
+
+    root = Path(root)
+    tok = tiny_tokenizer(root / "tokenizer", VOCAB)
+    variants = list(variants)
+    reports = run_distributed(train_and_save, world_size=2, root=str(root), variants=variants,
+                              layouts=list(layouts), tokenizer=str(tok))
+    jobs = [(str(root / layout / name / "checkpoints"), str(root / "hf" / layout / name))
+            for layout in layouts for name in variants]
+    run_distributed(export_all, world_size=1, jobs=jobs)
+    for name in variants:
+        (root / name).symlink_to(root / "hf" / (PRIMARY if PRIMARY in layouts else layouts[0]) / name)
+    return root, merge_logits(reports)

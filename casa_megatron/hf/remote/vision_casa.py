@@ -144,7 +144,7 @@ class TinyVit(nn.Module):
 
 QWEN_VISION_FIELDS = ("depth", "hidden_size", "hidden_act", "intermediate_size", "num_heads", "in_channels",
                       "patch_size", "spatial_merge_size", "temporal_patch_size", "tokens_per_second",
-                      "window_size", "fullatt_block_indexes", "initializer_range")
+                      "window_size", "fullatt_block_indexes", "initializer_range", "rope_parameters")
 
 
 def build_vision(cfg: Dict, out_hidden: int) -> nn.Module:

@@ -1,0 +1,217 @@
+"""``export-hf``: a training checkpoint (any TP/PP) or an imported one -> a Hugging Face folder.
+
+The model is rebuilt at TP=1/PP=1 from the checkpoint's own config (``config.yaml`` of a
+training checkpoint, ``model.yaml`` of an import), megatron reshards the dist-checkpoint
+tensors into it on load (a TP=2 or PP=2 checkpoint holds global tensors cut in pieces; the
+TP=1 model asks for whole ones), and the tensors leave through the *same* mapping tables as the
+import (``engine.export_units``): vocabulary padding sliced off, Helium's Q/K permutation
+undone, the vision MLP padding removed. Before anything is loaded the checkpoint's tensor
+list is compared with the model's (missing tensors are named).
+
+Two formats (``hf_formats.py``): our ``model_type: casa`` folder with the remote code, or
+transformers' own ``Qwen2_5_VLForConditionalGeneration`` for the insertion baseline whose
+backbone is Qwen2.5-VL. The folder (``hf/folder.py``) is written into a hidden temporary
+sibling and renamed into place; shards are streamed parameter by parameter, so memory holds
+the model plus one parameter's HF tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from casa_megatron.config.schema import ModelConfig, ParallelConfig
+from casa_megatron.conversion.checkpoint_source import CheckpointSource, locate_checkpoint
+from casa_megatron.conversion.engine import SHOW, export_units
+from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.hf_formats import QWEN_TOKENS, choose_format, qwen2_5_vl_config
+from casa_megatron.conversion.output_dir import check_output
+from casa_megatron.conversion.tables import tables_for
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+QWEN_PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    format: str
+    source: CheckpointSource
+    tensors: int
+    nbytes: int
+    dtype: str
+    seconds: float
+
+
+def _phase_logger(start: float, enabled: bool):
+    def log(phase: str) -> None:
+        if enabled:
+            print(f"export-hf [{time.perf_counter() - start:.1f} s] {phase}", file=sys.stderr, flush=True)
+    return log
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "auto",
+              dtype: str = "auto", tokenizer: Optional[str | Path] = None, max_shard_size: str = "2GB",
+              progress: bool = True, phases: bool = False) -> ExportResult:
+    """See the module docstring. ``dtype``: auto (the checkpoint's), fp32 or bf16; ``tokenizer``:
+    a tokenizer folder when the checkpoint's own cannot be found."""
+    start = time.perf_counter()
+    log = _phase_logger(start, phases)
+    out = Path(out_dir)
+    check_output(out, force)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} not in {sorted(DTYPES) + ['auto']}")
+    source = locate_checkpoint(checkpoint)
+    model_cfg = dataclasses.replace(source.model, transformer_impl="local")  # TE checkpoints load into local
+    target = choose_format(model_cfg, fmt)
+    tok_dir = resolve_tokenizer(source, tokenizer)
+    tok = _load_tokenizer(tok_dir, model_cfg)
+    log(f"building the model ({source.kind} checkpoint {source.path})")
+    model = load_model(source, model_cfg)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
+    dtype_name = str(out_dtype).replace("torch.", "")
+    units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
+    files: Dict[str, Path] = {}
+    if target == "qwen2_5_vl":
+        config = qwen2_5_vl_config(model_cfg, _token_ids(tok, tok_dir, QWEN_TOKENS), dtype_name)
+        files = {n: source.path / n for n in QWEN_PROCESSOR_FILES if (source.path / n).exists()}
+        processor = None if files else qwen_image_processor(source, model_cfg)
+    else:
+        from casa_megatron.hf.config_map import casa_config_dict
+
+        image_token = _casa_image_token(tok, tok_dir, source)
+        config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(image_token), extra={"dtype": dtype_name})
+        processor = casa_processor(source, image_token)
+    log(f"writing {out} ({target}, {dtype_name})")
+    from casa_megatron.hf.folder import write_hf_folder
+
+    count = sum(len(u.names) for u in units)
+    with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
+        write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, force=force,
+                        max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
+                        progress=bar.update)
+    log("done")
+    return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
+                        time.perf_counter() - start)
+
+
+# --- the model ----------------------------------------------------------------------------
+def load_model(source: CheckpointSource, model_cfg: ModelConfig):
+    """The whole model at TP=1/PP=1 with the checkpoint's weights, in the stored dtype."""
+    from megatron.core import dist_checkpointing
+
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.checkpoint import CheckpointError
+    from casa_megatron.training.pretrained import load_model_weights
+
+    initialize_parallel(1, 1, seed=0)
+    stored = dist_checkpointing.load_tensors_metadata(str(source.weights))
+    embedding = stored.get("embedding.word_embeddings.weight")
+    params_dtype = embedding.dtype if embedding is not None else torch.float32
+    model = build_vlm(model_cfg, ParallelConfig(), source.data.image_seq_length, params_dtype,
+                      skip_init=("lm", "vision", "projector"))  # every weight is loaded (checked first)
+    check_weights(model, stored, source)
+    try:
+        load_model_weights(model, source.weights)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from exc
+    return model.eval()
+
+
+def check_weights(model, stored: dict, source: CheckpointSource) -> None:
+    """The checkpoint's tensors against the model its config describes: one error naming every
+    missing tensor and shape mismatch (and model-looking tensors the config does not explain)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    expected = {sh.key: sh for sh in nested_values(model.sharded_state_dict())
+                if isinstance(sh, (ShardedTensor, ShardedTensorFactory))}
+    missing = sorted(k for k in expected if k not in stored)
+    mismatched = [f"{k}: checkpoint {tuple(stored[k].global_shape)} vs model {tuple(sh.global_shape)}"
+                  for k, sh in expected.items() if isinstance(sh, ShardedTensor) and k in stored
+                  and tuple(stored[k].global_shape) != tuple(sh.global_shape)]
+    unexpected = sorted(k for k in stored if k not in expected and not k.startswith("optimizer."))
+    problems = [_listing(kind, items) for kind, items in (("missing tensors", missing),
+                                                          ("shape mismatches", mismatched),
+                                                          ("unexpected tensors", unexpected)) if items]
+    if problems:
+        config = "config.yaml" if source.kind == "training" else "model.yaml"
+        raise ConversionError(f"the checkpoint {source.weights} does not hold the model its {config} describes:\n  "
+                              + "\n  ".join(problems))
+
+
+def _listing(kind: str, items: List[str]) -> str:
+    more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return f"{kind} ({len(items)}): " + ", ".join(items[:SHOW]) + more
+
+
+# --- tokenizer and processor --------------------------------------------------------------------
+def resolve_tokenizer(source: CheckpointSource, explicit: Optional[str | Path]) -> Path:
+    candidates = [Path(explicit)] if explicit else source.tokenizer_candidates
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").exists():
+            return folder
+    if explicit:
+        raise ConversionError(f"--tokenizer {explicit}: no tokenizer_config.json there")
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (the run trained on the in-memory synthetic task)"
+    raise ConversionError(f"no tokenizer found for {source.path} (looked in: {looked}); pass --tokenizer DIR")
+
+
+def _load_tokenizer(folder: Path, model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if len(tok) > model.lm.vocab_size:
+        raise ConversionError(f"the tokenizer in {folder} has {len(tok)} tokens but the model's vocabulary is "
+                              f"model.lm.vocab_size={model.lm.vocab_size}: not this model's tokenizer")
+    return tok
+
+
+def _has(tok, name: str) -> bool:
+    idx = tok.convert_tokens_to_ids(name)
+    return idx is not None and idx != tok.unk_token_id
+
+
+def _token_ids(tok, folder: Path, names: Dict[str, str]) -> Dict[str, int]:
+    missing = [n for n in names.values() if not _has(tok, n)]
+    if missing:
+        raise ConversionError(f"the tokenizer in {folder} has no {missing}: Qwen2_5_VLForConditionalGeneration "
+                              "expands <|image_pad|> / <|video_pad|> between <|vision_start|> and <|vision_end|> "
+                              "(the chat-template layout this model must have been trained with)")
+    return {field: int(tok.convert_tokens_to_ids(n)) for field, n in names.items()}
+
+
+def _casa_image_token(tok, folder: Path, source: CheckpointSource) -> str:
+    """The placeholder that marks an image in the exported model's input: the layout token
+    (``data.image_token``), else the chat template's (``<|image_pad|>``)."""
+    data = source.data
+    names = [data.image_token, data.image_placeholder or "<|image_pad|>"]
+    for name in names:
+        if _has(tok, name):
+            return name
+    raise ConversionError(f"the tokenizer in {folder} has none of the image placeholders {names}")
+
+
+def casa_processor(source: CheckpointSource, image_token: str) -> dict:
+    """``CasaProcessor`` settings: the training run's image budgets and normalisation."""
+    d = source.data
+    return dict(max_pixels=d.pixel_budget, min_pixels=d.min_pixels, video_max_pixels=d.video_pixel_budget,
+                image_mean=list(d.image_mean), image_std=list(d.image_std), image_token=image_token)
+
+
+def qwen_image_processor(source: CheckpointSource, model: ModelConfig) -> dict:
+    """transformers' ``Qwen2VLImageProcessor`` settings from the run's data config."""
+    from transformers import Qwen2VLImageProcessor
+
+    d, v = source.data, model.vision
+    return Qwen2VLImageProcessor(min_pixels=d.min_pixels, max_pixels=d.pixel_budget, patch_size=v.patch_size,
+                                 temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                                 image_mean=list(d.image_mean), image_std=list(d.image_std)).to_dict()
