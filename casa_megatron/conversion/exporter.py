@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from casa_megatron.config.schema import ModelConfig, ParallelConfig
+from casa_megatron.config.schema import ConfigError, ModelConfig, ParallelConfig
 from casa_megatron.conversion.checkpoint_source import CheckpointSource, locate_checkpoint
 from casa_megatron.conversion.engine import SHOW, export_units
 from casa_megatron.conversion.errors import ConversionError
@@ -73,6 +73,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     target = choose_format(model_cfg, fmt)
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
+    if target == "qwen2_5_vl":  # the tokenizer's ids are checked before the (long) load
+        token_ids = _token_ids(tok, tok_dir, QWEN_TOKENS)
+    else:
+        image_token = _casa_image_token(tok, tok_dir, source)
     log(f"building the model ({source.kind} checkpoint {source.path})")
     model = load_model(source, model_cfg)
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
@@ -80,13 +84,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
     files: Dict[str, Path] = {}
     if target == "qwen2_5_vl":
-        config = qwen2_5_vl_config(model_cfg, _token_ids(tok, tok_dir, QWEN_TOKENS), dtype_name)
+        text_tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                       "pad_token_id": tok.pad_token_id}
+        config = qwen2_5_vl_config(model_cfg, token_ids, dtype_name, text_tokens)
         files = {n: source.path / n for n in QWEN_PROCESSOR_FILES if (source.path / n).exists()}
         processor = None if files else qwen_image_processor(source, model_cfg)
     else:
         from casa_megatron.hf.config_map import casa_config_dict
 
-        image_token = _casa_image_token(tok, tok_dir, source)
         config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(image_token), extra={"dtype": dtype_name})
         processor = casa_processor(source, image_token)
     log(f"writing {out} ({target}, {dtype_name})")
@@ -116,8 +121,11 @@ def load_model(source: CheckpointSource, model_cfg: ModelConfig):
     stored = dist_checkpointing.load_tensors_metadata(str(source.weights))
     embedding = stored.get("embedding.word_embeddings.weight")
     params_dtype = embedding.dtype if embedding is not None else torch.float32
-    model = build_vlm(model_cfg, ParallelConfig(), source.data.image_seq_length, params_dtype,
-                      skip_init=("lm", "vision", "projector"))  # every weight is loaded (checked first)
+    try:
+        model = build_vlm(model_cfg, ParallelConfig(), source.data.image_seq_length, params_dtype,
+                          skip_init=("lm", "vision", "projector"))  # every weight is loaded (checked first)
+    except (ValueError, ConfigError) as exc:
+        raise ConversionError(f"the model described by {source.path} cannot be built: {exc}") from exc
     check_weights(model, stored, source)
     try:
         load_model_weights(model, source.weights)

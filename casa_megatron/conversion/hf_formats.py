@@ -16,7 +16,7 @@ at once instead of writing a folder that would load and compute something else.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from casa_megatron.config.schema import ModelConfig
 from casa_megatron.conversion.errors import ConversionError
@@ -56,6 +56,9 @@ def _projector_problems(model: ModelConfig) -> List[str]:
 
 def casa_problems(model: ModelConfig) -> List[str]:
     problems = _projector_problems(model)
+    if model.vision.encoder == "qwen2_5_vl" and not float(model.vision.tokens_per_second).is_integer():
+        problems.append(f"model.vision.tokens_per_second={model.vision.tokens_per_second}: transformers' "
+                        "Qwen2.5-VL vision config takes an integer")
     if is_native_qwen(model):
         problems.append("model.fusion.mechanism='insertion' with image_position_scheme 'mrope' is Qwen2.5-VL "
                         "itself: export it with --format qwen2_5_vl (or auto)")
@@ -81,13 +84,17 @@ def qwen_problems(model: ModelConfig) -> List[str]:
         problems.append(f"model.lm.kv_channels={lm.kv_channels}: Qwen2.5-VL's head size is hidden_size / heads")
     if lm.rope_scaling.type != "none":
         problems.append(f"model.lm.rope_scaling.type={lm.rope_scaling.type!r}: Qwen2.5-VL uses unscaled M-RoPE")
+    if not float(v.tokens_per_second).is_integer():
+        problems.append(f"model.vision.tokens_per_second={v.tokens_per_second}: transformers takes an integer")
     if v.norm_epsilon != 1e-6:
         problems.append(f"model.vision.norm_epsilon={v.norm_epsilon}: Qwen2.5-VL's vision norms use 1e-6")
     return problems + _projector_problems(model)
 
 
-def qwen2_5_vl_config(model: ModelConfig, token_ids: Dict[str, int], dtype: str) -> dict:
-    """transformers' ``Qwen2_5_VLConfig`` for this model, as the ``config.json`` dict."""
+def qwen2_5_vl_config(model: ModelConfig, token_ids: Dict[str, int], dtype: str,
+                      text_tokens: Optional[Dict[str, Optional[int]]] = None) -> dict:
+    """transformers' ``Qwen2_5_VLConfig`` for this model, as the ``config.json`` dict
+    (``text_tokens``: the tokenizer's bos / eos / pad ids for the text config)."""
     from transformers import Qwen2_5_VLConfig
 
     lm, v = model.lm, model.vision
@@ -96,12 +103,12 @@ def qwen2_5_vl_config(model: ModelConfig, token_ids: Dict[str, int], dtype: str)
                 num_key_value_heads=lm.num_query_groups, rms_norm_eps=lm.norm_epsilon,
                 max_position_embeddings=lm.max_position_embeddings, initializer_range=lm.init_method_std,
                 rope_parameters={"rope_type": "default", "rope_theta": float(lm.rotary_base),
-                                 "mrope_section": list(lm.resolved_mrope_section)})
+                                 "mrope_section": list(lm.resolved_mrope_section)}, **(text_tokens or {}))
     full = v.fullatt_block_indexes
     vision = dict(depth=v.num_layers, hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
                   num_heads=v.num_attention_heads, in_channels=v.in_channels, patch_size=v.patch_size,
                   spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-                  tokens_per_second=v.tokens_per_second, window_size=v.window_size, out_hidden_size=lm.hidden_size,
+                  tokens_per_second=int(v.tokens_per_second), window_size=v.window_size, out_hidden_size=lm.hidden_size,
                   fullatt_block_indexes=list(range(v.num_layers)) if full is None else list(full),
                   rope_parameters={"rope_type": "axial", "rope_theta": float(v.rope_theta)})
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=lm.tie_word_embeddings,

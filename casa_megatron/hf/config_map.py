@@ -72,7 +72,7 @@ def _vision_dict(vision) -> Dict[str, Any]:
     # qwen2_5_vl: transformers' Qwen2_5_VLVisionConfig fields (None = every block attends fully)
     full = vision.fullatt_block_indexes
     out.update(temporal_patch_size=vision.temporal_patch_size, window_size=vision.window_size,
-               tokens_per_second=vision.tokens_per_second,
+               tokens_per_second=int(vision.tokens_per_second),
                rope_parameters={"rope_type": "axial", "rope_theta": float(vision.rope_theta)},
                fullatt_block_indexes=list(range(vision.num_layers)) if full is None else list(full))
     out.pop("rms_norm_eps")

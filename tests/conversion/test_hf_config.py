@@ -55,7 +55,7 @@ def test_what_megatron_cannot_reproduce_is_refused(tmp_path, family, change, mes
 def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConversionError, match=r"unsupported architecture model_type='gpt2' \(architectures="
-                                              r"\['GPT2LMHeadModel'\]\); supported: \['helium', 'llama'"):
+                                              r"\['GPT2LMHeadModel'\]\); supported: \['casa', 'helium', 'llama'"):
         import_hf(str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ConversionError, match="no config.json"):
         import_hf(str(tmp_path / "nothing"), str(tmp_path / "out"))
