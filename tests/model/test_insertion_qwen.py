@@ -3,7 +3,11 @@
 (``casa-convert import-hf``'s ``main``: LM + vision encoder + merger), the model is built from
 ``checkpoint.pretrained``, and its text logits equal transformers' on image + text and video +
 text inputs (fp32) at TP=1 and TP=2 (the same two processes), with multimodal RoPE positions
-computed from the batch structure."""
+computed from the batch structure.
+
+And back: the TP=2 model trains one step, saves a training checkpoint, and ``casa-convert
+export-hf`` writes it as transformers' own ``Qwen2_5_VLForConditionalGeneration`` folder (no
+remote code), whose logits equal the trained megatron model's."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 import torch
 from support.dist import run_distributed
 from support.hf_equivalence import build_pretrained
-from support.qwen_vl import IMAGE_ID, VIDEO_ID, hf_qwen_vl
+from support.qwen_vl import hf_qwen_vl
 
 IMAGE_SLOTS = 16
 
@@ -36,7 +40,9 @@ def _batch(patch_dim: int):
 
 
 def _hf_logits(hf, model, batch):
-    """The same streams as HF inputs: image / video placeholder ids where our images sit."""
+    """The same streams as HF inputs: image / video placeholder ids (the HF config's) where our
+    images sit."""
+    image_id, video_id = hf.config.image_token_id, hf.config.video_token_id
     layout = model.layout(batch)
     b, s = batch.shape
     grid = batch.image_grid_thw
@@ -45,7 +51,7 @@ def _hf_logits(hf, model, batch):
     ids = torch.zeros(b * layout.length, dtype=torch.long)
     types = torch.zeros(b * layout.length, dtype=torch.int)
     ids[layout.text_index] = batch.input_ids.reshape(-1)
-    ids[layout.image_index] = torch.repeat_interleave(torch.where(video, VIDEO_ID, IMAGE_ID), counts)
+    ids[layout.image_index] = torch.repeat_interleave(torch.where(video, video_id, image_id), counts)
     types[layout.image_index] = torch.repeat_interleave(torch.where(video, 2, 1), counts).int()
     mask = (layout.segment_ids >= 0).long()  # stream padding at the end of a row
     patches = torch.split(batch.pixel_patches, grid.prod(1).tolist())
@@ -69,8 +75,11 @@ def _import(rank, world, hf_dir, out):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    from support.export import chat_tokenizer
+
     root = tmp_path_factory.mktemp("qwen_vl")
     hf_qwen_vl().save_pretrained(str(root / "hf"))
+    chat_tokenizer(root / "hf")  # copied into the import, then found by the export
     report, = run_distributed(_import, world_size=1, hf_dir=str(root / "hf"), out=str(root / "imported"))
     return root, report
 
@@ -82,6 +91,26 @@ def test_import_reads_every_tensor_of_the_checkpoint(imported):
     read = {h for names in report["imported"].values() for h in names}
     assert any(n.startswith("visual.blocks.") for n in read) and "visual.merger.mlp.2.weight" in read
     assert report["source"]["dtype"] == "float32"
+
+
+def _train_and_save(model, root, tp, batch):
+    """One training step at this layout, then a training checkpoint (with optimizer state)."""
+    import dataclasses
+
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.checkpoint import Checkpointer
+    from support.hf_fixture import one_step
+
+    cfg = load_config(TrainConfig, None, [f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local",
+                                          f"parallel.tensor_model_parallel_size={tp}", f"run_dir={root}/run",
+                                          f"data.tokenizer_path={root}/imported", f"data.image_seq_length={IMAGE_SLOTS}",
+                                          "optimizer.warmup_steps=0", "train_steps=1"])
+    g = torch.Generator().manual_seed(1)
+    batch = dataclasses.replace(batch, labels=torch.randint(0, 100, batch.shape, generator=g),
+                                loss_mask=torch.ones(batch.shape))
+    optimizer, scheduler = one_step(model, cfg, batch, IMAGE_SLOTS)
+    Checkpointer(f"{root}/run/checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
 
 
 def _worker(rank, world, root):
@@ -99,12 +128,47 @@ def _worker(rank, world, root):
         ref = _hf_logits(hf, model, batch)
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"tp={tp}: {m}")
         report[tp] = ((ours - ref).abs().max().item(), ref.abs().max().item())
+    _train_and_save(model, root, world, batch)  # the TP=2 model
+    with torch.no_grad():
+        trained = tensor_parallel.gather_from_tensor_model_parallel_region(model(batch))
+    report["trained"] = trained
+    report["moved"] = (trained - ours).abs().max().item()
     return report
 
 
-def test_imported_insertion_equals_qwen2_5_vl_at_tp1_and_tp2(imported):
+@pytest.fixture(scope="module")
+def layouts(imported):
+    """Both ranks' reports: logits vs HF at TP=1 and TP=2, then the trained TP=2 logits."""
     root, _ = imported
-    reports = run_distributed(_worker, world_size=2, root=str(root))
-    for report in reports:
-        assert sorted(report) == [1, 2]
-        assert all(err < 1e-4 and scale > 1.0 for err, scale in report.values()), report
+    return run_distributed(_worker, world_size=2, root=str(root))
+
+
+def test_imported_insertion_equals_qwen2_5_vl_at_tp1_and_tp2(layouts):
+    for report in layouts:
+        checks = {k: v for k, v in report.items() if isinstance(k, int)}
+        assert sorted(checks) == [1, 2]
+        assert all(err < 1e-4 and scale > 1.0 for err, scale in checks.values()), report
+
+
+def _export_native(rank, world, root, trained):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from casa_megatron.conversion.cli import main
+
+    assert main(["export-hf", f"{root}/run", f"{root}/exported", "--no-progress"]) == 0
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{root}/exported", attn_implementation="eager").eval()
+    model = build_pretrained(f"{root}/imported", tp=1, image_slots=IMAGE_SLOTS)  # for the stream layout
+    ref = _hf_logits(hf, model, _batch(model.model_config.vision.patch_dim))
+    trained = torch.as_tensor(trained)
+    torch.testing.assert_close(ref, trained, rtol=1e-4, atol=1e-4)
+    return (ref - trained).abs().max().item(), sorted(p.name for p in Path(f"{root}/exported").iterdir())
+
+
+def test_trained_tp2_checkpoint_exports_to_transformers_qwen2_5_vl(imported, layouts):
+    root = imported[0]
+    assert layouts[0]["moved"] > 1e-4  # the step changed the model: the export is of the trained weights
+    (err, files), = run_distributed(_export_native, world_size=1, root=str(root), trained=layouts[0]["trained"])
+    assert err < 1e-4
+    assert not [f for f in files if f.endswith(".py")] and "model.safetensors" in files
+    config = json.loads((root / "exported" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"] and "auto_map" not in config

@@ -63,7 +63,7 @@ def stage_logits(model, batch, image_slots: int = IMAGE_SLOTS):
     return tensor_parallel.gather_from_tensor_model_parallel_region(out).transpose(0, 1).contiguous()
 
 
-def _one_step(model, cfg, batch):
+def one_step(model, cfg, batch, image_slots: int = IMAGE_SLOTS):
     """One real training step (DDP, distributed AdamW, megatron's schedule); returns the optimizer
     and scheduler that ``Checkpointer.save`` stores."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -82,7 +82,7 @@ def _one_step(model, cfg, batch):
 
     b, s = batch.input_ids.shape
     get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[ddp],
-                                num_microbatches=1, seq_length=s + IMAGE_SLOTS, micro_batch_size=b)
+                                num_microbatches=1, seq_length=s + image_slots, micro_batch_size=b)
     optimizer.step()
     scheduler.step(increment=1)
     return optimizer, scheduler
@@ -123,7 +123,7 @@ def train_and_save(rank, world, root, variants, layouts, tokenizer, vision=None)
             offset = model.decoder.layer_offset if hasattr(model, "decoder") else 0
             local = {n: full[global_name(n, offset)] for n, _ in model.named_parameters()}
             load_full_state(model, local, parallel_state.get_tensor_model_parallel_rank(), tp)
-            optimizer, scheduler = _one_step(model, cfg, random_batch(3))
+            optimizer, scheduler = one_step(model, cfg, random_batch(3))
             Checkpointer(Path(cfg.run_dir) / "checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
             out = {kind: stage_logits(model, megatron_batch(make_case(kind))) for kind in ("image", "video")}
             if out["image"] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
