@@ -94,6 +94,7 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.pretrained import load_model_weights
+    from support.export import export_megatron
     from support.vlm import small_model_config
 
     root, report = Path(root), {}
@@ -114,8 +115,11 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
     for name, fusion in GENERIC_CASES.items():
         model_cfg = small_model_config(**fusion)
         initialize_parallel(1, 1, seed=0)
-        report[name] = _round_trip(name, root / name, model_cfg, build_vlm(model_cfg, ParallelConfig(), 16),
-                                   Path(tokenizers["generic"]), [])
+        model = build_vlm(model_cfg, ParallelConfig(), 16)
+        report[name] = _round_trip(name, root / name, model_cfg, model, Path(tokenizers["generic"]), [])
+    # the in-process helper other tests use writes the same tensors as the command
+    export_megatron(model, model_cfg, root / "in_process", Path(tokenizers["generic"]))
+    report["in_process"] = _compare_hf(root / name / "hf", root / "in_process")
     return report
 
 
@@ -159,6 +163,11 @@ def test_export_then_import_gives_back_every_tensor(round_trips, case):
         assert r["format"] == "casa"
     if "gated" in case:
         assert r["gates"] and all(g != 0 for g in r["gates"])
+
+
+def test_in_process_export_helper_equals_the_command(round_trips):
+    r = round_trips[1]["in_process"]
+    assert r["compared"] > 20 and r["differ"] == [] and r["extra"] == []
 
 
 def test_native_export_loads_in_transformers_without_remote_code(round_trips):
@@ -214,7 +223,7 @@ def _bad_inputs(rank, world, root):
     kept = (root / "taken" / "old.txt").exists()
     cases["forced"] = _cli("export-hf", ckpt, root / "taken", "--force", "--no-progress")
     cases["forced"] += ((root / "taken" / "old.txt").exists(), (root / "taken" / "config.json").exists(), kept,
-                        sorted(p.name for p in root.iterdir() if p.name.startswith(".")))
+                        sorted(p.name for p in root.iterdir() if p.name.startswith(".taken")))
     return cases
 
 

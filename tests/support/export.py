@@ -72,3 +72,24 @@ def perturb(model, model_cfg, seed: int = 5, scale: float = 0.05) -> None:
                 p[padded_ffn + ffn:] = 0
             elif name.startswith("vision.blocks.") and name.endswith("mlp.linear_fc2.weight"):
                 p[:, ffn:] = 0
+
+
+def export_megatron(model, model_cfg, out_dir: Path, tokenizer_dir: Path, image_token_id=None) -> Path:
+    """An in-memory TP=1 model -> HF folder through the real ``export-hf`` (drop-in for the deleted
+    temporary ``support.hf_export.export_megatron``): the weights are saved as a model-only
+    training checkpoint next to ``out_dir`` and exported from there. Call it in a process whose
+    megatron state is TP=1/PP=1 (a forked worker)."""
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.conversion.exporter import export_hf
+    from casa_megatron.data.config import DataConfig
+
+    out_dir = Path(out_dir)
+    run = out_dir.parent / f".{out_dir.name}-checkpoint"
+    cfg = TrainConfig(model=model_cfg, data=DataConfig(tokenizer_path=str(tokenizer_dir)))
+    save_weights_checkpoint(model, cfg, run)
+    export_hf(run, out_dir, force=True, progress=False)
+    if image_token_id is not None:
+        import json
+
+        assert json.loads((out_dir / "config.json").read_text())["image_token_id"] == image_token_id
+    return out_dir
