@@ -107,11 +107,19 @@ def write_checkpoint(folder: Path, layers: int = 0) -> dict:
 
 def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2) -> dict:
     """Run the CLI in a child; sample its RSS; timestamp its phase lines as they arrive."""
-    import psutil
-
     shrink = [f"model.vision.num_layers={layers}", f"model.vision.trainable_blocks={min(layers, 4)}"] if layers else []
     cmd = [sys.executable, "-m", "casa_megatron.conversion", "import-hf", str(hf), str(out),
            "--config", str(RECIPE), "--no-progress", *shrink]
+    result = run_sampled(cmd, "import-hf [", interval)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return result
+
+
+def run_sampled(cmd, phase_prefix: str, interval: float = 0.2) -> dict:
+    """Run ``cmd`` in a child: its RSS every ``interval`` s (psutil), and the time of each stderr
+    line starting with ``phase_prefix`` (the conversion commands' timed phase lines)."""
+    import psutil
+
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -129,7 +137,7 @@ def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2) -> d
     def read_stderr():
         for line in proc.stderr:
             stderr.append(line)
-            if line.startswith("import-hf ["):
+            if line.startswith(phase_prefix):
                 phases.append((time.perf_counter() - start, line.split("] ", 1)[1].strip()))
 
     threads = [threading.Thread(target=f, daemon=True) for f in (sample, read_stderr)]
@@ -141,9 +149,8 @@ def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2) -> d
     for t in threads:
         t.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"import failed ({proc.returncode}):\n{''.join(stderr)[-4000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-            "rss_samples": samples, "phases": phases, "stdout": "".join(stdout).strip(),
+        raise RuntimeError(f"{cmd[3:5]} failed ({proc.returncode}):\n{''.join(stderr)[-4000:]}")
+    return {"wall_s": wall, "rss_samples": samples, "phases": phases, "stdout": "".join(stdout).strip(),
             "stderr_tail": "".join(stderr).strip()[-2000:]}
 
 
@@ -163,7 +170,8 @@ def _merged_phases(phases, gap: float):
     return merged
 
 
-def plot(samples, phases, hf_bytes: int, path: Path) -> None:
+def plot(samples, phases, hf_bytes: int, path: Path, title: str = "casa-convert import-hf, Qwen2.5-VL-3B-shaped bf16 "
+         "checkpoint", label: str = "import-hf RSS", ref_label: str = "HF checkpoint size") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,8 +179,8 @@ def plot(samples, phases, hf_bytes: int, path: Path) -> None:
 
     t, rss = zip(*samples)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.plot(t, [r / 2 ** 30 for r in rss], label="import-hf RSS")
-    ax.axhline(hf_bytes / 2 ** 30, color="grey", ls="--", label="HF checkpoint size")
+    ax.plot(t, [r / 2 ** 30 for r in rss], label=label)
+    ax.axhline(hf_bytes / 2 ** 30, color="grey", ls="--", label=ref_label)
     ax.axhline(2 * hf_bytes / 2 ** 30, color="red", ls=":", label="2x checkpoint size")
     top = max(r for _, r in samples) / 2 ** 30
     for t_phase, name in _merged_phases(phases, gap=0.03 * t[-1]):
@@ -180,7 +188,7 @@ def plot(samples, phases, hf_bytes: int, path: Path) -> None:
         ax.text(t_phase, top * 1.02, name, rotation=90, fontsize=7, va="top", ha="right")
     ax.set_xlabel("seconds since the command started")
     ax.set_ylabel("GiB")
-    ax.set_title("casa-convert import-hf, Qwen2.5-VL-3B-shaped bf16 checkpoint")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -114,8 +114,6 @@ def load_model(source: CheckpointSource, model_cfg: ModelConfig):
 
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.training.checkpoint import CheckpointError
-    from casa_megatron.training.pretrained import load_model_weights
 
     initialize_parallel(1, 1, seed=0)
     stored = dist_checkpointing.load_tensors_metadata(str(source.weights))
@@ -128,10 +126,33 @@ def load_model(source: CheckpointSource, model_cfg: ModelConfig):
         raise ConversionError(f"the model described by {source.path} cannot be built: {exc}") from exc
     check_weights(model, stored, source)
     try:
-        load_model_weights(model, source.weights)
-    except CheckpointError as exc:
-        raise ConversionError(str(exc)) from exc
+        load_in_place(model, source.weights)
+    except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
+        raise ConversionError(f"the weights of {source.weights} do not load into this model: {exc!r}") from exc
     return model.eval()
+
+
+def load_in_place(model, weights: Path) -> None:
+    """megatron's dist-checkpoint load straight into the parameters (megatron reshards whatever
+    TP/PP wrote the checkpoint). The sharded-tensor factories (SwiGLU ``linear_fc1`` as gate and
+    up halves) are applied here, so their halves are views of the weights and load in place:
+    megatron's own merge would ``cat`` every fc1 into a new tensor first (measured: +0.9 GiB at
+    1.2 B parameters), and ``load_state_dict`` would then copy it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from casa_megatron.training.checkpoint import _use_in_process_results_queue
+
+    _use_in_process_results_queue()
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    loaded = dist_checkpointing.load({"model": sharded}, str(weights))
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stray = [v.shape for v in nested_values(loaded["model"]) if torch.is_tensor(v)
+             and v.untyped_storage().data_ptr() not in owned]
+    if stray:  # a megatron version that loads into new tensors: the parameters would stay unset
+        raise ConversionError(f"internal: {len(stray)} tensors were not loaded into the model's parameters")
 
 
 def check_weights(model, stored: dict, source: CheckpointSource) -> None:
