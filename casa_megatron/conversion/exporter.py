@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -147,7 +148,9 @@ def load_in_place(model, weights: Path) -> None:
     _use_in_process_results_queue()
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
-    loaded = dist_checkpointing.load({"model": sharded}, str(weights))
+    with warnings.catch_warnings():  # megatron 0.16 calls torch's deprecated DCP entry point
+        warnings.filterwarnings("ignore", message=".*load_state_dict. is deprecated", category=FutureWarning)
+        loaded = dist_checkpointing.load({"model": sharded}, str(weights))
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
     stray = [v.shape for v in nested_values(loaded["model"]) if torch.is_tensor(v)
              and v.untyped_storage().data_ptr() not in owned]

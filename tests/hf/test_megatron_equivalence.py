@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.hf_cases import VARIANTS, hf_inputs, make_case
-from support.hf_fixture import LAYOUTS
+from support.hf_cases import hf_inputs, make_case
+from support.hf_fixture import ALL_VARIANTS, LAYOUTS
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_hf_logits_equal_megatron(exported, variant, layout):
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,20 @@ from support.hf_cases import IMAGE_SLOTS, VARIANTS, make_case, megatron_batch
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
 PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
+# Beyond the fusion variants: LM changes exported the same way (tied embeddings: under PP=2 the
+# last stage holds a copy of the embedding that megatron checkpoints under the embedding's key).
+LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True})}
+ALL_VARIANTS = [*VARIANTS, *LM_VARIANTS]
+
+
+def variant_config(name: str, vision: dict | None = None):
+    import dataclasses
+
+    from support.vlm import small_model_config
+
+    fusion, lm = LM_VARIANTS[name] if name in LM_VARIANTS else (VARIANTS[name], {})
+    cfg = small_model_config(vision, **fusion)
+    return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, **lm))
 
 
 def tiny_tokenizer(out_dir: Path, vocab: int) -> Path:
@@ -32,12 +46,11 @@ def tiny_tokenizer(out_dir: Path, vocab: int) -> Path:
     return build_word_tokenizer([" ".join(words)], out_dir)
 
 
-def train_config(fusion: dict, tp: int, pp: int, tokenizer: Path, run_dir: Path, vision: dict | None = None):
+def train_config(name: str, tp: int, pp: int, tokenizer: Path, run_dir: Path, vision: dict | None = None):
     from casa_megatron.config.schema import OptimizerConfig, ParallelConfig, TrainConfig
     from casa_megatron.data.config import DataConfig
-    from support.vlm import small_model_config
 
-    return TrainConfig(model=small_model_config(vision, **fusion),
+    return TrainConfig(model=variant_config(name, vision),
                        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                        data=DataConfig(tokenizer_path=str(tokenizer), image_seq_length=IMAGE_SLOTS),
                        optimizer=OptimizerConfig(warmup_steps=0, lr_new=1e-3, lr_pretrained=1e-3),
@@ -93,10 +106,10 @@ def _perturbed(name: str, vision: dict | None):
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
-    from support.vlm import perturbed_full_state, small_model_config
+    from support.vlm import perturbed_full_state
 
     initialize_parallel(1, 1, seed=0)
-    ref = build_vlm(small_model_config(vision, **VARIANTS[name]), ParallelConfig(), IMAGE_SLOTS)
+    ref = build_vlm(variant_config(name, vision), ParallelConfig(), IMAGE_SLOTS)
     return perturbed_full_state(ref)
 
 
@@ -117,11 +130,13 @@ def train_and_save(rank, world, root, variants, layouts, tokenizer, vision=None)
         full = _perturbed(name, vision)
         for layout in layouts:
             tp, pp = LAYOUTS[layout]
-            cfg = train_config(VARIANTS[name], tp, pp, Path(tokenizer), Path(root) / layout / name, vision)
+            cfg = train_config(name, tp, pp, Path(tokenizer), Path(root) / layout / name, vision)
             initialize_parallel(tp, pp, seed=0)
             model = build_vlm(cfg.model, cfg.parallel, IMAGE_SLOTS)
             offset = model.decoder.layer_offset if hasattr(model, "decoder") else 0
-            local = {n: full[global_name(n, offset)] for n, _ in model.named_parameters()}
+            tied = {"output_layer.weight": "embedding.word_embeddings.weight"}  # the last stage's copy (PP)
+            local = {n: full[tied.get(n) if n not in full and n in tied else global_name(n, offset)]
+                     for n, _ in model.named_parameters()}
             load_full_state(model, local, parallel_state.get_tensor_model_parallel_rank(), tp)
             optimizer, scheduler = one_step(model, cfg, random_batch(3))
             Checkpointer(Path(cfg.run_dir) / "checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
@@ -148,7 +163,7 @@ def merge_logits(reports: Sequence[dict]) -> dict:
     return merged
 
 
-def export_variants(root: Path, variants: Iterable[str] = tuple(VARIANTS), layouts=tuple(LAYOUTS)):
+def export_variants(root: Path, variants: Iterable[str] = tuple(ALL_VARIANTS), layouts=tuple(LAYOUTS)):
     """``(root, {layout: {variant: {kind: logits}}})``; the HF folder of each layout is
     ``root/hf/<layout>/<variant>``, and ``root/<variant>`` is the TP=2 one."""
     from support.vlm import VOCAB
