@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         print(json.dumps(summary, indent=1))
         Path(args.json).write_text(json.dumps({**summary, "rss_samples": samples}, indent=1))
         if args.plot and samples:
-            plot(samples, summary["phases"], written["bytes"], Path(args.plot),
+            short = [(t, name.split(" (")[0].split(" /")[0]) for t, name in summary["phases"]]  # no paths
+            plot(samples, short, written["bytes"], Path(args.plot),
                  title=f"casa-convert export-hf, {args.preset} preset ({written['parameters'] / 1e9:.2f} B, bf16)",
                  label="export-hf RSS", ref_label="model size")
     finally:

@@ -181,7 +181,7 @@ def plot(samples, phases, hf_bytes: int, path: Path, title: str = "casa-convert 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(t, [r / 2 ** 30 for r in rss], label=label)
     ax.axhline(hf_bytes / 2 ** 30, color="grey", ls="--", label=ref_label)
-    ax.axhline(2 * hf_bytes / 2 ** 30, color="red", ls=":", label="2x checkpoint size")
+    ax.axhline(2 * hf_bytes / 2 ** 30, color="red", ls=":", label=f"2x {ref_label.split()[0]} size")
     top = max(r for _, r in samples) / 2 ** 30
     for t_phase, name in _merged_phases(phases, gap=0.03 * t[-1]):
         ax.axvline(t_phase, color="black", lw=0.5, alpha=0.4)
