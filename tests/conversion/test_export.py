@@ -30,9 +30,12 @@ HF_CASES = {  # HF source -> import overrides (re-import overrides for the nativ
     "qwen2_5_vl_insertion": ("qwen2_5_vl", ["model.fusion.mechanism=insertion"]),
     "qwen2_5_vl_casa": ("qwen2_5_vl", ["model.fusion.every_n=2"]),
 }
-GENERIC_CASES = {"generic_insertion": dict(mechanism="insertion"),
-                 "generic_casa_replace": dict(placement="replace", every_n=2),
-                 "generic_casa_shared": dict(share_projections=True, layers=[0, 2])}
+GENERIC_CASES = {  # our own small model (tiny_vit): fusion, parameter dtype
+    "generic_insertion": (dict(mechanism="insertion"), torch.float32),
+    "generic_casa_replace": (dict(placement="replace", every_n=2), torch.float32),
+    "generic_casa_shared": (dict(share_projections=True, layers=[0, 2]), torch.float32),
+    "generic_casa_bf16": (dict(), torch.bfloat16),  # a bf16 run: exported, re-imported and compared in bf16
+}
 NATIVE = {"qwen2_5_vl_insertion"}
 
 
@@ -112,14 +115,21 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
         reimport = overrides[:1] if name in NATIVE else []
         report[name] = {"hf": _compare_hf(Path(hf_dirs[source]), base / "hf_from_import"),
                         **_round_trip(name, base, model_cfg, model, Path(tokenizers[source]), reimport)}
-    for name, fusion in GENERIC_CASES.items():
+    for name, (fusion, dtype) in GENERIC_CASES.items():
         model_cfg = small_model_config(**fusion)
         initialize_parallel(1, 1, seed=0)
-        model = build_vlm(model_cfg, ParallelConfig(), 16)
+        model = build_vlm(model_cfg, ParallelConfig(), 16, dtype)
         report[name] = _round_trip(name, root / name, model_cfg, model, Path(tokenizers["generic"]), [])
+        report[name]["dtype"] = json.loads((root / name / "hf" / "config.json").read_text())["dtype"]
     # the in-process helper other tests use writes the same tensors as the command
     export_megatron(model, model_cfg, root / "in_process", Path(tokenizers["generic"]))
     report["in_process"] = _compare_hf(root / name / "hf", root / "in_process")
+    # small shards: several files and an index, the same tensors
+    shared = root / "generic_casa_shared"
+    code, err = _cli("export-hf", shared / "run", root / "sharded", "--max-shard-size", "60KB", "--no-progress")
+    assert code == 0, err
+    report["sharded"] = {**_compare_hf(shared / "hf", root / "sharded"),
+                         "files": sorted(p.name for p in (root / "sharded").glob("*.safetensors*"))}
     return report
 
 
@@ -163,11 +173,33 @@ def test_export_then_import_gives_back_every_tensor(round_trips, case):
         assert r["format"] == "casa"
     if "gated" in case:
         assert r["gates"] and all(g != 0 for g in r["gates"])
+    if case in GENERIC_CASES:
+        assert r["dtype"] == str(GENERIC_CASES[case][1]).replace("torch.", "")
 
 
 def test_in_process_export_helper_equals_the_command(round_trips):
     r = round_trips[1]["in_process"]
     assert r["compared"] > 20 and r["differ"] == [] and r["extra"] == []
+
+
+def test_sharded_export_has_an_index_and_loads_the_same(round_trips):
+    from transformers import AutoModelForCausalLM
+
+    from support.hf_cases import hf_inputs, make_case
+
+    root, report = round_trips
+    r = report["sharded"]
+    assert r["differ"] == [] and r["extra"] == [] and r["compared"] > 20
+    shards = [f for f in r["files"] if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in r["files"]
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    inputs = hf_inputs(make_case("image"))
+    logits = []
+    for folder in (root / "generic_casa_shared" / "hf", root / "sharded"):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits.append(model(**inputs, use_cache=False).logits)
+    assert torch.equal(*logits)
 
 
 def test_native_export_loads_in_transformers_without_remote_code(round_trips):
