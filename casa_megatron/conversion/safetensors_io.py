@@ -208,7 +208,8 @@ def _write_shard(path: Path, units: Sequence[TensorUnit], progress) -> int:
         size = torch.empty(0, dtype=unit.dtype).element_size()
         for name, shape in zip(unit.names, unit.shapes):
             end = offset + size * _numel(shape)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[unit.dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[unit.dtype], "shape": list(shape),
+                            "data_offsets": [offset, end]}
             offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors writer does

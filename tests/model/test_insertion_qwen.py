@@ -102,10 +102,10 @@ def _train_and_save(model, root, tp, batch):
     from casa_megatron.training.checkpoint import Checkpointer
     from support.hf_fixture import one_step
 
-    cfg = load_config(TrainConfig, None, [f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local",
-                                          f"parallel.tensor_model_parallel_size={tp}", f"run_dir={root}/run",
-                                          f"data.tokenizer_path={root}/imported", f"data.image_seq_length={IMAGE_SLOTS}",
-                                          "optimizer.warmup_steps=0", "train_steps=1"])
+    cfg = load_config(TrainConfig, None, [
+        f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local", f"run_dir={root}/run",
+        f"parallel.tensor_model_parallel_size={tp}", f"data.tokenizer_path={root}/imported",
+        f"data.image_seq_length={IMAGE_SLOTS}", "optimizer.warmup_steps=0", "train_steps=1"])
     g = torch.Generator().manual_seed(1)
     batch = dataclasses.replace(batch, labels=torch.randint(0, 100, batch.shape, generator=g),
                                 loss_mask=torch.ones(batch.shape))

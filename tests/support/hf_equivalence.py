@@ -37,26 +37,33 @@ def build_pretrained(directory, tp: int = 1, pp: int = 1, sp: bool = False, over
     return model.eval()
 
 
-@torch.no_grad()
-def full_logits(model, input_ids, vocab: int):
-    """[b, s, vocab] on the last pipeline stage (None elsewhere), gathered over TP, padding cut."""
+def stage_logits(model, batch, image_slots: int = IMAGE_SLOTS):
+    """[b, s, v_padded] full logits on the last pipeline stage (None elsewhere), gathered over TP
+    (PP: megatron's forward-only schedule)."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batch = text_only_batch(input_ids, model.model_config.vision.patch_dim)
-    b, s = input_ids.shape
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        out = model(batch)
-    else:
-        outs = get_forward_backward_func()(
-            forward_step_func=lambda it, m: (m(next(it)), None), data_iterator=iter([batch]), model=[model],
-            num_microbatches=1, seq_length=s + IMAGE_SLOTS, micro_batch_size=b, forward_only=True)
-        if not parallel_state.is_pipeline_last_stage():
-            return None
-        out = outs[0]
-    out = tensor_parallel.gather_from_tensor_model_parallel_region(out)  # [s, b, v_padded]
+    b, s = batch.input_ids.shape
+    with torch.no_grad():
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            out = model(batch)
+        else:
+            outs = get_forward_backward_func()(
+                forward_step_func=lambda it, m: (m(next(it)), None), data_iterator=iter([batch]), model=[model],
+                num_microbatches=1, seq_length=s + image_slots, micro_batch_size=b, forward_only=True)
+            if not parallel_state.is_pipeline_last_stage():
+                return None
+            out = outs[0]
+    return tensor_parallel.gather_from_tensor_model_parallel_region(out).transpose(0, 1).contiguous()
+
+
+def full_logits(model, input_ids, vocab: int):
+    """[b, s, vocab] of a text-only batch on the last pipeline stage (None elsewhere), padding cut."""
+    out = stage_logits(model, text_only_batch(input_ids, model.model_config.vision.patch_dim))
+    if out is None:
+        return None
     assert torch.isinf(out[..., vocab:]).all(), "padded vocabulary columns must be -inf"
-    return out.transpose(0, 1)[..., :vocab]
+    return out[..., :vocab]
 
 
 def layouts_worker(rank, world, cases, vocab):

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, Sequence
 import torch
 from support.dist import run_distributed
 from support.hf_cases import IMAGE_SLOTS, VARIANTS, make_case, megatron_batch
+from support.hf_equivalence import stage_logits
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
 PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
@@ -55,25 +56,6 @@ def train_config(name: str, tp: int, pp: int, tokenizer: Path, run_dir: Path, vi
                        data=DataConfig(tokenizer_path=str(tokenizer), image_seq_length=IMAGE_SLOTS),
                        optimizer=OptimizerConfig(warmup_steps=0, lr_new=1e-3, lr_pretrained=1e-3),
                        train_steps=1, run_dir=str(run_dir))
-
-
-def stage_logits(model, batch, image_slots: int = IMAGE_SLOTS):
-    """[b, s, v] full logits on the last pipeline stage (None elsewhere), gathered over TP."""
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    b, s = batch.input_ids.shape
-    with torch.no_grad():
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            out = model(batch)
-        else:
-            outs = get_forward_backward_func()(
-                forward_step_func=lambda it, m: (m(next(it)), None), data_iterator=iter([batch]), model=[model],
-                num_microbatches=1, seq_length=s + image_slots, micro_batch_size=b, forward_only=True)
-            if not parallel_state.is_pipeline_last_stage():
-                return None
-            out = outs[0]
-    return tensor_parallel.gather_from_tensor_model_parallel_region(out).transpose(0, 1).contiguous()
 
 
 def one_step(model, cfg, batch, image_slots: int = IMAGE_SLOTS):
@@ -140,7 +122,7 @@ def train_and_save(rank, world, root, variants, layouts, tokenizer, vision=None)
             load_full_state(model, local, parallel_state.get_tensor_model_parallel_rank(), tp)
             optimizer, scheduler = one_step(model, cfg, random_batch(3))
             Checkpointer(Path(cfg.run_dir) / "checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
-            out = {kind: stage_logits(model, megatron_batch(make_case(kind))) for kind in ("image", "video")}
+            out = {kind: stage_logits(model, megatron_batch(make_case(kind)), IMAGE_SLOTS) for kind in ("image", "video")}
             if out["image"] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
                 logits.setdefault(layout, {})[name] = out
     return logits
