@@ -23,9 +23,15 @@ from support.hf_equivalence import stage_logits
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
 PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
-# Beyond the fusion variants: LM changes exported the same way (tied embeddings: under PP=2 the
-# last stage holds a copy of the embedding that megatron checkpoints under the embedding's key).
-LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True})}
+# Beyond the fusion variants: LM changes exported the same way. Tied embeddings (under PP=2 the
+# last stage holds a copy of the embedding that megatron checkpoints under the embedding's key);
+# the Helium family (the export permutes Q/K rows back to interleaved pairs, the remote code
+# rotates pairs, in self-attention and CASA alike); Llama-3 RoPE scaling (rope_parameters).
+LLAMA3 = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
+               "casa_helium_family": ({}, {"family": "helium"}),
+               "cross_attention_llama3_rope": (dict(mechanism="cross_attention", cross_attention_gate=True),
+                                               {"family": "llama", "rope_scaling": LLAMA3})}
 ALL_VARIANTS = [*VARIANTS, *LM_VARIANTS]
 
 
@@ -34,8 +40,12 @@ def variant_config(name: str, vision: dict | None = None):
 
     from support.vlm import small_model_config
 
+    from casa_megatron.config.schema import RopeScalingConfig
+
     fusion, lm = LM_VARIANTS[name] if name in LM_VARIANTS else (VARIANTS[name], {})
     cfg = small_model_config(vision, **fusion)
+    if "rope_scaling" in lm:
+        lm = {**lm, "rope_scaling": RopeScalingConfig(**lm["rope_scaling"])}
     return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, **lm))
 
 
