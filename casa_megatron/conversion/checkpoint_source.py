@@ -98,18 +98,27 @@ def _training_checkpoint(p: Path) -> CheckpointSource:
     except ConfigError as exc:
         raise ConversionError(f"{config}: {exc}") from exc
     data = _data_config(run.get("data") or {}, config)
-    candidates = []
-    try:
-        tok = data.resolved_tokenizer_path()
-    except ValueError:
-        tok = None
-    if tok is not None:
-        candidates.append(tok)
+    candidates = _tokenizer_candidates(data)
     pretrained = (run.get("checkpoint") or {}).get("pretrained")
     if pretrained:  # an imported folder holds the tokenizer copied from the HF source
         candidates.append(Path(pretrained))
     match = ITER.match(p.name)
     return CheckpointSource("training", p, p, model, data, candidates, int(match.group(1)) if match else None)
+
+
+def _tokenizer_candidates(data: DataConfig) -> List[Path]:
+    """Where the run's tokenizer is: ``data.tokenizer_path``, else a ``tokenizer/`` folder in or
+    beside the first source (the data pipeline's rule; relative paths from the current folder)."""
+    if data.tokenizer_path:
+        return [Path(data.tokenizer_path)]
+    try:
+        specs = data.source_specs()
+    except ValueError:
+        return []
+    if data.is_synthetic or not specs:
+        return []
+    source = Path(specs[0].path)
+    return [source / "tokenizer", source.parent / "tokenizer"]
 
 
 def _check_complete(p: Path) -> None:

@@ -238,6 +238,15 @@ def _bad_inputs(rank, world, root):
     (edited / "config.yaml").write_text(text.replace("cross_attention_gate: false", "cross_attention_gate: true"))
     write_manifest(edited, 1)
     cases["missing_tensors"] = _cli("export-hf", edited, root / "o1", "--no-progress")
+    moved = root / "moved" / "iter_0000001"  # the run's tokenizer is not on this machine
+    shutil.copytree(ckpt, moved)
+    config = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(config.replace(str(root / "tok"), "/elsewhere/tokenizer"))
+    write_manifest(moved, 1)
+    cases["no_tokenizer"] = _cli("export-hf", moved, root / "o1")
+    (root / "dangling").mkdir()
+    (root / "dangling" / "latest").write_text("iter_0000009")
+    cases["dangling_latest"] = _cli("export-hf", root / "dangling", root / "o1")
     cases["native_for_casa"] = _cli("export-hf", ckpt, root / "o1", "--format", "qwen2_5_vl")
     generic_tok = root / "tok"
     cases["native_tokenizer"] = _cli("export-hf", root / "qwen2_5_vl_insertion" / "run", root / "o1",
@@ -272,6 +281,8 @@ BAD = {
     "truncated": r"incomplete or damaged checkpoint: .*\.distcp has \d+ bytes, the manifest says \d+ \(truncated",
     "missing_tensors": r"does not hold the model its config.yaml describes:\n  missing tensors \(2\): "
                        r"decoder.layers.0.casa_gate, decoder.layers.2.casa_gate",
+    "no_tokenizer": r"no tokenizer found for .*moved/iter_0000001 \(looked in: /elsewhere/tokenizer\); pass --tokenizer DIR",
+    "dangling_latest": r"dangling/latest names iter_0000009, which does not exist; pass an iter_N/ folder",
     "native_for_casa": r"no equivalent in transformers' Qwen2_5_VLForConditionalGeneration:\n  "
                        r"model.fusion.mechanism='casa': .*\n  model.vision.encoder='tiny_vit'.*\n  "
                        r"model.fusion.image_position_scheme='insertion'",
