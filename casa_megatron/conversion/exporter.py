@@ -74,27 +74,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     target = choose_format(model_cfg, fmt)
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
-    if target == "qwen2_5_vl":  # the tokenizer's ids are checked before the (long) load
-        token_ids = _token_ids(tok, tok_dir, QWEN_TOKENS)
-    else:
-        image_token = _casa_image_token(tok, tok_dir, source)
+    marks = _token_ids(tok, tok_dir, QWEN_TOKENS) if target == "qwen2_5_vl" else \
+        _casa_image_token(tok, tok_dir, source)  # the tokenizer is checked before the (long) load
     log(f"building the model ({source.kind} checkpoint {source.path})")
     model = load_model(source, model_cfg)
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
     dtype_name = str(out_dtype).replace("torch.", "")
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
-    files: Dict[str, Path] = {}
-    if target == "qwen2_5_vl":
-        text_tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                       "pad_token_id": tok.pad_token_id}
-        config = qwen2_5_vl_config(model_cfg, token_ids, dtype_name, text_tokens)
-        files = {n: source.path / n for n in QWEN_PROCESSOR_FILES if (source.path / n).exists()}
-        processor = None if files else qwen_image_processor(source, model_cfg)
-    else:
-        from casa_megatron.hf.config_map import casa_config_dict
-
-        config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(image_token), extra={"dtype": dtype_name})
-        processor = casa_processor(source, image_token)
+    config, processor, files = _folder_files(target, source, model_cfg, tok, marks, dtype_name)
     log(f"writing {out} ({target}, {dtype_name})")
     from casa_megatron.hf.folder import write_hf_folder
 
@@ -106,6 +93,20 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     log("done")
     return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
                         time.perf_counter() - start)
+
+
+def _folder_files(target: str, source: CheckpointSource, model_cfg: ModelConfig, tok, marks, dtype_name: str):
+    """``config.json``, the processor settings and files copied as they are, per format."""
+    if target == "qwen2_5_vl":
+        text_tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                       "pad_token_id": tok.pad_token_id}
+        config = qwen2_5_vl_config(model_cfg, marks, dtype_name, text_tokens)
+        files = {n: source.path / n for n in QWEN_PROCESSOR_FILES if (source.path / n).exists()}
+        return config, (None if files else qwen_image_processor(source, model_cfg)), files
+    from casa_megatron.hf.config_map import casa_config_dict
+
+    config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(marks), extra={"dtype": dtype_name})
+    return config, casa_processor(source, marks), {}
 
 
 # --- the model ----------------------------------------------------------------------------
