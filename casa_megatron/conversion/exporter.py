@@ -34,6 +34,7 @@ from casa_megatron.conversion.engine import SHOW, export_units
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_formats import QWEN_TOKENS, choose_format, qwen2_5_vl_config
 from casa_megatron.conversion.output_dir import check_output
+from casa_megatron.conversion.safetensors_io import parse_size
 from casa_megatron.conversion.tables import tables_for
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -69,6 +70,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     check_output(out, force)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} not in {sorted(DTYPES) + ['auto']}")
+    parse_size(max_shard_size)  # a bad size fails now, not after the load
     source = locate_checkpoint(checkpoint)
     model_cfg = dataclasses.replace(source.model, transformer_impl="local")  # TE checkpoints load into local
     target = choose_format(model_cfg, fmt)

@@ -165,7 +165,7 @@ def parse_size(size) -> int:
     for unit, factor in units.items():
         if text.endswith(unit) and text[:-len(unit)].strip().replace(".", "", 1).isdigit():
             return int(float(text[:-len(unit)]) * factor)
-    raise ValueError(f"max shard size {size!r}: expected a number of bytes or e.g. '2GB'")
+    raise ConversionError(f"max shard size {size!r}: expected a number of bytes or e.g. '2GB'")
 
 
 def _shards(units: Sequence[TensorUnit], max_bytes: int) -> List[List[TensorUnit]]:

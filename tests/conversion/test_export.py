@@ -253,6 +253,7 @@ def _bad_inputs(rank, world, root):
                                      "--tokenizer", generic_tok, "--no-progress")
     cases["tokenizer_too_large"] = _cli("export-hf", root / "helium_casa" / "run", root / "o1", "--tokenizer",
                                         root / "src" / "qwen2_5_vl", "--no-progress")
+    cases["bad_shard_size"] = _cli("export-hf", ckpt, root / "o1", "--max-shard-size", "2 gigs")
     cases["bad_tokenizer_dir"] = _cli("export-hf", ckpt, root / "o1", "--tokenizer", root / "notes")
     interrupted = root / "interrupted_import"
     shutil.copytree(root / "helium_casa" / "imported", interrupted)
@@ -288,6 +289,7 @@ BAD = {
                        r"model.fusion.image_position_scheme='insertion'",
     "native_tokenizer": r"has no \['<\|image_pad\|>', '<\|video_pad\|>', '<\|vision_start\|>', '<\|vision_end\|>'\]",
     "tokenizer_too_large": r"has 113 tokens but the model's vocabulary is model.lm.vocab_size=99",
+    "bad_shard_size": r"max shard size '2 gigs': expected a number of bytes or e.g. '2GB'",
     "bad_tokenizer_dir": r"--tokenizer .*notes: no tokenizer_config.json there",
     "interrupted_import": r"looks like a `casa-convert import-hf` folder but lacks \['metadata.json'\]",
     "exists": r"output .*taken already exists and is not empty .*; pass --force to replace it",
