@@ -90,6 +90,23 @@ def _round_trip(name: str, root: Path, model_cfg, model, tokenizer: Path, reimpo
             "architectures": json.loads((root / "hf" / "config.json").read_text()).get("architectures")}
 
 
+def _qwen_case(kind: str):
+    """The HF test cases with Qwen2.5-VL patches (a still frame repeated: C*2*14*14 values)."""
+    from support.hf_cases import make_case
+
+    case = make_case(kind)
+    g = torch.Generator().manual_seed(3)
+    case["pixel_patches"] = torch.randn(case["pixel_patches"].shape[0], 3 * 2 * 14 * 14, generator=g)
+    return case
+
+
+def _qwen_logits(model, kind: str):
+    from support.hf_cases import megatron_batch
+
+    with torch.no_grad():
+        return model.eval()(megatron_batch(_qwen_case(kind))).transpose(0, 1).contiguous()  # [b, s, v]
+
+
 def _worker(rank, world, root, hf_dirs, tokenizers):
     from casa_megatron.config import ParallelConfig
     from casa_megatron.config.loader import load_config_dict, read_yaml
@@ -115,6 +132,8 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
         reimport = overrides[:1] if name in NATIVE else []
         report[name] = {"hf": _compare_hf(Path(hf_dirs[source]), base / "hf_from_import"),
                         **_round_trip(name, base, model_cfg, model, Path(tokenizers[source]), reimport)}
+        if name == "qwen2_5_vl_casa":  # the exported (perturbed) model's logits, for the remote code
+            report[name]["logits"] = {kind: _qwen_logits(model, kind) for kind in ("image", "video")}
     for name, (fusion, dtype) in GENERIC_CASES.items():
         model_cfg = small_model_config(**fusion)
         initialize_parallel(1, 1, seed=0)
@@ -200,6 +219,23 @@ def test_sharded_export_has_an_index_and_loads_the_same(round_trips):
         with torch.no_grad():
             logits.append(model(**inputs, use_cache=False).logits)
     assert torch.equal(*logits)
+
+
+def test_casa_with_the_qwen_encoder_equals_megatron_through_the_remote_code(round_trips):
+    """CASA on a Qwen2.5-VL backbone (its encoder, mrope image keys): the exported folder, loaded
+    with the remote code (transformers' own vision tower inside), gives the megatron logits."""
+    from transformers import AutoModelForCausalLM
+
+    from support.hf_cases import hf_inputs
+
+    root, report = round_trips
+    model = AutoModelForCausalLM.from_pretrained(root / "qwen2_5_vl_casa" / "hf", trust_remote_code=True).eval()
+    assert model.config.vision_config["encoder"] == "qwen2_5_vl" and model.config.image_position_scheme == "mrope"
+    for kind in ("image", "video"):
+        with torch.no_grad():
+            out = model(**hf_inputs(_qwen_case(kind)), use_cache=False).logits
+        ref = torch.as_tensor(report["qwen2_5_vl_casa"]["logits"][kind])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{kind}: {m}")
 
 
 def test_native_export_loads_in_transformers_without_remote_code(round_trips):
