@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -107,8 +107,9 @@ def _folder_files(target: str, source: CheckpointSource, model_cfg: ModelConfig,
         return config, (None if files else qwen_image_processor(source, model_cfg)), files
     from casa_megatron.hf.config_map import casa_config_dict
 
-    config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(marks), extra={"dtype": dtype_name})
-    return config, casa_processor(source, marks), {}
+    image_token, layout = marks
+    config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(image_token), extra={"dtype": dtype_name})
+    return config, casa_processor(source, image_token, layout), {}
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -224,22 +225,36 @@ def _token_ids(tok, folder: Path, names: Dict[str, str]) -> Dict[str, int]:
     return {field: int(tok.convert_tokens_to_ids(n)) for field, n in names.items()}
 
 
-def _casa_image_token(tok, folder: Path, source: CheckpointSource) -> str:
-    """The placeholder that marks an image in the exported model's input: the layout token
-    (``data.image_token``), else the chat template's (``<|image_pad|>``)."""
+def _casa_image_token(tok, folder: Path, source: CheckpointSource) -> Tuple[str, dict]:
+    """The placeholder that marks an image in the exported model's input, and the text layout the
+    run trained with (the data pipeline's rule, ``data/processor.make_layout``): the chat
+    template's own placeholder (``<|image_pad|>`` for Qwen-style templates, found by the same
+    probe) when the run laid text out with the tokenizer's template, else ``data.image_token``."""
+    from casa_megatron.data.template_probe import probe_template
+
     data = source.data
-    names = [data.image_token, data.image_placeholder or "<|image_pad|>"]
-    for name in names:
-        if _has(tok, name):
-            return name
-    raise ConversionError(f"the tokenizer in {folder} has none of the image placeholders {names}")
+    layout = data.text_layout
+    if layout == "auto":
+        layout = "chat_template" if getattr(tok, "chat_template", None) else "layout_tokens"
+    if layout == "chat_template":
+        try:
+            info = probe_template(tok, str(folder), data.image_placeholder, data.video_placeholder)
+        except ValueError as exc:
+            raise ConversionError(str(exc)) from exc
+        return info.image_placeholder, {"text_layout": layout, "image_placeholder": info.image_placeholder,
+                                        "video_placeholder": info.video_placeholder,
+                                        "end_of_turn": info.end_of_turn}
+    if not _has(tok, data.image_token):
+        raise ConversionError(f"the tokenizer in {folder} has no {data.image_token!r} (data.image_token), the "
+                              "image placeholder of the run's layout-token text")
+    return data.image_token, {"text_layout": layout}
 
 
-def casa_processor(source: CheckpointSource, image_token: str) -> dict:
-    """``CasaProcessor`` settings: the training run's image budgets and normalisation."""
+def casa_processor(source: CheckpointSource, image_token: str, layout: dict) -> dict:
+    """``CasaProcessor`` settings: the training run's image budgets, normalisation and text layout."""
     d = source.data
     return dict(max_pixels=d.pixel_budget, min_pixels=d.min_pixels, video_max_pixels=d.video_pixel_budget,
-                image_mean=list(d.image_mean), image_std=list(d.image_std), image_token=image_token)
+                image_mean=list(d.image_mean), image_std=list(d.image_std), image_token=image_token, **layout)
 
 
 def qwen_image_processor(source: CheckpointSource, model: ModelConfig) -> dict:

@@ -90,13 +90,23 @@ def _round_trip(name: str, root: Path, model_cfg, model, tokenizer: Path, reimpo
             "architectures": json.loads((root / "hf" / "config.json").read_text()).get("architectures")}
 
 
+def _qwen_image_pad() -> int:
+    """Id of ``<|image_pad|>`` in ``support.export.chat_tokenizer`` (after our 7 layout tokens)."""
+    from casa_megatron.data.synthetic_dataset import CHAT_SPECIALS
+
+    return 7 + CHAT_SPECIALS.index("<|image_pad|>")
+
+
 def _qwen_case(kind: str):
-    """The HF test cases with Qwen2.5-VL patches (a still frame repeated: C*2*14*14 values)."""
-    from support.hf_cases import make_case
+    """The HF test cases with Qwen2.5-VL patches (a still frame repeated: C*2*14*14 values) and the
+    chat tokenizer's ids: images marked by ``<|image_pad|>``, words moved past the chat specials."""
+    from support.hf_cases import IMG, make_case
 
     case = make_case(kind)
     g = torch.Generator().manual_seed(3)
     case["pixel_patches"] = torch.randn(case["pixel_patches"].shape[0], 3 * 2 * 14 * 14, generator=g)
+    ids = case["input_ids"]
+    case["input_ids"] = torch.where(ids == IMG, _qwen_image_pad(), torch.where(ids >= 7, ids + 6, ids))
     return case
 
 
@@ -229,8 +239,12 @@ def test_casa_with_the_qwen_encoder_equals_megatron_through_the_remote_code(roun
     from support.hf_cases import hf_inputs
 
     root, report = round_trips
-    model = AutoModelForCausalLM.from_pretrained(root / "qwen2_5_vl_casa" / "hf", trust_remote_code=True).eval()
+    folder = root / "qwen2_5_vl_casa" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert model.config.vision_config["encoder"] == "qwen2_5_vl" and model.config.image_position_scheme == "mrope"
+    processor = json.loads((folder / "processor_config.json").read_text())  # a chat-template tokenizer:
+    assert processor["text_layout"] == "chat_template" and processor["image_token"] == "<|image_pad|>"
+    assert model.config.image_token_id == _qwen_image_pad()
     for kind in ("image", "video"):
         with torch.no_grad():
             out = model(**hf_inputs(_qwen_case(kind)), use_cache=False).logits
