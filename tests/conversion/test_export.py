@@ -153,6 +153,17 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
     # the in-process helper other tests use writes the same tensors as the command
     export_megatron(model, model_cfg, root / "in_process", Path(tokenizers["generic"]))
     report["in_process"] = _compare_hf(root / name / "hf", root / "in_process")
+    # a bf16 run exported as fp32: the same values, cast
+    from casa_megatron.conversion.safetensors_io import SafetensorsReader
+
+    code, err = _cli("export-hf", root / "generic_casa_bf16" / "run", root / "as_fp32", "--dtype", "fp32",
+                     "--no-progress")
+    assert code == 0, err
+    bf16, fp32 = SafetensorsReader(root / "generic_casa_bf16" / "hf"), SafetensorsReader(root / "as_fp32")
+    report["as_fp32"] = {"names": bf16.names() == fp32.names(),
+                         "dtype": json.loads((root / "as_fp32" / "config.json").read_text())["dtype"],
+                         "differ": [n for n in bf16.names() if fp32.get(n).dtype != torch.float32
+                                    or not torch.equal(fp32.get(n), bf16.get(n).float())]}
     # small shards: several files and an index, the same tensors
     shared = root / "generic_casa_shared"
     code, err = _cli("export-hf", shared / "run", root / "sharded", "--max-shard-size", "60KB", "--no-progress")
@@ -209,6 +220,10 @@ def test_export_then_import_gives_back_every_tensor(round_trips, case):
 def test_in_process_export_helper_equals_the_command(round_trips):
     r = round_trips[1]["in_process"]
     assert r["compared"] > 20 and r["differ"] == [] and r["extra"] == []
+
+
+def test_dtype_option_casts_a_bf16_checkpoint(round_trips):
+    assert round_trips[1]["as_fp32"] == {"names": True, "dtype": "float32", "differ": []}
 
 
 def test_sharded_export_has_an_index_and_loads_the_same(round_trips):
