@@ -210,6 +210,14 @@ class ChatTemplateLayout(PerThreadTokenizer):
         return TokenizedSample(key, ids, [self.pad_id] * len(ids), [0.0] * len(ids),
                                sorted({im.position for im in images if im.position > 0}), images, [], kind=kind)
 
+    def stream_prefix(self, prompt: str = "") -> List[int]:
+        """The ids before the first frame of streamed captions (evaluation, live captioning): the
+        user turn with ``prompt`` and the assistant turn's opening as the template writes it
+        before the turn's content (``_caption_messages`` puts the frames and captions there)."""
+        tok, sentinel = self._get(), "CASASTREAMSENTINEL"
+        text = self._render(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": sentinel}])
+        return tok(text[:text.index(sentinel)], add_special_tokens=False)["input_ids"]
+
     def _assemble(self, key: str, messages: Sequence[Message], items: Sequence[List[Tensor]],
                   kind: str, qtype: Optional[str]) -> TokenizedSample:
         tok = self._get()

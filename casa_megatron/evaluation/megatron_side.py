@@ -72,9 +72,7 @@ class MegatronGreedy:
     def caption(self, item: CaptionItem) -> List[List[int]]:
         """Tokens generated after each frame (the stop token included when reached)."""
         if self.chat:
-            text = self.tok.apply_chat_template([{"role": "user", "content": item.prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-            ids = self._encode(text)
+            ids = self.layout.stream_prefix(item.prompt)
             before, after = self.layout.info.markup.get(self.layout.image_placeholder, ("", ""))
             before, after = self._encode(before), self._encode(after)
         else:

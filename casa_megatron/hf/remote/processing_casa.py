@@ -49,6 +49,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT = 200.0
 TEXT_LAYOUTS = ("auto", "chat_template", "layout_tokens")
+STREAM_SENTINEL = "CASASTREAMSENTINEL"  # marks where an assistant turn's content starts in a rendering
 IMAGE_CANDIDATES = ("<|image_pad|>", "<image>", "<|image|>", "<start_of_image>")  # as data/template_probe.py
 VIDEO_CANDIDATES = ("<|video_pad|>", "<video>")
 
@@ -467,14 +468,16 @@ class CasaProcessor(ProcessorMixin):
 
     # --- live captioning (each frame opens a window; the caption is one continuing assistant turn) ---
     def stream_prompt_ids(self, prompt: str = "") -> List[int]:
-        """Everything before the first frame: the user turn with ``prompt`` and the assistant's
-        header (chat template), or ``<bos> prompt`` (layout tokens)."""
+        """Everything before the first frame: the user turn with ``prompt`` and the assistant
+        turn's opening as the template writes it before the turn's content (chat template), or
+        ``<bos> prompt`` (layout tokens)."""
         tok = self.tokenizer
         if self.layout == "layout_tokens":
             bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
             return bos + (tok.encode(prompt, add_special_tokens=False) if prompt else [])
-        text = _render(tok, self.template, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        text = _render(tok, self.template, [{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": STREAM_SENTINEL}])
+        return tok(text[:text.index(STREAM_SENTINEL)], add_special_tokens=False)["input_ids"]
 
     def frame_ids(self) -> List[int]:
         """One frame's input: its placeholder with the template's markup around it."""
