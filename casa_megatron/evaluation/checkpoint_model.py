@@ -3,8 +3,9 @@
 Accepted: a run's checkpoint folder (its ``latest`` pointer is followed, else the newest
 ``iter_N``), one ``iter_N/`` (``config.yaml`` + megatron's ``metadata.json``), or a folder written
 by ``casa-convert import-hf`` (``architecture.yaml`` + ``weights/``). megatron's reshardable format
-loads at TP=1 / PP=1 whatever layout wrote it. Anything else is refused before megatron is
-imported, naming what was expected.
+loads at TP=1 / PP=1 whatever layout wrote it. A training checkpoint's files are checked against
+its manifest (``training/ckpt_manifest.py``: a missing or truncated shard is named). Anything
+else is refused before megatron is imported, naming what was expected.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def resolve_checkpoint(path: str | Path) -> Tuple[Path, str]:
     if (p / ARCHITECTURE_FILE).exists() and (p / WEIGHTS_DIR / "metadata.json").exists():
         return p, "import"
     if (p / RUN_CONFIG).exists() and (p / "metadata.json").exists():
+        from casa_megatron.training.ckpt_manifest import check_files, read_manifest
+
+        try:
+            listed = read_manifest(p) is not None
+        except ValueError as exc:
+            raise NotACheckpoint(f"{p}: {exc}") from None
+        problem = check_files(p) if listed else None  # (checkpoints older than manifests: not verified)
+        if problem:
+            raise NotACheckpoint(f"checkpoint {p} is incomplete or damaged: {problem}")
         return p, "training"
     missing = [n for n in (RUN_CONFIG, "metadata.json") if not (p / n).exists()]
     raise NotACheckpoint(f"{Path(path)} is not a checkpoint ({p} lacks {', '.join(missing)}); expected {EXPECTED}")
