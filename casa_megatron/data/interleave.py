@@ -211,6 +211,11 @@ class LayoutTokens:
     def vocab_size(self) -> int:
         return self.tok.vocab_size
 
+    @property
+    def tokenizer(self):
+        """This thread's Hugging Face tokenizer."""
+        return self.tok.tokenizer
+
     def build(self, key: str, conv: Conversation, media) -> TokenizedSample:
         """``media``: the decoded parts (``chat_template.DecodedMedia``) in the conversation's order."""
         if conv.captions:

@@ -18,11 +18,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from casa_megatron.data.records import ShardError
 from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
 from casa_megatron.evaluation.hf_side import NotAnHFFolder, check_hf_folder
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
+
+
+class EvalInputError(ValueError):
+    """The data to evaluate on gives nothing to ask."""
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -40,6 +45,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
         p.error("give --checkpoint, --hf or both")
+    if args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
+        p.error("--max-new-tokens and --max-samples must be >= 1")
     return args
 
 
@@ -54,9 +61,12 @@ def settings_for(args: argparse.Namespace):
         if tok is None:
             raise NotACheckpoint(f"the tokenizer of {args.checkpoint} ({d.tokenizer_path or 'next to ' + d.source}) "
                                  "is gone; pass --tokenizer")
+        layout = d.text_layout
+        if layout == "auto" and args.hf and str(tok) == str(args.hf):  # the export's copy of the tokenizer
+            layout = json.loads((Path(args.hf) / "processor_config.json").read_text()).get("text_layout", layout)
         return ProcessorSettings(str(tok), d.seq_length, d.image_seq_length, d.pixel_budget, d.min_pixels,
                                  d.video_pixel_budget, d.fps, d.max_frames, d.window_per_frame, d.qa_windows, "cpu",
-                                 False, d.image_token, d.answer_token, d.end_of_turn_token, d.text_layout,
+                                 False, d.image_token, d.answer_token, d.end_of_turn_token, layout,
                                  d.image_placeholder, d.video_placeholder,
                                  merge_consecutive=cfg.model.fusion.mechanism != "insertion")
     proc = json.loads((Path(args.hf) / "processor_config.json").read_text())
@@ -83,10 +93,10 @@ def run_megatron(args, settings, items: Items) -> Dict:
     model, cfg = load_checkpoint_model(args.checkpoint)
     layout = make_layout(settings)
     if isinstance(layout, ChatTemplateLayout):
-        tok = layout._get()
+        tok = layout.tokenizer
         names, stops = [layout.image_placeholder, layout.video_placeholder], [layout.info.end_of_turn]
     else:
-        tok = layout.tok._get()
+        tok = layout.tokenizer
         names, stops = [settings.image_token], [settings.end_of_turn_token]
     stop_ids = [tok.convert_tokens_to_ids(n) for n in stops] + ([tok.eos_token_id] if tok.eos_token_id is not None
                                                                else [])
@@ -134,7 +144,7 @@ def run(args: argparse.Namespace) -> Dict:
     settings = settings_for(args)
     items = read_items(args.data, settings, args.max_samples, args.media_root)
     if not items.questions and not items.captions:
-        raise ValueError(f"{args.data}: no usable held-out sample (skipped: {items.skipped})")
+        raise EvalInputError(f"{args.data}: no usable held-out sample (skipped: {items.skipped})")
     sides = {}
     if args.checkpoint:
         sides["megatron"] = run_megatron(args, settings, items)
@@ -159,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (NotACheckpoint, NotAnHFFolder, FileNotFoundError) as e:
+    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError) as e:
         print(f"casa-eval: {e}", file=sys.stderr)
         return 2
     agree = result.get("agreement")

@@ -30,7 +30,7 @@ class MegatronGreedy:
         self.model, self.cfg, self.layout = model, cfg, layout
         self.max_new_tokens, self.stop_ids, self.banned = max_new_tokens, set(stop_ids), list(banned_ids)
         self.chat = isinstance(layout, ChatTemplateLayout)
-        self.tok = layout._get() if self.chat else layout.tok._get()
+        self.tok = layout.tokenizer
 
     @torch.no_grad()
     def next_token(self, sample: TokenizedSample) -> int:

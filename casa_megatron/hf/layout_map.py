@@ -61,7 +61,7 @@ def export_fields(model: ModelConfig, data: DataConfig, tokenizer_path: Optional
                                  merge_consecutive=model.fusion.mechanism != "insertion")
     layout = make_layout(settings)
     chat = isinstance(layout, ChatTemplateLayout)
-    tok = layout._get() if chat else layout.tok._get()
+    tok = layout.tokenizer
     if chat:
         image, video, eot = layout.image_placeholder, layout.video_placeholder, layout.info.end_of_turn
     else:

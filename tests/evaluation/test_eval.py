@@ -48,6 +48,10 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
     valid, checkpoint, hf = trained
     assert json.loads((hf / "processor_config.json").read_text())["text_layout"] == "chat_template"
     assert json.loads((hf / "config.json").read_text())["placeholders_in_stream"] is False
+    from transformers import AutoTokenizer
+
+    stops = json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
+    assert AutoTokenizer.from_pretrained(str(hf)).convert_ids_to_tokens(stops[0]) == "<|im_end|>"  # end of turn
     out = tmp_path / "both"
     proc = subprocess.run([sys.executable, "-m", "casa_megatron.evaluation", "--data", str(valid), "--checkpoint",
                            str(checkpoint), "--hf", str(hf), "--out", str(out), "--max-new-tokens", "10"],
@@ -85,6 +89,8 @@ def test_bad_inputs_are_named(trained, tmp_path, capsys):
     assert "not a Hugging Face model folder" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "none"), "--hf", str(hf)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--hf", str(hf)]) == 2  # a directory without shards
+    assert "no *.tar shards" in capsys.readouterr().err
 
 
 def _naive_f1(pred: str, ref: str) -> float:
