@@ -42,6 +42,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the checkpoint's data config no longer "
                    "finds it (default: the checkpoint's, else the HF folder's)")
     p.add_argument("--media-root", default="", help="JSON datasets: where relative media paths point")
+    p.add_argument("--device", default=None, help="HF side: cpu / cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="HF side; agreement with megatron (fp32) is only expected in float32")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
         p.error("give --checkpoint, --hf or both")
@@ -108,7 +111,10 @@ def run_megatron(args, settings, items: Items) -> Dict:
 def run_hf(args, items: Items) -> Dict:
     from casa_megatron.evaluation.hf_side import HFGreedy, load_hf
 
-    model, processor = load_hf(args.hf)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_hf(args.hf, device, args.dtype)
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
     return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)

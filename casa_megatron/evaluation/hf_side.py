@@ -65,6 +65,8 @@ class HFGreedy:
     def answer(self, item: QuestionItem) -> List[int]:
         inputs = self.processor.apply_chat_template(hf_messages(item.messages, item.media), add_generation_prompt=True,
                                                     tokenize=True, return_dict=True)
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: v.to(self.model.device, dtype if k == "pixel_values" else v.dtype) for k, v in inputs.items()}
         n = inputs["input_ids"].shape[1]
         pad = self.processor.tokenizer.pad_token_id
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
@@ -84,10 +86,10 @@ class HFGreedy:
         return [record.tokens for record in captioner.stream(zip(item.times, item.frames))]
 
 
-def load_hf(path: str | Path):
+def load_hf(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     from casa_megatron.inference.streaming import load_model
 
-    return load_model(str(check_hf_folder(path)))
+    return load_model(str(check_hf_folder(path)), device, dtype)
 
 
 __all__ = ["HFGreedy", "check_hf_folder", "hf_messages", "load_hf"]

@@ -38,7 +38,7 @@ class MegatronGreedy:
         packer = Packer(1, len(sample), max(1, sample.num_image_tokens), self.layout.pad_id, data.image_mean,
                         data.image_std, self.cfg.model.vision.temporal_patch_size, data.fps)
         batch, _ = packer.collate([[sample]])
-        batch = replace(batch, labels=None)
+        batch = replace(batch, labels=None).to(next(self.model.parameters()).device)  # build_vlm: cuda if any
         self.model.image_seq_length = max(1, sample.num_image_tokens)
         logits = self.model(batch)[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
         logits[self.banned] = float("-inf")
