@@ -41,5 +41,6 @@ setup(
     },
     entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
                                         "casa-convert=casa_megatron.conversion.cli:main",
-                                        "casa-stream=casa_megatron.inference.cli:main"]},
+                                        "casa-stream=casa_megatron.inference.cli:main",
+                                        "casa-eval=casa_megatron.evaluation.cli:main"]},
 )

@@ -165,15 +165,13 @@ class ChatTemplateLayout(PerThreadTokenizer):
             cuts.append(len(upto))
         return full, spans, cuts
 
-    def _assemble(self, key: str, messages: Sequence[Message], items: Sequence[List[Tensor]],
-                  kind: str, qtype: Optional[str]) -> TokenizedSample:
-        tok = self._get()
-        hf = self._hf_messages(messages)
-        full, spans, cut_chars = self._spans(key, tok, hf)
+    def _strip_placeholders(self, key: str, tok, full: str, n_items: int):
+        """Tokenise ``full`` once; drop the media placeholders. Returns (ids, character start of
+        each kept token, insertion position of each media part, the placeholders' spans)."""
         holes = [m.span() for m in self._placeholder_re.finditer(full)]
-        if len(holes) != len(items):
+        if len(holes) != n_items:
             raise SampleError("image_count_mismatch", f"{key}: the chat template rendered {len(holes)} "
-                              f"placeholders for {len(items)} media parts")
+                              f"placeholders for {n_items} media parts")
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids: List[int] = []
         starts: List[int] = []  # character start of every kept token
@@ -191,6 +189,41 @@ class ChatTemplateLayout(PerThreadTokenizer):
             starts.append(s)
         if positions and positions[-1] >= len(ids):
             raise SampleError("bad_annotation", f"{key}: a media part ends the text; nothing follows it")
+        return ids, starts, positions, holes
+
+    def _images(self, messages: Sequence[Message], positions: List[int],
+                items: Sequence[List[Tensor]]) -> List[ImageItem]:
+        positions = self._group_positions(messages, positions)
+        images = [ImageItem(p, px) for p, frames in zip(positions, items) for px in frames]
+        images.sort(key=lambda im: im.position)  # stable: stream order within a position
+        return images
+
+    def prompt(self, key: str, messages: Sequence[Message], media: Sequence[DecodedMedia]) -> TokenizedSample:
+        """A generation prompt laid out exactly like a training sample (evaluation): the messages
+        rendered with the template's generation prompt, no targets. The Hugging Face processor's
+        ``apply_chat_template(..., add_generation_prompt=True)`` gives the same ids."""
+        tok = self._get()
+        full = self._render(tok, self._hf_messages(messages), add_generation_prompt=True)
+        ids, _, positions, _ = self._strip_placeholders(key, tok, full, len(media))
+        images = self._images(messages, positions, [m.frames for m in media])
+        kind = "video" if any(m.kind == "video" for m in media) else "image"
+        return TokenizedSample(key, ids, [self.pad_id] * len(ids), [0.0] * len(ids),
+                               sorted({im.position for im in images if im.position > 0}), images, [], kind=kind)
+
+    def stream_prefix(self, prompt: str = "") -> List[int]:
+        """The ids before the first frame of streamed captions (evaluation, live captioning): the
+        user turn with ``prompt`` and the assistant turn's opening as the template writes it
+        before the turn's content (``_caption_messages`` puts the frames and captions there)."""
+        tok, sentinel = self._get(), "CASASTREAMSENTINEL"
+        text = self._render(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": sentinel}])
+        return tok(text[:text.index(sentinel)], add_special_tokens=False)["input_ids"]
+
+    def _assemble(self, key: str, messages: Sequence[Message], items: Sequence[List[Tensor]],
+                  kind: str, qtype: Optional[str]) -> TokenizedSample:
+        tok = self._get()
+        hf = self._hf_messages(messages)
+        full, spans, cut_chars = self._spans(key, tok, hf)
+        ids, starts, positions, holes = self._strip_placeholders(key, tok, full, len(items))
         markup = []  # media markup (<|vision_start|> ... <|vision_end|>) is input, never a target
         for hs, he in holes:
             before, after = self.info.markup.get(full[hs:he], ("", ""))
@@ -204,12 +237,10 @@ class ChatTemplateLayout(PerThreadTokenizer):
                 labels[t], loss[t] = ids[t + 1], 1.0
         if not any(loss):
             raise SampleError("no_targets", f"{key}: no assistant token to train on")
-        positions = self._group_positions(messages, positions)
-        images = [ImageItem(p, px) for p, frames in zip(positions, items) for px in frames]
-        images.sort(key=lambda im: im.position)  # stable: stream order within a position
+        images = self._images(messages, positions, items)
         cuts = sorted({sum(1 for s in starts if s < c) for c in cut_chars})
-        return TokenizedSample(key, ids, labels, loss, sorted({p for p in positions if p > 0}), images,
-                               cuts, kind=kind, qtype=qtype)
+        return TokenizedSample(key, ids, labels, loss, sorted({im.position for im in images if im.position > 0}),
+                               images, cuts, kind=kind, qtype=qtype)
 
     def _group_positions(self, messages: Sequence[Message], positions: List[int]) -> List[int]:
         """With ``merge_consecutive``, every media part of a group takes its first one's position."""

@@ -94,14 +94,15 @@ def image_sample(key: str, ann: Annotation, pixels: Tensor, tok: TextTokenizer,
 
 
 def conversation_sample(key: str, conv: Conversation, media: Sequence[Sequence[Tensor]],
-                        tok: TextTokenizer) -> TokenizedSample:
+                        tok: TextTokenizer, generation_prompt: bool = False) -> TokenizedSample:
     """Chat messages in our layout-token form (tokenizers without a chat template).
 
     ``media[j]`` are the frames of the conversation's j-th media part (one for an image). User
     and system text is plain; a group of consecutive media (nothing but whitespace between)
     opens one window with one ``<image>`` per frame; an assistant turn is
     ``<answer> text <eot>`` with the text and ``<eot>`` trained. Our own format therefore gives
-    exactly ``image_sample``'s layout.
+    exactly ``image_sample``'s layout. ``generation_prompt`` ends it with ``<answer>`` (a prompt
+    for generation, evaluation).
     """
     b = _Builder(tok, key)
     j = 0
@@ -126,6 +127,8 @@ def conversation_sample(key: str, conv: Conversation, media: Sequence[Sequence[T
                     b.text(part)
             elif i in first_of:  # the first of its group inserts the whole group
                 b.images_here([px for c in first_of[i] for px in media[media_index[c]]])
+    if generation_prompt:
+        b.add([b.sp.answer])
     kind = "video" if any(md.kind == "video" for md in conv.media) else "image"
     return b.build(kind, conv.qtype)
 
@@ -208,6 +211,11 @@ class LayoutTokens:
     def vocab_size(self) -> int:
         return self.tok.vocab_size
 
+    @property
+    def tokenizer(self):
+        """This thread's Hugging Face tokenizer."""
+        return self.tok.tokenizer
+
     def build(self, key: str, conv: Conversation, media) -> TokenizedSample:
         """``media``: the decoded parts (``chat_template.DecodedMedia``) in the conversation's order."""
         if conv.captions:
@@ -215,3 +223,8 @@ class LayoutTokens:
             return video_sample(key, Annotation([], conv.captions, conv.qtype), clip.frames, clip.times,
                                 self.fps, self.tok, self.window_per_frame)
         return conversation_sample(key, conv, [m.frames for m in media], self.tok)
+
+    def prompt(self, key: str, messages, media) -> TokenizedSample:
+        """A generation prompt (evaluation): the messages, then ``<answer>``; no targets."""
+        return conversation_sample(key, Conversation(list(messages)), [m.frames for m in media], self.tok,
+                                   generation_prompt=True)

@@ -129,9 +129,10 @@ def resolve_media(raw: RawSample, conv: Conversation) -> Dict[object, Tuple[str,
 
 
 class SampleProcessor:
-    def __init__(self, settings: ProcessorSettings):
+    def __init__(self, settings: ProcessorSettings, with_layout: bool = True):
+        """``with_layout`` False: decoding only (``decode_media``), no tokenizer needed."""
         self.settings = settings
-        self.layout = make_layout(settings)
+        self.layout = make_layout(settings) if with_layout else None
         self._decoder = None
 
     @property
@@ -160,7 +161,7 @@ class SampleProcessor:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SampleError("bad_annotation", f"{raw.key}: annotation is not valid JSON ({e})") from e
         conv = parse_conversation(obj, raw.key, s.qa_windows)
-        media = self._decode(raw, conv)
+        media = self.decode_media(raw, conv)
         if conv.captions and (len(media) != 1 or media[0].kind != "video"):
             raise SampleError("bad_annotation", f"{raw.key}: captions need exactly one video")
         sample = self.layout.build(raw.key, conv, media)
@@ -168,7 +169,7 @@ class SampleProcessor:
         sample.check()
         return sample
 
-    def _decode(self, raw: RawSample, conv: Conversation) -> List[DecodedMedia]:
+    def decode_media(self, raw: RawSample, conv: Conversation) -> List[DecodedMedia]:
         """Decoded media in the conversation's order (a reference shown twice is decoded once)."""
         s = self.settings
         decoded: Dict[object, DecodedMedia] = {}

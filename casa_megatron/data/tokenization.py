@@ -47,6 +47,11 @@ class PerThreadTokenizer:
     def __setstate__(self, state: Dict) -> None:
         self.__dict__.update(state)
 
+    @property
+    def tokenizer(self):
+        """This thread's Hugging Face tokenizer."""
+        return self._get()
+
     def _get(self):
         local = self.__dict__.setdefault("_local", threading.local())
         tok = getattr(local, "tok", None)

@@ -29,7 +29,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=2.0)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--prompt", default="", help="text after <bos>, before the first frame")
+    p.add_argument("--prompt", default="", help="before the first frame: the user turn (chat template) or the "
+                   "text after <bos> (layout tokens)")
     p.add_argument("--max-pixels", type=int, default=None, help="frame pixel budget (processor default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -1,8 +1,12 @@
 """Live video captioning with an exported CASA model (the paper's live-captioner protocol).
 
-Every frame opens a new window: its input is ``[<image>]`` (the first frame is preceded by
-``<bos>`` and an optional prompt), then the caption is generated token by token until a stop
-token (``<eot>``) or ``max_new_tokens``. The text cache persists across frames; each CASA layer
+Every frame opens a new window: its input is the processor's ``frame_ids()`` (the chat
+template's ``<|vision_start|><|image_pad|><|vision_end|>``, or our ``<image>``), the first frame
+preceded by ``stream_prompt_ids(prompt)`` (a user turn with the prompt and the assistant's header,
+or ``<bos> prompt``); the caption is generated token by token until the end of the turn
+(``<|im_end|>``, ``<eot>``: ``processor.stop_token_ids``) or ``max_new_tokens``. All captions
+form one assistant turn that continues frame after frame, exactly the training layout of
+timestamped captions (docs/data.md). The text cache persists across frames; each CASA layer
 drops the previous frame's K/V when the next frame arrives, so memory grows with the text only.
 As in the released captioner, a frame's last sampled token (its stop token) is not run on its
 own: it is prepended to the next frame's input and enters the cache in that forward pass.
@@ -76,10 +80,10 @@ class LiveCaptioner:
     pending: List[int] = field(default_factory=list)
 
     def __post_init__(self):
-        tok = self.processor.tokenizer
         if not self.stop_tokens:
-            eot = tok.convert_tokens_to_ids("<eot>")
-            self.stop_tokens = [t for t in (eot, tok.eos_token_id) if t is not None and t != tok.unk_token_id]
+            self.stop_tokens = list(self.processor.stop_token_ids)
+        self.placeholders = [t for t in (self.processor.image_token_id, self.processor.video_token_id)
+                             if t is not None]
         self.device = next(self.model.parameters()).device
         self.reset()
 
@@ -88,13 +92,10 @@ class LiveCaptioner:
         self.frames_seen, self.pending = 0, []
 
     def _frame_input_ids(self) -> List[int]:
-        tok = self.processor.tokenizer
         ids = list(self.pending)
         if self.frames_seen == 0:
-            bos = tok.bos_token_id
-            ids += ([bos] if bos is not None else []) + (tok(self.prompt, add_special_tokens=False)["input_ids"]
-                                                         if self.prompt else [])
-        return ids + [self.processor.image_token_id]
+            ids += self.processor.stream_prompt_ids(self.prompt)
+        return ids + self.processor.frame_ids()
 
     @torch.no_grad()
     def _forward(self, ids: List[int], **images) -> torch.Tensor:
@@ -104,7 +105,7 @@ class LiveCaptioner:
         logits = out.logits[0, -1]
         if self.force_tokens:
             logits[list(self.stop_tokens)] = float("-inf")
-        logits[self.processor.image_token_id] = float("-inf")  # images come from frames only
+        logits[self.placeholders] = float("-inf")  # images come from frames only
         return logits.argmax()
 
     def caption_frame(self, frame, time_s: float) -> FrameRecord:

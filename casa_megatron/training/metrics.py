@@ -45,7 +45,7 @@ class MetricsLog:
         self.eval_rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"step {step:5d} | valid loss {valid_loss:.4f}", flush=True)
+        logger.info("step %5d | valid loss %.4f", step, valid_loss)
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:

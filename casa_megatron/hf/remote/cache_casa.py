@@ -98,6 +98,9 @@ class RowCache:
         self.window_images = 0  # images in the current window
         self.windows_opened = 0
         self.last_token_was_image = False
+        # chat-template layout: images whose placeholders ended a call; they open a window at the
+        # next call's first token (a template with no markup after its placeholder, streaming)
+        self.pending_images: List[torch.Tensor] = []
 
     def nbytes(self) -> Dict[str, int]:
         return {"self_attention": sum(kv.nbytes() for kv in self.self_attn.values()),

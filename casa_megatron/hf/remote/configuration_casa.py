@@ -12,7 +12,12 @@ import torch / transformers only. One flat config describes the three parts:
   ``image_position_scheme``: ``insertion`` / ``none`` / ``mrope`` (the multimodal scheme lives
   with the Qwen2.5-VL encoder; see ``modeling_casa.image_key_rotary``));
 * the vision encoder (``vision_config``: a dict; ``encoder`` is ``tiny_vit`` or ``qwen2_5_vl``,
-  the latter being transformers' own Qwen2.5-VL vision tower config).
+  the latter being transformers' own Qwen2.5-VL vision tower config; ``tokens_per_second``: the
+  ``mrope`` temporal step of video clips per second);
+* the text layout it was trained with: ``image_token_id`` (and ``video_token_id``) mark images in
+  ``input_ids``; ``placeholders_in_stream`` True for our layout tokens (``<image>`` is a text
+  token, the image sits before it), False for a chat template (``<|image_pad|>`` is removed, the
+  image sits before the next token), see ``modeling_casa``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class CasaConfig(PretrainedConfig):
         normalize_images: bool = True,
         vision_config: Optional[Dict[str, Any]] = None,
         image_token_id: int = 4,
+        video_token_id: Optional[int] = None,
+        placeholders_in_stream: bool = True,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
@@ -93,6 +100,8 @@ class CasaConfig(PretrainedConfig):
             vision = {**TINY_VIT_DEFAULTS, **vision}
         self.vision_config = vision
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.placeholders_in_stream = placeholders_in_stream
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

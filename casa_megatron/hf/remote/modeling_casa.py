@@ -5,10 +5,21 @@ insertion baseline), under the Hugging Face names of the backbone family (``mode
 ``lm_head``), ``model.layers.{i}.casa_attn.*`` / ``casa_layernorm`` for fusion modules and
 ``visual.*`` for the vision tower.
 
-Inputs: ``input_ids`` with one ``image_token_id`` placeholder per image (the image is inserted
-before it; a run of adjacent placeholders shares one window), ``pixel_values`` (all images'
-patches, stream order) and ``image_grid_thw`` ``[n_img, 3]``. A window opens at every run of
-placeholders and lasts until the next one; text before the first image is a text-only window.
+Inputs: ``input_ids`` with one placeholder per image (``image_token_id``, or ``video_token_id``
+for the frames / temporal clips of a video), ``pixel_values`` (all images' patches, stream
+order), ``image_grid_thw`` ``[n_img, 3]`` and, for videos, ``second_per_grid_ts`` ``[n_img]``
+(seconds per temporal patch, 0 for still images: the ``mrope`` temporal step). A run of
+adjacent placeholders is one group of images sharing a window; the window lasts until the next
+group; text before the first image is a text-only window. Where the group goes depends on the
+text layout the model was trained with (``placeholders_in_stream``):
+
+* ``True`` (our layout tokens ``<bos> <image> question <answer> ...``): the placeholders are
+  text tokens; the images are inserted before the first one, which is the window's first query.
+* ``False`` (the tokenizer's chat template, ``<|vision_start|><|image_pad|><|vision_end|>``):
+  the placeholders are removed from the text stream and the images are inserted before the
+  token that follows the run (exactly the training pipeline's ``data/chat_template.py``); the
+  removed positions get zero hidden states. The processor puts the placeholders of images that
+  share a window next to each other.
 
 Rows are run one at a time (each opens windows at its own places); padded positions
 (``attention_mask`` 0, left padding for batched generation) are skipped, so a padded row computes
@@ -20,7 +31,7 @@ gives cached generation through the very same code.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,17 +45,33 @@ from .layers_casa import CasaAttention, CasaRMSNorm, DecoderLayer, Rotary
 from .vision_casa import build_vision, encode_images
 
 
-def image_key_positions(config: CasaConfig, window_start: int, grids: List[List[int]],
-                        device) -> Optional[torch.Tensor]:
+def temporal_steps(config: CasaConfig, n: int, second_per_grid_ts: Optional[torch.Tensor]) -> List[float]:
+    """Temporal position step between two temporal patches of each image: a video clip
+    (``second_per_grid_ts > 0``) steps by ``tokens_per_second * seconds`` as in transformers'
+    Qwen2.5-VL, a still image by 1 (it has one temporal patch anyway); casa_megatron's
+    ``model/mrope.temporal_steps``."""
+    if second_per_grid_ts is None:
+        return [1.0] * n
+    seconds = torch.as_tensor(second_per_grid_ts).detach().double().reshape(-1).cpu().tolist()
+    if len(seconds) != n:
+        raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {n} images (one per image_grid_thw "
+                         "row, 0 for still images)")
+    per_second = float(config.vision_config.get("tokens_per_second", 2.0))
+    return [per_second * s if s > 0 else 1.0 for s in seconds]
+
+
+def image_key_positions(config: CasaConfig, window_start: int, grids: List[List[int]], device,
+                        steps: Optional[List[float]] = None) -> Optional[torch.Tensor]:
     """RoPE positions of a window's image keys, or None (unrotated). ``grids``: the window's
-    images' ``[t, h, w]`` patch grids, in order.
+    images' ``[t, h, w]`` patch grids, in order; ``steps``: their temporal steps (default 1).
 
     ``insertion``: every image key at the text position of its window start ([n]); the query-key
     phase then depends only on the distance from the window start, as for text keys.
     ``none``: unrotated. ``mrope`` ([3, n]): Qwen2.5-VL multimodal positions relative to the
-    window, ``window start + (t, row, column)`` in merged tokens, the images of one window following
-    each other in time (frame order and layout become visible) -- casa_megatron's
-    ``model/mrope.casa_image_positions`` for still images (temporal step 1).
+    window, ``window start + (t * step, row, column)`` in merged tokens, the images of one window
+    following each other in time (each starts one after the previous one's last temporal
+    position), so frame order and layout become visible -- casa_megatron's
+    ``model/mrope.casa_image_positions``.
     """
     merge = config.vision_config.get("spatial_merge_size", 2)
     counts = [t * h * w // (merge * merge) for t, h, w in grids]
@@ -53,9 +80,11 @@ def image_key_positions(config: CasaConfig, window_start: int, grids: List[List[
         return None
     if scheme == "insertion":
         return torch.full((sum(counts),), window_start, dtype=torch.long, device=device)
+    steps = steps if steps is not None else [1.0] * len(grids)
     out, t_next = [], 0
-    for t, h, w in grids:
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
+    for (t, h, w), step in zip(grids, steps):
+        times = (torch.arange(t, dtype=torch.float64) * step).long()  # as transformers: floor(t * step)
+        tt, hh, ww = torch.meshgrid(times, torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
         offsets = torch.stack([tt.flatten() + t_next, hh.flatten(), ww.flatten()])  # [3, t*h*w/merge^2]
         t_next = int(offsets[0].max()) + 1
         out.append(offsets + window_start)
@@ -142,9 +171,9 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         merge = self.config.vision_config.get("spatial_merge_size", 2)
         return (image_grid_thw.prod(-1) // (merge * merge)).tolist()
 
-    def image_embeddings(self, pixel_values, image_grid_thw) -> List[torch.Tensor]:
+    def image_embeddings(self, pixel_values, image_grid_thw, second_per_grid_ts=None) -> List[torch.Tensor]:
         """All images -> one tensor [tokens, h] per image (stream order); each carries its
-        ``[t, h, w]`` grid as ``.grid`` (for mrope image-key positions)."""
+        ``[t, h, w]`` grid as ``.grid`` and its temporal step as ``.step`` (mrope positions)."""
         if pixel_values is None:
             return []
         if image_grid_thw is None:
@@ -152,64 +181,93 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         grid = torch.as_tensor(image_grid_thw).to(pixel_values.device).long()
         tokens = encode_images(self.visual, pixel_values, grid).to(self.lm_head.weight.dtype)
         per_image = list(torch.split(tokens, self.tokens_per_image(grid)))
-        for emb, g in zip(per_image, grid.tolist()):
-            emb.grid = g
+        steps = temporal_steps(self.config, len(per_image), second_per_grid_ts)
+        for emb, g, step in zip(per_image, grid.tolist(), steps):
+            emb.grid, emb.step = g, step
         return per_image
 
     # --- one row ----------------------------------------------------------------------------
-    def _window_pieces(self, ids: torch.Tensor, row: RowCache, has_images: bool) -> List[Tuple[int, int, int]]:
-        """Cut a row's new tokens at window starts: [(start, end, images opening it)]."""
-        is_img = (ids == self.config.image_token_id).tolist() if has_images else [False] * len(ids)
-        starts = []
-        for k, img in enumerate(is_img):
-            prev_img = is_img[k - 1] if k else row.last_token_was_image
-            if img and not prev_img:
-                starts.append(k)
-            elif img and k == 0:
+    def _placeholder_ids(self) -> List[int]:
+        return [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
+
+    def _row_layout(self, ids: torch.Tensor, row: RowCache, has_images: bool
+                    ) -> Tuple[torch.Tensor, Dict[int, int], int]:
+        """A row's new tokens -> (indices of the tokens that enter the text stream, {index in the
+        text stream: number of images inserted before it}, images left pending at the end).
+        See the module docstring."""
+        is_img = torch.isin(ids, torch.tensor(self._placeholder_ids(), device=ids.device)) if has_images \
+            else torch.zeros_like(ids, dtype=torch.bool)
+        flags = is_img.tolist()
+        runs, k = [], 0  # (first index, length) of every run of placeholders
+        while k < len(flags):
+            if flags[k]:
+                j = k
+                while j < len(flags) and flags[j]:
+                    j += 1
+                runs.append((k, j - k))
+                k = j
+            else:
+                k += 1
+        if self.config.placeholders_in_stream:
+            if runs and runs[0][0] == 0 and row.last_token_was_image:
                 raise ValueError("a run of image placeholders continues across forward calls; give all "
                                  "images of one window in the same call")
-        if row.text_tokens == 0 and (not starts or starts[0] != 0):
-            starts.insert(0, 0)  # the leading text-only window
+            return torch.arange(len(flags), device=ids.device), {a: n for a, n in runs}, 0
+        keep = (~is_img).nonzero().flatten()
+        opens: Dict[int, int] = {}
+        pending = 0
+        for a, n in runs:
+            at = a - sum(m for b, m in runs if b < a)  # index of the next kept token
+            if at == keep.shape[0]:  # the call ends with placeholders: they open the next call's window
+                pending = n
+            else:
+                opens[at] = n
+        if row.pending_images and keep.shape[0]:
+            opens[0] = opens.get(0, 0) + len(row.pending_images)
+        return keep, opens, pending
+
+    @staticmethod
+    def _window_pieces(n: int, opens: Dict[int, int], row: RowCache) -> List[Tuple[int, int, int]]:
+        """Cut a row's ``n`` new text tokens at window starts: [(start, end, images opening it)],
+        -1 for a piece that continues the current window."""
+        starts = sorted(opens)
+        continuing = False
         if not starts or starts[0] != 0:
-            starts.insert(0, 0)  # continuation of the current window
-            continuing = True
-        else:
-            continuing = row.text_tokens > 0 and not is_img[0]
+            starts.insert(0, 0)
+            continuing = row.text_tokens > 0  # else: the leading text-only window opens here
         pieces = []
         for j, a in enumerate(starts):
-            b = starts[j + 1] if j + 1 < len(starts) else len(ids)
-            n_img = 0
-            while a + n_img < b and is_img[a + n_img]:
-                n_img += 1
-            opens = not (j == 0 and continuing)
-            pieces.append((a, b, n_img if opens else -1))
+            b = starts[j + 1] if j + 1 < len(starts) else n
+            pieces.append((a, b, -1 if (j == 0 and continuing) else opens.get(a, 0)))
         return pieces
 
-    def _casa_row(self, ids: torch.Tensor, images: List[torch.Tensor], row: RowCache) -> torch.Tensor:
+    def _casa_row(self, ids: torch.Tensor, opens: Dict[int, int], images: List[torch.Tensor],
+                  row: RowCache) -> torch.Tensor:
         embeds = self.model.embed_tokens(ids)  # [n, h]
         out, used = [], 0
-        for a, b, n_img in self._window_pieces(ids, row, bool(images)):
+        for a, b, n_img in self._window_pieces(len(ids), opens, row):
             positions = torch.arange(row.text_tokens, row.text_tokens + b - a, device=ids.device)
             window_images = image_pos = None
             if n_img >= 0:  # this piece opens a window
                 row.window_start, row.window_images, row.windows_opened = row.text_tokens, n_img, row.windows_opened + 1
                 if n_img:
-                    window_images = torch.cat(images[used:used + n_img])  # [m, h]
+                    group = images[used:used + n_img]
                     used += n_img
-                    grids = [im.grid for im in images[used - n_img:used]]
-                    image_pos = image_key_positions(self.config, row.window_start, grids, ids.device)
+                    window_images = torch.cat(group)  # [m, h]
+                    image_pos = image_key_positions(self.config, row.window_start, [im.grid for im in group],
+                                                    ids.device, [im.step for im in group])
             out.append(self.model.run(embeds[a:b], positions, row, window_images, n_img >= 0, image_pos))
             row.text_tokens += b - a
-        row.last_token_was_image = bool(ids[-1] == self.config.image_token_id) and bool(images)
         return torch.cat(out)
 
-    def _insertion_row(self, ids: torch.Tensor, images: List[torch.Tensor], row: RowCache) -> torch.Tensor:
-        """Token insertion: each run's image tokens go into the stream before its first placeholder;
-        positions count every stream token (LLaVA style, as casa_megatron's InsertionVLM)."""
+    def _insertion_row(self, ids: torch.Tensor, opens: Dict[int, int], images: List[torch.Tensor],
+                       row: RowCache) -> torch.Tensor:
+        """Token insertion: each group's image tokens go into the stream before the token that
+        opens its window; positions count every stream token (LLaVA style, as casa_megatron's
+        InsertionVLM)."""
         embeds = self.model.embed_tokens(ids)  # [n, h]
         parts, text_index, used, length = [], [], 0, 0
-        pieces = self._window_pieces(ids, row, bool(images))
-        for a, b, n_img in pieces:
+        for a, b, n_img in self._window_pieces(len(ids), opens, row):
             if n_img > 0:
                 block = torch.cat(images[used:used + n_img])
                 used += n_img
@@ -223,8 +281,29 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         hidden = self.model.run(stream, positions, row)
         row.stream_tokens += length
         row.text_tokens += ids.shape[0]
-        row.last_token_was_image = bool(ids[-1] == self.config.image_token_id) and bool(images)
         return hidden[torch.tensor(text_index, device=ids.device)]
+
+    def _row(self, ids: torch.Tensor, images: List[torch.Tensor], row: RowCache) -> torch.Tensor:
+        """One row's new (unpadded) tokens [n] -> hidden [n, h]. A removed placeholder gets the
+        hidden state of the last text token before it (zeros if there is none in this call), so
+        the logits at any position predict the next text token."""
+        keep, opens, pending = self._row_layout(ids, row, bool(images))
+        # removed-placeholder layout: images whose placeholders end the call wait for the next token
+        held, images = images[len(images) - pending:] if pending else [], images[:len(images) - pending]
+        if keep.shape[0] == 0:
+            row.pending_images = row.pending_images + held
+            return self.model.embed_tokens.weight.new_zeros(ids.shape[0], self.config.hidden_size)
+        images, row.pending_images = row.pending_images + images, held  # earlier ones open at token 0
+        run = self._insertion_row if self.config.fusion_mechanism == "insertion" else self._casa_row
+        hidden = run(ids[keep], opens, images, row)
+        row.last_token_was_image = bool(images) and bool(torch.isin(ids[-1:], torch.tensor(
+            self._placeholder_ids(), device=ids.device)).any())
+        if keep.shape[0] == ids.shape[0]:
+            return hidden
+        source = torch.cumsum((~torch.isin(ids, torch.tensor(self._placeholder_ids(), device=ids.device))).long(),
+                              0) - 1  # [n]: index in ``hidden`` of the last kept token at or before each one
+        out = torch.cat([hidden.new_zeros(1, hidden.shape[-1]), hidden])[source + 1]
+        return out
 
     # --- forward ----------------------------------------------------------------------------
     def forward(
@@ -232,6 +311,7 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.LongTensor] = None,
+        second_per_grid_ts: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[CasaCache] = None,
         use_cache: Optional[bool] = None,
@@ -252,19 +332,19 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         if past_key_values is not None and not isinstance(past_key_values, CasaCache):
             raise TypeError(f"past_key_values must be a CasaCache, got {type(past_key_values).__name__}")
         cache = past_key_values if past_key_values is not None else self.new_cache()
-        images = self.image_embeddings(pixel_values, image_grid_thw)
-        ph = ((input_ids == self.config.image_token_id) & keep).sum(1).tolist()
+        images = self.image_embeddings(pixel_values, image_grid_thw, second_per_grid_ts)
+        is_ph = torch.isin(input_ids, torch.tensor(self._placeholder_ids(), device=input_ids.device))
+        ph = (is_ph & keep).sum(1).tolist()
         if images and sum(ph) != len(images):
             raise ValueError(f"missing image tokens: the text has {sum(ph)} image placeholder(s) "
-                             f"(id {self.config.image_token_id}) but {len(images)} image(s) were given")
-        run_row = self._insertion_row if self.config.fusion_mechanism == "insertion" else self._casa_row
+                             f"(ids {self._placeholder_ids()}) but {len(images)} image(s) were given")
         hidden, used = [], 0
         for r in range(b):
             row_images = images[used:used + ph[r]] if images else []
             used += len(row_images)
             out = self.model.embed_tokens.weight.new_zeros(s, self.config.hidden_size)  # pads stay 0
             if bool(keep[r].any()):
-                out[keep[r]] = run_row(input_ids[r][keep[r]], row_images, cache.row(r))
+                out[keep[r]] = self._row(input_ids[r][keep[r]], row_images, cache.row(r))
             hidden.append(out)
         cache.columns += s
         hidden = self.model.norm(torch.stack(hidden))  # [b, s, h]

@@ -156,6 +156,8 @@ def build_vision(cfg: Dict, out_hidden: int) -> nn.Module:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     fields = {k: v for k, v in cfg.items() if k in QWEN_VISION_FIELDS}
+    # transformers types it int; the tower itself never reads it (the text side's mrope step does)
+    fields.pop("tokens_per_second", None)
     return Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**fields, out_hidden_size=out_hidden))
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from casa_megatron.evaluation.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""A training checkpoint (or an import folder) -> the megatron model in one process (TP=1, PP=1).
+
+Accepted: a run's checkpoint folder (its ``latest`` pointer is followed, else the newest
+``iter_N``), one ``iter_N/`` (``config.yaml`` + megatron's ``metadata.json``), or a folder written
+by ``casa-convert import-hf`` (``architecture.yaml`` + ``weights/``). megatron's reshardable format
+loads at TP=1 / PP=1 whatever layout wrote it. A training checkpoint's files are checked against
+its manifest (``training/ckpt_manifest.py``: a missing or truncated shard is named). Anything
+else is refused before megatron is imported, naming what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import yaml
+
+from casa_megatron.config.coerce import from_dict
+from casa_megatron.config.errors import ConfigError
+from casa_megatron.config.loader import to_dict
+from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG, WEIGHTS_DIR
+from casa_megatron.config.schema import TrainConfig
+
+EXPECTED = ("a training checkpoint (iter_N/ with config.yaml and metadata.json, or a run's checkpoint folder "
+            "holding such iter_N/ folders) or a folder written by `casa-convert import-hf` (architecture.yaml "
+            "and weights/)")
+
+
+class NotACheckpoint(ValueError):
+    """The path is not a checkpoint this tool can read."""
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Tuple[Path, str]:
+    """(the folder holding the weights' config, ``training`` | ``import``) or NotACheckpoint."""
+    p = Path(path)
+    if not p.is_dir():
+        raise NotACheckpoint(f"{p}: no such directory; expected {EXPECTED}")
+    if (p / "latest").is_file() and (p / (p / "latest").read_text().strip()).is_dir():
+        p = p / (p / "latest").read_text().strip()
+    elif not (p / RUN_CONFIG).exists() and not (p / ARCHITECTURE_FILE).exists():
+        found = sorted((int(m.group(1)), c) for c in p.iterdir() if (m := re.fullmatch(r"iter_(\d+)", c.name)))
+        if found:
+            p = found[-1][1]
+    if (p / ARCHITECTURE_FILE).exists() and (p / WEIGHTS_DIR / "metadata.json").exists():
+        return p, "import"
+    if (p / RUN_CONFIG).exists() and (p / "metadata.json").exists():
+        from casa_megatron.training.ckpt_manifest import check_files, read_manifest
+
+        try:
+            listed = read_manifest(p) is not None
+        except ValueError as exc:
+            raise NotACheckpoint(f"{p}: {exc}") from None
+        problem = check_files(p) if listed else None  # (checkpoints older than manifests: not verified)
+        if problem:
+            raise NotACheckpoint(f"checkpoint {p} is incomplete or damaged: {problem}")
+        return p, "training"
+    missing = [n for n in (RUN_CONFIG, "metadata.json") if not (p / n).exists()]
+    raise NotACheckpoint(f"{Path(path)} is not a checkpoint ({p} lacks {', '.join(missing)}); expected {EXPECTED}")
+
+
+def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:
+    """The run config a checkpoint was trained with (an import folder: its architecture, other
+    fields default) and the folder to load weights from. Not validated: the data it names may
+    live elsewhere now."""
+    folder, kind = resolve_checkpoint(path)
+    name = RUN_CONFIG if kind == "training" else ARCHITECTURE_FILE
+    try:
+        saved = yaml.safe_load((folder / name).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise NotACheckpoint(f"{folder / name} is unreadable ({exc})") from None
+    if not isinstance(saved.get("model"), dict):
+        raise NotACheckpoint(f"{folder / name} has no 'model' mapping; expected {EXPECTED}")
+    explicit = saved if kind == "training" else {"model": saved["model"]}
+    try:
+        cfg = from_dict(TrainConfig, _merge(to_dict(TrainConfig()), explicit))
+    except ConfigError as exc:
+        raise NotACheckpoint(f"{folder / name}: {exc}") from None
+    if not torch.cuda.is_available():
+        cfg.model.transformer_impl = "local"  # same weights; Transformer Engine needs a GPU
+    cfg.model.validate()
+    return cfg, folder
+
+
+def load_checkpoint_model(path: str | Path, image_slots: int = 1):
+    """(model in eval mode, its TrainConfig). Initialises a one-process megatron group if none."""
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.pretrained import load_model_weights
+
+    cfg, folder = checkpoint_config(path)
+    initialize_parallel(1, 1, seed=cfg.seed)
+    model = build_vlm(cfg.model, ParallelConfig(), image_seq_length=image_slots)
+    load_model_weights(model, folder)
+    return model.eval(), cfg

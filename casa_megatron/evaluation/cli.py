@@ -1,0 +1,190 @@
+"""``casa-eval --data HELD_OUT [--checkpoint CKPT] [--hf HF_DIR]``: answer held-out questions and
+caption held-out clips with greedy generation, through the megatron model, the exported Hugging
+Face model, or both (then their answers must agree, and the report says whether they do).
+
+Writes ``eval.json`` (settings, every item's generated tokens and text per side, scores,
+agreement) and ``eval.md`` (the table, also printed) into ``--out``. Accuracy is exact match
+per question type and task; video captions get token F1, exact match and silence accuracy
+(``evaluation/metrics.py`` says why). A checkpoint or HF folder that is not one stops with exit
+code 2 and a message naming what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from casa_megatron.data.records import ShardError
+from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
+from casa_megatron.evaluation.hf_side import NotAnHFFolder, check_hf_folder
+from casa_megatron.evaluation.items import Items, read_items
+from casa_megatron.evaluation.metrics import caption_scores, question_scores
+from casa_megatron.evaluation.report import agreement, table
+
+
+class EvalInputError(ValueError):
+    """The data to evaluate on gives nothing to ask."""
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="casa-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="held-out source: shard dir, .tar, manifest .jsonl, LLaVA / chat "
+                   ".json(l) (e.g. data/synthetic/valid)")
+    p.add_argument("--checkpoint", help="training checkpoint (iter_N/ or a run's checkpoints/) or import folder")
+    p.add_argument("--hf", help="exported Hugging Face folder (casa-convert export-hf)")
+    p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
+    p.add_argument("--max-samples", type=int, default=None, help="first N samples of --data")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder when the checkpoint's data config no longer "
+                   "finds it (default: the checkpoint's, else the HF folder's)")
+    p.add_argument("--media-root", default="", help="JSON datasets: where relative media paths point")
+    p.add_argument("--device", default=None, help="HF side: cpu / cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="HF side; agreement with megatron (fp32) is only expected in float32")
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.hf:
+        p.error("give --checkpoint, --hf or both")
+    if args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
+        p.error("--max-new-tokens and --max-samples must be >= 1")
+    return args
+
+
+def settings_for(args: argparse.Namespace):
+    """The pipeline settings of the evaluated model (pixel budgets, fps, frames, text layout)."""
+    from casa_megatron.data.processor import ProcessorSettings
+
+    if args.checkpoint:
+        cfg, _ = checkpoint_config(args.checkpoint)
+        d = cfg.data
+        tok = args.tokenizer or (str(p) if (p := _tokenizer_of(d)) else None) or args.hf
+        if tok is None:
+            raise NotACheckpoint(f"the tokenizer of {args.checkpoint} ({d.tokenizer_path or 'next to ' + d.source}) "
+                                 "is gone; pass --tokenizer")
+        layout = d.text_layout
+        if layout == "auto" and args.hf and str(tok) == str(args.hf):  # the export's copy of the tokenizer
+            layout = json.loads((Path(args.hf) / "processor_config.json").read_text()).get("text_layout", layout)
+        return ProcessorSettings(str(tok), d.seq_length, d.image_seq_length, d.pixel_budget, d.min_pixels,
+                                 d.video_pixel_budget, d.fps, d.max_frames, d.window_per_frame, d.qa_windows, "cpu",
+                                 False, d.image_token, d.answer_token, d.end_of_turn_token, layout,
+                                 d.image_placeholder, d.video_placeholder,
+                                 merge_consecutive=cfg.model.fusion.mechanism != "insertion")
+    proc = json.loads((Path(args.hf) / "processor_config.json").read_text())
+    layout = proc.get("text_layout", "auto")
+    return ProcessorSettings(args.tokenizer or args.hf, 1 << 20, 1 << 20, proc.get("max_pixels", 448 * 448),
+                             proc.get("min_pixels", 56 * 56), proc.get("video_max_pixels", 224 * 224),
+                             proc.get("fps", 2.0), decoder="cpu", truncate=False, text_layout=layout)
+
+
+def _tokenizer_of(data) -> Optional[Path]:
+    try:
+        path = data.resolved_tokenizer_path()
+    except (OSError, ValueError):
+        return None
+    return path if path is not None and path.exists() else None
+
+
+def run_megatron(args, settings, items: Items) -> Dict:
+    from casa_megatron.data.chat_template import ChatTemplateLayout
+    from casa_megatron.data.processor import make_layout
+    from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
+    from casa_megatron.evaluation.megatron_side import MegatronGreedy
+
+    model, cfg = load_checkpoint_model(args.checkpoint)
+    layout = make_layout(settings)
+    if isinstance(layout, ChatTemplateLayout):
+        tok = layout.tokenizer
+        names, stops = [layout.image_placeholder, layout.video_placeholder], [layout.info.end_of_turn]
+    else:
+        tok = layout.tokenizer
+        names, stops = [settings.image_token], [settings.end_of_turn_token]
+    stop_ids = [tok.convert_tokens_to_ids(n) for n in stops] + ([tok.eos_token_id] if tok.eos_token_id is not None
+                                                               else [])
+    banned = [tok.convert_tokens_to_ids(n) for n in names if n]
+    runner = MegatronGreedy(model, cfg, layout, args.max_new_tokens, stop_ids, banned)
+    return _run_side("megatron", runner, items, tok, stop_ids)
+
+
+def run_hf(args, items: Items) -> Dict:
+    from casa_megatron.evaluation.hf_side import HFGreedy, load_hf
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_hf(args.hf, device, args.dtype)
+    banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
+    runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
+    return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)
+
+
+def _run_side(name: str, runner, items: Items, tok, stop_ids) -> Dict:
+    from tqdm import tqdm
+
+    def text(tokens):
+        return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
+
+    start = time.perf_counter()
+    questions, captions = [], []
+    for item in tqdm(items.questions, desc=f"{name}: questions", unit="q"):
+        tokens = runner.answer(item)
+        questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
+                          "tokens": tokens, "answer": text(tokens)})
+    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip"):
+        frames = runner.caption(item)
+        captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
+                                                   for t, r in zip(frames, item.references)]})
+    scores = question_scores((q["type"], q["task"], q["answer"], q["reference"]) for q in questions)
+    if captions:
+        scores["caption"] = caption_scores((f["caption"], f["reference"]) for c in captions for f in c["frames"])
+    return {"questions": questions, "captions": captions, "scores": scores, "seconds": time.perf_counter() - start}
+
+
+def run(args: argparse.Namespace) -> Dict:
+    if args.checkpoint:
+        resolve_checkpoint(args.checkpoint)
+    if args.hf:
+        check_hf_folder(args.hf)
+    settings = settings_for(args)
+    items = read_items(args.data, settings, args.max_samples, args.media_root)
+    if not items.questions and not items.captions:
+        raise EvalInputError(f"{args.data}: no usable held-out sample (skipped: {items.skipped})")
+    sides = {}
+    if args.checkpoint:
+        sides["megatron"] = run_megatron(args, settings, items)
+    if args.hf:
+        sides["hf"] = run_hf(args, items)
+    result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf,
+              "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
+              "text_layout": settings.text_layout, "sides": sides}
+    if len(sides) == 2:
+        result["agreement"] = agreement(sides["megatron"], sides["hf"])
+    out = Path(args.out)
+    from casa_megatron.inference.report import write_json_atomic
+
+    write_json_atomic(out / "eval.json", result)
+    report = table(result)
+    (out / "eval.md").write_text(report)
+    print(report)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError) as e:
+        print(f"casa-eval: {e}", file=sys.stderr)
+        return 2
+    agree = result.get("agreement")
+    if agree is not None and not agree["all_equal"]:
+        print(f"casa-eval: the megatron and HF models disagree on {agree['questions_differ']} question(s) and "
+              f"{agree['frames_differ']} caption frame(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

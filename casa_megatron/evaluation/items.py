@@ -1,0 +1,119 @@
+"""Held-out samples -> evaluation items: questions (each assistant turn of a conversation) and
+streamed video captions, with their media decoded once by the training pipeline's own code.
+
+A question's prompt is the conversation up to its user turn, earlier assistant turns as the
+dataset gives them (teacher forcing, as every VQA benchmark scores a turn). Its group is the
+turn's ``type`` (``coarse`` / ``fine`` in the generated dataset) and ``task`` (``shape``,
+``colour``, ``count``, ``number``, ``word``, ``chart``, the two-image ``more`` / ``same_colour``),
+read from the turn in our format and from the sample otherwise. A caption item is a clip with
+timestamped captions: every sampled frame and the captions that follow it (docs/data.md), the
+live captioner's protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from torch import Tensor
+
+from casa_megatron.data.chat_template import DecodedMedia
+from casa_megatron.data.conversation import Media, Message
+from casa_megatron.data.formats import parse_conversation
+from casa_megatron.data.interleave import captions_per_frame
+from casa_megatron.data.processor import ProcessorSettings, SampleProcessor
+from casa_megatron.data.records import SampleError
+from casa_megatron.data.sources import open_source
+
+
+@dataclass
+class QuestionItem:
+    key: str
+    turn: int  # index of the answered assistant turn among the sample's assistant turns
+    messages: List[Message]  # the prompt: up to (and including) the question's user turn
+    media: List[DecodedMedia]  # the prompt's media parts, in order
+    reference: str
+    qtype: str
+    task: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.key}#{self.turn}"
+
+
+@dataclass
+class CaptionItem:
+    key: str
+    prompt: str
+    frames: List[Tensor]  # [3, H, W] uint8 each
+    times: List[float]
+    references: List[str]  # per frame: the captions that follow it ("" when none)
+    qtype: str = "caption"
+    task: str = "caption"
+
+    @property
+    def id(self) -> str:
+        return self.key
+
+
+@dataclass
+class Items:
+    questions: List[QuestionItem] = field(default_factory=list)
+    captions: List[CaptionItem] = field(default_factory=list)
+    skipped: Dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def _turn_meta(obj: dict, turn: int) -> Tuple[str, str]:
+    """(type, task) of the ``turn``-th answer: from the turn (our format), else the sample."""
+    turns = obj.get("conversation") if isinstance(obj.get("conversation"), list) else []
+    own = turns[turn] if turn < len(turns) and isinstance(turns[turn], dict) else {}
+    qtype = str(own.get("type") or obj.get("type") or "unknown")
+    return qtype, str(own.get("task") or obj.get("task") or qtype)
+
+
+def _questions(key: str, obj: dict, messages: List[Message], media: List[DecodedMedia]) -> List[QuestionItem]:
+    out, used, turn = [], 0, 0
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            qtype, task = _turn_meta(obj, turn)
+            out.append(QuestionItem(key, turn, list(messages[:i]), media[:used], m.text().strip(), qtype, task))
+            turn += 1
+        used += sum(isinstance(p, Media) for p in m.content)
+    return out
+
+
+def read_items(path: str, settings: ProcessorSettings, max_samples: Optional[int] = None,
+               media_root: str = "") -> Items:
+    """Every sample of the source at ``path`` (first ``max_samples``), decoded with ``settings``
+    (pixel budgets, fps, max_frames: those of training). Bad samples are skipped and counted."""
+    from tqdm import tqdm
+
+    from casa_megatron.data.sources import SourceSpec
+
+    source = open_source(SourceSpec(str(path), media_root=media_root))
+    processor = SampleProcessor(settings, with_layout=False)
+    items, skipped = Items(), Counter()
+    n = len(source) if max_samples is None else min(len(source), max_samples)
+    for i in tqdm(range(n), desc="reading held-out samples", unit="sample"):
+        try:
+            raw = source.read(i)
+            obj = json.loads(raw.parts["json"])
+            conv = parse_conversation(obj, raw.key, settings.qa_windows)
+            media = processor.decode_media(raw, conv)
+        except SampleError as e:
+            skipped[e.reason] += 1
+            continue
+        except (KeyError, ValueError):
+            skipped["bad_annotation"] += 1
+            continue
+        if conv.captions:
+            clip = media[0]
+            texts = captions_per_frame(conv.captions, clip.times, settings.fps)
+            items.captions.append(CaptionItem(raw.key, conv.messages[0].text(), list(clip.frames),
+                                              list(clip.times), [" ".join(t) for t in texts]))
+        else:
+            items.questions += _questions(raw.key, obj, conv.messages, media)
+    items.skipped = dict(skipped)
+    return items

@@ -1,0 +1,119 @@
+"""``casa-eval``: a tiny model trained for a few steps on the generated dataset (chat-template
+layout), exported to a Hugging Face folder, answers the held-out split through megatron
+(recomputation) and through the exported model (its cache): the two give the same tokens on
+every question and caption frame, and the answers are not all the same."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.dist import run_distributed
+
+from casa_megatron.evaluation.cli import main
+from casa_megatron.evaluation.metrics import caption_scores, exact, question_scores, token_f1
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _export(rank, world, checkpoint, out):
+    from support.hf_checkpoint_export import export_checkpoint
+
+    return str(export_checkpoint(checkpoint, out))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(held-out split, checkpoint folder, exported HF folder)."""
+    from casa_megatron.data.synthetic_dataset import make_dataset
+
+    root = tmp_path_factory.mktemp("eval")
+    make_dataset(root / "data", num_images=12, num_videos=2, num_multi=4, seed=3, video_seconds=2.0,
+                 valid_fraction=0.5, samples_per_shard=8, progress=False)
+    run = root / "run"
+    cmd = [sys.executable, "-m", "casa_megatron.train", str(ROOT / "configs/tiny_cpu.yaml"), f"run_dir={run}",
+           f"data.sources=[{{path: {root}/data/shards, weight: 3}}, {{path: {root}/data/multi, weight: 1}}]",
+           "train_steps=30", "checkpoint.save_interval=30", "log_interval=10", "optimizer.warmup_steps=3",
+           "optimizer.wsd_decay_steps=5", "tracking.enabled=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = run_distributed(_export, world_size=1, checkpoint=str(run / "checkpoints"), out=str(root / "hf"))[0]
+    return root / "data" / "valid", run / "checkpoints", Path(hf)
+
+
+def test_megatron_and_hf_answer_alike(trained, tmp_path):
+    valid, checkpoint, hf = trained
+    assert json.loads((hf / "processor_config.json").read_text())["text_layout"] == "chat_template"
+    assert json.loads((hf / "config.json").read_text())["placeholders_in_stream"] is False
+    from transformers import AutoTokenizer
+
+    stops = json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
+    assert AutoTokenizer.from_pretrained(str(hf)).convert_ids_to_tokens(stops[0]) == "<|im_end|>"  # end of turn
+    out = tmp_path / "both"
+    proc = subprocess.run([sys.executable, "-m", "casa_megatron.evaluation", "--data", str(valid), "--checkpoint",
+                           str(checkpoint), "--hf", str(hf), "--out", str(out), "--max-new-tokens", "10"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    agree = result["agreement"]
+    assert agree["all_equal"] and agree["questions"] >= 8 and agree["frames"] >= 4, agree
+    megatron = result["sides"]["megatron"]
+    answers = [q["answer"] for q in megatron["questions"]]
+    assert len(set(answers)) > 2, answers  # a model that says one thing would agree trivially
+    assert {"all", "coarse", "fine", "caption", "task:colour", "task:more"} <= set(megatron["scores"])
+    assert any(f["tokens"] for c in megatron["captions"] for f in c["frames"])
+    assert "megatron vs HF" in (out / "eval.md").read_text()
+    # the HF side alone (no megatron at all) gives the same answers
+    assert main(["--data", str(valid), "--hf", str(hf), "--out", str(tmp_path / "hf"), "--max-new-tokens", "10"]) == 0
+    alone = json.loads((tmp_path / "hf" / "eval.json").read_text())["sides"]["hf"]
+    assert [q["tokens"] for q in alone["questions"]] == [q["tokens"] for q in megatron["questions"]]
+
+
+def test_bad_inputs_are_named(trained, tmp_path, capsys):
+    valid, checkpoint, hf = trained
+    assert main(["--data", str(valid), "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no such directory; expected a training checkpoint" in capsys.readouterr().err
+    assert main(["--data", str(valid), "--checkpoint", str(valid)]) == 2  # a folder, but not a checkpoint
+    assert "is not a checkpoint" in capsys.readouterr().err
+    broken = tmp_path / "broken" / "iter_0000001"
+    broken.mkdir(parents=True)
+    for name in ("config.yaml", "metadata.json", "manifest.json"):
+        (broken / name).write_text((checkpoint / "iter_0000030" / name).read_text())
+    assert main(["--data", str(valid), "--checkpoint", str(broken.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete or damaged" in err and "is missing" in err, err
+    assert main(["--data", str(valid), "--hf", str(checkpoint)]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "none"), "--hf", str(hf)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--hf", str(hf)]) == 2  # a directory without shards
+    assert "no *.tar shards" in capsys.readouterr().err
+
+
+def _naive_f1(pred: str, ref: str) -> float:
+    p, r = pred.lower().split(), ref.lower().split()
+    left, common = list(r), 0
+    for w in p:
+        if w in left:
+            left.remove(w)
+            common += 1
+    if not p and not r:
+        return 1.0
+    return 0.0 if not common else 2 * common / (len(p) + len(r))
+
+
+def test_metrics():
+    pairs = [("the red circle moves left", "the red circle moves right and is at the left"), ("", ""),
+             ("red red", "red"), ("blue", "red"), ("The first.", "the first")]
+    for pred, ref in pairs:
+        assert token_f1(pred, ref) == pytest.approx(_naive_f1(pred.rstrip("."), ref))
+    assert exact("The first.", "the first") == 1.0 and exact("the first one", "the first") == 0.0
+    scores = question_scores([("coarse", "colour", "red", "red"), ("coarse", "shape", "circle", "square"),
+                              ("fine", "word", "cat", "cat")])
+    assert scores["all"] == {"n": 3, "accuracy": 2 / 3} and scores["coarse"]["accuracy"] == 0.5
+    assert scores["task:word"] == {"n": 1, "accuracy": 1.0}
+    caps = caption_scores([("the red circle", "the red circle moves"), ("", ""), ("noise", "")])
+    assert caps["frames_with_reference"] == 1 and caps["silence_accuracy"] == 0.5
