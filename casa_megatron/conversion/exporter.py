@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -77,20 +77,20 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
     marks = _token_ids(tok, tok_dir, QWEN_TOKENS) if target == "qwen2_5_vl" else \
-        _casa_image_token(tok, tok_dir, source)  # the tokenizer is checked before the (long) load
+        _casa_layout(source, model_cfg, tok_dir)  # the tokenizer is checked before the (long) load
     log(f"building the model ({source.kind} checkpoint {source.path})")
     model = load_model(source, model_cfg)
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
     dtype_name = str(out_dtype).replace("torch.", "")
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
-    config, processor, files = _folder_files(target, source, model_cfg, tok, marks, dtype_name)
+    config, processor, generation, files = _folder_files(target, source, model_cfg, tok, marks, dtype_name)
     log(f"writing {out} ({target}, {dtype_name})")
     from casa_megatron.hf.folder import write_hf_folder
 
     count = sum(len(u.names) for u in units)
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
-        write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, force=force,
-                        max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
+        write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
+                        force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
                         progress=bar.update)
     log("done")
     return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
@@ -98,18 +98,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
 
 
 def _folder_files(target: str, source: CheckpointSource, model_cfg: ModelConfig, tok, marks, dtype_name: str):
-    """``config.json``, the processor settings and files copied as they are, per format."""
+    """``config.json``, processor settings, generation settings and files copied as they are."""
     if target == "qwen2_5_vl":
         text_tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                        "pad_token_id": tok.pad_token_id}
         config = qwen2_5_vl_config(model_cfg, marks, dtype_name, text_tokens)
         files = {n: source.path / n for n in QWEN_PROCESSOR_FILES if (source.path / n).exists()}
-        return config, (None if files else qwen_image_processor(source, model_cfg)), files
+        return config, (None if files else qwen_image_processor(source, model_cfg)), None, files
     from casa_megatron.hf.config_map import casa_config_dict
 
-    image_token, layout = marks
-    config = casa_config_dict(model_cfg, tok.convert_tokens_to_ids(image_token), extra={"dtype": dtype_name})
-    return config, casa_processor(source, image_token, layout), {}
+    config = casa_config_dict(model_cfg, marks.config["image_token_id"], extra={**marks.config, "dtype": dtype_name})
+    return config, marks.processor, marks.generation, {}
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -225,36 +224,17 @@ def _token_ids(tok, folder: Path, names: Dict[str, str]) -> Dict[str, int]:
     return {field: int(tok.convert_tokens_to_ids(n)) for field, n in names.items()}
 
 
-def _casa_image_token(tok, folder: Path, source: CheckpointSource) -> Tuple[str, dict]:
-    """The placeholder that marks an image in the exported model's input, and the text layout the
-    run trained with (the data pipeline's rule, ``data/processor.make_layout``): the chat
-    template's own placeholder (``<|image_pad|>`` for Qwen-style templates, found by the same
-    probe) when the run laid text out with the tokenizer's template, else ``data.image_token``."""
-    from casa_megatron.data.template_probe import probe_template
+def _casa_layout(source: CheckpointSource, model_cfg: ModelConfig, tok_dir: Path):
+    """The text layout the run trained with, as the exported folder must reproduce it
+    (``hf/layout_map.export_fields``: the data pipeline's own rule, chat template or layout
+    tokens): ``config.json`` extras (placeholder ids, ``placeholders_in_stream``), the
+    ``processor_config.json`` fields (with the run's pixel budgets) and the generation stops."""
+    from casa_megatron.hf.layout_map import export_fields
 
-    data = source.data
-    layout = data.text_layout
-    if layout == "auto":
-        layout = "chat_template" if getattr(tok, "chat_template", None) else "layout_tokens"
-    if layout == "chat_template":
-        try:
-            info = probe_template(tok, str(folder), data.image_placeholder, data.video_placeholder)
-        except ValueError as exc:
-            raise ConversionError(str(exc)) from exc
-        return info.image_placeholder, {"text_layout": layout, "image_placeholder": info.image_placeholder,
-                                        "video_placeholder": info.video_placeholder,
-                                        "end_of_turn": info.end_of_turn}
-    if not _has(tok, data.image_token):
-        raise ConversionError(f"the tokenizer in {folder} has no {data.image_token!r} (data.image_token), the "
-                              "image placeholder of the run's layout-token text")
-    return data.image_token, {"text_layout": layout}
-
-
-def casa_processor(source: CheckpointSource, image_token: str, layout: dict) -> dict:
-    """``CasaProcessor`` settings: the training run's image budgets, normalisation and text layout."""
-    d = source.data
-    return dict(max_pixels=d.pixel_budget, min_pixels=d.min_pixels, video_max_pixels=d.video_pixel_budget,
-                image_mean=list(d.image_mean), image_std=list(d.image_std), image_token=image_token, **layout)
+    try:
+        return export_fields(model_cfg, source.data, str(tok_dir))
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConversionError(f"the tokenizer in {tok_dir} cannot lay text out as the run did: {exc}") from exc
 
 
 def qwen_image_processor(source: CheckpointSource, model: ModelConfig) -> dict:

@@ -23,12 +23,13 @@ import pytest
 import torch
 from support.dist import run_distributed
 
-HF_CASES = {  # HF source -> import overrides (re-import overrides for the native format)
-    "helium_casa": ("helium", []),
+HF_CASES = {  # HF source, import overrides (re-import overrides for the native format), the run's tokenizer
+    "helium_casa": ("helium", [], "helium"),
     "llama_cross_attention_gated": ("llama", ["model.fusion.mechanism=cross_attention",
-                                              "model.fusion.cross_attention_gate=true", "model.fusion.every_n=2"]),
-    "qwen2_5_vl_insertion": ("qwen2_5_vl", ["model.fusion.mechanism=insertion"]),
-    "qwen2_5_vl_casa": ("qwen2_5_vl", ["model.fusion.every_n=2"]),
+                                              "model.fusion.cross_attention_gate=true", "model.fusion.every_n=2"],
+                                    "llama"),
+    "qwen2_5_vl_insertion": ("qwen2_5_vl", ["model.fusion.mechanism=insertion"], "qwen2_5_vl"),  # chat template
+    "qwen2_5_vl_casa": ("qwen2_5_vl", ["model.fusion.every_n=2"], "generic"),  # trained with layout tokens
 }
 GENERIC_CASES = {  # our own small model (tiny_vit): fusion, parameter dtype
     "generic_insertion": (dict(mechanism="insertion"), torch.float32),
@@ -90,23 +91,14 @@ def _round_trip(name: str, root: Path, model_cfg, model, tokenizer: Path, reimpo
             "architectures": json.loads((root / "hf" / "config.json").read_text()).get("architectures")}
 
 
-def _qwen_image_pad() -> int:
-    """Id of ``<|image_pad|>`` in ``support.export.chat_tokenizer`` (after our 7 layout tokens)."""
-    from casa_megatron.data.synthetic_dataset import CHAT_SPECIALS
-
-    return 7 + CHAT_SPECIALS.index("<|image_pad|>")
-
-
 def _qwen_case(kind: str):
-    """The HF test cases with Qwen2.5-VL patches (a still frame repeated: C*2*14*14 values) and the
-    chat tokenizer's ids: images marked by ``<|image_pad|>``, words moved past the chat specials."""
-    from support.hf_cases import IMG, make_case
+    """The HF test cases (our layout tokens: ``<image>`` = 4 stays in the stream) with Qwen2.5-VL
+    patches (a still frame repeated: C*2*14*14 values)."""
+    from support.hf_cases import make_case
 
     case = make_case(kind)
     g = torch.Generator().manual_seed(3)
     case["pixel_patches"] = torch.randn(case["pixel_patches"].shape[0], 3 * 2 * 14 * 14, generator=g)
-    ids = case["input_ids"]
-    case["input_ids"] = torch.where(ids == IMG, _qwen_image_pad(), torch.where(ids >= 7, ids + 6, ids))
     return case
 
 
@@ -128,7 +120,7 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
     from support.vlm import small_model_config
 
     root, report = Path(root), {}
-    for name, (source, overrides) in HF_CASES.items():
+    for name, (source, overrides, tokenizer) in HF_CASES.items():
         base = root / name
         code, err = _cli("import-hf", hf_dirs[source], base / "imported", *overrides, "model.transformer_impl=local",
                          "--no-progress")
@@ -141,7 +133,7 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
         load_model_weights(model, base / "imported")
         reimport = overrides[:1] if name in NATIVE else []
         report[name] = {"hf": _compare_hf(Path(hf_dirs[source]), base / "hf_from_import"),
-                        **_round_trip(name, base, model_cfg, model, Path(tokenizers[source]), reimport)}
+                        **_round_trip(name, base, model_cfg, model, Path(tokenizers[tokenizer]), reimport)}
         if name == "qwen2_5_vl_casa":  # the exported (perturbed) model's logits, for the remote code
             report[name]["logits"] = {kind: _qwen_logits(model, kind) for kind in ("image", "video")}
     for name, (fusion, dtype) in GENERIC_CASES.items():
@@ -257,9 +249,9 @@ def test_casa_with_the_qwen_encoder_equals_megatron_through_the_remote_code(roun
     folder = root / "qwen2_5_vl_casa" / "hf"
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert model.config.vision_config["encoder"] == "qwen2_5_vl" and model.config.image_position_scheme == "mrope"
-    processor = json.loads((folder / "processor_config.json").read_text())  # a chat-template tokenizer:
-    assert processor["text_layout"] == "chat_template" and processor["image_token"] == "<|image_pad|>"
-    assert model.config.image_token_id == _qwen_image_pad()
+    processor = json.loads((folder / "processor_config.json").read_text())  # trained with our layout tokens
+    assert processor["text_layout"] == "layout_tokens" and model.config.placeholders_in_stream
+    assert model.config.image_token_id == 4
     for kind in ("image", "video"):
         with torch.no_grad():
             out = model(**hf_inputs(_qwen_case(kind)), use_cache=False).logits

@@ -32,16 +32,16 @@ def _batch(seconds: float):
 
 
 def _megatron(rank, world, out_dir):
+    from pathlib import Path
+
     from casa_megatron.config import ParallelConfig
-    from casa_megatron.conversion.engine import export_tensors
-    from casa_megatron.conversion.tables import tables_for
-    from casa_megatron.hf.config_map import casa_config_dict
-    from casa_megatron.hf.folder import write_hf_folder
     from casa_megatron.model.build import build_vlm
     from casa_megatron.model.mrope import casa_image_positions, temporal_steps
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.parallel.tp_layout import load_full_state
-    from support.vlm import QWEN_VISION, perturbed_full_state, small_model_config
+    from support.export import export_megatron
+    from support.hf_fixture import tiny_tokenizer
+    from support.vlm import QWEN_VISION, VOCAB, perturbed_full_state, small_model_config
 
     initialize_parallel(1, 1, seed=0)
     # an unpadded MLP width: the perturbation below would make padded FFN units non-zero
@@ -58,8 +58,8 @@ def _megatron(rank, world, out_dir):
         positions = casa_image_positions(batch.image_grid_thw, batch.image_rows, batch.image_positions,
                                          batch.position_ids, cfg.vision.spatial_merge_size, steps)
         result[seconds] = (logits, positions)
-    tensors = {n: t.float().clone() for n, t in export_tensors(model, tables_for(cfg))}
-    write_hf_folder(out_dir, casa_config_dict(cfg, IMG), tensors)
+    out_dir = Path(out_dir)
+    export_megatron(model, cfg, out_dir, tiny_tokenizer(out_dir.parent / "tokenizer", VOCAB), image_token_id=IMG)
     return result
 
 
