@@ -54,7 +54,7 @@ class CheckpointSource:
 def locate_checkpoint(path: str | Path) -> CheckpointSource:
     p = Path(path)
     if not p.exists():
-        raise ConversionError(f"{p}: no such file or directory; {EXPECTED}")
+        raise ConversionError(f"{p}: no such directory; {EXPECTED}")
     if not p.is_dir():
         raise ConversionError(f"{p} is a file, not a checkpoint directory; {EXPECTED}")
     if (p / ARCHITECTURE_FILE).exists() or (p / WEIGHTS_DIR).is_dir():

@@ -1,6 +1,7 @@
 """A training checkpoint (or an import folder) -> the megatron model in one process (TP=1, PP=1).
 
-Accepted: a run's checkpoint folder (its ``latest`` pointer is followed, else the newest
+Accepted (``conversion/checkpoint_source.locate_checkpoint``, shared with ``casa-convert
+export-hf``): a run's checkpoint folder (its ``latest`` pointer is followed, else the newest
 ``iter_N``), one ``iter_N/`` (``config.yaml`` + megatron's ``metadata.json``), or a folder written
 by ``casa-convert import-hf`` (``architecture.yaml`` + ``weights/``). megatron's reshardable format
 loads at TP=1 / PP=1 whatever layout wrote it. A training checkpoint's files are checked against
@@ -10,7 +11,6 @@ else is refused before megatron is imported, naming what was expected.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Tuple
 
@@ -20,12 +20,10 @@ import yaml
 from casa_megatron.config.coerce import from_dict
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.loader import to_dict
-from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG, WEIGHTS_DIR
+from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG
 from casa_megatron.config.schema import TrainConfig
-
-EXPECTED = ("a training checkpoint (iter_N/ with config.yaml and metadata.json, or a run's checkpoint folder "
-            "holding such iter_N/ folders) or a folder written by `casa-convert import-hf` (architecture.yaml "
-            "and weights/)")
+from casa_megatron.conversion.checkpoint_source import EXPECTED, locate_checkpoint
+from casa_megatron.conversion.errors import ConversionError
 
 
 class NotACheckpoint(ValueError):
@@ -41,30 +39,11 @@ def _merge(base: dict, update: dict) -> dict:
 
 def resolve_checkpoint(path: str | Path) -> Tuple[Path, str]:
     """(the folder holding the weights' config, ``training`` | ``import``) or NotACheckpoint."""
-    p = Path(path)
-    if not p.is_dir():
-        raise NotACheckpoint(f"{p}: no such directory; expected {EXPECTED}")
-    if (p / "latest").is_file() and (p / (p / "latest").read_text().strip()).is_dir():
-        p = p / (p / "latest").read_text().strip()
-    elif not (p / RUN_CONFIG).exists() and not (p / ARCHITECTURE_FILE).exists():
-        found = sorted((int(m.group(1)), c) for c in p.iterdir() if (m := re.fullmatch(r"iter_(\d+)", c.name)))
-        if found:
-            p = found[-1][1]
-    if (p / ARCHITECTURE_FILE).exists() and (p / WEIGHTS_DIR / "metadata.json").exists():
-        return p, "import"
-    if (p / RUN_CONFIG).exists() and (p / "metadata.json").exists():
-        from casa_megatron.training.ckpt_manifest import check_files, read_manifest
-
-        try:
-            listed = read_manifest(p) is not None
-        except ValueError as exc:
-            raise NotACheckpoint(f"{p}: {exc}") from None
-        problem = check_files(p) if listed else None  # (checkpoints older than manifests: not verified)
-        if problem:
-            raise NotACheckpoint(f"checkpoint {p} is incomplete or damaged: {problem}")
-        return p, "training"
-    missing = [n for n in (RUN_CONFIG, "metadata.json") if not (p / n).exists()]
-    raise NotACheckpoint(f"{Path(path)} is not a checkpoint ({p} lacks {', '.join(missing)}); expected {EXPECTED}")
+    try:
+        source = locate_checkpoint(path)
+    except ConversionError as exc:
+        raise NotACheckpoint(str(exc)) from None
+    return source.path, source.kind
 
 
 def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:

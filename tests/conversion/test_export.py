@@ -334,7 +334,7 @@ def _truncate(path: Path) -> None:
 BAD = {
     "not_a_checkpoint": r"notes is not a checkpoint \(it holds \['readme.txt'\]\); expected a training checkpoint "
                         r"\(iter_N/ with config.yaml, metadata.json and manifest.json",
-    "no_such_dir": r"nothing: no such file or directory; expected a training checkpoint",
+    "no_such_dir": r"nothing: no such directory; expected a training checkpoint",
     "no_manifest": r"incomplete or damaged checkpoint: .*iter_0000001 has no manifest.json \(save never finished\)",
     "truncated": r"incomplete or damaged checkpoint: .*\.distcp has \d+ bytes, the manifest says \d+ \(truncated",
     "missing_tensors": r"does not hold the model its config.yaml describes:\n  missing tensors \(2\): "
