@@ -271,3 +271,31 @@ def _fmt(value, spec: str) -> str:
     if value is None:
         return "n/a"
     return format(value, spec) if spec else str(value)
+
+
+def _forked_child(queue, fn, args):
+    import os
+    import traceback
+
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", traceback.format_exc()))
+    finally:
+        os._exit(0)  # no atexit handlers of the parent's libraries in the child
+
+
+def run_forked(fn, *args, what: str = "benchmark"):
+    """fn(*args) in a forked child, its (picklable) result returned: each measurement gets a fresh
+    process (peak memory, allocator state) while inheriting the parent's slow imports."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    proc = ctx.Process(target=_forked_child, args=(queue, fn, args))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{what} process failed:\n{payload}")
+    return payload

@@ -1,6 +1,7 @@
 """Every GPU check of issue 13 in one command; writes a markdown report and its JSON.
 
     python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts abcdef] [--quick]
+    python benchmarks/gpu_check.py --rehearse-cpu [--quick]   # the GPU parts' code on a CPU, no GPU figure
 
 Parts (each reports "not available" with the reason when its package or a GPU is missing;
 a part that raises is reported "failed" with the error, the others still run):
@@ -67,10 +68,10 @@ def _runner(part: str, args):
     return {
         "a": kernels.run,
         "b": lambda: models.te_vs_local(quick=args.quick),
-        "c": lambda: models.precision_steps(args.config, quick=args.quick),
+        "c": lambda: models.precision_steps(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
         "d": lambda: dali_decode.run(quick=args.quick),
-        "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick),
-        "f": lambda: efficiency.mfu(args.config, quick=args.quick),
+        "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
+        "f": lambda: efficiency.mfu(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
     }[part]
 
 
@@ -151,13 +152,23 @@ def atomic_write(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"), help="markdown report (docs/gpu.md)")
+    parser.add_argument("--out", default=None,
+                        help="markdown report (default docs/gpu.md; with --rehearse-cpu "
+                             "benchmarks/results/gpu_check_cpu_rehearsal.md)")
     parser.add_argument("--json", help="JSON of every number (default: --out with .json)")
     parser.add_argument("--parts", default="abcdef", help="which parts, e.g. 'ad'")
-    parser.add_argument("--config", default=str(ROOT / "benchmarks" / "configs" / "gpu_paper.yaml"),
-                        help="the paper-shape config of parts (e) and (f)")
+    parser.add_argument("--config", default=None,
+                        help="the config of parts (c), (e) and (f) (default benchmarks/configs/gpu_paper.yaml; "
+                             "with --rehearse-cpu cpu_small.yaml)")
+    parser.add_argument("--rehearse-cpu", action="store_true",
+                        help="run the GPU-only code of parts (c), (e), (f) on the CPU at a small shape, in bf16 "
+                             "where the part is bf16: proves the code runs, measures nothing about a GPU")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run of the structure)")
     args = parser.parse_args(argv)
+    configs = ROOT / "benchmarks" / "configs"
+    args.config = args.config or str(configs / ("cpu_small.yaml" if args.rehearse_cpu else "gpu_paper.yaml"))
+    args.out = args.out or str(ROOT / ("benchmarks/results/gpu_check_cpu_rehearsal.md" if args.rehearse_cpu
+                                       else "docs/gpu.md"))
     bad = set(args.parts) - set(TITLES)
     if bad or not args.parts:
         parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
@@ -165,7 +176,11 @@ def main(argv=None) -> int:
     results = [run_part(p, args) for p in sorted(set(args.parts))]
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
-    write_report(out, render(results, env, command.strip()))
+    report = render(results, env, command.strip())
+    if args.rehearse_cpu:
+        report = ("**CPU rehearsal** (`--rehearse-cpu`): the GPU parts' code ran on the CPU at a small shape; "
+                  "no number here describes a GPU.\n\n" + report)
+    write_report(out, report)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
     atomic_write(json_path, json.dumps({"environment": env, "command": command.strip(),
                                         "parts": [r.__dict__ for r in results]}, indent=2, default=str))

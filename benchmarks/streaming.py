@@ -21,7 +21,6 @@ every layer's cache; its growth is reported beside.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -35,13 +34,20 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import format_table  # noqa: E402
+from benchmarks.common import format_table, run_forked  # noqa: E402
 
 PRESETS = {
     # CPU: a small LM (all 4 layers CASA-parallel) and the tiny ViT; 224 px frames -> 64 image tokens.
     "cpu_tiny": dict(
         lm=dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, attention_bias=True),
+        vision=dict(encoder="tiny_vit", depth=2, hidden_size=128, num_heads=4, intermediate_size=256),
+        frame_px=224, dtype="float32"),
+    # CPU, weights-bound: a wider GQA LM whose decode cost is dominated by reading its weights (~0.5 GB
+    # fp32), as on a GPU at the paper's scale; the text cache after 512 frames is ~14% of the weights.
+    "cpu_medium": dict(
+        lm=dict(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=2, attention_bias=True),
         vision=dict(encoder="tiny_vit", depth=2, hidden_size=128, num_heads=4, intermediate_size=256),
         frame_px=224, dtype="float32"),
     # GPU (not run here: no GPU was lent): Helium1-2B-shaped LM, Qwen2.5-VL-shaped ViT, 448 px frames.
@@ -131,25 +137,8 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
             if cfg.fusion_layers else None}
 
 
-def _child(queue, *args):
-    try:
-        queue.put(("ok", _run_fusion(*args)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        queue.put(("error", f"{e}\n{traceback.format_exc()}"))
-
-
 def run_in_fork(*args):
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, *args))
-    proc.start()
-    status, payload = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"streaming benchmark child failed: {payload}")
-    return payload
+    return run_forked(_run_fusion, *args, what="streaming benchmark")
 
 
 def slope(values) -> float:

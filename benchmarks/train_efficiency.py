@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_me
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    BenchConfig, CpuPeakRss, build_model, format_table, image_heavy_batch, machine_info,
+    BenchConfig, CpuPeakRss, build_model, format_table, image_heavy_batch, machine_info, run_forked,
     state_bytes, train_step,
 )
 
@@ -110,32 +110,10 @@ def _run_subprocess(config_path: str, overrides, fusion: str) -> dict:
         return json.loads(out.read_text())
 
 
-def _fork_child(cfg, fusion, queue):
-    import os
-    import traceback
-
-    try:
-        queue.put(("ok", measure(cfg, fusion)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        queue.put(("error", traceback.format_exc()))
-    finally:
-        os._exit(0)
-
-
 def _run_fork(cfg: BenchConfig, fusion: str) -> dict:
-    import multiprocessing as mp
-
     import megatron.core  # noqa: F401 - imported once, inherited by the forked child
 
-    ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
-    proc = ctx.Process(target=_fork_child, args=(cfg, fusion, queue))
-    proc.start()
-    status, payload = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"{fusion} benchmark process failed:\n{payload}")
-    return payload
+    return run_forked(measure, cfg, fusion, what=f"{fusion} benchmark")
 
 
 # --- report ----------------------------------------------------------------------------------------

@@ -32,6 +32,27 @@ def require_cuda(what: str) -> None:
         raise NotAvailable(f"{what} needs a CUDA GPU; none is visible (torch {torch.__version__})")
 
 
+def part_device(rehearse: bool, what: str) -> torch.device:
+    """Where a GPU part runs: the GPU for a measurement; the CPU for a rehearsal
+    (``gpu_check.py --rehearse-cpu``), which runs the same code at a small shape so that a bug in
+    it shows up here, not in a lent GPU session. A rehearsal reports no GPU figure."""
+    if rehearse:
+        return torch.device("cpu")
+    require_cuda(what)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> Optional[float]:
+    """torch.cuda.max_memory_allocated in GiB; None on CPU (the rehearsal measures no memory)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def require_module(name: str, what: str) -> None:
     import importlib
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_parts.common import PartResult, median, require_cuda, target, time_it
+from benchmarks.gpu_parts.common import PartResult, median, part_device, reset_peak_memory, target, time_it
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM
@@ -42,12 +42,14 @@ def _fusion_process(config: str, fusion: str, overrides) -> dict:
         return json.loads(out.read_text())
 
 
-def paper_efficiency(config: str, quick: bool = False) -> PartResult:
-    require_cuda("the paper-shape efficiency benchmark")
+def paper_efficiency(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
+    part_device(rehearse, "the paper-shape efficiency benchmark")  # the children pick the same device
     from benchmarks.train_efficiency import summarize
 
     result = PartResult("e", "Training efficiency at the paper's shape (gpu_paper.yaml)")
     overrides = ["steps=2", "warmup_steps=1"] if quick else []
+    if rehearse:
+        overrides.append("dtype=bfloat16")  # the paper shape runs in bf16: rehearse that path
     runs = [_fusion_process(config, f, overrides) for f in ("casa", "cross_attention", "insertion")]
     ok = [r for r in runs if "error" not in r]
     summarize(ok)
@@ -65,22 +67,23 @@ def paper_efficiency(config: str, quick: bool = False) -> PartResult:
         lines.append(f"| {r['fusion']} | {mem:.1f} | {r['step_time_s']:.3f} | {r['text_tokens_per_s']:.0f} | "
                      f"{r['images_per_s']:.2f} | {r.get('memory_vs_insertion', float('nan')):.3f} | "
                      f"{r.get('throughput_vs_insertion', float('nan')):.3f} |")
-    result.markdown = (f"`{config}` {' '.join(overrides)}: each fusion in its own process; memory = "
-                       "torch.cuda.max_memory_allocated (weights, grads, optimizer states, activations).\n\n"
+    memory = ("torch.cuda.max_memory_allocated (weights, grads, optimizer states, activations)" if not rehearse
+              else "peak RSS growth (CPU rehearsal)")
+    result.markdown = (f"`{config}` {' '.join(overrides)}: each fusion in its own process; memory = {memory}.\n\n"
                        + "\n".join(lines))
     if any("error" in r and r["error"] != "out of memory" for r in runs):
         result.status, result.reason = "failed", "a fusion's process failed (see the table)"
     return result
 
 
-def gemm_rate(n: int = 8192, repeats: int = 10) -> float:
+def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
     """Measured bf16 GEMM FLOP/s on random data (the ceiling MFU is also reported against)."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     return 2 * n**3 / median(time_it(lambda: a @ b, repeats))
 
 
-def mfu(config: str, quick: bool = False) -> PartResult:
-    require_cuda("MFU")
+def mfu(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
+    device = part_device(rehearse, "MFU")
     from benchmarks.common import build_model, image_heavy_batch, train_step
     from benchmarks.flops import step_flops
     from benchmarks.train_efficiency import load
@@ -89,22 +92,23 @@ def mfu(config: str, quick: bool = False) -> PartResult:
     cfg = load(config, ["steps=2", "warmup_steps=1"] if quick else [])
     cfg = dataclasses.replace(cfg, dtype="bfloat16")
     data = cfg.data
-    gpu = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (rehearsal)"
     peak = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
-    measured_peak = gemm_rate()
+    measured_peak = gemm_rate(device, n=8192 if device.type == "cuda" else 512, repeats=10 if not quick else 3)
     impls = ["local"]
     try:
-        import transformer_engine.pytorch  # noqa: F401
-        impls.append("transformer_engine")
+        if device.type == "cuda":
+            import transformer_engine.pytorch  # noqa: F401
+            impls.append("transformer_engine")
     except Exception:  # noqa: BLE001 - the TE row is optional
         pass
     rows, flops = [], None
     for impl in impls:
-        torch.cuda.empty_cache()
+        reset_peak_memory(device)
         run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, transformer_impl=impl))
         model = build_model(run_cfg, "casa", data.image_seq_length)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).cuda()
+        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).to(device)
                    for k in range(data.num_microbatches)]
         seq = data.seq_length + data.image_seq_length
         step = lambda: train_step(model, optimizer, batches, seq, data.micro_batch_size)  # noqa: E731
@@ -114,7 +118,7 @@ def mfu(config: str, quick: bool = False) -> PartResult:
         rows.append({"spec": impl, "step_time_s": seconds, "tflops_per_s": flops["total"] / seconds / 1e12,
                      "mfu_datasheet": flops["total"] / seconds / peak if peak else None,
                      "mfu_measured_gemm": flops["total"] / seconds / measured_peak})
-        del model, optimizer
+        model = optimizer = None  # freed before the next build
     best = max(r["mfu_datasheet"] or 0 for r in rows) if peak else None
     result.data = {"flops": flops, "rows": rows, "datasheet_peak": peak, "measured_gemm_peak": measured_peak,
                    "gpu": gpu, "config": config}
@@ -122,11 +126,11 @@ def mfu(config: str, quick: bool = False) -> PartResult:
     lines = ["| spec | step (s) | TFLOP/s | MFU (datasheet) | MFU (measured GEMM peak) |", "|---|---|---|---|---|"]
     for r in rows:
         ds = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "n/a"
-        lines.append(f"| {r['spec']} | {r['step_time_s']:.3f} | {r['tflops_per_s']:.1f} | {ds} | "
+        lines.append(f"| {r['spec']} | {r['step_time_s']:.3f} | {r['tflops_per_s']:.3g} | {ds} | "
                      f"{r['mfu_measured_gemm']:.3f} |")
-    result.markdown = (f"FLOPs per step: {flops['total'] / 1e12:.2f} TFLOP = GEMMs {flops['gemm'] / 1e12:.2f} "
-                       f"(FlopCounterMode, one real step) + attention {flops['attention'] / 1e12:.2f} "
+    result.markdown = (f"FLOPs per step: {flops['total'] / 1e12:.3g} TFLOP = GEMMs {flops['gemm'] / 1e12:.3g} "
+                       f"(FlopCounterMode, one real step) + attention {flops['attention'] / 1e12:.3g} "
                        f"({flops['attention_pairs']:,} visible query-key pairs). Peak: datasheet "
-                       f"{(peak or 0) / 1e12:.0f} TFLOP/s, measured bf16 GEMM {measured_peak / 1e12:.0f} TFLOP/s "
-                       f"({gpu}).\n\n" + "\n".join(lines))
+                       + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a")
+                       + f", measured bf16 GEMM {measured_peak / 1e12:.3g} TFLOP/s ({gpu}).\n\n" + "\n".join(lines))
     return result

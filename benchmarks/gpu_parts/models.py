@@ -18,7 +18,10 @@ import dataclasses
 
 import torch
 
-from benchmarks.gpu_parts.common import NotAvailable, PartResult, median, rel_err, require_cuda, target, time_it
+from benchmarks.gpu_parts.common import (
+    NotAvailable, PartResult, median, part_device, peak_memory_gib, rel_err, require_cuda, reset_peak_memory, target,
+    time_it,
+)
 
 BF16_TOL = 2e-2
 TE_FUSED_NORMS = (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
@@ -37,8 +40,8 @@ def local_name_for(te_name: str, local_names) -> str:
     raise KeyError(f"TE-spec parameter {te_name!r} has no local-spec counterpart")
 
 
-def _require_te():
-    require_cuda("the Transformer Engine spec")
+def _require_te(what: str = "the Transformer Engine spec"):
+    require_cuda(what)
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception as exc:  # noqa: BLE001
@@ -107,8 +110,17 @@ def te_vs_local(quick: bool = False) -> PartResult:
     return result
 
 
-def precision_steps(config_path: str = None, quick: bool = False) -> PartResult:
-    _require_te()
+def precision_steps(config_path: str = None, quick: bool = False, rehearse: bool = False) -> PartResult:
+    """On a GPU: TE spec, bf16 then FP8. In a CPU rehearsal: the local spec in bf16 (the same loop,
+    batches and timing code); the FP8 row is reported "not available" (TE needs a GPU)."""
+    device = part_device(rehearse, "bf16 / FP8 training steps")
+    fp8_missing = None
+    try:
+        _require_te("FP8 training steps")
+    except NotAvailable as exc:
+        if not rehearse:
+            raise
+        fp8_missing = str(exc)
     from benchmarks.common import build_model, image_heavy_batch, train_step
     from benchmarks.train_efficiency import ROOT
     from casa_megatron.config.schema import PrecisionConfig
@@ -116,29 +128,35 @@ def precision_steps(config_path: str = None, quick: bool = False) -> PartResult:
     result = PartResult("c", "bf16 and FP8 training steps of the CASA model")
     path = config_path or str(ROOT / "benchmarks" / "configs" / "gpu_paper.yaml")
     cfg = _bench_config(path, quick)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, transformer_impl="transformer_engine"),
-                              dtype="bfloat16")
+    impl = "local" if fp8_missing else "transformer_engine"
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, transformer_impl=impl), dtype="bfloat16")
     data, rows = cfg.data, []
-    for name, precision in (("bf16", None), ("fp8 (hybrid, delayed scaling)", PrecisionConfig(fp8="hybrid"))):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    precisions = [("bf16", None)]
+    if not fp8_missing:
+        precisions.append(("fp8 (hybrid, delayed scaling)", PrecisionConfig(fp8="hybrid")))
+    for name, precision in precisions:
+        reset_peak_memory(device)
         model = build_model(cfg, "casa", data.image_seq_length, precision=precision)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).cuda()
+        batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).to(device)
                    for k in range(data.num_microbatches)]
         seq = data.seq_length + data.image_seq_length
         losses = [train_step(model, optimizer, batches, seq, data.micro_batch_size)]
         times = time_it(lambda: losses.append(train_step(model, optimizer, batches, seq, data.micro_batch_size)),
                         cfg.steps, warmup=cfg.warmup_steps)
         rows.append({"precision": name, "first_loss": losses[0], "last_loss": losses[-1],
-                     "step_time_s": median(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
-        del model, optimizer
-    speedup = rows[0]["step_time_s"] / rows[1]["step_time_s"]
-    result.data = {"rows": rows, "fp8_speedup": speedup, "config": path}
+                     "step_time_s": median(times), "peak_memory_gib": peak_memory_gib(device)})
+        model = optimizer = None  # freed before the next build
+    speedup = rows[0]["step_time_s"] / rows[1]["step_time_s"] if len(rows) == 2 else None
+    result.data = {"rows": rows, "fp8_speedup": speedup, "config": path, "spec": impl, "device": str(device),
+                   "fp8_not_available": fp8_missing}
     result.targets = {"FP8 step speed-up over bf16": target(speedup, 1.3, "min")}
     lines = ["| precision | first loss | last loss | step (s) | peak memory (GiB) |", "|---|---|---|---|---|"]
     lines += [f"| {r['precision']} | {r['first_loss']:.4f} | {r['last_loss']:.4f} | {r['step_time_s']:.3f} | "
-              f"{r['peak_memory_gib']:.1f} |" for r in rows]
-    result.markdown = (f"CASA model at `{path}` (TE spec), {cfg.steps} timed steps after {cfg.warmup_steps} warm-up.\n\n"
-                       + "\n".join(lines) + f"\n\nFP8 speed-up: {speedup:.2f}x")
+              + (f"{r['peak_memory_gib']:.1f} |" if r["peak_memory_gib"] is not None else "n/a |") for r in rows]
+    if fp8_missing:
+        lines.append(f"| fp8 | not available: {fp8_missing} | | | |")
+    result.markdown = (f"CASA model at `{path}` ({impl} spec, {device.type}), {cfg.steps} timed steps after "
+                       f"{cfg.warmup_steps} warm-up.\n\n" + "\n".join(lines)
+                       + (f"\n\nFP8 speed-up: {speedup:.2f}x" if speedup else ""))
     return result

@@ -32,13 +32,17 @@ def initialize_parallel(
 
     on_cpu = enable_cpu_compat()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+        backend = "gloo" if on_cpu else "nccl"
+        if "RANK" in os.environ:  # torchrun / srun: the launcher's env:// rendezvous
+            dist.init_process_group(backend=backend)
+        else:
+            # One process without a launcher: a private TCP rendezvous, written nowhere in
+            # os.environ -- a child process started later (a benchmark's per-fusion process, a
+            # tool) must not inherit RANK / MASTER_PORT and try to join or bind this group's port.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

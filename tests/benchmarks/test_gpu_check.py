@@ -66,3 +66,34 @@ def test_te_names_map_to_local_names():
     assert local_name_for("decoder.layers.1.input_layernorm.weight", local) == "decoder.layers.1.input_layernorm.weight"
     with pytest.raises(KeyError, match="no local-spec counterpart"):
         local_name_for("decoder.layers.0.self_attention.core_attention.weight", local)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal is for machines without a GPU")
+def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
+    """--rehearse-cpu runs parts (c), (e), (f) -- GPU-only in a real check -- on the CPU at a small
+    shape in bf16, one after the other in one process, as a GPU session would: a bug in their glue
+    (device moves, the per-fusion child processes after an in-process run, the report) shows up
+    here. It found two: VLMBatch has no .cuda(), and the children inherited MASTER_PORT."""
+    from benchmarks.gpu_check import main
+
+    out = tmp_path / "rehearsal.md"
+    assert main(["--rehearse-cpu", "--quick", "--parts", "cef", "--out", str(out)]) == 0
+    assert out.read_text().startswith("<!-- gpu_check:begin -->\n**CPU rehearsal**")
+    parts = {p["part"]: p for p in json.loads(out.with_suffix(".json").read_text())["parts"]}
+    assert {p: parts[p]["status"] for p in "cef"} == {"c": "ok", "e": "ok", "f": "ok"}
+
+    steps = parts["c"]["data"]
+    assert steps["spec"] == "local" and steps["device"] == "cpu" and "CUDA GPU" in steps["fp8_not_available"]
+    (bf16,) = steps["rows"]
+    assert bf16["precision"] == "bf16" and 0 < bf16["last_loss"] < bf16["first_loss"] + 1.0
+
+    runs = {r["fusion"]: r for r in parts["e"]["data"]["results"]}
+    assert set(runs) == {"casa", "cross_attention", "insertion"} and not any("error" in r for r in runs.values())
+    assert "dtype=bfloat16" in parts["e"]["data"]["overrides"]
+    assert runs["insertion"]["memory_vs_insertion"] == 1.0 and runs["casa"]["text_tokens_per_s"] > 0
+
+    mfu = parts["f"]["data"]
+    assert mfu["flops"]["gemm"] > 0 and mfu["flops"]["attention"] > 0 and mfu["datasheet_peak"] is None
+    (row,) = mfu["rows"]
+    assert row["spec"] == "local" and row["step_time_s"] > 0 and row["mfu_datasheet"] is None
+    assert 0 < row["mfu_measured_gemm"]
