@@ -49,3 +49,14 @@ def test_qwen_visual_tensors_load_and_features_match(tmp_path):
         ids = torch.tensor([[2, 7, 4, 8, 9, 4, 10]])
         logits = ours(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, use_cache=False).logits
     assert logits.shape == (1, 7, 128) and torch.isfinite(logits).all()
+    # bf16, as on a GPU: float32 pixels go into a bf16 tower (the first real bf16 forward of the
+    # megatron side crashed on exactly this); features stay within bf16 tolerance of float32
+    ours_bf16 = ours.to(torch.bfloat16)
+    with torch.no_grad():
+        low = torch.cat(ours_bf16.image_embeddings(pixel_values, grid))
+        low_logits = ours_bf16(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, use_cache=False).logits
+    assert low.dtype == low_logits.dtype == torch.bfloat16
+    rel = ((low.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert rel < 3e-2, rel
+    rel_logits = ((low_logits.double() - logits.double()).norm() / logits.double().norm()).item()
+    assert rel_logits < 3e-2, rel_logits
