@@ -1,6 +1,6 @@
 """The GPU kernel wrappers' own code, run on CPU against emulated kernels.
 
-``torch_varlen`` and ``flash`` call kernels that exist only on a GPU, so without a GPU the code
+``torch_varlen``, ``flash`` and ``te`` call kernels that exist only on a GPU, so without a GPU the code
 around the call -- argument conversion, the signature-dependent call of ``varlen_attn`` (torch
 2.10 vs 2.13 spellings), GQA head repetition, head-dim padding with its compensating query
 scale, keyless windows -- would first run in a lent GPU session. Here each kernel is replaced by
@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_window_kernels import CASES, _cu, _inputs, naive_windows
 
-from casa_megatron.model.kernels import flash_window, torch_varlen
+from casa_megatron.model.kernels import flash_window, te_window, torch_varlen
 
 
 def _contract_attention(q, k, v, cu_q, cu_k, scale, causal, gqa):
@@ -69,11 +69,43 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return _contract_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gqa=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_emulated_te_module_left_cached():
+    """get_te_attention caches modules: none made from the emulator may outlive its test."""
+    te_window.get_te_attention.cache_clear()
+    yield
+    te_window.get_te_attention.cache_clear()
+
+
+class DotProductAttention(torch.nn.Module):
+    """Transformer Engine's module as our wrapper uses it: ``thd`` packed input, output
+    ``[t, heads * head_dim]``, the mask type given at construction and again per call."""
+
+    def __init__(self, num_attention_heads, kv_channels, num_gqa_groups, attention_dropout, qkv_format,
+                 attn_mask_type, attention_type, softmax_scale):
+        super().__init__()
+        assert attention_dropout == 0.0 and qkv_format == "thd" and attention_type == "cross"
+        assert attn_mask_type in ("padding", "padding_causal_bottom_right"), attn_mask_type
+        self.heads, self.groups, self.d = num_attention_heads, num_gqa_groups, kv_channels
+        self.mask_type, self.scale = attn_mask_type, softmax_scale
+
+    def forward(self, q, k, v, *, qkv_format, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+                attn_mask_type):
+        assert qkv_format == "thd" and attn_mask_type == self.mask_type
+        assert q.shape[1:] == (self.heads, self.d) and k.shape[1:] == (self.groups, self.d)
+        out = _contract_attention(q, k, v, cu_seqlens_q, cu_seqlens_kv, self.scale,
+                                  attn_mask_type == "padding_causal_bottom_right", gqa=True)
+        return out.reshape(out.shape[0], -1)  # [t, h * d]
+
+
 def _emulated(monkeypatch, name):
     import inspect
 
-    monkeypatch.setattr(torch_varlen, "require_cuda_half", lambda *a: None)
-    monkeypatch.setattr(flash_window, "require_cuda_half", lambda *a: None)
+    for module in (torch_varlen, flash_window, te_window):
+        monkeypatch.setattr(module, "require_cuda_half", lambda *a: None)
+    if name == "te":
+        monkeypatch.setattr(te_window, "_import_te_dpa", lambda: DotProductAttention)
+        return te_window.te_window_attention
     if name == "flash":
         monkeypatch.setattr(flash_window, "_import_flash_varlen", lambda: flash_attn_varlen_func)
         return flash_window.flash_window_attention
@@ -82,7 +114,7 @@ def _emulated(monkeypatch, name):
     return torch_varlen.torch_varlen_window_attention
 
 
-@pytest.mark.parametrize("kernel", ["torch_varlen_2_13", "torch_varlen_2_10", "flash"])
+@pytest.mark.parametrize("kernel", ["torch_varlen_2_13", "torch_varlen_2_10", "flash", "te"])
 @pytest.mark.parametrize("head_dim", [8, 12])  # 12: torch's kernel needs padding to 16
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", CASES)
