@@ -34,3 +34,32 @@ def test_flash_varlen_matches_reference_gpu(n, length):
     q, k, v = torch.randn(4, n, 64, generator=g), torch.randn(2, length, 64, generator=g), torch.randn(2, length, 64, generator=g)
     out = attend(*(t.cuda().bfloat16() for t in (q, k, v)), 64 ** -0.5).float().cpu()
     torch.testing.assert_close(out.double(), _reference(q, k, v, 64 ** -0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["2.13", "2.10"])
+@pytest.mark.parametrize("n,length,kv_heads", [(1, 9, 2), (3, 11, 2), (4, 4, 4), (5, 12, 1)])
+def test_gpu_branch_around_emulated_varlen_kernel(monkeypatch, kernel, n, length, kv_heads):
+    """The remote code's GPU branch (call built from the installed ``varlen_attn`` signature: torch
+    2.13's scale / window_size / enable_gqa or torch 2.10's is_causal without GQA or scale) run on
+    CPU around an emulator of the kernel's documented contract (support/kernel_emulators.py)."""
+    import inspect
+
+    from support.kernel_emulators import varlen_attn_2_10, varlen_attn_2_13
+
+    from casa_megatron.hf.remote import layers_casa
+
+    fn = {"2.13": varlen_attn_2_13, "2.10": varlen_attn_2_10}[kernel]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(layers_casa, "_varlen_kernel", lambda q: (spy, frozenset(inspect.signature(fn).parameters)))
+    g = torch.Generator().manual_seed(n * 100 + length)
+    q = torch.randn(4, n, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(kv_heads, length, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out = attend(q, k, v, 0.3)
+    assert calls == [["enable_gqa", "scale", "window_size"] if kernel == "2.13" and kv_heads != 4
+                     else ["scale", "window_size"] if kernel == "2.13" else ["is_causal"]]
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 0.3), rtol=1e-10, atol=1e-10)

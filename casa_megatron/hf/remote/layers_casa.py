@@ -9,6 +9,8 @@ it is exactly CASA's mask (image keys visible to every query, text keys causal).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -93,31 +95,61 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+@functools.lru_cache(maxsize=1)
 def _flash_varlen():
-    """torch's flash varlen kernel (CUDA builds of torch >= 2.10), or None."""
+    """torch's flash varlen kernel (CUDA builds of torch >= 2.10) and its parameter names, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_kernel(q: torch.Tensor):
+    """The flash varlen kernel for CUDA fp16/bf16 queries whose head_dim it takes (a multiple of 8)."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0):
+        return None
+    return _flash_varlen()
+
+
+def _attend_varlen(kernel, q, k, v, scale):
+    """One sequence through ``varlen_attn``, called the way the installed torch spells it: torch
+    2.13 takes ``scale`` / ``window_size=(-1, 0)`` / ``enable_gqa``; torch 2.10 ``is_causal`` and
+    no GQA flag (K/V heads repeated) nor scale (queries pre-scaled). Flash's causal mask is
+    bottom-right aligned either way. q [H, n, d], k/v [KV, L, d] -> [n, H*d]."""
+    varlen, params = kernel
+    n, length, heads = q.shape[1], k.shape[1], q.shape[0]
+    q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))  # [n, H, d], [L, KV, d]
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:
+        q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's default is 1/sqrt(head_dim)
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if k.shape[1] != heads:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    cu_q = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+    return varlen(q, k, v, cu_q, cu_k, n, length, **kwargs).reshape(n, -1)  # [n, H*d]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [H, n, d], k/v [KV, L, d] (L >= n; the last n keys are the queries' own tokens)
     -> [n, H*d]. Bottom-right causal: query i sees keys 0 .. L-n+i.
 
-    GPU (fp16/bf16): torch's flash varlen kernel, whose causal mask is bottom-right aligned
-    (``window_size=(-1, 0)``). Elsewhere: a single query (decoding) by two grouped matmuls (SDPA's
-    CPU kernel expands K/V for GQA: an O(cache) copy per step), several by SDPA with a
-    lower-right causal bias."""
+    GPU (fp16/bf16): torch's flash varlen kernel, whose causal mask is bottom-right aligned.
+    Elsewhere: a single query (decoding) by two grouped matmuls (SDPA's CPU kernel expands K/V for
+    GQA: an O(cache) copy per step), several by SDPA with a lower-right causal bias."""
     n, length = q.shape[1], k.shape[1]
-    varlen = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if varlen is not None:
-        cu_q = torch.tensor([0, n], dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
-        out = varlen(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, n, length, scale=scale,
-                     window_size=(-1, 0), enable_gqa=q.shape[0] != k.shape[0])  # [n, H, d]
-        return out.reshape(n, -1)
+    kernel = _varlen_kernel(q)
+    if kernel is not None:
+        return _attend_varlen(kernel, q, k, v, scale)
     if n == 1:  # decoding: one query sees every key; grouped matmuls, K/V never expanded for GQA
         kv_heads = k.shape[0]
         qg = q.reshape(kv_heads, -1, q.shape[-1])  # [KV, H/KV, d]
