@@ -76,13 +76,14 @@ def _pyav_frames(path: Path, fps: float, max_frames: Optional[int]):
 
 
 def _dali_frames(path: Path, fps: float, max_frames: Optional[int]):
-    """GPU path (DALI): the data pipeline's decoder, whole clip, then frame by frame."""
+    """GPU path (DALI): the data pipeline's decoder, whole clip, then frame by frame, at the video's
+    own size like PyAV's frames (the processor resizes both the same way)."""
     from casa_megatron.data.records import SampleError
     from casa_megatron.data.video import make_video_decoder
 
     try:
-        clip = make_video_decoder("dali").decode(path.read_bytes(), fps, max_frames or 10 ** 6,
-                                                 max_pixels=10 ** 9, min_pixels=1, key=str(path))
+        clip = make_video_decoder("dali").decode(path.read_bytes(), fps, max_frames or 10 ** 6, max_pixels=10 ** 9,
+                                                 min_pixels=1, key=str(path), native_size=True)
     except SampleError as e:
         raise VideoDecodeError(f"cannot decode video {path}: {e}") from e
     for t, frame in zip(clip.times, clip.frames):

@@ -89,3 +89,36 @@ def test_truncated_file_delivers_its_first_frames(tmp_path):
     assert 0 < len(got) < 8
     with pytest.raises(VideoDecodeError, match="missing.webm"):
         list(iter_frames(tmp_path / "missing.webm", 2.0))
+
+
+def test_stream_with_the_dali_decoder_on_cpu_equals_pyav(exported, tmp_path):
+    """``casa-stream --decoder dali`` (the GPU session's decoder) runs here with DALI's CPU
+    operators on a VP9 clip: the same frame times and frame sizes as PyAV (it resized them to the
+    training plan's size before, so the processor resized twice), pixels within the decoders'
+    known chroma difference, and a caption for every frame."""
+    from casa_megatron.data.video.dali import dali_available
+    from casa_megatron.inference.cli import main
+    from casa_megatron.inference.frames import iter_frames
+
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)  # smooth blocks: codec error stays small
+    clip = [np.kron(np.roll(base, i // 5, axis=1), np.ones((8, 8, 1), dtype=np.uint8)) for i in range(30)]
+    video = tmp_path / "clip.webm"
+    video.write_bytes(encode_video(clip, fps=10, codec="vp9"))
+    dali = list(iter_frames(video, 2.0, decoder="dali"))
+    pyav = list(iter_frames(video, 2.0, decoder="cpu"))
+    assert [t for t, _ in dali] == [t for t, _ in pyav] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    for (_, a), (_, b) in zip(dali, pyav):  # native size, as PyAV's (the processor resizes both)
+        assert a.shape == b.shape == (3, 64, 96)
+        # chroma upsampling differs at colour edges (tests/data/test_dali_decoder.py); luma agrees
+        assert (a.float() - b.float()).abs().mean() <= 10 and (a.float().mean(0) - b.float().mean(0)).abs().mean() <= 5
+    results = {}
+    for decoder in ("dali", "cpu"):
+        out = tmp_path / decoder
+        assert main([str(video), "--model", str(exported[0] / "casa_parallel"), "--out", str(out),
+                     "--max-new-tokens", "3", "--decoder", decoder]) == 0
+        results[decoder] = json.loads((out / "stream.json").read_text())
+    assert [f["time_s"] for f in results["dali"]["frames"]] == [f["time_s"] for f in results["cpu"]["frames"]]
+    assert len(results["dali"]["frames"]) == 6
