@@ -74,10 +74,15 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     shape in bf16, one after the other in one process, as a GPU session would: a bug in their glue
     (device moves, the per-fusion child processes after an in-process run, the report) shows up
     here. It found two: VLMBatch has no .cuda(), and the children inherited MASTER_PORT."""
-    from benchmarks.gpu_check import main
+    import subprocess
 
     out = tmp_path / "rehearsal.md"
-    assert main(["--rehearse-cpu", "--quick", "--parts", "cef", "--out", str(out)]) == 0
+    # its own interpreter, as a user runs it: parts (c) and (f) initialise torch.distributed
+    # in-process, which later tests' forked gloo workers must not inherit (tests/support/dist.py),
+    # and a fork of this process could hang in the OpenMP pool earlier tests started
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--rehearse-cpu", "--quick",
+                           "--parts", "cef", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_text().startswith("<!-- gpu_check:begin -->\n**CPU rehearsal**")
     parts = {p["part"]: p for p in json.loads(out.with_suffix(".json").read_text())["parts"]}
     assert {p: parts[p]["status"] for p in "cef"} == {"c": "ok", "e": "ok", "f": "ok"}

@@ -124,3 +124,46 @@ def test_left_padded_batch_generates_like_each_row_alone(exported, variant):
     alone = [model.generate(**processor(text=[texts[0]], images=frames[:1]), **kwargs)[:, -5:],
              model.generate(**processor(text=[texts[1]], images=frames[1:]), **kwargs)[:, -5:]]
     assert torch.equal(together, torch.cat(alone))
+
+
+def _row_inputs(inputs, r):
+    """Row r of a batch alone: its ids and only its images (rows' images are in row order)."""
+    ids = inputs["input_ids"][r:r + 1]
+    counts = (inputs["input_ids"] == IMG).sum(1).tolist()
+    first = sum(counts[:r])
+    grid = inputs["image_grid_thw"][first:first + counts[r]]
+    start = int(inputs["image_grid_thw"][:first].prod(-1).sum())
+    return {"input_ids": ids, "image_grid_thw": grid,
+            "pixel_values": inputs["pixel_values"][start:start + int(grid.prod(-1).sum())]}
+
+
+@pytest.mark.parametrize("variant", ["casa_parallel", "cross_attention_gated", "insertion"])
+def test_beam_search_scores_equal_teacher_forced_log_probs(exported, variant):
+    """generate(num_beams=3, num_return_sequences=3) on two rows with different images: each
+    returned beam's score equals the log-probability of its tokens computed by one plain forward
+    of that row alone with its own images (length_penalty 0: the score is the sum), with and
+    without the cache. Catches the image inputs being interleaved when generate repeats rows, and
+    a cache not reordered with the beams (both were the case)."""
+    model, _ = _load(exported[0], variant)
+    inputs = hf_inputs(make_case("image"))
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
+    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
+                  suppress_tokens=[IMG], return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    runs = {cache: model.generate(**inputs, use_cache=cache, **kwargs) for cache in (True, False)}
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    torch.testing.assert_close(runs[True].sequences_scores, runs[False].sequences_scores, rtol=1e-5, atol=1e-5)
+    out = runs[True]
+    for j, (seq, score) in enumerate(zip(out.sequences, out.sequences_scores)):
+        alone = _row_inputs(inputs, j // 3)
+        new = seq[prompt_len:].tolist()
+        if any(t in eos for t in new):
+            new = new[:next(i for i, t in enumerate(new) if t in eos) + 1]
+        ids = torch.cat([alone["input_ids"], torch.tensor([new])], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=alone["pixel_values"], image_grid_thw=alone["image_grid_thw"],
+                           use_cache=False).logits[0].float()
+        # beam search log-softmaxes the raw logits, then applies suppress_tokens (no renormalising)
+        logp = logits.log_softmax(-1)[prompt_len - 1:prompt_len - 1 + len(new)].gather(1, torch.tensor(new)[:, None])
+        torch.testing.assert_close(score, logp.sum(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{variant} beam {j}: {m}")

@@ -16,6 +16,7 @@ differently), so each row is run on its own (``CasaCache.rows``).
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -47,6 +48,14 @@ class GrowingKV:
         self.length = need
         return self.k[:, :need], self.v[:, :need]
 
+    def clone(self) -> "GrowingKV":
+        """An independent copy (appends to one never show in the other)."""
+        other = GrowingKV()
+        if self.k is not None:
+            other.k, other.v = self.k.clone(), self.v.clone()
+        other.length = self.length
+        return other
+
     def view(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if self.k is None:
             return None, None
@@ -77,6 +86,12 @@ class WindowKV:
         self.image_k, self.image_v = image_k, image_v
         self.text = GrowingKV()
 
+    def clone(self) -> "WindowKV":
+        """Image K/V are shared (never written after the window opens); the window text is copied."""
+        other = WindowKV()
+        other.image_k, other.image_v, other.text = self.image_k, self.image_v, self.text.clone()
+        return other
+
     @property
     def num_image_tokens(self) -> int:
         return 0 if self.image_k is None else int(self.image_k.shape[1])
@@ -102,6 +117,13 @@ class RowCache:
         # next call's first token (a template with no markup after its placeholder, streaming)
         self.pending_images: List[torch.Tensor] = []
 
+    def clone(self) -> "RowCache":
+        other = copy.copy(self)  # the counters
+        other.self_attn = {i: kv.clone() for i, kv in self.self_attn.items()}
+        other.windows = {i: w.clone() for i, w in self.windows.items()}
+        other.pending_images = list(self.pending_images)
+        return other
+
     def nbytes(self) -> Dict[str, int]:
         return {"self_attention": sum(kv.nbytes() for kv in self.self_attn.values()),
                 "casa_windows": sum(w.nbytes() for w in self.windows.values())}
@@ -121,6 +143,28 @@ class CasaCache(Cache):
         while len(self.rows) <= r:
             self.rows.append(RowCache(self.num_layers, self.fusion_layers))
         return self.rows[r]
+
+    # --- batch reshuffles of generate(): beam search, num_return_sequences, assisted decoding ---
+    def _take(self, indices) -> None:
+        """Row j becomes old row ``indices[j]``. A row taken once moves; taken again, it is cloned
+        (beams that share a history must not share buffers they append to)."""
+        indices = [int(x) for x in indices]
+        if indices:
+            self.row(max(indices))  # rows never run yet (all padding so far) exist, empty
+        old, taken, rows = self.rows, set(), []
+        for i in indices:
+            rows.append(old[i].clone() if i in taken else old[i])
+            taken.add(i)
+        self.rows = rows
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._take(beam_idx.tolist())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take(indices.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._take([r for r in range(len(self.rows)) for _ in range(repeats)])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Input columns consumed (text tokens, pads included): what ``generate()`` compares

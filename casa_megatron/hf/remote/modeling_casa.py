@@ -357,6 +357,49 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
                                                ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
+    # --- generate(): rows repeated for beams / num_return_sequences --------------------------
+    _PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "second_per_grid_ts")
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: Optional[torch.LongTensor] = None, **model_kwargs):
+        """transformers repeats every tensor along dim 0 (``repeat_interleave``), right for
+        ``[b, ...]`` tensors but not for the image inputs, which hold all rows' images in row order
+        (``pixel_values [patches, C*T*p*p]``, one grid / step per image): interleaving them would
+        mix patches of different images. Each row's images are repeated with the row instead."""
+        images = {k: model_kwargs.pop(k) for k in self._PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
+        if expand_size > 1 and input_ids is not None and "pixel_values" in images:
+            images = self._repeat_row_images(input_ids, model_kwargs.get("attention_mask"), images, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        model_kwargs.update(images)
+        return input_ids, model_kwargs
+
+    def _repeat_row_images(self, input_ids, attention_mask, images: Dict[str, torch.Tensor], repeats: int):
+        """Image inputs of rows [r0, r1, ...] -> of rows [r0 x repeats, r1 x repeats, ...]."""
+        is_ph = torch.isin(input_ids, torch.tensor(self._placeholder_ids(), device=input_ids.device))
+        if attention_mask is not None:
+            is_ph &= attention_mask[:, -input_ids.shape[1]:].bool()
+        per_row = is_ph.sum(1).tolist()  # images of each row (one placeholder each)
+        grid = torch.as_tensor(images["image_grid_thw"]).long()
+        if sum(per_row) != grid.shape[0]:
+            raise ValueError(f"the prompt has {sum(per_row)} image placeholder(s) but {grid.shape[0]} image(s) "
+                             "were given")
+        first = [0]
+        for n in per_row:
+            first.append(first[-1] + n)
+        order = [i for r, n in enumerate(per_row) for _ in range(repeats) for i in range(first[r], first[r] + n)]
+        patch_start = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)]).tolist()  # pixel rows per image
+        pixels = images["pixel_values"]
+        out = dict(images)
+        out["pixel_values"] = torch.cat([pixels[patch_start[i]:patch_start[i + 1]] for i in order]) if order \
+            else pixels[:0]
+        index = torch.tensor(order, dtype=torch.long, device=grid.device)
+        out["image_grid_thw"] = images["image_grid_thw"][index.to(images["image_grid_thw"].device)]
+        if "second_per_grid_ts" in images:
+            steps = torch.as_tensor(images["second_per_grid_ts"])
+            out["second_per_grid_ts"] = steps[index.to(steps.device)]
+        return out
+
     def new_cache(self) -> CasaCache:
         return CasaCache(self.config.num_hidden_layers, self.config.fusion_layers)
 
