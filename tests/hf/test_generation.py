@@ -167,3 +167,17 @@ def test_beam_search_scores_equal_teacher_forced_log_probs(exported, variant):
         # beam search log-softmaxes the raw logits, then applies suppress_tokens (no renormalising)
         logp = logits.log_softmax(-1)[prompt_len - 1:prompt_len - 1 + len(new)].gather(1, torch.tensor(new)[:, None])
         torch.testing.assert_close(score, logp.sum(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{variant} beam {j}: {m}")
+
+
+def test_cache_refuses_to_crop_and_resets(exported):
+    """Assisted / speculative decoding rolls caches back with ``crop``; CasaCache cannot roll back
+    across a dropped window, so it says so instead of the base class's silent no-op."""
+    model, _ = _load(exported[0], "casa_parallel")
+    out = model.generate(**_prompt(), max_new_tokens=2, do_sample=False, suppress_tokens=[IMG], pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert cache.nbytes()["self_attention"] > 0
+    with pytest.raises(NotImplementedError, match="assisted / speculative decoding"):
+        cache.crop(4)
+    cache.reset()
+    assert cache.rows == [] and cache.get_seq_length() == 0 and cache.nbytes()["self_attention"] == 0

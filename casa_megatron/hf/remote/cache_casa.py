@@ -166,6 +166,17 @@ class CasaCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._take([r for r in range(len(self.rows)) for _ in range(repeats)])
 
+    def crop(self, max_length: int) -> None:
+        """Assisted / speculative decoding rolls the cache back to ``max_length`` columns. Not
+        supported: rolling back across a window opening would need the closed window's K/V, which
+        this cache drops by design. An explicit error, never the base class's silent no-op."""
+        raise NotImplementedError("CasaCache cannot be cropped: assisted / speculative decoding (assistant_model, "
+                                  "prompt_lookup_num_tokens) is not supported by CASA models; use greedy, "
+                                  "sampling or beam search")
+
+    def reset(self) -> None:
+        self.rows, self.columns = [], 0
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Input columns consumed (text tokens, pads included): what ``generate()`` compares
         ``input_ids`` against."""
