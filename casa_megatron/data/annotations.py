@@ -27,6 +27,10 @@ class Turn:
 class Caption:
     t: float
     text: str
+    # False: what is on screen at t -> the frame sampled at or before t (our captions).
+    # True: speech that has been heard by t (ASR words, t = the word's end) -> the first frame
+    # sampled at or after t, so nothing is predicted before it is said (LiveCC's convention).
+    heard: bool = False
 
 
 @dataclass

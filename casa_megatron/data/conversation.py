@@ -28,6 +28,10 @@ class Media:
 
     kind: Optional[str] = None  # image | video | None
     source: Optional[str] = None
+    # a clip of a longer video (LiveCC's video_start / video_end), seconds; frame times stay
+    # absolute (video time), as the captions' times are
+    start: Optional[float] = None
+    end: Optional[float] = None
 
 
 Part = Union[str, Media]

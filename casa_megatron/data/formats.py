@@ -7,6 +7,10 @@
     messages  {"messages": [{"role": "user", "content": [{"type": "image", "path": ...},
                                                           {"type": "text", "text": ...}]}, ...],
                "images"?: [...], "videos"?: [...]}   (Hugging Face / TRL chat messages)
+              or the list of messages alone (a LiveCC line), where a video part may carry
+              "video_start" / "video_end" (seconds: a clip of the file) and the assistant's
+              content may be {"type": "text_stream", "text_stream": [[start, end, word], ...]}:
+              ASR words of the clip, read as captions heard at each word's end (LiveCC)
 
 Media without a path (``{"type": "image"}``, a LLaVA sample without ``image`` / ``video``
 fields, or any reference inside a tar shard) are the sample's media parts in index order. LLaVA-Video's ``<image>`` placeholder for its video is
@@ -19,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Dict, List, Optional
 
-from casa_megatron.data.annotations import parse_annotation
+from casa_megatron.data.annotations import Caption, parse_annotation
 from casa_megatron.data.conversation import ROLES, Conversation, Media, Message, Part
 from casa_megatron.data.records import SampleError
 
@@ -31,6 +35,8 @@ _PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
 def detect_format(obj: Any) -> Optional[str]:
     """``ours`` / ``llava`` / ``messages``, or None when no format's key is present."""
+    if _is_message_list(obj):
+        return "messages"
     if not isinstance(obj, dict):
         return None
     if "messages" in obj:
@@ -40,6 +46,11 @@ def detect_format(obj: Any) -> Optional[str]:
     if "conversation" in obj or "captions" in obj:
         return "ours"
     return None
+
+
+def _is_message_list(obj: Any) -> bool:
+    """A bare list of chat messages (how LiveCC writes a JSONL line)."""
+    return isinstance(obj, list) and bool(obj) and all(isinstance(m, dict) and "role" in m for m in obj)
 
 
 def describe_unknown(obj: Any) -> str:
@@ -53,6 +64,8 @@ def parse_conversation(obj: Any, key: str = "?", qa_windows: str = "per_turn") -
     fmt = detect_format(obj)
     if fmt is None:
         raise SampleError("unknown_format", f"{key}: {describe_unknown(obj)}")
+    if _is_message_list(obj):
+        obj = {"messages": obj}
     conv = _PARSERS[fmt](obj, key, qa_windows)
     conv.format = fmt
     _check_targets(conv, key)
@@ -147,7 +160,7 @@ def _messages(obj: dict, key: str, _qa_windows: str) -> Conversation:
     listed = {"image": _as_list(obj.get("images"), "images", key),
               "video": _as_list(obj.get("videos"), "videos", key)}
     used = {"image": 0, "video": 0}
-    messages = []
+    messages, heard = [], []
     for i, msg in enumerate(msgs):
         if not isinstance(msg, dict) or msg.get("role") not in ROLES:
             raise SampleError("bad_annotation", f"{key}: messages[{i}] needs a 'role' in {ROLES}")
@@ -160,6 +173,8 @@ def _messages(obj: dict, key: str, _qa_windows: str) -> Conversation:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 content.append(part["text"])
+            elif isinstance(part, dict) and "text_stream" in part and msg["role"] == "assistant":
+                heard += _text_stream(part["text_stream"], f"{key}: messages[{i}].content[{j}]")
             elif kind in ("image", "video"):
                 source = _part_source(part, kind)
                 if source is None and listed[kind]:
@@ -168,16 +183,51 @@ def _messages(obj: dict, key: str, _qa_windows: str) -> Conversation:
                                           f"'{kind}s' ({len(listed[kind])})")
                     source = listed[kind][used[kind]]
                 used[kind] += 1
-                content.append(Media(kind, source))
+                content.append(Media(kind, source, *_clip_bounds(part, kind, f"{key}: messages[{i}].content[{j}]")))
             else:
                 raise SampleError("bad_annotation", f"{key}: messages[{i}].content[{j}] must be "
                                   "{'type': 'text', 'text': str} or {'type': 'image' | 'video', ...}")
-        messages.append(Message(msg["role"], content))
+        if content or msg["role"] != "assistant":
+            messages.append(Message(msg["role"], content))
     for kind, paths in listed.items():
         if paths and used[kind] != len(paths):
             raise SampleError("image_count_mismatch", f"{key}: {used[kind]} {kind} parts for "
                               f"{len(paths)} '{kind}s'")
-    return Conversation(messages, [], obj.get("type"), _meta(obj, ("messages", "images", "videos")))
+    if heard:  # streamed speech: the sample is the video with its captions (one user turn)
+        if [m.role for m in messages] != ["user"]:
+            raise SampleError("bad_annotation", f"{key}: a text_stream sample has one user message (the video "
+                              f"and an optional query) and one assistant text_stream, got {len(msgs)} messages")
+        heard.sort(key=lambda c: c.t)
+    return Conversation(messages, heard, obj.get("type"), _meta(obj, ("messages", "images", "videos")))
+
+
+def _text_stream(stream: Any, where: str) -> List[Caption]:
+    """LiveCC's ``[[start, end, word], ...]`` -> one caption per word, heard at its end."""
+    if not isinstance(stream, list) or not stream:
+        raise SampleError("empty_turn", f"{where}: text_stream must be a non-empty list of [start, end, word]")
+    out = []
+    for n, item in enumerate(stream):
+        ok = isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[2], str) \
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in item[:2]) and 0 <= item[0] <= item[1]
+        if not ok:
+            raise SampleError("bad_annotation", f"{where}: text_stream[{n}] must be [start, end, word] with "
+                              f"0 <= start <= end, got {item!r}"[:300])
+        if item[2].strip():
+            out.append(Caption(float(item[1]), item[2].strip(), heard=True))
+    return out
+
+
+def _clip_bounds(part: dict, kind: str, where: str):
+    """(start, end) seconds of a video part that is a clip of its file (LiveCC), else (None, None)."""
+    start, end = part.get("video_start"), part.get("video_end")
+    if kind != "video" or (start is None and end is None):
+        return None, None
+    for name, value in (("video_start", start), ("video_end", end)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise SampleError("bad_annotation", f"{where}: {name} must be a number of seconds >= 0, got {value!r}")
+    if start is not None and end is not None and end <= start:
+        raise SampleError("bad_annotation", f"{where}: video_end {end} must be after video_start {start}")
+    return (float(start) if start is not None else None), (float(end) if end is not None else None)
 
 
 def _part_source(part: dict, kind: str) -> Optional[str]:

@@ -25,6 +25,8 @@ caption token or the ``<eot>`` that ends it. ``cut_points`` are the positions af
 
 from __future__ import annotations
 
+import bisect
+
 from typing import List, Optional, Sequence
 
 from torch import Tensor
@@ -135,16 +137,17 @@ def conversation_sample(key: str, conv: Conversation, media: Sequence[Sequence[T
 
 def captions_per_frame(captions: Sequence[Caption], times: Sequence[float], fps: float) -> List[List[str]]:
     """Texts of the captions that follow each frame: frame k takes ``times[k] <= t < times[k+1]``
-    (the last frame one sampling period); later captions describe frames that were not kept."""
+    (the last frame one sampling period); a *heard* caption (speech, ``t`` = when it ended) goes to
+    the first frame at or after ``t``. Captions after the last kept frame are dropped."""
     out: List[List[str]] = [[] for _ in times]
     ends = list(times[1:]) + [times[-1] + 1.0 / fps]
-    k = 0
     for cap in captions:
-        while k < len(times) and cap.t >= ends[k]:
-            k += 1
-        if k == len(times):
-            break
-        out[k].append(cap.text)
+        if cap.heard:  # heard by t: the first frame sampled at or after t
+            k = bisect.bisect_left(times, cap.t - 1e-9)
+        else:  # on screen at t: the frame whose interval [times[k], ends[k]) holds t
+            k = bisect.bisect_right(ends, cap.t)
+        if k < len(times):
+            out[k].append(cap.text)
     return out
 
 

@@ -41,6 +41,8 @@ class JsonDatasetSource:
                     if line.strip():
                         self._offsets.append(offset)
                     offset += len(line)
+            if self._offsets and _is_seek_index(self._raw_line(self._offsets[-1])):
+                self._offsets.pop()  # LiveCC's JSONL ends with the byte offsets of its lines
             if not self._offsets:
                 raise ShardError(f"{self.path}: no samples")
         first = self._record(0)
@@ -50,12 +52,15 @@ class JsonDatasetSource:
     def __len__(self) -> int:
         return len(self._records) if self._records is not None else len(self._offsets)
 
+    def _raw_line(self, offset: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.readline()
+
     def _record(self, i: int):
         if self._records is not None:
             return self._records[i]
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[i])
-            line = f.readline()
+        line = self._raw_line(self._offsets[i])
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -90,3 +95,12 @@ class JsonDatasetSource:
             except OSError as e:
                 raise SampleError("unreadable_file", f"{key} in {self.path}: {e}") from e
         return RawSample(key, str(self.path), {"json": json.dumps(record).encode()}, files)
+
+
+def _is_seek_index(line: bytes) -> bool:
+    """A JSON list of integers: the seek index LiveCC appends as a JSONL file's last line."""
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)

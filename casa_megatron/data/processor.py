@@ -173,11 +173,18 @@ class SampleProcessor:
         """Decoded media in the conversation's order (a reference shown twice is decoded once)."""
         s = self.settings
         decoded: Dict[object, DecodedMedia] = {}
+        first_ref = {}  # reference -> its first Media (a clip's bounds)
+        for m in conv.media:
+            first_ref.setdefault(m.source if m.source else id(m), m)
         for ref, (ext, data) in resolve_media(raw, conv).items():
             if ext in IMAGE_EXTS:
                 decoded[ref] = DecodedMedia("image", [process_image(data, s.max_pixels, s.min_pixels, raw.key)])
             elif ext in VIDEO_EXTS:
-                clip = self.decoder.decode(data, s.fps, s.max_frames, s.video_max_pixels, s.min_pixels, raw.key)
+                m = first_ref.get(ref)
+                bounds = {} if m is None or (m.start is None and m.end is None) else \
+                    {"start_s": m.start or 0.0, "end_s": m.end}
+                clip = self.decoder.decode(data, s.fps, s.max_frames, s.video_max_pixels, s.min_pixels, raw.key,
+                                           **bounds)
                 decoded[ref] = DecodedMedia("video", list(clip.frames), list(clip.times))
             else:
                 raise SampleError("unsupported_media", f"{raw.key}: media {ext!r} is neither an image "

@@ -164,3 +164,61 @@ def test_detection_and_unknown_format_errors(tmp_path, qwen_tokenizer):
         cfg = DataConfig(source=str(path), tokenizer_path=str(qwen_tokenizer), log_interval=0)
         with pytest.raises(ShardError, match=f"{name}.*unknown annotation format"):
             make_train_iterator(cfg, 1, 0, 1, seed=0)
+
+
+def _livecc_line(video, words, start=None, end=None, query="commentate the video"):
+    part = {"type": "video", "video": video}
+    if start is not None:
+        part["video_start"] = start
+    if end is not None:
+        part["video_end"] = end
+    return [{"role": "user", "content": [part, {"type": "text", "text": query}]},
+            {"role": "assistant", "content": [{"type": "text_stream", "text_stream": words}]}]
+
+
+def test_livecc_text_stream_equals_our_captions_at_the_frame_that_heard_them(tmp_path, tokenizer_and_layout):
+    """A LiveCC JSONL line (a bare message list; the assistant's ASR words as [start, end, word];
+    the file's last line LiveCC's seek index) gives the batch of our caption format with each word
+    at the first sampled frame at or after the word's end (2 fps: frames at 0, 0.5, 1.0, 1.5 s)."""
+    tokenizer, layout = tokenizer_and_layout
+    mp4 = encode_video(colour_clip(20, 64, 96), fps=10, codec="h264")
+    (tmp_path / "v.mp4").write_bytes(mp4)
+    words = [[0.1, 0.4, " the"], [0.45, 0.5, "red"], [0.6, 0.9, "circle"], [1.2, 1.5, "moves"], [1.6, 1.9, "right"]]
+    line = json.dumps(_livecc_line("v.mp4", words))
+    (tmp_path / "livecc.jsonl").write_text(line + "\n" + json.dumps([0]) + "\n")
+    ours = {"video": "v.mp4", "prompt": "commentate the video", "captions": [
+        {"t": 0.5, "text": "the"}, {"t": 0.5, "text": "red"}, {"t": 1.0, "text": "circle"},
+        {"t": 1.5, "text": "moves"}]}  # "right" ends at 1.9 s: after the last frame (1.5 s), not heard in the clip
+    (tmp_path / "ours.jsonl").write_text(json.dumps(ours) + "\n")
+    batches = {p: _batch(tmp_path / p, tokenizer, layout) for p in ("ours.jsonl", "livecc.jsonl")}
+    _assert_same(batches)
+    trained = load_tokenizer(tokenizer).decode(batches["livecc.jsonl"].labels[batches["livecc.jsonl"].loss_mask > 0].tolist())
+    assert "the red" in trained and "circle" in trained and "moves" in trained and "right" not in trained
+
+
+def test_livecc_clip_bounds_sample_the_clip_on_the_video_time_grid(tmp_path, qwen_tokenizer):
+    """video_start / video_end: only frames of [start, end) are decoded (at video times 0.5, 1.0,
+    1.5 s for [0.5, 2.0)), each a window; words heard before the clip's first frame open it."""
+    mp4 = encode_video(colour_clip(30, 64, 96), fps=10, codec="h264")
+    (tmp_path / "v.mp4").write_bytes(mp4)
+    words = [[0.2, 0.3, "early"], [0.8, 1.0, "red"], [1.1, 1.4, "circle"]]
+    (tmp_path / "clip.jsonl").write_text(json.dumps(_livecc_line("v.mp4", words, start=0.5, end=2.0)) + "\n")
+    (tmp_path / "whole.jsonl").write_text(json.dumps(_livecc_line("v.mp4", words)) + "\n")
+    clip, whole = (_batch(tmp_path / p, qwen_tokenizer, "chat_template") for p in ("clip.jsonl", "whole.jsonl"))
+    assert clip.image_positions.unique().numel() == 3 and whole.image_positions.unique().numel() == 6
+    # the clip's frames are the whole video's frames 1..3 (video times 0.5, 1.0, 1.5), pixel for pixel
+    per_frame = clip.pixel_patches.shape[0] // 3
+    torch.testing.assert_close(clip.pixel_patches, whole.pixel_patches[per_frame:4 * per_frame])
+
+
+@pytest.mark.parametrize("line, reason", [
+    (_livecc_line("v.mp4", [[0.5, 0.2, "x"]]), "bad_annotation"),  # end before start
+    (_livecc_line("v.mp4", []), "empty_turn"),
+    (_livecc_line("v.mp4", [[0.1, 0.2, "x"]], start=2.0, end=1.0), "bad_annotation"),
+    (_livecc_line("v.mp4", [[0.1, 0.2, "x"]], start="soon"), "bad_annotation"),
+])
+def test_livecc_bad_lines_are_named(line, reason):
+    assert detect_format(line) == "messages"
+    with pytest.raises(SampleError) as err:
+        parse_conversation(line, "k")
+    assert err.value.reason == reason and "k:" in str(err.value)

@@ -26,6 +26,15 @@ def test_frame_indices_at_two_fps():
     assert sample_frame_indices(4, 2.0, 10.0, 32)[0] == [0, 1, 2, 3]  # oversampling: no duplicates
 
 
+def test_frame_indices_of_a_clip_keep_the_video_time_grid():
+    """[start, end) of a longer video (LiveCC's video_start / video_end): the same grid k / fps,
+    times in video time, the end excluded, max_frames counted from the clip's start."""
+    assert sample_frame_indices(30, 10.0, 2.0, 32, 0.5, 2.0) == ([5, 10, 15], [0.5, 1.0, 1.5])
+    assert sample_frame_indices(30, 10.0, 2.0, 32, 0.7, None) == ([10, 15, 20, 25], [1.0, 1.5, 2.0, 2.5])
+    assert sample_frame_indices(30, 10.0, 2.0, 2, 1.0, None)[0] == [10, 15]
+    assert sample_frame_indices(30, 10.0, 2.0, 32, 5.0, 6.0) == ([], [])  # beyond the video: nothing
+
+
 @pytest.mark.parametrize("codec", ["h264", "vp9"])
 def test_cpu_decoder_exact_frames_and_colours(codec):
     data = encode_video(colour_clip(30, 64, 96), fps=10, codec=codec, lossless=True)

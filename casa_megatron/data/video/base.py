@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from torch import Tensor
 
@@ -30,4 +30,5 @@ class VideoDecoder(ABC):
 
     @abstractmethod
     def decode(self, data: bytes, fps: float, max_frames: int, max_pixels: int,
-               min_pixels: int, key: str = "?") -> DecodedClip: ...
+               min_pixels: int, key: str = "?", start_s: float = 0.0,
+               end_s: Optional[float] = None) -> DecodedClip: ...

@@ -8,6 +8,7 @@ frame indices exact: frame i is the i-th frame in presentation order, as in DALI
 from __future__ import annotations
 
 import io
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,11 +26,12 @@ class PyAVDecoder(VideoDecoder):
         self.threads = threads  # FFmpeg threads per clip; loader workers parallelise across clips
 
     def decode(self, data: bytes, fps: float, max_frames: int, max_pixels: int,
-               min_pixels: int, key: str = "?") -> DecodedClip:
+               min_pixels: int, key: str = "?", start_s: float = 0.0,
+               end_s: Optional[float] = None) -> DecodedClip:
         import av
 
         info = probe_video(data, key)
-        plan = plan_frames(info, fps, max_frames, max_pixels, min_pixels, key)
+        plan = plan_frames(info, fps, max_frames, max_pixels, min_pixels, key, start_s, end_s)
         wanted = set(plan.indices)
         last = plan.indices[-1]
         frames = []

@@ -94,14 +94,15 @@ class DaliDecoder(VideoDecoder):
 
     # --- decode ----------------------------------------------------------------------------
     def decode(self, data: bytes, fps: float, max_frames: int, max_pixels: int,
-               min_pixels: int, key: str = "?", native_size: bool = False) -> DecodedClip:
+               min_pixels: int, key: str = "?", start_s: float = 0.0,
+               end_s: Optional[float] = None, native_size: bool = False) -> DecodedClip:
         """``native_size``: frames at the video's own size (the live captioner's processor resizes
         them itself, exactly as it does PyAV's frames); else at the planned size."""
         info = probe_video(data, key)
         if not self.use_gpu and info.codec not in DALI_CPU_CODECS:
             raise SampleError("unsupported_codec", f"{key}: DALI's CPU backend cannot decode "
                               f"{info.codec!r} (only {DALI_CPU_CODECS}); use a GPU or decoder='cpu'")
-        plan = plan_frames(info, fps, max_frames, max_pixels, min_pixels, key)
+        plan = plan_frames(info, fps, max_frames, max_pixels, min_pixels, key, start_s, end_s)
         if native_size:
             plan = dataclasses.replace(plan, size=(info.height, info.width))
         pipe = self._pipeline()

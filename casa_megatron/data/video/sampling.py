@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from casa_megatron.data.image_processing import smart_resize
 from casa_megatron.data.records import SampleError
@@ -43,14 +43,18 @@ def frame_index(k: int, fps: float, native_fps: float) -> int:
     return int(math.floor(k / fps * native_fps + _EPS))
 
 
-def sample_frame_indices(num_frames: int, native_fps: float, fps: float,
-                         max_frames: int) -> Tuple[List[int], List[float]]:
-    """Indices and times of the kept frames of a ``num_frames``-frame clip."""
+def sample_frame_indices(num_frames: int, native_fps: float, fps: float, max_frames: int,
+                         start_s: float = 0.0, end_s: Optional[float] = None) -> Tuple[List[int], List[float]]:
+    """Indices and times of the kept frames of a ``num_frames``-frame clip; with ``start_s`` /
+    ``end_s``, of the part ``[start_s, end_s)`` of it, sampled on the same grid ``k / fps`` (times
+    stay video times)."""
     if native_fps <= 0 or fps <= 0:
         raise ValueError(f"fps must be positive (native {native_fps}, sampling {fps})")
     indices, times = [], []
-    k = 0
+    k = max(0, math.ceil(start_s * fps - _EPS))
     while len(indices) < max_frames:
+        if end_s is not None and k / fps >= end_s - _EPS:
+            break
         i = frame_index(k, fps, native_fps)
         if i >= num_frames:
             break
@@ -62,10 +66,13 @@ def sample_frame_indices(num_frames: int, native_fps: float, fps: float,
 
 
 def plan_frames(info: VideoInfo, fps: float, max_frames: int, max_pixels: int,
-                min_pixels: int, key: str = "?") -> FramePlan:
+                min_pixels: int, key: str = "?", start_s: float = 0.0, end_s: Optional[float] = None) -> FramePlan:
     if info.num_frames <= 0:
         raise SampleError("empty_clip", f"{key}: the video has no frames")
-    indices, times = sample_frame_indices(info.num_frames, info.native_fps, fps, max_frames)
+    indices, times = sample_frame_indices(info.num_frames, info.native_fps, fps, max_frames, start_s, end_s)
+    if not indices:
+        raise SampleError("empty_clip", f"{key}: no frame in the clip [{start_s}, {end_s}) s of a "
+                          f"{info.num_frames / info.native_fps:.1f} s video")
     try:
         size = smart_resize(info.height, info.width, max_pixels, min_pixels)
     except ValueError as e:
