@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from data.helpers import colour_clip, frame_colour
@@ -128,3 +129,41 @@ def test_auto_decoder_is_cpu_without_gpu_or_dali():
     assert make_video_decoder("auto").name == "cpu"
     with pytest.raises(ValueError, match="must be one of"):
         resolve_decoder("ffmpeg")
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_a_late_clip_is_decoded_after_a_seek_with_the_same_frames(codec, monkeypatch):
+    """A clip 12 s into a 20 s file (keyframe every 2 s): the decoder seeks to the keyframe
+    before it and numbers frames by timestamp; the frames equal those of decoding from the file's
+    start, and far fewer frames are decoded."""
+    from casa_megatron.data.video.cpu import PyAVDecoder
+
+    rng = np.random.default_rng(0)
+    frames = [np.ascontiguousarray(np.kron(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8),
+                                           np.ones((16, 16, 1), dtype=np.uint8))) for _ in range(200)]
+    data = encode_video(frames, fps=10, codec=codec, gop=20)
+    args = dict(fps=2.0, max_frames=8, max_pixels=64 * 96, min_pixels=28 * 28, start_s=12.0, end_s=14.0)
+    seeking = PyAVDecoder()
+    seeking.seek_min_frames = 64
+    counted = PyAVDecoder()
+    counted.seek_min_frames = 10 ** 9  # never seek: count from the start
+    decoded = {}
+    import av
+
+    real_decode = av.container.InputContainer.decode
+
+    for name, decoder in (("seek", seeking), ("count", counted)):
+        seen = []
+
+        def decode(self, *a, **k):
+            for frame in real_decode(self, *a, **k):
+                seen.append(frame.pts)
+                yield frame
+
+        monkeypatch.setattr(av.container.InputContainer, "decode", decode)
+        decoded[name] = (decoder.decode(data, key="late", **args), len(seen))
+        monkeypatch.undo()
+    (a, n_seek), (b, n_count) = decoded["seek"], decoded["count"]
+    assert a.indices == b.indices == [120, 125, 130, 135] and a.times == b.times == [12.0, 12.5, 13.0, 13.5]
+    assert torch.equal(a.frames, b.frames)
+    assert n_count >= 136 and n_seek <= 40, (n_seek, n_count)  # from the keyframe at 12 s (or 10 s)

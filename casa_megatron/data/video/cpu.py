@@ -2,7 +2,10 @@
 
 Decodes sequentially and converts only the planned frames. Sequential decoding beats seeking
 for short clips at 2 fps (seeking to far keyframes re-decodes whole GOPs anyway), and it makes
-frame indices exact: frame i is the i-th frame in presentation order, as in DALI.
+frame indices exact: frame i is the i-th frame in presentation order, as in DALI. A clip that
+starts late in its file (LiveCC's ``video_start``) seeks to the keyframe before its first frame
+and numbers frames from their timestamps from there (the plan's indices assume a constant frame
+rate already).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from casa_megatron.data.video.sampling import plan_frames, probe_video
 
 class PyAVDecoder(VideoDecoder):
     name = "cpu"
+    seek_min_frames = 256  # seek when the first planned frame is at least this far into the file
 
     def __init__(self, threads: int = 1):
         self.threads = threads  # FFmpeg threads per clip; loader workers parallelise across clips
@@ -41,7 +45,9 @@ class PyAVDecoder(VideoDecoder):
                 if not _has_decoder(info.codec):
                     raise SampleError("unsupported_codec", f"{key}: no decoder for codec {info.codec!r}")
                 stream.codec_context.thread_count = self.threads
-                for i, frame in enumerate(container.decode(stream)):
+                index_of = self._seek(container, stream, info, plan.indices[0])
+                for n, frame in enumerate(container.decode(stream)):
+                    i = n if index_of is None else index_of(frame)
                     if i in wanted:
                         rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3]
                         frames.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
@@ -58,6 +64,16 @@ class PyAVDecoder(VideoDecoder):
                               f"{len(plan.indices)} planned frames (the stream ended early)")
         clip = resize_uint8(torch.stack(frames), plan.size)  # [F, 3, h, w]
         return DecodedClip(clip, plan.indices, plan.times, info)
+
+    def _seek(self, container, stream, info, first: int):
+        """Seek to the keyframe at or before frame ``first`` when it is far into the file; returns
+        frame -> index (from its timestamp), or None to count frames from the file's start."""
+        if first < self.seek_min_frames or stream.time_base is None:
+            return None
+        origin = stream.start_time or 0
+        ticks_per_frame = 1.0 / (float(stream.time_base) * info.native_fps)
+        container.seek(origin + int(first * ticks_per_frame), stream=stream, backward=True, any_frame=False)
+        return lambda frame: int(round((frame.pts - origin) / ticks_per_frame)) if frame.pts is not None else -1
 
 
 def _has_decoder(codec: str) -> bool:

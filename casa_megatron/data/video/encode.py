@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from fractions import Fraction
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -15,11 +15,12 @@ CODECS = {"h264": ("mp4", "libx264", ".mp4"), "vp9": ("webm", "libvpx-vp9", ".we
 
 
 def encode_video(frames: Sequence[np.ndarray], fps: int, codec: str = "h264",
-                 lossless: bool = False) -> bytes:
+                 lossless: bool = False, gop: Optional[int] = None) -> bytes:
     """frames: F arrays [H, W, 3] uint8 (H, W even) -> encoded container bytes.
 
     ``lossless`` asks for the codec's lossless mode (still yuv420p, so colours are exact only up to
     the RGB<->YUV rounding); tests use it to check decoded pixels against known values.
+    ``gop``: a keyframe every ``gop`` frames (seeking tests), else the encoder's default.
     """
     if codec not in CODECS:
         raise ValueError(f"codec={codec!r}: choose one of {sorted(CODECS)}")
@@ -40,6 +41,8 @@ def encode_video(frames: Sequence[np.ndarray], fps: int, codec: str = "h264",
             stream.options = {"qp": "0"} if lossless else {"crf": "20", "preset": "veryfast"}
         else:
             stream.options = {"lossless": "1"} if lossless else {"crf": "30", "b": "0"}
+        if gop is not None:
+            stream.options = {**stream.options, "g": str(gop), "keyint_min": str(gop)}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
             frame.pts = i
