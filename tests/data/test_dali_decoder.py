@@ -71,6 +71,22 @@ def test_dali_cpu_matches_pyav_on_a_lossy_textured_vp9_clip():
 
 
 @needs_dali
+def test_dali_cpu_decodes_a_clip_of_the_file_like_pyav():
+    """video_start / video_end (LiveCC clips): the same planned frames and video times as PyAV."""
+    from casa_megatron.data.video.dali import DaliDecoder
+
+    data = encode_video(colour_clip(40, 64, 96), fps=10, codec="vp9", lossless=True)
+    args = dict(ARGS, start_s=1.2, end_s=3.0)
+    dali = DaliDecoder(use_gpu=False).decode(data, **args)
+    cpu = PyAVDecoder().decode(data, **args)
+    assert dali.indices == cpu.indices == [15, 20, 25] and dali.times == cpu.times == [1.5, 2.0, 2.5]
+    for frame, index in zip(dali.frames, dali.indices):
+        mean = frame.float().mean(dim=(1, 2))
+        assert (mean - torch.tensor(frame_colour(index), dtype=torch.float)).abs().max() <= 8
+    assert (dali.frames.float() - cpu.frames.float()).abs().max() <= 8
+
+
+@needs_dali
 def test_dali_cpu_rejects_h264_as_unsupported_codec():
     from casa_megatron.data.records import SampleError
     from casa_megatron.data.video.dali import DaliDecoder
