@@ -6,6 +6,8 @@
 #                                           the wheels into the site folder (no network, no deps)
 #   bash tools/gpu/device.sh build-te       build the Transformer Engine torch extension (sm_90)
 #   bash tools/gpu/device.sh probe          versions + what imports: answers GPU.md's questions
+#   bash tools/gpu/device.sh tests [PATHS]  the GPU-only tests (kernels, remote-code attention, DALI
+#                                           GPU decoder) -> $OUT/gpu_tests.txt
 #   bash tools/gpu/device.sh check [ARGS]   benchmarks/gpu_check.py -> $OUT/gpu.md, $OUT/gpu.json
 # GPU_STORE (default /root/gpu-store) and GPU_SITE (default /root/gpu-site) live outside the
 # repository, so they survive from call to call while the machine stays warm (30 s after a call).
@@ -61,11 +63,21 @@ except Exception as exc:  # noqa: BLE001
     print("varlen_attn: none", exc)
 PY
     ;;
+  tests)
+    shift
+    cd "$repo"
+    [ $# -gt 0 ] || set -- tests/model/test_window_kernels.py tests/model/test_kernel_glue.py \
+      tests/hf/test_attention_kernels.py tests/data/test_dali_decoder.py
+    set +e
+    PYTHONPATH="$site:$repo" python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu_tests.txt"
+    rc=${PIPESTATUS[0]}
+    set -e
+    exit "$rc" ;;
   check)
     shift
     cd "$repo"
     cp docs/gpu.md "$out/gpu.md"  # the guide with its report markers: the report lands between them
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
       --out "$out/gpu.md" --json "$out/gpu.json" "$@" ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
 esac
