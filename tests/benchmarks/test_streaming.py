@@ -32,3 +32,27 @@ def test_streaming_benchmark_small(tmp_path):
     assert insertion["formula_bytes"] == (4 + 64) * 4 * 2 * 2 * 64 * 4
     assert insertion["cache_slope_bytes"] == pytest.approx(insertion["formula_bytes"], rel=1e-9)
     assert len(result["per_frame"]["casa"]) == 6 and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_gpu_preset_code_path_runs_on_cpu_at_a_small_shape(tmp_path, monkeypatch):
+    """``--preset helium2b_gpu``'s structure (Helium family, the Qwen2.5-VL encoder with frame
+    pairs and windows, bf16) at a tiny width, on CPU: the code a GPU session runs, run here first.
+    Cache growth is the bf16 text formula for CASA and text + image tokens for insertion."""
+    from benchmarks import streaming
+
+    gpu = streaming.PRESETS["helium2b_gpu"]
+    small = dict(lm=dict(gpu["lm"], vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2),
+                 vision=dict(gpu["vision"], depth=2, hidden_size=64, num_heads=2, intermediate_size=96,
+                             fullatt_block_indexes=[1]),
+                 frame_px=112, dtype=gpu["dtype"])
+    monkeypatch.setitem(streaming.PRESETS, "gpu_shape_small", small)
+    out = tmp_path / "gpu_shape.json"
+    streaming.main(["--preset", "gpu_shape_small", "--frames", "3", "--tokens", "2", "--json", str(out)])
+    rows = {r["fusion"]: r for r in json.loads(out.read_text())["summary"]}
+    text_bytes = 3 * 2 * 2 * 2 * 32 * 2  # (placeholder + 2 tokens) x layers x K,V x kv heads x head dim x bf16
+    assert rows["casa"]["formula_bytes"] == rows["text_only"]["formula_bytes"] == text_bytes
+    assert rows["casa"]["cache_slope_bytes"] == pytest.approx(text_bytes, rel=1e-9)
+    image_tokens = rows["insertion"]["formula_bytes"] // (2 * 2 * 2 * 32 * 2) - 3
+    assert image_tokens == (112 // 14 // 2) ** 2  # one frame pair -> one temporal patch of 4x4 merged tokens
+    assert rows["insertion"]["cache_slope_bytes"] == pytest.approx(rows["insertion"]["formula_bytes"], rel=1e-9)
