@@ -122,3 +122,22 @@ def test_stream_with_the_dali_decoder_on_cpu_equals_pyav(exported, tmp_path):
         results[decoder] = json.loads((out / "stream.json").read_text())
     assert [f["time_s"] for f in results["dali"]["frames"]] == [f["time_s"] for f in results["cpu"]["frames"]]
     assert len(results["dali"]["frames"]) == 6
+
+
+def test_stream_in_bf16_as_on_a_gpu(exported, tmp_path):
+    """``--dtype bfloat16`` (the GPU setting) on CPU: every frame captioned, the cache half the
+    float32 run's bytes at every frame (the same tokens, two bytes each)."""
+    from casa_megatron.inference.cli import main
+
+    video = _video(tmp_path)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main([str(video), "--model", str(exported[0] / "casa_parallel"), "--out", str(out),
+                     "--max-new-tokens", "3", "--decoder", "cpu", "--dtype", dtype]) == 0
+        runs[dtype] = json.loads((out / "stream.json").read_text())["frames"]
+    assert len(runs["bfloat16"]) == len(runs["float32"]) == 6
+    for low, full in zip(runs["bfloat16"], runs["float32"]):
+        if low["text_tokens"] == full["text_tokens"]:  # same caption lengths -> exactly half the bytes
+            assert 2 * low["cache_bytes"]["self_attention"] == full["cache_bytes"]["self_attention"]
+    assert any(low["text_tokens"] == full["text_tokens"] for low, full in zip(runs["bfloat16"], runs["float32"]))
