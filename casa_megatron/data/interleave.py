@@ -26,7 +26,6 @@ caption token or the ``<eot>`` that ends it. ``cut_points`` are the positions af
 from __future__ import annotations
 
 import bisect
-
 from typing import List, Optional, Sequence
 
 from torch import Tensor

@@ -104,9 +104,9 @@ def media_parts(raw: RawSample) -> List[Tuple[str, bytes]]:
     return [(n.lower().rsplit(".", 1)[-1], raw.parts[n]) for n in sorted(names, key=part_order)]
 
 
-def resolve_media(raw: RawSample, conv: Conversation) -> Dict[object, Tuple[str, bytes]]:
-    """Distinct media reference -> (extension, bytes). References are keyed by path, or by
-    identity when they carry none (then they take the sample's media parts in order)."""
+def resolve_media(raw: RawSample, conv: Conversation) -> Dict[object, Tuple[str, bytes, Media]]:
+    """Distinct media reference -> (extension, bytes, its first Media). References are keyed by
+    path, or by identity when they carry none (then they take the sample's media parts in order)."""
     refs: Dict[object, Media] = {}
     for m in conv.media:
         refs.setdefault(m.source if m.source else id(m), m)
@@ -116,7 +116,7 @@ def resolve_media(raw: RawSample, conv: Conversation) -> Dict[object, Tuple[str,
             if m.source not in raw.files:
                 raise SampleError("missing_media", f"{raw.key} in {raw.source}: no file for media "
                                   f"{m.source or '(no path)'}")
-            out[ref] = (m.source.lower().rsplit(".", 1)[-1], raw.files[m.source])
+            out[ref] = (m.source.lower().rsplit(".", 1)[-1], raw.files[m.source], m)
         return out
     parts = media_parts(raw)
     if not parts and refs:
@@ -125,7 +125,7 @@ def resolve_media(raw: RawSample, conv: Conversation) -> Dict[object, Tuple[str,
     if len(parts) != len(refs):
         raise SampleError("image_count_mismatch", f"{raw.key} in {raw.source}: the annotation refers to "
                           f"{len(refs)} media, the sample has {len(parts)} media parts")
-    return dict(zip(refs, parts))
+    return {ref: (ext, data, m) for (ref, m), (ext, data) in zip(refs.items(), parts)}
 
 
 class SampleProcessor:
@@ -173,18 +173,12 @@ class SampleProcessor:
         """Decoded media in the conversation's order (a reference shown twice is decoded once)."""
         s = self.settings
         decoded: Dict[object, DecodedMedia] = {}
-        first_ref = {}  # reference -> its first Media (a clip's bounds)
-        for m in conv.media:
-            first_ref.setdefault(m.source if m.source else id(m), m)
-        for ref, (ext, data) in resolve_media(raw, conv).items():
+        for ref, (ext, data, first) in resolve_media(raw, conv).items():
             if ext in IMAGE_EXTS:
                 decoded[ref] = DecodedMedia("image", [process_image(data, s.max_pixels, s.min_pixels, raw.key)])
             elif ext in VIDEO_EXTS:
-                m = first_ref.get(ref)
-                bounds = {} if m is None or (m.start is None and m.end is None) else \
-                    {"start_s": m.start or 0.0, "end_s": m.end}
                 clip = self.decoder.decode(data, s.fps, s.max_frames, s.video_max_pixels, s.min_pixels, raw.key,
-                                           **bounds)
+                                           start_s=first.start or 0.0, end_s=first.end)  # a clip's bounds
                 decoded[ref] = DecodedMedia("video", list(clip.frames), list(clip.times))
             else:
                 raise SampleError("unsupported_media", f"{raw.key}: media {ext!r} is neither an image "
