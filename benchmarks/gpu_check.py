@@ -32,6 +32,12 @@ The report goes between ``<!-- gpu_check:begin -->`` and ``<!-- gpu_check:end --
 when the file has those markers (docs/gpu.md keeps its hand-written guide around them); else the
 file is the report. Writes are atomic. The JSON (default: ``--out`` with ``.json``) holds every
 number. Exit status 1 if a part failed, else 0.
+
+Report and JSON are rewritten after every part, parts still to run marked "pending": a lent GPU's
+command is killed at its time limit, and what finished before must come back. ``--results-store
+PATH`` carries parts across runs (docs/gpu.md's sequence measures (a), (d), (e), (f) before
+Transformer Engine is installed, then (b), (c) after): parts not run now are taken from it and
+reported with the command that measured them; every part measured now is written into it.
 """
 
 from __future__ import annotations
@@ -90,6 +96,27 @@ def run_part(part: str, args) -> PartResult:
     return result
 
 
+def pending(part: str) -> PartResult:
+    return PartResult(part, TITLES[part], status="pending",
+                      reason="not finished when this report was written (the run was still going, or was cut short)")
+
+
+def load_store(path: Path, now: set) -> dict:
+    """Parts an earlier run measured (``--results-store``), except those this run measures again."""
+    if not path.exists():
+        return {}
+    try:
+        records = json.loads(path.read_text())["parts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--results-store {path}: not a gpu_check JSON ({type(exc).__name__}: {exc})") from exc
+    kept = {}
+    for record in records:
+        result = PartResult.from_json(record)
+        if result.part in TITLES and result.part not in now and result.status != "pending":
+            kept[result.part] = result
+    return kept
+
+
 def environment() -> dict:
     import platform
 
@@ -110,7 +137,8 @@ def environment() -> dict:
     return env
 
 
-def render(results, env: dict, command: str) -> str:
+def render(results, env: dict, command: str, kept=frozenset()) -> str:
+    """Markdown of ``results``; parts in ``kept`` came from the results store (an earlier run)."""
     lines = [f"_Written by `{command}` on {env['date_utc']} UTC._", "",
              "| | |", "|---|---|",
              f"| GPU | {env['gpu'] or 'none (CPU only: the GPU parts are not available here)'} |",
@@ -128,6 +156,11 @@ def render(results, env: dict, command: str) -> str:
     for r in results:
         lines += ["", f"### ({r.part}) {r.title}", "",
                   f"**Status: {r.status}**" + (f" — {r.reason}" if r.reason else "") + f" ({r.seconds:.1f} s)"]
+        if r.part in kept:
+            by = r.measured_by
+            lines += ["", f"_Measured by an earlier run: `{by.get('command', '?')}` on {by.get('date_utc', '?')} UTC "
+                          f"(torch {by.get('torch')}, transformer-engine {by.get('transformer-engine')}; "
+                          "kept from the results store)._"]
         if r.markdown:
             lines += ["", r.markdown]
     return "\n".join(lines) + "\n"
@@ -164,6 +197,9 @@ def main(argv=None) -> int:
                         help="run the GPU-only code of parts (c), (e), (f) on the CPU at a small shape, in bf16 "
                              "where the part is bf16: proves the code runs, measures nothing about a GPU")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run of the structure)")
+    parser.add_argument("--results-store", default=None,
+                        help="JSON carrying parts across runs: parts not run now are kept from it, parts run now "
+                             "are written into it (tools/gpu/device.sh check uses one per lent machine)")
     args = parser.parse_args(argv)
     configs = ROOT / "benchmarks" / "configs"
     args.config = args.config or str(configs / ("cpu_small.yaml" if args.rehearse_cpu else "gpu_paper.yaml"))
@@ -173,17 +209,35 @@ def main(argv=None) -> int:
     if bad or not args.parts:
         parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
     env = environment()
-    results = [run_part(p, args) for p in sorted(set(args.parts))]
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.strip()
+    now = sorted(set(args.parts))
+    store = Path(args.results_store) if args.results_store else None
+    kept = load_store(store, set(now)) if store else {}
     out = Path(args.out)
-    report = render(results, env, command.strip())
-    if args.rehearse_cpu:
-        report = ("**CPU rehearsal** (`--rehearse-cpu`): the GPU parts' code ran on the CPU at a small shape; "
-                  "no number here describes a GPU.\n\n" + report)
-    write_report(out, report)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
-    atomic_write(json_path, json.dumps({"environment": env, "command": command.strip(),
-                                        "parts": [r.__dict__ for r in results]}, indent=2, default=str))
+    done = {}
+
+    def publish() -> None:
+        """Report, JSON (and store) as they stand: finished and kept parts, the rest pending."""
+        results = [done.get(p) or kept.get(p) or pending(p) for p in sorted(set(now) | set(kept))]
+        report = render(results, env, command, kept=set(kept))
+        if args.rehearse_cpu:
+            report = ("**CPU rehearsal** (`--rehearse-cpu`): the GPU parts' code ran on the CPU at a small shape; "
+                      "no number here describes a GPU.\n\n" + report)
+        write_report(out, report)
+        record = json.dumps({"environment": env, "command": command, "parts": [r.__dict__ for r in results]},
+                            indent=2, default=str)
+        atomic_write(json_path, record)
+        if store:
+            atomic_write(store, record)
+
+    publish()
+    for part in now:
+        done[part] = run_part(part, args)
+        done[part].measured_by = {"command": command, **env}
+        publish()
+    results = list(done.values())
     print(f"report: {out}\njson: {json_path}", file=sys.stderr)
     return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, List, Optional
 
 import torch
@@ -19,12 +19,19 @@ class NotAvailable(Exception):
 class PartResult:
     part: str  # "a" .. "f"
     title: str
-    status: str = "ok"  # ok | not available | failed
+    status: str = "ok"  # ok | not available | failed | pending (a run cut short before it finished)
     reason: str = ""  # why not available / what failed
     markdown: str = ""  # the part's section body (tables, notes)
     data: dict = field(default_factory=dict)  # everything measured, for the JSON
     targets: dict = field(default_factory=dict)  # issue target name -> {"value", "target", "met"}
     seconds: float = 0.0
+    measured_by: dict = field(default_factory=dict)  # {"command", "date_utc"} of the run that measured it
+
+    @classmethod
+    def from_json(cls, record: dict) -> "PartResult":
+        """A part as an earlier run wrote it to the JSON (unknown keys ignored: older reports)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
 
 def require_cuda(what: str) -> None:

@@ -30,12 +30,18 @@ ROOT = Path(__file__).resolve().parents[2]
 DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM
 
 
-def _fusion_process(config: str, fusion: str, overrides) -> dict:
+FUSION_TIMEOUT_S = 300  # one fusion's process (build, warm-up, timed steps); a hang must not eat the call
+
+
+def _fusion_process(config: str, fusion: str, overrides, timeout_s: float = FUSION_TIMEOUT_S) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "train_efficiency.py"), "--config", config,
                "--child", fusion, "--child-json", str(out), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"fusion": fusion, "error": f"timed out after {timeout_s:.0f} s"}
         if proc.returncode or not out.exists():
             tail = proc.stderr[-1500:]
             return {"fusion": fusion, "error": "out of memory" if "OutOfMemory" in tail else tail}

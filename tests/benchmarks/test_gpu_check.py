@@ -102,3 +102,43 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     (row,) = mfu["rows"]
     assert row["spec"] == "local" and row["step_time_s"] > 0 and row["mfu_datasheet"] is None
     assert 0 < row["mfu_measured_gemm"]
+
+
+def test_report_is_rewritten_after_every_part_and_the_store_carries_parts_across_runs(tmp_path, monkeypatch):
+    """A lent GPU's command dies at its time limit: what finished must already be on disk, the
+    rest marked pending. And docs/gpu.md's sequence measures parts before and after Transformer
+    Engine is installed, in two runs: the second report holds both, the first run's parts named
+    as measured by it."""
+    import benchmarks.gpu_check as gpu_check
+    from benchmarks.gpu_parts.common import PartResult
+
+    store, out = tmp_path / "store.json", tmp_path / "first.md"
+    seen_during_c = {}
+    real_run_part = gpu_check.run_part
+
+    def run_part(part, args):
+        if part == "c":  # the files as a kill at this moment would leave them
+            seen_during_c.update({p["part"]: p["status"] for p in json.loads(out.with_suffix(".json").read_text())["parts"]})
+            seen_during_c["md"] = out.read_text()
+            return PartResult("c", gpu_check.TITLES["c"], status="failed", reason="RuntimeError: boom")
+        return real_run_part(part, args)
+
+    monkeypatch.setattr(gpu_check, "run_part", run_part)
+    assert gpu_check.main(["--out", str(out), "--parts", "bce", "--results-store", str(store)]) == 1  # c failed
+    assert {k: seen_during_c[k] for k in "bce"} == {"b": "not available", "c": "pending", "e": "pending"}
+    assert "**Status: pending**" in seen_during_c["md"] and "**Status: not available**" in seen_during_c["md"]
+    first = {p["part"]: p for p in json.loads(store.read_text())["parts"]}
+    assert {p: first[p]["status"] for p in "bce"} == {"b": "not available", "c": "failed", "e": "not available"}
+
+    second = tmp_path / "second.md"
+    assert gpu_check.main(["--out", str(second), "--parts", "c", "--results-store", str(store)]) == 1
+    report = {p["part"]: p for p in json.loads(second.with_suffix(".json").read_text())["parts"]}
+    assert sorted(report) == list("bce") and report == {p["part"]: p for p in json.loads(store.read_text())["parts"]}
+    assert report["b"] == first["b"] and report["c"]["measured_by"]["command"].endswith("--parts c --results-store "
+                                                                                         + str(store))
+    text = second.read_text()
+    assert text.count("_Measured by an earlier run: `python benchmarks/gpu_check.py --out") == 2  # b and e, not c
+
+    store.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a gpu_check JSON"):
+        gpu_check.main(["--out", str(second), "--parts", "b", "--results-store", str(store)])

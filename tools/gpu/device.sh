@@ -8,7 +8,8 @@
 #   bash tools/gpu/device.sh probe          versions + what imports: answers GPU.md's questions
 #   bash tools/gpu/device.sh tests [PATHS]  the GPU-only tests (kernels, remote-code attention, DALI
 #                                           GPU decoder) -> $OUT/gpu_tests.txt
-#   bash tools/gpu/device.sh check [ARGS]   benchmarks/gpu_check.py -> $OUT/gpu.md, $OUT/gpu.json
+#   bash tools/gpu/device.sh check [ARGS]   benchmarks/gpu_check.py -> $OUT/gpu.md, $OUT/gpu.json (with
+#                                           the parts earlier check calls on this machine measured)
 # GPU_STORE (default /root/gpu-store) and GPU_SITE (default /root/gpu-site) live outside the
 # repository, so they survive from call to call while the machine stays warm (30 s after a call).
 # GPU_CALLS (default .gpu) is where the carried call folders are.
@@ -77,7 +78,9 @@ PY
     shift
     cd "$repo"
     cp docs/gpu.md "$out/gpu.md"  # the guide with its report markers: the report lands between them
+    # the results store keeps the parts of earlier check calls on this machine (before / after TE);
+    # report and JSON are rewritten after every part, so a call cut at its limit still returns them
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
-      --out "$out/gpu.md" --json "$out/gpu.json" "$@" ;;
+      --out "$out/gpu.md" --json "$out/gpu.json" --results-store "$store/gpu_check.json" "$@" ;;
   *) sed -n 2,14p "$0"; exit 2 ;;
 esac
