@@ -70,6 +70,7 @@ def rules() -> Dict[type, Dict[str, Range]]:
                               "tokens_per_second": POSITIVE, "projector_hidden_size": AT_LEAST_1,
                               "ffn_pad_multiple": AT_LEAST_1, "trainable_blocks": Range(-1)},
         schema.FusionConfig: {"every_n": AT_LEAST_1},
+        schema.RecomputeConfig: {"num_layers": AT_LEAST_1},
         schema.ParallelConfig: {"tensor_model_parallel_size": AT_LEAST_1, "pipeline_model_parallel_size": AT_LEAST_1},
         schema.OptimizerConfig: {"lr_new": POSITIVE, "lr_pretrained": POSITIVE, "min_lr_ratio": FRACTION,
                                  "weight_decay": AT_LEAST_0, "adam_beta1": BETA, "adam_beta2": BETA,

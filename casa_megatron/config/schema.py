@@ -20,6 +20,8 @@ PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("auto", "insertion", "mrope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "torch", "flash", "te", "torch_varlen")
+RECOMPUTE_GRANULARITIES = ("none", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
@@ -128,6 +130,33 @@ VISION_ENCODERS = ("tiny_vit", "qwen2_5_vl")
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recomputation of LM decoder layers (Megatron-LM's ``--recompute-granularity full
+    --recompute-method uniform|block --recompute-num-layers N``); ``model.vision.recompute`` does the
+    same for the vision encoder's blocks. A recomputed chunk of layers keeps
+    only its input ``[s(/tp), b, h]`` (and the image states it reads) from the forward; everything
+    inside is computed again in backward -- about one extra forward of those layers for most of
+    their activation memory, the lever when long packed rows (token insertion's 20k image tokens)
+    do not fit. ``uniform``: the stage's layers in chunks of ``num_layers``, every chunk recomputed;
+    ``block``: the first ``num_layers`` layers of each pipeline stage, one per chunk, the rest kept.
+    Numerics are unchanged (same kernels, the RNG states replayed)."""
+
+    granularity: str = "none"  # none | full
+    method: str = "uniform"
+    num_layers: int = 1
+
+    def validate(self, where: str = "model.recompute") -> None:
+        if self.granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"{where}.granularity={self.granularity!r} not in {RECOMPUTE_GRANULARITIES}")
+        if self.method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"{where}.method={self.method!r} not in {RECOMPUTE_METHODS}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.granularity != "none"
+
+
+@dataclass
 class VisionConfig:
     """Vision encoder: ViT over 14 px patches, then a 2x2 spatial merge in the projector.
 
@@ -144,6 +173,7 @@ class VisionConfig:
     widths like Qwen2.5-VL's 3420 split over TP=8; the padding is exact (its gate, up and down
     weights are zero and get zero gradients) and depends on the config only, never on TP, so
     checkpoints reshard across TP layouts (docs/architecture.md, "Vision encoders").
+    ``recompute``: activation recomputation of the encoder's blocks (``RecomputeConfig``).
     """
 
     encoder: str = "tiny_vit"
@@ -164,6 +194,7 @@ class VisionConfig:
     ffn_pad_multiple: int = 1
     trainable_blocks: int = -1
     projector_trainable: bool = True
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)  # of the encoder's blocks
 
     @property
     def padded_ffn_hidden_size(self) -> int:
@@ -185,6 +216,7 @@ class VisionConfig:
     def validate(self) -> None:
         if self.encoder not in VISION_ENCODERS:
             raise ConfigError(f"model.vision.encoder={self.encoder!r} not in {VISION_ENCODERS}")
+        self.recompute.validate("model.vision.recompute")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -309,7 +341,8 @@ class ModelConfig:
     """``attention_backend``: the window-attention kernel of CASA and of packed self-attention
     (``auto``: flash-attn, then TE, then torch varlen on CUDA half tensors, else padded torch).
     ``packed_attention``: LM self-attention over packed samples by cu_seqlens, without the dense
-    ``[b, 1, s, s]`` block-causal mask; ``false`` keeps the dense-mask path (the reference)."""
+    ``[b, 1, s, s]`` block-causal mask; ``false`` keeps the dense-mask path (the reference).
+    ``recompute``: activation recomputation of decoder layers (``RecomputeConfig``)."""
 
     lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -318,6 +351,7 @@ class ModelConfig:
     transformer_impl: str = "auto"
     attention_backend: str = "auto"
     packed_attention: bool = True
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
     def validate(self) -> None:
         self.lm.validate()
@@ -327,6 +361,7 @@ class ModelConfig:
             raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} not in {TRANSFORMER_IMPLS}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r} not in {ATTENTION_BACKENDS}")
+        self.recompute.validate()
 
 
 @dataclass
@@ -475,6 +510,10 @@ class TrainConfig:
         self.parallel.validate(self.model)
         self.data.validate()
         self.optimizer.validate(self.train_steps)
+        if self.precision.fp8 is not None and self.model.recompute.enabled:
+            raise ConfigError(f"model.recompute.granularity={self.model.recompute.granularity!r} with precision.fp8="
+                              f"{self.precision.fp8!r} is not supported yet: the recomputed forward must replay FP8 "
+                              "scaling state (Transformer Engine's checkpoint), which no GPU run has checked")
         self.precision.validate(self.model.transformer_impl)
         t_data, t_model = self.data.temporal_patch_size, self.model.vision.temporal_patch_size
         if t_data is not None and t_data != t_model:

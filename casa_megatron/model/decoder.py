@@ -21,14 +21,18 @@ from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
+from casa_megatron.config.schema import RecomputeConfig
 from casa_megatron.model.casa_layer import CASATransformerLayer
+from casa_megatron.model.recompute import NO_RECOMPUTE, run_layers
 from casa_megatron.model.vision_context import VisionContext
 
 
 class CASADecoder(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_specs: List[ModuleSpec], final_norm,
-                 post_process: bool, pg_collection: Optional[ProcessGroupCollection] = None):
+                 post_process: bool, pg_collection: Optional[ProcessGroupCollection] = None,
+                 recompute: RecomputeConfig = NO_RECOMPUTE):
         super().__init__(config=config)
+        self.recompute = recompute
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         pp_size = config.pipeline_model_parallel_size
@@ -54,18 +58,23 @@ class CASADecoder(MegatronModule):
         ``model/packed_attention.py``) or through a dense ``attention_mask`` (the reference)."""
         # hidden_states [s(/tp), b, h]; image_states [si(/tp), b, h]
         # FP8 autocast (Transformer Engine) when config.fp8 is set; a null context otherwise.
+        def call(layer, hidden: Tensor) -> Tensor:
+            if isinstance(layer, CASATransformerLayer):
+                return layer(hidden, image_states, vision, attention_mask, packed_seq_params)
+            return layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=vision.text_rotary,
+                         packed_seq_params=packed_seq_params)[0]
+
         with get_fp8_context(self.config):
-            for layer in self.layers:
-                if isinstance(layer, CASATransformerLayer):
-                    hidden_states = layer(hidden_states, image_states, vision, attention_mask,
-                                          packed_seq_params)
-                else:
-                    hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
-                                             rotary_pos_emb=vision.text_rotary,
-                                             packed_seq_params=packed_seq_params)
+            hidden_states = self.run_layers(hidden_states, call)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states
+
+    def run_layers(self, hidden_states: Tensor, call) -> Tensor:
+        """``call(layer, hidden)`` through this stage's layers, recomputing as ``model.recompute``
+        says (``model/recompute.py``); insertion's decoder loop uses it too."""
+        return run_layers(self.layers, hidden_states, call, self.recompute,
+                          dropout=max(self.config.hidden_dropout, self.config.attention_dropout))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Layers are keyed by their *global* index so checkpoints reshard across PP layouts."""

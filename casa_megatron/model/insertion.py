@@ -218,10 +218,12 @@ class InsertionVLM(CASAVLM):
             mask, packed = None, packed_seq_params(segment_starts(layout.segment_ids))
         else:
             mask, packed = layout.attention_mask(), None
+
+        def call(layer, h: Tensor) -> Tensor:
+            return layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary, packed_seq_params=packed)[0]
+
         with get_fp8_context(self.config):
-            for layer in self.decoder.layers:
-                hidden, _ = layer(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary,
-                                  packed_seq_params=packed)
+            hidden = self.decoder.run_layers(hidden, call)  # recomputed as model.recompute says
         if self.decoder.final_layernorm is not None:
             hidden = self.decoder.final_layernorm(hidden)
         return hidden

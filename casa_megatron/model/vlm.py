@@ -82,7 +82,7 @@ class CASAVLM(LanguageModule):
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
                                            model.attention_backend, model.packed_attention)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
-                                   post_process=post_process)
+                                   post_process=post_process, recompute=model.recompute)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 lm_config.hidden_size, self.padded_vocab_size, config=lm_config,

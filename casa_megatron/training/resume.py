@@ -8,7 +8,8 @@ Compatibility is a table (``RESUME_RULES``), first matching pattern wins:
   safe choice, since a silently different architecture is the failure this module prevents.
 * **may change**: everything else (``train_steps``, learning rates and schedule, intervals, data
   sources, the parallel layout, tracking, ``checkpoint.*``), and the implementation choices
-  ``model.transformer_impl`` / ``model.attention_backend`` and initialisation-only fields.
+  ``model.transformer_impl`` / ``model.attention_backend`` / ``model.packed_attention``,
+  activation recomputation (``model.recompute.*``, ``model.vision.recompute.*``) and initialisation-only fields.
   Changes are applied and listed in a one-line notice; the LR schedule is rebuilt from the
   config at the checkpoint's step (megatron's ``override_opt_param_scheduler``).
 * **trainability** (``model.freeze_lm``, ``model.vision.trainable_blocks``,
@@ -46,6 +47,9 @@ MUST_MATCH, MAY_CHANGE, TRAINABILITY = "must match", "may change", "trainability
 RESUME_RULES: List[Tuple[str, str]] = [
     ("model.transformer_impl", MAY_CHANGE),  # implementation: the same weights
     ("model.attention_backend", MAY_CHANGE),
+    ("model.packed_attention", MAY_CHANGE),  # the same attention, with or without a dense mask
+    ("model.recompute.*", MAY_CHANGE),  # what backward keeps, not what it computes
+    ("model.vision.recompute.*", MAY_CHANGE),
     ("model.lm.init_method_std", MAY_CHANGE),  # used only to initialise
     ("model.fusion.init_from_self_attention", MAY_CHANGE),
     ("model.freeze_lm", TRAINABILITY),

@@ -20,6 +20,10 @@ TP_VARIANTS = {
     "insertion": {"mechanism": "insertion"},
     "casa_qwen_encoder_mrope": {"vision": QWEN_VISION},
     "insertion_qwen_encoder_mrope": {"mechanism": "insertion", "vision": QWEN_VISION},
+    # activation recomputation: the recomputed forward repeats TP / SP collectives in backward
+    "casa_recompute_uniform_2": {"recompute": {"granularity": "full", "method": "uniform", "num_layers": 2}},
+    "insertion_recompute_block_1": {"mechanism": "insertion",
+                                    "recompute": {"granularity": "full", "method": "block", "num_layers": 1}},
 }
 
 
@@ -27,7 +31,8 @@ TP_VARIANTS = {
 def test_tensor_parallel_matches_single_process(variant):
     """TP=1, TP=2 without and with sequence parallelism: loss, logits and every gradient."""
     fusion = dict(TP_VARIANTS[variant])
-    report = run_distributed(tp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)[0]
+    report = run_distributed(tp_worker, world_size=2, vision=fusion.pop("vision", None),
+                             recompute=fusion.pop("recompute", None), fusion=fusion)[0]
     assert set(report["max_grad_err"]) == {(1, False), (2, False), (2, True)}
     if TP_VARIANTS[variant].get("cross_attention_gate"):  # alpha replicated, SP-tagged, learns
         assert len(report["gate_grads"]) == 4 and all(abs(g) > 0 for g in report["gate_grads"])
@@ -40,6 +45,7 @@ PP_VARIANTS = {
     "cross_attention": ({"mechanism": "cross_attention"}, 3),
     "insertion": ({"mechanism": "insertion"}, None),
     "casa_qwen_encoder_mrope": ({"vision": QWEN_VISION}, 3),
+    "casa_recompute_uniform_1": ({"recompute": {"granularity": "full", "method": "uniform", "num_layers": 1}}, 3),
 }
 
 
@@ -49,7 +55,8 @@ def test_pipeline_parallel_matches_single_process(variant):
     including the vision encoder's, which lives on stage 0 and receives gradient from stage 1."""
     fusion, casa_layer_on_stage_1 = PP_VARIANTS[variant]
     fusion = dict(fusion)
-    first, second = run_distributed(pp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)
+    first, second = run_distributed(pp_worker, world_size=2, vision=fusion.pop("vision", None),
+                                    recompute=fusion.pop("recompute", None), fusion=fusion)
     assert any(n.startswith("vision.") for n in first["checked"])
     assert not any(n.startswith("vision.") for n in second["checked"])
     assert not set(first["checked"]) & set(second["checked"])

@@ -19,8 +19,12 @@ from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, sm
 TOL = dict(rtol=2e-4, atol=2e-5)
 
 
-def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, **fusion):
-    """``reference``: the dense-mask self-attention and the fused image QKV (the old paths)."""
+def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, recompute=None,
+          **fusion):
+    """``reference``: the dense-mask self-attention and the fused image QKV (the old paths);
+    ``recompute``: RecomputeConfig fields for the layouts under test (the reference keeps its
+    activations)."""
+    from casa_megatron.config.schema import RecomputeConfig
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
@@ -30,6 +34,8 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bo
                               sequence_parallel=sp)
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
     config.packed_attention = not reference
+    if recompute and not reference:
+        config.recompute = RecomputeConfig(**recompute)
     return build_vlm(config, parallel, image_seq_length=IMAGE_SLOTS)
 
 
@@ -50,7 +56,7 @@ def _temporal(vision) -> int:
     return (vision or {}).get("temporal_patch_size", 1)
 
 
-def tp_worker(rank, world, fusion, vision=None):
+def tp_worker(rank, world, fusion, vision=None, recompute=None):
     from megatron.core import parallel_state, tensor_parallel
 
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
@@ -67,7 +73,7 @@ def tp_worker(rank, world, fusion, vision=None):
         ref_logits = ref(logits_batch)
     report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
     for tp, sp in ((1, False), (2, False), (2, True)):
-        model = build(tp=tp, sp=sp, vision=vision, **fusion)
+        model = build(tp=tp, sp=sp, vision=vision, recompute=recompute, **fusion)
         load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0, tp)
         loss = masked_loss(model(batch), batch)
         loss.backward()
@@ -120,7 +126,7 @@ def global_name(name: str, offset: int) -> str:
     return name
 
 
-def pp_worker(rank, world, fusion, vision=None):
+def pp_worker(rank, world, fusion, vision=None, recompute=None):
     from megatron.core import parallel_state
 
     from casa_megatron.parallel.tp_layout import load_full_state
@@ -132,7 +138,7 @@ def pp_worker(rank, world, fusion, vision=None):
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    stage = build(pp=2, vision=vision, **fusion)
+    stage = build(pp=2, vision=vision, recompute=recompute, **fusion)
     to_global = {n: global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     losses = run_schedule(stage, batches)

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model.recompute import run_layers
 from casa_megatron.model.vision.geometry import (
     Segments,
     frame_segments,
@@ -45,6 +46,7 @@ class QwenVisionEncoder(VisionEncoder):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.merge = vision.spatial_merge_size
+        self.recompute = vision.recompute
         self.patch_dim = vision.patch_dim
         self.head_dim = vision.hidden_size // vision.num_attention_heads
         self.rope_theta = vision.rope_theta
@@ -76,10 +78,14 @@ class QwenVisionEncoder(VisionEncoder):
             windows = Segments(cu_windows).packed(x.device)
         freqs = freqs.to(x.device)
         x = x[:, None]  # [n, 1, hv]
-        for i, block in enumerate(self.blocks):
-            segments = full if i in self.full_blocks or not windowed else windows
-            x, _ = block(hidden_states=x, attention_mask=None, rotary_pos_emb=freqs,
-                         packed_seq_params=segments)
+        segments = {block: full if i in self.full_blocks or not windowed else windows
+                    for i, block in enumerate(self.blocks)}
+
+        def call(block, h: Tensor) -> Tensor:
+            return block(hidden_states=h, attention_mask=None, rotary_pos_emb=freqs,
+                         packed_seq_params=segments[block])[0]
+
+        x = run_layers(self.blocks, x, call, self.recompute)  # recomputed as model.vision.recompute says
         x = x[:, 0]  # [n, hv]
         if windowed:
             x = x[torch.argsort(order)]  # back to the input order

@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model.recompute import run_layers
 from casa_megatron.model.vision.geometry import Segments, frame_segments, patch_coords
 from casa_megatron.model.vision.interface import VisionEncoder, check_patches
 
@@ -40,6 +41,7 @@ class TinyViT(VisionEncoder):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.merge = vision.spatial_merge_size
+        self.recompute = vision.recompute
         self.patch_dim = vision.patch_dim
         self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=True,
                                            dtype=config.params_dtype)
@@ -62,6 +64,7 @@ class TinyViT(VisionEncoder):
             return self.final_layernorm(x)
         segments = Segments(frame_segments(grid_thw)).packed(x.device)  # one segment per image
         x = x[:, None]  # [n, 1, hv]
-        for block in self.blocks:
-            x, _ = block(hidden_states=x, attention_mask=None, packed_seq_params=segments)
+        x = run_layers(self.blocks, x, lambda block, h: block(hidden_states=h, attention_mask=None,
+                                                              packed_seq_params=segments)[0],
+                       self.recompute)  # recomputed as model.vision.recompute says
         return self.final_layernorm(x)[:, 0]  # [n, hv]

@@ -1,0 +1,70 @@
+"""Activation recomputation of a stage's decoder layers (``model.recompute``).
+
+megatron's TransformerBlock recomputes inside its own layer loop; our stages run their own loops
+(CASA layers also take image states and windows: ``decoder.py``, and insertion's combined
+stream), so the chunking lives here and both loops call :func:`run_layers`.
+
+torch's non-reentrant checkpoint, not megatron's ``tensor_parallel.checkpoint``: megatron's is a
+reentrant autograd Function whose backward only runs when one of its tensor inputs requires
+grad. With a frozen LM (``model.freeze_lm``: only CASA layers and the projector train) the first
+layers' input is the frozen embedding and a text-only micro-batch has no image states, so the
+chunk's trainable CASA weights would silently get no gradient. The non-reentrant form records the
+graph through the parameters themselves and has no such hole. Collectives inside a chunk (tensor
+parallelism, sequence parallelism's gathers) run again during the recompute, in the same order
+on every rank, as in megatron. Dropout is off throughout this framework (``transformer_config.py``)
+so no model-parallel RNG state needs replaying; :func:`run_layers` refuses a config with dropout
+rather than recompute it with a different mask.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from casa_megatron.config.schema import RecomputeConfig
+
+NO_RECOMPUTE = RecomputeConfig()
+
+
+def chunks(num_layers: int, recompute: RecomputeConfig) -> List[Tuple[int, int, bool]]:
+    """The stage's layers ``[0, num_layers)`` as consecutive ``(start, end, recomputed)`` runs.
+
+    ``uniform``: chunks of ``recompute.num_layers`` layers, all recomputed (the last may be
+    shorter). ``block``: the first ``recompute.num_layers`` layers, one chunk each, recomputed;
+    the rest of the stage in one chunk that keeps its activations."""
+    if num_layers == 0:
+        return []
+    if not recompute.enabled:
+        return [(0, num_layers, False)]
+    n = recompute.num_layers
+    if recompute.method == "uniform":
+        return [(start, min(start + n, num_layers), True) for start in range(0, num_layers, n)]
+    k = min(n, num_layers)
+    return [(i, i + 1, True) for i in range(k)] + ([(k, num_layers, False)] if k < num_layers else [])
+
+
+def run_layers(layers: Sequence[torch.nn.Module], hidden: Tensor, call: Callable[..., Tensor],
+               recompute: RecomputeConfig, dropout: float = 0.0) -> Tensor:
+    """``hidden = call(layer, hidden)`` for each layer in order; in a recomputed chunk only the
+    chunk's input is kept for backward and its layers run again there.
+
+    ``call`` closes over everything else a layer reads (image states, windows, masks, rotary
+    tables): the checkpoint records gradients into closed-over tensors too, so the image states'
+    gradient still reaches the projector and the vision encoder."""
+    if recompute.enabled and dropout > 0:
+        raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
+                         "the recomputed forward; this framework trains without dropout")
+    for start, end, recomputed in chunks(len(layers), recompute):
+        def run(h: Tensor, start: int = start, end: int = end) -> Tensor:
+            for layer in layers[start:end]:
+                h = call(layer, h)
+            return h
+
+        if recomputed and torch.is_grad_enabled():
+            hidden = checkpoint(run, hidden, use_reentrant=False)
+        else:
+            hidden = run(hidden)
+    return hidden
