@@ -28,7 +28,11 @@ setup(
         "matplotlib",
         "av>=12",  # PyAV: CPU video decoding/encoding (FFmpeg with x264/vpx bundled in the wheel)
         "pillow",  # image decoding, synthetic dataset rendering
-        "transformers>=5.0",  # AutoTokenizer; Qwen2.5-VL oracle in tests; the exported model's remote code (v5 APIs)
+        # AutoTokenizer; Qwen2.5-VL oracle in tests; the exported model's remote code (v5 APIs). >= 5.18:
+        # 5.17 truncates a clip's seconds per temporal patch to an int in Qwen2.5-VL's get_rope_index
+        # (0.5 s -> 0: wrong video positions for a native insertion export) and its AutoImageProcessor
+        # needs torchvision; both found by running the suite under 5.17 (the lent GPU machines' version).
+        "transformers>=5.18",
         "tokenizers",  # the tiny word-level tokenizer of generated datasets
         "tqdm",  # progress bars of the data tools and the converter
         "safetensors",  # Hugging Face checkpoints, read tensor by tensor (conversion/), and export

@@ -18,7 +18,8 @@
 #         recipes import it) and the transformer-engine-torch sdist (no binary wheel exists; the
 #         extension is built on the machine: tools/gpu/device.sh build-te).
 # PACKAGES_CORE / PACKAGES_TE override the lists (the tests use a tiny package); PIECE_MIB and
-# BUDGET_MIB the piece and folder sizes.
+# BUDGET_MIB the piece and folder sizes; PYTHON_VERSION (default 3.12, the GPU machine's) the
+# wheels' Python (tools/gpu/rehearse.sh fetches this machine's 3.11 to rehearse the sequence here).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${1:-.gpu}
@@ -37,7 +38,7 @@ download() {  # bundle, packages...
   local out="$dir/wheels/$1"; shift
   mkdir -p "$out"
   [ $# -eq 0 ] && return 0
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$out" "$@"
 }
