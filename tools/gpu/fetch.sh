@@ -9,7 +9,8 @@
 #
 # Bundles, in carrying order (a session short of device time can stop after "core"):
 #   core: megatron-core, PyAV (the reference decoder of part d), DALI for CUDA 13 and the Python
-#         packages `import nvidia.dali` needs (astunparse, gast, makefun, optree, nvtx, libcst);
+#         packages `import nvidia.dali` needs (astunparse, six, gast, makefun, optree, nvtx, libcst;
+#         six was missing until tools/gpu/rehearse.sh ran the sequence in a bare environment);
 #         pytest (+ pluggy, iniconfig, packaging, pygments) for the GPU-only tests (`device.sh tests`).
 #         DALI's image-codec libraries (nvimgcodec, nvcomp, nvjpeg*: +64 MB) are not carried:
 #         our pipeline decodes only video with DALI (measured on CPU: video decoding works without
@@ -23,7 +24,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${1:-.gpu}
-core=${PACKAGES_CORE:-"megatron-core==0.16.1 av==18.1.0 nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 \
+core=${PACKAGES_CORE:-"megatron-core==0.16.1 av==18.1.0 nvidia-dali-cuda130==2.4.0 astunparse==1.6.3 six==1.17.0 \
 gast==0.7.0 makefun==1.16.0 optree==0.20.0 nvtx==0.2.17 libcst==1.9.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
 packaging==26.3 pygments==2.21.0"}
 if [ "${DALI_IMAGE_LIBS:-0}" = 1 ]; then
