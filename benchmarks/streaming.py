@@ -16,6 +16,12 @@ growth per frame = the text cache only: ``tokens_per_turn * n_self_attention_lay
 kv_heads * head_dim * bytes_per_element`` (one placeholder + the turn's tokens enter the text
 cache; CASA windows are replaced, not accumulated). Insertion adds ``image_tokens`` per frame to
 every layer's cache; its growth is reported beside.
+
+On a lent GPU (10 minutes per call): ``--fusions`` runs a subset, ``--results-store`` carries the
+fusions of earlier calls into this call's report, ``--budget-s`` stops a fusion's stream in time
+(the frames reached are reported), and the JSON is rewritten after every fusion. Each fusion's
+process is forked on CPU and spawned on CUDA (a forked child cannot use CUDA once the parent has
+touched it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -99,8 +106,13 @@ def _processor(vocab: int, workdir: Path, preset: dict):
                          temporal_patch_size=preset["vision"].get("temporal_patch_size", 1))
 
 
-def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, threads: int, device: str):
-    """One fusion in a fresh (forked) process -> per-turn records."""
+MIN_FRAMES = 20  # a time budget never stops a fusion before this: first 10 vs last 10 turns
+
+
+def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, threads: int, device: str,
+                budget_s: Optional[float] = None):
+    """One fusion in a fresh process -> per-turn records. ``budget_s``: stop streaming after this
+    many seconds (at least MIN_FRAMES frames), so a lent GPU's 10-minute call still returns."""
     import ctypes
     import gc
 
@@ -125,20 +137,24 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
     captioner.caption_frame(rng.integers(0, 256, (px, px, 3), dtype=np.uint8), 0.0)  # warm-up
     captioner.reset()
     records = []
+    start = time.monotonic()
     for k in range(frames):
         frame = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
         records.append(captioner.caption_frame(frame, k / 2).to_json())
+        if budget_s is not None and k + 1 >= MIN_FRAMES and time.monotonic() - start > budget_s:
+            break
     cfg = model.config
     sa_layers = sum(1 for i in range(cfg.num_hidden_layers)
                     if not (i in cfg.fusion_layers and cfg.fusion_placement == "replace"))
-    return {"records": records, "sa_layers": sa_layers,
+    return {"records": records, "sa_layers": sa_layers, "frames_asked": frames,
             "bytes_per_token_layer": 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8,
             "image_tokens": int(captioner.cache.rows[0].windows[cfg.fusion_layers[0]].num_image_tokens)
             if cfg.fusion_layers else None}
 
 
-def run_in_fork(*args):
-    return run_forked(_run_fusion, *args, what="streaming benchmark")
+def run_isolated(*args, method: str = "fork"):
+    """_run_fusion(*args) in its own process (``spawn`` on CUDA: see ``run_forked``)."""
+    return run_forked(_run_fusion, *args, what="streaming benchmark", method=method)
 
 
 def slope(values) -> float:
@@ -153,11 +169,11 @@ def summarise(name: str, out: dict, tokens: int) -> dict:
     cpu = [r["turn_cpu_s"] for r in recs]
     cache = [sum(r["cache_bytes"].values()) for r in recs]
     text_per_turn = tokens + 1  # the frame's placeholder + its tokens (the last enters with the next frame)
-    per_frame_tokens = text_per_turn + (out["image_tokens_inserted"] if name == "insertion" else 0)
-    formula = per_frame_tokens * out["sa_layers"] * out["bytes_per_token_layer"]
+    inserted = out.get("image_tokens_inserted") if name == "insertion" else 0  # known from a CASA run
+    formula = None if inserted is None else (text_per_turn + inserted) * out["sa_layers"] * out["bytes_per_token_layer"]
     n = min(10, len(recs) // 2) or 1
     return {
-        "fusion": name, "frames": len(recs),
+        "fusion": name, "frames": len(recs), "frames_asked": out.get("frames_asked", len(recs)),
         "first10_turn_ms": 1e3 * statistics.mean(turn[:n]), "last10_turn_ms": 1e3 * statistics.mean(turn[-n:]),
         "latency_ratio": statistics.mean(turn[-n:]) / statistics.mean(turn[:n]),
         "first10_cpu_ms": 1e3 * statistics.mean(cpu[:n]), "last10_cpu_ms": 1e3 * statistics.mean(cpu[-n:]),
@@ -171,29 +187,40 @@ def summarise(name: str, out: dict, tokens: int) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    from benchmarks.common import machine_info
-    from casa_megatron.inference.report import plot_series, write_json_atomic
+def load_store(path: Optional[Path], preset: str, tokens: int, now) -> dict:
+    """Fusions an earlier run measured (``--results-store``) with the same preset and tokens per
+    turn, except those run again now."""
+    if path is None or not path.exists():
+        return {}
+    import json
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS))
-    p.add_argument("--frames", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=16, help="caption tokens per turn")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help="default: benchmarks/results/streaming_<preset>.json")
-    args = p.parse_args(argv)
-    out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
-    start = time.time()
-    runs, rows = {}, []
-    for name in FUSIONS:
-        runs[name] = run_in_fork(name, args.preset, args.frames, args.tokens, args.threads, args.device)
-    # image tokens per frame, known from the CASA run (insertion has no window to read it from)
+    try:
+        stored = json.loads(path.read_text())
+        runs = stored["runs"]
+        missing = set(runs) - set(stored["per_frame"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--results-store {path}: not a streaming benchmark JSON ({type(exc).__name__}: {exc})") from exc
+    if missing:
+        raise SystemExit(f"--results-store {path}: no per-frame records of {sorted(missing)}")
+    if (stored.get("preset"), stored.get("tokens_per_turn")) != (preset, tokens):
+        raise SystemExit(f"--results-store {path} holds preset {stored.get('preset')!r} with "
+                         f"{stored.get('tokens_per_turn')} tokens/turn, not {preset!r} with {tokens}: use another store")
+    return {name: dict(run, records=stored["per_frame"][name]) for name, run in runs.items() if name not in now}
+
+
+def report(runs: dict, args, started: float) -> dict:
+    """Summary rows, table and the JSON record of the runs so far."""
+    from benchmarks.common import machine_info
+
+    casa_tokens = runs.get("casa", {}).get("image_tokens")  # insertion has no window to read it from
     for run in runs.values():
-        run["image_tokens_inserted"] = runs["casa"]["image_tokens"]
-    rows = [summarise(name, run, args.tokens) for name, run in runs.items()]
-    text = runs["text_only"]["records"]
+        run["image_tokens_inserted"] = casa_tokens
+    names = [name for name in FUSIONS if name in runs]
+    rows = [summarise(name, runs[name], args.tokens) for name in names]
+    text = runs.get("text_only", {}).get("records")
     for row in rows:  # what vision adds per turn, over the text-only LM (CPU time)
+        if text is None:
+            continue
         own = [r["turn_cpu_s"] - t["turn_cpu_s"] for r, t in zip(runs[row["fusion"]]["records"], text)]
         n = min(10, len(own) // 2) or 1
         row["vision_cpu_ms_first10"] = 1e3 * statistics.mean(own[:n])
@@ -209,14 +236,55 @@ def main(argv=None) -> dict:
         ("cache MiB at end", "cache_end_mib", ".2f"), ("cache growth B/frame", "cache_slope_bytes", ".0f"),
         ("formula B/frame", "formula_bytes", ".0f"), ("memory growth B/frame", "memory_slope_bytes", ".0f"),
         ("decode tok/s last 10", "decode_tok_s_last10", ".0f")])
-    print(table)
-    result = {"preset": args.preset, "config": PRESETS[args.preset], "frames": args.frames, "tokens_per_turn": args.tokens,
-              "threads": args.threads, "device": args.device, "machine": machine_info(), "summary": rows,
-              "table": table, "wall_s": time.time() - start,
-              "targets": {"casa_latency_ratio_max": 1.05,
-                          "casa_cache_growth_equals_text_formula": True},
-              "per_frame": {name: run["records"] for name, run in runs.items()}}
-    write_json_atomic(out_json, result)
+    return {"preset": args.preset, "config": PRESETS[args.preset], "frames": args.frames, "tokens_per_turn": args.tokens,
+            "threads": args.threads, "device": args.device, "machine": machine_info(), "summary": rows,
+            "table": table, "wall_s": time.time() - started, "budget_s": args.budget_s,
+            "targets": {"casa_latency_ratio_max": 1.05, "casa_cache_growth_equals_text_formula": True},
+            "per_frame": {name: runs[name]["records"] for name in names},
+            "runs": {name: {k: v for k, v in runs[name].items() if k != "records"} for name in names}}
+
+
+def main(argv=None) -> dict:
+    from casa_megatron.inference.report import plot_series, write_json_atomic
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS))
+    p.add_argument("--frames", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=16, help="caption tokens per turn")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/streaming_<preset>.json")
+    p.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated subset of {','.join(FUSIONS)}")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"stop each fusion's stream after this many seconds (at least {MIN_FRAMES} frames; "
+                        "the frames reached are reported)")
+    p.add_argument("--results-store", default=None,
+                   help="JSON carrying fusions across runs (one lent-GPU call per fusion): fusions not run now "
+                        "are kept from it, every fusion run now is written into it")
+    p.add_argument("--start-method", choices=("fork", "spawn"), default=None,
+                   help="how each fusion's process starts (default: spawn on CUDA, fork on CPU)")
+    args = p.parse_args(argv)
+    fusions = [f for f in args.fusions.split(",") if f]
+    if not fusions or set(fusions) - set(FUSIONS):
+        p.error(f"--fusions takes names from {FUSIONS}, got {args.fusions!r}")
+    method = args.start_method or ("spawn" if args.device.startswith("cuda") else "fork")
+    out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
+    store = Path(args.results_store) if args.results_store else None
+    started = time.time()
+    runs = load_store(store, args.preset, args.tokens, set(fusions))
+
+    def publish() -> dict:
+        result = report(runs, args, started)
+        write_json_atomic(out_json, result)
+        if store is not None:
+            write_json_atomic(store, result)
+        return result
+
+    for name in [f for f in FUSIONS if f in fusions]:
+        runs[name] = run_isolated(name, args.preset, args.frames, args.tokens, args.threads, args.device,
+                                  args.budget_s, method=method)
+        result = publish()  # after every fusion: a run cut short keeps what finished
+    print(result["table"])
     plot_series(out_json.with_suffix(".png"), result["per_frame"],
                 f"streaming {args.preset}: {args.tokens} tokens/turn, {args.frames} frames")
     return result

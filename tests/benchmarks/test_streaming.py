@@ -56,3 +56,32 @@ def test_gpu_preset_code_path_runs_on_cpu_at_a_small_shape(tmp_path, monkeypatch
     image_tokens = rows["insertion"]["formula_bytes"] // (2 * 2 * 2 * 32 * 2) - 3
     assert image_tokens == (112 // 14 // 2) ** 2  # one frame pair -> one temporal patch of 4x4 merged tokens
     assert rows["insertion"]["cache_slope_bytes"] == pytest.approx(rows["insertion"]["formula_bytes"], rel=1e-9)
+
+
+def test_fusions_run_in_separate_calls_with_a_budget_and_spawned_processes(tmp_path):
+    """A lent GPU's calls: CASA in one call (spawned process, as on CUDA; its stream stopped by the
+    time budget after the minimum 20 frames), insertion and text-only in the next, carried into
+    one report through the results store -- insertion's formula needs CASA's image-token count."""
+    from benchmarks.streaming import MIN_FRAMES, main
+
+    store, first, second = tmp_path / "store.json", tmp_path / "first.json", tmp_path / "second.json"
+    common = ["--frames", "25", "--tokens", "1", "--results-store", str(store), "--budget-s", "0"]
+    main(common + ["--fusions", "casa", "--json", str(first), "--start-method", "spawn"])
+    rows = {r["fusion"]: r for r in json.loads(first.read_text())["summary"]}
+    assert list(rows) == ["casa"] and rows["casa"]["frames"] == MIN_FRAMES and rows["casa"]["frames_asked"] == 25
+    assert rows["casa"]["cache_slope_bytes"] == pytest.approx(rows["casa"]["formula_bytes"], rel=1e-9)
+    casa_first_call = rows["casa"]
+
+    result = main(common + ["--fusions", "insertion,text_only", "--json", str(second)])
+    rows = {r["fusion"]: r for r in json.loads(second.read_text())["summary"]}
+    assert list(rows) == ["casa", "insertion", "text_only"]
+    assert {k: rows["casa"][k] for k in casa_first_call} == casa_first_call  # kept, not re-measured
+    assert rows["insertion"]["formula_bytes"] == (2 + 64) * 4 * 2 * 2 * 64 * 4  # (placeholder + 1 token + 64 image)
+    assert rows["insertion"]["cache_slope_bytes"] == pytest.approx(rows["insertion"]["formula_bytes"], rel=1e-9)
+    assert "vision_cpu_ms_first10" in rows["casa"] and len(result["per_frame"]["casa"]) == MIN_FRAMES
+    assert json.loads(store.read_text())["summary"] == json.loads(second.read_text())["summary"]
+
+    with pytest.raises(SystemExit, match="not 'cpu_tiny' with 2"):
+        main(["--frames", "25", "--tokens", "2", "--results-store", str(store), "--fusions", "casa"])
+    with pytest.raises(SystemExit):
+        main(["--fusions", "casa,nothing"])

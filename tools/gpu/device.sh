@@ -10,6 +10,8 @@
 #                                           GPU decoder) -> $OUT/gpu_tests.txt
 #   bash tools/gpu/device.sh check [ARGS]   benchmarks/gpu_check.py -> $OUT/gpu.md, $OUT/gpu.json (with
 #                                           the parts earlier check calls on this machine measured)
+#   bash tools/gpu/device.sh stream [ARGS]  benchmarks/streaming.py -> $OUT/streaming.{json,png} (with
+#                                           the fusions earlier stream calls on this machine ran)
 # GPU_STORE (default /root/gpu-store) and GPU_SITE (default /root/gpu-site) live outside the
 # repository, so they survive from call to call while the machine stays warm (30 s after a call).
 # GPU_CALLS (default .gpu) is where the carried call folders are.
@@ -82,5 +84,12 @@ PY
     # report and JSON are rewritten after every part, so a call cut at its limit still returns them
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
       --out "$out/gpu.md" --json "$out/gpu.json" --results-store "$store/gpu_check.json" "$@" ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  stream)
+    shift
+    cd "$repo"
+    # issue 11's streaming benchmark (benchmarks/streaming.py); fusions may go in separate calls,
+    # carried into one report by the results store; the JSON is rewritten after every fusion
+    PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/streaming.py --json "$out/streaming.json" \
+      --results-store "$store/streaming.json" "$@" ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
 esac
