@@ -113,7 +113,9 @@ def _run_subprocess(config_path: str, overrides, fusion: str) -> dict:
 def _run_fork(cfg: BenchConfig, fusion: str) -> dict:
     import megatron.core  # noqa: F401 - imported once, inherited by the forked child
 
-    return run_forked(measure, cfg, fusion, what=f"{fusion} benchmark")
+    # a forked child cannot use CUDA once this process has touched it: spawn there
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    return run_forked(measure, cfg, fusion, what=f"{fusion} benchmark", method=method)
 
 
 # --- report ----------------------------------------------------------------------------------------
