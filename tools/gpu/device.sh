@@ -40,12 +40,38 @@ case "${1:-}" in
     sdist=$(ls "$store"/whole/*/transformer_engine_torch-*.tar.gz 2>/dev/null | head -1)
     [ -n "$sdist" ] || { echo "no transformer_engine_torch sdist under $store/whole: install the te bundle first"; exit 2; }
     start=$(date +%s)
+    # The extension is C++ (a torch CppExtension) that includes CUDA runtime, cuDNN, NCCL and NVRTC
+    # headers. TE takes "<nvcc's parent>/../include" as the toolkit's: wrong for a wrapper script
+    # such as /usr/local/bin/nvcc (seen on the CPU machines), and a toolkit from the CUDA installer
+    # has no cuDNN / NCCL headers anyway: those come with the pip wheels (nvidia/<lib>/include,
+    # nvidia/cu13/include). So: the toolkit include directory that really holds cuda_runtime.h
+    # (CUDA_HOME, /usr/local/cuda, /usr/local/cuda-*), then every pip one (DALI's excluded), on CPATH.
+    cpath=$(python3 -c 'import glob, os, sys
+homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+toolkit = [os.path.join(h, "include") for h in homes if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))]
+wheels = [d for p in sys.path for d in sorted(glob.glob(os.path.join(p, "nvidia", "*", "include")))
+          if os.sep + "dali" + os.sep not in d]
+print(":".join(toolkit[:1] + wheels))')
+    log "include directories on CPATH: ${cpath:-none}"
+    if [ -z "${CUDA_HOME:-}" ] && [ -n "$cpath" ] && [ -f "${cpath%%:*}/cuda_runtime.h" ]; then
+      export CUDA_HOME=$(dirname "${cpath%%:*}")  # TE reads the CUDA version from $CUDA_HOME/bin/nvcc
+    fi
     # No network there: force the local build (it would try to download a prebuilt wheel first).
+    # NCCL EP (expert parallelism) is not used here: leaving it out drops its headers and sources.
+    # setuptools / wheel / ninja come from the te bundle in $site (PATH: ninja's script).
+    # Built into its own folder, then merged: `pip install --target --upgrade` replaces a
+    # top-level directory that exists, and the extension's wheel has transformer_engine/wheel_lib/,
+    # which would delete the whole transformer_engine package the te bundle installed.
+    built="$store/te_torch_build"
+    rm -rf "$built"
+    CPATH="$cpath${CPATH:+:$CPATH}" NVTE_WITH_NCCL_EP=${NVTE_WITH_NCCL_EP:-0} PATH="$site/bin:$PATH" \
     NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90} \
       MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$site" \
-      python3 -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir --upgrade \
-      --target "$site" "$sdist" > "$out/te_build.log" 2>&1 || { tail -40 "$out/te_build.log"; exit 1; }
-    log "TE torch extension built in $(( $(date +%s) - start )) s (log: \$OUT/te_build.log)" ;;
+      python3 -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir \
+      --target "$built" "$sdist" > "$out/te_build.log" 2>&1 || { tail -40 "$out/te_build.log"; exit 1; }
+    cp -a "$built"/. "$site"/  # adds transformer_engine/wheel_lib/transformer_engine_torch*.so + dist-info
+    log "TE torch extension built in $(( $(date +%s) - start )) s: $(cd "$site" && ls transformer_engine/wheel_lib/ \
+      | grep transformer_engine_torch) (log: \$OUT/te_build.log)" ;;
   probe)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     PYTHONPATH="$site:$repo" python3 - <<'PY'

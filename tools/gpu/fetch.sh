@@ -17,7 +17,9 @@
 #         them). DALI_IMAGE_LIBS=1 adds them.
 #   te:   Transformer Engine 2.20.2 (meta wheel + the CUDA 13 core library wheel), pydantic (its
 #         recipes import it) and the transformer-engine-torch sdist (no binary wheel exists; the
-#         extension is built on the machine: tools/gpu/device.sh build-te).
+#         extension is built on the machine: tools/gpu/device.sh build-te), with what that build
+#         imports or runs and a Python 3.12 environment may lack: setuptools, wheel (TE's setup.py
+#         imports wheel.bdist_wheel) and ninja (without it torch compiles the 33 files one by one).
 # PACKAGES_CORE / PACKAGES_TE override the lists (the tests use a tiny package); PIECE_MIB and
 # BUDGET_MIB the piece and folder sizes; PYTHON_VERSION (default 3.12, the GPU machine's) the
 # wheels' Python (tools/gpu/rehearse.sh fetches this machine's 3.11 to rehearse the sequence here).
@@ -32,7 +34,8 @@ if [ "${DALI_IMAGE_LIBS:-0}" = 1 ]; then
 nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82"
 fi
 te=${PACKAGES_TE-"transformer-engine==2.20.2 transformer-engine-cu13==2.20.2 pydantic==2.14.3 \
-pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"}
+pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+setuptools==80.9.0 wheel==0.45.1 ninja==1.13.0"}
 te_sdist=${TE_TORCH_SDIST-"transformer-engine-torch 2.20.2"}
 
 download() {  # bundle, packages...
