@@ -158,3 +158,42 @@ def test_recompute_may_change_on_resume():
     assert classify("model.recompute.granularity") == MAY_CHANGE
     assert classify("model.recompute.num_layers") == MAY_CHANGE
     assert classify("model.lm.num_layers") == MUST_MATCH
+
+
+def _bf16(rank, world):
+    """CASA with the Qwen encoder in bf16 (the GPU dtype), every LM and encoder block recomputed."""
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.parallel.tp_layout import load_full_state
+    from casa_megatron.training.step import masked_mean
+
+    initialize_parallel(1, 1, seed=0)
+    batch = random_batch(5, temporal=2)
+    base = small_model_config(QWEN_VISION)
+    out, full = {}, None
+    for name, recompute in (("none", RecomputeConfig()), ("full", FULL["uniform_1"])):
+        cfg = dataclasses.replace(base, recompute=recompute, vision=dataclasses.replace(base.vision, recompute=recompute))
+        model = build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS, params_dtype=torch.bfloat16)
+        full = full or {n: t.to(torch.bfloat16) for n, t in perturbed_full_state(model).items()}
+        load_full_state(model, full, 0, 1)
+        losses = []
+
+        def step():
+            losses.append(masked_mean(model(batch), batch))
+            losses[-1].backward()
+        kept = _saved_bytes(step)
+        out[name] = (losses[0].detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}, kept)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = out["none"], out["full"]
+    assert kept_b < 0.5 * kept_a, (kept_a, kept_b)  # recomputation really ran
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)  # the same bf16 kernels run again
+    assert grads_a.keys() == grads_b.keys() and all(g.abs().sum() > 0 for g in grads_a.values())
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+    return float(loss_a)
+
+
+def test_recompute_in_bf16_equals_keeping_activations_exactly():
+    loss, = run_distributed(_bf16, world_size=1)
+    assert loss > 0
