@@ -23,7 +23,8 @@ WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "car", "moon", "st
 BARS = ("a", "b", "c")
 BACKGROUND = (128, 128, 128)
 # Bumped whenever the pixels or texts a seed produces change: caches of generated splits key on it.
-GENERATOR_VERSION = 3
+# 4: H.264 clips encoded without x264's mbtree (byte-identical from one generation to the next).
+GENERATOR_VERSION = 4
 # Radius of the coarse-question shape, as a fraction of the image's short side: large enough that a
 # shape still covers several 28x28-pixel LM tokens after the smart resize to a small pixel budget.
 SHAPE_RADIUS = 0.3

@@ -38,7 +38,10 @@ def encode_video(frames: Sequence[np.ndarray], fps: int, codec: str = "h264",
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, fps)
         if codec == "h264":
-            stream.options = {"qp": "0"} if lossless else {"crf": "20", "preset": "veryfast"}
+            # mbtree off: x264's macroblock-tree rate control gave different bytes for the same
+            # frames from one process to the next (3 of 48 generated clips, a single encoder
+            # thread did not help); without it the same frames always encode the same
+            stream.options = {"qp": "0"} if lossless else {"crf": "20", "preset": "veryfast", "x264-params": "mbtree=0"}
         else:
             stream.options = {"lossless": "1"} if lossless else {"crf": "30", "b": "0"}
         if gop is not None:
