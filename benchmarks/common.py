@@ -285,14 +285,14 @@ def _forked_child(queue, fn, args):
         os._exit(0)  # no atexit handlers of the parent's libraries in the child
 
 
-def run_forked(fn, *args, what: str = "benchmark", method: str = "fork"):
+def run_in_child(fn, *args, what: str = "benchmark", method: Optional[str] = None):
     """fn(*args) in a child process, its (picklable) result returned: each measurement gets a fresh
-    process (peak memory, allocator state). ``fork`` inherits the parent's slow imports; a CUDA
-    measurement needs ``spawn`` (a forked child cannot use CUDA once the parent's
-    ``torch.cuda.is_available()`` has initialised the driver), and then ``fn`` must be importable."""
+    process (peak memory, allocator state). ``method`` None: ``spawn`` where CUDA is available (a
+    forked child cannot use CUDA once the parent's ``torch.cuda.is_available()`` has initialised the
+    driver; ``fn`` must then be importable), else ``fork``, which inherits the parent's slow imports."""
     import multiprocessing as mp
 
-    ctx = mp.get_context(method)
+    ctx = mp.get_context(method or ("spawn" if torch.cuda.is_available() else "fork"))
     queue = ctx.SimpleQueue()
     proc = ctx.Process(target=_forked_child, args=(queue, fn, args))
     proc.start()

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import format_table, run_forked  # noqa: E402
+from benchmarks.common import format_table, run_in_child  # noqa: E402
 
 PRESETS = {
     # CPU: a small LM (all 4 layers CASA-parallel) and the tiny ViT; 224 px frames -> 64 image tokens.
@@ -152,24 +152,21 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
             if cfg.fusion_layers else None}
 
 
-def run_isolated(*args, method: str = "fork"):
-    """_run_fusion(*args) in its own process (``spawn`` on CUDA: see ``run_forked``)."""
-    return run_forked(_run_fusion, *args, what="streaming benchmark", method=method)
-
-
 def slope(values) -> float:
     """Least-squares growth per frame."""
     x = np.arange(len(values), dtype=np.float64)
     return float(np.polyfit(x, np.asarray(values, dtype=np.float64), 1)[0]) if len(values) > 1 else 0.0
 
 
-def summarise(name: str, out: dict, tokens: int) -> dict:
+def summarise(name: str, out: dict, tokens: int, casa_image_tokens: Optional[int]) -> dict:
+    """``casa_image_tokens``: image tokens per frame, from the CASA run (insertion has no window to
+    read it from); None without a CASA run, and then insertion's formula is unknown."""
     recs = out["records"]
     turn = [r["turn_s"] for r in recs]
     cpu = [r["turn_cpu_s"] for r in recs]
     cache = [sum(r["cache_bytes"].values()) for r in recs]
     text_per_turn = tokens + 1  # the frame's placeholder + its tokens (the last enters with the next frame)
-    inserted = out.get("image_tokens_inserted") if name == "insertion" else 0  # known from a CASA run
+    inserted = casa_image_tokens if name == "insertion" else 0
     formula = None if inserted is None else (text_per_turn + inserted) * out["sa_layers"] * out["bytes_per_token_layer"]
     n = min(10, len(recs) // 2) or 1
     return {
@@ -212,11 +209,9 @@ def report(runs: dict, args, started: float) -> dict:
     """Summary rows, table and the JSON record of the runs so far."""
     from benchmarks.common import machine_info
 
-    casa_tokens = runs.get("casa", {}).get("image_tokens")  # insertion has no window to read it from
-    for run in runs.values():
-        run["image_tokens_inserted"] = casa_tokens
+    casa_tokens = runs.get("casa", {}).get("image_tokens")
     names = [name for name in FUSIONS if name in runs]
-    rows = [summarise(name, runs[name], args.tokens) for name in names]
+    rows = [summarise(name, runs[name], args.tokens, casa_tokens) for name in names]
     text = runs.get("text_only", {}).get("records")
     for row in rows:  # what vision adds per turn, over the text-only LM (CPU time)
         if text is None:
@@ -262,12 +257,11 @@ def main(argv=None) -> dict:
                    help="JSON carrying fusions across runs (one lent-GPU call per fusion): fusions not run now "
                         "are kept from it, every fusion run now is written into it")
     p.add_argument("--start-method", choices=("fork", "spawn"), default=None,
-                   help="how each fusion's process starts (default: spawn on CUDA, fork on CPU)")
+                   help="how each fusion's process starts (default: spawn where CUDA is available, else fork)")
     args = p.parse_args(argv)
     fusions = [f for f in args.fusions.split(",") if f]
     if not fusions or set(fusions) - set(FUSIONS):
         p.error(f"--fusions takes names from {FUSIONS}, got {args.fusions!r}")
-    method = args.start_method or ("spawn" if args.device.startswith("cuda") else "fork")
     out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
     store = Path(args.results_store) if args.results_store else None
     started = time.time()
@@ -281,8 +275,8 @@ def main(argv=None) -> dict:
         return result
 
     for name in [f for f in FUSIONS if f in fusions]:
-        runs[name] = run_isolated(name, args.preset, args.frames, args.tokens, args.threads, args.device,
-                                  args.budget_s, method=method)
+        runs[name] = run_in_child(_run_fusion, name, args.preset, args.frames, args.tokens, args.threads,
+                                  args.device, args.budget_s, what="streaming benchmark", method=args.start_method)
         result = publish()  # after every fusion: a run cut short keeps what finished
     print(result["table"])
     plot_series(out_json.with_suffix(".png"), result["per_frame"],

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_me
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    BenchConfig, CpuPeakRss, build_model, format_table, image_heavy_batch, machine_info, run_forked,
+    BenchConfig, CpuPeakRss, build_model, format_table, image_heavy_batch, machine_info, run_in_child,
     state_bytes, train_step,
 )
 
@@ -113,9 +113,7 @@ def _run_subprocess(config_path: str, overrides, fusion: str) -> dict:
 def _run_fork(cfg: BenchConfig, fusion: str) -> dict:
     import megatron.core  # noqa: F401 - imported once, inherited by the forked child
 
-    # a forked child cannot use CUDA once this process has touched it: spawn there
-    method = "spawn" if torch.cuda.is_available() else "fork"
-    return run_forked(measure, cfg, fusion, what=f"{fusion} benchmark", method=method)
+    return run_in_child(measure, cfg, fusion, what=f"{fusion} benchmark")  # spawned where CUDA is
 
 
 # --- report ----------------------------------------------------------------------------------------

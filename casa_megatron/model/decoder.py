@@ -73,8 +73,7 @@ class CASADecoder(MegatronModule):
     def run_layers(self, hidden_states: Tensor, call) -> Tensor:
         """``call(layer, hidden)`` through this stage's layers, recomputing as ``model.recompute``
         says (``model/recompute.py``); insertion's decoder loop uses it too."""
-        return run_layers(self.layers, hidden_states, call, self.recompute,
-                          dropout=max(self.config.hidden_dropout, self.config.attention_dropout))
+        return run_layers(self.layers, hidden_states, call, self.recompute, self.config)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Layers are keyed by their *global* index so checkpoints reshard across PP layouts."""

@@ -47,13 +47,15 @@ def chunks(num_layers: int, recompute: RecomputeConfig) -> List[Tuple[int, int, 
 
 
 def run_layers(layers: Sequence[torch.nn.Module], hidden: Tensor, call: Callable[..., Tensor],
-               recompute: RecomputeConfig, dropout: float = 0.0) -> Tensor:
+               recompute: RecomputeConfig, config) -> Tensor:
     """``hidden = call(layer, hidden)`` for each layer in order; in a recomputed chunk only the
-    chunk's input is kept for backward and its layers run again there.
+    chunk's input is kept for backward and its layers run again there. ``config``: the layers'
+    TransformerConfig (its dropout rates).
 
     ``call`` closes over everything else a layer reads (image states, windows, masks, rotary
     tables): the checkpoint records gradients into closed-over tensors too, so the image states'
     gradient still reaches the projector and the vision encoder."""
+    dropout = max(config.hidden_dropout, config.attention_dropout)
     if recompute.enabled and dropout > 0:
         raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
                          "the recomputed forward; this framework trains without dropout")

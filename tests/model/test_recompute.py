@@ -145,10 +145,13 @@ def test_bad_recompute_configs_are_named():
 def test_dropout_is_refused_rather_than_recomputed_with_another_mask():
     from casa_megatron.model.recompute import run_layers
 
+    from types import SimpleNamespace
+
     layers = [torch.nn.Linear(2, 2)]
+    config = SimpleNamespace(hidden_dropout=0.0, attention_dropout=0.1)  # a TransformerConfig's rates
     with pytest.raises(ValueError, match="dropout 0.1"):
-        run_layers(layers, torch.zeros(1, 2), lambda layer, h: layer(h), FULL["uniform_1"], dropout=0.1)
-    out = run_layers(layers, torch.ones(1, 2), lambda layer, h: layer(h), RecomputeConfig(), dropout=0.1)
+        run_layers(layers, torch.zeros(1, 2), lambda layer, h: layer(h), FULL["uniform_1"], config)
+    out = run_layers(layers, torch.ones(1, 2), lambda layer, h: layer(h), RecomputeConfig(), config)
     torch.testing.assert_close(out, layers[0](torch.ones(1, 2)))
 
 

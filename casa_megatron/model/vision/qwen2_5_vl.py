@@ -85,7 +85,7 @@ class QwenVisionEncoder(VisionEncoder):
             return block(hidden_states=h, attention_mask=None, rotary_pos_emb=freqs,
                          packed_seq_params=segments[block])[0]
 
-        x = run_layers(self.blocks, x, call, self.recompute)  # recomputed as model.vision.recompute says
+        x = run_layers(self.blocks, x, call, self.recompute, self.config)  # as model.vision.recompute says
         x = x[:, 0]  # [n, hv]
         if windowed:
             x = x[torch.argsort(order)]  # back to the input order

@@ -66,5 +66,5 @@ class TinyViT(VisionEncoder):
         x = x[:, None]  # [n, 1, hv]
         x = run_layers(self.blocks, x, lambda block, h: block(hidden_states=h, attention_mask=None,
                                                               packed_seq_params=segments)[0],
-                       self.recompute)  # recomputed as model.vision.recompute says
+                       self.recompute, self.config)  # recomputed as model.vision.recompute says
         return self.final_layernorm(x)[:, 0]  # [n, hv]
