@@ -369,6 +369,13 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Data-parallel communication hidden behind compute (Megatron-LM's --overlap-grad-reduce,
+    # --overlap-param-gather, --ddp-bucket-size): gradients are reduced bucket by bucket while
+    # backward still runs; with the distributed optimizer, updated parameters are all-gathered
+    # bucket by bucket during the next forward instead of at the end of the optimizer step.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None  # elements per bucket; None = megatron's default
 
     def validate(self, model: ModelConfig) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -407,6 +414,12 @@ class ParallelConfig:
             )
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce=true "
+                              "(as in Megatron-LM)")
+        if self.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            raise ConfigError(f"parallel.ddp_bucket_size={self.ddp_bucket_size} has no effect without "
+                              "parallel.overlap_grad_reduce=true (megatron keeps one bucket then)")
 
 
 @dataclass
@@ -510,6 +523,9 @@ class TrainConfig:
         self.parallel.validate(self.model)
         self.data.validate()
         self.optimizer.validate(self.train_steps)
+        if self.parallel.overlap_param_gather and not self.optimizer.use_distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true "
+                              "(without it every rank updates all parameters: there is nothing to gather)")
         if self.precision.fp8 is not None and self.model.recompute.enabled:
             raise ConfigError(f"model.recompute.granularity={self.model.recompute.granularity!r} with precision.fp8="
                               f"{self.precision.fp8!r} is not supported yet: the recomputed forward must replay FP8 "

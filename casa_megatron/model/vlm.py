@@ -202,9 +202,12 @@ class CASAVLM(LanguageModule):
         labels, else TP-sharded logits [s, b, v/tp]."""
         b, s = batch.shape
         if self.pre_process:
+            # modules run in the order they are registered (embedding, vision, projector, decoder):
+            # overlapped parameter gathering (parallel.overlap_param_gather) prefetches the
+            # buckets in that order
+            text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
             image_states = self.encode_images(batch, b)
             vision = self.vision_context(batch)
-            text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
         else:
             vision = self.vision_context(batch)
             s_local = s // self.tp if self.sequence_parallel else s

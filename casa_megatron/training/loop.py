@@ -40,7 +40,7 @@ from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.evaluation import evaluate
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
-from casa_megatron.training.optimizer import build_optimizer, current_lrs, wrap_ddp
+from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.resume import Resumed, resume
 from casa_megatron.training.session import RunSession
@@ -161,12 +161,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                     tracker.log_metrics({"valid_loss": valid_loss}, step)
                     log.write_eval(step, valid_loss)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+                finish_param_gather(ddp)
                 ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
                 saved_at = step
             if _any_rank(stop.requested is not None):
                 status = "KILLED"
                 break
         if saved_at != step:
+            finish_param_gather(ddp)
             ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
         if last_stage:
             totals = skip_totals(data)

@@ -41,9 +41,30 @@ class VisionEncoder(MegatronModule, ABC):
     """
 
     blocks: torch.nn.ModuleList
+    merge: int  # spatial merge size: patches per side of one LM token
+    patch_dim: int  # C*T*p*p
 
     @abstractmethod
     def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor: ...
+
+    def without_images(self, pixel_patches: Tensor) -> Tensor:
+        """The features of a micro-batch without images ([0, hv]), after a forward of one
+        blank image (one merge group of zero pixels) whose result joins them times zero.
+
+        Why run anything: data parallelism that overlaps communication with compute needs every
+        micro-batch to reach the same parameters in the same order. megatron's overlapped
+        gradient reduction (``parallel.overlap_grad_reduce``) learns in the first step which
+        parameters produce a gradient in the last micro-batch and launches a bucket's
+        reduce-scatter once all of them have (a block weight without one leaves its bucket
+        waiting: the step fails); its overlapped parameter gather (``overlap_param_gather``)
+        waits for a bucket's all-gather in the forward pre-hooks of the modules that use it, in
+        forward order (blocks that do not run leave their gather pending: stale weights, then a
+        failed assertion). The blank image's contribution is exactly zero: the loss and every
+        gradient are those of skipping the encoder, whose gradients are zero anyway."""
+        blank = pixel_patches.new_zeros(self.merge * self.merge, self.patch_dim)  # [merge^2, C*T*p*p]
+        grid = torch.tensor([[1, self.merge, self.merge]], device=pixel_patches.device)  # t, h, w
+        features = self(blank, grid)  # [merge^2, hv]
+        return features[:0] + 0 * features.sum()  # [0, hv]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Per block: megatron's default would treat the ModuleList as replicated tensors,

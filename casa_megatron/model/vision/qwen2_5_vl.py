@@ -63,10 +63,10 @@ class QwenVisionEncoder(VisionEncoder):
     def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
         # pixel_patches [n, C*T*p*p], grid_thw [n_img, 3] -> [n, hv]
         check_patches(pixel_patches, grid_thw, self.patch_dim)
+        if pixel_patches.shape[0] == 0:  # megatron's attention cannot take 0 rows; see without_images
+            return self.without_images(pixel_patches)
         rows, cols, _ = patch_coords(grid_thw, self.merge)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
-        if x.shape[0] == 0:  # a micro-batch without images: megatron's attention cannot take 0 rows
-            return x
         freqs = rotary_2d(rows, cols, self.head_dim, self.rope_theta)  # [n, 1, 1, hd]
         full = Segments(frame_segments(grid_thw)).packed(x.device)
         windowed = len(self.full_blocks) < len(self.blocks)

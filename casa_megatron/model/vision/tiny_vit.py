@@ -57,11 +57,11 @@ class TinyViT(VisionEncoder):
             raise ValueError("tiny_vit embeds single frames: every image needs t = 1 temporal patch")
         grid_thw = grid_thw if grid_thw.shape[-1] == 3 else torch.nn.functional.pad(grid_thw, (1, 0), value=1)
         check_patches(pixel_patches, grid_thw, self.patch_dim)
+        if pixel_patches.shape[0] == 0:  # megatron's attention cannot take 0 rows; see without_images
+            return self.without_images(pixel_patches)
         rows, cols, _ = patch_coords(grid_thw, self.merge)
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
         x = x + _sincos_2d(rows, cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
-        if x.shape[0] == 0:  # a micro-batch without images: megatron's attention cannot take 0 rows
-            return self.final_layernorm(x)
         segments = Segments(frame_segments(grid_thw)).packed(x.device)  # one segment per image
         x = x[:, None]  # [n, 1, hv]
         x = run_layers(self.blocks, x, lambda block, h: block(hidden_states=h, attention_mask=None,

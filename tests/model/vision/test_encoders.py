@@ -62,13 +62,27 @@ def _imageless(rank, world):
                                         image_grid_t=None, image_second_per_grid=None)
             loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
             loss.backward()
-            results[f"{encoder}/{mechanism}"] = loss.item()
+            without_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            block_grad = max(float(p.grad.abs().max()) for p in model.vision.blocks.parameters())
+            with torch.no_grad():  # the blank image the encoder runs must not reach the loss
+                for p in model.vision.parameters():
+                    p.add_(torch.randn_like(p))
+                moved = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
+            results[f"{encoder}/{mechanism}"] = (loss.item(), moved.item(), without_grad, block_grad)
     return results
 
 
 def test_micro_batch_without_images_bf16():
+    """A micro-batch without images trains in bf16, and reaches every trainable parameter (the
+    encoder runs one blank image whose result joins times zero: data-parallel overlap needs the
+    same parameters in every micro-batch, tests/training/test_overlap.py): every gradient exists,
+    the encoder blocks' are exactly zero, and the loss does not change when the encoder's weights do."""
     results = run_distributed(_imageless, world_size=1)[0]
-    assert len(results) == 6 and all(torch.isfinite(torch.tensor(v)) for v in results.values()), results
+    assert len(results) == 6
+    for name, (loss, moved, without_grad, block_grad) in results.items():
+        assert torch.isfinite(torch.tensor(loss)), name
+        assert moved == loss, name
+        assert without_grad == [] and block_grad == 0.0, (name, without_grad, block_grad)
 
 
 def _freeze_last_block(rank, world):

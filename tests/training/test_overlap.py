@@ -1,0 +1,191 @@
+"""Data-parallel communication overlapped with compute (``parallel.overlap_grad_reduce``,
+``parallel.overlap_param_gather``, ``parallel.ddp_bucket_size``; Megatron-LM's flags of the same
+names): the same numbers as the synchronous path, with several buckets, micro-batches without
+images, checkpoints and resume, in two gloo processes (DP=2, distributed optimizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from support.dist import run_distributed
+
+OVERLAP = dict(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=3000)  # several buckets
+
+
+def _without_images(batch):
+    import torch
+
+    return dataclasses.replace(
+        batch, pixel_patches=batch.pixel_patches[:0], image_grid_hw=batch.image_grid_hw[:0],
+        image_grid_t=None if batch.image_grid_t is None else batch.image_grid_t[:0],
+        image_second_per_grid=None if batch.image_second_per_grid is None else batch.image_second_per_grid[:0],
+        image_rows=torch.zeros(0, dtype=torch.long), image_positions=torch.zeros(0, dtype=torch.long))
+
+
+# Which micro-batches of each step have no image. megatron learns from the first step which parameters
+# produce a gradient in the last micro-batch, and launches a bucket's reduction once all of them have
+# one again; it waits for a bucket's all-gather in the forward hooks of the modules that use it. Step 2
+# ends on a text-only micro-batch, step 3 starts with one, step 4 has no image at all: each breaks
+# one of the two unless every micro-batch runs the same modules.
+TEXT_ONLY = [(), (1,), (0,), (0, 1)]
+
+
+def _steps(rank, world, parallel, vision, bf16=False, fusion=None):
+    """Four optimizer steps of a small VLM on two micro-batches per DP rank: losses, grad norms,
+    the final parameters, the number of buckets, megatron's warnings about the gather order."""
+    import warnings
+
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from support.vlm import QWEN_VISION, SEQ, random_batch, small_model_config
+
+    from casa_megatron.config.schema import ParallelConfig, TrainConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.optimizer import build_optimizer, finish_param_gather, wrap_ddp
+    from casa_megatron.training.step import forward_step
+
+    cfg = TrainConfig(model=small_model_config(QWEN_VISION if vision == "qwen" else None, **(fusion or {})),
+                      parallel=ParallelConfig(**parallel), train_steps=4, micro_batch_size=2, global_batch_size=8)
+    cfg.optimizer.warmup_steps = 1
+    cfg.precision.bf16 = bf16
+    cfg.parallel.validate(cfg.model)
+    initialize_parallel(1, 1, seed=0)
+    model = build_vlm(cfg.model, cfg.parallel, image_seq_length=16,
+                      params_dtype=torch.bfloat16 if bf16 else torch.float32, precision=cfg.precision)
+    ddp = wrap_ddp(model, cfg)
+    optimizer, scheduler = build_optimizer(ddp, cfg)
+    temporal = 2 if vision == "qwen" else 1
+    losses, norms = [], []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step, text_only in enumerate(TEXT_ONLY):
+            batches = [random_batch(100 * step + 10 * rank + m, temporal=temporal) for m in range(2)]
+            batches = [_without_images(b) if m in text_only else b for m, b in enumerate(batches)]
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),
+                                              model=[ddp], num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
+            _, norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            losses.append(float(torch.stack([o["loss"] for o in out]).mean()))
+            norms.append(float(norm))
+    finish_param_gather(ddp)  # the last step's update, as a checkpoint sees it
+    buckets = sum(len(group.buckets) for group in ddp.bucket_groups)
+    order = sorted({str(w.message)[:80] for w in record if "all-gather" in str(w.message)})
+    return losses, norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}, buckets, order
+
+
+@pytest.mark.parametrize("vision, fusion", [
+    ("tiny_vit", {}), ("qwen", {}), ("tiny_vit", {"mechanism": "insertion"}),
+    ("tiny_vit", {"mechanism": "cross_attention", "cross_attention_gate": True}),
+    ("tiny_vit", {"placement": "before", "share_projections": True}),
+], ids=["casa", "casa_qwen", "insertion", "gated_cross_attention", "casa_before_shared"])
+def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vision, fusion):
+    """Modules run in the order their parameters are registered, so megatron prefetches each
+    bucket's all-gather before it is needed (it warns when a bucket was needed out of order).
+    Equal up to rounding: without overlap megatron keeps one bucket (bucket_size applies to
+    overlapped reduction only), so the optimizer's shards and the order in which the gradient
+    norm is summed differ, and with it the clipping factor in its last bits. A missed or stale
+    update would show at the scale of one Adam step (lr 1e-5 .. 1e-4), 10-100x the tolerance."""
+    plain = run_distributed(_steps, world_size=2, parallel={}, vision=vision, fusion=fusion)
+    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision=vision, fusion=fusion)
+    assert overlap[0][4] == [], overlap[0][4]
+    for rank in range(2):
+        assert overlap[rank][0] == pytest.approx(plain[rank][0], rel=1e-6)  # losses
+        assert overlap[rank][1] == pytest.approx(plain[rank][1], rel=1e-6)  # grad norms
+        for name, value in plain[rank][2].items():
+            np.testing.assert_allclose(overlap[rank][2][name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert overlap[0][3] >= 10 and plain[0][3] <= 2  # several buckets (one, plus the output layer's, without)
+    for name, value in overlap[0][2].items():  # both ranks hold the same, current weights
+        np.testing.assert_array_equal(overlap[1][2][name], value, err_msg=name)
+
+
+def test_overlapped_bf16_steps_keep_every_rank_current():
+    """bf16 (as on a GPU): the distributed optimizer keeps fp32 master weights and gathers bf16
+    copies. The step's numbers follow the synchronous run's to bf16 rounding, and after the
+    gather both ranks hold the same weights (a bucket left un-gathered would differ there)."""
+    plain = run_distributed(_steps, world_size=2, parallel={}, vision="tiny_vit", bf16=True)
+    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision="tiny_vit", bf16=True)
+    assert overlap[0][3] >= 10
+    for rank in range(2):
+        assert overlap[rank][0] == pytest.approx(plain[rank][0], rel=1e-3)
+        assert overlap[rank][1] == pytest.approx(plain[rank][1], rel=1e-2)
+    for name, value in overlap[0][2].items():
+        np.testing.assert_array_equal(overlap[1][2][name], value, err_msg=name)
+        np.testing.assert_allclose(value, plain[0][2][name], rtol=0, atol=2e-2, err_msg=name)
+
+
+def _train(rank, world, run_dir, overrides, steps):
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.loop import train
+
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                      [f"run_dir={run_dir}", f"train_steps={steps}", "log_interval=1", "optimizer.warmup_steps=2",
+                       "optimizer.wsd_decay_steps=0", "checkpoint.save_interval=5", "tracking.enabled=false",
+                       *overrides])
+    train(cfg)
+
+
+def _checkpoint_tensors(path):
+    """Every tensor of a dist checkpoint (model weights, and the optimizer's fp32 weights and Adam
+    moments per parameter), read in this process."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    reader = FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+               if hasattr(m, "size") and "_extra_state" not in k}
+    load(tensors, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return tensors
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overlapped_training_saves_current_weights_and_resumes_to_the_same_losses(tmp_path):
+    """Through the training loop at DP=2: the overlapped run follows the synchronous curve; its
+    checkpoint holds the weights of the step it names (not the previous step's, which is what
+    each rank holds outside its own shard until the next forward) and, per parameter, the same
+    optimizer state as the one-bucket run's (megatron-core 0.16.1 shifts it when there are several
+    buckets: compat/optimizer_checkpoint.py); resuming from it gives the uninterrupted run's losses."""
+    import shutil
+
+    plain, overlap, resumed = tmp_path / "plain", tmp_path / "overlap", tmp_path / "resumed"
+    flags = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
+             f"parallel.ddp_bucket_size={OVERLAP['ddp_bucket_size']}"]
+    run_distributed(_train, world_size=2, run_dir=str(plain), overrides=[], steps=8)
+    run_distributed(_train, world_size=2, run_dir=str(overlap), overrides=flags, steps=8)
+    for ref, got in zip(_rows(plain), _rows(overlap), strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+    saved = {step: (_checkpoint_tensors(plain / f"checkpoints/iter_{step:07d}"),
+                    _checkpoint_tensors(overlap / f"checkpoints/iter_{step:07d}")) for step in (5, 8)}
+    for step, (ref, got) in saved.items():
+        assert ref.keys() == got.keys()
+        weights = [n for n in ref if not n.startswith("optimizer.")]
+        moments = [n for n in ref if n.startswith("optimizer.state.exp_avg")]
+        assert len(weights) > 40 and len(moments) == 2 * len(weights)
+        for name in weights:
+            np.testing.assert_allclose(got[name].numpy(), ref[name].numpy(), rtol=0, atol=1e-5,
+                                       err_msg=f"step {step}: {name}")
+        for name in moments:  # rounding of the clipping factor only (see above)
+            np.testing.assert_allclose(got[name].numpy(), ref[name].numpy(), rtol=1e-3, atol=1e-9,
+                                       err_msg=f"step {step}: {name}")
+    moved = max(float((saved[8][0][n] - saved[5][0][n]).abs().max()) for n in saved[5][0]
+                if not n.startswith("optimizer."))
+    assert moved > 1e-3  # three steps move the weights far beyond the tolerance: a stale copy would show
+
+    shutil.copytree(overlap, resumed)
+    shutil.rmtree(resumed / "checkpoints/iter_0000008")
+    (resumed / "checkpoints/latest").write_text("iter_0000005")
+    run_distributed(_train, world_size=2, run_dir=str(resumed), overrides=flags, steps=8)
+    for ref, got in zip(_rows(overlap), _rows(resumed), strict=True):
+        assert got["step"] == ref["step"] and got["loss"] == pytest.approx(ref["loss"], rel=1e-6), got["step"]
