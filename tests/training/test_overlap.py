@@ -189,3 +189,26 @@ def test_overlapped_training_saves_current_weights_and_resumes_to_the_same_losse
     run_distributed(_train, world_size=2, run_dir=str(resumed), overrides=flags, steps=8)
     for ref, got in zip(_rows(overlap), _rows(resumed), strict=True):
         assert got["step"] == ref["step"] and got["loss"] == pytest.approx(ref["loss"], rel=1e-6), got["step"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    ["parallel.pipeline_model_parallel_size=2", "model.lm.tie_word_embeddings=true"],
+    ["model.freeze_lm=true"],
+    ["optimizer.use_distributed_optimizer=false"],
+], ids=["tp2_sp", "pp2_tied", "dp2_frozen_lm", "dp2_plain_adam"])
+def test_overlap_flags_follow_the_synchronous_curve_in_other_layouts(tmp_path, layout):
+    """The recipes turn overlap on; a run on fewer GPUs (TP=2 or PP=2 with one data-parallel
+    replica), with the LM frozen (CASA and projector in the buckets) or with every rank keeping
+    the whole optimizer state (all-reduce; no parameters to gather) gives the same losses and
+    gradient norms with it as without."""
+    flags = ["parallel.overlap_grad_reduce=true", f"parallel.ddp_bucket_size={OVERLAP['ddp_bucket_size']}"]
+    if "optimizer.use_distributed_optimizer=false" not in layout:
+        flags.append("parallel.overlap_param_gather=true")
+    curves = []
+    for name, extra in (("plain", []), ("overlap", flags)):
+        run_distributed(_train, world_size=2, run_dir=str(tmp_path / name), overrides=layout + extra, steps=6)
+        curves.append(_rows(tmp_path / name))
+    for ref, got in zip(*curves, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), got["step"]
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), got["step"]
