@@ -49,6 +49,26 @@ CHECKPOINT_NAME = re.compile(r"^iter_(\d+)$")
 logger = logging.getLogger(__name__)
 
 
+def _data_states_by_dp_rank(path: Path) -> dict:
+    """{old dp rank: its data-loader state}, read once by rank 0 from the ``rank_*.pt`` files
+    (ranks of one data-parallel replica hold the same position) and broadcast."""
+    from casa_megatron.training.session import on_rank0
+
+    def read() -> dict:
+        states = {}
+        for rank_file in sorted(path.glob("rank_*.pt")):
+            extras = torch.load(rank_file, weights_only=False)
+            states.setdefault(int(extras["dp_rank"]), extras["data"])
+        return states
+
+    states = on_rank0(read)
+    if dist.get_world_size() > 1:
+        box = [states]
+        dist.broadcast_object_list(box, src=0)
+        states = box[0]
+    return states
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, incomplete, other model)."""
 
@@ -296,11 +316,10 @@ class Checkpointer:
             extras = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
             _set_rng_state(extras["rng"])
             data_state = extras["data"]
-        elif trainer["layout"]["dp"] == layout["dp"]:
-            dp_rank = parallel_state.get_data_parallel_rank()
-            for rank_file in sorted(path.glob("rank_*.pt")):
-                extras = torch.load(rank_file, weights_only=False)
-                if extras["dp_rank"] == dp_rank:
-                    data_state = extras["data"]
-                    break
+        else:
+            saved = _data_states_by_dp_rank(path)
+            if trainer["layout"]["dp"] == layout["dp"]:
+                data_state = saved.get(parallel_state.get_data_parallel_rank())
+            else:  # another data-parallel size: every old position, for data/reshard.py
+                data_state = {"reshard": [saved[r] for r in sorted(saved)]}
         return trainer["step"], data_state

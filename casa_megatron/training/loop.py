@@ -31,6 +31,7 @@ from casa_megatron.config import save_config, to_dict
 from casa_megatron.config.limits import check_limits
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator
+from casa_megatron.data.reshard import reshard_position
 from casa_megatron.model.build import build_vlm
 from casa_megatron.parallel import initialize_parallel
 from casa_megatron.runtime.logs import promote_rank
@@ -73,7 +74,19 @@ def train(cfg: TrainConfig) -> dict:
         session.close()
 
 
-def _load_data_state(data, state) -> None:
+def _load_data_state(data, state, dp_rank: int, dp_size: int) -> None:
+    if "reshard" in state:  # the checkpoint was written by another number of data-parallel ranks
+        old = state["reshard"]
+        try:
+            moved = reshard_position(old, dp_rank, dp_size)
+        except (ValueError, KeyError) as exc:
+            logger.warning("data order starts afresh: the data position of dp_size=%d cannot be carried to "
+                           "dp_size=%d (%s)", len(old), dp_size, exc)
+            return
+        logger.info("data position carried from dp_size=%d to dp_size=%d: each source continues at its first "
+                    "sample not used yet (global index %s); %d samples used by the faster ranks are read once more",
+                    len(old), dp_size, moved.watermarks, moved.reread)
+        state = moved.state
     try:
         data.load_state_dict(state)
     except ValueError as exc:  # the dataset itself changed (e.g. regenerated with more samples)
@@ -100,7 +113,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
 
     resumed = resume(ckpt, cfg, model, optimizer, scheduler) if cfg.checkpoint.resume else Resumed()
     if resumed.data_state is not None:
-        _load_data_state(data, resumed.data_state)
+        _load_data_state(data, resumed.data_state, dp_rank, dp_size)
     start_step = resumed.step
     resumed_from = str(resumed.path) if resumed.path is not None else None
     if dist.get_rank() == 0:  # the run is accepted: only now is anything of it written
