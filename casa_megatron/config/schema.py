@@ -515,6 +515,11 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
     eval_iters: int = 1  # global batches of data.valid per evaluation
+    # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer
+    # token of the global batch divided by their number (every token weighs the same), instead of
+    # the mean of per-micro-batch means (a packed micro-batch with few answer tokens weighs as
+    # much as one with many)
+    calculate_per_token_loss: bool = False
     seed: int = 1234
     run_dir: str = "runs/tiny_cpu"
 

@@ -58,6 +58,16 @@ def _mean_over_dp(value: torch.Tensor) -> float:
     return value.item() / parallel_state.get_data_parallel_world_size()
 
 
+def _step_loss(losses, per_token: bool) -> float:
+    """The step's loss as it was optimised: over every answer token of the global batch, or the
+    mean over data-parallel ranks of the mean over micro-batches of each one's token mean."""
+    if not per_token:
+        return _mean_over_dp(torch.stack([l["loss"] for l in losses]).mean())
+    sums = torch.stack([torch.stack([l["loss_sum"].double(), l["tokens"].double()]) for l in losses]).sum(0)
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
 def train(cfg: TrainConfig) -> dict:
     check_limits(cfg)  # load_config did it already; a config built in code gets it here
     cfg.validate()
@@ -156,7 +166,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             scheduler.step(increment=1)
             step_time = time.perf_counter() - start
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
-                loss = _mean_over_dp(torch.stack([l["loss"] for l in losses]).mean())
+                loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
                 totals = skip_totals(data)
                 metrics = {"loss": loss, "lr_new": lr_new, "lr_pretrained": lr_pre,

@@ -22,6 +22,9 @@ from casa_megatron.config.schema import TrainConfig
 
 
 def wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
+    # read by megatron's schedules (how the loss is normalised) and by DDP below (no 1/DP
+    # pre-scaling of gradients when finalize_model_grads divides by the global token count)
+    model.config.calculate_per_token_loss = cfg.calculate_per_token_loss
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
