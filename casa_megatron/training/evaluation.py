@@ -6,12 +6,15 @@ sources (same samples every time, no shuffling), in eval mode and without autogr
 the token-weighted mean over every answer token of those batches, summed over micro-batches and
 data-parallel ranks (not a mean of per-batch means), so it does not depend on how the samples
 were split across ranks and micro-batches. Tensor- and pipeline-parallel ranks compute it as in
-training; the last pipeline stage holds the value.
+training; the last pipeline stage holds the value. With several validation sources (e.g. one per
+task) each is also reported on its own (``valid_loss/<name>``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from pathlib import PurePath
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,14 +38,28 @@ def eval_forward_step(data_iterator, model):
     return output, loss_func
 
 
-def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[float]:
-    """Validation loss of ``model`` (the DDP-wrapped module); None off the last pipeline stage.
+def source_names(entries) -> List[str]:
+    """Metric names of ``data.valid`` entries: the path's last part without its extension
+    (``.../docvqa_val.jsonl`` -> ``docvqa_val``), numbered when two would collide."""
+    from casa_megatron.data.sources import SourceSpec
 
-    ``data_cfg``: the data config the training iterator was built with, if the loop adjusted
-    ``cfg.data`` (default ``cfg.data``)."""
+    names: List[str] = []
+    for i, entry in enumerate(entries):
+        path = PurePath(SourceSpec.parse(entry, f"data.valid[{i}]").path.rstrip("/"))
+        base = path.name.split(".")[0] or f"valid{i}"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+def _score(model, cfg, num_microbatches: int, data_cfg) -> torch.Tensor:
+    """[answer-loss sum, answer tokens] of ``eval_iters`` global batches of ``data_cfg.valid``
+    on this rank (float64)."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = make_eval_iterator(data_cfg or cfg.data, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
+    data = make_eval_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                               fusion=cfg.model.fusion.mechanism)
     forward_backward = get_forward_backward_func()
     sums = torch.zeros(2, dtype=torch.float64)
@@ -59,7 +76,27 @@ def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[float
     finally:
         model.train()
         data.close()
+    return sums
+
+
+def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[Dict[str, float]]:
+    """Validation losses of ``model`` (the DDP-wrapped module); None off the last pipeline stage.
+
+    ``{"valid_loss": ...}``; with several ``data.valid`` sources each is scored on its own
+    ``eval_iters`` global batches and reported as ``valid_loss/<name>`` (``source_names``), and
+    ``valid_loss`` is the token-weighted mean over all of them. ``data_cfg``: the data config the
+    training iterator was built with, if the loop adjusted ``cfg.data`` (default ``cfg.data``)."""
+    data_cfg = data_cfg or cfg.data
+    per_source = len(data_cfg.valid) > 1 and not data_cfg.is_synthetic
+    parts = ([dataclasses.replace(data_cfg, valid=[entry]) for entry in data_cfg.valid] if per_source
+             else [data_cfg])
+    sums = torch.stack([_score(model, cfg, num_microbatches, part) for part in parts])  # [n, 2]
     if not parallel_state.is_pipeline_last_stage():
         return None
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    return float(sums[0] / sums[1].clamp(min=1.0))
+    total = sums.sum(0)
+    scores = {"valid_loss": float(total[0] / total[1].clamp(min=1.0))}
+    if per_source:
+        for name, (loss, tokens) in zip(source_names(data_cfg.valid), sums):
+            scores[f"valid_loss/{name}"] = float(loss / tokens.clamp(min=1.0))
+    return scores

@@ -179,10 +179,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                     logger.warning("data: %s", describe(totals))
                 skipped_seen = totals["skipped"]
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_steps):
-                valid_loss = evaluate(ddp, cfg, num_micro, data_cfg)
-                if valid_loss is not None:
-                    tracker.log_metrics({"valid_loss": valid_loss}, step)
-                    log.write_eval(step, valid_loss)
+                scores = evaluate(ddp, cfg, num_micro, data_cfg)
+                if scores is not None:
+                    tracker.log_metrics(scores, step)
+                    log.write_eval(step, scores)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 finish_param_gather(ddp)
                 ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)

@@ -38,14 +38,16 @@ class MetricsLog:
             self.eval_rows = [r for r in kept if "valid_loss" in r]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def write_eval(self, step: int, valid_loss: float) -> None:
+    def write_eval(self, step: int, scores: Dict[str, float]) -> None:
+        """``scores``: ``valid_loss`` and, with several validation sources, ``valid_loss/<name>``."""
         if not self.enabled:
             return
-        row = {"step": step, "valid_loss": valid_loss}
+        row = {"step": step, **scores}
         self.eval_rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        logger.info("step %5d | valid loss %.4f", step, valid_loss)
+        sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in scores.items() if k.startswith("valid_loss/"))
+        logger.info("step %5d | valid loss %.4f%s", step, scores["valid_loss"], sources)
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -69,6 +71,9 @@ class MetricsLog:
         if self.eval_rows:
             ax.plot([r["step"] for r in self.eval_rows], [r["valid_loss"] for r in self.eval_rows], "o-",
                     label="validation loss")
+            for key in sorted({k for r in self.eval_rows for k in r if k.startswith("valid_loss/")}):
+                rows = [r for r in self.eval_rows if key in r]
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], ".--", lw=1, label=key.split("/", 1)[1])
         if floor is not None:
             ax.axhline(floor, ls="--", c="grey", label="best without vision")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()

@@ -8,29 +8,13 @@ import pytest
 from support.dist import run_distributed
 
 
-def _direct_vs_evaluate(rank, world, dataset):
-    """evaluate() against sum(loss * mask) / sum(mask) from the model's own per-token loss."""
+def _direct(model, data_cfg, cfg, num_micro):
+    """sum(loss * mask) / sum(mask) over the evaluation's batches, from the model's own per-token loss."""
     import torch
 
-    from casa_megatron.config import load_config
-    from casa_megatron.config.schema import TrainConfig
     from casa_megatron.data import make_eval_iterator
-    from casa_megatron.model.build import build_vlm
-    from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.training.evaluation import evaluate
-    from casa_megatron.training.optimizer import wrap_ddp
 
-    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml", [
-        f"data.sources=[{{path: {dataset}/shards}}]", f"data.valid=[{{path: {dataset}/valid}}]", "eval_iters=2",
-        "data.num_workers=0", "tracking.enabled=false"])
-    initialize_parallel(1, 1, cfg.seed)
-    model = build_vlm(cfg.model, cfg.parallel, cfg.data.image_seq_length)
-    ddp = wrap_ddp(model, cfg)
-    num_micro = cfg.global_batch_size // cfg.micro_batch_size
-    got = evaluate(ddp, cfg, num_micro)
-    again = evaluate(ddp, cfg, num_micro)  # same samples every time
-    training = model.training
-    it = make_eval_iterator(cfg.data, cfg.micro_batch_size, 0, 1, cfg.data.seed)
+    it = make_eval_iterator(data_cfg, cfg.micro_batch_size, 0, 1, cfg.data.seed)
     total = tokens = 0.0
     model.eval()
     with torch.no_grad():
@@ -40,15 +24,61 @@ def _direct_vs_evaluate(rank, world, dataset):
             total += float((per_token * batch.loss_mask).sum())
             tokens += float(batch.loss_mask.sum())
     it.close()
+    model.train()
+    return total, tokens
+
+
+def _direct_vs_evaluate(rank, world, dataset, valid):
+    """evaluate() against the direct forward, for one validation source or several."""
+    import dataclasses
+
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.evaluation import evaluate
+    from casa_megatron.training.optimizer import wrap_ddp
+
+    entries = ", ".join(f"{{path: {dataset}/{name}}}" for name in valid)
+    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml", [
+        f"data.sources=[{{path: {dataset}/shards}}]", f"data.valid=[{entries}]", "eval_iters=2",
+        "data.num_workers=0", "tracking.enabled=false"])
+    initialize_parallel(1, 1, cfg.seed)
+    model = build_vlm(cfg.model, cfg.parallel, cfg.data.image_seq_length)
+    ddp = wrap_ddp(model, cfg)
+    num_micro = cfg.global_batch_size // cfg.micro_batch_size
+    got = evaluate(ddp, cfg, num_micro)
+    again = evaluate(ddp, cfg, num_micro)  # same samples every time
+    training = model.training
+    if len(valid) == 1:
+        direct = {"valid_loss": _direct(model, cfg.data, cfg, num_micro)}
+    else:
+        direct = {f"valid_loss/{name}": _direct(model, dataclasses.replace(cfg.data, valid=[entry]), cfg, num_micro)
+                  for name, entry in zip(valid, cfg.data.valid)}
+        direct["valid_loss"] = tuple(map(sum, zip(*direct.values())))
     grads = [p.main_grad.abs().sum().item() for p in model.parameters() if getattr(p, "main_grad", None) is not None]
-    return got, again, total / tokens, sum(grads), training
+    return got, again, {k: total / tokens for k, (total, tokens) in direct.items()}, sum(grads), training
 
 
-def test_evaluate_equals_a_direct_forward_and_leaves_no_gradient(generated_run_data):
+@pytest.mark.parametrize("valid", [["valid"], ["valid", "multi"]], ids=["one_source", "per_source"])
+def test_evaluate_equals_a_direct_forward_and_leaves_no_gradient(generated_run_data, valid):
+    """With several validation sources each is scored on its own batches (``valid_loss/<name>``)
+    and ``valid_loss`` is the token-weighted mean over all of them."""
     got, again, direct, grad_sum, training = run_distributed(_direct_vs_evaluate, world_size=1,
-                                                            dataset=str(generated_run_data))[0]
-    assert got == pytest.approx(direct, rel=1e-6) and again == got
+                                                            dataset=str(generated_run_data), valid=valid)[0]
+    assert got.keys() == direct.keys() and again == got
+    for key, value in direct.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
     assert grad_sum == 0.0 and training  # no gradient accumulated, train mode restored
+    if len(valid) > 1:
+        assert abs(got["valid_loss/valid"] - got["valid_loss/multi"]) > 1e-3  # two different scores
+
+
+def test_source_names_are_short_and_unique():
+    from casa_megatron.training.evaluation import source_names
+
+    assert source_names([{"path": "/d/docvqa_val.jsonl"}, "/e/valid/", {"path": "/f/valid", "weight": 2},
+                         "/g/shards.tar"]) == ["docvqa_val", "valid", "valid_2", "shards"]
 
 
 def _train(rank, world, run_dir, overrides):
@@ -65,7 +95,7 @@ def test_validation_loss_is_logged_at_the_right_steps(tmp_path, generated_run_da
     d = generated_run_data
     run_distributed(_train, world_size=1, run_dir=str(run_dir), overrides=[
         "configs/tiny_cpu.yaml", f"data.sources=[{{path: {d}/shards, weight: 3}}, {{path: {d}/multi}}]",
-        f"data.valid=[{{path: {d}/valid}}]", "train_steps=4", "eval_interval=3", "log_interval=2",
+        f"data.valid=[{{path: {d}/valid}}, {{path: {d}/multi}}]", "train_steps=4", "eval_interval=3", "log_interval=2",
         "global_batch_size=4", "checkpoint.save_interval=0", "optimizer.warmup_steps=1",
         "optimizer.wsd_decay_steps=1", "tracking.system_metrics=false"])
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +109,10 @@ def test_validation_loss_is_logged_at_the_right_steps(tmp_path, generated_run_da
     run, = client.search_runs([client.get_experiment_by_name("casa_megatron").experiment_id])
     history = client.get_metric_history(run.info.run_id, "valid_loss")
     assert [(m.step, pytest.approx(m.value)) for m in history] == valid
+    for name in ("valid", "multi"):  # each validation source on its own, in the file and in MLflow
+        per_source = [(r["step"], r[f"valid_loss/{name}"]) for r in rows if "valid_loss" in r]
+        history = client.get_metric_history(run.info.run_id, f"valid_loss/{name}")
+        assert [(m.step, pytest.approx(m.value)) for m in history] == per_source
     assert (run_dir / "loss.png").stat().st_size > 0
 
 
