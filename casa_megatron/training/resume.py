@@ -60,8 +60,10 @@ RESUME_RULES: List[Tuple[str, str]] = [
     ("*", MAY_CHANGE),
 ]
 # Fields that decide which sample comes next; the rest of data.* (workers, prefetch, decoder,
-# logging) does not change the stream.
-DATA_POSITION_FIELDS = ["data.*", "micro_batch_size"]
+# logging) does not change the stream. micro_batch_size is not one of them: the position (draws
+# per source, samples waiting to be packed) is the same stream packed into other micro-batches
+# (a batch-size ramp keeps its place; tests/data/test_loader.py).
+DATA_POSITION_FIELDS = ["data.*"]
 DATA_RUNTIME_FIELDS = ["data.num_workers", "data.worker_type", "data.prefetch", "data.decoder", "data.log_interval"]
 
 

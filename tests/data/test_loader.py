@@ -144,3 +144,26 @@ def test_synthetic_source_is_resumable_and_unchanged(tiny_dataset):
     assert all(_same(x, y) for x, y in zip(expected, _take(again, 2)))
     st = again.stats()
     assert st["batches"] == 5 and st["text_utilization"] == pytest.approx(30 / 32)
+
+
+def test_a_new_micro_batch_size_continues_the_same_stream(tiny_dataset):
+    """A resumed run may change micro_batch_size (a batch-size ramp): the saved position (draws and
+    samples waiting to be packed) is the same stream, only packed into other micro-batches. Every
+    sample drawn so far is packed exactly once, before or after the change, or still waits."""
+    cfg = _cfg(tiny_dataset, num_workers=0, pack_buffer=4)
+    before = make_train_iterator(cfg, 2, 0, 1, seed=5)
+    packed_before = [info.key for _ in range(1) for info in (next(before), before.last_batch_samples)[1]]
+    state = json.loads(json.dumps(before.state_dict()))
+    before.close()
+    after = make_train_iterator(cfg, 1, 0, 1, seed=5)
+    after.load_state_dict(state)
+    packed_after = [info.key for _ in range(2) for info in (next(after), after.last_batch_samples)[1]]
+    end = after.state_dict()
+    waiting = [after.sources[0].key(after.blend.sample_index(s, d)) for s, d in end["buffer"]]
+    drawn = end["counts"][0]
+    assert drawn < 22, "the test stays inside the first epoch, where every key is one sample"
+    order = RankOrder(22, 0, 1, 5).epoch_order(0)[:drawn]
+    expected = sorted(after.sources[0].key(int(i)) for i in order)
+    assert sorted(packed_before + packed_after + waiting) == expected  # none lost, none twice
+    assert packed_before and packed_after
+    after.close()

@@ -1,4 +1,5 @@
-"""The data position carried over a change of the data-parallel size (data/reshard.py): no sample
+"""The data position carried over a change of the data-parallel size (data/reshard.py) or of the
+micro-batch size: no sample
 lost, nothing below the watermark read twice, the re-read ones counted; through real loaders and
 through a resumed training run that goes from two data-parallel ranks to one."""
 
@@ -124,7 +125,7 @@ def test_real_loaders_continue_at_the_watermark(tiny_dataset, new_world):
         it.close()
 
 
-def _train(rank, world, run_dir, shards, steps):
+def _train(rank, world, run_dir, shards, steps, extra=()):
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
@@ -133,7 +134,7 @@ def _train(rank, world, run_dir, shards, steps):
                       [f"run_dir={run_dir}", f"data.source={shards}", "data.sources=[]", "data.num_workers=0",
                        f"data.tokenizer_path={shards.parent / 'tokenizer'}", f"train_steps={steps}", "log_interval=1",
                        "optimizer.warmup_steps=1", "optimizer.wsd_decay_steps=0", "checkpoint.save_interval=3",
-                       "tracking.enabled=false", "eval_interval=0", "global_batch_size=4"])
+                       "tracking.enabled=false", "eval_interval=0", "global_batch_size=4", *extra])
     return train(cfg)
 
 
@@ -154,3 +155,15 @@ def test_a_run_resumed_on_fewer_ranks_keeps_its_data_position(tiny_dataset, tmp_
     seen = [r["data_samples_seen"] for r in after]
     assert seen[:3] == [r["data_samples_seen"] for r in before]
     assert seen[3] > seen[2]  # counted on from the DP=2 run's total
+
+
+def test_a_run_resumed_with_another_micro_batch_size_keeps_its_data_position(tiny_dataset, tmp_path):
+    """A batch-size ramp: micro_batch_size 2 -> 1 on resume; the sample count goes on."""
+    from support.dist import run_distributed
+
+    run_dir = tmp_path / "run"
+    run_distributed(_train, world_size=1, run_dir=str(run_dir), shards=tiny_dataset["shards"], steps=3)
+    run_distributed(_train, world_size=1, run_dir=str(run_dir), shards=tiny_dataset["shards"], steps=4,
+                    extra=["micro_batch_size=1"])
+    seen = [json.loads(line)["data_samples_seen"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 4 and seen[3] > seen[2]  # afresh, step 4 would count one step's samples only
