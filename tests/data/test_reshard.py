@@ -1,7 +1,7 @@
-"""The data position carried over a change of the data-parallel size (data/reshard.py) or of the
-micro-batch size: no sample
+"""The data position carried over a change of the data-parallel size (data/reshard.py): no sample
 lost, nothing below the watermark read twice, the re-read ones counted; through real loaders and
-through a resumed training run that goes from two data-parallel ranks to one."""
+through a resumed training run that goes from two data-parallel ranks to one. Also a run resumed
+with another micro-batch size keeps its position."""
 
 from __future__ import annotations
 
