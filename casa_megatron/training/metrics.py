@@ -73,7 +73,8 @@ class MetricsLog:
                     label="validation loss")
             for key in sorted({k for r in self.eval_rows for k in r if k.startswith("valid_loss/")}):
                 rows = [r for r in self.eval_rows if key in r]
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], ".--", lw=1, label=f"validation: {key.split('/', 1)[1]}")
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], ".--", lw=1,
+                        label=f"validation: {key.split('/', 1)[1]}")
         if floor is not None:
             ax.axhline(floor, ls="--", c="grey", label="best without vision")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()
