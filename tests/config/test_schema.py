@@ -62,7 +62,8 @@ def test_parallel_layout_contradictions(parallel, match):
     (["parallel.ddp_bucket_size=1000000"], "ddp_bucket_size=1000000 has no effect without"),
     (["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size=0: must be >= 1"),
     (["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
-      "optimizer.use_distributed_optimizer=false"], "overlap_param_gather=true needs optimizer.use_distributed_optimizer"),
+      "optimizer.use_distributed_optimizer=false"],
+     "overlap_param_gather=true needs optimizer.use_distributed_optimizer"),
     (["optimizer.warmup_steps=400"], "exceed train_steps"),
 ], ids=lambda v: v if isinstance(v, str) else v[0])
 def test_training_config_contradictions_fail_before_any_work(overrides, match):

@@ -46,7 +46,8 @@ def test_no_sample_is_lost_and_only_the_counted_ones_are_read_again(world, new_w
             used = set()
             for st in old:
                 waiting = {d for src, d in st["buffer"] if src == s}
-                used |= {global_index(d, st["dp_rank"], world, size) for d in range(st["counts"][s]) if d not in waiting}
+                used |= {global_index(d, st["dp_rank"], world, size)
+                         for d in range(st["counts"][s]) if d not in waiting}
             mark = out[0].watermarks[s]
             horizon = max(used | {mark}) + 3 * size
             upcoming = set()
