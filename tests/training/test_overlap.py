@@ -33,7 +33,7 @@ def _without_images(batch):
 TEXT_ONLY = [(), (1,), (0,), (0, 1)]
 
 
-def _steps(rank, world, parallel, vision, bf16=False, fusion=None):
+def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=False):
     """Four optimizer steps of a small VLM on two micro-batches per DP rank: losses, grad norms,
     the final parameters, the number of buckets, megatron's warnings about the gather order."""
     import warnings
@@ -52,6 +52,11 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None):
                       parallel=ParallelConfig(**parallel), train_steps=4, micro_batch_size=2, global_batch_size=8)
     cfg.optimizer.warmup_steps = 1
     cfg.precision.bf16 = bf16
+    if recompute:  # backward re-runs the forward: megatron's forward pre-hooks fire again
+        from casa_megatron.config.schema import RecomputeConfig
+
+        cfg.model.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
+        cfg.model.vision.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
     cfg.parallel.validate(cfg.model)
     initialize_parallel(1, 1, seed=0)
     model = build_vlm(cfg.model, cfg.parallel, image_seq_length=16,
@@ -79,20 +84,20 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None):
     return losses, norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}, buckets, order
 
 
-@pytest.mark.parametrize("vision, fusion", [
-    ("tiny_vit", {}), ("qwen", {}), ("tiny_vit", {"mechanism": "insertion"}),
-    ("tiny_vit", {"mechanism": "cross_attention", "cross_attention_gate": True}),
-    ("tiny_vit", {"placement": "before", "share_projections": True}),
-], ids=["casa", "casa_qwen", "insertion", "gated_cross_attention", "casa_before_shared"])
-def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vision, fusion):
+@pytest.mark.parametrize("vision, fusion, recompute", [
+    ("tiny_vit", {}, False), ("qwen", {}, False), ("tiny_vit", {"mechanism": "insertion"}, False),
+    ("tiny_vit", {"mechanism": "cross_attention", "cross_attention_gate": True}, False),
+    ("tiny_vit", {"placement": "before", "share_projections": True}, False), ("qwen", {}, True),
+], ids=["casa", "casa_qwen", "insertion", "gated_cross_attention", "casa_before_shared", "casa_qwen_recompute"])
+def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vision, fusion, recompute):
     """Modules run in the order their parameters are registered, so megatron prefetches each
     bucket's all-gather before it is needed (it warns when a bucket was needed out of order).
     Equal up to rounding: without overlap megatron keeps one bucket (bucket_size applies to
     overlapped reduction only), so the optimizer's shards and the order in which the gradient
     norm is summed differ, and with it the clipping factor in its last bits. A missed or stale
     update would show at the scale of one Adam step (lr 1e-5 .. 1e-4), 10-100x the tolerance."""
-    plain = run_distributed(_steps, world_size=2, parallel={}, vision=vision, fusion=fusion)
-    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision=vision, fusion=fusion)
+    plain = run_distributed(_steps, world_size=2, parallel={}, vision=vision, fusion=fusion, recompute=recompute)
+    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision=vision, fusion=fusion, recompute=recompute)
     assert overlap[0][4] == [], overlap[0][4]
     for rank in range(2):
         assert overlap[rank][0] == pytest.approx(plain[rank][0], rel=1e-6)  # losses
