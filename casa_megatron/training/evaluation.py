@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from casa_megatron.config.errors import ConfigError
 from casa_megatron.data import make_eval_iterator
 from casa_megatron.model.batch import VLMBatch
 
@@ -79,6 +80,30 @@ def _score(model, cfg, num_microbatches: int, data_cfg) -> torch.Tensor:
     return sums
 
 
+def _parts(data_cfg) -> List:
+    """The data configs scored separately: one per ``data.valid`` source when there are several."""
+    if len(data_cfg.valid) > 1 and not data_cfg.is_synthetic:
+        return [dataclasses.replace(data_cfg, valid=[entry]) for entry in data_cfg.valid]
+    return [data_cfg]
+
+
+def check_validation(cfg, data_cfg) -> None:
+    """Open every validation stream once before training, so that a source this layout cannot
+    read (e.g. fewer samples than data-parallel ranks, a shard that does not open) stops the run
+    at start instead of at its first evaluation, ``eval_interval`` steps later."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    names = source_names(data_cfg.valid) if len(_parts(data_cfg)) > 1 else ["data.valid"]
+    for name, part in zip(names, _parts(data_cfg)):
+        try:
+            make_eval_iterator(part, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
+                               fusion=cfg.model.fusion.mechanism).close()
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"validation source {name} ({', '.join(str(v) for v in part.valid)}) cannot be "
+                              f"read at dp_size={dp_size}: {exc}; the first evaluation (step {cfg.eval_interval}) "
+                              f"would fail") from exc
+
+
 def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[Dict[str, float]]:
     """Validation losses of ``model`` (the DDP-wrapped module); None off the last pipeline stage.
 
@@ -87,9 +112,8 @@ def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[Dict[
     ``valid_loss`` is the token-weighted mean over all of them. ``data_cfg``: the data config the
     training iterator was built with, if the loop adjusted ``cfg.data`` (default ``cfg.data``)."""
     data_cfg = data_cfg or cfg.data
-    per_source = len(data_cfg.valid) > 1 and not data_cfg.is_synthetic
-    parts = ([dataclasses.replace(data_cfg, valid=[entry]) for entry in data_cfg.valid] if per_source
-             else [data_cfg])
+    parts = _parts(data_cfg)
+    per_source = len(parts) > 1
     sums = torch.stack([_score(model, cfg, num_microbatches, part) for part in parts])  # [n, 2]
     if not parallel_state.is_pipeline_last_stage():
         return None

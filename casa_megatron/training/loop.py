@@ -39,7 +39,7 @@ from casa_megatron.runtime.signals import StopRequest
 from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
-from casa_megatron.training.evaluation import evaluate
+from casa_megatron.training.evaluation import check_validation, evaluate
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
@@ -110,13 +110,15 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         parallel_state.get_data_parallel_rank() == 0
     promote_rank(is_logger or dist.get_rank() == 0)
 
+    data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
+    if cfg.eval_interval:
+        check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism)
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)

@@ -131,3 +131,28 @@ def test_validation_loss_is_the_same_under_tensor_parallelism(tmp_path):
     assert [s for s, _ in curves["tp1"]] == [2, 4]
     for (s1, v1), (s2, v2) in zip(curves["tp1"], curves["tp2_sp"], strict=True):
         assert s1 == s2 and v2 == pytest.approx(v1, rel=1e-4)
+
+
+def test_a_validation_source_this_layout_cannot_read_stops_the_run_before_training(tmp_path, generated_run_data):
+    """One validation sample for two data-parallel ranks: refused at start (naming the source and
+    the reason), not at the first evaluation after eval_interval steps of training."""
+    import tarfile
+
+    src = sorted((generated_run_data / "valid").glob("*.tar"))[0]
+    tiny = tmp_path / "tiny_valid"
+    tiny.mkdir()
+    with tarfile.open(src) as full, tarfile.open(tiny / "shard-000000.tar", "w") as one:
+        members = full.getmembers()
+        first = members[0].name.split(".")[0]
+        for m in members:
+            if m.name.split(".")[0] == first:
+                one.addfile(m, full.extractfile(m))
+    run_dir = tmp_path / "run"
+    d = generated_run_data
+    with pytest.raises(AssertionError, match=r"validation source data.valid .*tiny_valid.* cannot be read at "
+                                             r"dp_size=2: the dataset has 1 samples, fewer than dp_size=2"):
+        run_distributed(_train, world_size=2, run_dir=str(run_dir), overrides=[
+            "configs/tiny_cpu.yaml", f"data.sources=[{{path: {d}/shards}}]", f"data.valid=[{{path: {tiny}}}]",
+            "train_steps=4", "eval_interval=3", "tracking.enabled=false", "optimizer.warmup_steps=1",
+            "optimizer.wsd_decay_steps=1"])
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.yaml").exists()
