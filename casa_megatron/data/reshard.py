@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
+from casa_megatron.data.sampler import rank_share
+
 
 @dataclass
 class Resharded:
@@ -32,21 +34,16 @@ class Resharded:
     reread: int  # samples old ranks had used at or above the watermarks (read once more)
 
 
-def _positions(rank: int, world: int, size: int) -> int:
-    """How many of an epoch's ``size`` positions rank ``rank`` of ``world`` reads."""
-    return len(range(rank, size, world))
-
-
 def global_index(draw: int, rank: int, world: int, size: int) -> int:
     """The global index (epoch * size + position in the epoch's order) of a rank's ``draw``."""
-    epoch, i = divmod(draw, _positions(rank, world, size))
+    epoch, i = divmod(draw, rank_share(size, rank, world))
     return epoch * size + rank + i * world
 
 
 def draws_below(index: int, rank: int, world: int, size: int) -> int:
     """How many of a rank's draws have a global index below ``index``."""
     epoch, position = divmod(index, size)
-    return epoch * _positions(rank, world, size) + _positions(rank, world, position)
+    return epoch * rank_share(size, rank, world) + rank_share(position, rank, world)
 
 
 def _check(states: Sequence[Dict]) -> int:
@@ -101,7 +98,7 @@ def reshard_position(states: Sequence[Dict], dp_rank: int, dp_size: int) -> Resh
     state = {"version": states[0]["version"], "kind": "shards", "seed": states[0]["seed"], "dp_rank": dp_rank,
              "dp_size": dp_size, "sources": states[0]["sources"], "counts": counts, "buffer": [],
              # mid-epoch: the epoch already had usable samples (the check that none had waits for the next)
-             "good_in_epoch": [int(c % _positions(dp_rank, dp_size, n) > 0) for c, n in zip(counts, sizes)],
+             "good_in_epoch": [int(c % rank_share(n, dp_rank, dp_size) > 0) for c, n in zip(counts, sizes)],
              "counters": dict(counters), "skipped_by_reason": dict(skips), "skipped_keys": keys,
              "pack_stats": {}}
     return Resharded(state, watermarks, reread)

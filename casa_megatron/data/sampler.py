@@ -16,6 +16,11 @@ from typing import Optional
 import numpy as np
 
 
+def rank_share(num_samples: int, rank: int, world: int) -> int:
+    """How many of an epoch's ``num_samples`` positions rank ``rank`` of ``world`` reads."""
+    return len(range(rank, num_samples, world))
+
+
 class RankOrder:
     def __init__(self, num_samples: int, rank: int, world: int, seed: int, shuffle: bool = True,
                  salt: Optional[int] = None):
@@ -41,7 +46,7 @@ class RankOrder:
         return self._order
 
     def epoch_length(self, epoch: int = 0) -> int:
-        return len(range(self.rank, self.num_samples, self.world))
+        return rank_share(self.num_samples, self.rank, self.world)
 
     def sample_at(self, epoch: int, position: int) -> int:
         return int(self.epoch_order(epoch)[position])

@@ -61,12 +61,7 @@ def _data_states_by_dp_rank(path: Path) -> dict:
             states.setdefault(int(extras["dp_rank"]), extras["data"])
         return states
 
-    states = on_rank0(read)
-    if dist.get_world_size() > 1:
-        box = [states]
-        dist.broadcast_object_list(box, src=0)
-        states = box[0]
-    return states
+    return on_rank0(read, share=True)
 
 
 class CheckpointError(RuntimeError):

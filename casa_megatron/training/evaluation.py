@@ -23,20 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.data import make_eval_iterator
-from casa_megatron.model.batch import VLMBatch
-
-
-def eval_forward_step(data_iterator, model):
-    """megatron ``forward_step_func`` for evaluation: the loss's sum and token count per micro-batch."""
-    batch: VLMBatch = next(data_iterator)
-    output = model(batch)
-
-    def loss_func(per_token):
-        mask = batch.loss_mask.to(per_token.dtype)
-        total, tokens = (per_token * mask).sum(), mask.sum()
-        return total / tokens.clamp(min=1.0), {"loss_sum": total.detach().clone(), "tokens": tokens.detach()}
-
-    return output, loss_func
+from casa_megatron.training.step import forward_step  # its logged sums: loss_sum, tokens
 
 
 def source_names(entries) -> List[str]:
@@ -68,7 +55,7 @@ def _score(model, cfg, num_microbatches: int, data_cfg) -> torch.Tensor:
     try:
         with torch.no_grad():
             for _ in range(cfg.eval_iters):
-                out = forward_backward(forward_step_func=eval_forward_step, data_iterator=data, model=[model],
+                out = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
                                        num_microbatches=num_microbatches,
                                        seq_length=cfg.data.seq_length + cfg.data.image_seq_length,
                                        micro_batch_size=cfg.micro_batch_size, forward_only=True)
@@ -93,8 +80,9 @@ def check_validation(cfg, data_cfg) -> None:
     at start instead of at its first evaluation, ``eval_interval`` steps later."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    names = source_names(data_cfg.valid) if len(_parts(data_cfg)) > 1 else ["data.valid"]
-    for name, part in zip(names, _parts(data_cfg)):
+    parts = _parts(data_cfg)
+    names = source_names(data_cfg.valid) if len(parts) > 1 else ["data.valid"]
+    for name, part in zip(names, parts):
         try:
             make_eval_iterator(part, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism).close()

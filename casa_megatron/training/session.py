@@ -23,8 +23,9 @@ logger = logging.getLogger("casa_megatron.train")
 T = TypeVar("T")
 
 
-def on_rank0(fn: Callable[[], T]) -> Optional[T]:
-    """Run ``fn`` on global rank 0 only; its exception (if any) is raised on every rank."""
+def on_rank0(fn: Callable[[], T], share: bool = False) -> Optional[T]:
+    """Run ``fn`` on global rank 0 only; its exception (if any) is raised on every rank. Its
+    result is returned on rank 0, and on every rank with ``share`` (in the same broadcast)."""
     result, error = None, None
     if dist.get_rank() == 0:
         try:
@@ -32,9 +33,10 @@ def on_rank0(fn: Callable[[], T]) -> Optional[T]:
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
     if dist.get_world_size() > 1:
-        box = [error]
+        box = [error, result if share else None]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
+        result = box[1] if share else result
     if error is not None:
         raise error
     return result

@@ -55,6 +55,17 @@ def random_batch(seed: int, with_labels: bool = True, temporal: int = 1) -> VLMB
     )
 
 
+def without_images(batch: VLMBatch) -> VLMBatch:
+    """The same micro-batch with every image removed (text-only samples packed together)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        batch, pixel_patches=batch.pixel_patches[:0], image_grid_hw=batch.image_grid_hw[:0],
+        image_grid_t=None if batch.image_grid_t is None else batch.image_grid_t[:0],
+        image_second_per_grid=None if batch.image_second_per_grid is None else batch.image_second_per_grid[:0],
+        image_rows=batch.image_rows[:0], image_positions=batch.image_positions[:0])
+
+
 def perturbed_full_state(model, seed: int = 7, scale: float = 0.05):
     """The model's full (TP=1) parameters plus noise, so norms and CASA copies are not trivial."""
     g = torch.Generator().manual_seed(seed)

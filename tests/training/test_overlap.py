@@ -5,7 +5,6 @@ images, checkpoints and resume, in two gloo processes (DP=2, distributed optimiz
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -13,16 +12,6 @@ import pytest
 from support.dist import run_distributed
 
 OVERLAP = dict(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=3000)  # several buckets
-
-
-def _without_images(batch):
-    import torch
-
-    return dataclasses.replace(
-        batch, pixel_patches=batch.pixel_patches[:0], image_grid_hw=batch.image_grid_hw[:0],
-        image_grid_t=None if batch.image_grid_t is None else batch.image_grid_t[:0],
-        image_second_per_grid=None if batch.image_second_per_grid is None else batch.image_second_per_grid[:0],
-        image_rows=torch.zeros(0, dtype=torch.long), image_positions=torch.zeros(0, dtype=torch.long))
 
 
 # Which micro-batches of each step have no image. megatron learns from the first step which parameters
@@ -40,7 +29,7 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
 
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from support.vlm import QWEN_VISION, SEQ, random_batch, small_model_config
+    from support.vlm import QWEN_VISION, SEQ, random_batch, small_model_config, without_images
 
     from casa_megatron.config.schema import ParallelConfig, TrainConfig
     from casa_megatron.model.build import build_vlm
@@ -69,7 +58,7 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
         warnings.simplefilter("always")
         for step, text_only in enumerate(TEXT_ONLY):
             batches = [random_batch(100 * step + 10 * rank + m, temporal=temporal) for m in range(2)]
-            batches = [_without_images(b) if m in text_only else b for m, b in enumerate(batches)]
+            batches = [without_images(b) if m in text_only else b for m, b in enumerate(batches)]
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),

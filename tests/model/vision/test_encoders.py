@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from support.dist import run_distributed
-from support.vlm import IMAGE_SLOTS, QWEN_VISION, random_batch, small_model_config
+from support.vlm import IMAGE_SLOTS, QWEN_VISION, random_batch, small_model_config, without_images
 
 def _config(encoder: str, **fusion):
     return small_model_config(QWEN_VISION if encoder == "qwen2_5_vl" else None, **fusion)
@@ -54,12 +54,7 @@ def _imageless(rank, world):
         for mechanism in ("casa", "cross_attention", "insertion"):
             cfg = _config(encoder, mechanism=mechanism)
             model = _build(cfg, torch.bfloat16)
-            b = _batch_for(cfg, 4)
-            batch = dataclasses.replace(b, pixel_patches=torch.zeros(0, cfg.vision.patch_dim),
-                                        image_grid_hw=torch.zeros(0, 2, dtype=torch.long),
-                                        image_rows=torch.zeros(0, dtype=torch.long),
-                                        image_positions=torch.zeros(0, dtype=torch.long),
-                                        image_grid_t=None, image_second_per_grid=None)
+            batch = without_images(_batch_for(cfg, 4))
             loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
             loss.backward()
             without_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
