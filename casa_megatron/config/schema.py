@@ -460,6 +460,10 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete checkpoint in ``dir`` (docs/training.md)
     keep_last: int = 2
     verify: str = "checksum"  # resume checks files against the manifest: checksum (CRC-32) | size
+    # Megatron-LM's --async-save: model and optimizer shards are written by a background process
+    # while training goes on; the checkpoint counts (is renamed from .tmp) once every rank's
+    # writer finished (training/checkpoint_async.py).
+    async_save: bool = False
     # An imported checkpoint (``casa-convert import-hf``) to start from: weights only, with a
     # fresh optimizer, scheduler and data order. A checkpoint in ``dir`` (resume) takes
     # precedence. The model architecture is read from it (see casa_megatron/config/pretrained.py).

@@ -146,9 +146,6 @@ def load_in_place(model, weights: Path) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    from casa_megatron.training.checkpoint import _use_in_process_results_queue
-
-    _use_in_process_results_queue()
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     with warnings.catch_warnings():  # megatron 0.16 calls torch's deprecated DCP entry point

@@ -12,24 +12,26 @@ Layout of ``<dir>``::
 
 A save writes ``iter_N.tmp/``, then the manifest, and renames it only after every rank
 finished, then updates ``latest``: a save killed half-way leaves the previous checkpoint and
-pointer untouched (the stale ``.tmp`` is removed by the next save). ``latest`` is a convenience
+pointer untouched (the stale ``.tmp`` is removed by the next save). With ``async_save`` the
+model and optimizer shards are written in the background and the same commit runs once every
+rank's writer finished (``checkpoint_async.py``). ``latest`` is a convenience
 for people and tools; resuming trusts the directories: the newest ``iter_N`` whose manifest
 checks out (``candidates()`` + ``verify()``). Model and optimizer are saved in megatron's
 reshardable formats, so a checkpoint loads at another TP/PP layout.
 
 Why saves were slow (184 s first save on CPU): megatron's writer creates its results queue
 with ``multiprocessing.get_context("spawn").Manager()``, i.e. a fresh interpreter that
-re-imports the training script, torch and megatron before it answers. For synchronous saves
-the queue is only touched by the saving process itself, so an in-process ``queue.Queue``
-is exact and starts nothing: the first save now takes ~0.2 s for the tiny model.
+re-imports the training script, torch and megatron before it answers. We hand it a queue per
+save instead (``checkpoint_async.results_queue``): the first save now takes ~0.2 s for the
+tiny model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
+import time
 import re
 import shutil
 from pathlib import Path
@@ -39,9 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from casa_megatron.config import save_config
+from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -66,11 +68,6 @@ def _data_states_by_dp_rank(path: Path) -> dict:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, incomplete, other model)."""
-
-
-def _use_in_process_results_queue() -> None:
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
 
 
 def _rng_state() -> dict:
@@ -159,11 +156,14 @@ def _restore_hyperparameters(optimizer, configured: List[dict]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep_last: int = 2, verify: str = "checksum"):
+    def __init__(self, directory: str | Path, keep_last: int = 2, verify: str = "checksum",
+                 async_save: bool = False):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.checksums = verify == "checksum"
-        _use_in_process_results_queue()
+        self.background = BackgroundWrites() if async_save else None
+        self.held_s = 0.0  # seconds saves and background commits held the training loop, in all
+        self.last_save_held_s = 0.0
 
     # --- finding ----------------------------------------------------------------------------
     def candidates(self) -> List[Path]:
@@ -238,6 +238,12 @@ class Checkpointer:
 
     # --- saving -----------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, data_state: dict, config) -> Path:
+        """Collective. Synchronous: returns once ``iter_N`` is committed. With ``async_save``:
+        returns once the state is staged; ``iter_N`` is committed by a later ``poll`` / ``wait``
+        (a save still in flight from before is waited for first)."""
+        started = time.perf_counter()
+        if self.background is not None:
+            self.background.poll(wait=True)
         rank = dist.get_rank()
         final = self.dir / f"iter_{step:07d}"
         tmp = self.dir / f"iter_{step:07d}.tmp"
@@ -250,17 +256,52 @@ class Checkpointer:
         model_sd = model.sharded_state_dict()
         state = {"model": model_sd,
                  "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING)}
-        dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_SHARDING)
+        with results_queue(background=self.background is not None):
+            request = dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_SHARDING,
+                                              async_sharded_save=self.background is not None)
         torch.save({"rng": _rng_state(), "data": data_state,
                     "dp_rank": parallel_state.get_data_parallel_rank()}, tmp / f"rank_{rank:05d}.pt")
         if rank == 0:
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "layout": _layout()},
                        tmp / "trainer.pt")
             save_config(config, tmp / "config.yaml")
+        if self.background is None:
+            self._commit(step, tmp, final)
+        else:
+            self.background.start(step, request, tmp, self.checksums,
+                                  lambda described: self._commit(step, tmp, final, described))
+        self.last_save_held_s = time.perf_counter() - started
+        self.held_s += self.last_save_held_s
+        return final
+
+    def poll(self) -> Optional[int]:
+        """Collective, every step with ``async_save``: commit a finished background write (its step)."""
+        return self._timed_poll(wait=False)
+
+    def wait(self) -> Optional[int]:
+        """Collective: block until a background write is committed (at the end of a run)."""
+        return self._timed_poll(wait=True)
+
+    def _timed_poll(self, wait: bool) -> Optional[int]:
+        if self.background is None:
+            return None
+        started = time.perf_counter()
+        committed = self.background.poll(wait=wait)
+        if committed is not None:
+            self.held_s += time.perf_counter() - started
+        return committed
+
+    def abandon(self) -> None:
+        """The run failed: a background write in flight is not committed."""
+        if self.background is not None:
+            self.background.abandon()
+
+    def _commit(self, step: int, tmp: Path, final: Path, described: Optional[dict] = None) -> None:
+        """Every rank finished writing ``tmp``: manifest, then rename and point ``latest`` at it."""
         _barrier()
-        write_manifest(tmp, step, self.checksums)  # last: its presence means "complete"
+        write_manifest(tmp, step, self.checksums, described)  # last: its presence means "complete"
         _barrier()
-        if rank == 0:
+        if dist.get_rank() == 0:
             if final.exists():  # a checkpoint of this step that the resume skipped: keep it aside
                 self.set_aside(final, "replaced")
             os.replace(tmp, final)
@@ -269,7 +310,6 @@ class Checkpointer:
             os.replace(pointer_tmp, self.dir / "latest")
             self._prune(keep=final)
         _barrier()
-        return final
 
     def _prune(self, keep: Path) -> None:
         """Delete finished checkpoints older than the newest ``keep_last`` (by step number, never

@@ -75,14 +75,31 @@ def _files(directory: Path) -> List[str]:
     return sorted(out)
 
 
-def write_manifest(directory: Path, step: int, checksums: bool = True) -> Dict[str, dict]:
-    """Collective: describe every file of ``directory`` (sizes, CRC-32 unless ``checksums`` is
-    False); rank 0 writes ``manifest.json`` atomically. Call after every rank finished writing."""
-    names = _files(directory)
+def describe(directory: Path, names: List[str], checksums: bool = True) -> Dict[str, dict]:
+    """{name: size and CRC-32 (unless ``checksums`` is False)} of these files of ``directory``."""
     entries = {}
-    for name in _mine(names):
+    for name in names:
         path = directory / name
         entries[name] = {"size": path.stat().st_size, **({"crc32": crc32(path)} if checksums else {})}
+    return entries
+
+
+def shards_of(directory: Path, rank: int) -> List[str]:
+    """The ``__<rank>_<i>.distcp`` files ``rank`` wrote into ``directory`` (the files it describes)."""
+    return [n for n in _files(directory) if (m := _RANK_FILE.match(n)) and int(m.group(1)) == rank]
+
+
+def write_manifest(directory: Path, step: int, checksums: bool = True,
+                   described: Optional[Dict[str, dict]] = None) -> Dict[str, dict]:
+    """Collective: describe every file of ``directory`` (sizes, CRC-32 unless ``checksums`` is
+    False); rank 0 writes ``manifest.json`` atomically. Call after every rank finished writing.
+    ``described``: entries this rank computed already (a background writer checksums the shards
+    it has just written: training/checkpoint_async.py)."""
+    described = described or {}
+    names = _files(directory)
+    mine = _mine(names)
+    entries = {**{n: described[n] for n in mine if n in described},
+               **describe(directory, [n for n in mine if n not in described], checksums)}
     merged: Dict[str, dict] = {}
     for part in _gather(entries):
         merged.update(part)

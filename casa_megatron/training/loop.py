@@ -75,7 +75,7 @@ def train(cfg: TrainConfig) -> dict:
     initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                        cfg.checkpoint.verify)
+                        cfg.checkpoint.verify, cfg.checkpoint.async_save)
     session = RunSession(cfg, run_dir, ckpt)
     session.open()  # lock, writable check, resume pre-check: refuses before anything is written
     try:
@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     fb = get_forward_backward_func()
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
-    skipped_seen = 0
+    skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
     try:
         while step < cfg.train_steps:
             step += 1
@@ -174,7 +174,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 metrics = {"loss": loss, "lr_new": lr_new, "lr_pretrained": lr_pre,
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
                            "text_tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_time,
-                           "peak_memory_gib": peak_memory_bytes() / 2**30, **skip_metrics(totals)}
+                           "peak_memory_gib": peak_memory_bytes() / 2**30,
+                           "checkpoint_held_s": ckpt.held_s - held_logged, **skip_metrics(totals)}
+                held_logged = ckpt.held_s
                 tracker.log_metrics(metrics, step)
                 log.write(step, metrics)
                 if is_logger and totals["skipped"] > skipped_seen:
@@ -186,23 +188,26 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                     tracker.log_metrics(scores, step)
                     log.write_eval(step, scores)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-                finish_param_gather(ddp)
-                ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
+                _save(ckpt, step, ddp, model, optimizer, scheduler, data, cfg)
                 saved_at = step
+            else:
+                ckpt.poll()  # with async_save: commit a background write that finished
             if _any_rank(stop.requested is not None):
                 status = "KILLED"
                 break
         if saved_at != step:
-            finish_param_gather(ddp)
-            ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
+            _save(ckpt, step, ddp, model, optimizer, scheduler, data, cfg)
+        ckpt.wait()  # the run's last checkpoint is committed before the run reports done
         if last_stage:
             totals = skip_totals(data)
             if is_logger:
                 logger.info("data: %s", describe(totals))
     except KeyboardInterrupt:
+        ckpt.abandon()
         tracker.finish("KILLED")
         raise
     except BaseException:
+        ckpt.abandon()
         tracker.finish("FAILED")
         raise
     finally:
@@ -217,6 +222,13 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                     ckpt.dir, getattr(tracker, "uri", "off"))
     tracker.finish(status)
     return {"final_loss": log.rows[-1]["loss"] if log.rows else None, "steps": step, "status": status}
+
+
+def _save(ckpt: Checkpointer, step: int, ddp, model, optimizer, scheduler, data, cfg: TrainConfig) -> None:
+    finish_param_gather(ddp)
+    ckpt.save(step, model, optimizer, scheduler, data.state_dict(), cfg)
+    how = "the shards are written in the background" if cfg.checkpoint.async_save else "committed"
+    logger.info("checkpoint iter_%07d: training held %.2f s; %s", step, ckpt.last_save_held_s, how)
 
 
 def _any_rank(flag: bool) -> bool:

@@ -24,6 +24,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from casa_megatron.config.pretrained import WEIGHTS_DIR, resolve_pretrained_dir
 from casa_megatron.training import checkpoint as checkpointing
 from casa_megatron.training.checkpoint import CheckpointError
+from casa_megatron.training.checkpoint_async import results_queue
 
 
 def save_model_weights(model, directory: str | Path, release_model: bool = False) -> None:
@@ -36,13 +37,13 @@ def save_model_weights(model, directory: str | Path, release_model: bool = False
     released one at a time first, so the save never holds more than one model. The model's
     parameters are empty afterwards.
     """
-    checkpointing._use_in_process_results_queue()
     Path(directory).mkdir(parents=True, exist_ok=True)
     sharded = model.sharded_state_dict()
     if release_model:
         apply_factories(sharded)
         _replace_views_releasing_params(sharded, model)
-    dist_checkpointing.save({"model": sharded}, str(directory))
+    with results_queue(background=False):
+        dist_checkpointing.save({"model": sharded}, str(directory))
 
 
 def _replace_views_releasing_params(sharded: dict, model) -> None:
