@@ -134,8 +134,10 @@ def mfu(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
         ds = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "n/a"
         lines.append(f"| {r['spec']} | {r['step_time_s']:.3f} | {r['tflops_per_s']:.3g} | {ds} | "
                      f"{r['mfu_measured_gemm']:.3f} |")
+    check = "equal" if flops["gemm_counter_matches"] else f"{flops['gemm_counter'] / 1e12:.4g} TFLOP"
     result.markdown = (f"FLOPs per step: {flops['total'] / 1e12:.3g} TFLOP = GEMMs {flops['gemm'] / 1e12:.3g} "
-                       f"(FlopCounterMode, one real step) + attention {flops['attention'] / 1e12:.3g} "
+                       f"(analytic, casa_megatron/training/flops.py; FlopCounterMode on one real step: {check}) "
+                       f"+ attention {flops['attention'] / 1e12:.3g} "
                        f"({flops['attention_pairs']:,} visible query-key pairs). Peak: datasheet "
                        + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a")
                        + f", measured bf16 GEMM {measured_peak / 1e12:.3g} TFLOP/s ({gpu}).\n\n" + "\n".join(lines))
