@@ -36,7 +36,7 @@ work. Throughput per device = the step's model FLOPs over all data-parallel rank
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,37 +59,61 @@ def bottom_right_pairs(q_lens: torch.Tensor, kv_lens: torch.Tensor) -> int:
     return int((q * (k - q) + q * (q + 1) // 2).sum())
 
 
-def _image_tokens(model: ModelConfig, batch: VLMBatch) -> torch.Tensor:
-    from casa_megatron.model.vision import tokens_per_image
+def _image_tokens(model: ModelConfig, grid: List[List[int]]) -> torch.Tensor:
+    """LM tokens of each image: t * h * w / merge^2 ([n_img] long)."""
+    m2 = model.vision.spatial_merge_size ** 2
+    return torch.tensor([t * h * w // m2 for t, h, w in grid], dtype=torch.long)
 
-    return tokens_per_image(batch.image_grid_thw, model.vision.spatial_merge_size)  # [n_img]
+
+def _segments(starts: torch.Tensor):
+    """[b, s] bool starts (row starts always open one) -> (flat begin [n], length [n]) of the
+    segments of the row-major flatten; the same segments ``packed_seq_params`` builds."""
+    b, s = starts.shape
+    flat = starts.reshape(b * s).clone()
+    flat[::s] = True
+    begin = flat.nonzero().squeeze(1)
+    return begin, torch.diff(begin, append=begin.new_tensor([b * s]))
 
 
-def layer_pairs(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> Tuple[int, int]:
-    """(self-attention pairs of one LM layer, fusion pairs of one CASA / cross-attention layer)."""
-    from casa_megatron.model.packed_attention import packed_seq_params, params_from_sample_starts, segment_starts
+def _per_segment(begin: torch.Tensor, key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum of ``counts`` by the segment each flat index ``key`` falls in ([n] long)."""
+    seg = torch.searchsorted(begin, key, right=True) - 1
+    return torch.zeros(begin.numel(), dtype=torch.long).index_add_(0, seg, counts)
 
+
+def layer_pairs(model: ModelConfig, batch: VLMBatch, image_seq_length: int,
+                grid: Optional[List[List[int]]] = None) -> Tuple[int, int]:
+    """(self-attention pairs of one LM layer, fusion pairs of one CASA / cross-attention layer).
+
+    Straight from the batch's index tensors (a dozen small ops): self-attention is causal per
+    packed sample (``sample_starts``; insertion: each sample with its inserted image tokens, and
+    each row's padding up to ``s + image_seq_length`` as one more segment, as
+    ``model/insertion.py`` lays it out); a CASA window (``window_start_marks``, as
+    ``model/windows.py`` builds them) has its text as queries and its images + causal text as
+    keys. tests/benchmarks/test_flops.py checks both against a count made from the definition.
+    """
     b, s = batch.shape
-    counts = _image_tokens(model, batch)
+    grid = batch.image_grid_thw.tolist() if grid is None else grid
+    counts = _image_tokens(model, grid)  # [n_img]
+    key = batch.image_rows.long().cpu() * s + batch.image_positions.long().cpu()  # [n_img] flat text index
+    no_starts = torch.zeros(b, s, dtype=torch.bool)
+    samples = no_starts if batch.sample_starts is None else batch.sample_starts.bool().cpu()
+    begin, text = _segments(samples)
     if model.fusion.mechanism == "insertion":
-        from casa_megatron.model.insertion import build_insertion_layout
-
-        layout = build_insertion_layout(b, s, image_seq_length, batch.image_rows, batch.image_positions,
-                                        counts, batch.position_ids, batch.sample_starts)
-        cu = packed_seq_params(segment_starts(layout.segment_ids)).cu_seqlens_q
-        return causal_pairs(cu[1:] - cu[:-1]), 0
-    from casa_megatron.model.windows import build_windows
-
-    cu = params_from_sample_starts(batch.sample_starts, b, s, "cpu").cu_seqlens_q
-    windows = build_windows(b, s, batch.image_rows, batch.image_positions, counts,
-                            window_starts=window_start_marks(batch), position_ids=batch.position_ids)
-    nq = windows.cu_seqlens_q[1:] - windows.cu_seqlens_q[:-1]
-    n_img = windows.cu_seqlens_image[1:] - windows.cu_seqlens_image[:-1]
+        padding = image_seq_length - torch.zeros(b, dtype=torch.long).index_add_(0, key // s, counts)  # [b]
+        lengths = torch.cat([text + _per_segment(begin, key, counts), padding[padding > 0]])
+        return causal_pairs(lengths), 0
+    marks = window_start_marks(batch)
+    if marks is None:  # windows open at row starts and at every image
+        marks = no_starts.clone()
+        marks.view(-1)[key] = True
+    window_begin, nq = _segments(marks.cpu())
+    n_img = _per_segment(window_begin, key, counts)
     if model.fusion.mechanism == "casa":
         fusion = bottom_right_pairs(nq, nq + n_img)
     else:
-        fusion = int((nq.long() * n_img.long()).sum())
-    return causal_pairs(cu[1:] - cu[:-1]), fusion
+        fusion = int((nq * n_img).sum())
+    return causal_pairs(text), fusion
 
 
 def attention_pairs(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> Dict[str, int]:
@@ -107,30 +131,27 @@ def attention_flops(model: ModelConfig, pairs: int, passes: int = 3) -> int:
     return passes * ATTENTION_FLOPS_PER_PAIR * model.lm.head_dim * model.lm.num_attention_heads * pairs
 
 
-def vision_grid(model: ModelConfig, batch: VLMBatch) -> torch.Tensor:
-    """[n_img, 3] patch grids the encoder runs on: the batch's, or the one blank merge group it
-    runs for a micro-batch without images (``VisionEncoder.without_images``)."""
-    grid = batch.image_grid_thw.long().cpu().reshape(-1, 3)
-    if grid.shape[0] == 0:
-        m = model.vision.spatial_merge_size
-        return torch.tensor([[1, m, m]])
-    return grid
+def vision_grid(model: ModelConfig, grid: List[List[int]]) -> List[List[int]]:
+    """[t, h, w] patch grids the encoder runs on: the batch's ``grid``, or the one blank merge
+    group it runs for a micro-batch without images (``VisionEncoder.without_images``)."""
+    m = model.vision.spatial_merge_size
+    return grid if grid else [[1, m, m]]
 
 
-def vision_block_pairs(model: ModelConfig, grid: torch.Tensor) -> List[int]:
-    """Visible (query, key) pairs of each vision block: whole frames, or Qwen2.5-VL windows."""
-    from casa_megatron.model.vision.geometry import frame_segments, window_partition
-
+def vision_block_pairs(model: ModelConfig, grid: List[List[int]]) -> List[int]:
+    """Visible (query, key) pairs of each vision block: every frame attends within itself, or,
+    in Qwen2.5-VL's windowed blocks, within square windows of ``window_size`` px (the edge
+    windows smaller), as ``model/vision/geometry.py`` partitions them."""
     v = model.vision
-    frames = frame_segments(grid).long()
-    full = int(((frames[1:] - frames[:-1]) ** 2).sum())
+    full = sum(t * (h * w) ** 2 for t, h, w in grid)
     if v.encoder != "qwen2_5_vl" or v.fullatt_block_indexes is None:
         return [full] * v.num_layers
-    _, cu = window_partition(grid, v.spatial_merge_size, v.window_size // (v.patch_size * v.spatial_merge_size))
-    cu = cu.long()
-    windowed = int(((cu[1:] - cu[:-1]) ** 2).sum())
-    if len(set(v.fullatt_block_indexes)) == v.num_layers:
-        return [full] * v.num_layers
+    m, units = v.spatial_merge_size, v.window_size // (v.patch_size * v.spatial_merge_size)
+
+    def squares(n: int) -> int:  # sum of squared window sides along one axis of n merge units
+        return (n // units) * units ** 2 + (n % units) ** 2
+
+    windowed = sum(t * m ** 4 * squares(h // m) * squares(w // m) for t, h, w in grid)
     return [full if i in v.fullatt_block_indexes else windowed for i in range(v.num_layers)]
 
 
@@ -177,10 +198,11 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     b, s = batch.shape
     lm, fusion = model.lm, model.fusion
     ledger = _Ledger()
-    image_grad = _vision(ledger, model, batch)
+    grid = batch.image_grid_thw.tolist()  # [[t, h, w]] per image
+    image_grad = _vision(ledger, model, grid)
     lm_train = not model.freeze_lm
     n_layers = lm.num_layers
-    sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length)
+    sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length, grid)
     text_grad = lm_train  # the embedding's output
     if fusion.mechanism == "insertion":
         tokens = b * (s + image_seq_length)  # the combined stream, padded to s + image_seq_length per row
@@ -272,11 +294,11 @@ def _fusion(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad
     return out or fusion.cross_attention_gate  # the gate alpha is a trained CASA weight
 
 
-def _vision(ledger: _Ledger, model: ModelConfig, batch: VLMBatch) -> bool:
+def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]]) -> bool:
     """Encoder + projector; returns whether the image tokens require a gradient."""
     v = model.vision
-    grid = vision_grid(model, batch)
-    patches = int(grid.prod(dim=1).sum())
+    grid = vision_grid(model, images)
+    patches = sum(t * h * w for t, h, w in grid)
     hv = v.hidden_size
     k = v.trainable_blocks
     trainable = [k == -1 or i >= v.num_layers - k for i in range(v.num_layers)]
@@ -290,8 +312,7 @@ def _vision(ledger: _Ledger, model: ModelConfig, batch: VLMBatch) -> bool:
         fc2 = ledger.linear("vision.fc2", patches, v.padded_ffn_hidden_size, hv, train, fc1)
         x = h or fc2
     features = x or k == -1  # tiny_vit's final norm trains with the rest of the encoder
-    tokens = int(batch.image_grid_thw.long().prod(dim=1).sum()) // (v.spatial_merge_size ** 2) \
-        if batch.image_grid_hw.numel() else 0  # the blank image's features are dropped before it
+    tokens = patches // v.spatial_merge_size ** 2 if images else 0  # the blank image's: dropped
     ptrain = v.projector_trainable
     merged = features or ptrain  # the projector's norm
     fc1 = ledger.linear("projector.fc1", tokens, hv * v.spatial_merge_size ** 2,

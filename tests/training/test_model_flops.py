@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
 from support.dist import run_distributed
 from support.vlm import IMAGE_SLOTS, QWEN_VISION, random_batch, small_model_config, without_images
 
@@ -89,3 +90,57 @@ def test_attention_term_is_the_visible_pairs_of_lm_and_vision():
     expected = attention_flops(cfg, pairs["self_attention"] + pairs["fusion"]) \
         + 3 * ATTENTION_FLOPS_PER_PAIR * cfg.vision.hidden_size * vision_pairs
     assert microbatch_flops(cfg, batch, IMAGE_SLOTS).attention == expected
+
+
+def test_vision_pairs_are_the_segments_the_encoder_attends_in():
+    """Qwen2.5-VL: frames in full-attention blocks, the geometry's windows (edge windows smaller)
+    in the others; a micro-batch without images runs one blank merge group."""
+    from casa_megatron.model.vision.geometry import frame_segments, window_partition
+    from casa_megatron.training.flops import vision_block_pairs, vision_grid
+
+    cfg = small_model_config({**QWEN_VISION, "window_size": 56, "num_layers": 3, "fullatt_block_indexes": [1]})
+    grid = [[1, 6, 10], [2, 4, 4], [1, 2, 2]]  # 3 x 5 merge units: windows of 2 x 2, 2 x 1, 1 x 2, 1 x 1
+    thw = torch.tensor(grid)
+
+    def squared(cu):
+        return int(((cu[1:] - cu[:-1]).long() ** 2).sum())
+
+    windowed, full = squared(window_partition(thw, 2, 2)[1]), squared(frame_segments(thw))
+    assert windowed < full
+    assert vision_block_pairs(cfg, grid) == [windowed, full, windowed]
+    assert vision_grid(cfg, []) == [[1, 2, 2]] and vision_grid(cfg, grid) == grid
+
+
+def test_pairs_equal_the_windows_and_segments_the_model_builds():
+    """layer_pairs reads the batch's index tensors directly; the model's own window layout
+    (model/windows.py) and insertion layout are the reference, with explicit window starts
+    (QA turns), without sample_starts, and without images."""
+    from casa_megatron.model.batch import window_start_marks
+    from casa_megatron.model.insertion import build_insertion_layout
+    from casa_megatron.model.packed_attention import packed_seq_params, params_from_sample_starts, segment_starts
+    from casa_megatron.model.vision import tokens_per_image
+    from casa_megatron.model.windows import build_windows
+    from casa_megatron.training.flops import bottom_right_pairs, causal_pairs, layer_pairs
+
+    base = random_batch(4)
+    turns = base.sample_starts.clone()
+    turns[0, [0, 9, 12]] = turns[1, [0, 5, 8, 11, 14]] = True  # every image on a start, plus text-only turns
+    batches = [base, dataclasses.replace(base, window_starts=turns),
+               dataclasses.replace(base, sample_starts=None), without_images(base)]
+    for batch in batches:
+        b, s = batch.shape
+        counts = tokens_per_image(batch.image_grid_thw)
+        cu = params_from_sample_starts(batch.sample_starts, b, s, "cpu").cu_seqlens_q
+        windows = build_windows(b, s, batch.image_rows, batch.image_positions, counts,
+                                window_starts=window_start_marks(batch))
+        nq = windows.cu_seqlens_q[1:] - windows.cu_seqlens_q[:-1]
+        n_img = windows.cu_seqlens_image[1:] - windows.cu_seqlens_image[:-1]
+        sa = causal_pairs(cu[1:] - cu[:-1])
+        assert layer_pairs(small_model_config(), batch, IMAGE_SLOTS) == (sa, bottom_right_pairs(nq, nq + n_img))
+        cross = small_model_config(mechanism="cross_attention")
+        assert layer_pairs(cross, batch, IMAGE_SLOTS) == (sa, int((nq * n_img).sum()))
+        layout = build_insertion_layout(b, s, IMAGE_SLOTS, batch.image_rows, batch.image_positions, counts,
+                                        batch.position_ids, batch.sample_starts)
+        cu = packed_seq_params(segment_starts(layout.segment_ids)).cu_seqlens_q
+        assert layer_pairs(small_model_config(mechanism="insertion"), batch, IMAGE_SLOTS) == \
+            (causal_pairs(cu[1:] - cu[:-1]), 0)
