@@ -99,6 +99,16 @@ def fusion_model_config(model: ModelConfig, mechanism: str) -> ModelConfig:
     return dataclasses.replace(model, fusion=fusion)
 
 
+def counted_model_config(cfg: BenchConfig, mechanism: str) -> ModelConfig:
+    """The config whose model FLOPs (``casa_megatron/training/flops.py``) are those of
+    ``build_model``'s model: with ``vision: frozen_stub`` the encoder is one frozen linear map of
+    the patches and no blocks, i.e. a frozen patch embedding over zero blocks."""
+    model = fusion_model_config(cfg.model, mechanism)
+    if cfg.vision == "frozen_stub":
+        model = dataclasses.replace(model, vision=dataclasses.replace(model.vision, num_layers=0, trainable_blocks=0))
+    return model
+
+
 def build_model(cfg: BenchConfig, mechanism: str, image_seq_length: int, precision=None):
     """One process, TP=PP=1; the model for ``mechanism`` on the current device (``precision``: a
     PrecisionConfig, for FP8 through Transformer Engine)."""

@@ -15,16 +15,18 @@ a part that raises is reported "failed" with the error, the others still run):
       20,480 image tokens): CASA vs cross-attention vs insertion, peak memory, text tokens/s;
   (f) MFU of the CASA model in bf16 at that shape (``efficiency.py``).
 
-How MFU FLOPs are counted (part f): the FLOPs of what actually runs, in two terms. (1) Every GEMM
-of one real training step (forward + backward, all micro-batches), counted by
-``torch.utils.flop_counter.FlopCounterMode`` while the step runs with the local spec -- so the
-K/V-only image projection, frozen weights (no weight gradient), the projector and the output
-layer are counted as executed, and a different fusion cannot borrow another's count. (2) The
-attention FLOPs, which fused kernels hide from the counter, from the micro-batch's own
+How MFU FLOPs are counted (part f): model FLOPs of what actually runs, by the count the training
+loop logs (``casa_megatron/training/flops.py``, docs/training.md "Throughput and MFU"): every
+GEMM (forward; backward with the weight gradient only where the weight trains, the input
+gradient where megatron computes it -- the K/V-only image projection, frozen weights, the
+projector and the output layer as executed) plus the attention FLOPs from the micro-batch's own
 cu_seqlens: 4 * head_dim * query_heads per visible (query, key) pair forward (QK^T and PV),
 twice that backward; visible = causal within each packed sample for self-attention, images + the
-causal text of the window for CASA, the window's images for cross-attention (``flops.py``).
-Flash attention's backward recompute is not counted (model FLOPs, not hardware FLOPs). MFU =
+causal text of the window for CASA, the window's images for cross-attention, frames / windows
+in the vision encoder. Cross-check: ``torch.utils.flop_counter.FlopCounterMode`` counts the
+GEMMs of one real step (local spec) beside it (``benchmarks/flops.py``; ``gemm_counter`` in the
+JSON; equal unless activations are recomputed). Recomputation (activation and flash-attention
+backward) is not counted (model FLOPs, not hardware FLOPs). MFU =
 FLOPs / (median step time x peak), against the datasheet's dense bf16 peak and against the
 bf16 GEMM rate measured in the same run.
 

@@ -5,11 +5,13 @@ and 20,480 image tokens per step), one fresh process per fusion (so peak memory 
 fusion's own; a fusion that runs out of memory is reported as such, the others still run).
 Targets: CASA / insertion peak memory <= 0.5, text tokens/s >= 1.1.
 
-(f) MFU of the CASA model in bf16 at that shape. FLOPs of what runs (``benchmarks/flops.py``):
-GEMMs counted by PyTorch's FLOP counter during one real training step of the local-spec model
-plus attention from the batch's cu_seqlens. Step time: median of timed steps of the same model
+(f) MFU of the CASA model in bf16 at that shape. Model FLOPs of what runs, by the count the
+training loop logs (``casa_megatron/training/flops.py``: GEMMs from the config and the batch,
+attention from its cu_seqlens), cross-checked against PyTorch's FLOP counter on one real
+training step of the local-spec model (``benchmarks/flops.py``). Step time: median of timed steps of the same model
 (and of the TE-spec model when Transformer Engine imports; the FLOPs are the same computation).
-MFU against the datasheet dense bf16 peak (989.4 TFLOP/s for H100 / H200 SXM) and against the
+MFU against the datasheet dense bf16 peak (``training/throughput.py``: 989.4 TFLOP/s for H100 /
+H200 SXM) and against the
 bf16 GEMM rate measured here (8192^3, random data).
 """
 
@@ -27,7 +29,6 @@ import torch
 from benchmarks.gpu_parts.common import PartResult, median, part_device, reset_peak_memory, target, time_it
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM
 
 
 FUSION_TIMEOUT_S = 300  # one fusion's process (build, warm-up, timed steps); a hang must not eat the call
@@ -90,16 +91,18 @@ def gemm_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
 
 def mfu(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
     device = part_device(rehearse, "MFU")
-    from benchmarks.common import build_model, image_heavy_batch, train_step
+    from benchmarks.common import build_model, counted_model_config, image_heavy_batch, train_step
     from benchmarks.flops import step_flops
     from benchmarks.train_efficiency import load
+    from casa_megatron.training.throughput import datasheet_peak_tflops
 
     result = PartResult("f", "MFU of the CASA model in bf16")
     cfg = load(config, ["steps=2", "warmup_steps=1"] if quick else [])
     cfg = dataclasses.replace(cfg, dtype="bfloat16")
     data = cfg.data
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (rehearsal)"
-    peak = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
+    peak = datasheet_peak_tflops(gpu, "bf16") if device.type == "cuda" else None
+    peak = peak * 1e12 if peak else None  # FLOP/s
     measured_peak = gemm_rate(device, n=8192 if device.type == "cuda" else 512, repeats=10 if not quick else 3)
     impls = ["local"]
     try:
@@ -119,7 +122,7 @@ def mfu(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
         seq = data.seq_length + data.image_seq_length
         step = lambda: train_step(model, optimizer, batches, seq, data.micro_batch_size)  # noqa: E731
         if flops is None:  # counted on the local spec: every GEMM is a torch matmul there
-            flops = step_flops(cfg.model, batches, data.image_seq_length, step)
+            flops = step_flops(counted_model_config(run_cfg, "casa"), batches, data.image_seq_length, step)
         seconds = median(time_it(step, cfg.steps, warmup=cfg.warmup_steps))
         rows.append({"spec": impl, "step_time_s": seconds, "tflops_per_s": flops["total"] / seconds / 1e12,
                      "mfu_datasheet": flops["total"] / seconds / peak if peak else None,
@@ -134,8 +137,10 @@ def mfu(config: str, quick: bool = False, rehearse: bool = False) -> PartResult:
         ds = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "n/a"
         lines.append(f"| {r['spec']} | {r['step_time_s']:.3f} | {r['tflops_per_s']:.3g} | {ds} | "
                      f"{r['mfu_measured_gemm']:.3f} |")
+    check = "equal" if flops["gemm_counter_matches"] else f"{flops['gemm_counter'] / 1e12:.4g} TFLOP"
     result.markdown = (f"FLOPs per step: {flops['total'] / 1e12:.3g} TFLOP = GEMMs {flops['gemm'] / 1e12:.3g} "
-                       f"(FlopCounterMode, one real step) + attention {flops['attention'] / 1e12:.3g} "
+                       f"(analytic, casa_megatron/training/flops.py; FlopCounterMode on one real step: {check}) "
+                       f"+ attention {flops['attention'] / 1e12:.3g} "
                        f"({flops['attention_pairs']:,} visible query-key pairs). Peak: datasheet "
                        + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a")
                        + f", measured bf16 GEMM {measured_peak / 1e12:.3g} TFLOP/s ({gpu}).\n\n" + "\n".join(lines))

@@ -77,7 +77,7 @@ def rules() -> Dict[type, Dict[str, Range]]:
                                  "weight_decay": AT_LEAST_0, "adam_beta1": BETA, "adam_beta2": BETA,
                                  "warmup_steps": AT_LEAST_0, "wsd_decay_steps": AT_LEAST_0, "clip_grad": AT_LEAST_0},
         schema.CheckpointConfig: {"save_interval": AT_LEAST_0, "keep_last": AT_LEAST_0},
-        schema.TrackingConfig: {"system_metrics_interval_s": POSITIVE},
+        schema.TrackingConfig: {"system_metrics_interval_s": POSITIVE, "peak_tflops": POSITIVE},
         schema.TrainConfig: {"micro_batch_size": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
                              "train_steps": AT_LEAST_1, "log_interval": AT_LEAST_1, "seed": AT_LEAST_0},
         DataConfig: {"seq_length": Range(2), "image_seq_length": AT_LEAST_1, "image_size": AT_LEAST_1,

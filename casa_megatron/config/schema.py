@@ -502,6 +502,9 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else sqlite in the run dir
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0
+    # Peak dense TFLOP/s of one device for the logged ``mfu`` (model FLOPs / peak); None: from
+    # the GPU's name and the precision (training/throughput.py), no mfu where unknown (CPU).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

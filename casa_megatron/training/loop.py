@@ -46,6 +46,7 @@ from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.resume import Resumed, resume
 from casa_megatron.training.session import RunSession
 from casa_megatron.training.step import forward_step
+from casa_megatron.training.throughput import FlopMeter, peak_tflops, throughput_metrics
 
 logger = logging.getLogger("casa_megatron.train")
 
@@ -155,18 +156,20 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
+    meter, peak = FlopMeter(cfg.model, cfg.data.image_seq_length).over(data), peak_tflops(cfg)  # throughput.py
     try:
         while step < cfg.train_steps:
             step += 1
             start = time.perf_counter()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = fb(forward_step_func=forward_step, data_iterator=data, model=[ddp],
+            losses = fb(forward_step_func=forward_step, data_iterator=meter, model=[ddp],
                         num_microbatches=num_micro, seq_length=seq_length,
                         micro_batch_size=cfg.micro_batch_size)
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             step_time = time.perf_counter() - start
+            step_flops = meter.take()
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
@@ -174,6 +177,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 metrics = {"loss": loss, "lr_new": lr_new, "lr_pretrained": lr_pre,
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
                            "text_tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_time,
+                           **throughput_metrics(step_flops, losses, step_time, peak),
                            "peak_memory_gib": peak_memory_bytes() / 2**30,
                            "checkpoint_held_s": ckpt.held_s - held_logged, **skip_metrics(totals)}
                 held_logged = ckpt.held_s

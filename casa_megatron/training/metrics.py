@@ -56,9 +56,12 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        logger.info("step %5d | loss %.4f | lr %.2e/%.2e | grad norm %.3f | %.0f text tok/s | %.0f ms | %.2f GiB",
-                    step, metrics["loss"], metrics["lr_new"], metrics["lr_pretrained"], metrics["grad_norm"],
-                    metrics["text_tokens_per_s"], metrics["step_time_s"] * 1000, metrics["peak_memory_gib"])
+        mfu = f" (MFU {100 * metrics['mfu']:.1f}%)" if "mfu" in metrics else ""
+        logger.info("step %5d | loss %.4f | lr %.2e/%.2e | grad norm %.3f | %.0f text tok/s (%.0f answer) | "
+                    "%.3g TFLOP/s/device%s | %.0f ms | %.2f GiB", step, metrics["loss"], metrics["lr_new"],
+                    metrics["lr_pretrained"], metrics["grad_norm"], metrics["text_tokens_per_s"],
+                    metrics["answer_tokens_per_s"], metrics["tflops_per_device"], mfu,
+                    metrics["step_time_s"] * 1000, metrics["peak_memory_gib"])
 
     def plot(self, out: Path, floor: Optional[float] = None) -> None:
         import matplotlib

@@ -99,6 +99,8 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
 
     mfu = parts["f"]["data"]
     assert mfu["flops"]["gemm"] > 0 and mfu["flops"]["attention"] > 0 and mfu["datasheet_peak"] is None
+    # the analytic count the loop logs is torch's counter on the real bf16 step (the rehearsal's shape)
+    assert mfu["flops"]["gemm"] == mfu["flops"]["gemm_counter"] and mfu["flops"]["gemm_counter_matches"]
     (row,) = mfu["rows"]
     assert row["spec"] == "local" and row["step_time_s"] > 0 and row["mfu_datasheet"] is None
     assert 0 < row["mfu_measured_gemm"]

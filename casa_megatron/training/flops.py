@@ -1,0 +1,321 @@
+"""Model FLOPs of one micro-batch, counted from its metadata and the config (no model run).
+
+Why analytic: torch's ``FlopCounterMode`` around a real step (``benchmarks/flops.py``) is exact
+but far too slow to run every training step; this count is cheap (index bookkeeping of the
+batch) and ``tests/training/test_flops.py`` proves its GEMM part equal, to the FLOP, to torch's
+counter on a real forward + backward of every fusion, encoder and freezing variant.
+
+What is counted -- what runs, TP=1 equivalent (the whole model, every token):
+
+- GEMMs (2 FLOPs per multiply-add) of every linear layer: LM self-attention QKV (GQA width
+  ``(heads + 2 groups) * head_dim``) and output projection, the SwiGLU MLP (``h -> 2 ffn -> h``),
+  CASA / cross-attention projections for each placement (own or shared with self-attention;
+  images through the K/V rows only with ``image_kv_only``, over all ``image_seq_length * b``
+  image slots, zero-padded ones included, because that is what the GEMM multiplies), token
+  insertion's LM layers over the combined ``s + image_seq_length`` stream, the vision encoder
+  (patch embedding, blocks) over the micro-batch's patches (the one blank image it runs when a
+  micro-batch has none: ``VisionEncoder.without_images``), the projector over the image tokens,
+  and the output layer over the padded vocabulary.
+- Backward, as megatron runs it: a trainable weight costs its input gradient and its weight
+  gradient (megatron's linear computes the input gradient even where nothing upstream needs it);
+  a frozen weight (``freeze_lm``, ``vision.trainable_blocks``, ``vision.projector_trainable``)
+  costs an input gradient only when its input requires a gradient, else nothing; the patch
+  embedding (a torch ``Linear`` on pixels) never has an input gradient.
+- Attention: visible (query, key) pairs -- causal within each packed sample for self-attention,
+  CASA windows (images + causal text), cross-attention windows (images), vision segments
+  (frames / Qwen2.5-VL windows, non-causal) -- times ``4 * head_dim * query_heads`` forward
+  (QK^T and PV), twice that backward where the layer's backward runs.
+
+Convention (Megatron-LM's): *model* FLOPs. Activation recomputation (``model.recompute``,
+``model.vision.recompute``) and the recomputation inside flash-attention's backward are not
+counted, and masked-out attention pairs are not counted, so MFU does not rise by redoing
+work. Throughput per device = the step's model FLOPs over all data-parallel ranks / world size
+(TP * PP * DP) / step time, as Megatron-LM's "throughput per GPU (TFLOP/s/GPU)".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from casa_megatron.config.schema import ModelConfig
+from casa_megatron.model.batch import VLMBatch, window_start_marks
+
+ATTENTION_FLOPS_PER_PAIR = 4  # QK^T and PV: 2 FLOPs each per (query, key, channel)
+
+
+# --- attention pairs ---------------------------------------------------------------------------
+def causal_pairs(lengths: torch.Tensor) -> int:
+    """Visible pairs of causal self-attention over sequences of these lengths."""
+    lengths = lengths.long()
+    return int((lengths * (lengths + 1) // 2).sum())
+
+
+def bottom_right_pairs(q_lens: torch.Tensor, kv_lens: torch.Tensor) -> int:
+    """Visible pairs when query i of a window sees keys j <= i + nk - nq (CASA: images first)."""
+    q, k = q_lens.long(), kv_lens.long()
+    return int((q * (k - q) + q * (q + 1) // 2).sum())
+
+
+def _image_tokens(model: ModelConfig, grid: List[List[int]]) -> torch.Tensor:
+    """LM tokens of each image: t * h * w / merge^2 ([n_img] long)."""
+    m2 = model.vision.spatial_merge_size ** 2
+    return torch.tensor([t * h * w // m2 for t, h, w in grid], dtype=torch.long)
+
+
+def _segments(starts: torch.Tensor):
+    """[b, s] bool starts (row starts always open one) -> (flat begin [n], length [n]) of the
+    segments of the row-major flatten; the same segments ``packed_seq_params`` builds."""
+    b, s = starts.shape
+    flat = starts.reshape(b * s).clone()
+    flat[::s] = True
+    begin = flat.nonzero().squeeze(1)
+    return begin, torch.diff(begin, append=begin.new_tensor([b * s]))
+
+
+def _per_segment(begin: torch.Tensor, key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum of ``counts`` by the segment each flat index ``key`` falls in ([n] long)."""
+    seg = torch.searchsorted(begin, key, right=True) - 1
+    return torch.zeros(begin.numel(), dtype=torch.long).index_add_(0, seg, counts)
+
+
+def layer_pairs(model: ModelConfig, batch: VLMBatch, image_seq_length: int,
+                grid: Optional[List[List[int]]] = None) -> Tuple[int, int]:
+    """(self-attention pairs of one LM layer, fusion pairs of one CASA / cross-attention layer).
+
+    Straight from the batch's index tensors (a dozen small ops): self-attention is causal per
+    packed sample (``sample_starts``; insertion: each sample with its inserted image tokens, and
+    each row's padding up to ``s + image_seq_length`` as one more segment, as
+    ``model/insertion.py`` lays it out); a CASA window (``window_start_marks``, as
+    ``model/windows.py`` builds them) has its text as queries and its images + causal text as
+    keys. tests/benchmarks/test_flops.py checks both against a count made from the definition.
+    """
+    b, s = batch.shape
+    grid = batch.image_grid_thw.tolist() if grid is None else grid
+    counts = _image_tokens(model, grid)  # [n_img]
+    key = batch.image_rows.long().cpu() * s + batch.image_positions.long().cpu()  # [n_img] flat text index
+    no_starts = torch.zeros(b, s, dtype=torch.bool)
+    samples = no_starts if batch.sample_starts is None else batch.sample_starts.bool().cpu()
+    begin, text = _segments(samples)
+    if model.fusion.mechanism == "insertion":
+        padding = image_seq_length - torch.zeros(b, dtype=torch.long).index_add_(0, key // s, counts)  # [b]
+        lengths = torch.cat([text + _per_segment(begin, key, counts), padding[padding > 0]])
+        return causal_pairs(lengths), 0
+    marks = window_start_marks(batch)
+    if marks is None:  # windows open at row starts and at every image
+        marks = no_starts.clone()
+        marks.view(-1)[key] = True
+    window_begin, nq = _segments(marks.cpu())
+    n_img = _per_segment(window_begin, key, counts)
+    if model.fusion.mechanism == "casa":
+        fusion = bottom_right_pairs(nq, nq + n_img)
+    else:
+        fusion = int((nq * n_img).sum())
+    return causal_pairs(text), fusion
+
+
+def attention_pairs(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> Dict[str, int]:
+    """{"self_attention": pairs summed over its layers, "fusion": same for CASA / cross-attention}."""
+    sa, fusion = layer_pairs(model, batch, image_seq_length)
+    layers = model.lm.num_layers
+    fused = len(model.fusion.fusion_layers(layers))
+    sa_layers = layers - (fused if model.fusion.placement == "replace" else 0)
+    return {"self_attention": sa_layers * sa, "fusion": fused * fusion}
+
+
+def attention_flops(model: ModelConfig, pairs: int, passes: int = 3) -> int:
+    """LM attention FLOPs of ``pairs``: forward (4 * d * heads per pair) plus, with the default
+    ``passes=3``, backward (twice the forward); ``passes=1``: forward only (a frozen stretch)."""
+    return passes * ATTENTION_FLOPS_PER_PAIR * model.lm.head_dim * model.lm.num_attention_heads * pairs
+
+
+def vision_grid(model: ModelConfig, grid: List[List[int]]) -> List[List[int]]:
+    """[t, h, w] patch grids the encoder runs on: the batch's ``grid``, or the one blank merge
+    group it runs for a micro-batch without images (``VisionEncoder.without_images``)."""
+    m = model.vision.spatial_merge_size
+    return grid if grid else [[1, m, m]]
+
+
+def vision_block_pairs(model: ModelConfig, grid: List[List[int]]) -> List[int]:
+    """Visible (query, key) pairs of each vision block: every frame attends within itself, or,
+    in Qwen2.5-VL's windowed blocks, within square windows of ``window_size`` px (the edge
+    windows smaller), as ``model/vision/geometry.py`` partitions them."""
+    v = model.vision
+    full = sum(t * (h * w) ** 2 for t, h, w in grid)
+    if v.encoder != "qwen2_5_vl" or v.fullatt_block_indexes is None:
+        return [full] * v.num_layers
+    m, units = v.spatial_merge_size, v.window_size // (v.patch_size * v.spatial_merge_size)
+
+    def squares(n: int) -> int:  # sum of squared window sides along one axis of n merge units
+        return (n // units) * units ** 2 + (n % units) ** 2
+
+    windowed = sum(t * m ** 4 * squares(h // m) * squares(w // m) for t, h, w in grid)
+    return [full if i in v.fullatt_block_indexes else windowed for i in range(v.num_layers)]
+
+
+# --- GEMMs -------------------------------------------------------------------------------------
+@dataclass
+class _Ledger:
+    """Running totals; ``linear`` returns whether its output requires a gradient."""
+
+    gemm: int = 0
+    attention: int = 0
+    parts: Dict[str, int] = field(default_factory=dict)
+
+    def linear(self, part: str, tokens: int, d_in: int, d_out: int, trainable: bool, input_grad: bool,
+               always_dgrad: bool = True) -> bool:
+        """megatron linears (``always_dgrad``) compute the input gradient whenever their weight
+        trains; a torch ``Linear`` only when its input requires one."""
+        forward = 2 * tokens * d_in * d_out
+        dgrad = input_grad or (trainable and always_dgrad)
+        flops = forward * (1 + int(dgrad) + int(trainable))
+        self.gemm += flops
+        self.parts[part] = self.parts.get(part, 0) + flops
+        return trainable or input_grad
+
+    def attend(self, part: str, pairs: int, width: int, backward: bool) -> None:
+        flops = (3 if backward else 1) * ATTENTION_FLOPS_PER_PAIR * width * pairs
+        self.attention += flops
+        self.parts[part] = self.parts.get(part, 0) + flops
+
+
+@dataclass(frozen=True)
+class MicroBatchFlops:
+    gemm: int
+    attention: int
+    parts: Dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.gemm + self.attention
+
+
+def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> MicroBatchFlops:
+    """Model FLOPs (forward + backward, TP=1 equivalent) of one micro-batch; see the module doc."""
+    batch = _metadata_on_cpu(batch)
+    b, s = batch.shape
+    lm, fusion = model.lm, model.fusion
+    ledger = _Ledger()
+    grid = batch.image_grid_thw.tolist()  # [[t, h, w]] per image
+    image_grad = _vision(ledger, model, grid)
+    lm_train = not model.freeze_lm
+    n_layers = lm.num_layers
+    sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length, grid)
+    text_grad = lm_train  # the embedding's output
+    if fusion.mechanism == "insertion":
+        tokens = b * (s + image_seq_length)  # the combined stream, padded to s + image_seq_length per row
+        x = text_grad or image_grad
+        for _ in range(n_layers):
+            x = _plain_layer(ledger, model, tokens, x, sa_pairs)
+    else:
+        fused = set(fusion.fusion_layers(n_layers))
+        x = text_grad
+        for i in range(n_layers):
+            if i in fused:
+                x = _casa_layer(ledger, model, b * s, b * image_seq_length, x, image_grad, sa_pairs, fusion_pairs)
+            else:
+                x = _plain_layer(ledger, model, b * s, x, sa_pairs)
+    ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
+    return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts))
+
+
+def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:
+    """The small index tensors the count reads, on the CPU (one copy of a few [b, s] tensors;
+    the pixels are not read: an empty slice stands in for them)."""
+    import dataclasses
+
+    if not batch.input_ids.is_cuda:
+        return batch
+    small = {f.name: getattr(batch, f.name).cpu() for f in dataclasses.fields(batch)
+             if torch.is_tensor(getattr(batch, f.name)) and f.name not in ("pixel_patches", "labels", "loss_mask")}
+    return dataclasses.replace(batch, **small, pixel_patches=batch.pixel_patches[:0].cpu())
+
+
+def _attention(ledger: _Ledger, model: ModelConfig, part: str, tokens: int, x_grad: bool, norm_train: bool,
+               proj_train: bool, pairs: int) -> bool:
+    """megatron self-attention (QKV, core attention, output projection); returns its output's grad."""
+    lm = model.lm
+    h, d = lm.hidden_size, lm.head_dim
+    xn = x_grad or norm_train
+    qkv = ledger.linear(f"{part}.qkv", tokens, h, (lm.num_attention_heads + 2 * lm.num_query_groups) * d,
+                        proj_train, xn)
+    ledger.attend(f"{part}.core", pairs, lm.num_attention_heads * d, qkv)
+    return ledger.linear(f"{part}.proj", tokens, lm.num_attention_heads * d, h, proj_train, qkv)
+
+
+def _mlp(ledger: _Ledger, model: ModelConfig, tokens: int, h_grad: bool) -> bool:
+    lm, train = model.lm, not model.freeze_lm
+    hn = h_grad or train  # pre-MLP norm
+    fc1 = ledger.linear("lm.mlp.fc1", tokens, lm.hidden_size, 2 * lm.ffn_hidden_size, train, hn)
+    fc2 = ledger.linear("lm.mlp.fc2", tokens, lm.ffn_hidden_size, lm.hidden_size, train, fc1)
+    return h_grad or fc2
+
+
+def _plain_layer(ledger: _Ledger, model: ModelConfig, tokens: int, x_grad: bool, sa_pairs: int) -> bool:
+    train = not model.freeze_lm
+    sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, train, train, sa_pairs)
+    return _mlp(ledger, model, tokens, x_grad or sa)
+
+
+def _casa_layer(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad: bool, image_grad: bool,
+                sa_pairs: int, fusion_pairs: int) -> bool:
+    """CASATransformerLayer: the placements of model/casa_layer.py."""
+    fusion, lm_train = model.fusion, not model.freeze_lm
+    # CASA's own projections are new weights (always trained); shared ones are the LM's.
+    proj_train = lm_train if fusion.share_projections else True
+    if fusion.placement == "parallel":
+        sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, lm_train, lm_train, sa_pairs)
+        casa = _fusion(ledger, model, tokens, slots, x_grad, image_grad, True, proj_train, fusion_pairs)
+        h = x_grad or sa or casa
+    elif fusion.placement == "before":
+        x = _fusion(ledger, model, tokens, slots, x_grad, image_grad, True, proj_train, fusion_pairs) or x_grad
+        h = _attention(ledger, model, "lm.self_attention", tokens, x, lm_train, lm_train, sa_pairs) or x
+    else:  # replace: the CASA block reads the layer's input norm (an LM weight)
+        h = _fusion(ledger, model, tokens, slots, x_grad, image_grad, lm_train, proj_train, fusion_pairs) or x_grad
+    return _mlp(ledger, model, tokens, h)
+
+
+def _fusion(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad: bool, image_grad: bool,
+            norm_train: bool, proj_train: bool, pairs: int) -> bool:
+    """CASAAttention (model/casa_attention.py) behind its norm, and the tanh gate."""
+    lm, fusion = model.lm, model.fusion
+    h, d = lm.hidden_size, lm.head_dim
+    qkv_width = (lm.num_attention_heads + 2 * lm.num_query_groups) * d
+    text = ledger.linear("fusion.qkv_text", tokens, h, qkv_width, proj_train, x_grad or norm_train)
+    image_in = image_grad or (fusion.normalize_images and norm_train)
+    # images: the K/V rows only (kv_projection.py), or the whole fused QKV with the queries dropped
+    image_width = 2 * lm.num_query_groups * d if fusion.image_kv_only else qkv_width
+    image = ledger.linear("fusion.kv_image", slots, h, image_width, proj_train, image_in)
+    core = text or image
+    ledger.attend("fusion.core", pairs, lm.num_attention_heads * d, core)
+    out = ledger.linear("fusion.proj", tokens, lm.num_attention_heads * d, h, proj_train, core)
+    return out or fusion.cross_attention_gate  # the gate alpha is a trained CASA weight
+
+
+def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]]) -> bool:
+    """Encoder + projector; returns whether the image tokens require a gradient."""
+    v = model.vision
+    grid = vision_grid(model, images)
+    patches = sum(t * h * w for t, h, w in grid)
+    hv = v.hidden_size
+    k = v.trainable_blocks
+    trainable = [k == -1 or i >= v.num_layers - k for i in range(v.num_layers)]
+    x = ledger.linear("vision.patch_embed", patches, v.patch_dim, hv, k == -1, False, always_dgrad=False)
+    for i, (train, pairs) in enumerate(zip(trainable, vision_block_pairs(model, grid))):
+        qkv = ledger.linear("vision.qkv", patches, hv, 3 * hv, train, x)
+        ledger.attend("vision.core", pairs, hv, qkv)
+        proj = ledger.linear("vision.proj", patches, hv, hv, train, qkv)
+        h = x or proj
+        fc1 = ledger.linear("vision.fc1", patches, hv, 2 * v.padded_ffn_hidden_size, train, h or train)
+        fc2 = ledger.linear("vision.fc2", patches, v.padded_ffn_hidden_size, hv, train, fc1)
+        x = h or fc2
+    features = x or k == -1  # tiny_vit's final norm trains with the rest of the encoder
+    tokens = patches // v.spatial_merge_size ** 2 if images else 0  # the blank image's: dropped
+    ptrain = v.projector_trainable
+    merged = features or ptrain  # the projector's norm
+    fc1 = ledger.linear("projector.fc1", tokens, hv * v.spatial_merge_size ** 2,
+                        v.projector_width(model.lm.hidden_size), ptrain, merged)
+    return ledger.linear("projector.fc2", tokens, v.projector_width(model.lm.hidden_size), model.lm.hidden_size,
+                         ptrain, fc1)

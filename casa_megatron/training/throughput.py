@@ -1,0 +1,100 @@
+"""Training throughput in model FLOPs: TFLOP/s per device and MFU, for the step log.
+
+``FlopMeter`` wraps the training iterator handed to megatron's schedule, so every micro-batch
+that ``forward_step`` pulls (on every pipeline stage, each with the whole micro-batch) is
+counted by ``training/flops.py`` as it goes by: the loop and ``forward_step`` stay unchanged, and
+evaluation (which also runs ``forward_step``) is not counted. On a logging step the loop sums the
+count over the data-parallel group (each DP rank counted only its own micro-batches) and divides
+by the world size (TP * PP * DP ranks share the work) and the step time, as Megatron-LM's
+"throughput per GPU (TFLOP/s/GPU)".
+
+MFU = that throughput / the device's peak dense TFLOP/s: ``tracking.peak_tflops`` when set, else
+the datasheet figure for the GPU's name and the run's precision (FP8 when ``precision.fp8``,
+bf16 when ``precision.bf16``); fp32 runs, CPUs and unknown GPUs log no ``mfu``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from casa_megatron.config.schema import ModelConfig, TrainConfig
+from casa_megatron.training.flops import microbatch_flops
+
+# Peak dense (no 2:4 sparsity) tensor-core TFLOP/s per GPU, from NVIDIA's H100 datasheet
+# (H100 SXM: BF16 989.4, FP8 1,978.9; H100 PCIe: BF16 756.5, FP8 1,513) and H200 datasheet
+# (H200 SXM: same as H100 SXM). The datasheets print twice these numbers "with sparsity".
+# First matching fragment of torch.cuda.get_device_name() wins; NVL parts are left unknown
+# (set tracking.peak_tflops).
+PEAK_DENSE_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.5, "fp8": 1513.0}),
+    ("H100 NVL", {}),
+    ("H200 NVL", {}),
+    ("H100", {"bf16": 989.4, "fp8": 1978.9}),
+    ("H200", {"bf16": 989.4, "fp8": 1978.9}),
+)
+
+
+def datasheet_peak_tflops(device_name: str, precision: Optional[str]) -> Optional[float]:
+    """Peak dense TFLOP/s of ``device_name`` in ``precision`` ("bf16" / "fp8"), None if unknown."""
+    for fragment, peaks in PEAK_DENSE_TFLOPS:
+        if fragment in device_name:
+            return peaks.get(precision) if precision else None
+    return None
+
+
+def peak_tflops(cfg: TrainConfig) -> Optional[float]:
+    """``tracking.peak_tflops``, else the datasheet peak of this GPU at the run's precision."""
+    if cfg.tracking.peak_tflops is not None:
+        return cfg.tracking.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    precision = "fp8" if cfg.precision.fp8 else "bf16" if cfg.precision.bf16 else None
+    return datasheet_peak_tflops(torch.cuda.get_device_name(), precision)
+
+
+class FlopMeter:
+    """An iterator over ``source`` that adds up the model FLOPs of the micro-batches it yields."""
+
+    def __init__(self, model: ModelConfig, image_seq_length: int):
+        self.model, self.image_seq_length = model, image_seq_length
+        self.flops = 0  # since the last take()
+        self.count_seconds = 0.0  # time spent counting, since the last take()
+        self._source: Optional[Iterator] = None
+
+    def over(self, source: Iterator) -> "FlopMeter":
+        self._source = source
+        return self
+
+    def __iter__(self) -> "FlopMeter":
+        return self
+
+    def __next__(self):
+        batch = next(self._source)
+        start = time.perf_counter()
+        self.flops += microbatch_flops(self.model, batch, self.image_seq_length).total
+        self.count_seconds += time.perf_counter() - start
+        return batch
+
+    def take(self) -> int:
+        """FLOPs counted since the last call (one step's micro-batches), and start afresh."""
+        flops, self.flops, self.count_seconds = self.flops, 0, 0.0
+        return flops
+
+
+def throughput_metrics(flops: int, losses: List[Dict], step_time: float, peak: Optional[float]) -> Dict[str, float]:
+    """(last stage, logging step) ``tflops_per_device``, ``answer_tokens_per_s`` and, with a
+    known peak, ``mfu``, over the whole global batch: one all-reduce over the DP group."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokens = sum(float(l["tokens"]) for l in losses)  # answer tokens (loss_mask) of this rank's micro-batches
+    sums = torch.tensor([float(flops), tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    tflops = float(sums[0]) / dist.get_world_size() / step_time / 1e12
+    metrics = {"tflops_per_device": tflops, "answer_tokens_per_s": float(sums[1]) / step_time}
+    if peak:
+        metrics["mfu"] = tflops / peak
+    return metrics

@@ -1,0 +1,54 @@
+"""Throughput bookkeeping (casa_megatron/training/throughput.py): the datasheet peak table, the
+config override, and the iterator wrapper that counts what megatron's schedule pulls."""
+
+from __future__ import annotations
+
+import pytest
+from support.vlm import IMAGE_SLOTS, random_batch, small_model_config, without_images
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 80GB HBM3", "fp8", 1978.9),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H100 PCIe", "fp8", 1513.0),
+    ("NVIDIA H100 NVL", "bf16", None), ("NVIDIA A100-SXM4-80GB", "bf16", None),
+    ("NVIDIA H100 80GB HBM3", None, None),  # fp32: no tensor-core peak to compare with
+])
+def test_datasheet_peak_by_device_name_and_precision(name, precision, peak):
+    from casa_megatron.training.throughput import datasheet_peak_tflops
+
+    assert datasheet_peak_tflops(name, precision) == peak
+
+
+def test_configured_peak_wins_and_a_cpu_has_none():
+    import torch
+
+    from casa_megatron.config.schema import TrackingConfig, TrainConfig
+    from casa_megatron.training.throughput import peak_tflops
+
+    assert peak_tflops(TrainConfig(tracking=TrackingConfig(peak_tflops=123.0))) == 123.0
+    if not torch.cuda.is_available():
+        assert peak_tflops(TrainConfig()) is None
+
+
+def test_meter_passes_batches_through_and_counts_each_once():
+    from casa_megatron.training.flops import microbatch_flops
+    from casa_megatron.training.throughput import FlopMeter
+
+    cfg = small_model_config()
+    batches = [random_batch(1), without_images(random_batch(2)), random_batch(3)]
+    meter = FlopMeter(cfg, IMAGE_SLOTS).over(iter(batches))
+    assert [next(meter) for _ in range(2)] == batches[:2]
+    expected = [microbatch_flops(cfg, b, IMAGE_SLOTS).total for b in batches]
+    assert meter.take() == sum(expected[:2]) and meter.take() == 0
+    assert list(meter) == batches[2:] and meter.take() == expected[2]
+
+
+def test_peak_tflops_must_be_positive():
+    from casa_megatron.config import load_config
+    from casa_megatron.config.errors import ConfigError
+    from casa_megatron.config.schema import TrainConfig
+
+    with pytest.raises(ConfigError, match="peak_tflops"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["tracking.peak_tflops=0"])
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["tracking.peak_tflops=989.4"])
+    assert cfg.tracking.peak_tflops == 989.4
