@@ -2,7 +2,7 @@
 
 Why analytic: torch's ``FlopCounterMode`` around a real step (``benchmarks/flops.py``) is exact
 but far too slow to run every training step; this count is cheap (index bookkeeping of the
-batch) and ``tests/training/test_flops.py`` proves its GEMM part equal, to the FLOP, to torch's
+batch) and ``tests/training/test_model_flops.py`` proves its GEMM part equal, to the FLOP, to torch's
 counter on a real forward + backward of every fusion, encoder and freezing variant.
 
 What is counted -- what runs, TP=1 equivalent (the whole model, every token):
