@@ -2,7 +2,7 @@
 
     python benchmarks/checkpoint_save.py --json OUT.json [--steps 12 --save-interval 4] [key=value ...]
 
-Both modes run the real training loop (``casa_megatron.training.loop.train``) on the same config,
+Each mode runs the real training loop (``casa_megatron.training.loop.train``) on the same config,
 seed and data, each in a fresh forked process, saving every ``--save-interval`` steps with
 ``log_interval=1``. Read from each run's ``metrics.jsonl``:
 
@@ -14,11 +14,14 @@ seed and data, each in a fresh forked process, saving every ``--save-interval`` 
   same cores and disk) and of the other steps;
 * **wall time** of the whole run, and the checkpoint's size on disk.
 
-Then every tensor of the two runs' last interval checkpoint is compared: the background write
-must hold exactly the synchronous one's numbers (``identical``). The model is the CASA model of
-``configs/tiny_cpu_synthetic.yaml`` with a larger LM (``MODEL`` below; key=value overrides apply),
-fp32 with the distributed optimizer, so a checkpoint holds weights, fp32 master weights and two
-Adam moments.
+Both optimizer formats are timed (``checkpoint.optimizer_format``: ``fully_reshardable`` gathers
+the optimizer state on data-parallel rank 0 before writing, ``dp_reshardable`` writes each rank's
+shard as it is). Every tensor of a background run's last interval checkpoint is compared with
+the synchronous run's of the same format: it must hold exactly the same numbers (``same tensors``).
+
+The model is the CASA model of ``configs/tiny_cpu_synthetic.yaml`` with a larger LM (``MODEL``
+below; key=value overrides apply), fp32 with the distributed optimizer, so a checkpoint holds
+weights, fp32 master weights and two Adam moments.
 """
 
 from __future__ import annotations
@@ -40,24 +43,28 @@ from benchmarks.common import format_table, machine_info, run_in_child  # noqa: 
 BASE = ROOT / "configs/tiny_cpu_synthetic.yaml"
 MODEL = ["model.lm.num_layers=6", "model.lm.hidden_size=1024", "model.lm.num_attention_heads=16",
          "model.lm.num_query_groups=4", "model.lm.ffn_hidden_size=2816"]
-MODES = {"sync": "false", "async": "true"}
+# (name, async_save, optimizer_format); the background run of a format is compared with its synchronous one
+MODES = [("sync", "false", "fully_reshardable"), ("async", "true", "fully_reshardable"),
+         ("sync", "false", "dp_reshardable"), ("async", "true", "dp_reshardable")]
 
 
-def run_mode(mode: str, run_dir: str, steps: int, save_interval: int, overrides: list) -> dict:
+def run_mode(async_save: str, optimizer_format: str, run_dir: str, steps: int, save_interval: int,
+             overrides: list) -> dict:
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
 
     cfg = load_config(TrainConfig, str(BASE), [
         f"run_dir={run_dir}", f"train_steps={steps}", "log_interval=1", "tracking.enabled=false",
-        f"checkpoint.save_interval={save_interval}", f"checkpoint.async_save={MODES[mode]}",
+        f"checkpoint.save_interval={save_interval}", f"checkpoint.async_save={async_save}",
+        f"checkpoint.optimizer_format={optimizer_format}",
         "checkpoint.keep_last=0", "optimizer.warmup_steps=2", "optimizer.wsd_decay_steps=0", *MODEL, *overrides])
     start = time.perf_counter()
     train(cfg)
     return {"wall_s": time.perf_counter() - start}
 
 
-def summarise(mode: str, run_dir: Path, save_interval: int, wall_s: float) -> dict:
+def summarise(mode: str, optimizer_format: str, run_dir: Path, save_interval: int, wall_s: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     last = rows[-1]["step"]
@@ -66,7 +73,7 @@ def summarise(mode: str, run_dir: Path, save_interval: int, wall_s: float) -> di
     other = [r for r in rows if r["step"] - 1 not in saves and r["step"] > 2]  # after warm-up
     ckpt = run_dir / "checkpoints" / f"iter_{max(saves):07d}"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    return {"mode": mode, "saves_timed": len(saves),
+    return {"mode": mode, "optimizer_format": optimizer_format, "saves_timed": len(saves),
             # every second the loop was held (saves, and the commits of background writes), per save
             "held_per_save_s": sum(r["checkpoint_held_s"] for r in rows) / len(saves),
             "held_at_save_s": statistics.median(r["checkpoint_held_s"] for r in after),
@@ -104,16 +111,22 @@ def main(argv=None) -> dict:
     if args.steps < 2 * args.save_interval + 1:
         ap.error("--steps must leave at least two interval saves with a step after each")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = []
-        for mode in MODES:
-            run_dir = Path(tmp) / mode
-            wall = run_in_child(run_mode, mode, str(run_dir), args.steps, args.save_interval, args.overrides,
-                                what=f"{mode} run")["wall_s"]
-            results.append(summarise(mode, run_dir, args.save_interval, wall))
-        same = identical(*(Path(tmp) / m / "checkpoints" / results[0]["compared_checkpoint"] for m in MODES))
-    for r in results:
-        r["identical_to_sync"] = same
-    print(format_table(results, [("mode", "mode", ""), ("held per save (s)", "held_per_save_s", ".3f"),
+        results, sync_dir = [], {}
+        for mode, async_save, fmt in MODES:
+            run_dir = Path(tmp) / f"{mode}_{fmt}"
+            wall = run_in_child(run_mode, async_save, fmt, str(run_dir), args.steps, args.save_interval,
+                                args.overrides, what=f"{mode} {fmt} run")["wall_s"]
+            results.append(summarise(mode, fmt, run_dir, args.save_interval, wall))
+            if mode == "sync":
+                sync_dir[fmt] = run_dir
+        # after every run: reading a checkpoint here starts threads, and a process forked after
+        # that (the next run) can deadlock
+        for result in results:
+            ckpt = Path("checkpoints") / result["compared_checkpoint"]
+            run_dir = Path(tmp) / f"{result['mode']}_{result['optimizer_format']}"
+            result["identical_to_sync"] = identical(sync_dir[result["optimizer_format"]] / ckpt, run_dir / ckpt)
+    print(format_table(results, [("mode", "mode", ""), ("optimizer format", "optimizer_format", ""),
+                                 ("held per save (s)", "held_per_save_s", ".3f"),
                                  ("of it at the save (s)", "held_at_save_s", ".3f"),
                                  ("step after a save (s)", "step_after_save_s", ".3f"),
                                  ("other steps (s)", "step_other_s", ".3f"), ("wall (s)", "wall_s", ".1f"),

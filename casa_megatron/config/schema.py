@@ -464,6 +464,17 @@ class CheckpointConfig:
     # while training goes on; the checkpoint counts (is renamed from .tmp) once every rank's
     # writer finished (training/checkpoint_async.py).
     async_save: bool = False
+    # How the distributed optimizer's state is saved (megatron's distrib_optim_sharding_type):
+    # ``fully_reshardable`` (default) resumes at any TP / PP / DP layout, but data-parallel rank 0
+    # gathers its replica's whole optimizer state at every save; ``dp_reshardable`` (Megatron-LM's
+    # default) has every rank write its own shard, no gather, and resumes at another DP size only
+    # (same TP and PP: a resume that changes them is refused before anything is written).
+    optimizer_format: str = "fully_reshardable"
+
+    def validate(self) -> None:
+        formats = ("fully_reshardable", "dp_reshardable")
+        if self.optimizer_format not in formats:
+            raise ConfigError(f"checkpoint.optimizer_format={self.optimizer_format!r} not in {formats}")
     # An imported checkpoint (``casa-convert import-hf``) to start from: weights only, with a
     # fresh optimizer, scheduler and data order. A checkpoint in ``dir`` (resume) takes
     # precedence. The model architecture is read from it (see casa_megatron/config/pretrained.py).
@@ -535,6 +546,7 @@ class TrainConfig:
         self.parallel.validate(self.model)
         self.data.validate()
         self.optimizer.validate(self.train_steps)
+        self.checkpoint.validate()
         if self.parallel.overlap_param_gather and not self.optimizer.use_distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true "
                               "(without it every rank updates all parameters: there is nothing to gather)")

@@ -17,7 +17,8 @@ model and optimizer shards are written in the background and the same commit run
 rank's writer finished (``checkpoint_async.py``). ``latest`` is a convenience
 for people and tools; resuming trusts the directories: the newest ``iter_N`` whose manifest
 checks out (``candidates()`` + ``verify()``). Model and optimizer are saved in megatron's
-reshardable formats, so a checkpoint loads at another TP/PP layout.
+reshardable formats, so a checkpoint loads at another TP/PP layout (with the optimizer saved
+``dp_reshardable``: at another DP size only; ``resume.check_optimizer_layout``).
 
 Why saves were slow (184 s first save on CPU): megatron's writer creates its results queue
 with ``multiprocessing.get_context("spawn").Manager()``, i.e. a fresh interpreter that
@@ -46,7 +47,7 @@ from casa_megatron.config import save_config
 from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # megatron's distrib_optim_sharding_type
 CHECKPOINT_NAME = re.compile(r"^iter_(\d+)$")
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ def _data_states_by_dp_rank(path: Path) -> dict:
         return states
 
     return on_rank0(read, share=True)
+
+
+def saved_sharding(path: Path) -> dict:
+    """The optimizer format a checkpoint was written in (its megatron content metadata)."""
+    saved = dist_checkpointing.load_content_metadata(str(path)) or {}
+    return {"distrib_optim_sharding_type": saved.get("distrib_optim_sharding_type", "fully_reshardable")}
 
 
 class CheckpointError(RuntimeError):
@@ -128,15 +135,22 @@ def _prepare_optimizer_for_load(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = set_states
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron restores Adam's ``step`` as ONE tensor shared by every parameter's state; torch's
-    AdamW increments ``state["step"]`` in place per parameter, so a shared tensor would advance
-    once per parameter per update and corrupt the bias correction. Give each its own copy."""
+def _adam_steps_per_parameter(optimizer) -> None:
+    """megatron restores Adam's ``step`` once per param group (its fused Adams keep it there):
+    ``dp_reshardable`` puts it only in the group, leaving every parameter's ``state["step"]`` at
+    the placeholder's 1 (measured: resumed at step 3, Adam's bias correction restarted and the
+    losses drifted from step 7 on); ``fully_reshardable`` hands each parameter ONE tensor shared
+    by all. torch's AdamW keeps and increments ``state["step"]`` per parameter, in place, so
+    each parameter gets its own tensor holding the group's restored step."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        for state in (inner.state.values() if inner is not None else []):
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        for group in (inner.param_groups if inner is not None else []):
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                step = state.get("step")
+                if torch.is_tensor(step):
+                    restored = group.get("step", step)
+                    state["step"] = torch.as_tensor(restored, dtype=step.dtype, device=step.device).clone()
 
 
 _SCHEDULED = ("params", "step", "lr", "weight_decay")  # restored state / set by the scheduler
@@ -157,7 +171,10 @@ def _restore_hyperparameters(optimizer, configured: List[dict]) -> None:
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 2, verify: str = "checksum",
-                 async_save: bool = False):
+                 async_save: bool = False, optimizer_format: str = "fully_reshardable"):
+        if optimizer_format not in OPTIMIZER_FORMATS:
+            raise ValueError(f"optimizer_format={optimizer_format!r} not in {OPTIMIZER_FORMATS}")
+        self.sharding = {"distrib_optim_sharding_type": optimizer_format}
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.checksums = verify == "checksum"
@@ -255,9 +272,9 @@ class Checkpointer:
         _barrier()
         model_sd = model.sharded_state_dict()
         state = {"model": model_sd,
-                 "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING)}
+                 "optimizer": optimizer.sharded_state_dict(model_sd, metadata=self.sharding)}
         with results_queue(background=self.background is not None):
-            request = dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_SHARDING,
+            request = dist_checkpointing.save(state, str(tmp), content_metadata=self.sharding,
                                               async_sharded_save=self.background is not None)
         torch.save({"rng": _rng_state(), "data": data_state,
                     "dp_rank": parallel_state.get_data_parallel_rank()}, tmp / f"rank_{rank:05d}.pt")
@@ -333,13 +350,15 @@ class Checkpointer:
         _prepare_optimizer_for_load(optimizer)
         configured = _configured_hyperparameters(optimizer)
         model_sd = model.sharded_state_dict()
+        sharding = saved_sharding(path)  # the checkpoint's own format, whatever this run saves in
         state = dist_checkpointing.load(
             {"model": model_sd,
-             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)},
+             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sharding)},
             str(path))
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _unshare_adam_steps(optimizer)
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+        _adam_steps_per_parameter(optimizer)
         _restore_hyperparameters(optimizer, configured)
         # Built with override_opt_param_scheduler: the schedule's shape comes from the config
         # (train_steps, warmup, decay), only the step count from the checkpoint.

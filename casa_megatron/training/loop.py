@@ -76,7 +76,7 @@ def train(cfg: TrainConfig) -> dict:
     initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                        cfg.checkpoint.verify, cfg.checkpoint.async_save)
+                        cfg.checkpoint.verify, cfg.checkpoint.async_save, cfg.checkpoint.optimizer_format)
     session = RunSession(cfg, run_dir, ckpt)
     session.open()  # lock, writable check, resume pre-check: refuses before anything is written
     try:

@@ -135,6 +135,23 @@ def check_compatible(saved: Dict[str, Any], current: Any, source: str, weights_o
     return diff
 
 
+def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> None:
+    """A distributed optimizer saved ``dp_reshardable`` keeps megatron's internal buffer layout,
+    which depends on TP and PP: it loads at another data-parallel size, not at another TP / PP
+    (megatron then fails deep in the load, listing every tensor). Refuse that resume up front."""
+    old = {**flatten(to_dict(type(current)())), **flatten(saved)}
+    if old["checkpoint.optimizer_format"] != "dp_reshardable" or not old["optimizer.use_distributed_optimizer"]:
+        return
+    was = (old["parallel.tensor_model_parallel_size"], old["parallel.pipeline_model_parallel_size"])
+    now = (current.parallel.tensor_model_parallel_size, current.parallel.pipeline_model_parallel_size)
+    if was != now:
+        raise ResumeMismatch(
+            f"{source} holds its optimizer state as checkpoint.optimizer_format=dp_reshardable, written at TP={was[0]}, "
+            f"PP={was[1]}; it resumes at another data-parallel size but not at TP={now[0]}, PP={now[1]}. Resume at "
+            f"TP={was[0]}, PP={was[1]} with checkpoint.optimizer_format=fully_reshardable and save once, then change "
+            f"the layout")
+
+
 def read_saved_config(path: Path) -> Dict[str, Any]:
     """The resolved config stored in checkpoint ``path`` (ValueError if missing or unreadable)."""
     try:
@@ -154,7 +171,9 @@ def precheck(ckpt, cfg) -> Optional[Differences]:
             saved = read_saved_config(path)
         except ValueError:
             continue
-        return check_compatible(saved, cfg, f"checkpoint {path}")
+        diff = check_compatible(saved, cfg, f"checkpoint {path}")
+        check_optimizer_layout(saved, cfg, f"checkpoint {path}")
+        return diff
     return None
 
 
@@ -206,6 +225,7 @@ def resume(ckpt, cfg, model, optimizer, scheduler) -> Resumed:
             out.skipped.append((path, "damaged", str(exc)))
             continue
         diff = check_compatible(saved, cfg, f"checkpoint {path}")
+        check_optimizer_layout(saved, cfg, f"checkpoint {path}")
         why = None
         try:
             step, data_state = ckpt.load(path, model, optimizer, scheduler)
