@@ -84,19 +84,11 @@ def summarise(mode: str, optimizer_format: str, run_dir: Path, save_interval: in
 
 
 def identical(a: Path, b: Path) -> bool:
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     import torch
 
-    def tensors(path):
-        reader = FileSystemReader(str(path))
-        meta = reader.read_metadata().state_dict_metadata
-        out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-               if hasattr(m, "size") and "_extra_state" not in k}
-        load(out, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
-        return out
+    from casa_megatron.training.checkpoint import read_tensors
 
-    x, y = tensors(a), tensors(b)
+    x, y = read_tensors(a), read_tensors(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

@@ -73,6 +73,22 @@ def saved_sharding(path: Path) -> dict:
     return {"distrib_optim_sharding_type": saved.get("distrib_optim_sharding_type", "fully_reshardable")}
 
 
+def read_tensors(path: Path) -> dict:
+    """Every tensor of a dist checkpoint (model weights, the optimizer's fp32 weights and Adam
+    moments), read in this one process without torch.distributed: for comparing two
+    checkpoints (tests, ``benchmarks/checkpoint_save.py``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as load_dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    reader = FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+               if hasattr(m, "size") and "_extra_state" not in k}
+    load_dcp(tensors, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return tensors
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, incomplete, other model)."""
 

@@ -178,6 +178,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
                            "text_tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_time,
                            **throughput_metrics(step_flops, losses, step_time, peak),
+                           "data_wait_s": meter.last_data_wait_s,
                            "peak_memory_gib": peak_memory_bytes() / 2**30,
                            "checkpoint_held_s": ckpt.held_s - held_logged, **skip_metrics(totals)}
                 held_logged = ckpt.held_s

@@ -58,12 +58,16 @@ def peak_tflops(cfg: TrainConfig) -> Optional[float]:
 
 
 class FlopMeter:
-    """An iterator over ``source`` that adds up the model FLOPs of the micro-batches it yields."""
+    """An iterator over ``source`` that adds up the model FLOPs of the micro-batches it yields,
+    and the time spent waiting for them (``data_wait_s``: a step whose wait approaches its step
+    time is bound by data loading, not compute; Megatron-LM's "batch-generator" timer)."""
 
     def __init__(self, model: ModelConfig, image_seq_length: int):
         self.model, self.image_seq_length = model, image_seq_length
         self.flops = 0  # since the last take()
         self.count_seconds = 0.0  # time spent counting, since the last take()
+        self.data_wait_s = 0.0  # time spent in the source's next(), since the last take()
+        self.last_data_wait_s = 0.0  # ... up to the last take(): the step just run
         self._source: Optional[Iterator] = None
 
     def over(self, source: Iterator) -> "FlopMeter":
@@ -74,15 +78,21 @@ class FlopMeter:
         return self
 
     def __next__(self):
-        batch = next(self._source)
+        start = time.perf_counter()
+        try:
+            batch = next(self._source)
+        finally:
+            self.data_wait_s += time.perf_counter() - start
         start = time.perf_counter()
         self.flops += microbatch_flops(self.model, batch, self.image_seq_length).total
         self.count_seconds += time.perf_counter() - start
         return batch
 
     def take(self) -> int:
-        """FLOPs counted since the last call (one step's micro-batches), and start afresh."""
+        """FLOPs counted since the last call (one step's micro-batches), and start afresh
+        (that step's data wait moves to ``last_data_wait_s``)."""
         flops, self.flops, self.count_seconds = self.flops, 0, 0.0
+        self.last_data_wait_s, self.data_wait_s = self.data_wait_s, 0.0
         return flops
 
 

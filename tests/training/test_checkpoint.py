@@ -83,12 +83,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(tmp_path, uninterrupt
     assert finished.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_checkpoints_and_marks_the_run_killed(tmp_path, sig):
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, []),
+                                        (signal.SIGTERM, ["checkpoint.async_save=true", "checkpoint.save_interval=3"])],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM_background_saves"])
+def test_stop_signal_checkpoints_and_marks_the_run_killed(tmp_path, sig, extra):
     """SIGTERM (SLURM) and Ctrl-C both finish the step, save, mark the MLflow run KILLED; with
-    SIGINT, a second run on the same directory is refused meanwhile, and the checkpoint resumes."""
+    SIGINT, a second run on the same directory is refused meanwhile, and the checkpoint resumes.
+    With background saves every 3 steps, one is usually in flight when the signal arrives: the
+    stop waits for it, writes the final one, and commits it before the process exits."""
     run_dir = tmp_path / "stopped"
-    proc = _start(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0", tracking=True), stdout=True)
+    proc = _start(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0", *extra, tracking=True),
+                  stdout=True)
     _wait_for_step(proc, run_dir, 10)
     if sig == signal.SIGINT:
         second = subprocess.run(_cli(run_dir, "train_steps=2000", "optimizer.wsd_decay_steps=0"), cwd=REPO,
@@ -102,6 +107,9 @@ def test_stop_signal_checkpoints_and_marks_the_run_killed(tmp_path, sig):
     step = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
     assert 10 <= step < 2000
     assert f"stopped by {sig.name} at step {step}" in out
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))  # every save committed
+    if extra:
+        assert f"checkpoint iter_{step:07d} committed: written in the background" in out
     # Honest, quiet logs: time, level and rank on every line; where things are, up front; no
     # start-up warnings that nobody can act on.
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[rank 0\] casa_megatron.train: run dir "

@@ -126,18 +126,9 @@ def _train(rank, world, run_dir, overrides, steps):
 
 
 def _checkpoint_tensors(path):
-    """Every tensor of a dist checkpoint (model weights, and the optimizer's fp32 weights and Adam
-    moments per parameter), read in this process."""
-    import torch
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from casa_megatron.training.checkpoint import read_tensors
 
-    reader = FileSystemReader(str(path))
-    meta = reader.read_metadata().state_dict_metadata
-    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-               if hasattr(m, "size") and "_extra_state" not in k}
-    load(tensors, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
-    return tensors
+    return read_tensors(path)
 
 
 def _rows(run_dir):

@@ -52,3 +52,25 @@ def test_peak_tflops_must_be_positive():
         load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["tracking.peak_tflops=0"])
     cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["tracking.peak_tflops=989.4"])
     assert cfg.tracking.peak_tflops == 989.4
+
+
+def test_meter_times_the_wait_for_each_step_s_micro_batches():
+    import time
+
+    from casa_megatron.training.throughput import FlopMeter
+
+    def slow(batches, delay):
+        for batch in batches:
+            time.sleep(delay)
+            yield batch
+
+    batches = [random_batch(1), random_batch(2), random_batch(3)]
+    meter = FlopMeter(small_model_config(), IMAGE_SLOTS).over(slow(batches, 0.2))
+    next(meter), next(meter)
+    meter.take()
+    assert 0.4 <= meter.last_data_wait_s < 0.6  # two waits of 0.2 s, not the counting
+    next(meter)
+    meter.take()
+    assert 0.2 <= meter.last_data_wait_s < 0.3
+    meter.take()
+    assert meter.last_data_wait_s == 0.0
