@@ -15,7 +15,7 @@ from casa_megatron.config import load_config
 from casa_megatron.config.schema import ConfigError, TrainConfig
 from casa_megatron.runtime import RunDirBusy, filter_startup_warnings, setup_logging
 
-EXIT_CONFIG, EXIT_REFUSED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_CONFIG, EXIT_REFUSED, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def _say(message: str) -> None:
@@ -37,11 +37,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     filter_startup_warnings()
     setup_logging(int(os.environ.get("RANK", "0")))
     from casa_megatron.data.records import ShardError
+    from casa_megatron.training import loop
     from casa_megatron.training.checkpoint import CheckpointError
-    from casa_megatron.training.loop import train
+    from casa_megatron.training.failures import RunFailed
 
     try:
-        train(cfg)
+        loop.train(cfg)
     except ConfigError as exc:  # includes a checkpoint written by another model (ResumeMismatch)
         _say(f"config error: {exc}")
         return EXIT_CONFIG
@@ -51,6 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ShardError as exc:  # the dataset itself is unusable (named in the message)
         _say(f"data error: {exc}")
         return EXIT_REFUSED
+    except RunFailed as exc:  # diverged, or a background checkpoint write failed: checkpoints intact
+        print(f"error: {exc}", file=sys.stderr, flush=True)  # every failing rank: the cause may be one rank's
+        return EXIT_FAILED
     except KeyboardInterrupt:
         _say("interrupted: exited at once, without a checkpoint; the last complete one is the resume point")
         return EXIT_INTERRUPTED

@@ -40,6 +40,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
 from casa_megatron.training.ckpt_manifest import describe, shards_of
+from casa_megatron.training.failures import RunFailed
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _cause(exc: BaseException) -> str:
     return "; ".join(a for a in accounts if a) or str(exc)
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunFailed):
     """A background checkpoint write failed on some rank (raised on every rank)."""
 
 

@@ -40,6 +40,7 @@ from casa_megatron.tracking import make_tracker
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.evaluation import check_validation, evaluate
+from casa_megatron.training.failures import TrainingDiverged, non_finite_gradients
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
@@ -163,9 +164,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             start = time.perf_counter()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = fb(forward_step_func=forward_step, data_iterator=meter, model=[ddp],
-                        num_microbatches=num_micro, seq_length=seq_length,
-                        micro_batch_size=cfg.micro_batch_size)
+            try:
+                losses = fb(forward_step_func=forward_step, data_iterator=meter, model=[ddp],
+                            num_microbatches=num_micro, seq_length=seq_length,
+                            micro_batch_size=cfg.micro_batch_size)
+            except RuntimeError as exc:
+                if non_finite_gradients(exc):
+                    raise TrainingDiverged(step, exc, ckpt.latest()) from exc
+                raise
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             step_time = time.perf_counter() - start
