@@ -49,7 +49,7 @@ MODES = [("sync", "false", "fully_reshardable"), ("async", "true", "fully_reshar
 
 
 def run_mode(async_save: str, optimizer_format: str, run_dir: str, steps: int, save_interval: int,
-             overrides: list) -> dict:
+             overrides: list, model: list) -> dict:
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.training.loop import train
@@ -58,7 +58,7 @@ def run_mode(async_save: str, optimizer_format: str, run_dir: str, steps: int, s
         f"run_dir={run_dir}", f"train_steps={steps}", "log_interval=1", "tracking.enabled=false",
         f"checkpoint.save_interval={save_interval}", f"checkpoint.async_save={async_save}",
         f"checkpoint.optimizer_format={optimizer_format}",
-        "checkpoint.keep_last=0", "optimizer.warmup_steps=2", "optimizer.wsd_decay_steps=0", *MODEL, *overrides])
+        "checkpoint.keep_last=0", "optimizer.warmup_steps=2", "optimizer.wsd_decay_steps=0", *model, *overrides])
     start = time.perf_counter()
     train(cfg)
     return {"wall_s": time.perf_counter() - start}
@@ -98,16 +98,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--save-interval", type=int, default=4)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--dir", help="run directories go here (default: a temporary folder, removed)")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
+    ap.add_argument("--formats", default="fully_reshardable,dp_reshardable", help="optimizer formats to time")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model of the base config (a quick rehearsal)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = ap.parse_args(argv)
     if args.steps < 2 * args.save_interval + 1:
         ap.error("--steps must leave at least two interval saves with a step after each")
+    modes = [m for m in MODES if m[2] in args.formats.split(",")]
+    if not modes:
+        ap.error(f"--formats {args.formats!r}: none of {sorted({m[2] for m in MODES})}")
+    model = [] if args.tiny else MODEL
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         results, sync_dir = [], {}
-        for mode, async_save, fmt in MODES:
+        for mode, async_save, fmt in modes:
             run_dir = Path(tmp) / f"{mode}_{fmt}"
             wall = run_in_child(run_mode, async_save, fmt, str(run_dir), args.steps, args.save_interval,
-                                args.overrides, what=f"{mode} {fmt} run")["wall_s"]
+                                args.overrides, model, what=f"{mode} {fmt} run")["wall_s"]
             results.append(summarise(mode, fmt, run_dir, args.save_interval, wall))
             if mode == "sync":
                 sync_dir[fmt] = run_dir
@@ -124,7 +130,7 @@ def main(argv=None) -> dict:
                                  ("other steps (s)", "step_other_s", ".3f"), ("wall (s)", "wall_s", ".1f"),
                                  ("checkpoint (GiB)", "checkpoint_gib", ".2f"),
                                  ("same tensors", "identical_to_sync", "")]))
-    out = {"benchmark": "checkpoint_save", "model_overrides": MODEL + args.overrides, "steps": args.steps,
+    out = {"benchmark": "checkpoint_save", "model_overrides": model + args.overrides, "steps": args.steps,
            "save_interval": args.save_interval, "machine": machine_info(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Every GPU check of issue 13 in one command; writes a markdown report and its JSON.
 
-    python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts abcdef] [--quick]
+    python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts abcdefg] [--quick]
     python benchmarks/gpu_check.py --rehearse-cpu [--quick]   # the GPU parts' code on a CPU, no GPU figure
 
 Parts (each reports "not available" with the reason when its package or a GPU is missing;
@@ -13,7 +13,10 @@ a part that raises is reported "failed" with the error, the others still run):
       operators anywhere, H.264 + the GPU decoder on a GPU) (``dali_decode.py``);
   (e) ``train_efficiency`` at ``benchmarks/configs/gpu_paper.yaml`` (Helium-2B shape, 2,048 text +
       20,480 image tokens): CASA vs cross-attention vs insertion, peak memory, text tokens/s;
-  (f) MFU of the CASA model in bf16 at that shape (``efficiency.py``).
+  (f) MFU of the CASA model in bf16 at that shape (``efficiency.py``);
+  (g) background checkpoint saves (``checkpoint.async_save``) through the real training loop in
+      bf16: the same tensors as synchronous saves, and how long saves hold training
+      (``checkpoints.py``; megatron's device-to-host copy before the fork is GPU-only code).
 
 How MFU FLOPs are counted (part f): model FLOPs of what actually runs, by the count the training
 loop logs (``casa_megatron/training/flops.py``, docs/training.md "Throughput and MFU"): every
@@ -67,11 +70,12 @@ TITLES = {
     "d": "DALI decoding vs PyAV",
     "e": "Training efficiency at the paper's shape (gpu_paper.yaml)",
     "f": "MFU of the CASA model in bf16",
+    "g": "Background checkpoint saves on the GPU",
 }
 
 
 def _runner(part: str, args):
-    from benchmarks.gpu_parts import dali_decode, efficiency, kernels, models
+    from benchmarks.gpu_parts import checkpoints, dali_decode, efficiency, kernels, models
 
     return {
         "a": kernels.run,
@@ -80,6 +84,7 @@ def _runner(part: str, args):
         "d": lambda: dali_decode.run(quick=args.quick),
         "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
         "f": lambda: efficiency.mfu(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
+        "g": lambda: checkpoints.run(quick=args.quick, rehearse=args.rehearse_cpu),
     }[part]
 
 
@@ -191,12 +196,12 @@ def main(argv=None) -> int:
                         help="markdown report (default docs/gpu.md; with --rehearse-cpu "
                              "benchmarks/results/gpu_check_cpu_rehearsal.md)")
     parser.add_argument("--json", help="JSON of every number (default: --out with .json)")
-    parser.add_argument("--parts", default="abcdef", help="which parts, e.g. 'ad'")
+    parser.add_argument("--parts", default="".join(TITLES), help="which parts, e.g. 'ad'")
     parser.add_argument("--config", default=None,
                         help="the config of parts (c), (e) and (f) (default benchmarks/configs/gpu_paper.yaml; "
                              "with --rehearse-cpu cpu_small.yaml)")
     parser.add_argument("--rehearse-cpu", action="store_true",
-                        help="run the GPU-only code of parts (c), (e), (f) on the CPU at a small shape, in bf16 "
+                        help="run the GPU-only code of parts (c), (e), (f), (g) on the CPU at a small shape, in bf16 "
                              "where the part is bf16: proves the code runs, measures nothing about a GPU")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run of the structure)")
     parser.add_argument("--results-store", default=None,
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
                                        else "docs/gpu.md"))
     bad = set(args.parts) - set(TITLES)
     if bad or not args.parts:
-        parser.error(f"--parts takes letters from 'abcdef', got {args.parts!r}")
+        parser.error(f"--parts takes letters from {''.join(TITLES)!r}, got {args.parts!r}")
     env = environment()
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     command = command.strip()

@@ -22,13 +22,13 @@ def test_cpu_run_reports_every_part(tmp_path):
 
     out = tmp_path / "gpu.md"
     out.write_text(f"# Guide\n\nhand-written text\n\n{BEGIN}\nold report\n{END}\n\n## After\n")
-    assert main(["--out", str(out), "--quick", "--parts", "abcdef"]) == 0
+    assert main(["--out", str(out), "--quick", "--parts", "abcdefg"]) == 0
     text = out.read_text()
     assert text.startswith("# Guide\n\nhand-written text\n\n") and text.endswith("\n## After\n")
     assert "old report" not in text and text.count(BEGIN) == text.count(END) == 1
     report = json.loads(out.with_suffix(".json").read_text())
     parts = {p["part"]: p for p in report["parts"]}
-    assert sorted(parts) == list("abcdef")
+    assert sorted(parts) == list("abcdefg")
     kernels = parts["a"]
     assert kernels["status"] == "ok"
     rows = kernels["data"]["rows"]
@@ -36,7 +36,7 @@ def test_cpu_run_reports_every_part(tmp_path):
         ("torch", p) for p in ("casa", "cross_attention", "self_attention")}
     assert all(0 < r["max_err"] <= kernels["data"]["tolerance"] for r in rows)  # bf16 vs fp32: not exact
     assert set(kernels["data"]["not_available"]) == {"flash", "te", "torch_varlen"}
-    for p in "bcef":
+    for p in "bcefg":
         assert parts[p]["status"] == "not available" and "CUDA GPU" in parts[p]["reason"]
     if dali_available():
         dali = parts["d"]
@@ -70,7 +70,7 @@ def test_te_names_map_to_local_names():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal is for machines without a GPU")
 def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
-    """--rehearse-cpu runs parts (c), (e), (f) -- GPU-only in a real check -- on the CPU at a small
+    """--rehearse-cpu runs parts (c), (e), (f), (g) -- GPU-only in a real check -- on the CPU at a small
     shape in bf16, one after the other in one process, as a GPU session would: a bug in their glue
     (device moves, the per-fusion child processes after an in-process run, the report) shows up
     here. It found two: VLMBatch has no .cuda(), and the children inherited MASTER_PORT."""
@@ -81,11 +81,11 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     # in-process, which later tests' forked gloo workers must not inherit (tests/support/dist.py),
     # and a fork of this process could hang in the OpenMP pool earlier tests started
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--rehearse-cpu", "--quick",
-                           "--parts", "cef", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                           "--parts", "cefg", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_text().startswith("<!-- gpu_check:begin -->\n**CPU rehearsal**")
     parts = {p["part"]: p for p in json.loads(out.with_suffix(".json").read_text())["parts"]}
-    assert {p: parts[p]["status"] for p in "cef"} == {"c": "ok", "e": "ok", "f": "ok"}
+    assert {p: parts[p]["status"] for p in "cefg"} == {"c": "ok", "e": "ok", "f": "ok", "g": "ok"}
 
     steps = parts["c"]["data"]
     assert steps["spec"] == "local" and steps["device"] == "cpu" and "CUDA GPU" in steps["fp8_not_available"]
@@ -104,6 +104,11 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     (row,) = mfu["rows"]
     assert row["spec"] == "local" and row["step_time_s"] > 0 and row["mfu_datasheet"] is None
     assert 0 < row["mfu_measured_gemm"]
+
+    saves = {r["mode"]: r for r in parts["g"]["data"]["results"]}  # the loop in bf16, after (c) and (f) ran
+    assert set(saves) == {"sync", "async"} and all(r["identical_to_sync"] for r in saves.values())
+    assert saves["sync"]["final_loss"] == saves["async"]["final_loss"] and saves["async"]["saves_timed"] == 2
+    assert "precision.bf16=true" in parts["g"]["markdown"]
 
 
 def test_report_is_rewritten_after_every_part_and_the_store_carries_parts_across_runs(tmp_path, monkeypatch):

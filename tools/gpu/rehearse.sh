@@ -38,7 +38,7 @@ log "call 4's tests (GPU-only tests skip here, each with its reason)"
 bash tools/gpu/device.sh tests
 log "call 5's check, then the GPU parts' code on the CPU (--rehearse-cpu) through the same results store"
 bash tools/gpu/device.sh check --parts ad
-bash tools/gpu/device.sh check --parts cef --rehearse-cpu --quick
+bash tools/gpu/device.sh check --parts cefg --rehearse-cpu --quick
 log "the streaming benchmark's calls (issue 11), one fusion set per call, through its results store"
 bash tools/gpu/device.sh stream --preset cpu_tiny --frames 24 --tokens 2 --fusions casa,text_only --budget-s 30
 bash tools/gpu/device.sh stream --preset cpu_tiny --frames 24 --tokens 2 --fusions insertion --budget-s 30
