@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from casa_megatron.training.ckpt_manifest import describe, shards_of
 from casa_megatron.training.failures import RunFailed
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest, _disable_gc
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,11 @@ class _InFlight:
     started: float
 
 
+@_disable_gc()
 def _write_then_describe(write: Callable, directory: Path, rank: int, checksums: bool, out, *args, **kwargs) -> None:
-    """In the forked writer: megatron's write, then this rank's manifest entries for its shards."""
+    """In the forked writer: megatron's write, then this rank's manifest entries for its shards.
+    Without the garbage collector, as megatron's own writer: on a GPU the fork holds Python objects
+    of the parent's CUDA tensors, and collecting one in the child would call into CUDA there."""
     write(*args, **kwargs)
     out.put(describe(directory, shards_of(directory, rank), checksums))
 
