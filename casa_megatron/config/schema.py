@@ -538,6 +538,10 @@ class TrainConfig:
     # the mean of per-micro-batch means (a packed micro-batch with few answer tokens weighs as
     # much as one with many)
     calculate_per_token_loss: bool = False
+    # Megatron-LM's --exit-duration-in-mins: once the run has been going this long (set-up
+    # included), finish the step, save and exit 0 like SIGTERM does. For a scheduler's time limit
+    # without a warning signal; None = no limit.
+    exit_duration_mins: Optional[float] = None
     seed: int = 1234
     run_dir: str = "runs/tiny_cpu"
 

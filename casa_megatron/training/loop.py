@@ -106,6 +106,7 @@ def _load_data_state(data, state, dp_rank: int, dp_size: int) -> None:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
+    started = time.monotonic()  # exit_duration_mins counts set-up too, as a scheduler's limit does
     par = cfg.parallel
     last_stage = parallel_state.is_pipeline_last_stage()
     is_logger = last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and \
@@ -203,7 +204,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 saved_at = step
             else:
                 ckpt.poll()  # with async_save: commit a background write that finished
-            if _any_rank(stop.requested is not None):
+            limit = cfg.exit_duration_mins
+            out_of_time = limit is not None and time.monotonic() - started >= 60 * limit
+            if _any_rank(stop.requested is not None or out_of_time):
+                if stop.requested is None:  # the signal, or the time limit, may have come to other ranks
+                    stop.requested = f"exit_duration_mins={limit:g}" if out_of_time else "another rank's stop"
                 status = "KILLED"
                 break
         if saved_at != step:

@@ -210,3 +210,15 @@ def test_checkpoint_loads_at_another_layout(tmp_path, uninterrupted, save_at, lo
     assert [r["step"] for r in rows] == list(range(10, 25, 2))
     for row in rows:
         assert row["loss"] == pytest.approx(want[row["step"]]["loss"], rel=1e-4, abs=1e-5), row["step"]
+
+
+def test_exit_duration_stops_saves_and_the_next_run_goes_on(tmp_path):
+    """Megatron-LM's --exit-duration-in-mins: a run past its time budget (set-up included) finishes
+    the step, checkpoints it and returns like a SIGTERM; the next run resumes there."""
+    run_dir = tmp_path / "budget"
+    summary, = run_distributed(_train, world_size=1, run_dir=str(run_dir), overrides=["exit_duration_mins=1e-6"])
+    assert summary == {"final_loss": summary["final_loss"], "steps": 1, "status": "KILLED"}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000001"
+    summary, = run_distributed(_train, world_size=1, run_dir=str(run_dir), overrides=["train_steps=4", "optimizer.warmup_steps=1",
+                                                                                   "optimizer.wsd_decay_steps=0"])
+    assert summary["steps"] == 4 and summary["status"] == "FINISHED"
