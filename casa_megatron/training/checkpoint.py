@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-import time
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 

@@ -37,11 +37,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest, _disable_gc
 from torch.distributed.checkpoint.api import CheckpointException
 
 from casa_megatron.training.ckpt_manifest import describe, shards_of
 from casa_megatron.training.failures import RunFailed
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest, _disable_gc
 
 logger = logging.getLogger(__name__)
 
