@@ -538,6 +538,10 @@ class TrainConfig:
     # the mean of per-micro-batch means (a packed micro-batch with few answer tokens weighs as
     # much as one with many)
     calculate_per_token_loss: bool = False
+    # Megatron-LM's --rampup-batch-size: [start, increment, ramp_samples]. The global batch starts
+    # at ``start`` and grows by ``increment`` at even steps of consumed samples until it reaches
+    # global_batch_size after ``ramp_samples`` (training/batch_schedule.py). None = constant.
+    rampup_batch_size: Optional[List[int]] = None
     # Megatron-LM's --exit-duration-in-mins: once the run has been going this long (set-up
     # included), finish the step, save and exit 0 like SIGTERM does. For a scheduler's time limit
     # without a warning signal; None = no limit.
@@ -567,6 +571,17 @@ class TrainConfig:
             raise ConfigError(f"eval_interval={self.eval_interval} must be >= 0 and eval_iters={self.eval_iters} >= 1")
         if self.eval_interval and not self.data.valid:
             raise ConfigError(f"eval_interval={self.eval_interval} needs validation sources in data.valid")
+        if self.rampup_batch_size is not None:
+            ramp = self.rampup_batch_size
+            if len(ramp) != 3 or any(not isinstance(v, int) for v in ramp):
+                raise ConfigError(f"rampup_batch_size={ramp} must be three integers: [start, increment, ramp_samples]")
+            start, increment, samples = ramp
+            if not (1 <= start < self.global_batch_size) or increment < 1 or samples < 1:
+                raise ConfigError(f"rampup_batch_size={ramp}: needs 1 <= start < global_batch_size="
+                                  f"{self.global_batch_size}, increment >= 1 and ramp_samples >= 1")
+            if (self.global_batch_size - start) % increment:
+                raise ConfigError(f"rampup_batch_size={ramp}: global_batch_size - start = "
+                                  f"{self.global_batch_size - start} is not a multiple of the increment {increment}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size={self.micro_batch_size}")

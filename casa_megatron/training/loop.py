@@ -37,6 +37,7 @@ from casa_megatron.parallel import initialize_parallel
 from casa_megatron.runtime.logs import promote_rank
 from casa_megatron.runtime.signals import StopRequest
 from casa_megatron.tracking import make_tracker
+from casa_megatron.training.batch_schedule import BatchSchedule
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.evaluation import check_validation, evaluate
@@ -114,6 +115,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     promote_rank(is_logger or dist.get_rank() == 0)
 
     data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
+    # micro-batches per step: constant, or ramped up by consumed samples; checked before the model
+    batches = BatchSchedule(cfg, parallel_state.get_data_parallel_world_size(), dist.get_rank())
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
@@ -124,12 +127,12 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism)
-    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
 
     resumed = resume(ckpt, cfg, model, optimizer, scheduler) if cfg.checkpoint.resume else Resumed()
     if resumed.data_state is not None:
         _load_data_state(data, resumed.data_state, dp_rank, dp_size)
     start_step = resumed.step
+    consumed = batches.consumed_after(start_step)
     resumed_from = str(resumed.path) if resumed.path is not None else None
     if dist.get_rank() == 0:  # the run is accepted: only now is anything of it written
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +166,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         while step < cfg.train_steps:
             step += 1
             start = time.perf_counter()
+            batch_size, num_micro = batches.at(consumed)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             try:
@@ -176,6 +180,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             step_time = time.perf_counter() - start
+            consumed += batch_size
             step_flops = meter.take()
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
@@ -183,7 +188,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 totals = skip_totals(data)
                 metrics = {"loss": loss, "lr_new": lr_new, "lr_pretrained": lr_pre,
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
-                           "text_tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_time,
+                           "global_batch_size": batch_size,
+                           "text_tokens_per_s": batch_size * cfg.data.seq_length / step_time,
                            **throughput_metrics(step_flops, losses, step_time, peak),
                            "data_wait_s": meter.last_data_wait_s,
                            "peak_memory_gib": peak_memory_bytes() / 2**30,
@@ -195,7 +201,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                     logger.warning("data: %s", describe(totals))
                 skipped_seen = totals["skipped"]
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_steps):
-                scores = evaluate(ddp, cfg, num_micro, data_cfg)
+                scores = evaluate(ddp, cfg, batches.full_num_micro, data_cfg)
                 if scores is not None:
                     tracker.log_metrics(scores, step)
                     log.write_eval(step, scores)
