@@ -115,8 +115,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     promote_rank(is_logger or dist.get_rank() == 0)
 
     data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     # micro-batches per step: constant, or ramped up by consumed samples; checked before the model
-    batches = BatchSchedule(cfg, parallel_state.get_data_parallel_world_size(), dist.get_rank())
+    batches = BatchSchedule(cfg, dp_size, dist.get_rank())
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
@@ -124,7 +125,6 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism)
 

@@ -65,7 +65,6 @@ class FlopMeter:
     def __init__(self, model: ModelConfig, image_seq_length: int):
         self.model, self.image_seq_length = model, image_seq_length
         self.flops = 0  # since the last take()
-        self.count_seconds = 0.0  # time spent counting, since the last take()
         self.data_wait_s = 0.0  # time spent in the source's next(), since the last take()
         self.last_data_wait_s = 0.0  # ... up to the last take(): the step just run
         self._source: Optional[Iterator] = None
@@ -83,15 +82,13 @@ class FlopMeter:
             batch = next(self._source)
         finally:
             self.data_wait_s += time.perf_counter() - start
-        start = time.perf_counter()
         self.flops += microbatch_flops(self.model, batch, self.image_seq_length).total
-        self.count_seconds += time.perf_counter() - start
         return batch
 
     def take(self) -> int:
         """FLOPs counted since the last call (one step's micro-batches), and start afresh
         (that step's data wait moves to ``last_data_wait_s``)."""
-        flops, self.flops, self.count_seconds = self.flops, 0, 0.0
+        flops, self.flops = self.flops, 0
         self.last_data_wait_s, self.data_wait_s = self.data_wait_s, 0.0
         return flops
 
