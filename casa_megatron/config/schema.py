@@ -451,6 +451,9 @@ class OptimizerConfig:
                               f"{self.wsd_decay_steps} exceed train_steps={train_steps}")
 
 
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # megatron's distrib_optim_sharding_type
+
+
 @dataclass
 class CheckpointConfig:
     """megatron dist_checkpointing; ``dir`` None = ``<run_dir>/checkpoints``."""
@@ -472,9 +475,8 @@ class CheckpointConfig:
     optimizer_format: str = "fully_reshardable"
 
     def validate(self) -> None:
-        formats = ("fully_reshardable", "dp_reshardable")
-        if self.optimizer_format not in formats:
-            raise ConfigError(f"checkpoint.optimizer_format={self.optimizer_format!r} not in {formats}")
+        if self.optimizer_format not in OPTIMIZER_FORMATS:
+            raise ConfigError(f"checkpoint.optimizer_format={self.optimizer_format!r} not in {OPTIMIZER_FORMATS}")
     # An imported checkpoint (``casa-convert import-hf``) to start from: weights only, with a
     # fresh optimizer, scheduler and data order. A checkpoint in ``dir`` (resume) takes
     # precedence. The model architecture is read from it (see casa_megatron/config/pretrained.py).

@@ -44,10 +44,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from casa_megatron.config import save_config
+from casa_megatron.config.schema import OPTIMIZER_FORMATS
 from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
-OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")  # megatron's distrib_optim_sharding_type
 CHECKPOINT_NAME = re.compile(r"^iter_(\d+)$")
 logger = logging.getLogger(__name__)
 
