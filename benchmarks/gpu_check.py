@@ -1,6 +1,6 @@
 """Every GPU check of issue 13 in one command; writes a markdown report and its JSON.
 
-    python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts abcdefg] [--quick]
+    python benchmarks/gpu_check.py [--out docs/gpu.md] [--json PATH] [--parts aefg] [--budget-s S] [--quick]
     python benchmarks/gpu_check.py --rehearse-cpu [--quick]   # the GPU parts' code on a CPU, no GPU figure
 
 Parts (each reports "not available" with the reason when its package or a GPU is missing;
@@ -38,11 +38,15 @@ when the file has those markers (docs/gpu.md keeps its hand-written guide around
 file is the report. Writes are atomic. The JSON (default: ``--out`` with ``.json``) holds every
 number. Exit status 1 if a part failed, else 0.
 
-Report and JSON are rewritten after every part, parts still to run marked "pending": a lent GPU's
-command is killed at its time limit, and what finished before must come back. ``--results-store
-PATH`` carries parts across runs (docs/gpu.md's sequence measures (a), (d), (e), (f) before
-Transformer Engine is installed, then (b), (c) after): parts not run now are taken from it and
-reported with the command that measured them; every part measured now is written into it.
+Parts run in the order ``--parts`` gives them (most valuable first). Report and JSON are rewritten
+after every part, parts still to run marked "pending": a lent GPU's command is killed at its time
+limit, and what finished before must come back. ``--budget-s`` is the time this command may take:
+a part is not started when less is left than its ``PART_MIN_S`` (reported "not run" with the
+seconds left), and part (e) shares what is left among its fusions' processes. ``--results-store
+PATH`` carries parts across runs and rounds (docs/gpu.md: the core round measures (a), (e), (f),
+(g), the dali round (d), the TE round (b), (c) and TE's rows of (a) and (f), each in another lent
+session): parts not measured now are taken from it and reported with the command that measured
+them; every part measured now is written into it.
 """
 
 from __future__ import annotations
@@ -74,6 +78,15 @@ TITLES = {
 }
 
 
+# Rough least durations on a lent H100 (estimates from each part's imports, model builds and
+# FLOPs; not measured yet): with less of --budget-s left a part is not started.
+PART_MIN_S = {"a": 20, "b": 40, "c": 90, "d": 30, "e": 150, "f": 60, "g": 90}
+
+
+def seconds_left(args) -> float:
+    return float("inf") if args.deadline is None else args.deadline - time.monotonic()
+
+
 def _runner(part: str, args):
     from benchmarks.gpu_parts import checkpoints, dali_decode, efficiency, kernels, models
 
@@ -82,13 +95,20 @@ def _runner(part: str, args):
         "b": lambda: models.te_vs_local(quick=args.quick),
         "c": lambda: models.precision_steps(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
         "d": lambda: dali_decode.run(quick=args.quick),
-        "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
+        "e": lambda: efficiency.paper_efficiency(args.config, quick=args.quick, rehearse=args.rehearse_cpu,
+                                                 deadline=args.deadline),
         "f": lambda: efficiency.mfu(args.config, quick=args.quick, rehearse=args.rehearse_cpu),
-        "g": lambda: checkpoints.run(quick=args.quick, rehearse=args.rehearse_cpu),
+        "g": lambda: checkpoints.run(quick=args.quick, rehearse=args.rehearse_cpu, deadline=args.deadline),
     }[part]
 
 
 def run_part(part: str, args) -> PartResult:
+    left = seconds_left(args)
+    if left < PART_MIN_S[part]:
+        result = PartResult(part, TITLES[part], status="not run",
+                            reason=f"{max(left, 0):.0f} s of --budget-s left, the part needs about {PART_MIN_S[part]} s")
+        print(f"({part}) {result.title}: not run -- {result.reason}", file=sys.stderr, flush=True)
+        return result
     start = time.perf_counter()
     try:
         result = _runner(part, args)()
@@ -108,20 +128,23 @@ def pending(part: str) -> PartResult:
                       reason="not finished when this report was written (the run was still going, or was cut short)")
 
 
-def load_store(path: Path, now: set) -> dict:
-    """Parts an earlier run measured (``--results-store``), except those this run measures again."""
+UNFINISHED = ("pending", "not run")
+
+
+def load_store(path: Path) -> dict:
+    """Parts an earlier run measured (``--results-store``): part -> its result."""
     if not path.exists():
         return {}
     try:
         records = json.loads(path.read_text())["parts"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--results-store {path}: not a gpu_check JSON ({type(exc).__name__}: {exc})") from exc
-    kept = {}
+    stored = {}
     for record in records:
         result = PartResult.from_json(record)
-        if result.part in TITLES and result.part not in now and result.status != "pending":
-            kept[result.part] = result
-    return kept
+        if result.part in TITLES and result.status not in UNFINISHED:
+            stored[result.part] = result
+    return stored
 
 
 def environment() -> dict:
@@ -196,7 +219,9 @@ def main(argv=None) -> int:
                         help="markdown report (default docs/gpu.md; with --rehearse-cpu "
                              "benchmarks/results/gpu_check_cpu_rehearsal.md)")
     parser.add_argument("--json", help="JSON of every number (default: --out with .json)")
-    parser.add_argument("--parts", default="".join(TITLES), help="which parts, e.g. 'ad'")
+    parser.add_argument("--parts", default="".join(TITLES), help="which parts, in the order to run them, e.g. 'aefg'")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds this command may take: parts that no longer fit are reported 'not run'")
     parser.add_argument("--config", default=None,
                         help="the config of parts (c), (e) and (f) (default benchmarks/configs/gpu_paper.yaml; "
                              "with --rehearse-cpu cpu_small.yaml)")
@@ -218,17 +243,28 @@ def main(argv=None) -> int:
     env = environment()
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     command = command.strip()
-    now = sorted(set(args.parts))
+    now = list(dict.fromkeys(args.parts))  # run order; the report lists parts alphabetically
+    args.deadline = time.monotonic() + args.budget_s if args.budget_s is not None else None
     store = Path(args.results_store) if args.results_store else None
-    kept = load_store(store, set(now)) if store else {}
+    stored = load_store(store) if store else {}
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
     done = {}
 
+    def shown(part: str):
+        """(result, kept): the part as measured now; else as an earlier run measured it (not asked
+        for now, not reached yet, or not run for lack of time); else "not run" / "pending"."""
+        if part in done and done[part].status not in UNFINISHED:
+            return done[part], False
+        if part in stored:
+            return stored[part], True
+        return done.get(part) or pending(part), False
+
     def publish() -> None:
         """Report, JSON (and store) as they stand: finished and kept parts, the rest pending."""
-        results = [done.get(p) or kept.get(p) or pending(p) for p in sorted(set(now) | set(kept))]
-        report = render(results, env, command, kept=set(kept))
+        shown_now = {p: shown(p) for p in sorted(set(now) | set(stored))}
+        results = [r for r, _ in shown_now.values()]
+        report = render(results, env, command, kept={p for p, (_, k) in shown_now.items() if k})
         if args.rehearse_cpu:
             report = ("**CPU rehearsal** (`--rehearse-cpu`): the GPU parts' code ran on the CPU at a small shape; "
                       "no number here describes a GPU.\n\n" + report)

@@ -17,11 +17,13 @@ kv_heads * head_dim * bytes_per_element`` (one placeholder + the turn's tokens e
 cache; CASA windows are replaced, not accumulated). Insertion adds ``image_tokens`` per frame to
 every layer's cache; its growth is reported beside.
 
-On a lent GPU (10 minutes per call): ``--fusions`` runs a subset, ``--results-store`` carries the
-fusions of earlier calls into this call's report, ``--budget-s`` stops a fusion's stream in time
-(the frames reached are reported), and the JSON is rewritten after every fusion. Each fusion's
-process is forked on CPU and spawned on CUDA (a forked child cannot use CUDA once the parent has
-touched it).
+On a lent GPU (15 device minutes per session): ``--fusions`` runs a subset, ``--results-store``
+carries the fusions of earlier calls into this call's report, ``--budget-s`` stops a fusion's
+stream in time (the frames reached are reported), ``--total-budget-s`` shares the command's time
+among the fusions (each streams for its share of what is left, less the previous fusion's
+start-up), and the JSON is rewritten after every fusion. Each fusion's process is forked on CPU
+and spawned on CUDA (a forked child cannot use CUDA once the parent has touched it); its model is
+built on the device it runs on (a 2.7B-parameter model initialised on a GPU, not on its CPU).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def _processor(vocab: int, workdir: Path, preset: dict):
 
 
 MIN_FRAMES = 20  # a time budget never stops a fusion before this: first 10 vs last 10 turns
+STARTUP_GUESS_S = 60.0  # a fusion's process on a GPU before its first frame (spawn, imports, build): a guess
 
 
 def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, threads: int, device: str,
@@ -118,11 +121,13 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
 
     from casa_megatron.inference.streaming import LiveCaptioner
 
+    entered = time.monotonic()
     torch.set_num_threads(threads)
     preset = PRESETS[preset_name]
     dtype = getattr(torch, preset["dtype"])
-    model = build_models(preset, "insertion" if mechanism == "text_only" else mechanism)
-    model = model.to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of minutes on its CPU
+        model = build_models(preset, "insertion" if mechanism == "text_only" else mechanism)
+    model = model.to(dtype=dtype).eval()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -138,6 +143,7 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
     captioner.reset()
     records = []
     start = time.monotonic()
+    startup_s = start - entered
     for k in range(frames):
         frame = rng.integers(0, 256, (px, px, 3), dtype=np.uint8)
         records.append(captioner.caption_frame(frame, k / 2).to_json())
@@ -146,7 +152,7 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
     cfg = model.config
     sa_layers = sum(1 for i in range(cfg.num_hidden_layers)
                     if not (i in cfg.fusion_layers and cfg.fusion_placement == "replace"))
-    return {"records": records, "sa_layers": sa_layers, "frames_asked": frames,
+    return {"records": records, "sa_layers": sa_layers, "frames_asked": frames, "startup_s": startup_s,
             "bytes_per_token_layer": 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8,
             "image_tokens": int(captioner.cache.rows[0].windows[cfg.fusion_layers[0]].num_image_tokens)
             if cfg.fusion_layers else None}
@@ -235,6 +241,7 @@ def report(runs: dict, args, started: float) -> dict:
             "threads": args.threads, "device": args.device, "machine": machine_info(), "summary": rows,
             "table": table, "wall_s": time.time() - started, "budget_s": args.budget_s,
             "targets": {"casa_latency_ratio_max": 1.05, "casa_cache_growth_equals_text_formula": True},
+            "not_run": list(getattr(args, "not_run", [])), "total_budget_s": getattr(args, "total_budget_s", None),
             "per_frame": {name: runs[name]["records"] for name in names},
             "runs": {name: {k: v for k, v in runs[name].items() if k != "records"} for name in names}}
 
@@ -253,6 +260,9 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"stop each fusion's stream after this many seconds (at least {MIN_FRAMES} frames; "
                         "the frames reached are reported)")
+    p.add_argument("--total-budget-s", type=float, default=None,
+                   help="seconds the whole command may take: each fusion streams for an equal share of what is "
+                        "left, less the previous fusion's start-up; a fusion with no time left is not run")
     p.add_argument("--results-store", default=None,
                    help="JSON carrying fusions across runs (one lent-GPU call per fusion): fusions not run now "
                         "are kept from it, every fusion run now is written into it")
@@ -274,9 +284,24 @@ def main(argv=None) -> dict:
             write_json_atomic(store, result)
         return result
 
-    for name in [f for f in FUSIONS if f in fusions]:
+    deadline = time.monotonic() + args.total_budget_s if args.total_budget_s is not None else None
+    order = [f for f in FUSIONS if f in fusions]
+    startup = STARTUP_GUESS_S if args.device.startswith("cuda") else 0.0
+    args.not_run = []
+    result = publish()
+    for k, name in enumerate(order):
+        budget = args.budget_s
+        if deadline is not None:
+            share = (deadline - time.monotonic()) / (len(order) - k) - startup
+            if share <= 0:
+                print(f"{name}: not run, the --total-budget-s is spent", file=sys.stderr)
+                args.not_run.append(name)
+                result = publish()
+                continue
+            budget = share if budget is None else min(budget, share)
         runs[name] = run_in_child(_run_fusion, name, args.preset, args.frames, args.tokens, args.threads,
-                                  args.device, args.budget_s, what="streaming benchmark", method=args.start_method)
+                                  args.device, budget, what="streaming benchmark", method=args.start_method)
+        startup = runs[name].get("startup_s", startup)
         result = publish()  # after every fusion: a run cut short keeps what finished
     print(result["table"])
     plot_series(out_json.with_suffix(".png"), result["per_frame"],

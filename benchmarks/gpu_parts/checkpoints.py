@@ -15,7 +15,9 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,7 +26,7 @@ from benchmarks.gpu_parts.common import NotAvailable, PartResult
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(quick: bool = False, rehearse: bool = False) -> PartResult:
+def run(quick: bool = False, rehearse: bool = False, deadline: Optional[float] = None) -> PartResult:
     if not rehearse and not torch.cuda.is_available():
         raise NotAvailable("the background save's GPU path (copy to host memory, then fork) needs a CUDA GPU; "
                            "the CPU path is measured by benchmarks/checkpoint_save.py and tested in "
@@ -35,7 +37,12 @@ def run(quick: bool = False, rehearse: bool = False) -> PartResult:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "checkpoint_save.json"
         cmd = [sys.executable, str(ROOT / "benchmarks/checkpoint_save.py"), *shown, "--json", str(out), "--dir", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 1.0)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"checkpoint_save.py {' '.join(shown)} ran past the budget ({timeout:.0f} s left "
+                               "when it started)") from exc
         if proc.returncode != 0:
             raise RuntimeError(f"checkpoint_save.py {' '.join(shown)} failed (exit {proc.returncode}):\n"
                                f"{proc.stderr[-2500:]}")

@@ -104,6 +104,11 @@ def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     (row,) = mfu["rows"]
     assert row["spec"] == "local" and row["step_time_s"] > 0 and row["mfu_datasheet"] is None
     assert 0 < row["mfu_measured_gemm"]
+    profile = mfu["profile"]  # where the step's time went: the GEMMs lead on any device
+    ms = [o["ms"] for o in profile["ops"]]
+    assert profile["clock"] == "cpu" and ms == sorted(ms, reverse=True) and 0 < sum(o["share"] for o in profile["ops"]) <= 1
+    assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in profile["ops"][:5])
+    assert "Profile of one local-spec step (cpu time" in parts["f"]["markdown"]
 
     saves = {r["mode"]: r for r in parts["g"]["data"]["results"]}  # the loop in bf16, after (c) and (f) ran
     assert set(saves) == {"sync", "async"} and all(r["identical_to_sync"] for r in saves.values())
@@ -149,3 +154,49 @@ def test_report_is_rewritten_after_every_part_and_the_store_carries_parts_across
     store.write_text("{not json")
     with pytest.raises(SystemExit, match="not a gpu_check JSON"):
         gpu_check.main(["--out", str(second), "--parts", "b", "--results-store", str(store)])
+
+
+def test_budget_keeps_the_given_order_and_reports_parts_that_no_longer_fit(tmp_path, monkeypatch):
+    """``--budget-s`` (tools/gpu/round.sh): parts run in the order asked (the most valuable first);
+    a part with less time left than it needs is reported "not run" with the seconds left, never
+    started to be killed mid-way; an earlier round's result of it stays in the report instead."""
+    import benchmarks.gpu_check as gpu_check
+    from benchmarks.gpu_parts.common import PartResult
+
+    ran = []
+
+    def runner(part, args):
+        def run():
+            ran.append(part)
+            return PartResult(part, gpu_check.TITLES[part], data={"deadline_set": args.deadline is not None})
+        return run
+
+    monkeypatch.setattr(gpu_check, "_runner", runner)
+    monkeypatch.setattr(gpu_check, "PART_MIN_S", {**gpu_check.PART_MIN_S, "a": 1, "d": 1, "e": 10_000})
+    store, out = tmp_path / "store.json", tmp_path / "r.md"
+    assert gpu_check.main(["--out", str(out), "--parts", "dae", "--budget-s", "600", "--results-store", str(store)]) == 0
+    assert ran == ["d", "a"]
+    parts = {p["part"]: p for p in json.loads(out.with_suffix(".json").read_text())["parts"]}
+    assert parts["e"]["status"] == "not run" and "needs about 10000 s" in parts["e"]["reason"]
+    assert parts["a"]["data"] == {"deadline_set": True} and parts["d"]["status"] == "ok"
+
+    # an earlier round measured (e): a later run that cannot fit it shows that measurement, kept
+    record = json.loads(store.read_text())
+    for p in record["parts"]:
+        if p["part"] == "e":
+            p.update(status="ok", reason="", data={"from": "round core"}, measured_by={"command": "round core"})
+    store.write_text(json.dumps(record))
+    ran.clear()
+    assert gpu_check.main(["--out", str(out), "--parts", "ea", "--budget-s", "600", "--results-store", str(store)]) == 0
+    parts = {p["part"]: p for p in json.loads(out.with_suffix(".json").read_text())["parts"]}
+    assert ran == ["a"] and parts["e"]["data"] == {"from": "round core"} and parts["e"]["status"] == "ok"
+    assert "_Measured by an earlier run: `round core`" in out.read_text()
+
+
+def test_fusion_processes_share_what_is_left_of_the_budget():
+    from benchmarks.gpu_parts.efficiency import FUSION_MIN_S, FUSION_TIMEOUT_S, fusion_timeouts
+
+    assert fusion_timeouts(3, None, 0.0) == FUSION_TIMEOUT_S
+    assert fusion_timeouts(3, 10_000.0, 0.0) == FUSION_TIMEOUT_S  # capped: a hang must not eat the call
+    assert fusion_timeouts(3, 300.0, 0.0) == 100.0 and fusion_timeouts(1, 300.0, 240.0) == 60.0
+    assert fusion_timeouts(2, 2 * FUSION_MIN_S - 1, 0.0) is None  # too little left to start a build

@@ -85,3 +85,15 @@ def test_fusions_run_in_separate_calls_with_a_budget_and_spawned_processes(tmp_p
         main(["--frames", "25", "--tokens", "2", "--results-store", str(store), "--fusions", "casa"])
     with pytest.raises(SystemExit):
         main(["--fusions", "casa,nothing"])
+
+
+def test_total_budget_shares_the_time_and_names_the_fusions_it_could_not_run(tmp_path):
+    """``--total-budget-s`` (tools/gpu/round.sh's stream round): a fusion gets its share of what is
+    left; with nothing left it is not run, and the JSON says so instead of a run cut by the tool."""
+    from benchmarks.streaming import main
+
+    out = tmp_path / "s.json"
+    main(["--frames", "25", "--tokens", "1", "--json", str(out), "--total-budget-s", "0"])
+    result = json.loads(out.read_text())
+    assert result["summary"] == [] and result["not_run"] == ["casa", "insertion", "text_only"]
+    assert result["total_budget_s"] == 0

@@ -36,19 +36,20 @@ def test_flash_varlen_matches_reference_gpu(n, length):
     torch.testing.assert_close(out.double(), _reference(q, k, v, 64 ** -0.5), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("kernel", ["2.13", "2.10"])
+@pytest.mark.parametrize("kernel", ["2.13", "2.11", "2.10"])
 @pytest.mark.parametrize("n,length,kv_heads", [(1, 9, 2), (3, 11, 2), (4, 4, 4), (5, 12, 1)])
 def test_gpu_branch_around_emulated_varlen_kernel(monkeypatch, kernel, n, length, kv_heads):
     """The remote code's GPU branch (call built from the installed ``varlen_attn`` signature: torch
-    2.13's scale / window_size / enable_gqa or torch 2.10's is_causal without GQA or scale) run on
-    CPU around an emulator of the kernel's documented contract (support/kernel_emulators.py)."""
+    2.13's scale / window_size / enable_gqa, 2.11's (the lent GPU machines') scale / window_size
+    without GQA, or 2.10's is_causal without GQA or scale) run on CPU around an emulator of the
+    kernel's documented contract (support/kernel_emulators.py)."""
     import inspect
 
-    from support.kernel_emulators import varlen_attn_2_10, varlen_attn_2_13
+    from support.kernel_emulators import varlen_attn_2_10, varlen_attn_2_11, varlen_attn_2_13
 
     from casa_megatron.hf.remote import layers_casa
 
-    fn = {"2.13": varlen_attn_2_13, "2.10": varlen_attn_2_10}[kernel]
+    fn = {"2.13": varlen_attn_2_13, "2.11": varlen_attn_2_11, "2.10": varlen_attn_2_10}[kernel]
     calls = []
 
     def spy(*args, **kwargs):
@@ -61,5 +62,5 @@ def test_gpu_branch_around_emulated_varlen_kernel(monkeypatch, kernel, n, length
     k, v = (torch.randn(kv_heads, length, 16, generator=g, dtype=torch.float64) for _ in range(2))
     out = attend(q, k, v, 0.3)
     assert calls == [["enable_gqa", "scale", "window_size"] if kernel == "2.13" and kv_heads != 4
-                     else ["scale", "window_size"] if kernel == "2.13" else ["is_causal"]]
+                     else ["scale", "window_size"] if kernel in ("2.13", "2.11") else ["is_causal"]]
     torch.testing.assert_close(out.double(), _reference(q, k, v, 0.3), rtol=1e-10, atol=1e-10)

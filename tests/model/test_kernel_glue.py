@@ -2,7 +2,7 @@
 
 ``torch_varlen``, ``flash`` and ``te`` call kernels that exist only on a GPU, so without a GPU the code
 around the call -- argument conversion, the signature-dependent call of ``varlen_attn`` (torch
-2.10 vs 2.13 spellings), GQA head repetition, head-dim padding with its compensating query
+2.10, 2.11 -- the lent GPU machines' -- and 2.13 spellings), GQA head repetition, head-dim padding with its compensating query
 scale, keyless windows -- would first run in a lent GPU session. Here each kernel is replaced by
 an emulator written from its documented contract (float64, dense, per sequence: bottom-right
 causal alignment, GQA groups, default scale ``1/sqrt(head_dim)``, zeros for a query with no
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.kernel_emulators import DotProductAttention, flash_attn_varlen_func, varlen_attn_2_10, varlen_attn_2_13
+from support.kernel_emulators import (
+    DotProductAttention, flash_attn_varlen_func, varlen_attn_2_10, varlen_attn_2_11, varlen_attn_2_13,
+)
 from test_window_kernels import CASES, _cu, _inputs, naive_windows
 
 from casa_megatron.model.kernels import flash_window, te_window, torch_varlen
@@ -41,12 +43,13 @@ def _emulated(monkeypatch, name):
     if name == "flash":
         monkeypatch.setattr(flash_window, "_import_flash_varlen", lambda: flash_attn_varlen_func)
         return flash_window.flash_window_attention
-    fn = {"torch_varlen_2_13": varlen_attn_2_13, "torch_varlen_2_10": varlen_attn_2_10}[name]
+    fn = {"torch_varlen_2_13": varlen_attn_2_13, "torch_varlen_2_11": varlen_attn_2_11,
+          "torch_varlen_2_10": varlen_attn_2_10}[name]
     monkeypatch.setattr(torch_varlen, "_varlen_api", lambda: (fn, set(inspect.signature(fn).parameters)))
     return torch_varlen.torch_varlen_window_attention
 
 
-@pytest.mark.parametrize("kernel", ["torch_varlen_2_13", "torch_varlen_2_10", "flash", "te"])
+@pytest.mark.parametrize("kernel", ["torch_varlen_2_13", "torch_varlen_2_11", "torch_varlen_2_10", "flash", "te"])
 @pytest.mark.parametrize("head_dim", [8, 12])  # 12: torch's kernel needs padding to 16
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", CASES)
@@ -68,8 +71,9 @@ def test_wrapper_around_emulated_kernel_matches_naive(monkeypatch, kernel, head_
 
 
 def test_torch_varlen_call_follows_the_installed_signature(monkeypatch):
-    """What the wrapper passes: 2.13 gets window_size / scale / enable_gqa; 2.10 gets is_causal and
-    repeated K/V heads (no GQA flag there)."""
+    """What the wrapper passes: 2.13 gets window_size / scale / enable_gqa; 2.11 (the lent GPU
+    machines') window_size / scale and repeated K/V heads; 2.10 is_causal and repeated K/V heads
+    (no GQA flag in either)."""
     seen = {}
 
     def spy(fn):
@@ -83,8 +87,9 @@ def test_torch_varlen_call_follows_the_installed_signature(monkeypatch):
 
     monkeypatch.setattr(torch_varlen, "require_cuda_half", lambda *a: None)
     q, k, v = _inputs([3], [5], 4, 2, d=16)
-    for fn in (varlen_attn_2_13, varlen_attn_2_10):
+    for fn in (varlen_attn_2_13, varlen_attn_2_11, varlen_attn_2_10):
         monkeypatch.setattr(torch_varlen, "_varlen_api", lambda fn=fn: (spy(fn), set(inspect.signature(fn).parameters)))
         torch_varlen.torch_varlen_window_attention(q, k, v, _cu([3]), _cu([5]), 3, 5, causal_bottom_right=True)
     assert seen["varlen_attn_2_13"] == (2, ["enable_gqa", "scale", "window_size"])
+    assert seen["varlen_attn_2_11"] == (4, ["scale", "window_size"])
     assert seen["varlen_attn_2_10"] == (4, ["is_causal"])

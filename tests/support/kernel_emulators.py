@@ -44,6 +44,16 @@ def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     return _contract_attention(query, key, value, cu_seq_q, cu_seq_k, scale, window_size == (-1, 0), enable_gqa)
 
 
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """torch 2.11's spelling (the lent GPU machines' torch; read from the 2.11.0 wheel's
+    ``torch/nn/attention/varlen.py``): ``scale`` and ``window_size``, no GQA flag."""
+    assert query.shape[-1] % 8 == 0, "head_dim must be a multiple of 8"
+    assert window_size in ((-1, -1), (-1, 0)), window_size
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    return _contract_attention(query, key, value, cu_seq_q, cu_seq_k, scale, window_size == (-1, 0), gqa=False)
+
+
 def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
     """torch 2.10's spelling: ``is_causal``, no ``scale``, no GQA."""
     assert query.shape[-1] % 8 == 0, "head_dim must be a multiple of 8"

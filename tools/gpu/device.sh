@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU-machine side of tools/gpu (docs/gpu.md has the whole sequence). Run from the repo root:
-#   bash tools/gpu/device.sh store K        move .gpu/call-K (carried by this call) to the store
-#   bash tools/gpu/device.sh install [B]    join + sha256-check the pieces of bundles B (default
-#                                           core,te: those whose pieces are all there), pip-install
-#                                           the wheels into the site folder (no network, no deps)
+# GPU-machine side of tools/gpu (docs/gpu.md "Rounds"; tools/gpu/round.sh runs a round's last
+# call with these verbs under a time budget). Run from the repo root:
+#   bash tools/gpu/device.sh store R K      copy .gpu/R/call-K (carried by this call) to the store
+#   bash tools/gpu/device.sh install B      join + sha256-check the pieces of bundles B (e.g.
+#                                           core,dali), pip-install the wheels into the site folder
+#                                           (no network, no deps)
 #   bash tools/gpu/device.sh build-te       build the Transformer Engine torch extension (sm_90)
 #   bash tools/gpu/device.sh probe          versions + what imports: answers GPU.md's questions
 #   bash tools/gpu/device.sh tests [PATHS]  the GPU-only tests (kernels, remote-code attention, DALI
@@ -23,12 +24,13 @@ log() { echo "[device.sh $(date +%H:%M:%S)] $*"; }
 
 case "${1:-}" in
   store)
-    k=${2:?usage: device.sh store K}
-    [ -d "$calls/call-$k" ] || { echo "no $calls/call-$k here: name .gpu/call-$k in the call's carry"; exit 2; }
-    cp "$calls/call-$k"/* "$store/"
-    log "call-$k stored: $(ls "$store" | grep -c piece) pieces in $store ($(du -sh "$store" | cut -f1))" ;;
+    round=${2:?usage: device.sh store ROUND K}; k=${3:?usage: device.sh store ROUND K}
+    folder="$calls/$round/call-$k"
+    [ -d "$folder" ] || { echo "no $folder here: name .gpu/$round/call-$k in the call's carry"; exit 2; }
+    cp "$folder"/* "$store/"
+    log "$round/call-$k stored: $(ls "$store" | grep -c piece) pieces in $store ($(du -sh "$store" | cut -f1))" ;;
   install)
-    bundles=${2:-core,te}
+    bundles=${2:?usage: device.sh install BUNDLES (e.g. core,dali)}
     start=$(date +%s)
     whole="$store/whole/${bundles//,/_}"  # this install's files only (core may be installed before te)
     python3 "$here/pack.py" join "$store" "$whole" --bundles "$bundles"
@@ -106,16 +108,24 @@ PY
     shift
     cd "$repo"
     cp docs/gpu.md "$out/gpu.md"  # the guide with its report markers: the report lands between them
-    # the results store keeps the parts of earlier check calls on this machine (before / after TE);
-    # report and JSON are rewritten after every part, so a call cut at its limit still returns them
+    # the results store keeps the parts of earlier check calls on this machine and, seeded from the
+    # committed benchmarks/results/gpu_check.json, those of earlier rounds (other sessions): every
+    # round's report holds every part measured so far. Report and JSON are rewritten after every
+    # part, so a call cut at its limit still returns them.
+    seed=benchmarks/results/gpu_check.json
+    [ -f "$store/gpu_check.json" ] || [ ! -f "$seed" ] || cp "$seed" "$store/gpu_check.json"
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
       --out "$out/gpu.md" --json "$out/gpu.json" --results-store "$store/gpu_check.json" "$@" ;;
   stream)
     shift
     cd "$repo"
     # issue 11's streaming benchmark (benchmarks/streaming.py); fusions may go in separate calls,
-    # carried into one report by the results store; the JSON is rewritten after every fusion
+    # carried into one report by the results store (seeded, like check's, from the committed
+    # results of earlier rounds); the JSON is rewritten after every fusion
+    seed=benchmarks/results/streaming_helium2b_gpu.json
+    case " $* " in *" --preset helium2b_gpu "*)
+      [ -f "$store/streaming.json" ] || [ ! -f "$seed" ] || cp "$seed" "$store/streaming.json" ;; esac
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/streaming.py --json "$out/streaming.json" \
       --results-store "$store/streaming.json" "$@" ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  *) sed -n 2,18p "$0"; exit 2 ;;
 esac

@@ -15,8 +15,8 @@ coincide and both alignments agree). Not yet checked on a GPU: ``benchmarks/gpu_
 part (a) compares it with the float32 torch reference, causal and not, forward and backward,
 with more keys than queries.
 
-API drift: torch 2.10 spelled causality ``is_causal=True`` and had no GQA flag; 2.13 uses
-``window_size=(-1, 0)`` and ``enable_gqa``. The call is built from the installed signature;
+API drift: torch 2.10 spelled causality ``is_causal=True`` and had no GQA flag; 2.11 (the lent
+GPU machines') uses ``window_size=(-1, 0)`` and ``scale`` without a GQA flag; 2.13 adds ``enable_gqa``. The call is built from the installed signature;
 without ``enable_gqa`` the key/value heads are repeated, without ``scale`` queries are
 pre-scaled. On CPU the kernel does not exist (``NotImplementedError`` from
 ``aten::_flash_attention_forward`` on torch 2.13 CPU), so this backend refuses CPU tensors.
