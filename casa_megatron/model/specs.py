@@ -93,7 +93,10 @@ def _with_packed_core(attention: ModuleSpec, use_te: bool, packed: bool,
 def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str = "auto") -> ModuleSpec:
     """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm)."""
     if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # TE fuses the norms into linear_qkv / linear_fc1, which read ``config.normalization``
+        # (megatron-core 0.16.1's TE spec takes no ``normalization`` argument: passing one raised
+        # TypeError, found by building the TE spec against a real TE on the CPU machine).
+        spec = get_gpt_layer_with_transformer_engine_spec()
         submodules = spec.submodules
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")

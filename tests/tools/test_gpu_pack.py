@@ -155,3 +155,14 @@ def test_round_stops_when_its_packages_did_not_arrive(tmp_path):
     assert proc.returncode == 1
     assert "name .gpu/dali/call-4 in the call's carry" in log and "store failed: the round stops" in log
     assert "install" not in log.split("store failed")[1].split("summary")[0]
+
+
+@pytest.mark.parametrize("prebuilt_imports", [True, False])
+def test_te_round_builds_the_extension_only_when_the_prebuilt_one_does_not_load(tmp_path, prebuilt_imports):
+    calls = tmp_path / "calls.txt"
+    fake = f'echo "$*" >> {calls}\ncase "$1" in te-imports) exit {0 if prebuilt_imports else 1} ;; esac\n'
+    proc, log = _round(tmp_path, "te", "5", "300", fake=fake)
+    assert proc.returncode == 0, log
+    done = [line.split(" --budget-s")[0] for line in calls.read_text().splitlines()]
+    assert done == ["store te 5", "install core,te", "te-imports"] + ([] if prebuilt_imports else ["build-te"]) + [
+        "probe", "check --parts bcaf", "tests tests/model/test_window_kernels.py"]

@@ -6,6 +6,8 @@
 #                                           core,dali), pip-install the wheels into the site folder
 #                                           (no network, no deps)
 #   bash tools/gpu/device.sh build-te       build the Transformer Engine torch extension (sm_90)
+#   bash tools/gpu/device.sh te-imports     exit 0 if transformer_engine.pytorch imports (prebuilt
+#                                           extension carried: tools/gpu/prebuild_te.sh)
 #   bash tools/gpu/device.sh probe          versions + what imports: answers GPU.md's questions
 #   bash tools/gpu/device.sh tests [PATHS]  the GPU-only tests (kernels, remote-code attention, DALI
 #                                           GPU decoder) -> $OUT/gpu_tests.txt
@@ -64,16 +66,28 @@ print(":".join(toolkit[:1] + wheels))')
     # Built into its own folder, then merged: `pip install --target --upgrade` replaces a
     # top-level directory that exists, and the extension's wheel has transformer_engine/wheel_lib/,
     # which would delete the whole transformer_engine package the te bundle installed.
+    # TE_WHEEL_DIR (tools/gpu/prebuild_te.sh, on the CPU machine): build a wheel to carry, and stop.
     built="$store/te_torch_build"
     rm -rf "$built"
+    if [ -n "${TE_WHEEL_DIR:-}" ]; then mode=(wheel -w "$TE_WHEEL_DIR"); else mode=(install --target "$built"); fi
     CPATH="$cpath${CPATH:+:$CPATH}" NVTE_WITH_NCCL_EP=${NVTE_WITH_NCCL_EP:-0} PATH="$site/bin:$PATH" \
     NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90} \
       MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$site" \
-      python3 -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir \
-      --target "$built" "$sdist" > "$out/te_build.log" 2>&1 || { tail -40 "$out/te_build.log"; exit 1; }
+      python3 -m pip "${mode[@]}" --no-build-isolation --no-deps --no-index --no-cache-dir \
+      "$sdist" > "$out/te_build.log" 2>&1 || { tail -40 "$out/te_build.log"; exit 1; }
+    if [ -n "${TE_WHEEL_DIR:-}" ]; then
+      log "TE torch extension wheel built in $(( $(date +%s) - start )) s: $(ls "$TE_WHEEL_DIR")"
+      exit 0
+    fi
     cp -a "$built"/. "$site"/  # adds transformer_engine/wheel_lib/transformer_engine_torch*.so + dist-info
     log "TE torch extension built in $(( $(date +%s) - start )) s: $(cd "$site" && ls transformer_engine/wheel_lib/ \
       | grep transformer_engine_torch) (log: \$OUT/te_build.log)" ;;
+  te-imports)  # exit 0 when transformer_engine.pytorch imports (its torch extension carried prebuilt).
+    # torch first, as our code does: TE's core library needs libnccl.so.2, which a pip-installed
+    # CUDA torch loads from its nvidia-nccl wheel; imported alone, TE does not find it (seen with
+    # torch 2.11.0+cu130 on the CPU machine: "libnccl.so.2: cannot open shared object file").
+    PYTHONPATH="$site:$repo" python3 -c "import torch, transformer_engine.pytorch as te, transformer_engine_torch as tex
+print('transformer_engine.pytorch', te.__file__, 'extension', tex.__file__)" ;;
   probe)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     PYTHONPATH="$site:$repo" python3 - <<'PY'
@@ -127,5 +141,5 @@ PY
       [ -f "$store/streaming.json" ] || [ ! -f "$seed" ] || cp "$seed" "$store/streaming.json" ;; esac
     PYTHONPATH="$site:$repo" PYTHONUNBUFFERED=1 python3 benchmarks/streaming.py --json "$out/streaming.json" \
       --results-store "$store/streaming.json" "$@" ;;
-  *) sed -n 2,18p "$0"; exit 2 ;;
+  *) sed -n 2,20p "$0"; exit 2 ;;
 esac

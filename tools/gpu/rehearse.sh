@@ -6,13 +6,15 @@
 # fetched, cut into call folders, stored call by call and installed exactly as there, then
 # `tools/gpu/round.sh` with the GPU parts' code run on the CPU (--rehearse-cpu). A missing import,
 # a dependency a bundle lacks, a PYTHONPATH mistake or a step that overruns its budget shows up
-# here, not in a session's 15 device minutes. What cannot be the same: Python 3.11 and torch 2.13
-# CPU here (3.12 and torch 2.11 + CUDA 13 there), and the te round (its torch extension needs CUDA
-# to build; tools/gpu/rehearse_te_build.sh rehearses the build itself).
+# here, not in a session's 15 device minutes. PYTHON and TORCH_SPEC give the lent machines' Python
+# 3.12 and torch 2.11 + CUDA 13 (run on the CPU); what cannot be the same is the GPU itself, and the
+# te round (its torch extension needs CUDA to build; tools/gpu/rehearse_te_build.sh rehearses it).
 #
 #   bash tools/gpu/rehearse.sh [WORK]     WORK defaults to /tmp/gpu-rehearsal (~1.3 GB, ~3 min)
 #   TORCH_SPEC=torch==2.11.0 bash tools/gpu/rehearse.sh   # the lent machines' torch: PyPI's CUDA 13
 #                                         # build and its CUDA libraries (~3 GB more); runs on the CPU
+#   PYTHON=/root/.pyenv/versions/3.12.1/bin/python3 TORCH_SPEC=torch==2.11.0 bash tools/gpu/rehearse.sh
+#                                         # and their Python 3.12 (cp312 wheels, as carried there)
 #
 # Ends with each round's outputs under WORK/<round>/out (round.log, gpu.md, gpu.json, ...).
 set -euo pipefail
@@ -24,12 +26,13 @@ mkdir -p "$work"
 cd "$repo"
 
 log "a bare environment with the GPU machine's packages"
-python3 -m venv "$work/venv"
+"${PYTHON:-python3}" -m venv "$work/venv"
 # shellcheck disable=SC1091
 . "$work/venv/bin/activate"
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" transformers==5.17.0 pytest pyyaml pillow matplotlib psutil tqdm \
   safetensors six
-python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+python -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__,
+                                                "transformers", transformers.__version__)'
 
 log "the core and dali bundles for this machine's Python, cut into call folders as for the GPU machine"
 PYTHON_VERSION=$(python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') \

@@ -9,8 +9,9 @@
 #                                         # (g) the training loop + background saves, kernel tests
 #   bash tools/gpu/round.sh stream 0 480  # issue 11: helium2b_gpu streaming, CASA / text-only / insertion
 #   bash tools/gpu/round.sh dali 4 300    # after `device.sh store dali 1..3`: (d) DALI vs PyAV, DALI tests
-#   bash tools/gpu/round.sh te 5 480      # after `device.sh store te 1..4`: build TE, (b), (c), TE rows
-#                                         # of (a) and (f), the TE kernel test
+#   bash tools/gpu/round.sh te 5 420      # after `device.sh store te 1..4`: TE (its torch extension
+#                                         # prebuilt here, else built there), (b), (c), TE rows of (a)
+#                                         # and (f), the TE kernel test
 #
 # Writes $OUT/round.log (every step, its exit status and seconds, then the report's targets) beside
 # what the steps write ($OUT/gpu.md, gpu.json, gpu_tests.txt, streaming.json/.png, te_build.log).
@@ -98,7 +99,9 @@ main() {
       step tests 20 "${dev[@]}" tests tests/data/test_dali_decoder.py tests/data/test_video_decoding.py ;;
     te)
       required install 20 "${dev[@]}" install core,te
-      required build-te 60 "${dev[@]}" build-te
+      # the extension prebuilt on the CPU machine (tools/gpu/prebuild_te.sh) if it loads, else built here
+      step te-imports 10 "${dev[@]}" te-imports
+      case "${summary[-1]}" in *"exit 0"*) ;; *) required build-te 60 "${dev[@]}" build-te ;; esac
       step probe 10 "${dev[@]}" probe
       step check 60 "${dev[@]}" check --parts "${ROUND_PARTS:-bcaf}" --budget-s $(( $(left) - 30 )) ${GPU_CHECK_EXTRA:-}
       step tests 20 "${dev[@]}" tests tests/model/test_window_kernels.py ;;

@@ -39,7 +39,7 @@ TINY_VIT_DEFAULTS = dict(encoder="tiny_vit", depth=2, hidden_size=48, num_heads=
 
 class CasaConfig(PretrainedConfig):
     model_type = "casa"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -318,9 +318,19 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         labels: Optional[torch.LongTensor] = None,
         logits_to_keep: int = 0,
         return_dict: bool = True,
+        cache: Optional[CasaCache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """input_ids [b, s] (the new tokens of each row) -> logits [b, s, vocab]."""
+        """input_ids [b, s] (the new tokens of each row) -> logits [b, s, vocab].
+
+        The cache comes as ``cache`` (transformers >= 5.24's ``generate`` renamed
+        ``past_key_values`` to ``cache``: a forward that took only the old name saw no cache at
+        every step and generated from the new token alone) or as ``past_key_values`` (older
+        versions, and our own callers); the output carries it under the name the installed
+        transformers reads."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("got both `cache` and `past_key_values`: pass the CasaCache once")
+        past_key_values = cache if cache is not None else past_key_values
         if input_ids is None:
             raise ValueError("CasaForCausalLM needs input_ids (image placeholders mark the images)")
         b, s = input_ids.shape
