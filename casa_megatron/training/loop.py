@@ -45,6 +45,7 @@ from casa_megatron.training.failures import TrainingDiverged, non_finite_gradien
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
+from casa_megatron.training.profiling import StepProfiler
 from casa_megatron.training.resume import Resumed, resume
 from casa_megatron.training.session import RunSession
 from casa_megatron.training.step import forward_step
@@ -162,9 +163,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
     meter, peak = FlopMeter(cfg.model, cfg.data.image_seq_length).over(data), peak_tflops(cfg)  # throughput.py
+    profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
     try:
         while step < cfg.train_steps:
             step += 1
+            profiler.before(step)
             start = time.perf_counter()
             batch_size, num_micro = batches.at(consumed)
             ddp.zero_grad_buffer()
@@ -180,6 +183,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             step_time = time.perf_counter() - start
+            profiler.after(step)
             consumed += batch_size
             step_flops = meter.take()
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
@@ -233,6 +237,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         tracker.finish("FAILED")
         raise
     finally:
+        profiler.close()  # a run that stopped inside the profiled steps still writes them
         stop.restore()
     if is_logger and log.rows:
         log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.is_synthetic else None)
