@@ -44,6 +44,9 @@ from .configuration_casa import CasaConfig
 from .layers_casa import CasaAttention, CasaRMSNorm, DecoderLayer, Rotary
 from .vision_casa import build_vision, encode_images
 
+# transformers >= 5.24 names the output's cache ``cache`` (the old name still works, with a warning)
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def temporal_steps(config: CasaConfig, n: int, second_per_grid_ts: Optional[torch.Tensor]) -> List[float]:
     """Temporal position step between two temporal patches of each image: a video clip
@@ -365,7 +368,7 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
     # --- generate(): rows repeated for beams / num_return_sequences --------------------------
     _PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "second_per_grid_ts")
