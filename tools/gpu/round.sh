@@ -6,7 +6,8 @@
 # is stopped at the budget). Run from the repo root, with .gpu/ROUND/call-K carried:
 #
 #   bash tools/gpu/round.sh core 1 420    # (a) kernels, (e) paper-shape CASA vs insertion, (f) MFU,
-#                                         # (g) the training loop + background saves, kernel tests
+#                                         # (g) the training loop + background saves, kernel tests, an
+#                                         # exported folder generating in bf16 on CUDA
 #   bash tools/gpu/round.sh stream 0 480  # issue 11: helium2b_gpu streaming, CASA / text-only / insertion
 #   bash tools/gpu/round.sh dali 4 300    # after `device.sh store dali 1..3`: (d) DALI vs PyAV, DALI tests
 #   bash tools/gpu/round.sh te 5 420      # after `device.sh store te 1..4`: TE (its torch extension
@@ -87,7 +88,7 @@ main() {
       # the kernel tests (~20 s) after the check: keep 40 s for them
       step check 60 "${dev[@]}" check --parts "${ROUND_PARTS:-aefg}" --budget-s $(( $(left) - 40 )) ${GPU_CHECK_EXTRA:-}
       step tests 20 "${dev[@]}" tests tests/model/test_window_kernels.py tests/model/test_kernel_glue.py \
-        tests/hf/test_attention_kernels.py ;;
+        tests/hf/test_attention_kernels.py tests/hf/test_device_load.py ;;
     stream)
       step probe 10 "${dev[@]}" probe
       # shellcheck disable=SC2086
