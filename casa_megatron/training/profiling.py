@@ -42,6 +42,7 @@ class StepProfiler:
         self.dir = Path(run_dir) / "profile"
         self._profiler = None
         self._step_range: Optional[contextlib.AbstractContextManager] = None
+        self._in_step = False  # a step's range is open (closed by after(), or by close() on a stop)
         self._first: Optional[int] = None
         self._last: Optional[int] = None
 
@@ -52,7 +53,7 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if not self.enabled:
             return
-        if step == self.cfg.start_step or (self.cfg.start_step < step <= self.cfg.end_step and not self.running):
+        if not self.running and self.cfg.start_step <= step <= self.cfg.end_step:
             self._start(step)  # a resumed run may begin inside the range: profile what is left of it
         if not self.running:
             return
@@ -61,15 +62,12 @@ class StepProfiler:
         else:
             self._step_range = torch.profiler.record_function(f"train_step_{step}")
             self._step_range.__enter__()
+        self._in_step = True
 
     def after(self, step: int) -> None:
         if not self.running:
             return
-        if self.cfg.tool == "nsys":
-            torch.cuda.nvtx.range_pop()
-        elif self._step_range is not None:
-            self._step_range.__exit__(None, None, None)
-            self._step_range = None
+        self._end_step()
         self._last = step
         if step >= self.cfg.end_step:
             self._finish()
@@ -77,9 +75,7 @@ class StepProfiler:
     def close(self) -> None:
         """The run ended (or stopped) inside the range: write what was recorded."""
         if self.running:
-            if self._step_range is not None:
-                self._step_range.__exit__(None, None, None)
-                self._step_range = None
+            self._end_step()
             self._finish()
 
     # --- internals ---------------------------------------------------------------------------
@@ -96,6 +92,17 @@ class StepProfiler:
         self._profiler = torch.profiler.profile(activities=activities, record_shapes=self.cfg.record_shapes,
                                                 with_stack=self.cfg.with_stack)
         self._profiler.__enter__()
+
+    def _end_step(self) -> None:
+        """Close the current step's range (an NVTX range, or the profiler's record_function)."""
+        if not self._in_step:
+            return
+        if self.cfg.tool == "nsys":
+            torch.cuda.nvtx.range_pop()
+        else:
+            self._step_range.__exit__(None, None, None)
+            self._step_range = None
+        self._in_step = False
 
     def _finish(self) -> None:
         first, last = self._first, self._last if self._last is not None else self._first
