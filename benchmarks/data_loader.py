@@ -37,6 +37,8 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SETS = ("jpeg896", "multi", "video")
 QUESTION = "what colour is the shape ?"
@@ -210,12 +212,7 @@ def _machine() -> Dict:
 
 
 def _save(name: str, rows: List[Dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(RESULTS / name, {"machine": _machine(), "rows": rows}, indent=1)
 
 
 def main(argv=None) -> int:

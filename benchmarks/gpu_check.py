@@ -65,6 +65,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_me
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_parts.common import NotAvailable, PartResult  # noqa: E402
+from casa_megatron.runtime.atomic import atomic_write_text  # noqa: E402
 
 BEGIN, END = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
 TITLES = {
@@ -203,14 +204,7 @@ def write_report(out: Path, report_md: str) -> None:
         old = out.read_text()
         if BEGIN in old and END in old:
             text = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
-    atomic_write(out, text)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(out, text)
 
 
 def main(argv=None) -> int:
@@ -271,9 +265,9 @@ def main(argv=None) -> int:
         write_report(out, report)
         record = json.dumps({"environment": env, "command": command, "parts": [r.__dict__ for r in results]},
                             indent=2, default=str)
-        atomic_write(json_path, record)
+        atomic_write_text(json_path, record)
         if store:
-            atomic_write(store, record)
+            atomic_write_text(store, record)
 
     publish()
     for part in now:

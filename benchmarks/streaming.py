@@ -247,7 +247,8 @@ def report(runs: dict, args, started: float) -> dict:
 
 
 def main(argv=None) -> dict:
-    from casa_megatron.inference.report import plot_series, write_json_atomic
+    from casa_megatron.inference.report import plot_series
+    from casa_megatron.runtime.atomic import atomic_write_json
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS))
@@ -279,9 +280,9 @@ def main(argv=None) -> dict:
 
     def publish() -> dict:
         result = report(runs, args, started)
-        write_json_atomic(out_json, result)
+        atomic_write_json(out_json, result)
         if store is not None:
-            write_json_atomic(store, result)
+            atomic_write_json(store, result)
         return result
 
     deadline = time.monotonic() + args.total_budget_s if args.total_budget_s is not None else None

@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.qwen_vision
 
+from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
+
 # Qwen/Qwen2.5-VL-3B-Instruct vision_config (hub config.json); depth comes from --layers.
 QWEN25VL_3B_VISION = dict(hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048,
                           window_size=112, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
@@ -94,10 +96,7 @@ def main(argv=None) -> int:
                              threads=args.threads)[0]
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.json)
+        atomic_write_json(args.json, result, indent=1)
     return 0
 
 

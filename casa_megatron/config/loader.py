@@ -18,6 +18,7 @@ from casa_megatron.config.coerce import from_dict
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.limits import check_limits
 from casa_megatron.config.pretrained import apply_pretrained_architecture
+from casa_megatron.runtime.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -105,11 +106,7 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config atomically (temp file + rename) so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def load_config_dict(cls: Type[T], explicit: dict) -> T:

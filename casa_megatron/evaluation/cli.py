@@ -162,9 +162,9 @@ def run(args: argparse.Namespace) -> Dict:
     if len(sides) == 2:
         result["agreement"] = agreement(sides["megatron"], sides["hf"])
     out = Path(args.out)
-    from casa_megatron.inference.report import write_json_atomic
+    from casa_megatron.runtime.atomic import atomic_write_json
 
-    write_json_atomic(out / "eval.json", result)
+    atomic_write_json(out / "eval.json", result)
     report = table(result)
     (out / "eval.md").write_text(report)
     print(report)

@@ -17,7 +17,8 @@ from typing import List, Optional
 import torch
 
 from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
-from casa_megatron.inference.report import plot_series, write_json_atomic
+from casa_megatron.inference.report import plot_series
+from casa_megatron.runtime.atomic import atomic_write_json
 from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner, load_model
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
               "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
               "wall_s": time.perf_counter() - start}
     out = Path(args.out)
-    write_json_atomic(out / "stream.json", result)
+    atomic_write_json(out / "stream.json", result)
     if records:
         plot_series(out / "stream.png", {"casa-stream": result["frames"]}, f"{Path(args.video).name} @ {args.fps} fps")
     return result

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-
-def write_json_atomic(path: Path, data: Dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+from casa_megatron.runtime.atomic import atomic_write
 
 
 def plot_series(path: Path, series: Dict[str, List[Dict]], title: str) -> None:
@@ -38,7 +31,7 @@ def plot_series(path: Path, series: Dict[str, List[Dict]], title: str) -> None:
     axes[0].set_title(title, fontsize=9)
     axes[-1].set_xlabel("frame")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -45,6 +45,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from casa_megatron.config import save_config
 from casa_megatron.config.schema import OPTIMIZER_FORMATS
+from casa_megatron.runtime.atomic import atomic_write_text
 from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
@@ -338,9 +339,7 @@ class Checkpointer:
             if final.exists():  # a checkpoint of this step that the resume skipped: keep it aside
                 self.set_aside(final, "replaced")
             os.replace(tmp, final)
-            pointer_tmp = self.dir / "latest.tmp"
-            pointer_tmp.write_text(final.name)
-            os.replace(pointer_tmp, self.dir / "latest")
+            atomic_write_text(self.dir / "latest", final.name)
             self._prune(keep=final)
         _barrier()
 

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
+from casa_megatron.runtime.atomic import atomic_write_json
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK = 16 * 2**20
@@ -107,9 +109,8 @@ def write_manifest(directory: Path, step: int, checksums: bool = True,
         missing = sorted(set(names) - set(merged))
         if missing:
             raise RuntimeError(f"checkpoint {directory}: no rank described {missing}")
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "step": step, "files": merged}, indent=1, sort_keys=True))
-        os.replace(tmp, directory / MANIFEST)
+        atomic_write_json(directory / MANIFEST, {"format": FORMAT, "step": step, "files": merged}, indent=1,
+                          sort_keys=True)
     return merged
 
 

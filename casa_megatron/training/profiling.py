@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from casa_megatron.config.schema import ProfileConfig
+from casa_megatron.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +118,16 @@ class StepProfiler:
                 torch.cuda.synchronize()
             self._profiler.__exit__(None, None, None)
             trace = self.dir / f"{stem}.json"
-            _atomic(trace, lambda tmp: self._profiler.export_chrome_trace(str(tmp)))
+            atomic_write(trace, lambda tmp: self._profiler.export_chrome_trace(str(tmp)))
             sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             table = self._profiler.key_averages().table(sort_by=sort_by, row_limit=40)
-            _atomic(self.dir / f"{stem}_ops.txt", lambda tmp: tmp.write_text(table + "\n"))
+            atomic_write(self.dir / f"{stem}_ops.txt", lambda tmp: tmp.write_text(table + "\n"))
             written += [trace.name, f"{stem}_ops.txt"]
             self._profiler = None
         if self.cfg.memory_history:
-            _atomic(self.dir / f"{stem}_memory.pickle",
+            atomic_write(self.dir / f"{stem}_memory.pickle",
                     lambda tmp: torch.cuda.memory._dump_snapshot(str(tmp)))
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(f"{stem}_memory.pickle")
         what = ", ".join(written) if written else "an nsys capture range (cudaProfilerStart/Stop)"
         logger.info("profile of steps %d-%d on rank %d: %s in %s", first, last, self.rank, what, self.dir)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
