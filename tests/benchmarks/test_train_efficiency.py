@@ -58,3 +58,23 @@ def test_summary_ratios_and_targets():
     assert targets["memory_target_met"] and targets["throughput_target_met"]
     rows[0]["peak_memory_bytes"] = 60
     assert not summarize(rows)["memory_target_met"]
+
+
+def test_paper_config_loads_with_the_papers_token_counts():
+    """``gpu_paper.yaml`` is read only by a GPU session's part (e) and (f): a schema change that broke
+    it would first show there. It must load, and its batch must carry the paper's tokens per step:
+    2,048 text and 20,480 image tokens (10 image tokens per text token), 16 samples in one row."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import image_heavy_batch
+    from benchmarks.train_efficiency import load
+
+    cfg = load(str(ROOT / "benchmarks" / "configs" / "gpu_paper.yaml"), [])
+    data = cfg.data
+    assert (cfg.dtype, cfg.vision, cfg.fusions) == ("bfloat16", "frozen_stub", ["casa", "cross_attention", "insertion"])
+    batch = image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed)
+    assert tuple(batch.input_ids.shape) == (1, 2048)
+    assert int(batch.sample_starts.sum()) == 16 and len(batch.image_rows) == 16
+    assert data.image_seq_length == 20480 == 10 * 2048
+    merge = 4  # 2x2 patches -> one LM token
+    assert int(batch.image_grid_hw.prod(1).sum()) // merge == data.image_seq_length
+    assert load(str(ROOT / "benchmarks" / "configs" / "cpu_small.yaml"), []).data.image_seq_length > 0
