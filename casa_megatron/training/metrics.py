@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from casa_megatron.runtime.atomic import atomic_write, atomic_write_text
 
 logger = logging.getLogger("casa_megatron.train")
 
@@ -18,6 +21,34 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _read_rows(path: Path) -> List[Dict]:
+    """The rows of ``metrics.jsonl``, for a resume. A run killed while appending can leave its last
+    line cut short: that line is dropped with a warning. Any other line that is not JSON is skipped
+    and counted, and the file as it was is first kept aside as ``metrics.jsonl.damaged[-k]`` (the
+    resume rewrites the file; nothing is lost and the run does not stop over its own log)."""
+    lines = path.read_text().splitlines()
+    rows, bad = [], []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1 and not bad:
+                logger.warning("%s: dropped a last line cut short by the previous run (%d characters)",
+                               path, len(line))
+            else:
+                bad.append(k + 1)
+    if bad:
+        aside = path.with_name(path.name + ".damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        shutil.copy2(path, aside)
+        logger.warning("%s: skipped %d line(s) that are not JSON (lines %s); the file as it was is kept as %s",
+                       path, len(bad), ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else ""), aside.name)
+    return rows
 
 
 class MetricsLog:
@@ -33,10 +64,11 @@ class MetricsLog:
             return
         kept: List[Dict] = []
         if truncate_after and path.exists():
-            kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= truncate_after]
+            kept = [r for r in _read_rows(path) if r["step"] <= truncate_after]
             self.rows = [r for r in kept if "loss" in r]
             self.eval_rows = [r for r in kept if "valid_loss" in r]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # atomic: a resume killed here must not lose the curve up to the checkpoint
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write_eval(self, step: int, scores: Dict[str, float]) -> None:
         """``scores``: ``valid_loss`` and, with several validation sources, ``valid_loss/<name>``."""
@@ -81,5 +113,7 @@ class MetricsLog:
         if floor is not None:
             ax.axhline(floor, ls="--", c="grey", label="best without vision")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+        try:  # rewritten at every evaluation: a viewer never sees half a PNG
+            atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
