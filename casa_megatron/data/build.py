@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from casa_megatron.data.manifest import write_manifest
 from casa_megatron.data.processor import IMAGE_EXTS, VIDEO_EXTS, part_order
 from casa_megatron.data.shards import ShardWriter, split_key
+from casa_megatron.runtime.atomic import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ def collect_samples(src_dir: str | Path) -> Tuple[Dict[str, Dict[str, Path]], Li
 
 
 def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: int = 1000,
-                 manifest: Optional[str | Path] = None, progress: bool = True) -> List[Path]:
-    """Write ``out_dir/shard-NNNNNN.tar``; optionally a manifest (paths relative to it)."""
+                 manifest: Optional[str | Path] = None, progress: bool = True, force: bool = False) -> List[Path]:
+    """Write ``out_dir/shard-NNNNNN.tar``; optionally a manifest (paths relative to it).
+
+    The shards are written into a hidden sibling folder that replaces ``out_dir`` only once every
+    shard is complete: an interrupted build leaves no cut-short ``.tar`` that a loader would read,
+    and a rebuild never leaves stale shards of an earlier, larger build mixed in with the new ones
+    (a loader reads every ``*.tar`` of the folder). An existing, non-empty ``out_dir`` is refused
+    unless ``force``."""
     from tqdm import tqdm
 
     samples, rejected = collect_samples(src_dir)
@@ -52,9 +59,11 @@ def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
         logger.warning("build_shards: leaving out %s", why)
     if not samples:
         raise ValueError(f"{src_dir}: no complete sample (<key>.json + an image or video file)")
-    with ShardWriter(out_dir, samples_per_shard) as writer:
-        for key, parts in tqdm(samples.items(), desc="shards", unit="sample", disable=not progress):
-            writer.write(key, {ext: path.read_bytes() for ext, path in parts.items()})
+    out_dir = Path(out_dir)
+    with staged_folder(out_dir, force, "it may hold data shards") as tmp:
+        with ShardWriter(tmp, samples_per_shard) as writer:
+            for key, parts in tqdm(samples.items(), desc="shards", unit="sample", disable=not progress):
+                writer.write(key, {ext: path.read_bytes() for ext, path in parts.items()})
     if manifest is not None:
         root = Path(manifest).resolve().parent
         rows = []
@@ -64,7 +73,7 @@ def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
             rows.append({"key": key, "media": media[0] if len(media) == 1 else media,
                          "annotation": _relative(parts["json"], root)})
         write_manifest(manifest, rows)
-    return writer.paths
+    return [out_dir / path.name for path in writer.paths]
 
 
 def _relative(path: Path, root: Path) -> str:

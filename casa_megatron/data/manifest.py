@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 from casa_megatron.data.records import RawSample, SampleError, ShardError
+from casa_megatron.runtime.atomic import atomic_write_text
 
 
 @dataclass
@@ -70,7 +71,4 @@ def read_entry(entry: ManifestEntry, manifest: str) -> RawSample:
 
 
 def write_manifest(path: str | Path, rows: Iterable[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

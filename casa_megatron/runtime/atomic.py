@@ -1,18 +1,24 @@
-"""Files that appear complete or not at all: the one atomic-write helper of the package.
+"""Files and folders that appear complete or not at all: the atomic writes of the package.
 
 Every file a reader may open while it is being written (a resolved config, a checkpoint's
 manifest or ``latest`` pointer, a report, a benchmark's JSON, a profiler trace) is written to a
 hidden sibling ``.NAME.tmp-PID`` in the same folder, flushed to disk, and renamed over ``NAME``.
 A crash or an exception at any point leaves the previous file untouched and removes the partial
 one; two processes writing the same name never share a temporary file.
+
+Output folders (an imported checkpoint, an exported model, a folder of data shards) are built the
+same way in a hidden sibling folder (:func:`staged_folder`); an existing, non-empty folder is
+refused unless ``force``, and even then replaced only once the new one is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,3 +68,46 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class OutputExists(ValueError):
+    """The output folder exists, is not empty, and ``force`` was not given."""
+
+
+def check_output(out: PathLike, force: bool, holds: str = "") -> None:
+    """Refuse an existing non-empty ``out`` unless ``force``; ``holds`` says what it may hold."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputExists(f"output {out} already exists and is not empty{f' ({holds})' if holds else ''}; "
+                           "pass --force to replace it")
+
+
+def publish(tmp: Path, out: Path, force: bool, holds: str = "") -> None:
+    """Rename the complete folder ``tmp`` to ``out`` (atomic as far as the filesystem allows: the
+    old ``out`` is moved aside, the new one renamed in, then the old one deleted)."""
+    if out.exists():
+        check_output(out, force, holds)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+
+
+@contextmanager
+def staged_folder(out: PathLike, force: bool, holds: str = "") -> Iterator[Path]:
+    """``with staged_folder(OUT, force) as tmp:`` write into ``tmp``; published on success,
+    removed on any failure (Ctrl-C included)."""
+    out = Path(out)
+    check_output(out, force, holds)
+    tmp = temporary_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        publish(tmp, out, force, holds)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

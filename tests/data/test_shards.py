@@ -82,6 +82,45 @@ def test_build_shards_groups_by_key_and_writes_manifest(tmp_path):
     assert manifest.read(3).parts == shards.read(3).parts
 
 
+def test_rebuild_needs_force_and_leaves_no_stale_or_cut_short_shard(tmp_path, monkeypatch):
+    """A loader reads every ``*.tar`` of the folder: a rebuild with fewer shards must not leave the
+    earlier build's last shards in it, and an interrupted build must leave no cut-short tar."""
+    from casa_megatron.data import build as build_module
+    from casa_megatron.runtime.atomic import OutputExists
+
+    _loose_files(tmp_path / "src")
+    out = tmp_path / "out"
+    assert len(build_shards(tmp_path / "src", out, 1, progress=False)) == 5
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExists, match=r"out already exists and is not empty .*pass --force"):
+        build_shards(tmp_path / "src", out, 2, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # refused: untouched
+
+    class Interrupted(Exception):
+        pass
+
+    real = build_module.ShardWriter.write
+    calls = []
+
+    def write_then_fail(self, key, parts):  # Ctrl-C after two samples of a forced rebuild
+        calls.append(key)
+        if len(calls) == 3:
+            raise Interrupted()
+        real(self, key, parts)
+
+    monkeypatch.setattr(build_module.ShardWriter, "write", write_then_fail)
+    with pytest.raises(Interrupted):
+        build_shards(tmp_path / "src", out, 2, progress=False, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the old build, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left
+
+    paths = build_shards(tmp_path / "src", out, 2, progress=False, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in paths] == \
+        ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert len(open_source(out)) == 5
+
+
 def test_build_shards_keeps_several_media_parts_in_order(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
