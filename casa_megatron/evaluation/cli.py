@@ -162,11 +162,11 @@ def run(args: argparse.Namespace) -> Dict:
     if len(sides) == 2:
         result["agreement"] = agreement(sides["megatron"], sides["hf"])
     out = Path(args.out)
-    from casa_megatron.runtime.atomic import atomic_write_json
+    from casa_megatron.runtime.atomic import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "eval.json", result)
     report = table(result)
-    (out / "eval.md").write_text(report)
+    atomic_write_text(out / "eval.md", report)
     print(report)
     return result
 
