@@ -45,6 +45,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from casa_megatron.config import save_config
 from casa_megatron.config.schema import OPTIMIZER_FORMATS
+from casa_megatron.parallel.rank0 import on_rank0
 from casa_megatron.runtime.atomic import atomic_write_text
 from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
@@ -56,8 +57,6 @@ logger = logging.getLogger(__name__)
 def _data_states_by_dp_rank(path: Path) -> dict:
     """{old dp rank: its data-loader state}, read once by rank 0 from the ``rank_*.pt`` files
     (ranks of one data-parallel replica hold the same position) and broadcast."""
-    from casa_megatron.training.session import on_rank0
-
     def read() -> dict:
         states = {}
         for rank_file in sorted(path.glob("rank_*.pt")):

@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import List, Optional
 
-import torch.distributed as dist
-
+from casa_megatron.parallel.rank0 import on_rank0
 from casa_megatron.runtime.lock import RunDirLock
 from casa_megatron.tracking import resolve_tracking_uri
 from casa_megatron.training.checkpoint import CheckpointError, Checkpointer
 from casa_megatron.training.resume import precheck
 
 logger = logging.getLogger("casa_megatron.train")
-T = TypeVar("T")
-
-
-def on_rank0(fn: Callable[[], T], share: bool = False) -> Optional[T]:
-    """Run ``fn`` on global rank 0 only; its exception (if any) is raised on every rank. Its
-    result is returned on rank 0, and on every rank with ``share`` (in the same broadcast)."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-            error = exc
-    if dist.get_world_size() > 1:
-        box = [error, result if share else None]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-        result = box[1] if share else result
-    if error is not None:
-        raise error
-    return result
 
 
 class RunSession:
