@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from casa_megatron.data.records import ShardError
-from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
-from casa_megatron.evaluation.hf_side import NotAnHFFolder, check_hf_folder
+from casa_megatron.evaluation.checkpoint_model import (
+    NotACheckpoint,
+    checkpoint_config,
+    resolve_checkpoint,
+)
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
+from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder
 
 
 class EvalInputError(ValueError):
@@ -109,9 +113,9 @@ def run_megatron(args, settings, items: Items) -> Dict:
 
 
 def run_hf(args, items: Items) -> Dict:
-    from casa_megatron.evaluation.hf_side import HFGreedy, load_hf
-
     import torch
+
+    from casa_megatron.evaluation.hf_side import HFGreedy, load_hf
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_hf(args.hf, device, args.dtype)

@@ -5,7 +5,6 @@ text-only cache; captions through the live captioner (``inference/streaming.Live
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -13,28 +12,7 @@ import torch
 
 from casa_megatron.data.conversation import Message
 from casa_megatron.evaluation.items import CaptionItem, QuestionItem
-
-
-class NotAnHFFolder(ValueError):
-    """The path is not an exported model folder."""
-
-
-def check_hf_folder(path: str | Path) -> Path:
-    p = Path(path)
-    config = p / "config.json"
-    if not config.is_file():
-        raise NotAnHFFolder(f"{p} is not a Hugging Face model folder (no config.json); expected a folder written "
-                            "by `casa-convert export-hf`")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NotAnHFFolder(f"{config} is unreadable ({exc})") from None
-    if model_type != "casa":
-        raise NotAnHFFolder(f"{p}: model_type {model_type!r}, expected 'casa' (a folder written by "
-                            "`casa-convert export-hf`)")
-    if not (p / "processor_config.json").is_file():
-        raise NotAnHFFolder(f"{p} has no processor_config.json (the exported processor)")
-    return p
+from casa_megatron.inference.model_folder import check_hf_folder, load_model
 
 
 def hf_messages(messages: Sequence[Message], media) -> List[Dict]:
@@ -87,9 +65,7 @@ class HFGreedy:
 
 
 def load_hf(path: str | Path, device: str = "cpu", dtype: str = "float32"):
-    from casa_megatron.inference.streaming import load_model
-
-    return load_model(str(check_hf_folder(path)), device, dtype)
+    return load_model(path, device, dtype)
 
 
 __all__ = ["HFGreedy", "check_hf_folder", "hf_messages", "load_hf"]

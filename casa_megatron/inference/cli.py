@@ -17,9 +17,10 @@ from typing import List, Optional
 import torch
 
 from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
+from casa_megatron.inference.model_folder import NotAnHFFolder, load_model
 from casa_megatron.inference.report import plot_series
+from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
 from casa_megatron.runtime.atomic import atomic_write_json
-from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner, load_model
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -82,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except VideoDecodeError as e:
+    except (VideoDecodeError, NotAnHFFolder) as e:
         print(f"casa-stream: {e}", file=sys.stderr)
         return 2
     if result["stopped"]:

@@ -139,13 +139,3 @@ class LiveCaptioner:
     def stream(self, frames: Iterable[Tuple[float, object]]) -> Iterator[FrameRecord]:
         for time_s, frame in frames:
             yield self.caption_frame(frame, time_s)
-
-
-def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32"):
-    """An exported folder -> (model, processor) through transformers' remote code."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
-                                                 dtype=getattr(torch, dtype)).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    return model, processor

@@ -50,6 +50,27 @@ def test_undecodable_video_is_named(exported, tmp_path, capsys):
     assert not (tmp_path / "o" / "stream.json").exists()
 
 
+@pytest.mark.parametrize("folder, message", [
+    ({}, "is not a Hugging Face model folder (no config.json)"),
+    ({"config.json": '{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}'},
+     "model_type 'qwen2', expected 'casa'"),
+    ({"config.json": '{"model_type": "casa"}'}, "has no processor_config.json"),
+])
+def test_a_model_folder_that_is_not_an_export_is_named(tmp_path, capsys, folder, message):
+    """Checked before transformers is asked (whose own error was a traceback:
+    ``ValueError: Unrecognized model in ...``), and before any frame is decoded."""
+    from casa_megatron.inference.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in folder.items():
+        (model / name).write_text(text)
+    code = main([str(_video(tmp_path, frames=5)), "--model", str(model), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("casa-stream: ") and message in err and str(model) in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_stream_stopping_midway_keeps_captions(exported, tmp_path, monkeypatch):
     from casa_megatron.inference import cli
     from casa_megatron.inference.frames import StreamBroken, iter_frames
