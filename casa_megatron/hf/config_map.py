@@ -12,9 +12,12 @@ from typing import Any, Dict, Optional
 
 from casa_megatron.config.schema import ModelConfig
 
+# The same class serves both model entries: ``AutoModelForImageTextToText`` is what transformers'
+# ``pipeline("image-text-to-text")`` (and a VLM user) loads; without it the pipeline refuses the folder.
 AUTO_MAP = {
     "AutoConfig": "configuration_casa.CasaConfig",
     "AutoModelForCausalLM": "modeling_casa.CasaForCausalLM",
+    "AutoModelForImageTextToText": "modeling_casa.CasaForCausalLM",
     "AutoProcessor": "processing_casa.CasaProcessor",
 }
 
