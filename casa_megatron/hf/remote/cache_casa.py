@@ -32,9 +32,20 @@ class GrowingKV:
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """k, v [kv_heads, n, d] -> the whole cached K/V [kv_heads, length + n, d] (views)."""
+        """k, v [kv_heads, n, d] -> the whole cached K/V [kv_heads, length + n, d] (views).
+
+        Under autograd (fine-tuning: a forward with ``labels`` over several windows runs them one
+        after another through this cache) the K/V grow by concatenation instead: attention saved
+        the earlier views for its backward, and writing the next piece into the same buffer would
+        change them (``RuntimeError: ... modified by an inplace operation``)."""
         n = k.shape[1]
         need = self.length + n
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            if self.length:
+                k = torch.cat([self.k[:, :self.length], k], 1)
+                v = torch.cat([self.v[:, :self.length], v], 1)
+            self.k, self.v, self.length = k, v, need
+            return k, v
         if self.k is None or need > self.k.shape[1]:
             capacity = max(need, 2 * (self.k.shape[1] if self.k is not None else 0), 16)
             new_k = k.new_empty(k.shape[0], capacity, k.shape[2])

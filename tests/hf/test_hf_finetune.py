@@ -1,0 +1,78 @@
+"""Fine-tuning the export with transformers: ``labels`` give the loss megatron gives, and its
+gradients are megatron's.
+
+A transformers user adapts an exported model with the HF ``Trainer`` (or PEFT): it calls
+``model(**inputs, labels=labels).loss.backward()``. The exported logits equal megatron's
+(test_megatron_equivalence.py); this checks what training adds on top: the label shift and the
+ignored positions (``-100`` on image placeholders), and the backward pass through the remote
+code. The reference is the megatron model of the same training checkpoint, in one process, with
+the same loss on its logits: the word-embedding gradient (every text position's path back
+through every layer, CASA / cross-attention / insertion included) and the vision encoder's
+patch-embedding gradient (the path back from the text through the images' keys and values, the
+projector and the whole encoder) must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support.dist import run_distributed
+from support.hf_cases import IMAGE_SLOTS, hf_inputs, make_case, megatron_batch
+
+VARIANTS = ["casa_parallel", "cross_attention_gated", "insertion"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _targets(input_ids: torch.Tensor, placeholders) -> torch.Tensor:
+    """HF ``labels``: the tokens themselves, image placeholders ignored (-100)."""
+    labels = input_ids.clone()
+    labels[torch.isin(input_ids, torch.tensor(placeholders))] = -100
+    return labels
+
+
+def _shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts labels[t + 1]: the causal-LM loss, written out."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _megatron_side(rank, world, checkpoint, kind, placeholders, vocab):
+    from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(checkpoint, image_slots=IMAGE_SLOTS)
+    case = make_case(kind)
+    logits = model(megatron_batch(case)).transpose(0, 1)[..., :vocab]  # [s, b, v] -> [b, s, vocab]
+    loss = _shifted_loss(logits, _targets(case["input_ids"], placeholders))
+    loss.backward()
+    grads = {"embedding": model.embedding.word_embeddings.weight.grad[:vocab]}
+    patch = model.vision.patch_embed.weight
+    if patch.grad is not None:
+        grads["patch_embed"] = patch.grad
+    return {"loss": loss.detach(), **grads}
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hf_loss_and_gradients_equal_megatron(exported, variant, kind):
+    from transformers import AutoModelForCausalLM
+
+    root, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(root / "hf" / "tp2" / variant, trust_remote_code=True).eval()
+    placeholders = model._placeholder_ids()
+    case = make_case(kind)
+    labels = _targets(case["input_ids"], placeholders)
+    assert (labels == -100).any() and (labels != -100).sum() > 4  # images in the text, and text to learn
+    out = model(**hf_inputs(case), labels=labels, use_cache=False)
+    torch.testing.assert_close(out.loss, _shifted_loss(out.logits, labels))  # the shift, as transformers' models
+    out.loss.backward()
+
+    ref = run_distributed(_megatron_side, world_size=1, checkpoint=str(root / "tp2" / variant / "checkpoints"),
+                          kind=kind, placeholders=placeholders, vocab=model.config.vocab_size)[0]
+    torch.testing.assert_close(out.loss.detach(), torch.as_tensor(ref["loss"]), **TOL)
+    embedding = model.model.embed_tokens.weight.grad
+    assert embedding.abs().max() > 0
+    torch.testing.assert_close(embedding, torch.as_tensor(ref["embedding"]), **TOL)
+    assert "patch_embed" in ref, "the test model's vision encoder should train"
+    patch = model.visual.patch_embed.proj.weight.grad
+    assert patch.abs().max() > 0  # the images' K/V carry gradient back to the encoder
+    torch.testing.assert_close(patch, torch.as_tensor(ref["patch_embed"]), **TOL)
