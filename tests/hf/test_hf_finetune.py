@@ -76,3 +76,41 @@ def test_hf_loss_and_gradients_equal_megatron(exported, variant, kind):
     patch = model.visual.patch_embed.proj.weight.grad
     assert patch.abs().max() > 0  # the images' K/V carry gradient back to the encoder
     torch.testing.assert_close(patch, torch.as_tensor(ref["patch_embed"]), **TOL)
+
+
+def test_gradient_accumulation_as_the_trainer_runs_it(exported):
+    """transformers' ``Trainer`` sees ``**kwargs`` in ``forward``, passes ``num_items_in_batch`` (the
+    target tokens of the whole accumulated batch) and stops dividing by the accumulation steps: the
+    model must sum its token losses and divide by that count. Then two micro-batches of one row
+    give exactly the loss and gradients of one batch of both rows (a mean per micro-batch would
+    give twice the gradient here)."""
+    from transformers import AutoModelForCausalLM
+
+    root, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(root / "casa_parallel", trust_remote_code=True).eval()
+    case = make_case("image")
+    inputs, labels = hf_inputs(case), _targets(case["input_ids"], model._placeholder_ids())
+    assert labels.shape[0] == 2
+
+    model.zero_grad()
+    whole = model(**inputs, labels=labels, use_cache=False).loss
+    whole.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    items = (labels[:, 1:] != -100).sum()
+    per_image = inputs["image_grid_thw"].prod(-1)
+    images_of_row0 = int(torch.isin(case["input_ids"][0], torch.tensor(model._placeholder_ids())).sum())
+    split = int(per_image[:images_of_row0].sum())
+    rows = [dict(input_ids=inputs["input_ids"][:1], pixel_values=inputs["pixel_values"][:split],
+                 image_grid_thw=inputs["image_grid_thw"][:images_of_row0]),
+            dict(input_ids=inputs["input_ids"][1:], pixel_values=inputs["pixel_values"][split:],
+                 image_grid_thw=inputs["image_grid_thw"][images_of_row0:])]
+    total = 0.0
+    for r, row in enumerate(rows):
+        loss = model(**row, labels=labels[r:r + 1], num_items_in_batch=items, use_cache=False).loss
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, whole.detach(), **TOL)
+    assert reference and all(torch.allclose(p.grad, reference[n], rtol=1e-4, atol=1e-6)
+                             for n, p in model.named_parameters() if n in reference)

@@ -366,8 +366,10 @@ class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)  # [b, s, v]
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
+            # transformers' causal-LM loss: shifted, -100 ignored, and summed / ``num_items_in_batch``
+            # when the Trainer passes it (gradient accumulation: the Trainer then no longer divides
+            # by the accumulation steps, because this forward takes **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
     # --- generate(): rows repeated for beams / num_return_sequences --------------------------
