@@ -114,3 +114,26 @@ def test_gradient_accumulation_as_the_trainer_runs_it(exported):
     torch.testing.assert_close(total, whole.detach(), **TOL)
     assert reference and all(torch.allclose(p.grad, reference[n], rtol=1e-4, atol=1e-6)
                              for n, p in model.named_parameters() if n in reference)
+
+
+@pytest.mark.parametrize("variant", ["casa_parallel", "insertion"])
+def test_bf16_finetuning_step_follows_float32(exported, variant):
+    """Fine-tuning on a GPU runs in bf16: loaded with ``dtype=torch.bfloat16`` on the CPU, the loss
+    and the gradients down to the vision encoder are float32's within bf16 tolerance (measured:
+    loss 1e-4, gradients 1.1-1.4 % relative L2), and every gradient stays bf16."""
+    from transformers import AutoModelForCausalLM
+
+    root, _ = exported
+    case = make_case("image")
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(root / variant, trust_remote_code=True, dtype=dtype).eval()
+        out = model(**hf_inputs(case), labels=_targets(case["input_ids"], model._placeholder_ids()), use_cache=False)
+        out.loss.backward()
+        assert all(p.grad is None or p.grad.dtype == dtype for p in model.parameters())
+        runs[dtype] = (out.loss.detach().float(), model.model.embed_tokens.weight.grad.float(),
+                       model.visual.patch_embed.proj.weight.grad.float())
+    ref, low = runs[torch.float32], runs[torch.bfloat16]
+    torch.testing.assert_close(low[0], ref[0], rtol=2e-2, atol=0)
+    for got, want in zip(low[1:], ref[1:]):
+        assert (got - want).norm() / want.norm() < 3e-2
