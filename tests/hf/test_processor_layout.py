@@ -207,3 +207,49 @@ def test_bad_input_names_the_problem(tokenizers):
         proc(text=text, images=_frames(2, 28, 28, 0))
     with pytest.raises(ValueError, match="text_layout"):
         _processor(tokenizers["qwen"], "tiny_vit", False).__class__(proc.tokenizer, text_layout="chat")
+
+
+@pytest.mark.parametrize("native_fps", [10, 5, 1])
+@pytest.mark.parametrize("style, encoder", [("qwen", "qwen2_5_vl"), ("layout_tokens", "tiny_vit")])
+def test_a_video_given_as_a_file_is_sampled_like_the_training_pipeline(tokenizers, tmp_path, style, encoder,
+                                                                       native_fps):
+    """``{"type": "video", "path": ...}`` (and ``videos=[path]``), as a Qwen2.5-VL user writes it: the
+    processor decodes the file with PyAV (no torchvision) and keeps the frames the training pipeline
+    keeps (``sample_frame_indices`` at 2 fps; a 1 fps clip gives each frame once), so the inputs
+    equal those of the same frames passed decoded."""
+    import av
+    import numpy as np
+
+    from casa_megatron.data.video.encode import encode_video
+    from casa_megatron.data.video.sampling import sample_frame_indices
+
+    rng = np.random.default_rng(native_fps)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_video([rng.integers(0, 256, (56, 84, 3), dtype=np.uint8) for _ in range(12)],
+                                  fps=native_fps))
+    with av.open(str(clip)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    keep, _ = sample_frame_indices(len(decoded), native_fps, 2.0, max_frames=10 ** 6)
+    assert len(keep) == {10: 3, 5: 5, 1: 12}[native_fps]
+
+    proc = _processor(tokenizers[style], encoder, insertion=False)
+    question = {"type": "text", "text": "describe the video"}
+    by_path = proc.apply_chat_template([{"role": "user", "content": [{"type": "video", "path": str(clip)}, question]}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)
+    frames = [decoded[i] for i in keep]
+    by_frames = proc.apply_chat_template([{"role": "user", "content": [{"type": "video", "video": frames}, question]}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert set(by_path) == set(by_frames) and "pixel_values" in by_path
+    for key in by_frames:
+        assert torch.equal(torch.as_tensor(by_path[key]), torch.as_tensor(by_frames[key])), key
+    if style == "qwen":  # the text route: render, then ``videos=[path]``
+        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, question]}],
+                                        add_generation_prompt=True)
+        direct = proc(text=text, videos=[str(clip)])
+        assert torch.equal(direct["pixel_values"], by_frames["pixel_values"])
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    with pytest.raises(ValueError, match=f"cannot decode video {broken}"):
+        proc.apply_chat_template([{"role": "user", "content": [{"type": "video", "path": str(broken)}, question]}],
+                                 tokenize=True)

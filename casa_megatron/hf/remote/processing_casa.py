@@ -36,6 +36,7 @@ may ride in the parts: ``{"type": "image", "image": PIL | array}``, ``{"type": "
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -124,6 +125,38 @@ def to_uint8_chw(image) -> torch.Tensor:
 def is_video(media) -> bool:
     """A list / tuple of frames, or a 4-D array / tensor ``[frames, ...]``."""
     return isinstance(media, (list, tuple)) or (hasattr(media, "ndim") and media.ndim == 4)
+
+
+def decode_video_file(path, fps: float) -> List[np.ndarray]:
+    """A video file -> its frames ``[H, W, 3]`` uint8 sampled at ``fps`` by the training pipeline's
+    rule (sample k is the frame on screen at ``k / fps``, frame ``floor(k / fps * native_fps)``;
+    a clip slower than ``fps`` gives each frame once). Decoded with PyAV: no torchvision."""
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError(f"decoding the video {path} needs PyAV (`pip install av`); or pass its frames") from exc
+    frames: List[np.ndarray] = []
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise ValueError(f"cannot decode video {path}: it has no video stream")
+            stream = container.streams.video[0]
+            native = float(stream.average_rate or stream.guessed_rate or 0)
+            if native <= 0:
+                raise ValueError(f"cannot decode video {path}: unknown frame rate")
+            k = 0
+            for i, frame in enumerate(container.decode(stream)):
+                keep = False
+                while math.floor(k / fps * native + 1e-6) <= i:
+                    keep |= math.floor(k / fps * native + 1e-6) == i
+                    k += 1
+                if keep:
+                    frames.append(np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise ValueError(f"cannot decode video {path}: {exc}") from exc
+    if not frames:
+        raise ValueError(f"cannot decode video {path}: no frame could be decoded")
+    return frames
 
 
 def resize_uint8(pixels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -325,7 +358,9 @@ class CasaProcessor(ProcessorMixin):
         if text is None:
             raise ValueError(f"CasaProcessor needs text (one {self._image_ph!r} placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text)
-        queues = {"image": list(images or []), "video": list(videos or [])}
+        queues = {"image": list(images or []),  # a video given as a file path is decoded at self.fps
+                  "video": [decode_video_file(v, self.fps) if isinstance(v, (str, os.PathLike)) else v
+                            for v in (videos or [])]}
         rows, inputs = [], []
         for t in texts:
             ids, row_inputs = (self._chat_ids if self.layout == "chat_template" else self._layout_ids)(t, queues)
@@ -421,9 +456,9 @@ class CasaProcessor(ProcessorMixin):
                 if kind not in ("image", "video"):
                     raise ValueError(f"unknown message part type {kind!r} (text / image / video)")
                 payload = next((part[k] for k in (kind, "path", "url") if part.get(k) is not None), None)
-                if isinstance(payload, str):
-                    if kind == "video":
-                        raise ValueError("give a video as a list of frames (decode it first)")
+                if isinstance(payload, str) and kind == "video":
+                    payload = decode_video_file(payload, self.fps)
+                elif isinstance(payload, str):
                     from PIL import Image
 
                     payload = Image.open(payload)
