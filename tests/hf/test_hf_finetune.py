@@ -137,3 +137,44 @@ def test_bf16_finetuning_step_follows_float32(exported, variant):
     torch.testing.assert_close(low[0], ref[0], rtol=2e-2, atol=0)
     for got, want in zip(low[1:], ref[1:]):
         assert (got - want).norm() / want.norm() < 3e-2
+
+
+def _import_and_logits(rank, world, hf_folder, out, kinds):
+    """(worker) ``casa-convert import-hf`` the folder, then the megatron model's logits from it."""
+    from casa_megatron.conversion.cli import main
+    from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
+
+    assert main(["import-hf", hf_folder, out, "--no-progress"]) == 0
+    model, _ = load_checkpoint_model(out, image_slots=IMAGE_SLOTS)
+    with torch.no_grad():
+        return {kind: model(megatron_batch(make_case(kind))).transpose(0, 1) for kind in kinds}
+
+
+def test_finetuned_with_transformers_comes_back_to_megatron(exported, tmp_path):
+    """Adapt with transformers, continue with megatron: one AdamW step on the export, then
+    ``save_pretrained`` (model and processor) and ``casa-convert import-hf`` of that folder give a
+    megatron model with the fine-tuned model's logits."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    root, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(root / "casa_parallel", trust_remote_code=True).eval()
+    case = make_case("image")
+    inputs = hf_inputs(case)
+    with torch.no_grad():
+        before = model(**inputs, use_cache=False).logits
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(**inputs, labels=_targets(case["input_ids"], model._placeholder_ids()), use_cache=False).loss.backward()
+    optimizer.step()
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+    AutoProcessor.from_pretrained(root / "casa_parallel", trust_remote_code=True).save_pretrained(tuned)
+
+    kinds = ("image", "video")
+    got = run_distributed(_import_and_logits, world_size=1, hf_folder=str(tuned), out=str(tmp_path / "megatron"),
+                          kinds=kinds)[0]
+    with torch.no_grad():
+        after = {kind: model(**hf_inputs(make_case(kind)), use_cache=False).logits for kind in kinds}
+    assert (after["image"] - before).abs().max() > 1e-2  # the step changed the model
+    vocab = model.config.vocab_size
+    for kind in kinds:
+        torch.testing.assert_close(torch.as_tensor(got[kind])[..., :vocab], after[kind], **TOL)
