@@ -178,3 +178,43 @@ def test_finetuned_with_transformers_comes_back_to_megatron(exported, tmp_path):
     vocab = model.config.vocab_size
     for kind in kinds:
         torch.testing.assert_close(torch.as_tensor(got[kind])[..., :vocab], after[kind], **TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_gives_the_same_gradients(exported, variant):
+    """``gradient_checkpointing_enable()`` (``activation_checkpointing_enable`` in newer
+    transformers), as a fine-tune of a large export turns it on: every layer runs again in
+    backward (counted), and loss and every gradient equal the run that kept its activations. The
+    video case has several windows per row, so a recomputed layer must first rewind caches that
+    later window pieces have grown and re-opened (``RowCache.rewind``)."""
+    from transformers import AutoModelForCausalLM
+
+    root, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(root / variant, trust_remote_code=True).train()
+    calls = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module.index))
+
+    def step(kind):
+        model.zero_grad()
+        case = make_case(kind)
+        loss = model(**hf_inputs(case), labels=_targets(case["input_ids"], model._placeholder_ids()),
+                     use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for kind in ("image", "video"):
+        calls.clear()
+        loss, grads = step(kind)
+        plain_calls = len(calls)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        assert model.model.gradient_checkpointing
+        calls.clear()
+        loss_ckpt, grads_ckpt = step(kind)
+        assert len(calls) == 2 * plain_calls  # each layer of each window piece ran twice
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+        assert grads_ckpt.keys() == grads.keys() and len(grads) > 10
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

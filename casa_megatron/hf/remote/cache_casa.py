@@ -59,6 +59,11 @@ class GrowingKV:
         self.length = need
         return self.k[:, :need], self.v[:, :need]
 
+    def truncate(self, length: int) -> None:
+        """Back to the first ``length`` tokens (activation checkpointing's recomputation)."""
+        if length < self.length:
+            self.k, self.v, self.length = self.k[:, :length], self.v[:, :length], length
+
     def clone(self) -> "GrowingKV":
         """An independent copy (appends to one never show in the other)."""
         other = GrowingKV()
@@ -127,6 +132,24 @@ class RowCache:
         # chat-template layout: images whose placeholders ended a call; they open a window at the
         # next call's first token (a template with no markup after its placeholder, streaming)
         self.pending_images: List[torch.Tensor] = []
+
+    def mark(self, layer: int):
+        """Where layer ``layer``'s caches stand now, for :meth:`rewind`."""
+        window = self.windows.get(layer)
+        return (self.self_attn[layer].length,
+                None if window is None else (window.image_k, window.image_v, window.text, window.text.length))
+
+    def rewind(self, layer: int, mark) -> None:
+        """Layer ``layer``'s caches as :meth:`mark` found them. Activation checkpointing recomputes a
+        layer in backward, after the row's later pieces appended to its caches (and may have opened
+        another window): the recomputation must see what the first pass saw. Under autograd the
+        caches grow by concatenation, so the earlier tensors are intact and this only slices."""
+        sa_length, window_mark = mark
+        self.self_attn[layer].truncate(sa_length)
+        if window_mark is not None:
+            window = self.windows[layer]
+            window.image_k, window.image_v, window.text, text_length = window_mark
+            window.text.truncate(text_length)
 
     def clone(self) -> "RowCache":
         other = copy.copy(self)  # the counters

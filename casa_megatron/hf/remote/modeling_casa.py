@@ -100,6 +100,7 @@ class CasaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -128,6 +129,7 @@ class CasaTextModel(CasaPreTrainedModel):
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = CasaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
+        self.gradient_checkpointing = False  # set by transformers' (gradient|activation)_checkpointing_enable()
         self.post_init()
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, row: RowCache,
@@ -140,11 +142,31 @@ class CasaTextModel(CasaPreTrainedModel):
             image_cos_sin = self.rotary.cos_sin_multimodal(image_positions, self.config.resolved_mrope_section, x.dtype)
         elif image_positions is not None:
             image_cos_sin = self.rotary.cos_sin(image_positions, x.dtype)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if open_window and layer.fused:
                 layer.open_window(window_images, self.rotary, image_cos_sin, row.windows[layer.index])
-            x = layer(x, self.rotary, cos_sin, row)
+            if checkpointing:
+                x = self._checkpointed(layer, x, cos_sin, row)
+            else:
+                x = layer(x, self.rotary, cos_sin, row)
         return x
+
+    def _checkpointed(self, layer, x: torch.Tensor, cos_sin, row: RowCache) -> torch.Tensor:
+        """The layer's activations recomputed in backward instead of kept. Always non-reentrant,
+        whatever ``use_reentrant`` was asked: a later window piece reads this piece's K/V from the
+        cache, not from the checkpointed function's inputs, and only the non-reentrant form keeps
+        that path in the graph (a reentrant first pass runs without grad). The recomputation
+        rewinds the layer's caches to what the first pass saw (``RowCache.rewind``)."""
+        from torch.utils.checkpoint import checkpoint
+
+        mark = row.mark(layer.index)
+
+        def run_layer(h):
+            row.rewind(layer.index, mark)
+            return layer(h, self.rotary, cos_sin, row)
+
+        return checkpoint(run_layer, x, use_reentrant=False)
 
 
 class CasaForCausalLM(CasaPreTrainedModel, GenerationMixin):
