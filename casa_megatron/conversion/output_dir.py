@@ -19,22 +19,28 @@ from casa_megatron.runtime import atomic
 HOLDS = "it may hold a checkpoint or a model"
 
 
-def check_output(out: Path, force: bool) -> None:
+@contextmanager
+def _as_conversion_error() -> Iterator[None]:
+    """An existing output refused by ``runtime/atomic`` is a :class:`ConversionError` here."""
     try:
-        atomic.check_output(out, force, HOLDS)
+        yield
     except atomic.OutputExists as exc:
         raise ConversionError(str(exc)) from None
 
 
+def check_output(out: Path, force: bool) -> None:
+    with _as_conversion_error():
+        atomic.check_output(out, force, HOLDS)
+
+
 def publish(tmp: Path, out: Path, force: bool) -> None:
-    check_output(out, force)
-    atomic.publish(tmp, out, force, HOLDS)
+    with _as_conversion_error():
+        atomic.publish(tmp, out, force, HOLDS)
 
 
 @contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """``with staged_output(OUT, force) as tmp:`` write into ``tmp``; published on success,
     removed on any failure (Ctrl-C included)."""
-    check_output(out, force)
-    with atomic.staged_folder(out, force, HOLDS) as tmp:
+    with _as_conversion_error(), atomic.staged_folder(out, force, HOLDS) as tmp:
         yield tmp

@@ -19,11 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from casa_megatron.data.records import ShardError
-from casa_megatron.evaluation.checkpoint_model import (
-    NotACheckpoint,
-    checkpoint_config,
-    resolve_checkpoint,
-)
+from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
@@ -113,12 +109,13 @@ def run_megatron(args, settings, items: Items) -> Dict:
 
 
 def run_hf(args, items: Items) -> Dict:
+    from casa_megatron.evaluation.hf_side import HFGreedy
+    from casa_megatron.inference.model_folder import load_model
+
     import torch
 
-    from casa_megatron.evaluation.hf_side import HFGreedy, load_hf
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_hf(args.hf, device, args.dtype)
+    model, processor = load_model(args.hf, device, args.dtype)
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
     return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)

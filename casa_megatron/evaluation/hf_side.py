@@ -5,14 +5,12 @@ text-only cache; captions through the live captioner (``inference/streaming.Live
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
 from casa_megatron.data.conversation import Message
 from casa_megatron.evaluation.items import CaptionItem, QuestionItem
-from casa_megatron.inference.model_folder import check_hf_folder, load_model
 
 
 def hf_messages(messages: Sequence[Message], media) -> List[Dict]:
@@ -64,8 +62,5 @@ class HFGreedy:
         return [record.tokens for record in captioner.stream(zip(item.times, item.frames))]
 
 
-def load_hf(path: str | Path, device: str = "cpu", dtype: str = "float32"):
-    return load_model(path, device, dtype)
 
-
-__all__ = ["HFGreedy", "check_hf_folder", "hf_messages", "load_hf"]
+__all__ = ["HFGreedy", "hf_messages"]
