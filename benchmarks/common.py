@@ -311,3 +311,44 @@ def run_in_child(fn, *args, what: str = "benchmark", method: Optional[str] = Non
     if status != "ok":
         raise RuntimeError(f"{what} process failed:\n{payload}")
     return payload
+
+
+def _rank_child(queue, fn, rank, world, port, args):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    _forked_child(queue, lambda *a: (rank, fn(*a)), args)
+
+
+def run_in_ranks(fn, world: int, *args, what: str = "benchmark"):
+    """fn(*args) in ``world`` forked processes joined by torch.distributed's env:// rendezvous (what
+    torchrun gives them); returns the results by rank. CPU only (forked children cannot use CUDA
+    once the parent has touched it): a multi-rank measurement on a GPU machine runs under torchrun."""
+    import multiprocessing as mp
+    import socket
+
+    if torch.cuda.is_available():
+        raise RuntimeError(f"{what}: forked ranks are CPU-only; launch with torchrun on a GPU machine")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_child, args=(queue, fn, rank, world, port, args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results, errors = {}, []
+    for _ in procs:
+        status, payload = queue.get()
+        if status != "ok":
+            errors.append(payload)
+            break
+        results[payload[0]] = payload[1]
+    for proc in procs:
+        proc.join(timeout=5 if errors else None)
+        if proc.is_alive():
+            proc.kill()
+    if errors:
+        raise RuntimeError(f"{what} process failed:\n{errors[0]}")
+    return [results[rank] for rank in range(world)]

@@ -49,7 +49,37 @@ def main(argv) -> int:
     layers = [l.layer_number - 1 for l in model.casa_layers()]
     print(f"CASA layers ({cfg.model.fusion.mechanism}, {cfg.model.fusion.placement}"
           f"{', shared projections' if cfg.model.fusion.share_projections else ''}): {layers}")
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        print_stages(model, cfg)
     return 0
+
+
+def print_stages(model, cfg) -> None:
+    """Parameters each pipeline stage holds (TP=1 equivalent): the first stage the embedding,
+    encoder and projector besides its LM layers, the last the final norm and the output layer (a
+    copy of the embedding when they are tied). Trainable ones also carry gradients and Adam state."""
+    from casa_megatron.config.pipeline_split import describe_split
+
+    counts = cfg.parallel.stage_layer_counts(cfg.model.lm.num_layers)
+    stage_of_layer = [k for k, n in enumerate(counts) for _ in range(n)]
+    totals = [[0, 0] for _ in counts]
+    for name, p in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            stage = stage_of_layer[int(name.split(".")[2])]
+        elif name.startswith(("decoder.final_layernorm", "output_layer")):
+            stage = len(counts) - 1
+        else:
+            stage = 0
+        totals[stage][0] += p.numel()
+        totals[stage][1] += p.numel() if p.requires_grad else 0
+    if cfg.model.lm.tie_word_embeddings:  # the last stage keeps its own copy of the tied weight
+        weight = model.embedding.word_embeddings.weight
+        totals[-1][0] += weight.numel()
+        totals[-1][1] += weight.numel() if weight.requires_grad else 0
+    print(f"pipeline: {describe_split(counts)}")
+    print(f"{'stage':<18}{'LM layers':>14}{'params':>14}{'trainable':>14}")
+    for k, n in enumerate(counts):
+        print(f"{k:<18}{n:>14}{totals[k][0]:>14,}{totals[k][1]:>14,}")
 
 
 if __name__ == "__main__":

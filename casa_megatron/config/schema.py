@@ -30,6 +30,7 @@ from casa_megatron.config.model_schema import (  # noqa: F401  (re-exported: one
     FusionConfig,
     ModelConfig,
 )
+from casa_megatron.config.pipeline_split import stage_layer_counts
 from casa_megatron.data.config import DataConfig
 
 __all__ = ["ConfigError", "DataConfig"]
@@ -39,6 +40,12 @@ __all__ = ["ConfigError", "DataConfig"]
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Uneven pipeline split (Megatron-LM's --decoder-first/last-pipeline-num-layers): LM layers on
+    # the first / last stage; the middle stages share the rest evenly. The first stage also runs
+    # the vision encoder and the projector, so it usually wants fewer layers
+    # (config/pipeline_split.py; benchmarks/pipeline_balance.py suggests the counts).
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
     # Data-parallel communication hidden behind compute (Megatron-LM's --overlap-grad-reduce,
     # --overlap-param-gather, --ddp-bucket-size): gradients are reduced bucket by bucket while
@@ -48,8 +55,13 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     ddp_bucket_size: Optional[int] = None  # elements per bucket; None = megatron's default
 
+    def stage_layer_counts(self, num_layers: int) -> List[int]:
+        """LM layers on each pipeline stage (``ConfigError`` if this layout cannot split them)."""
+        return stage_layer_counts(num_layers, self.pipeline_model_parallel_size,
+                                  self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
+
     def validate(self, model: ModelConfig) -> None:
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        tp = self.tensor_model_parallel_size
         lm = model.lm
         for name, value in (("num_attention_heads", lm.num_attention_heads),
                             ("num_query_groups", lm.num_query_groups)):
@@ -79,10 +91,7 @@ class ParallelConfig:
         if vision.projector_width(lm.hidden_size) % tp:
             raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide the projector width "
                               f"{vision.projector_width(lm.hidden_size)} (model.vision.projector_hidden_size)")
-        if lm.num_layers % pp:
-            raise ConfigError(
-                f"parallel.pipeline_model_parallel_size={pp} does not divide model.lm.num_layers={lm.num_layers}"
-            )
+        self.stage_layer_counts(lm.num_layers)
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
         if self.overlap_param_gather and not self.overlap_grad_reduce:

@@ -38,6 +38,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from torch import Tensor
 
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.vision_context import VisionContext
 
 PLACEMENTS = ("parallel", "before", "replace")
@@ -104,10 +105,13 @@ class CASATransformerLayer(MegatronModule):
         shared = None
         if share_projections:
             shared = (self.self_attention.linear_qkv, self.self_attention.linear_proj)
-        self.casa_attention = build_module(
-            submodules.casa_attention, config=config, layer_number=self.layer_number,
-            shared_projections=shared, pg_collection=pg_collection,
-        )
+        # the CASA weights draw from a seed of their own: the layer's self-attention and MLP then
+        # start as the same layer of a model without CASA (model/init_seed.py)
+        with component_seed(torch.initial_seed(), "casa_attention"):
+            self.casa_attention = build_module(
+                submodules.casa_attention, config=config, layer_number=self.layer_number,
+                shared_projections=shared, pg_collection=pg_collection,
+            )
         self.casa_bda = build_module(submodules.casa_bda)
         self.pre_mlp_layernorm = norm(submodules.pre_mlp_layernorm)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)

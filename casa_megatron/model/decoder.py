@@ -15,6 +15,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core import parallel_state
 from megatron.core.fp8_utils import get_fp8_context
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from casa_megatron.config.schema import RecomputeConfig
 from casa_megatron.model.casa_layer import CASATransformerLayer
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.recompute import NO_RECOMPUTE, run_layers
 from casa_megatron.model.vision_context import VisionContext
 
@@ -30,21 +32,24 @@ from casa_megatron.model.vision_context import VisionContext
 class CASADecoder(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_specs: List[ModuleSpec], final_norm,
                  post_process: bool, pg_collection: Optional[ProcessGroupCollection] = None,
-                 recompute: RecomputeConfig = NO_RECOMPUTE):
+                 recompute: RecomputeConfig = NO_RECOMPUTE, seed: Optional[int] = None):
+        """``seed``: the run's seed; layer ``i`` is initialised from its own seed derived from it and
+        its global index (model/init_seed.py), so it starts the same whichever stage builds it."""
         super().__init__(config=config)
         self.recompute = recompute
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        pp_size = config.pipeline_model_parallel_size
-        num_local = config.num_layers // pp_size
-        self.layer_offset = get_transformer_layer_offset(
-            config, None, parallel_state.get_pipeline_model_parallel_rank()
-        )
-        self.layers = torch.nn.ModuleList([
-            build_module(layer_specs[self.layer_offset + i], config=config, layer_number=i + 1,
-                         pg_collection=pg_collection)
-            for i in range(num_local)
-        ])
+        # megatron's own split rule, even or uneven (config/pipeline_split.py states it as data)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        num_local = get_num_layers_to_build(config, None, pp_rank)
+        self.layer_offset = get_transformer_layer_offset(config, None, pp_rank)
+        seed = torch.initial_seed() if seed is None else seed
+        layers = []
+        for i in range(num_local):
+            with component_seed(seed, f"lm.layers.{self.layer_offset + i}"):
+                layers.append(build_module(layer_specs[self.layer_offset + i], config=config, layer_number=i + 1,
+                                           pg_collection=pg_collection))
+        self.layers = torch.nn.ModuleList(layers)
         self.final_layernorm = None
         if post_process:
             self.final_layernorm = build_module(final_norm, config=config,

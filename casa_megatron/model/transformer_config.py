@@ -55,6 +55,8 @@ def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         add_bias_linear=False,
         add_qkv_bias=lm.add_qkv_bias,
         init_method_std=lm.init_method_std,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         **_common(parallel, params_dtype),
     )
 
@@ -89,4 +91,6 @@ def projector_transformer_config(lm_config: TransformerConfig,
         add_bias_linear=True,
         sequence_parallel=False,
         pipeline_model_parallel_size=1,
+        num_layers_in_first_pipeline_stage=None,  # the LM's pipeline split; the projector is not split
+        num_layers_in_last_pipeline_stage=None,
     )

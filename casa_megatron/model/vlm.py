@@ -38,6 +38,7 @@ from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, tempora
 from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
 from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 
@@ -71,25 +72,32 @@ class CASAVLM(LanguageModule):
 
         self.rotary = PositionRotary(lm_config, model.lm.head_dim, model.lm.rotary_base,
                                      model.lm.rope_scaling)
+        # every component draws its weights from its own seed: the same full weights at every
+        # TP / PP layout and split, the same LM layers in every fusion (model/init_seed.py)
+        seed = torch.initial_seed()  # the run's seed (parallel/init.py)
         if pre_process:
-            self.embedding = LanguageModelEmbedding(
-                lm_config, vocab_size=self.padded_vocab_size,
-                max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
-            )
-            self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
-                                               model.attention_backend)
-            self.projector = build_projector(model.vision, projector_config, self.use_te)
+            with component_seed(seed, "lm.embedding"):
+                self.embedding = LanguageModelEmbedding(
+                    lm_config, vocab_size=self.padded_vocab_size,
+                    max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
+                )
+            with component_seed(seed, "vision"):
+                self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
+                                                   model.attention_backend)
+            with component_seed(seed, "projector"):
+                self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
                                            model.attention_backend, model.packed_attention)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
-                                   post_process=post_process, recompute=model.recompute)
+                                   post_process=post_process, recompute=model.recompute, seed=seed)
         if post_process:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                lm_config.hidden_size, self.padded_vocab_size, config=lm_config,
-                init_method=lm_config.init_method, bias=False, skip_bias_add=False,
-                gather_output=False,
-                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
-            )
+            with component_seed(seed, "lm.output_layer"):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    lm_config.hidden_size, self.padded_vocab_size, config=lm_config,
+                    init_method=lm_config.init_method, bias=False, skip_bias_add=False,
+                    gather_output=False,
+                    skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+                )
         self.setup_embeddings_and_output_layer()
         self._tag_new_parameters()
         self.apply_freezing()

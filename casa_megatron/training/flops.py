@@ -163,6 +163,7 @@ class _Ledger:
     gemm: int = 0
     attention: int = 0
     parts: Dict[str, int] = field(default_factory=dict)
+    _marked: Tuple[int, int] = (0, 0)
 
     def linear(self, part: str, tokens: int, d_in: int, d_out: int, trainable: bool, input_grad: bool,
                always_dgrad: bool = True) -> bool:
@@ -175,6 +176,12 @@ class _Ledger:
         self.parts[part] = self.parts.get(part, 0) + flops
         return trainable or input_grad
 
+    def mark(self) -> Tuple[int, int]:
+        """(gemm, attention) counted since the previous mark."""
+        since = (self.gemm - self._marked[0], self.attention - self._marked[1])
+        self._marked = (self.gemm, self.attention)
+        return since
+
     def attend(self, part: str, pairs: int, width: int, backward: bool) -> None:
         flops = (3 if backward else 1) * ATTENTION_FLOPS_PER_PAIR * width * pairs
         self.attention += flops
@@ -186,10 +193,32 @@ class MicroBatchFlops:
     gemm: int
     attention: int
     parts: Dict[str, int]
+    # where they run, (gemm, attention) each: the vision encoder + projector (first pipeline
+    # stage), every LM layer by global index, the output layer (last stage)
+    vision: Tuple[int, int] = (0, 0)
+    layers: Tuple[Tuple[int, int], ...] = ()
+    output: Tuple[int, int] = (0, 0)
 
     @property
     def total(self) -> int:
         return self.gemm + self.attention
+
+    def stages(self, layer_counts: List[int]) -> List[Tuple[int, int]]:
+        """(gemm, attention) FLOPs of each pipeline stage holding ``layer_counts`` LM layers
+        (``ParallelConfig.stage_layer_counts``). Their sum is this micro-batch's count; what a stage
+        adds at PP > 1 is not counted (a stage's received input always computes its gradient)."""
+        if sum(layer_counts) != len(self.layers):
+            raise ValueError(f"stages of {layer_counts} layers, but the model has {len(self.layers)}")
+        out, start = [], 0
+        for count in layer_counts:
+            gemm = sum(g for g, _ in self.layers[start:start + count])
+            attention = sum(a for _, a in self.layers[start:start + count])
+            out.append([gemm, attention])
+            start += count
+        for stage, (gemm, attention) in ((0, self.vision), (-1, self.output)):
+            out[stage][0] += gemm
+            out[stage][1] += attention
+        return [tuple(x) for x in out]
 
 
 def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> MicroBatchFlops:
@@ -200,15 +229,18 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     ledger = _Ledger()
     grid = batch.image_grid_thw.tolist()  # [[t, h, w]] per image
     image_grad = _vision(ledger, model, grid)
+    vision = ledger.mark()
     lm_train = not model.freeze_lm
     n_layers = lm.num_layers
     sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length, grid)
     text_grad = lm_train  # the embedding's output
+    layers: List[Tuple[int, int]] = []
     if fusion.mechanism == "insertion":
         tokens = b * (s + image_seq_length)  # the combined stream, padded to s + image_seq_length per row
         x = text_grad or image_grad
         for _ in range(n_layers):
             x = _plain_layer(ledger, model, tokens, x, sa_pairs)
+            layers.append(ledger.mark())
     else:
         fused = set(fusion.fusion_layers(n_layers))
         x = text_grad
@@ -217,8 +249,10 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
                 x = _casa_layer(ledger, model, b * s, b * image_seq_length, x, image_grad, sa_pairs, fusion_pairs)
             else:
                 x = _plain_layer(ledger, model, b * s, x, sa_pairs)
+            layers.append(ledger.mark())
     ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
-    return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts))
+    return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts), vision=vision, layers=tuple(layers),
+                           output=ledger.mark())
 
 
 def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:

@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config import save_config, to_dict
 from casa_megatron.config.limits import check_limits
+from casa_megatron.config.pipeline_split import describe_split
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator
 from casa_megatron.data.reshard import reshard_position
@@ -123,6 +124,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
+    if par.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
+        logger.info("pipeline: %s (vision encoder, projector and embedding on the first stage)",
+                    describe_split(par.stage_layer_counts(cfg.model.lm.num_layers)))
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)

@@ -39,6 +39,7 @@ import yaml
 
 from casa_megatron.config import to_dict
 from casa_megatron.config.errors import ConfigError
+from casa_megatron.config.pipeline_split import stage_layer_counts
 from casa_megatron.training.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -142,14 +143,30 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
     old = {**flatten(to_dict(type(current)())), **flatten(saved)}
     if old["checkpoint.optimizer_format"] != "dp_reshardable" or not old["optimizer.use_distributed_optimizer"]:
         return
-    was = (old["parallel.tensor_model_parallel_size"], old["parallel.pipeline_model_parallel_size"])
-    now = (current.parallel.tensor_model_parallel_size, current.parallel.pipeline_model_parallel_size)
+    num_layers = old["model.lm.num_layers"]
+    was = _layout(old["parallel.tensor_model_parallel_size"], old["parallel.pipeline_model_parallel_size"],
+                  old["parallel.num_layers_in_first_pipeline_stage"], old["parallel.num_layers_in_last_pipeline_stage"],
+                  num_layers)
+    par = current.parallel
+    now = _layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                  par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage, num_layers)
     if was != now:
         raise ResumeMismatch(
-            f"{source} holds its optimizer state as checkpoint.optimizer_format=dp_reshardable, written at TP={was[0]}, "
-            f"PP={was[1]}; it resumes at another data-parallel size but not at TP={now[0]}, PP={now[1]}. Resume at "
-            f"TP={was[0]}, PP={was[1]} with checkpoint.optimizer_format=fully_reshardable and save once, then change "
-            f"the layout")
+            f"{source} holds its optimizer state as checkpoint.optimizer_format=dp_reshardable, written at {was}; it "
+            f"resumes at another data-parallel size but not at {now}. Resume at {was} with "
+            f"checkpoint.optimizer_format=fully_reshardable and save once, then change the layout")
+
+
+def _layout(tp: int, pp: int, first, last, num_layers: int) -> str:
+    """``TP=2, PP=2 (LM layers per stage 1+3)``: what a dp_reshardable optimizer state depends on."""
+    text = f"TP={tp}, PP={pp}"
+    if pp > 1:
+        try:
+            counts = stage_layer_counts(num_layers, pp, first, last)
+        except ConfigError:  # a saved layout this model cannot split: compare the raw fields
+            return f"{text} (first stage {first}, last stage {last} layers)"
+        text += f" (LM layers per stage {'+'.join(map(str, counts))})"
+    return text
 
 
 def read_saved_config(path: Path) -> Dict[str, Any]:

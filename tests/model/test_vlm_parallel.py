@@ -46,6 +46,9 @@ PP_VARIANTS = {
     "insertion": ({"mechanism": "insertion"}, None),
     "casa_qwen_encoder_mrope": ({"vision": QWEN_VISION}, 3),
     "casa_recompute_uniform_1": ({"recompute": {"granularity": "full", "method": "uniform", "num_layers": 1}}, 3),
+    # uneven splits (parallel.num_layers_in_first/last_pipeline_stage): 1 + 3 and 3 + 1 of 4 layers
+    "casa_uneven_first_1": ({"split": (1, None)}, 3),
+    "insertion_uneven_last_1": ({"mechanism": "insertion", "split": (None, 1)}, None),
 }
 
 
@@ -55,8 +58,11 @@ def test_pipeline_parallel_matches_single_process(variant):
     including the vision encoder's, which lives on stage 0 and receives gradient from stage 1."""
     fusion, casa_layer_on_stage_1 = PP_VARIANTS[variant]
     fusion = dict(fusion)
+    split = fusion.pop("split", (None, None))
     first, second = run_distributed(pp_worker, world_size=2, vision=fusion.pop("vision", None),
-                                    recompute=fusion.pop("recompute", None), fusion=fusion)
+                                    recompute=fusion.pop("recompute", None), split=split, fusion=fusion)
+    expected = {(None, None): (2, 2), (1, None): (1, 3), (None, 1): (3, 1)}[split]
+    assert (first["layers"], second["layers"]) == expected
     assert any(n.startswith("vision.") for n in first["checked"])
     assert not any(n.startswith("vision.") for n in second["checked"])
     assert not set(first["checked"]) & set(second["checked"])

@@ -20,10 +20,10 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, recompute=None,
-          **fusion):
+          split=(None, None), **fusion):
     """``reference``: the dense-mask self-attention and the fused image QKV (the old paths);
     ``recompute``: RecomputeConfig fields for the layouts under test (the reference keeps its
-    activations)."""
+    activations); ``split``: LM layers on the first and last pipeline stage (None: even)."""
     from casa_megatron.config.schema import RecomputeConfig
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
@@ -31,7 +31,8 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bo
 
     initialize_parallel(tp, pp, seed=0)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp)
+                              sequence_parallel=sp, num_layers_in_first_pipeline_stage=split[0],
+                              num_layers_in_last_pipeline_stage=split[1])
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
     config.packed_attention = not reference
     if recompute and not reference:
@@ -126,7 +127,7 @@ def global_name(name: str, offset: int) -> str:
     return name
 
 
-def pp_worker(rank, world, fusion, vision=None, recompute=None):
+def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, None)):
     from megatron.core import parallel_state
 
     from casa_megatron.parallel.tp_layout import load_full_state
@@ -138,7 +139,7 @@ def pp_worker(rank, world, fusion, vision=None, recompute=None):
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    stage = build(pp=2, vision=vision, recompute=recompute, **fusion)
+    stage = build(pp=2, vision=vision, recompute=recompute, split=split, **fusion)
     to_global = {n: global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     losses = run_schedule(stage, batches)
@@ -147,6 +148,6 @@ def pp_worker(rank, world, fusion, vision=None, recompute=None):
     for name, p in stage.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(),
-            "checked": sorted(to_global.values()),
+            "checked": sorted(to_global.values()), "layers": len(stage.decoder.layers),
             "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
                                     if n.startswith("vision."))}

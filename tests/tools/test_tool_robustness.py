@@ -55,3 +55,41 @@ def test_killed_generator_leaves_no_temporary_folder(tmp_path, sig):
         spec.loader.exec_module(tool)
         assert tool.main(["--out", str(tmp_path / "data"), "--num-images", "2", "--num-videos", "0"]) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _describe(rank, world, argv):
+    import contextlib
+    import io
+
+    spec = importlib.util.spec_from_file_location("describe_model", REPO / "tools" / "describe_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert module.main(argv) == 0
+    return out.getvalue()
+
+
+def test_describe_model_shows_what_each_pipeline_stage_holds():
+    """With PP > 1 the parameter budget is split by stage: the stages hold every parameter once
+    (tied embeddings: plus the last stage's copy), the first one the encoder and projector too."""
+    from support.dist import run_distributed
+
+    def stages(*overrides):
+        text = run_distributed(_describe, world_size=1, argv=[
+            str(REPO / "configs" / "tiny_cpu_synthetic.yaml"), "model.lm.num_layers=4",
+            "parallel.pipeline_model_parallel_size=2", *overrides])[0]
+        lines = text.splitlines()
+        total = int(next(l for l in lines if l.startswith("total")).split()[1].replace(",", ""))
+        rows = [l.split() for l in lines[lines.index(next(l for l in lines if l.startswith("stage"))) + 1:]]
+        return total, [(int(r[1]), int(r[2].replace(",", ""))) for r in rows], text
+
+    total, rows, text = stages("parallel.num_layers_in_first_pipeline_stage=1")
+    assert "pipeline: 2 stages: layers 0 | 1-3" in text
+    assert [layers for layers, _ in rows] == [1, 3] and sum(p for _, p in rows) == total
+    _, even, _ = stages()
+    assert [layers for layers, _ in even] == [2, 2]
+    per_layer = rows[1][1] - even[1][1]  # the last stage gained one layer
+    assert per_layer > 0 and rows[0][1] == even[0][1] - per_layer
+    tied_total, tied, _ = stages("model.lm.tie_word_embeddings=true")
+    assert sum(p for _, p in tied) == tied_total + 16 * 64  # vocab x hidden, the last stage's copy

@@ -1,5 +1,5 @@
 """Resumable checkpoints: SIGKILL mid-run, a save killed half-way, SIGTERM / SIGINT (Ctrl-C), a
-second run on the same directory, TP/PP resharding."""
+second run on the same directory, TP/PP resharding, uneven pipeline splits."""
 
 from __future__ import annotations
 
@@ -210,6 +210,27 @@ def test_checkpoint_loads_at_another_layout(tmp_path, uninterrupted, save_at, lo
     assert [r["step"] for r in rows] == list(range(10, 25, 2))
     for row in rows:
         assert row["loss"] == pytest.approx(want[row["step"]]["loss"], rel=1e-4, abs=1e-5), row["step"]
+
+
+def test_uneven_pipeline_split_trains_and_resumes_at_another_split(tmp_path):
+    """A 3-layer LM at PP=2, split 1 + 2 (``parallel.num_layers_in_first_pipeline_stage=1``) for 8
+    steps, then resumed at split 2 + 1 (``num_layers_in_last_pipeline_stage=1``): every logged step,
+    before and after the resume, follows the one-process curve of the same model."""
+    three, pp2 = ["model.lm.num_layers=3"], ["parallel.pipeline_model_parallel_size=2"]
+    reference = tmp_path / "one_process"
+    run_distributed(_train, world_size=1, run_dir=str(reference), overrides=three)
+    want = {r["step"]: r["loss"] for r in _rows(reference)}
+    run_dir = tmp_path / "uneven"
+    run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8,
+                    overrides=[*three, *pp2, "parallel.num_layers_in_first_pipeline_stage=1"])
+    saved = (run_dir / "checkpoints" / "iter_0000008" / "config.yaml").read_text()
+    assert "num_layers_in_first_pipeline_stage: 1" in saved
+    run_distributed(_train, world_size=2, run_dir=str(run_dir),
+                    overrides=[*three, *pp2, "parallel.num_layers_in_last_pipeline_stage=1"])
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(2, 25, 2))
+    for row in rows:
+        assert row["loss"] == pytest.approx(want[row["step"]], rel=1e-4, abs=1e-5), row["step"]
 
 
 def test_exit_duration_stops_saves_and_the_next_run_goes_on(tmp_path):

@@ -144,3 +144,42 @@ def test_pairs_equal_the_windows_and_segments_the_model_builds():
         cu = packed_seq_params(segment_starts(layout.segment_ids)).cu_seqlens_q
         assert layer_pairs(small_model_config(mechanism="insertion"), batch, IMAGE_SLOTS) == \
             (causal_pairs(cu[1:] - cu[:-1]), 0)
+
+
+# (fusion kwargs, LM layers on the first and last stage)
+STAGE_CASES = {
+    "casa_even": ({"every_n": 2}, (None, None)),
+    "casa_first_1": ({}, (1, None)),
+    "insertion_last_1": ({"mechanism": "insertion"}, (None, 1)),
+}
+
+
+def _count_stages(rank, world):
+    from megatron.core import parallel_state
+    from support.equivalence import build, run_schedule
+
+    from benchmarks.flops import count_gemm_flops
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.training.flops import microbatch_flops
+
+    batch = random_batch(3)
+    out = {}
+    for name, (fusion, split) in STAGE_CASES.items():
+        model = build(pp=2, split=split, **fusion)
+        counted = count_gemm_flops(lambda: run_schedule(model, [batch]))
+        parallel = ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=split[0],
+                                  num_layers_in_last_pipeline_stage=split[1])
+        counts = parallel.stage_layer_counts(4)
+        analytic = microbatch_flops(small_model_config(None, **fusion), batch, IMAGE_SLOTS)
+        stages = analytic.stages(counts)
+        assert sum(g for g, _ in stages) == analytic.gemm and sum(a for _, a in stages) == analytic.attention
+        out[name] = (counted, stages[parallel_state.get_pipeline_model_parallel_rank()][0], counts)
+    return out
+
+
+def test_stage_flops_equal_torchs_counter_on_each_pipeline_stage():
+    """``MicroBatchFlops.stages`` (what benchmarks/pipeline_balance.py plans with): on each stage of
+    a real PP=2 step, even and uneven splits, the GEMM FLOPs torch counts on that rank."""
+    for stage in run_distributed(_count_stages, world_size=2):
+        wrong = {name: (counted, analytic) for name, (counted, analytic, _) in stage.items() if counted != analytic}
+        assert not wrong, f"stage analytic != FlopCounterMode for {wrong}"

@@ -130,3 +130,23 @@ def test_dp_reshardable_refuses_another_tp_or_pp_before_anything_is_written(tmp_
                       [f"run_dir={run}", *layout, "checkpoint.optimizer_format=fully_reshardable"])
     with pytest.raises(ResumeMismatch):  # the format of the checkpoint decides, not the run's
         precheck(Checkpointer(run / "checkpoints"), cfg)
+
+
+def test_dp_reshardable_refuses_another_pipeline_split():
+    """The LM layers per stage are part of the layout a dp_reshardable optimizer state is bound to:
+    the same PP size with another split is refused as well, naming both splits; the same split passes."""
+    from casa_megatron.config import load_config, to_dict
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.resume import ResumeMismatch, check_optimizer_layout
+
+    def cfg(*overrides):
+        return load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                           [DP_RESHARDABLE, "model.lm.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+                            *overrides])
+
+    saved = to_dict(cfg("parallel.num_layers_in_first_pipeline_stage=1"))
+    check_optimizer_layout(saved, cfg("parallel.num_layers_in_first_pipeline_stage=1"), "ckpt")
+    with pytest.raises(ResumeMismatch, match=r"written at TP=1, PP=2 \(LM layers per stage 1\+3\); it resumes at "
+                                             r"another data-parallel size but not at TP=1, PP=2 \(LM layers per "
+                                             r"stage 2\+2\)"):
+        check_optimizer_layout(saved, cfg(), "ckpt")

@@ -1,0 +1,426 @@
+"""Where to cut the pipeline: the cost of each stage for the even split and the best uneven one.
+
+    python benchmarks/pipeline_balance.py --config benchmarks/configs/pipeline_paper.yaml --pp 2 4 8 \
+        [--calibrate STEPS] [--measure STEPS --repeats R] [--json OUT.json] [key=value ...]
+
+A VLM's first pipeline stage runs the vision encoder and the projector before its LM layers
+(``model/vlm.py``); the last one adds the output layer. In 1F1B every stage waits for the slowest
+in each micro-batch's forward and backward, so an even split of the LM layers leaves the other
+stages idle for the encoder's time. ``parallel.num_layers_in_first_pipeline_stage`` /
+``..._last_...`` (``config/pipeline_split.py``) move LM layers off the heavy ends.
+
+For each pipeline size and fusion this counts the model FLOPs (forward + backward) of every stage
+from the config and representative packed micro-batches (``benchmarks/common.image_heavy_batch``:
+the config's text/image shape), with the count the training loop logs (``training/flops.py``;
+``MicroBatchFlops.stages`` equals torch's FLOP counter on each stage of a real PP=2 step:
+``tests/training/test_model_flops.py``). Every (first, last) pair the split rule accepts is scored
+by the 1F1B step it implies (``one_f_one_b_step`` simulates megatron's schedule); the shortest wins. Reported per split: layers
+and cost per stage, the bottleneck, ``balance`` = mean / max stage cost (1.0 = even) and the
+estimated speed-up over the even split.
+
+FLOPs are not seconds: GEMMs of another width or attention run at other rates.
+``--calibrate`` measures two rates on this machine (one process, CPU or one GPU: the whole model
+timed with its encoder and with a frozen stand-in) and costs the encoder's FLOPs and the LM's each
+at its own rate. ``--measure`` then times the even and the best PP=2 split for real on two forked
+CPU ranks (``--repeats``: alternated, median kept) and reports each stage's busy time (step time
+minus its pipeline send / receive time).
+
+Not modelled: the first stage holding up to ``pp`` micro-batches of activations in 1F1B (memory),
+p2p transfer time. The vision encoder is counted as the model config says (``model.vision``:
+blocks, ``trainable_blocks``), also under the config's ``vision: frozen_stub`` (that is only how
+``train_efficiency.py`` stands in for the encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_megatron` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    BenchConfig, fusion_model_config, format_table, image_heavy_batch, machine_info,
+)
+from casa_megatron.config.errors import ConfigError  # noqa: E402
+from casa_megatron.config.pipeline_split import FIRST, LAST, describe_split, stage_layer_counts  # noqa: E402
+from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
+from casa_megatron.training.flops import MicroBatchFlops, microbatch_flops  # noqa: E402
+
+Split = Tuple[Optional[int], Optional[int]]
+COLUMNS = [("fusion", "fusion", ""), ("PP", "pp", ""), ("split", "split", ""), ("LM layers per stage", "layers", ""),
+           ("cost per stage (step)", "stage_text", ""), ("bottleneck", "bottleneck", ""),
+           ("balance", "balance", ".3f"), ("est. speedup vs even", "speedup", ".3f")]
+
+
+def load(config_path: str, overrides) -> BenchConfig:
+    from casa_megatron.config import load_config
+
+    return load_config(BenchConfig, config_path, overrides)
+
+
+def step_counts(cfg: BenchConfig, mechanism: str) -> List[MicroBatchFlops]:
+    """FLOP counts of the micro-batches of one step (``data.num_microbatches``)."""
+    model = fusion_model_config(cfg.model, mechanism)
+    data = cfg.data
+    return [microbatch_flops(model, image_heavy_batch(data, model.lm.vocab_size, cfg.seed + k), data.image_seq_length)
+            for k in range(data.num_microbatches)]
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Cost of one FLOP of the vision encoder (+ projector) and of the LM side. FLOPs: both 1.
+    ``--calibrate``: seconds per FLOP measured on this machine (``calibrate``)."""
+
+    vision: float = 1.0
+    lm: float = 1.0
+    unit: str = "FLOPs"
+
+
+def stage_costs(counts: List[MicroBatchFlops], layers: List[int], rates: Rates = Rates()) -> List[float]:
+    """Cost of each stage over the step's micro-batches: its LM layers (and the output layer on
+    the last stage) at ``rates.lm``, the encoder and projector on the first at ``rates.vision``."""
+    per_stage = [0.0] * len(layers)
+    for mb in counts:
+        vision = sum(mb.vision)
+        for i, (gemm, attention) in enumerate(mb.stages(layers)):
+            lm = gemm + attention - (vision if i == 0 else 0)
+            per_stage[i] += lm * rates.lm + (vision * rates.vision if i == 0 else 0)
+    return per_stage
+
+
+def candidate_splits(num_layers: int, pp: int) -> Dict[Split, List[int]]:
+    """Every (first, last) the split rule accepts, the even split as (None, None) when it exists."""
+    options = [None, *range(1, num_layers)]
+    out = {}
+    for first, last in itertools.product(options, options):
+        try:
+            out[(first, last)] = stage_layer_counts(num_layers, pp, first, last)
+        except ConfigError:
+            continue
+    return out
+
+
+def one_f_one_b_step(stage_costs_: List[float], num_microbatches: int, forward_share: float = 1 / 3) -> float:
+    """Step time of megatron's 1F1B schedule (``forward_backward_pipelining_without_interleaving``),
+    simulated from each stage's cost over the step: stage ``k`` runs ``p - k - 1`` warm-up
+    forwards, then alternates one forward and one backward, then drains its backwards; a forward
+    waits for the previous stage's forward of the same micro-batch, a backward for the next
+    stage's backward (the last stage's for its own forward). A micro-batch's forward is
+    ``forward_share`` of its cost (model FLOPs: 1/3 forward, 2/3 backward). Transfers are free."""
+    p, m = len(stage_costs_), num_microbatches
+    fwd = [c / m * forward_share for c in stage_costs_]
+    bwd = [c / m * (1 - forward_share) for c in stage_costs_]
+    orders = []
+    for k in range(p):
+        warmup = min(p - k - 1, m)
+        order = [("F", j) for j in range(warmup)]
+        for i in range(m - warmup):
+            order += [("F", warmup + i), ("B", i)]
+        order += [("B", j) for j in range(m - warmup, m)]
+        orders.append(order)
+    done: Dict[Tuple[str, int, int], float] = {}
+    position, clock = [0] * p, [0.0] * p
+    while any(position[k] < len(orders[k]) for k in range(p)):
+        progressed = False
+        for k in range(p):
+            while position[k] < len(orders[k]):
+                kind, j = orders[k][position[k]]
+                needs = (("F", k - 1, j) if k > 0 else None) if kind == "F" else \
+                    (("B", k + 1, j) if k < p - 1 else ("F", k, j))
+                if needs is not None and needs not in done:
+                    break
+                start = max(clock[k], done[needs] if needs is not None else 0.0)
+                clock[k] = start + (fwd[k] if kind == "F" else bwd[k])
+                done[(kind, k, j)] = clock[k]
+                position[k] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("1F1B simulation deadlocked")  # cannot happen for a valid schedule
+    return max(clock)
+
+
+def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates = Rates()) -> dict:
+    """The even split (if the layers divide) and the split whose estimated 1F1B step is shortest."""
+    m = len(counts)
+    scored = {}
+    for split, layers in candidate_splits(num_layers, pp).items():
+        costs = stage_costs(counts, layers, rates)
+        # the step estimate, then the heaviest stages in turn, then the plain even split
+        scored[split] = (one_f_one_b_step(costs, m), sorted(costs, reverse=True), split != (None, None),
+                         layers, costs)
+    if not scored:
+        raise ConfigError(f"no split of {num_layers} LM layers over {pp} stages")
+    best_split = min(scored, key=lambda s: scored[s][:3])
+    even = scored.get((None, None))
+    rows = []
+    for name, split in (("even", (None, None)), ("best", best_split)):
+        if split not in scored or (name == "best" and split == (None, None) and even is not None):
+            continue
+        step, _, _, layers, costs = scored[split]
+        bottleneck = max(costs)
+        rows.append({"pp": pp, "split": name, "first": split[0], "last": split[1], "layers": layers,
+                     "stage_cost": costs, "stage_text": " / ".join(_short(c, rates.unit) for c in costs),
+                     "unit": rates.unit, "bottleneck": f"stage {costs.index(bottleneck)}",
+                     "balance": sum(costs) / len(costs) / bottleneck, "step_estimate": step,
+                     "speedup": even[0] / step if even is not None else None,
+                     "overrides": overrides_for(pp, split), "describe": describe_split(layers)})
+    if rows[-1]["split"] == "even":
+        rows[-1]["split"] = "even = best"
+    return {"pp": pp, "rows": rows}
+
+
+def _short(value: float, unit: str) -> str:
+    if unit != "FLOPs":
+        return f"{value:.3g}"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:.3g}{prefix}"
+    return f"{value:.3g}"
+
+
+def encoder_share(counts: List[MicroBatchFlops]) -> float:
+    """The vision encoder's and projector's share of the step's model FLOPs."""
+    return sum(sum(mb.vision) for mb in counts) / sum(mb.total for mb in counts)
+
+
+def overrides_for(pp: int, split: Split) -> str:
+    parts = [f"parallel.pipeline_model_parallel_size={pp}"]
+    parts += [f"{name}={value}" for name, value in ((FIRST, split[0]), (LAST, split[1])) if value is not None]
+    return " ".join(parts)
+
+
+# --- calibrating the costs on this machine (one process, CPU or one GPU) ----------------------------
+def _time_model(cfg: BenchConfig, fusion: str, steps: int) -> float:
+    """Median seconds of forward + backward over the step's micro-batches, TP = PP = 1."""
+    import statistics
+    import time
+
+    import torch
+
+    from benchmarks.common import build_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = cfg.data
+    model = build_model(cfg, fusion, data.image_seq_length)
+    device = next(model.parameters()).device
+    batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k).to(device)
+               for k in range(data.num_microbatches)]
+    times = []
+    for step in range(steps + 1):
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches:
+            (model(batch) * batch.loss_mask).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(cfg: BenchConfig, fusion: str, steps: int) -> Tuple[Rates, dict]:
+    """Seconds per FLOP of the encoder side and of the LM side on this machine, from two timed
+    runs of the whole model (each in a fresh process): with the encoder, and with the frozen stub in
+    its place (``vision: frozen_stub``: the same LM work, the projector still trains). LM rate = the
+    stub run's time over its FLOPs; encoder rate = the time the encoder adds over the FLOPs it adds.
+    FLOPs alone would favour one side wherever their kernels run at different speeds (on a CPU the
+    small encoder GEMMs ran at half the LM's rate)."""
+    import dataclasses
+
+    from benchmarks.common import counted_model_config, run_in_child
+
+    with_encoder = dataclasses.replace(cfg, vision="encoder")
+    stub = dataclasses.replace(cfg, vision="frozen_stub")
+    timed = {name: run_in_child(_time_model, c, fusion, steps, what=f"timing {fusion} ({name})")
+             for name, c in (("encoder", with_encoder), ("stub", stub))}
+
+    def flops(c):
+        model = counted_model_config(c, fusion)
+        data = c.data
+        mbs = [microbatch_flops(model, image_heavy_batch(data, model.lm.vocab_size, c.seed + k), data.image_seq_length)
+               for k in range(data.num_microbatches)]
+        return sum(mb.total for mb in mbs), sum(sum(mb.vision) for mb in mbs)
+
+    (total, vision), (stub_total, stub_vision) = flops(with_encoder), flops(stub)
+    lm_rate = timed["stub"] / stub_total
+    added = timed["encoder"] - timed["stub"]
+    vision_rate = added / (vision - stub_vision) if added > 0 else lm_rate
+    detail = {"step_s_with_encoder": timed["encoder"], "step_s_with_stub": timed["stub"], "flops": total,
+              "vision_flops": vision, "stub_flops": stub_total, "lm_flops_per_s": 1 / lm_rate,
+              "vision_flops_per_s": 1 / vision_rate}
+    if added <= 0:
+        detail["note"] = "the encoder added no measurable time: its FLOPs are costed at the LM's rate"
+    return Rates(vision=vision_rate, lm=lm_rate, unit="s"), detail
+
+
+# --- measuring the plan on this machine (CPU, PP=2) ---------------------------------------------
+def _time_split(cfg: BenchConfig, fusion: str, split: Split, steps: int) -> dict:
+    """One rank of a PP=2 run with ``split``: the median seconds per training step (forward and
+    backward of the step's micro-batches through megatron's 1F1B schedule, no optimizer step) over
+    ``steps`` steps after a warm-up one. Barriers frame each step: it is the pipeline's time."""
+    import statistics
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from benchmarks.common import DTYPES
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.step import forward_step
+
+    torch.set_num_threads(max(1, cfg.threads))
+    initialize_parallel(1, 2, seed=cfg.seed)
+    parallel = ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=split[0],
+                              num_layers_in_last_pipeline_stage=split[1])
+    data = cfg.data
+    model = build_vlm(fusion_model_config(cfg.model, fusion), parallel, data.image_seq_length,
+                      params_dtype=DTYPES[cfg.dtype])
+    batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k) for k in range(data.num_microbatches)]
+    waits = _time_p2p()
+    times, busy = [], []
+    for step in range(steps + 1):
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        waits[0] = 0.0
+        start = time.perf_counter()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                                    num_microbatches=len(batches), seq_length=data.seq_length + data.image_seq_length,
+                                    micro_batch_size=data.micro_batch_size)
+        elapsed = time.perf_counter() - start
+        dist.barrier()
+        if step:  # the first step warms up
+            times.append(elapsed)
+            busy.append(elapsed - waits[0])
+    return {"step_time_s": statistics.median(times), "busy_s": statistics.median(busy),
+            "layers": len(model.decoder.layers)}
+
+
+def _time_p2p() -> List[float]:
+    """Accumulate the seconds this rank spends in megatron's pipeline send / receive calls (waiting
+    for the other stage, mostly) into the returned one-element list: step time minus that = the
+    stage's own compute."""
+    import functools
+    import time
+
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    waits = [0.0]
+    original = P2PCommunicator._communicate
+
+    @functools.wraps(original)
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            waits[0] += time.perf_counter() - start
+
+    P2PCommunicator._communicate = timed
+    return waits
+
+
+def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats: int = 1) -> None:
+    """Time the even and the best PP=2 split of ``fusion`` on this machine (two forked CPU ranks),
+    alternating them ``repeats`` times (background load then weighs on both alike) and keeping each
+    split's median run; adds ``measured_step_s`` / ``measured_busy_s`` (per stage: step time minus
+    p2p time) to each row and ``measured_speedup`` to the best one."""
+    from benchmarks.common import run_in_ranks
+
+    if cfg.vision != "encoder":
+        raise ConfigError("--measure runs the model as built: set vision=encoder")
+    runs = {id(row): [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            result = run_in_ranks(_time_split, 2, cfg, fusion, (row["first"], row["last"]), steps,
+                                  what=f"PP=2 {row['split']} split of {fusion}")
+            assert [r["layers"] for r in result] == row["layers"], (result, row["layers"])
+            runs[id(row)].append(result)
+    for row in rows:
+        ordered = sorted(runs[id(row)], key=lambda result: result[0]["step_time_s"])
+        median = ordered[len(ordered) // 2]
+        row["measured_step_s"] = median[0]["step_time_s"]
+        row["measured_step_s_runs"] = [result[0]["step_time_s"] for result in runs[id(row)]]
+        row["measured_busy_s"] = [r["busy_s"] for r in median]
+        row["measured_busy"] = " / ".join(f"{r['busy_s']:.3g}" for r in median)
+    if len(rows) == 2:
+        rows[1]["measured_speedup"] = rows[0]["measured_step_s"] / rows[1]["measured_step_s"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4, 8], help="pipeline sizes to plan")
+    parser.add_argument("--json", help="write the plans here")
+    parser.add_argument("--calibrate", type=int, default=0, metavar="STEPS",
+                        help="cost FLOPs at the encoder's and the LM's speed measured here (two timed runs "
+                             "of STEPS steps, one process; CPU or one GPU) instead of counting every FLOP alike")
+    parser.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                        help="also time the even and the best PP=2 split for STEPS steps on this machine "
+                             "(two forked CPU ranks; small configs: benchmarks/configs/pipeline_cpu.yaml)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--measure: alternate the two splits this many times, keep each one's median run")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    cfg = load(args.config, args.overrides)
+    num_layers = cfg.model.lm.num_layers
+    results, shares, calibration = [], {}, {}
+    for fusion in cfg.fusions:
+        counts = step_counts(cfg, fusion)
+        shares[fusion] = encoder_share(counts)
+        rates = Rates()
+        if args.calibrate:
+            rates, calibration[fusion] = calibrate(cfg, fusion, args.calibrate)
+            c = calibration[fusion]
+            print(f"{fusion}: encoder side {c['vision_flops_per_s'] / 1e9:.1f} GFLOP/s, LM side "
+                  f"{c['lm_flops_per_s'] / 1e9:.1f} GFLOP/s on this machine", file=sys.stderr)
+        for pp in args.pp:
+            if pp > num_layers:
+                print(f"PP={pp}: more stages than the {num_layers} LM layers, skipped", file=sys.stderr)
+                continue
+            rows = plan(counts, num_layers, pp, rates)["rows"]
+            if args.measure and pp == 2:
+                measure(cfg, fusion, rows, args.measure, args.repeats)
+            results.extend({"fusion": fusion, **row} for row in rows)
+    data = cfg.data
+    print(f"{num_layers} LM layers; per micro-batch {data.micro_batch_size} x {data.seq_length} text + "
+          f"{data.image_seq_length} image tokens, {data.num_microbatches} micro-batch(es) per step; "
+          + ("costs in seconds per step from this machine's measured FLOP rates (--calibrate)" if args.calibrate
+             else "costs in model FLOPs per step"))
+    columns = COLUMNS + ([("measured busy s per stage", "measured_busy", ""), ("measured s/step", "measured_step_s", ".3f"),
+                          ("measured speedup", "measured_speedup", ".3f")]
+                         if args.measure else [])
+    print(format_table(results, columns))
+    for row in results:
+        if row["split"] == "best":
+            print(f"{row['fusion']}, PP={row['pp']}: {row['overrides']}  ({row['describe']})")
+    for fusion, share in shares.items():
+        limit = [pp for pp in args.pp if share > 1 / pp]
+        print(f"{fusion}: the vision encoder + projector are {100 * share:.1f} % of the step's FLOPs"
+              + (f"; at PP={', '.join(map(str, limit))} the first stage is the bottleneck with any split "
+                 "(the encoder is not split over stages)" if limit else ""))
+    if args.json:
+        from casa_megatron.config import to_dict
+
+        atomic_write_json(Path(args.json), {"results": results, "encoder_share": shares, "calibration": calibration,
+                                            "config": to_dict(cfg), "config_path": args.config,
+                                            "machine": machine_info(), "command": " ".join(sys.argv) if argv is None else None,
+                                            "method": "analytic model FLOPs per stage (training/flops.py "
+                                            "MicroBatchFlops.stages)" + (", costed at the FLOP rates measured "
+                                            "here" if args.calibrate else "")}, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""benchmarks/pipeline_balance.py: the split it suggests has the shortest 1F1B step estimate among
+every split the rule accepts (checked by brute force over stage FLOPs summed by hand), its stage
+costs add up to the step's FLOPs, and the CLI runs end to end with the calibration and the
+two-rank PP=2 timing on a micro config."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+MICRO = {
+    "model": {"lm": {"vocab_size": 64, "num_layers": 6, "hidden_size": 32, "num_attention_heads": 4,
+                     "num_query_groups": 2, "ffn_hidden_size": 64},
+              "vision": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64},
+              "fusion": {"every_n": 2}, "transformer_impl": "local"},
+    "data": {"micro_batch_size": 1, "num_microbatches": 2, "seq_length": 24, "samples_per_row": 3,
+             "image_grid": [4, 6]},
+    "fusions": ["casa", "insertion"], "vision": "encoder", "threads": 1,
+}
+
+
+def _config(tmp_path, **changes):
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump({**MICRO, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_best_split_is_the_brute_force_optimum(tmp_path, fusion, pp):
+    from benchmarks.pipeline_balance import load, one_f_one_b_step, plan, step_counts
+
+    cfg = load(str(_config(tmp_path)), [])
+    counts = step_counts(cfg, fusion)
+    rows = {row["split"]: row for row in plan(counts, 6, pp)["rows"]}
+    # by hand: every (first, last) whose middle stages share the rest evenly, at least one layer each
+    costs = {}
+    for first, last in itertools.product([None, *range(1, 6)], repeat=2):
+        ends = [x for x in (first, last) if x is not None]
+        middle, rest = pp - len(ends), 6 - sum(ends)
+        if (middle == 0 and rest != 0) or (middle and (rest < middle or rest % middle)):
+            continue
+        layers = [rest // middle if middle else 0] * pp
+        layers[0] = first if first is not None else layers[0]
+        layers[-1] = last if last is not None else layers[-1]
+        if min(layers) < 1:
+            continue
+        bounds = [0, *itertools.accumulate(layers)]
+        stage = [sum(sum(mb.layers[i][0] + mb.layers[i][1] for i in range(bounds[k], bounds[k + 1])) for mb in counts)
+                 for k in range(pp)]
+        stage[0] += sum(sum(mb.vision) for mb in counts)
+        stage[-1] += sum(sum(mb.output) for mb in counts)
+        assert sum(stage) == sum(mb.total for mb in counts)
+        costs[(first, last)] = one_f_one_b_step(stage, len(counts))
+    best = rows.get("best", rows.get("even = best"))
+    assert best["step_estimate"] == pytest.approx(min(costs.values()), rel=1e-12)
+    assert sum(best["stage_cost"]) == sum(mb.total for mb in counts)
+    if "even" in rows:
+        assert rows["even"]["step_estimate"] == pytest.approx(costs[(None, None)], rel=1e-12)
+        assert best["speedup"] == pytest.approx(costs[(None, None)] / min(costs.values()))
+
+
+def test_one_f_one_b_simulation():
+    """Equal stages: the textbook (m + p - 1) micro-batch slots; one stage: its whole cost; a slow
+    stage sets the pace (worked out by hand: stage 1's backward of the last micro-batch ends at
+    6.5, then stage 0's takes 1 more)."""
+    from benchmarks.pipeline_balance import one_f_one_b_step
+
+    for p, m, t in ((2, 4, 1.5), (4, 8, 0.25), (3, 3, 2.0), (4, 2, 1.0)):
+        assert one_f_one_b_step([t * m] * p, m) == pytest.approx((m + p - 1) * t)
+    assert one_f_one_b_step([6.0], 4) == pytest.approx(6.0)
+    # p=2, m=2, stage 1 twice as slow: fwd/bwd per micro-batch 0.5/1 on stage 0, 1/2 on stage 1
+    assert one_f_one_b_step([3.0, 6.0], 2) == pytest.approx(0.5 + 1 + 2 + 1 + 2 + 1)
+
+
+def test_cli_plans_calibrates_and_times_two_ranks(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline_balance.py"), "--config", str(_config(tmp_path)),
+         "--pp", "2", "3", "--calibrate", "1", "--measure", "1", "--json", str(out), "fusions=[casa]"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert {r["pp"] for r in rows} == {2, 3} and all(r["unit"] == "s" for r in rows)
+    pp2 = [r for r in rows if r["pp"] == 2]
+    assert all(r["measured_step_s"] > 0 for r in pp2)  # both PP=2 splits ran on two ranks
+    calibration = report["calibration"]["casa"]
+    assert calibration["step_s_with_encoder"] > 0 and calibration["lm_flops_per_s"] > 0
+    assert "parallel.pipeline_model_parallel_size=2" in proc.stdout
