@@ -26,7 +26,8 @@ CPU ranks (``--repeats``: alternated, median kept) and reports each stage's busy
 minus its pipeline send / receive time).
 
 Not modelled: the first stage holding up to ``pp`` micro-batches of activations in 1F1B (memory),
-p2p transfer time. The vision encoder is counted as the model config says (``model.vision``:
+p2p transfer time, and the forward / backward shares of frozen parts (a frozen encoder block runs
+forward only; the simulation splits every stage's cost 1/3 forward, 2/3 backward). The vision encoder is counted as the model config says (``model.vision``:
 blocks, ``trainable_blocks``), also under the config's ``vision: frozen_stub`` (that is only how
 ``train_efficiency.py`` stands in for the encoder).
 """
@@ -403,7 +404,7 @@ def main(argv=None) -> int:
                          if args.measure else [])
     print(format_table(results, columns))
     for row in results:
-        if row["split"] == "best":
+        if row["split"] in ("best", "even = best"):
             print(f"{row['fusion']}, PP={row['pp']}: {row['overrides']}  ({row['describe']})")
     for fusion, share in shares.items():
         limit = [pp for pp in args.pp if share > 1 / pp]

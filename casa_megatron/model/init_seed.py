@@ -9,11 +9,12 @@ the extra CASA weights of earlier layers, so insertion and CASA runs "from the s
 start from the same language model.
 
 Here every component (the embedding, the vision encoder, the projector, LM layer ``i`` by its
-*global* index, the output layer) is built inside :func:`component_seed`, which seeds the random
-generators from the run's seed and the component's name, then restores them. With megatron's
-CPU initialisation (``use_cpu_initialization``: each rank draws the full weight, then keeps its
-shard) every TP / PP layout and split therefore starts from the same full weights, and the plain
-LM layers of every fusion are identical (``tests/model/test_init_seed.py``). On a GPU megatron
+*global* index, the output layer, and inside a CASA layer its CASA weights) is built inside
+:func:`component_seed`, which seeds the random generators from the run's seed and the component's
+name, then restores them. With megatron's CPU initialisation (``use_cpu_initialization``: each
+rank draws the full weight, then keeps its shard) every TP / PP layout and split therefore starts
+from the same full weights, and every fusion from the same language model: a CASA layer's
+self-attention and MLP equal the plain layer's (``tests/model/test_init_seed.py``). On a GPU megatron
 draws each tensor-parallel shard from its model-parallel RNG tracker; that tracker is re-seeded
 per component too, so the draw is independent of the stage layout there as well (for one TP size).
 """

@@ -34,11 +34,11 @@ from casa_megatron.model import specs
 from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_marks
 from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
 from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
 from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
-from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 

@@ -166,7 +166,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
-    meter, peak = FlopMeter(cfg.model, cfg.data.image_seq_length).over(data), peak_tflops(cfg)  # throughput.py
+    stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers) if par.pipeline_model_parallel_size > 1 else None
+    meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers).over(data)  # throughput.py
+    peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
     try:
         while step < cfg.train_steps:
@@ -198,7 +200,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                            "grad_norm": float(grad_norm), "step_time_s": step_time,
                            "global_batch_size": batch_size,
                            "text_tokens_per_s": batch_size * cfg.data.seq_length / step_time,
-                           **throughput_metrics(step_flops, losses, step_time, peak),
+                           **throughput_metrics(step_flops, losses, step_time, peak), **meter.pipeline_metrics(),
                            "data_wait_s": meter.last_data_wait_s,
                            "peak_memory_gib": peak_memory_bytes() / 2**30,
                            "checkpoint_held_s": ckpt.held_s - held_logged, **skip_metrics(totals)}

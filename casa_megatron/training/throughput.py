@@ -62,9 +62,14 @@ class FlopMeter:
     and the time spent waiting for them (``data_wait_s``: a step whose wait approaches its step
     time is bound by data loading, not compute; Megatron-LM's "batch-generator" timer)."""
 
-    def __init__(self, model: ModelConfig, image_seq_length: int):
+    def __init__(self, model: ModelConfig, image_seq_length: int, stage_layers: Optional[List[int]] = None):
+        """``stage_layers``: LM layers per pipeline stage (PP > 1): the FLOPs of each stage are
+        kept too (``last_stage_flops``), for the logged ``pipeline_balance``."""
         self.model, self.image_seq_length = model, image_seq_length
+        self.stage_layers = stage_layers
         self.flops = 0  # since the last take()
+        self.stage_flops = [0] * len(stage_layers or [])
+        self.last_stage_flops: List[int] = []
         self.data_wait_s = 0.0  # time spent in the source's next(), since the last take()
         self.last_data_wait_s = 0.0  # ... up to the last take(): the step just run
         self._source: Optional[Iterator] = None
@@ -82,7 +87,11 @@ class FlopMeter:
             batch = next(self._source)
         finally:
             self.data_wait_s += time.perf_counter() - start
-        self.flops += microbatch_flops(self.model, batch, self.image_seq_length).total
+        counts = microbatch_flops(self.model, batch, self.image_seq_length)
+        self.flops += counts.total
+        if self.stage_layers:
+            for k, (gemm, attention) in enumerate(counts.stages(self.stage_layers)):
+                self.stage_flops[k] += gemm + attention
         return batch
 
     def take(self) -> int:
@@ -90,7 +99,17 @@ class FlopMeter:
         (that step's data wait moves to ``last_data_wait_s``)."""
         flops, self.flops = self.flops, 0
         self.last_data_wait_s, self.data_wait_s = self.data_wait_s, 0.0
+        self.last_stage_flops, self.stage_flops = self.stage_flops, [0] * len(self.stage_flops)
         return flops
+
+    def pipeline_metrics(self) -> Dict[str, float]:
+        """PP > 1: ``pipeline_balance`` = mean / max stage FLOPs of the last step (1.0 = even;
+        the heaviest stage sets the pace of 1F1B) and the heaviest stage's share of them."""
+        stages = self.last_stage_flops
+        if len(stages) < 2 or not max(stages):
+            return {}
+        return {"pipeline_balance": sum(stages) / len(stages) / max(stages),
+                "pipeline_heaviest_stage_share": max(stages) / sum(stages)}
 
 
 def throughput_metrics(flops: int, losses: List[Dict], step_time: float, peak: Optional[float]) -> Dict[str, float]:

@@ -231,6 +231,33 @@ def test_uneven_pipeline_split_trains_and_resumes_at_another_split(tmp_path):
     assert [r["step"] for r in rows] == list(range(2, 25, 2))
     for row in rows:
         assert row["loss"] == pytest.approx(want[row["step"]], rel=1e-4, abs=1e-5), row["step"]
+    _check_pipeline_balance(rows, three, {8: [1, 2], 24: [2, 1]})
+
+
+def _check_pipeline_balance(rows, overrides, splits):
+    """Each row's ``pipeline_balance`` (mean / max stage FLOPs) is that of its step's own
+    micro-batches (the synthetic iterator replayed) on the split the step ran with (``splits``:
+    last step -> LM layers per stage)."""
+    import dataclasses
+
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.data import make_train_iterator
+    from casa_megatron.training.flops import microbatch_flops
+
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*BASE, *overrides])
+    data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
+    data = make_train_iterator(data_cfg, cfg.micro_batch_size, 0, 1, cfg.data.seed, fusion="casa")
+    micro = cfg.global_batch_size // cfg.micro_batch_size
+    logged = {r["step"]: r for r in rows}
+    for step in range(1, max(logged) + 1):
+        counts = [microbatch_flops(cfg.model, next(data), cfg.data.image_seq_length) for _ in range(micro)]
+        if step not in logged:
+            continue
+        layers = splits[min(s for s in splits if s >= step)]
+        stages = [sum(sum(mb.stages(layers)[k]) for mb in counts) for k in range(len(layers))]
+        assert logged[step]["pipeline_balance"] == pytest.approx(sum(stages) / len(stages) / max(stages), rel=1e-9)
+        assert logged[step]["pipeline_heaviest_stage_share"] == pytest.approx(max(stages) / sum(stages), rel=1e-9)
 
 
 def test_exit_duration_stops_saves_and_the_next_run_goes_on(tmp_path):
