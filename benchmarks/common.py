@@ -48,6 +48,9 @@ class ImageHeavyData:
         return self.samples_per_row * self.images_per_sample * self.tokens_per_image
 
     def validate(self) -> None:
+        for name in ("micro_batch_size", "num_microbatches", "seq_length", "samples_per_row", "images_per_sample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)}: must be >= 1")
         if self.seq_length // self.samples_per_row < 2:
             raise ConfigError(f"data.seq_length={self.seq_length} leaves fewer than 2 text tokens per "
                               f"sample with data.samples_per_row={self.samples_per_row}")

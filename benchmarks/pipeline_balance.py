@@ -374,7 +374,13 @@ def main(argv=None) -> int:
                         help="--measure: alternate the two splits this many times, keep each one's median run")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    cfg = load(args.config, args.overrides)
+    try:
+        cfg = load(args.config, args.overrides)
+        if args.measure and cfg.vision != "encoder":
+            raise ConfigError("--measure runs the model as built: set vision=encoder")
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     num_layers = cfg.model.lm.num_layers
     results, shares, calibration = [], {}, {}
     for fusion in cfg.fusions:

@@ -98,3 +98,10 @@ def test_cli_plans_calibrates_and_times_two_ranks(tmp_path):
     # the suggestion (an uneven split, or the even one where the calibrated costs say so) is printed
     assert "casa, PP=2: parallel.pipeline_model_parallel_size=2" in proc.stdout
     assert "casa, PP=3: parallel.pipeline_model_parallel_size=3" in proc.stdout
+
+
+def test_cli_config_errors_are_one_line():
+    from benchmarks.pipeline_balance import main
+
+    assert main(["--config", "benchmarks/configs/pipeline_cpu.yaml", "data.samples_per_row=0"]) == 2
+    assert main(["--config", "benchmarks/configs/pipeline_cpu.yaml", "--measure", "1", "vision=frozen_stub"]) == 2
