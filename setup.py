@@ -41,7 +41,8 @@ setup(
     extras_require={
         # DALI for CUDA 13 drivers (the lent GPU machines); on CUDA 12 use nvidia-dali-cuda120.
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", DALI],
-        "test": ["pytest>=8", DALI],
+        # accelerate: transformers' Trainer fine-tuning the export in tests/hf/test_hf_finetune.py
+        "test": ["pytest>=8", "accelerate>=1.0", DALI],
     },
     entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
                                         "casa-convert=casa_megatron.conversion.cli:main",

@@ -218,3 +218,66 @@ def test_gradient_checkpointing_gives_the_same_gradients(exported, variant):
         assert grads_ckpt.keys() == grads.keys() and len(grads) > 10
         for name, grad in grads.items():
             torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+class _Rows(torch.utils.data.Dataset):
+    """One training row each (its own pixels and image grid): what a VLM fine-tuning dataset yields."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _collate(rows):
+    """Rows of equal length stacked; pixels and grids of all their images concatenated."""
+    return {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows]),
+            "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+            "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows])}
+
+
+def test_trainer_step_with_gradient_accumulation_equals_one_whole_batch_step(exported, tmp_path):
+    """The exported model under transformers' own ``Trainer`` (accelerate underneath), as a user
+    fine-tunes it: two rows, one per micro-batch, ``gradient_accumulation_steps=2``, one SGD step.
+    The weights after it equal one hand-written step on the whole two-row batch (the Trainer passes
+    ``num_items_in_batch``: the model must sum its token losses over the accumulated batch), and the
+    Trainer's logged loss is that batch's loss."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    root, _ = exported
+    lr = 0.5
+    reference = AutoModelForCausalLM.from_pretrained(root / "casa_parallel", trust_remote_code=True).train()
+    case = make_case("image")
+    inputs, labels = hf_inputs(case), _targets(case["input_ids"], reference._placeholder_ids())
+    whole = reference(**inputs, labels=labels, use_cache=False).loss
+    whole.backward()
+    with torch.no_grad():
+        expected = {n: p - lr * p.grad for n, p in reference.named_parameters() if p.grad is not None}
+
+    images_of_row0 = int(torch.isin(case["input_ids"][0], torch.tensor(reference._placeholder_ids())).sum())
+    split = int(inputs["image_grid_thw"][:images_of_row0].prod(-1).sum())
+    rows = [dict(input_ids=inputs["input_ids"][r], labels=labels[r],
+                 pixel_values=inputs["pixel_values"][:split] if r == 0 else inputs["pixel_values"][split:],
+                 image_grid_thw=inputs["image_grid_thw"][:images_of_row0] if r == 0 else
+                 inputs["image_grid_thw"][images_of_row0:]) for r in range(2)]
+    model = AutoModelForCausalLM.from_pretrained(root / "casa_parallel", trust_remote_code=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, max_steps=1, learning_rate=lr, optim="sgd",
+                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                             remove_unused_columns=False, dataloader_num_workers=0, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows), data_collator=_collate)
+    result = trainer.train()
+    assert trainer.state.global_step == 1
+    assert result.training_loss == pytest.approx(whole.item(), rel=1e-4)
+    tuned = dict(model.named_parameters())
+    moved = 0
+    for name, want in expected.items():
+        torch.testing.assert_close(tuned[name].detach(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        moved += int(not torch.equal(want, dict(reference.named_parameters())[name].detach()))
+    assert moved > 10  # the step changed the weights (so equality is not that of two untouched models)
