@@ -192,6 +192,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             profiler.after(step)
             consumed += batch_size
             step_flops = meter.take()
+            if is_logger and step == start_step + 1 and (warning := meter.pipeline_warning()):
+                logger.warning(warning)
             if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)

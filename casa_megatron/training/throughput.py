@@ -111,6 +111,20 @@ class FlopMeter:
         return {"pipeline_balance": sum(stages) / len(stages) / max(stages),
                 "pipeline_heaviest_stage_share": max(stages) / sum(stages)}
 
+    def pipeline_warning(self, threshold: float = 0.8) -> Optional[str]:
+        """A one-line warning when the last step's stages are this unbalanced in model FLOPs
+        (``pipeline_balance`` below ``threshold``): the heaviest stage sets 1F1B's pace."""
+        balance = self.pipeline_metrics().get("pipeline_balance")
+        if balance is None or balance >= threshold:
+            return None
+        stages = self.last_stage_flops
+        shares = " / ".join(f"{100 * f / sum(stages):.0f} %" for f in stages)
+        heaviest = stages.index(max(stages))
+        return (f"pipeline stages unbalanced: model FLOPs per stage {shares} of the step (LM layers "
+                f"{' + '.join(map(str, self.stage_layers))}); stage {heaviest} sets the pace, balance "
+                f"{balance:.2f}. benchmarks/pipeline_balance.py suggests "
+                "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage")
+
 
 def throughput_metrics(flops: int, losses: List[Dict], step_time: float, peak: Optional[float]) -> Dict[str, float]:
     """(last stage, logging step) ``tflops_per_device``, ``answer_tokens_per_s`` and, with a

@@ -74,3 +74,26 @@ def test_meter_times_the_wait_for_each_step_s_micro_batches():
     assert 0.2 <= meter.last_data_wait_s < 0.3
     meter.take()
     assert meter.last_data_wait_s == 0.0
+
+
+def test_meter_keeps_each_pipeline_stage_s_flops_and_warns_when_unbalanced():
+    """With the LM layers per stage, each step's FLOPs are also kept per stage (they add up to the
+    step's); ``pipeline_balance`` is their mean / max, and a split that leaves one stage with most
+    of the work gets a one-line warning naming the shares and the tool that suggests a split."""
+    from casa_megatron.training.flops import microbatch_flops
+    from casa_megatron.training.throughput import FlopMeter
+
+    cfg = small_model_config()
+    batches = [random_batch(1), random_batch(2)]
+    for layers in ([1, 3], [3, 1]):
+        meter = FlopMeter(cfg, IMAGE_SLOTS, layers).over(iter(batches))
+        list(meter)
+        total = meter.take()
+        stages = [sum(sum(microbatch_flops(cfg, b, IMAGE_SLOTS).stages(layers)[k]) for b in batches) for k in (0, 1)]
+        assert meter.last_stage_flops == stages and sum(stages) == total
+        metrics = meter.pipeline_metrics()
+        assert metrics["pipeline_balance"] == pytest.approx(total / 2 / max(stages))
+        warning = meter.pipeline_warning(threshold=1.01)  # any imbalance at all
+        assert warning and f"LM layers {layers[0]} + {layers[1]}" in warning and "pipeline_balance.py" in warning
+        assert meter.pipeline_warning(threshold=metrics["pipeline_balance"]) is None
+    assert FlopMeter(cfg, IMAGE_SLOTS).pipeline_metrics() == {}  # PP=1: nothing per stage
