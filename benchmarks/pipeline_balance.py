@@ -44,6 +44,9 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_megatron` importable
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # support.dist (--measure), as benchmarks/vision_encoder.py does
+
+import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     BenchConfig, fusion_model_config, format_table, image_heavy_batch, machine_info,
@@ -89,8 +92,8 @@ def stage_costs(counts: List[MicroBatchFlops], layers: List[int], rates: Rates =
     per_stage = [0.0] * len(layers)
     for mb in counts:
         vision = sum(mb.vision)
-        for i, (gemm, attention) in enumerate(mb.stages(layers)):
-            lm = gemm + attention - (vision if i == 0 else 0)
+        for i, flops in enumerate(mb.stage_totals(layers)):
+            lm = flops - (vision if i == 0 else 0)
             per_stage[i] += lm * rates.lm + (vision * rates.vision if i == 0 else 0)
     return per_stage
 
@@ -264,7 +267,7 @@ def calibrate(cfg: BenchConfig, fusion: str, steps: int) -> Tuple[Rates, dict]:
 
 
 # --- measuring the plan on this machine (CPU, PP=2) ---------------------------------------------
-def _time_split(cfg: BenchConfig, fusion: str, split: Split, steps: int) -> dict:
+def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Split, steps: int) -> dict:
     """One rank of a PP=2 run with ``split``: the median seconds per training step (forward and
     backward of the step's micro-batches through megatron's 1F1B schedule, no optimizer step) over
     ``steps`` steps after a warm-up one. Barriers frame each step: it is the pipeline's time."""
@@ -337,15 +340,13 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
     alternating them ``repeats`` times (background load then weighs on both alike) and keeping each
     split's median run; adds ``measured_step_s`` / ``measured_busy_s`` (per stage: step time minus
     p2p time) to each row and ``measured_speedup`` to the best one."""
-    from benchmarks.common import run_in_ranks
+    from support.dist import run_distributed  # tests/support: the forked gloo ranks the tests use
 
-    if cfg.vision != "encoder":
-        raise ConfigError("--measure runs the model as built: set vision=encoder")
     runs = {id(row): [] for row in rows}
     for _ in range(repeats):
         for row in rows:
-            result = run_in_ranks(_time_split, 2, cfg, fusion, (row["first"], row["last"]), steps,
-                                  what=f"PP=2 {row['split']} split of {fusion}")
+            result = run_distributed(_time_split, world_size=2, cfg=cfg, fusion=fusion,
+                                     split=(row["first"], row["last"]), steps=steps)
             assert [r["layers"] for r in result] == row["layers"], (result, row["layers"])
             runs[id(row)].append(result)
     for row in rows:
@@ -362,7 +363,8 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4, 8], help="pipeline sizes to plan")
+    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4, 8], help="pipeline sizes to plan (it takes every number after it: write key=value "
+                             "overrides before --pp or after another option)")
     parser.add_argument("--json", help="write the plans here")
     parser.add_argument("--calibrate", type=int, default=0, metavar="STEPS",
                         help="cost FLOPs at the encoder's and the LM's speed measured here (two timed runs "
@@ -378,6 +380,8 @@ def main(argv=None) -> int:
         cfg = load(args.config, args.overrides)
         if args.measure and cfg.vision != "encoder":
             raise ConfigError("--measure runs the model as built: set vision=encoder")
+        if args.measure and torch.cuda.is_available():
+            raise ConfigError("--measure forks two CPU ranks; on a GPU machine time the splits under torchrun")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -28,9 +28,9 @@ LAST = "parallel.num_layers_in_last_pipeline_stage"
 def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
                        last: Optional[int] = None) -> List[int]:
     """LM layers on each of the ``pp`` stages (``ConfigError`` naming the fields if impossible)."""
+    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
     if pp == 1:
-        if first is not None or last is not None:
-            given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
+        if given:
             raise ConfigError(f"{given} needs parallel.pipeline_model_parallel_size > 1 (it is 1: one stage holds "
                               f"all {num_layers} layers)")
         return [num_layers]
@@ -46,7 +46,6 @@ def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
         return [num_layers // pp] * pp
     middle_stages = pp - len(ends)
     middle_layers = num_layers - sum(ends)
-    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
     if middle_layers < middle_stages or (middle_stages == 0 and middle_layers != 0):
         raise ConfigError(
             f"{given} leaves {middle_layers} of model.lm.num_layers={num_layers} for the {middle_stages} other "

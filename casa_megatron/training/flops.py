@@ -220,6 +220,10 @@ class MicroBatchFlops:
             out[stage][1] += attention
         return [tuple(x) for x in out]
 
+    def stage_totals(self, layer_counts: List[int]) -> List[int]:
+        """Model FLOPs (GEMMs + attention) of each pipeline stage, as ``stages``."""
+        return [gemm + attention for gemm, attention in self.stages(layer_counts)]
+
 
 def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> MicroBatchFlops:
     """Model FLOPs (forward + backward, TP=1 equivalent) of one micro-batch; see the module doc."""

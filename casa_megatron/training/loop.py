@@ -124,9 +124,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
-    if par.pipeline_model_parallel_size > 1 and dist.get_rank() == 0:
+    stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers) if par.pipeline_model_parallel_size > 1 else None
+    if stage_layers and dist.get_rank() == 0:
         logger.info("pipeline: %s (vision encoder, projector and embedding on the first stage)",
-                    describe_split(par.stage_layer_counts(cfg.model.lm.num_layers)))
+                    describe_split(stage_layers))
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
@@ -166,7 +167,6 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
-    stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers) if par.pipeline_model_parallel_size > 1 else None
     meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers).over(data)  # throughput.py
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks

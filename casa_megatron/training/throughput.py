@@ -90,8 +90,7 @@ class FlopMeter:
         counts = microbatch_flops(self.model, batch, self.image_seq_length)
         self.flops += counts.total
         if self.stage_layers:
-            for k, (gemm, attention) in enumerate(counts.stages(self.stage_layers)):
-                self.stage_flops[k] += gemm + attention
+            self.stage_flops = [a + b for a, b in zip(self.stage_flops, counts.stage_totals(self.stage_layers))]
         return batch
 
     def take(self) -> int:
