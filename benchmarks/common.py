@@ -128,17 +128,40 @@ def build_model(cfg: BenchConfig, mechanism: str, image_seq_length: int, precisi
 
 
 class FrozenStubEncoder(torch.nn.Module):
-    """pixel patches [n, C*p*p] -> features [n, hv] by a fixed random map (no parameters)."""
+    """pixel patches [n, C*p*p] -> features [n, hv] by a fixed random map (no parameters), with
+    the pipeline-part interface of ``VisionEncoder`` (one part: embed = the map, no blocks)."""
+
+    block_offset, first_part, last_part = 0, True, True
 
     def __init__(self, vision, dtype: torch.dtype):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        dim = vision.patch_dim  # C * T * p * p
+        dim = self.patch_dim = vision.patch_dim  # C * T * p * p
+        self.merge = vision.spatial_merge_size
         self.register_buffer("proj", (torch.randn(dim, vision.hidden_size, generator=g) / dim ** 0.5).to(dtype))
         self.blocks = torch.nn.ModuleList()
 
     def forward(self, pixel_patches, grid_hw):
         return pixel_patches.to(self.proj.dtype) @ self.proj  # [n, hv]
+
+    def normalized_grid(self, grid_thw):
+        return grid_thw
+
+    def blank_input(self, device):
+        return (torch.zeros(self.merge ** 2, self.patch_dim, device=device),
+                torch.tensor([[1, self.merge, self.merge]], device=device))
+
+    def plan(self, grid_thw, device):
+        return None
+
+    def embed(self, pixel_patches, plan):
+        return self(pixel_patches, None)
+
+    def run_blocks(self, x, plan):
+        return x
+
+    def finish(self, x, plan):
+        return x
 
 
 def image_heavy_batch(data: ImageHeavyData, vocab_size: int, seed: int) -> VLMBatch:

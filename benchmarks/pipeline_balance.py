@@ -25,11 +25,19 @@ at its own rate. ``--measure`` then times the even and the best PP=2 split for r
 CPU ranks (``--repeats``: alternated, median kept) and reports each stage's busy time (step time
 minus its pipeline send / receive time).
 
+The simulation gives each stage its own forward / backward shares from the forward FLOPs of its
+pieces (a frozen encoder block whose input needs no gradient runs in the forward slot only).
 Not modelled: the first stage holding up to ``pp`` micro-batches of activations in 1F1B (memory),
-p2p transfer time, and the forward / backward shares of frozen parts (a frozen encoder block runs
-forward only; the simulation splits every stage's cost 1/3 forward, 2/3 backward). The vision encoder is counted as the model config says (``model.vision``:
+p2p transfer time. The vision encoder is counted as the model config says (``model.vision``:
 blocks, ``trainable_blocks``), also under the config's ``vision: frozen_stub`` (that is only how
 ``train_efficiency.py`` stands in for the encoder).
+
+The encoder over several stages (``parallel.vision_blocks_per_pipeline_stage``) is scored too:
+for each number of stages it spans and each count of blocks on its last stage (the one that
+also runs the projector and the first LM layers), the other blocks spread before it into near-equal
+costs (blocks differ: full-attention blocks, trained blocks), with
+every LM split the rule accepts after it; the shortest is reported as "best, encoder split"
+when it beats the LM-only "best".
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `casa_megatron` importable
@@ -52,12 +60,17 @@ from benchmarks.common import (  # noqa: E402
     BenchConfig, fusion_model_config, format_table, image_heavy_batch, machine_info,
 )
 from casa_megatron.config.errors import ConfigError  # noqa: E402
-from casa_megatron.config.pipeline_split import FIRST, LAST, describe_split, stage_layer_counts  # noqa: E402
+from casa_megatron.config.pipeline_split import (  # noqa: E402
+    FIRST, LAST, VISION, describe_split, stage_layer_counts, vision_stage_blocks,
+)
 from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
 from casa_megatron.training.flops import MicroBatchFlops, microbatch_flops  # noqa: E402
 
-Split = Tuple[Optional[int], Optional[int]]
+# (LM layers on the first stage, on the last, encoder blocks per stage or None: all on the first)
+Split = Tuple[Optional[int], Optional[int], Optional[Tuple[int, ...]]]
+EVEN: Split = (None, None, None)
 COLUMNS = [("fusion", "fusion", ""), ("PP", "pp", ""), ("split", "split", ""), ("LM layers per stage", "layers", ""),
+           ("encoder blocks per stage", "blocks_text", ""),
            ("cost per stage (step)", "stage_text", ""), ("bottleneck", "bottleneck", ""),
            ("balance", "balance", ".3f"), ("est. speedup vs even", "speedup", ".3f")]
 
@@ -86,40 +99,92 @@ class Rates:
     unit: str = "FLOPs"
 
 
-def stage_costs(counts: List[MicroBatchFlops], layers: List[int], rates: Rates = Rates()) -> List[float]:
+def stage_costs(counts: List[MicroBatchFlops], layers: List[int], rates: Rates = Rates(),
+                blocks: Optional[List[int]] = None, forward: bool = False) -> List[float]:
     """Cost of each stage over the step's micro-batches: its LM layers (and the output layer on
-    the last stage) at ``rates.lm``, the encoder and projector on the first at ``rates.vision``."""
+    the last stage) at ``rates.lm``, its part of the encoder and projector (all on the first
+    without ``blocks``, the encoder blocks per stage) at ``rates.vision``. ``forward``: of the
+    forward passes alone (a frozen piece whose input needs no gradient has no backward)."""
     per_stage = [0.0] * len(layers)
     for mb in counts:
-        vision = sum(mb.vision)
-        for i, flops in enumerate(mb.stage_totals(layers)):
-            lm = flops - (vision if i == 0 else 0)
-            per_stage[i] += lm * rates.lm + (vision * rates.vision if i == 0 else 0)
+        if forward:
+            encoder = mb.encoder_forward_stages(len(layers), blocks)
+            totals = mb.stage_forward_totals(layers, blocks)
+        else:
+            encoder = [gemm + attention for gemm, attention in mb.encoder_stages(len(layers), blocks)]
+            totals = mb.stage_totals(layers, blocks)
+        for i, flops in enumerate(totals):
+            per_stage[i] += (flops - encoder[i]) * rates.lm + encoder[i] * rates.vision
     return per_stage
 
 
-def candidate_splits(num_layers: int, pp: int) -> Dict[Split, List[int]]:
-    """Every (first, last) the split rule accepts, the even split as (None, None) when it exists."""
+def encoder_splits(num_blocks: int, pp: int, block_costs: Optional[List[float]] = None) -> List[Tuple[int, ...]]:
+    """Encoder splits worth scoring: over ``v`` = 2 .. ``pp`` stages, every count of blocks on the
+    encoder's last stage (which also runs the projector and LM layers), the rest spread over the
+    stages before it: by ``block_costs`` into near-equal costs (blocks differ: Qwen2.5-VL's
+    full-attention blocks, the trained last ones), else evenly by count (the extra blocks on the
+    later stages: the first also embeds)."""
+    out = []
+    for v in range(2, pp + 1):
+        for tail in range(1, num_blocks - v + 2):
+            head = num_blocks - tail
+            if block_costs is not None:
+                out.append(tuple(balanced_groups(block_costs[:head], v - 1) + [tail]))
+                continue
+            base, extra = divmod(head, v - 1)
+            out.append(tuple([base] * (v - 1 - extra) + [base + 1] * extra + [tail]))
+    return list(dict.fromkeys(out))
+
+
+def balanced_groups(costs: List[float], parts: int) -> List[int]:
+    """Sizes of ``parts`` consecutive non-empty groups of ``costs`` whose sums are near equal: each
+    cut at the block boundary nearest its share of the total."""
+    prefix = list(itertools.accumulate(costs))
+    sizes, start = [], 0
+    for k in range(1, parts):
+        target = prefix[-1] * k / parts
+        ends = range(start + 1, len(costs) - (parts - k) + 1)  # leave a block for each later group
+        end = min(ends, key=lambda e: abs(prefix[e - 1] - target))
+        sizes.append(end - start)
+        start = end
+    return sizes + [len(costs) - start]
+
+
+def candidate_splits(num_layers: int, pp: int, num_blocks: Optional[int] = None,
+                     block_costs: Optional[List[float]] = None) -> Dict[Split, Tuple[List[int], Optional[List[int]]]]:
+    """Every (first, last) the split rule accepts, the even split as ``EVEN`` when it exists; with
+    ``num_blocks``, also each of ``encoder_splits`` (spread by ``block_costs`` if given) with every
+    (first, last) the rule accepts. Values: (LM layers per stage, encoder blocks per stage or None)."""
     options = [None, *range(1, num_layers)]
     out = {}
     for first, last in itertools.product(options, options):
         try:
-            out[(first, last)] = stage_layer_counts(num_layers, pp, first, last)
+            out[(first, last, None)] = (stage_layer_counts(num_layers, pp, first, last), None)
         except ConfigError:
             continue
+    for blocks in encoder_splits(num_blocks, pp, block_costs) if num_blocks else []:
+        for first, last in itertools.product(options, options):
+            try:
+                layers = stage_layer_counts(num_layers, pp, first, last, vision_stages=len(blocks))
+            except ConfigError:
+                continue
+            out[(first, last, blocks)] = (layers, vision_stage_blocks(num_blocks, pp, list(blocks)))
     return out
 
 
-def one_f_one_b_step(stage_costs_: List[float], num_microbatches: int, forward_share: float = 1 / 3) -> float:
+def one_f_one_b_step(stage_costs_: List[float], num_microbatches: int,
+                     forward_share: Union[float, List[float]] = 1 / 3) -> float:
     """Step time of megatron's 1F1B schedule (``forward_backward_pipelining_without_interleaving``),
     simulated from each stage's cost over the step: stage ``k`` runs ``p - k - 1`` warm-up
     forwards, then alternates one forward and one backward, then drains its backwards; a forward
     waits for the previous stage's forward of the same micro-batch, a backward for the next
     stage's backward (the last stage's for its own forward). A micro-batch's forward is
-    ``forward_share`` of its cost (model FLOPs: 1/3 forward, 2/3 backward). Transfers are free."""
+    ``forward_share`` of its cost (one share, or one per stage: ``plan`` gives each stage's from
+    its pieces' forward FLOPs; 1/3 where everything trains). Transfers are free."""
     p, m = len(stage_costs_), num_microbatches
-    fwd = [c / m * forward_share for c in stage_costs_]
-    bwd = [c / m * (1 - forward_share) for c in stage_costs_]
+    shares = forward_share if isinstance(forward_share, list) else [forward_share] * p
+    fwd = [c / m * f for c, f in zip(stage_costs_, shares)]
+    bwd = [c / m * (1 - f) for c, f in zip(stage_costs_, shares)]
     orders = []
     for k in range(p):
         warmup = min(p - k - 1, m)
@@ -149,33 +214,50 @@ def one_f_one_b_step(stage_costs_: List[float], num_microbatches: int, forward_s
     return max(clock)
 
 
-def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates = Rates()) -> dict:
-    """The even split (if the layers divide) and the split whose estimated 1F1B step is shortest."""
+def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates = Rates(),
+         num_blocks: Optional[int] = None) -> dict:
+    """The even split (if the layers divide), the split of the LM alone whose estimated 1F1B step
+    is shortest ("best") and, with ``num_blocks``, the shortest with the encoder over several
+    stages ("best, encoder split") when it beats "best"."""
     m = len(counts)
     scored = {}
-    for split, layers in candidate_splits(num_layers, pp).items():
-        costs = stage_costs(counts, layers, rates)
+    block_costs = None
+    if num_blocks:  # each block's cost over the step; the patch embedding rides with block 0
+        block_costs = [sum(sum(mb.vision_blocks[i]) for mb in counts) * rates.vision for i in range(num_blocks)]
+        block_costs[0] += sum(sum(mb.patch_embed) for mb in counts) * rates.vision
+    for split, (layers, blocks) in candidate_splits(num_layers, pp, num_blocks, block_costs).items():
+        costs = stage_costs(counts, layers, rates, blocks)
+        shares = [f / c if c else 1 / 3 for f, c in zip(stage_costs(counts, layers, rates, blocks, forward=True), costs)]
         # the step estimate, then the heaviest stages in turn, then the plain even split
-        scored[split] = (one_f_one_b_step(costs, m), sorted(costs, reverse=True), split != (None, None),
-                         layers, costs)
+        scored[split] = (one_f_one_b_step(costs, m, shares), sorted(costs, reverse=True), split != EVEN,
+                         layers, blocks, costs)
     if not scored:
         raise ConfigError(f"no split of {num_layers} LM layers over {pp} stages")
-    best_split = min(scored, key=lambda s: scored[s][:3])
-    even = scored.get((None, None))
+
+    def shortest(splits):
+        return min(splits, key=lambda s: scored[s][:3]) if splits else None
+
+    best_split = shortest([s for s in scored if s[2] is None])
+    encoder_best = shortest([s for s in scored if s[2] is not None])
+    if encoder_best is not None and (best_split is None or scored[encoder_best][0] >= scored[best_split][0]):
+        encoder_best = None  # splitting the encoder buys nothing here
+    even = scored.get(EVEN)
     rows = []
-    for name, split in (("even", (None, None)), ("best", best_split)):
-        if split not in scored or (name == "best" and split == (None, None) and even is not None):
+    for name, split in (("even", EVEN), ("best", best_split), ("best, encoder split", encoder_best)):
+        if split is None or split not in scored or (name == "best" and split == EVEN and even is not None):
             continue
-        step, _, _, layers, costs = scored[split]
+        step, _, _, layers, blocks, costs = scored[split]
         bottleneck = max(costs)
-        rows.append({"pp": pp, "split": name, "first": split[0], "last": split[1], "layers": layers,
+        rows.append({"pp": pp, "split": name, "first": split[0], "last": split[1],
+                     "vision_blocks": list(split[2]) if split[2] else None, "layers": layers,
+                     "blocks_text": "+".join(map(str, blocks)) if blocks else "all on stage 0",
                      "stage_cost": costs, "stage_text": " / ".join(_short(c, rates.unit) for c in costs),
                      "unit": rates.unit, "bottleneck": f"stage {costs.index(bottleneck)}",
                      "balance": sum(costs) / len(costs) / bottleneck, "step_estimate": step,
                      "speedup": even[0] / step if even is not None else None,
-                     "overrides": overrides_for(pp, split), "describe": describe_split(layers)})
-    if rows[-1]["split"] == "even":
-        rows[-1]["split"] = "even = best"
+                     "overrides": overrides_for(pp, split), "describe": describe_split(layers, blocks)})
+    if best_split == EVEN and rows[0]["split"] == "even":
+        rows[0]["split"] = "even = best"
     return {"pp": pp, "rows": rows}
 
 
@@ -196,6 +278,8 @@ def encoder_share(counts: List[MicroBatchFlops]) -> float:
 def overrides_for(pp: int, split: Split) -> str:
     parts = [f"parallel.pipeline_model_parallel_size={pp}"]
     parts += [f"{name}={value}" for name, value in ((FIRST, split[0]), (LAST, split[1])) if value is not None]
+    if split[2]:
+        parts.append(f"{VISION}=[{','.join(map(str, split[2]))}]")
     return " ".join(parts)
 
 
@@ -287,7 +371,8 @@ def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Spl
     torch.set_num_threads(max(1, cfg.threads))
     initialize_parallel(1, 2, seed=cfg.seed)
     parallel = ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=split[0],
-                              num_layers_in_last_pipeline_stage=split[1])
+                              num_layers_in_last_pipeline_stage=split[1],
+                              vision_blocks_per_pipeline_stage=list(split[2]) if split[2] else None)
     data = cfg.data
     model = build_vlm(fusion_model_config(cfg.model, fusion), parallel, data.image_seq_length,
                       params_dtype=DTYPES[cfg.dtype])
@@ -345,8 +430,8 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
     runs = {id(row): [] for row in rows}
     for _ in range(repeats):
         for row in rows:
-            result = run_distributed(_time_split, world_size=2, cfg=cfg, fusion=fusion,
-                                     split=(row["first"], row["last"]), steps=steps)
+            split = (row["first"], row["last"], tuple(row["vision_blocks"]) if row["vision_blocks"] else None)
+            result = run_distributed(_time_split, world_size=2, cfg=cfg, fusion=fusion, split=split, steps=steps)
             assert [r["layers"] for r in result] == row["layers"], (result, row["layers"])
             runs[id(row)].append(result)
     for row in rows:
@@ -356,8 +441,9 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
         row["measured_step_s_runs"] = [result[0]["step_time_s"] for result in runs[id(row)]]
         row["measured_busy_s"] = [r["busy_s"] for r in median]
         row["measured_busy"] = " / ".join(f"{r['busy_s']:.3g}" for r in median)
-    if len(rows) == 2:
-        rows[1]["measured_speedup"] = rows[0]["measured_step_s"] / rows[1]["measured_step_s"]
+    if rows[0]["split"].startswith("even"):
+        for row in rows[1:]:
+            row["measured_speedup"] = rows[0]["measured_step_s"] / row["measured_step_s"]
 
 
 def main(argv=None) -> int:
@@ -400,7 +486,7 @@ def main(argv=None) -> int:
             if pp > num_layers:
                 print(f"PP={pp}: more stages than the {num_layers} LM layers, skipped", file=sys.stderr)
                 continue
-            rows = plan(counts, num_layers, pp, rates)["rows"]
+            rows = plan(counts, num_layers, pp, rates, cfg.model.vision.num_layers)["rows"]
             if args.measure and pp == 2:
                 measure(cfg, fusion, rows, args.measure, args.repeats)
             results.extend({"fusion": fusion, **row} for row in rows)
@@ -414,13 +500,13 @@ def main(argv=None) -> int:
                          if args.measure else [])
     print(format_table(results, columns))
     for row in results:
-        if row["split"] in ("best", "even = best"):
-            print(f"{row['fusion']}, PP={row['pp']}: {row['overrides']}  ({row['describe']})")
+        if row["split"] != "even":
+            print(f"{row['fusion']}, PP={row['pp']}: {row['overrides']}  ({row['describe']}; {row['split']})")
     for fusion, share in shares.items():
         limit = [pp for pp in args.pp if share > 1 / pp]
         print(f"{fusion}: the vision encoder + projector are {100 * share:.1f} % of the step's FLOPs"
-              + (f"; at PP={', '.join(map(str, limit))} the first stage is the bottleneck with any split "
-                 "(the encoder is not split over stages)" if limit else ""))
+              + (f"; at PP={', '.join(map(str, limit))} no split of the LM alone can balance the stages "
+                 f"(the encoder over several stages can: {VISION})" if limit else ""))
     if args.json:
         from casa_megatron.config import to_dict
 

@@ -56,18 +56,26 @@ def main(argv) -> int:
 
 def print_stages(model, cfg) -> None:
     """Parameters each pipeline stage holds (TP=1 equivalent): the first stage the embedding,
-    encoder and projector besides its LM layers, the last the final norm and the output layer (a
+    encoder and projector besides its LM layers (with the encoder over several stages: each its
+    blocks, the encoder's last one the projector), the last the final norm and the output layer (a
     copy of the embedding when they are tied). Trainable ones also carry gradients and Adam state."""
     from casa_megatron.config.pipeline_split import describe_split
 
     counts = cfg.parallel.stage_layer_counts(cfg.model.lm.num_layers)
+    blocks = cfg.parallel.stage_vision_blocks(cfg.model.vision.num_layers)
     stage_of_layer = [k for k, n in enumerate(counts) for _ in range(n)]
+    stage_of_block = [k for k, n in enumerate(blocks) for _ in range(n)]
+    encoder_last = stage_of_block[-1]
     totals = [[0, 0] for _ in counts]
     for name, p in model.named_parameters():
         if name.startswith("decoder.layers."):
             stage = stage_of_layer[int(name.split(".")[2])]
         elif name.startswith(("decoder.final_layernorm", "output_layer")):
             stage = len(counts) - 1
+        elif name.startswith("vision.blocks."):
+            stage = stage_of_block[int(name.split(".")[2])]
+        elif name.startswith(("projector.", "vision.final_layernorm")):
+            stage = encoder_last
         else:
             stage = 0
         totals[stage][0] += p.numel()
@@ -76,10 +84,10 @@ def print_stages(model, cfg) -> None:
         weight = model.embedding.word_embeddings.weight
         totals[-1][0] += weight.numel()
         totals[-1][1] += weight.numel() if weight.requires_grad else 0
-    print(f"pipeline: {describe_split(counts)}")
-    print(f"{'stage':<18}{'LM layers':>14}{'params':>14}{'trainable':>14}")
+    print(f"pipeline: {describe_split(counts, blocks)}")
+    print(f"{'stage':<18}{'LM layers':>14}{'enc. blocks':>14}{'params':>14}{'trainable':>14}")
     for k, n in enumerate(counts):
-        print(f"{k:<18}{n:>14}{totals[k][0]:>14,}{totals[k][1]:>14,}")
+        print(f"{k:<18}{n:>14}{blocks[k]:>14}{totals[k][0]:>14,}{totals[k][1]:>14,}")
 
 
 if __name__ == "__main__":

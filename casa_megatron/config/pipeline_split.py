@@ -23,11 +23,56 @@ from casa_megatron.config.errors import ConfigError
 
 FIRST = "parallel.num_layers_in_first_pipeline_stage"
 LAST = "parallel.num_layers_in_last_pipeline_stage"
+VISION = "parallel.vision_blocks_per_pipeline_stage"
+
+
+def vision_stage_blocks(num_blocks: int, pp: int, split: Optional[List[int]] = None) -> List[int]:
+    """Vision-encoder blocks on each of the ``pp`` stages: all on the first without a split.
+
+    With ``split`` (``parallel.vision_blocks_per_pipeline_stage``) the encoder spans the first
+    ``len(split)`` stages. Why: at the paper's shape the encoder is 77 % of a CASA step's FLOPs,
+    so no split of the LM alone balances a pipeline whose first stage holds the whole encoder
+    (docs/benchmarks.md, "Pipeline split")."""
+    if split is None:
+        return [num_blocks] + [0] * (pp - 1)
+    split = list(split)
+    if len(split) < 2:
+        raise ConfigError(f"{VISION}={split}: a split over one stage is the default (leave it unset); give the "
+                          "encoder blocks of each of the first two or more stages")
+    if len(split) > pp:
+        raise ConfigError(f"{VISION}={split} names {len(split)} stages but parallel.pipeline_model_parallel_size={pp}")
+    if any(n < 1 for n in split):
+        raise ConfigError(f"{VISION}={split}: every stage it names needs at least one encoder block")
+    if sum(split) != num_blocks:
+        raise ConfigError(f"{VISION}={split} adds up to {sum(split)} blocks but model.vision.num_layers={num_blocks}")
+    return split + [0] * (pp - len(split))
 
 
 def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
-                       last: Optional[int] = None) -> List[int]:
-    """LM layers on each of the ``pp`` stages (``ConfigError`` naming the fields if impossible)."""
+                       last: Optional[int] = None, vision_stages: int = 1) -> List[int]:
+    """LM layers on each of the ``pp`` stages (``ConfigError`` naming the fields if impossible).
+
+    ``vision_stages`` > 1: the encoder spans that many stages (``vision_stage_blocks``); the
+    stages before its last one hold no LM layer (the CASA and insertion layers need the finished
+    image tokens), and the LM is split over the remaining ``pp - vision_stages + 1`` stages by
+    the same rule: ``FIRST`` then counts the layers of the first stage that holds any (the
+    encoder's last stage), ``LAST`` those of the last stage."""
+    if vision_stages > 1:
+        lm_stages = pp - vision_stages + 1
+        if lm_stages == 1:
+            given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
+            if given:
+                raise ConfigError(f"{given}: with the encoder over {vision_stages} of the {pp} stages ({VISION}) "
+                                  f"the last stage holds all {num_layers} LM layers; leave it unset")
+            counts = [num_layers]
+        else:
+            try:
+                counts = stage_layer_counts(num_layers, lm_stages, first, last)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (with the encoder over {vision_stages} stages ({VISION}), the LM is "
+                                  f"split over the last {lm_stages} of the {pp} stages; {FIRST} counts the "
+                                  f"first of them)") from None
+        return [0] * (vision_stages - 1) + counts
     given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
     if pp == 1:
         if given:
@@ -69,7 +114,29 @@ def stage_offsets(counts: List[int]) -> List[int]:
     return [0, *accumulate(counts)][:-1]
 
 
-def describe_split(counts: List[int]) -> str:
-    """``4 stages: layers 0-5 | 6-12 | ...`` for logs and tool output."""
-    spans = [f"{o}-{o + c - 1}" if c > 1 else str(o) for o, c in zip(stage_offsets(counts), counts)]
-    return f"{len(counts)} stage{'s' if len(counts) > 1 else ''}: layers " + " | ".join(spans)
+def describe_split(counts: List[int], vision_blocks: Optional[List[int]] = None) -> str:
+    """``4 stages: layers 0-5 | 6-12 | ...`` for logs and tool output; with the encoder over
+    several stages: ``3 stages: encoder blocks 0-19 | encoder blocks 20-31 + layers 0-13 | ...``."""
+    def span(offset: int, count: int) -> str:
+        return f"{offset}-{offset + count - 1}" if count > 1 else str(offset)
+
+    plural = f"{len(counts)} stage{'s' if len(counts) > 1 else ''}"
+    spans = [span(o, c) for o, c in zip(stage_offsets(counts), counts)]
+    if vision_blocks is None or not any(vision_blocks[1:]):
+        return f"{plural}: layers " + " | ".join(spans)
+    parts = []
+    for stage, (v_offset, blocks) in enumerate(zip(stage_offsets(vision_blocks), vision_blocks)):
+        encoder = f"encoder blocks {span(v_offset, blocks)}" if blocks else ""
+        lm = f"layers {spans[stage]}" if counts[stage] else ""
+        parts.append(" + ".join(p for p in (encoder, lm) if p))
+    return f"{plural}: " + " | ".join(parts)
+
+
+def megatron_layout(counts: List[int]) -> List[List[str]]:
+    """The split as megatron-core's ``pipeline_model_parallel_layout`` (one list per stage):
+    its only way to build stages without LM layers, which an encoder over several stages needs
+    (``num_layers_in_first_pipeline_stage`` must be at least 1)."""
+    layout = [["decoder"] * c for c in counts]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout

@@ -30,7 +30,7 @@ from casa_megatron.config.model_schema import (  # noqa: F401  (re-exported: one
     FusionConfig,
     ModelConfig,
 )
-from casa_megatron.config.pipeline_split import stage_layer_counts
+from casa_megatron.config.pipeline_split import stage_layer_counts, vision_stage_blocks
 from casa_megatron.data.config import DataConfig
 
 __all__ = ["ConfigError", "DataConfig"]
@@ -46,6 +46,11 @@ class ParallelConfig:
     # (config/pipeline_split.py; benchmarks/pipeline_balance.py suggests the counts).
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
+    # The vision encoder over several stages: its blocks on each of the first len(list) stages
+    # (e.g. [20, 12]). The stages before the last of them hold no LM layer; the LM is split over
+    # the rest (num_layers_in_first_pipeline_stage then counts the first of those). For CASA at
+    # the paper's shape, where the encoder is most of a step's FLOPs.
+    vision_blocks_per_pipeline_stage: Optional[List[int]] = None
     sequence_parallel: bool = False
     # Data-parallel communication hidden behind compute (Megatron-LM's --overlap-grad-reduce,
     # --overlap-param-gather, --ddp-bucket-size): gradients are reduced bucket by bucket while
@@ -55,10 +60,22 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     ddp_bucket_size: Optional[int] = None  # elements per bucket; None = megatron's default
 
+    @property
+    def vision_stages(self) -> int:
+        """How many pipeline stages the vision encoder spans (1: all of it on the first)."""
+        split = self.vision_blocks_per_pipeline_stage
+        return len(split) if split else 1
+
     def stage_layer_counts(self, num_layers: int) -> List[int]:
         """LM layers on each pipeline stage (``ConfigError`` if this layout cannot split them)."""
         return stage_layer_counts(num_layers, self.pipeline_model_parallel_size,
-                                  self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
+                                  self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage,
+                                  self.vision_stages)
+
+    def stage_vision_blocks(self, num_blocks: int) -> List[int]:
+        """Vision-encoder blocks on each pipeline stage (``ConfigError`` if the split is impossible)."""
+        return vision_stage_blocks(num_blocks, self.pipeline_model_parallel_size,
+                                   self.vision_blocks_per_pipeline_stage)
 
     def validate(self, model: ModelConfig) -> None:
         tp = self.tensor_model_parallel_size
@@ -91,6 +108,7 @@ class ParallelConfig:
         if vision.projector_width(lm.hidden_size) % tp:
             raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide the projector width "
                               f"{vision.projector_width(lm.hidden_size)} (model.vision.projector_hidden_size)")
+        self.stage_vision_blocks(vision.num_layers)
         self.stage_layer_counts(lm.num_layers)
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")

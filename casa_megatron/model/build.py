@@ -49,6 +49,7 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
         model, lm_cfg, vision_cfg, projector_cfg, image_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        vision_blocks=parallel.stage_vision_blocks(model.vision.num_layers),
     )
     if model.fusion.cross_attention_gate:
         _add_gates(vlm)

@@ -22,7 +22,8 @@ at the sample's first text position, so the text after an image of ``n`` tokens 
 Qwen2.5-VL encoder): Qwen2.5-VL's multimodal positions as transformers' ``get_rope_index``
 builds them, computed from the batch structure (``model/mrope.py``).
 
-Pipeline. The first stage builds the combined stream; every stage sends
+Pipeline. The first stage (the encoder's last one when it spans several) builds the combined
+stream; every LM stage sends
 ``[s + si (/tp under sequence parallelism), b, h]``; the last stage gathers the text positions
 back before the output layer. The layout is pure index bookkeeping recomputed per stage from
 the batch (no host sync except the per-row capacity check).
@@ -182,13 +183,13 @@ class InsertionVLM(CASAVLM):
     def _combined_stream(self, batch: VLMBatch, layout: InsertionLayout) -> Tensor:
         """Text embeddings + projected images -> combined stream [L(/tp), b, h]."""
         b, s = batch.shape
-        text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)  # [s(/tp), b, h]
+        text, x, plan = self.text_and_encoder(batch)  # [s(/tp), b, h], encoder activations
         if self.sequence_parallel:
             # The embedding scatters under SP; interleaving needs the whole row. Every rank then
             # holds the same full stream, so the backward only splits (output_grad=False).
             text = tensor_parallel.gather_from_sequence_parallel_region(
                 text, tensor_parallel_output_grad=False)  # [s, b, h]
-        features = self.vision(batch.pixel_patches, batch.image_grid_thw)  # [n_patches, hv]
+        features = self.image_features(batch, x, plan)  # [n_patches, hv]
         images = self.projector(features).to(text.dtype)  # [n_tok, h]
         h = text.shape[-1]
         source = torch.cat([text.transpose(0, 1).reshape(b * s, h), images, text.new_zeros(1, h)])
@@ -229,11 +230,13 @@ class InsertionVLM(CASAVLM):
         return hidden
 
     def forward(self, batch: VLMBatch) -> Tensor:
-        """First/middle stages: [L(/tp), b, h]. Last stage: per-token loss [b, s] on the text
-        with labels, else TP-sharded text logits [s, b, v/tp]."""
+        """Encoder-only stages: ``encoder_payload``. First/middle LM stages: [L(/tp), b, h]. Last
+        stage: per-token loss [b, s] on the text with labels, else TP-sharded text logits [s, b, v/tp]."""
         b, s = batch.shape
+        if self.encoder_only:  # the encoder spans several stages and this one holds no LM layer
+            return self.encoder_payload(*self.text_and_encoder(batch)[:2])
         layout = self.layout(batch)
-        hidden = self._combined_stream(batch, layout) if self.pre_process else self.input_tensor
+        hidden = self._combined_stream(batch, layout) if self.lm_first else self.input_tensor
         rotary = self.stream_rotary(batch, layout)  # [L, b, 1, d]
         hidden = self._decode(hidden, layout, rotary)  # [L(/tp), b, h]
         if not self.post_process:

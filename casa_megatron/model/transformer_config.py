@@ -1,7 +1,8 @@
 """Translate our dataclasses into megatron-core ``TransformerConfig`` objects.
 
-Three configs: the LM (pipelined), the vision encoder (first stage only, so never pipelined,
-never sequence-parallel) and the projector (an MLP from merged patches to the LM width).
+Three configs: the LM (pipelined), the vision encoder (never sequence-parallel; on the first
+stage, or over the first few with ``parallel.vision_blocks_per_pipeline_stage``, where the model
+places its blocks itself) and the projector (an MLP from merged patches to the LM width).
 On CPU, initialisation happens on the CPU from the global seed (``use_cpu_initialization``),
 so every TP/PP layout draws the *same* full weights and then keeps its shard.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from casa_megatron.config.pipeline_split import megatron_layout
 from casa_megatron.config.schema import ModelConfig, ParallelConfig
 
 
@@ -42,6 +44,16 @@ def _common(parallel: ParallelConfig, params_dtype: torch.dtype) -> dict:
 def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
                           params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     lm = model.lm
+    split = dict(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+                 num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
+    if parallel.vision_stages > 1:
+        # Stages without LM layers exist only in megatron's layout form. The tensor a stage
+        # sends differs by stage (encoder activations before the encoder's last stage, the
+        # LM's hidden states after), so the schedules exchange each tensor's shape first.
+        # (megatron-core refuses variable lengths with its default MoE dispatcher even without
+        # experts; there are none here, so naming another changes nothing else.)
+        split = dict(pipeline_model_parallel_layout=megatron_layout(parallel.stage_layer_counts(lm.num_layers)),
+                     variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -55,8 +67,7 @@ def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         add_bias_linear=False,
         add_qkv_bias=lm.add_qkv_bias,
         init_method_std=lm.init_method_std,
-        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        **split,
         **_common(parallel, params_dtype),
     )
 
@@ -93,4 +104,5 @@ def projector_transformer_config(lm_config: TransformerConfig,
         pipeline_model_parallel_size=1,
         num_layers_in_first_pipeline_stage=None,  # the LM's pipeline split; the projector is not split
         num_layers_in_last_pipeline_stage=None,
+        pipeline_model_parallel_layout=None,
     )

@@ -3,11 +3,19 @@
 First stage: text embedding, vision encoder and projector. Every stage: its slice of the LM
 decoder. Last stage: final norm, output layer, per-token loss.
 
-Pipeline contract (DESIGN.md §2): the tensor sent between stages is
+Pipeline contract (DESIGN.md §2): the tensor sent between LM stages is
 ``cat([text hidden [s, b, h], image slots [si, b, h]], dim=0)`` (each part divided by TP when
 sequence-parallel). Image embeddings ride along unchanged, so each stage's CASA layers read them
 and the gradients of every stage's CASA layers flow back to the projector and encoder.
 Image tokens fill the ``si * b`` slots slot-major; unused slots are zero padding.
+
+Encoder over several stages (``parallel.vision_blocks_per_pipeline_stage``, ``vision_blocks``
+here): each of the first stages runs its part of the encoder's blocks and sends the text
+embeddings and the encoder's activations, flattened into one ``[s(/tp)*b*h + n*hv, 1, 1]``
+tensor (their sizes differ per micro-batch, so the schedules exchange shapes first:
+``variable_seq_lengths``); the stage holding the encoder's last block finishes it, runs the
+projector and the first LM layers. A micro-batch without images carries one blank image
+through every part (``VisionEncoder.without_images``).
 
 Embeddings. megatron's :class:`LanguageModule` ties the output layer to the word embeddings
 when ``model.lm.tie_word_embeddings`` (Qwen2.5-3B): one weight at PP=1; under PP the last stage
@@ -22,13 +30,14 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from casa_megatron.config.pipeline_split import stage_offsets
 from casa_megatron.config.schema import ModelConfig
 from casa_megatron.model import specs
 from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_marks
@@ -39,6 +48,7 @@ from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, tempora
 from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
 from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
+from casa_megatron.model.vision.interface import check_patches
 from casa_megatron.model.vision_context import VisionContext
 from casa_megatron.model.windows import build_windows
 
@@ -53,7 +63,10 @@ class CASAVLM(LanguageModule):
         image_seq_length: int,
         pre_process: bool = True,
         post_process: bool = True,
+        vision_blocks: Optional[List[int]] = None,
     ):
+        """``vision_blocks``: the encoder's blocks on each pipeline stage
+        (``ParallelConfig.stage_vision_blocks``); None: all on the first stage."""
         super().__init__(config=lm_config)
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -75,15 +88,17 @@ class CASAVLM(LanguageModule):
         # every component draws its weights from its own seed: the same full weights at every
         # TP / PP layout and split, the same LM layers in every fusion (model/init_seed.py)
         seed = torch.initial_seed()  # the run's seed (parallel/init.py)
+        blocks_here = self._place_encoder(vision_blocks, model.vision.num_layers)
         if pre_process:
             with component_seed(seed, "lm.embedding"):
                 self.embedding = LanguageModelEmbedding(
                     lm_config, vocab_size=self.padded_vocab_size,
                     max_sequence_length=model.lm.max_position_embeddings, position_embedding_type="rope",
                 )
-            with component_seed(seed, "vision"):
-                self.vision = build_vision_encoder(model.vision, vision_config, self.use_te,
-                                                   model.attention_backend)
+        if blocks_here is not None:
+            self.vision = build_vision_encoder(model.vision, vision_config, self.use_te, model.attention_backend,
+                                               blocks=blocks_here, seed=seed)
+        if self.lm_first:
             with component_seed(seed, "projector"):
                 self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
@@ -102,6 +117,24 @@ class CASAVLM(LanguageModule):
         self._tag_new_parameters()
         self.apply_freezing()
 
+    def _place_encoder(self, vision_blocks: Optional[List[int]], num_blocks: int) -> Optional[range]:
+        """Set this stage's roles; return the global encoder blocks it holds (None: none).
+
+        ``encoder_only``: runs encoder blocks and nothing of the LM. ``lm_first``: finishes the
+        encoder, runs the projector and the first LM layers (the first stage unless the encoder
+        spans several)."""
+        stages = [n for n in (vision_blocks or [num_blocks]) if n]
+        self.vision_stages = len(stages)
+        if self.vision_stages == 1:
+            self.encoder_only, self.lm_first = False, self.pre_process
+            return range(num_blocks) if self.pre_process else None
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        self.encoder_only, self.lm_first = stage < self.vision_stages - 1, stage == self.vision_stages - 1
+        if stage >= self.vision_stages:
+            return None
+        start = stage_offsets(stages)[stage]
+        return range(start, start + stages[stage])
+
     def _set_attention_backend(self) -> None:
         """No-op: LanguageModule's env-var handshake (NVTE_*_ATTN, asserting on the user's
         values) belongs to megatron's GPTModel; our kernels are chosen by
@@ -118,7 +151,7 @@ class CASAVLM(LanguageModule):
         for layer in self.casa_layers():
             for p in layer.casa_parameters():
                 p.casa_new = True
-        if self.pre_process:
+        if self.lm_first:
             for p in self.projector.parameters():
                 p.casa_new = True
 
@@ -131,15 +164,15 @@ class CASAVLM(LanguageModule):
             for layer in self.casa_layers():
                 for p in layer.casa_parameters():
                     p.requires_grad_(True)
-        if self.pre_process:
-            k = cfg.vision.trainable_blocks
-            blocks = self.vision.blocks
-            trainable = set(range(len(blocks))) if k == -1 else set(range(len(blocks) - k, len(blocks)))
+        if hasattr(self, "vision"):
+            k, n = cfg.vision.trainable_blocks, cfg.vision.num_layers
+            trainable = set(range(n)) if k == -1 else set(range(n - k, n))  # global block indices
             for p in self.vision.parameters():
                 p.requires_grad_(k == -1)
-            for i, block in enumerate(blocks):
+            for i, block in enumerate(self.vision.blocks, start=self.vision.block_offset):
                 for p in block.parameters():
                     p.requires_grad_(i in trainable)
+        if self.lm_first:
             for p in self.projector.parameters():
                 p.requires_grad_(cfg.vision.projector_trainable)
 
@@ -194,9 +227,50 @@ class CASAVLM(LanguageModule):
             return None, params_from_sample_starts(batch.sample_starts, b, s, device)
         return block_causal_mask(batch.sample_starts, b, s, device), None
 
-    def encode_images(self, batch: VLMBatch, batch_size: int) -> Tensor:
+    # --- the encoder, whole or in pipeline parts ----------------------------------------------
+    def text_and_encoder(self, batch: VLMBatch):
+        """Text embeddings [s(/tp), b, h] and the encoder's activations [n, hv] after this
+        stage's blocks, with the batch's geometry plan. The first stage embeds both; a later
+        encoder stage unpacks them from what the previous one sent (:meth:`encoder_payload`)."""
+        b, s = batch.shape
+        device = batch.input_ids.device
+        grid = self.vision.normalized_grid(batch.image_grid_thw)
+        patches = batch.pixel_patches
+        if patches.shape[0] == 0:  # one blank image runs instead (VisionEncoder.without_images)
+            patches, grid = self.vision.blank_input(device)
+        plan = self.vision.plan(grid, device)
+        if self.pre_process:
+            text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)  # [s(/tp), b, h]
+            check_patches(patches, grid, self.vision.patch_dim)
+            x = self.vision.embed(patches, plan)  # [n, hv]
+        else:
+            flat = self.input_tensor.view(-1)
+            h = self.config.hidden_size
+            text_numel = (s // self.tp if self.sequence_parallel else s) * b * h
+            text = flat[:text_numel].view(-1, b, h)
+            x = flat[text_numel:].view(-1, self.model_config.vision.hidden_size)
+        return text, self.vision.run_blocks(x, plan), plan
+
+    @staticmethod
+    def encoder_payload(text: Tensor, x: Tensor) -> Tensor:
+        """What an encoder-only stage sends: ``[s(/tp)*b*h + n*hv, 1, 1]``, a tensor of its own
+        (megatron frees what it sent, which it refuses for a view)."""
+        if text.dtype != x.dtype:
+            raise TypeError(f"text embeddings ({text.dtype}) and encoder activations ({x.dtype}) must share "
+                            "a dtype to travel as one pipeline tensor")
+        return torch.cat([text.reshape(-1, 1, 1), x.reshape(-1, 1, 1)])
+
+    def image_features(self, batch: VLMBatch, x: Tensor, plan) -> Tensor:
+        """The encoder's last stage: activations -> features [n_patches, hv] ([0, hv] without images)."""
+        features = self.vision.finish(x, plan)
+        if batch.pixel_patches.shape[0] == 0:
+            return features[:0] + 0 * features.sum()
+        return features
+
+    def encode_images(self, batch: VLMBatch, batch_size: int, text_and_encoder=None) -> Tensor:
         """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
-        features = self.vision(batch.pixel_patches, batch.image_grid_thw)  # [n_patches, hv]
+        _, x, plan = text_and_encoder or self.text_and_encoder(batch)
+        features = self.image_features(batch, x, plan)  # [n_patches, hv]
         tokens = self.projector(features)  # [n_img_tokens, h]
         slots = self.image_seq_length * batch_size
         padded = torch.nn.functional.pad(tokens, (0, 0, 0, slots - tokens.shape[0]))
@@ -206,20 +280,21 @@ class CASAVLM(LanguageModule):
         return image_states
 
     def forward(self, batch: VLMBatch) -> Tensor:
-        """First/middle stages: [s+si (/tp), b, h]. Last stage: per-token loss [b, s] with
-        labels, else TP-sharded logits [s, b, v/tp]."""
+        """Encoder-only stages: ``encoder_payload``. First/middle LM stages: [s+si (/tp), b, h].
+        Last stage: per-token loss [b, s] with labels, else TP-sharded logits [s, b, v/tp]."""
         b, s = batch.shape
-        if self.pre_process:
+        if self.encoder_only:
+            return self.encoder_payload(*self.text_and_encoder(batch)[:2])
+        if self.lm_first:
             # modules run in the order they are registered (embedding, vision, projector, decoder):
             # overlapped parameter gathering (parallel.overlap_param_gather) prefetches the
             # buckets in that order
-            text = self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)
-            image_states = self.encode_images(batch, b)
-            vision = self.vision_context(batch)
+            encoded = self.text_and_encoder(batch)
+            text, image_states = encoded[0], self.encode_images(batch, b, encoded)
         else:
-            vision = self.vision_context(batch)
             s_local = s // self.tp if self.sequence_parallel else s
             text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]
+        vision = self.vision_context(batch)
         mask, packed = self.self_attention_inputs(batch, text.device)
         text = self.decoder(text, image_states, vision, mask, packed)  # [s(/tp), b, h]
         if not self.post_process:

@@ -162,8 +162,11 @@ class _Ledger:
 
     gemm: int = 0
     attention: int = 0
+    forward: int = 0  # the forward part of gemm + attention
+    forward_gemm: int = 0  # ... of gemm
     parts: Dict[str, int] = field(default_factory=dict)
-    _marked: Tuple[int, int] = (0, 0)
+    _marked: Tuple[int, int, int] = (0, 0, 0)
+    last_forward: int = 0  # forward FLOPs between the last two marks
 
     def linear(self, part: str, tokens: int, d_in: int, d_out: int, trainable: bool, input_grad: bool,
                always_dgrad: bool = True) -> bool:
@@ -173,18 +176,23 @@ class _Ledger:
         dgrad = input_grad or (trainable and always_dgrad)
         flops = forward * (1 + int(dgrad) + int(trainable))
         self.gemm += flops
+        self.forward += forward
+        self.forward_gemm += forward
         self.parts[part] = self.parts.get(part, 0) + flops
         return trainable or input_grad
 
     def mark(self) -> Tuple[int, int]:
-        """(gemm, attention) counted since the previous mark."""
+        """(gemm, attention) counted since the previous mark (its forward part: ``last_forward``)."""
         since = (self.gemm - self._marked[0], self.attention - self._marked[1])
-        self._marked = (self.gemm, self.attention)
+        self.last_forward = self.forward - self._marked[2]
+        self._marked = (self.gemm, self.attention, self.forward)
         return since
 
     def attend(self, part: str, pairs: int, width: int, backward: bool) -> None:
-        flops = (3 if backward else 1) * ATTENTION_FLOPS_PER_PAIR * width * pairs
+        forward = ATTENTION_FLOPS_PER_PAIR * width * pairs
+        flops = (3 if backward else 1) * forward
         self.attention += flops
+        self.forward += forward
         self.parts[part] = self.parts.get(part, 0) + flops
 
 
@@ -194,35 +202,90 @@ class MicroBatchFlops:
     attention: int
     parts: Dict[str, int]
     # where they run, (gemm, attention) each: the vision encoder + projector (first pipeline
-    # stage), every LM layer by global index, the output layer (last stage)
+    # stage), every LM layer by global index, the output layer (last stage); the encoder's
+    # pieces for an encoder over several stages: patch embedding, each block, projector
     vision: Tuple[int, int] = (0, 0)
     layers: Tuple[Tuple[int, int], ...] = ()
     output: Tuple[int, int] = (0, 0)
+    patch_embed: Tuple[int, int] = (0, 0)
+    vision_blocks: Tuple[Tuple[int, int], ...] = ()
+    projector: Tuple[int, int] = (0, 0)
+    # the forward part of each piece (the rest is backward; a frozen piece whose input needs no
+    # gradient runs forward only): every LM layer, the encoder's pieces, the output layer
+    forward_layers: Tuple[int, ...] = ()
+    forward_encoder: Tuple[int, ...] = ()  # patch embedding, each block, projector
+    forward_output: int = 0
+    forward_gemm: int = 0  # the GEMMs of the forward alone (checked against torch's counter)
 
     @property
     def total(self) -> int:
         return self.gemm + self.attention
 
-    def stages(self, layer_counts: List[int]) -> List[Tuple[int, int]]:
+    @property
+    def forward(self) -> int:
+        return sum(self.forward_layers) + sum(self.forward_encoder) + self.forward_output
+
+    def stages(self, layer_counts: List[int], vision_blocks: Optional[List[int]] = None) -> List[Tuple[int, int]]:
         """(gemm, attention) FLOPs of each pipeline stage holding ``layer_counts`` LM layers
-        (``ParallelConfig.stage_layer_counts``). Their sum is this micro-batch's count; what a stage
-        adds at PP > 1 is not counted (a stage's received input always computes its gradient)."""
+        (``ParallelConfig.stage_layer_counts``) and ``vision_blocks`` encoder blocks
+        (``ParallelConfig.stage_vision_blocks``; None: the whole encoder on the first stage).
+        Their sum is this micro-batch's count; what a stage adds at PP > 1 is not counted (a
+        stage's received input always computes its gradient)."""
         if sum(layer_counts) != len(self.layers):
             raise ValueError(f"stages of {layer_counts} layers, but the model has {len(self.layers)}")
-        out, start = [], 0
-        for count in layer_counts:
-            gemm = sum(g for g, _ in self.layers[start:start + count])
-            attention = sum(a for _, a in self.layers[start:start + count])
-            out.append([gemm, attention])
-            start += count
-        for stage, (gemm, attention) in ((0, self.vision), (-1, self.output)):
-            out[stage][0] += gemm
-            out[stage][1] += attention
-        return [tuple(x) for x in out]
+        return list(zip(*(self._per_stage([c[k] for c in self.layers], self._encoder_pieces(k),
+                                          self.output[k], layer_counts, vision_blocks) for k in (0, 1))))
 
-    def stage_totals(self, layer_counts: List[int]) -> List[int]:
+    def stage_totals(self, layer_counts: List[int], vision_blocks: Optional[List[int]] = None) -> List[int]:
         """Model FLOPs (GEMMs + attention) of each pipeline stage, as ``stages``."""
-        return [gemm + attention for gemm, attention in self.stages(layer_counts)]
+        return [gemm + attention for gemm, attention in self.stages(layer_counts, vision_blocks)]
+
+    def stage_forward_totals(self, layer_counts: List[int], vision_blocks: Optional[List[int]] = None) -> List[int]:
+        """The forward part of ``stage_totals`` (1F1B runs a stage's forward and backward apart)."""
+        return self._per_stage(list(self.forward_layers), list(self.forward_encoder), self.forward_output,
+                               layer_counts, vision_blocks)
+
+    def encoder_stages(self, num_stages: int, vision_blocks: Optional[List[int]] = None) -> List[Tuple[int, int]]:
+        """(gemm, attention) of the encoder and projector on each stage: all on the first, or with
+        ``vision_blocks`` the patch embedding on the first, each stage's blocks, the projector
+        on the encoder's last stage."""
+        counts = [0] * num_stages
+        counts[-1] = len(self.layers)
+        return list(zip(*(self._per_stage([0] * len(self.layers), self._encoder_pieces(k), 0, counts, vision_blocks)
+                          for k in (0, 1))))
+
+    def encoder_forward_stages(self, num_stages: int, vision_blocks: Optional[List[int]] = None) -> List[int]:
+        """The forward part of ``encoder_stages`` (gemm + attention)."""
+        counts = [0] * num_stages
+        counts[-1] = len(self.layers)
+        return self._per_stage([0] * len(self.layers), list(self.forward_encoder), 0, counts, vision_blocks)
+
+    def _encoder_pieces(self, k: int) -> List[int]:
+        """Field ``k`` (0: gemm, 1: attention) of the patch embedding, each block, the projector."""
+        return [self.patch_embed[k], *(block[k] for block in self.vision_blocks), self.projector[k]]
+
+    def _per_stage(self, layers: List[int], encoder: List[int], output: int, layer_counts: List[int],
+                   vision_blocks: Optional[List[int]]) -> List[int]:
+        """One quantity per stage from its value for each LM layer, each encoder piece (patch
+        embedding, blocks, projector) and the output layer."""
+        out = [sum(chunk) for chunk in _chunks(tuple(layers), layer_counts)]
+        out[-1] += output
+        if vision_blocks is None or not any(vision_blocks[1:]):
+            out[0] += sum(encoder)
+            return out
+        if sum(vision_blocks) != len(encoder) - 2 or len(vision_blocks) != len(layer_counts):
+            raise ValueError(f"encoder blocks per stage {vision_blocks}, but the encoder has "
+                             f"{len(encoder) - 2} and the pipeline {len(layer_counts)} stages")
+        out[0] += encoder[0]  # the patch embedding
+        for stage, chunk in enumerate(_chunks(tuple(encoder[1:-1]), vision_blocks)):
+            out[stage] += sum(chunk)
+        out[max(i for i, n in enumerate(vision_blocks) if n)] += encoder[-1]  # projector: the encoder's last stage
+        return out
+
+
+def _chunks(items: tuple, counts: List[int]) -> List[tuple]:
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [items[start:start + count] for start, count in zip(starts, counts)]
 
 
 def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int) -> MicroBatchFlops:
@@ -232,8 +295,12 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     lm, fusion = model.lm, model.fusion
     ledger = _Ledger()
     grid = batch.image_grid_thw.tolist()  # [[t, h, w]] per image
-    image_grad = _vision(ledger, model, grid)
-    vision = ledger.mark()
+    pieces: List[Tuple[int, int]] = []  # patch embedding, each block, projector
+    forward_encoder: List[int] = []  # ... their forward parts
+    image_grad = _vision(ledger, model, grid, pieces, forward_encoder)
+    ledger.mark()
+    vision = (sum(g for g, _ in pieces), sum(a for _, a in pieces))
+    forward_layers: List[int] = []
     lm_train = not model.freeze_lm
     n_layers = lm.num_layers
     sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length, grid)
@@ -245,6 +312,7 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
         for _ in range(n_layers):
             x = _plain_layer(ledger, model, tokens, x, sa_pairs)
             layers.append(ledger.mark())
+            forward_layers.append(ledger.last_forward)
     else:
         fused = set(fusion.fusion_layers(n_layers))
         x = text_grad
@@ -254,9 +322,14 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
             else:
                 x = _plain_layer(ledger, model, b * s, x, sa_pairs)
             layers.append(ledger.mark())
+            forward_layers.append(ledger.last_forward)
     ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
+    output = ledger.mark()
     return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts), vision=vision, layers=tuple(layers),
-                           output=ledger.mark())
+                           output=output, patch_embed=pieces[0], vision_blocks=tuple(pieces[1:-1]),
+                           projector=pieces[-1], forward_layers=tuple(forward_layers),
+                           forward_encoder=tuple(forward_encoder), forward_output=ledger.last_forward,
+                           forward_gemm=ledger.forward_gemm)
 
 
 def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:
@@ -332,8 +405,17 @@ def _fusion(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad
     return out or fusion.cross_attention_gate  # the gate alpha is a trained CASA weight
 
 
-def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]]) -> bool:
-    """Encoder + projector; returns whether the image tokens require a gradient."""
+def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]], pieces: List[Tuple[int, int]],
+            forward: List[int]) -> bool:
+    """Encoder + projector; returns whether the image tokens require a gradient. ``pieces`` gets
+    the (gemm, attention) of the patch embedding, each block and the projector (with the final
+    norm's nothing), in that order, ``forward`` their forward parts."""
+    ledger.mark()
+
+    def piece() -> None:
+        pieces.append(ledger.mark())
+        forward.append(ledger.last_forward)
+
     v = model.vision
     grid = vision_grid(model, images)
     patches = sum(t * h * w for t, h, w in grid)
@@ -341,6 +423,7 @@ def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]]) -> boo
     k = v.trainable_blocks
     trainable = [k == -1 or i >= v.num_layers - k for i in range(v.num_layers)]
     x = ledger.linear("vision.patch_embed", patches, v.patch_dim, hv, k == -1, False, always_dgrad=False)
+    piece()
     for i, (train, pairs) in enumerate(zip(trainable, vision_block_pairs(model, grid))):
         qkv = ledger.linear("vision.qkv", patches, hv, 3 * hv, train, x)
         ledger.attend("vision.core", pairs, hv, qkv)
@@ -349,11 +432,14 @@ def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]]) -> boo
         fc1 = ledger.linear("vision.fc1", patches, hv, 2 * v.padded_ffn_hidden_size, train, h or train)
         fc2 = ledger.linear("vision.fc2", patches, v.padded_ffn_hidden_size, hv, train, fc1)
         x = h or fc2
+        piece()
     features = x or k == -1  # tiny_vit's final norm trains with the rest of the encoder
     tokens = patches // v.spatial_merge_size ** 2 if images else 0  # the blank image's: dropped
     ptrain = v.projector_trainable
     merged = features or ptrain  # the projector's norm
     fc1 = ledger.linear("projector.fc1", tokens, hv * v.spatial_merge_size ** 2,
                         v.projector_width(model.lm.hidden_size), ptrain, merged)
-    return ledger.linear("projector.fc2", tokens, v.projector_width(model.lm.hidden_size), model.lm.hidden_size,
-                         ptrain, fc1)
+    out = ledger.linear("projector.fc2", tokens, v.projector_width(model.lm.hidden_size), model.lm.hidden_size,
+                        ptrain, fc1)
+    piece()
+    return out

@@ -124,10 +124,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
-    stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers) if par.pipeline_model_parallel_size > 1 else None
+    stage_layers = stage_blocks = None
+    if par.pipeline_model_parallel_size > 1:
+        stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers)
+        stage_blocks = par.stage_vision_blocks(cfg.model.vision.num_layers)
     if stage_layers and dist.get_rank() == 0:
-        logger.info("pipeline: %s (vision encoder, projector and embedding on the first stage)",
-                    describe_split(stage_layers))
+        where = ("embedding and patch embedding on the first stage, projector on the encoder's last"
+                 if par.vision_stages > 1 else "vision encoder, projector and embedding on the first stage")
+        logger.info("pipeline: %s (%s)", describe_split(stage_layers, stage_blocks), where)
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
@@ -167,7 +171,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
-    meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers).over(data)  # throughput.py
+    meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers, stage_blocks).over(data)  # throughput.py
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
     try:

@@ -146,10 +146,11 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
     num_layers = old["model.lm.num_layers"]
     was = _layout(old["parallel.tensor_model_parallel_size"], old["parallel.pipeline_model_parallel_size"],
                   old["parallel.num_layers_in_first_pipeline_stage"], old["parallel.num_layers_in_last_pipeline_stage"],
-                  num_layers)
+                  num_layers, old["parallel.vision_blocks_per_pipeline_stage"])
     par = current.parallel
     now = _layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                  par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage, num_layers)
+                  par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage, num_layers,
+                  par.vision_blocks_per_pipeline_stage)
     if was != now:
         raise ResumeMismatch(
             f"{source} holds its optimizer state as checkpoint.optimizer_format=dp_reshardable, written at {was}; it "
@@ -157,15 +158,17 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
             f"checkpoint.optimizer_format=fully_reshardable and save once, then change the layout")
 
 
-def _layout(tp: int, pp: int, first, last, num_layers: int) -> str:
-    """``TP=2, PP=2 (LM layers per stage 1+3)``: what a dp_reshardable optimizer state depends on."""
+def _layout(tp: int, pp: int, first, last, num_layers: int, vision_split=None) -> str:
+    """``TP=2, PP=2 (LM layers per stage 1+3)``: what a dp_reshardable optimizer state depends on
+    (with the encoder over several stages: ``..., encoder blocks per stage 1+1``)."""
     text = f"TP={tp}, PP={pp}"
     if pp > 1:
+        encoder = f", encoder blocks per stage {'+'.join(map(str, vision_split))}" if vision_split else ""
         try:
-            counts = stage_layer_counts(num_layers, pp, first, last)
+            counts = stage_layer_counts(num_layers, pp, first, last, len(vision_split) if vision_split else 1)
         except ConfigError:  # a saved layout this model cannot split: compare the raw fields
-            return f"{text} (first stage {first}, last stage {last} layers)"
-        text += f" (LM layers per stage {'+'.join(map(str, counts))})"
+            return f"{text} (first stage {first}, last stage {last} layers{encoder})"
+        text += f" (LM layers per stage {'+'.join(map(str, counts))}{encoder})"
     return text
 
 

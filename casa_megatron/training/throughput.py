@@ -62,11 +62,13 @@ class FlopMeter:
     and the time spent waiting for them (``data_wait_s``: a step whose wait approaches its step
     time is bound by data loading, not compute; Megatron-LM's "batch-generator" timer)."""
 
-    def __init__(self, model: ModelConfig, image_seq_length: int, stage_layers: Optional[List[int]] = None):
+    def __init__(self, model: ModelConfig, image_seq_length: int, stage_layers: Optional[List[int]] = None,
+                 stage_vision_blocks: Optional[List[int]] = None):
         """``stage_layers``: LM layers per pipeline stage (PP > 1): the FLOPs of each stage are
-        kept too (``last_stage_flops``), for the logged ``pipeline_balance``."""
+        kept too (``last_stage_flops``), for the logged ``pipeline_balance``;
+        ``stage_vision_blocks``: encoder blocks per stage (None: all on the first)."""
         self.model, self.image_seq_length = model, image_seq_length
-        self.stage_layers = stage_layers
+        self.stage_layers, self.stage_vision_blocks = stage_layers, stage_vision_blocks
         self.flops = 0  # since the last take()
         self.stage_flops = [0] * len(stage_layers or [])
         self.last_stage_flops: List[int] = []
@@ -90,7 +92,8 @@ class FlopMeter:
         counts = microbatch_flops(self.model, batch, self.image_seq_length)
         self.flops += counts.total
         if self.stage_layers:
-            self.stage_flops = [a + b for a, b in zip(self.stage_flops, counts.stage_totals(self.stage_layers))]
+            stages = counts.stage_totals(self.stage_layers, self.stage_vision_blocks)
+            self.stage_flops = [a + b for a, b in zip(self.stage_flops, stages)]
         return batch
 
     def take(self) -> int:
@@ -119,10 +122,13 @@ class FlopMeter:
         stages = self.last_stage_flops
         shares = " / ".join(f"{100 * f / sum(stages):.0f} %" for f in stages)
         heaviest = stages.index(max(stages))
+        encoder = (f", encoder blocks {' + '.join(map(str, self.stage_vision_blocks))}"
+                   if self.stage_vision_blocks and any(self.stage_vision_blocks[1:]) else "")
         return (f"pipeline stages unbalanced: model FLOPs per stage {shares} of the step (LM layers "
-                f"{' + '.join(map(str, self.stage_layers))}); stage {heaviest} sets the pace, balance "
+                f"{' + '.join(map(str, self.stage_layers))}{encoder}); stage {heaviest} sets the pace, balance "
                 f"{balance:.2f}. benchmarks/pipeline_balance.py suggests "
-                "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage")
+                "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage, or the "
+                "encoder over several stages (parallel.vision_blocks_per_pipeline_stage)")
 
 
 def throughput_metrics(flops: int, losses: List[Dict], step_time: float, peak: Optional[float]) -> Dict[str, float]:

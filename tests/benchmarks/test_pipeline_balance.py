@@ -59,7 +59,10 @@ def test_best_split_is_the_brute_force_optimum(tmp_path, fusion, pp):
         stage[0] += sum(sum(mb.vision) for mb in counts)
         stage[-1] += sum(sum(mb.output) for mb in counts)
         assert sum(stage) == sum(mb.total for mb in counts)
-        costs[(first, last)] = one_f_one_b_step(stage, len(counts))
+        forward = [sum(sum(mb.forward_layers[bounds[k]:bounds[k + 1]]) for mb in counts) for k in range(pp)]
+        forward[0] += sum(sum(mb.forward_encoder) for mb in counts)
+        forward[-1] += sum(mb.forward_output for mb in counts)
+        costs[(first, last)] = one_f_one_b_step(stage, len(counts), [f / c for f, c in zip(forward, stage)])
     best = rows.get("best", rows.get("even = best"))
     assert best["step_estimate"] == pytest.approx(min(costs.values()), rel=1e-12)
     assert sum(best["stage_cost"]) == sum(mb.total for mb in counts)
@@ -79,6 +82,11 @@ def test_one_f_one_b_simulation():
     assert one_f_one_b_step([6.0], 4) == pytest.approx(6.0)
     # p=2, m=2, stage 1 twice as slow: fwd/bwd per micro-batch 0.5/1 on stage 0, 1/2 on stage 1
     assert one_f_one_b_step([3.0, 6.0], 2) == pytest.approx(0.5 + 1 + 2 + 1 + 2 + 1)
+    # per-stage shares (a frozen first stage: forward only). Uniform 1/3: stage 0 runs F 0-1, 1-2,
+    # its backwards 2-4 and 4-6 -> 6. All forward on stage 0: F 0-3, 3-6; stage 1 runs F1 at 6-6.33
+    # and B1 at 6.33-7; stage 0's empty backward of it ends at 7.
+    assert one_f_one_b_step([6.0, 2.0], 2) == pytest.approx(6.0)
+    assert one_f_one_b_step([6.0, 2.0], 2, [1.0, 1 / 3]) == pytest.approx(7.0)
 
 
 def test_cli_plans_calibrates_and_times_two_ranks(tmp_path):
@@ -105,3 +113,38 @@ def test_cli_config_errors_are_one_line():
 
     assert main(["--config", "benchmarks/configs/pipeline_cpu.yaml", "data.samples_per_row=0"]) == 2
     assert main(["--config", "benchmarks/configs/pipeline_cpu.yaml", "--measure", "1", "vision=frozen_stub"]) == 2
+
+
+def test_encoder_split_is_scored_and_wins_where_the_encoder_dominates(tmp_path):
+    """A 4-block encoder twice the LM's width: at PP=2 no split of the LM alone balances CASA's
+    stages; the planner then scores every encoder split (a blocks on stage 0, 4 - a on stage 1
+    with the projector and all LM layers), each costed by hand from the per-block FLOPs, and
+    suggests the shortest, which beats the best LM-only split."""
+    from benchmarks.pipeline_balance import balanced_groups, encoder_splits, load, one_f_one_b_step, plan, step_counts
+
+    vision = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 2, "ffn_hidden_size": 128}
+    cfg = load(str(_config(tmp_path, model={**MICRO["model"], "vision": vision})), [])
+    counts = step_counts(cfg, "casa")
+    assert encoder_splits(4, 2) == [(3, 1), (2, 2), (1, 3)]
+    # over three stages also: the blocks before the encoder's last stage spread evenly, extras later
+    assert encoder_splits(4, 3) == [(3, 1), (2, 2), (1, 3), (1, 2, 1), (1, 1, 2)]
+    # ... or by cost: a heavy first block gets a stage to itself
+    assert (1, 5, 1) in encoder_splits(7, 3, [5, 1, 1, 1, 1, 1, 9]) and (3, 3, 1) in encoder_splits(7, 3)
+    assert balanced_groups([5, 1, 1, 1, 1, 1], 2) == [1, 5] and balanced_groups([1] * 6, 3) == [2, 2, 2]
+    by_hand = {}
+    for first in (1, 2, 3):
+        stage0 = sum(sum(mb.patch_embed) + sum(sum(b) for b in mb.vision_blocks[:first]) for mb in counts)
+        stage1 = sum(mb.total for mb in counts) - stage0
+        forward0 = sum(sum(mb.forward_encoder[:1 + first]) for mb in counts)
+        forward1 = sum(mb.forward for mb in counts) - forward0
+        by_hand[(first, 4 - first)] = one_f_one_b_step([stage0, stage1], len(counts),
+                                                       [forward0 / stage0, forward1 / stage1])
+    rows = {row["split"]: row for row in plan(counts, 6, 2, num_blocks=4)["rows"]}
+    split = rows["best, encoder split"]
+    assert split["step_estimate"] == pytest.approx(min(by_hand.values()), rel=1e-12)
+    assert tuple(split["vision_blocks"]) == min(by_hand, key=by_hand.get)
+    assert split["layers"] == [0, 6] and sum(split["stage_cost"]) == sum(mb.total for mb in counts)
+    lm_only = rows.get("best", rows.get("even = best"))
+    assert split["step_estimate"] < lm_only["step_estimate"] and split["balance"] > lm_only["balance"]
+    assert "parallel.vision_blocks_per_pipeline_stage=[" in split["overrides"]
+    assert plan(counts, 6, 3, num_blocks=4)["rows"]  # three stages: the encoder over two or three

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from casa_megatron.config.errors import ConfigError
-from casa_megatron.config.pipeline_split import describe_split, stage_layer_counts, stage_offsets
+from casa_megatron.config.pipeline_split import (
+    describe_split,
+    megatron_layout,
+    stage_layer_counts,
+    stage_offsets,
+    vision_stage_blocks,
+)
 
 LAYOUTS = [(n, pp, first, last) for n in (4, 6, 7, 24) for pp in (2, 3, 4)
            for first, last in itertools.product((None, 1, 2, 3, 5), (None, 1, 2, 4))]
@@ -62,3 +68,76 @@ def test_layouts_cover_both_outcomes():
 def test_describe_split():
     assert describe_split([1, 3]) == "2 stages: layers 0 | 1-3"
     assert describe_split([3, 7, 7, 7]) == "4 stages: layers 0-2 | 3-9 | 10-16 | 17-23"
+
+
+# --- the vision encoder over several stages (parallel.vision_blocks_per_pipeline_stage) --------
+ENCODER_LAYOUTS = [(n, pp, stages, first, last) for n in (4, 7, 24) for pp in (2, 3, 4) for stages in range(2, pp + 1)
+                   for first, last in itertools.product((None, 1, 3), (None, 1, 3))]
+
+
+@pytest.mark.parametrize("layout", ENCODER_LAYOUTS, ids=lambda l: "n{}-pp{}-encoder{}-first{}-last{}".format(*l))
+def test_encoder_split_builds_as_megatrons_layout(layout):
+    """Stages before the encoder's last hold no LM layer; the rest split the LM by the usual rule
+    (``first`` counting the encoder's last stage). megatron-core builds such stages only from a
+    ``pipeline_model_parallel_layout``: ours, given to its TransformerConfig, gives back the same
+    count and first layer on every stage."""
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    n, pp, stages, first, last = layout
+    lm_stages = pp - stages + 1
+    try:
+        if lm_stages == 1 and (first, last) != (None, None):
+            raise ConfigError("the last stage holds every layer")
+        lm = stage_layer_counts(n, lm_stages, first, last) if lm_stages > 1 else [n]
+    except ConfigError:
+        with pytest.raises(ConfigError, match="num_layers|pipeline"):
+            stage_layer_counts(n, pp, first, last, vision_stages=stages)
+        return
+    counts = stage_layer_counts(n, pp, first, last, vision_stages=stages)
+    assert counts == [0] * (stages - 1) + lm
+    config = TransformerConfig(num_layers=n, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=pp,
+                               pipeline_dtype=torch.float32, pipeline_model_parallel_layout=megatron_layout(counts),
+                               variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    built = config.pipeline_model_parallel_layout
+    assert [built.get_num_layers_to_build(LayerType.decoder, pp_rank=r) for r in range(pp)] == counts
+    assert [built.get_layer_offset(LayerType.decoder, pp_rank=r) for r in range(pp)] == stage_offsets(counts)
+
+
+@pytest.mark.parametrize("split, pp, message", [
+    ([32], 2, "a split over one stage is the default"),
+    ([10, 10, 12], 2, "names 3 stages but parallel.pipeline_model_parallel_size=2"),
+    ([32, 0], 2, "every stage it names needs at least one encoder block"),
+    ([16, 15], 2, "adds up to 31 blocks but model.vision.num_layers=32"),
+])
+def test_encoder_split_refusals_name_the_field(split, pp, message):
+    with pytest.raises(ConfigError, match=f"parallel.vision_blocks_per_pipeline_stage=.*{message}"):
+        vision_stage_blocks(32, pp, split)
+
+
+def test_encoder_split_contradictions():
+    assert vision_stage_blocks(32, 3, None) == [32, 0, 0]
+    assert vision_stage_blocks(32, 3, [20, 12]) == [20, 12, 0]
+    with pytest.raises(ConfigError, match="num_layers_in_first_pipeline_stage=1: .* the last stage holds all 4"):
+        stage_layer_counts(4, 2, 1, None, vision_stages=2)
+    with pytest.raises(ConfigError, match="num_layers_in_last_pipeline_stage=2: .* the last stage holds all 4"):
+        stage_layer_counts(4, 2, None, 2, vision_stages=2)
+    assert stage_layer_counts(28, 3, None, 10, vision_stages=2) == [0, 18, 10]
+    assert stage_layer_counts(28, 4, 2, None, vision_stages=2) == [0, 2, 13, 13]  # first: the encoder's last
+    with pytest.raises(ConfigError, match=r"the LM is split over the last 3 of the 4 stages"):
+        stage_layer_counts(28, 4, 3, None, vision_stages=2)
+
+
+def test_encoder_split_in_the_config_and_its_description():
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+
+    base = ["parallel.pipeline_model_parallel_size=3", "model.lm.num_layers=4", "model.vision.num_layers=3"]
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                      [*base, "parallel.vision_blocks_per_pipeline_stage=[2,1]"])
+    assert cfg.parallel.stage_vision_blocks(3) == [2, 1, 0]
+    assert cfg.parallel.stage_layer_counts(4) == [0, 2, 2]
+    assert describe_split([0, 2, 2], [2, 1, 0]) == "3 stages: encoder blocks 0-1 | encoder blocks 2 + layers 0-1 | layers 2-3"
+    assert describe_split([1, 3], [2, 0]) == "2 stages: layers 0 | 1-3"
+    with pytest.raises(ConfigError, match=r"vision_blocks_per_pipeline_stage=\[2, 2\] adds up to 4 blocks"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "parallel.vision_blocks_per_pipeline_stage=[2,2]"])

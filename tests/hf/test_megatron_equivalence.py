@@ -1,7 +1,7 @@
 """The exported HF model (our remote code, loaded by transformers) equals the megatron model.
 
 The session fixture ``exported`` (conftest) trains every fusion variant one step at TP=2 and at
-PP=2 (weights perturbed first so norms, CASA copies and gates are non-trivial), saves a training
+PP=2, CASA and insertion also at PP=2 with the encoder over both stages (weights perturbed first so norms, CASA copies and gates are non-trivial), saves a training
 checkpoint, exports it with ``casa-convert export-hf`` and records the megatron logits on
 image+text and video+text inputs; here each folder is loaded with
 ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)`` and compared (fp32, <= 1e-4).
@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from support.hf_cases import hf_inputs, make_case
-from support.hf_fixture import ALL_VARIANTS, LAYOUTS
+from support.hf_fixture import ALL_VARIANTS, LAYOUTS, layout_applies
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("variant, layout", [(v, l) for l in LAYOUTS for v in ALL_VARIANTS if layout_applies(l, v)])
 def test_hf_logits_equal_megatron(exported, variant, layout):
     from transformers import AutoModelForCausalLM
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 from support.dist import run_distributed
-from support.equivalence import build, global_name
+from support.equivalence import build, stage_global_names
 
-# (tp, pp, split): the layouts a 4-layer LM can take on 2 ranks
-LAYOUTS = [(2, 1, (None, None)), (1, 2, (None, None)), (1, 2, (1, None)), (1, 2, (None, 1))]
+# (tp, pp, split, encoder split): the layouts a 4-layer LM and 2-block encoder can take on 2 ranks
+LAYOUTS = [(2, 1, (None, None), None), (1, 2, (None, None), None), (1, 2, (1, None), None),
+           (1, 2, (None, 1), None), (1, 2, (None, None), [1, 1])]
 
 
 def _full_weights(model, tp: int):
@@ -20,20 +21,19 @@ def _full_weights(model, tp: int):
     local = {n: p.detach() for n, p in model.named_parameters()}
     if tp > 1:
         local = gather_full(model, local, parallel_state.get_tensor_model_parallel_group())
-    offset = model.decoder.layer_offset
-    return {global_name(n, offset): w for n, w in local.items()}
+    return {stage_global_names(model)[n]: w for n, w in local.items()}
 
 
 def _layout_worker(rank, world):
     reference = {n: p.detach().clone() for n, p in build().named_parameters()}  # one process, PP=1
     checked = {}
-    for tp, pp, split in LAYOUTS:
-        weights = _full_weights(build(tp=tp, pp=pp, split=split), tp)
+    for tp, pp, split, vision_split in LAYOUTS:
+        weights = _full_weights(build(tp=tp, pp=pp, split=split, vision_split=vision_split), tp)
         assert weights, (tp, pp, split)
         for name, w in weights.items():
             torch.testing.assert_close(w, reference[name], rtol=0, atol=0,
-                                       msg=lambda m: f"{name} at TP={tp} PP={pp} split={split}: {m}")
-        checked[f"tp{tp}-pp{pp}-{split}"] = sorted(weights)
+                                       msg=lambda m: f"{name} at TP={tp} PP={pp} split={split} {vision_split}: {m}")
+        checked[f"tp{tp}-pp{pp}-{split}" + (f"-vision{vision_split}" if vision_split else "")] = sorted(weights)
     return checked
 
 
@@ -47,6 +47,11 @@ def test_every_layout_and_split_draws_the_same_full_weights():
                for n in first["tp1-pp2-(1, None)"]) == 1
     assert sum(n.startswith("decoder.layers.") and n.endswith("self_attention.linear_qkv.weight")
                for n in second["tp1-pp2-(None, 1)"]) == 1
+    # and the encoder split put block 1 (and the final norm) on the second stage
+    split = "tp1-pp2-(None, None)-vision[1, 1]"
+    assert any(n.startswith("vision.blocks.1.") for n in second[split])
+    assert any(n.startswith("vision.final_layernorm.") for n in second[split])
+    assert not any(n.startswith("vision.blocks.1.") for n in first[split])
 
 
 def _fusion_worker(rank, world):

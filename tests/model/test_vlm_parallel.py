@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from support.dist import run_distributed
-from support.equivalence import pp_worker, tp_worker
+from support.equivalence import pp_worker, tp_pp_worker, tp_worker
 from support.vlm import QWEN_VISION
 
 TP_VARIANTS = {
@@ -49,6 +49,16 @@ PP_VARIANTS = {
     # uneven splits (parallel.num_layers_in_first/last_pipeline_stage): 1 + 3 and 3 + 1 of 4 layers
     "casa_uneven_first_1": ({"split": (1, None)}, 3),
     "insertion_uneven_last_1": ({"mechanism": "insertion", "split": (None, 1)}, None),
+    # the encoder over both stages (parallel.vision_blocks_per_pipeline_stage = [1, 1]): stage 0
+    # runs the embedding and block 0, stage 1 block 1, the projector and all 4 LM layers; the
+    # middle micro-batch has no image (the blank image crosses the stages). The Qwen encoder has
+    # a narrower width than the LM (24 vs 32) and its window / full blocks on either side.
+    "casa_encoder_split": ({"vision_split": [1, 1], "text_only": (1,)}, 3),
+    "insertion_qwen_encoder_split": ({"mechanism": "insertion", "vision": {**QWEN_VISION, "hidden_size": 24},
+                                      "vision_split": [1, 1], "text_only": (1,)}, None),
+    "casa_qwen_encoder_split_recompute": ({"vision": {**QWEN_VISION, "hidden_size": 24}, "vision_split": [1, 1],
+                                           "recompute": {"granularity": "full", "method": "uniform",
+                                                         "num_layers": 1}}, 3),
 }
 
 
@@ -58,16 +68,36 @@ def test_pipeline_parallel_matches_single_process(variant):
     including the vision encoder's, which lives on stage 0 and receives gradient from stage 1."""
     fusion, casa_layer_on_stage_1 = PP_VARIANTS[variant]
     fusion = dict(fusion)
-    split = fusion.pop("split", (None, None))
+    split, vision_split = fusion.pop("split", (None, None)), fusion.pop("vision_split", None)
     first, second = run_distributed(pp_worker, world_size=2, vision=fusion.pop("vision", None),
-                                    recompute=fusion.pop("recompute", None), split=split, fusion=fusion)
+                                    recompute=fusion.pop("recompute", None), split=split, vision_split=vision_split,
+                                    text_only=fusion.pop("text_only", ()), fusion=fusion)
     expected = {(None, None): (2, 2), (1, None): (1, 3), (None, 1): (3, 1)}[split]
+    if vision_split:
+        expected = (0, 4)
     assert (first["layers"], second["layers"]) == expected
     assert any(n.startswith("vision.") for n in first["checked"])
-    assert not any(n.startswith("vision.") for n in second["checked"])
     assert not set(first["checked"]) & set(second["checked"])
     assert any(n.startswith("decoder.layers.3.") for n in second["checked"])
     if casa_layer_on_stage_1 is not None:
         assert any(n.startswith(f"decoder.layers.{casa_layer_on_stage_1}.casa_attention")
                    for n in second["checked"])
     assert first["vision_grad_norm"] > 0
+    if vision_split:  # block 1 and the projector on stage 1, which also trains them
+        assert "vision.blocks.1.self_attention.linear_qkv.weight" in second["checked"]
+        assert not any(n.startswith("vision.blocks.1.") for n in first["checked"])
+        assert any(n.startswith("projector.") for n in second["checked"])
+        assert second["vision_grad_norm"] > 0
+    else:
+        assert not any(n.startswith("vision.") for n in second["checked"])
+
+
+@pytest.mark.parametrize("fusion", [{}, {"mechanism": "insertion"}], ids=["casa", "insertion"])
+def test_encoder_split_under_tensor_and_sequence_parallelism(fusion):
+    """4 ranks, TP=2 with sequence parallelism x PP=2, the encoder over both stages: the text
+    embeddings cross the stages as SP shards beside the (TP-replicated) encoder activations, and
+    the losses and every gradient equal one process's."""
+    reports = run_distributed(tp_pp_worker, world_size=4, fusion=fusion, vision=QWEN_VISION, vision_split=[1, 1])
+    stages = {r["stage"]: set(r["checked"]) for r in reports}
+    assert any(n.startswith("vision.blocks.0.") for n in stages[0])
+    assert any(n.startswith("vision.blocks.1.") for n in stages[1]) and any(n.startswith("projector.") for n in stages[1])

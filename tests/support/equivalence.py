@@ -20,10 +20,11 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, recompute=None,
-          split=(None, None), **fusion):
+          split=(None, None), vision_split=None, **fusion):
     """``reference``: the dense-mask self-attention and the fused image QKV (the old paths);
     ``recompute``: RecomputeConfig fields for the layouts under test (the reference keeps its
-    activations); ``split``: LM layers on the first and last pipeline stage (None: even)."""
+    activations); ``split``: LM layers on the first and last pipeline stage (None: even);
+    ``vision_split``: encoder blocks per stage (``parallel.vision_blocks_per_pipeline_stage``)."""
     from casa_megatron.config.schema import RecomputeConfig
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
@@ -32,7 +33,8 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bo
     initialize_parallel(tp, pp, seed=0)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               sequence_parallel=sp, num_layers_in_first_pipeline_stage=split[0],
-                              num_layers_in_last_pipeline_stage=split[1])
+                              num_layers_in_last_pipeline_stage=split[1],
+                              vision_blocks_per_pipeline_stage=vision_split)
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
     config.packed_attention = not reference
     if recompute and not reference:
@@ -118,29 +120,40 @@ def run_schedule(model, batches):
     return [l["loss"] for l in losses]
 
 
-def global_name(name: str, offset: int) -> str:
-    """Stage-local parameter name -> the one-process model's name (decoder layers shift)."""
-    if name.startswith("decoder.layers."):
-        parts = name.split(".")
-        parts[2] = str(int(parts[2]) + offset)
-        return ".".join(parts)
+def global_name(name: str, offset: int, vision_offset: int = 0) -> str:
+    """Stage-local parameter name -> the one-process model's name (decoder layers and, with the
+    encoder over several stages, its blocks shift)."""
+    for prefix, shift in (("decoder.layers.", offset), ("vision.blocks.", vision_offset)):
+        if name.startswith(prefix):
+            parts = name.split(".")
+            parts[2] = str(int(parts[2]) + shift)
+            return ".".join(parts)
     return name
 
 
-def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, None)):
+def stage_global_names(stage) -> dict:
+    vision_offset = stage.vision.block_offset if hasattr(stage, "vision") else 0
+    return {n: global_name(n, stage.decoder.layer_offset, vision_offset) for n, _ in stage.named_parameters()}
+
+
+def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, None), vision_split=None,
+              text_only=()):
+    """``text_only``: indices of micro-batches whose images are dropped."""
     from megatron.core import parallel_state
+    from support.vlm import without_images
 
     from casa_megatron.parallel.tp_layout import load_full_state
 
     batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (11, 12, 13)]
+    batches = [without_images(b) if i in text_only else b for i, b in enumerate(batches)]
     ref = build(vision=vision, reference=True, **fusion)
     full = perturbed_full_state(ref)
     load_full_state(ref, full, 0, 1)
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    stage = build(pp=2, vision=vision, recompute=recompute, split=split, **fusion)
-    to_global = {n: global_name(n, stage.decoder.layer_offset) for n, _ in stage.named_parameters()}
+    stage = build(pp=2, vision=vision, recompute=recompute, split=split, vision_split=vision_split, **fusion)
+    to_global = stage_global_names(stage)
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     losses = run_schedule(stage, batches)
     if parallel_state.is_pipeline_last_stage():
@@ -151,3 +164,32 @@ def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, Non
             "checked": sorted(to_global.values()), "layers": len(stage.decoder.layers),
             "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
                                     if n.startswith("vision."))}
+
+
+def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True):
+    """4 ranks: TP=2 (+SP) x PP=2 through megatron's 1F1B schedule against one process: losses
+    and every gradient (gathered over TP, the sequence-parallel ones summed first)."""
+    from megatron.core import parallel_state
+
+    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
+
+    batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (21, 22, 23)]
+    ref = build(vision=vision, reference=True, **fusion)
+    full = perturbed_full_state(ref)
+    load_full_state(ref, full, 0, 1)
+    ref_losses = run_schedule(ref, batches)
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+    stage = build(tp=2, pp=2, sp=sp, vision=vision, vision_split=vision_split, **fusion)
+    to_global = stage_global_names(stage)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    load_full_state(stage, {n: full[g] for n, g in to_global.items()}, tp_rank, 2)
+    losses = run_schedule(stage, batches)
+    finalize_sp_grads(stage)
+    if parallel_state.is_pipeline_last_stage():
+        torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
+    grads = gather_full(stage, {n: p.grad for n, p in stage.named_parameters()},
+                        parallel_state.get_tensor_model_parallel_group())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
+    return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(to_global.values())}

@@ -21,7 +21,10 @@ from support.dist import run_distributed
 from support.hf_cases import IMAGE_SLOTS, VARIANTS, make_case, megatron_batch
 from support.hf_equivalence import stage_logits
 
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}
+# layout: (TP, PP, encoder blocks per stage or None); the last, the encoder over both stages
+# (parallel.vision_blocks_per_pipeline_stage), for the variants ENCODER_SPLIT_VARIANTS only
+LAYOUTS = {"tp2": (2, 1, None), "pp2": (1, 2, None), "pp2_encoder_split": (1, 2, [1, 1])}
+ENCODER_SPLIT_VARIANTS = ("casa_parallel", "insertion")
 PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
 # Beyond the fusion variants: LM changes exported the same way. Tied embeddings (under PP=2 the
 # last stage holds a copy of the embedding that megatron checkpoints under the embedding's key);
@@ -57,12 +60,18 @@ def tiny_tokenizer(out_dir: Path, vocab: int) -> Path:
     return build_word_tokenizer([" ".join(words)], out_dir)
 
 
-def train_config(name: str, tp: int, pp: int, tokenizer: Path, run_dir: Path, vision: dict | None = None):
+def layout_applies(layout: str, variant: str) -> bool:
+    return layout != "pp2_encoder_split" or variant in ENCODER_SPLIT_VARIANTS
+
+
+def train_config(name: str, tp: int, pp: int, tokenizer: Path, run_dir: Path, vision: dict | None = None,
+                 vision_split=None):
     from casa_megatron.config.schema import OptimizerConfig, ParallelConfig, TrainConfig
     from casa_megatron.data.config import DataConfig
 
     return TrainConfig(model=variant_config(name, vision),
-                       parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                       parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                               vision_blocks_per_pipeline_stage=vision_split),
                        data=DataConfig(tokenizer_path=str(tokenizer), image_seq_length=IMAGE_SLOTS),
                        optimizer=OptimizerConfig(warmup_steps=0, lr_new=1e-3, lr_pretrained=1e-3),
                        train_steps=1, run_dir=str(run_dir))
@@ -114,20 +123,22 @@ def train_and_save(rank, world, root, variants, layouts, tokenizer, vision=None)
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.parallel.tp_layout import load_full_state
     from casa_megatron.training.checkpoint import Checkpointer
-    from support.equivalence import global_name
+    from support.equivalence import stage_global_names
     from support.vlm import random_batch
 
     logits: Dict[str, Dict] = {}
     for name in variants:
         full = _perturbed(name, vision)
         for layout in layouts:
-            tp, pp = LAYOUTS[layout]
-            cfg = train_config(name, tp, pp, Path(tokenizer), Path(root) / layout / name, vision)
+            if not layout_applies(layout, name):
+                continue
+            tp, pp, vision_split = LAYOUTS[layout]
+            cfg = train_config(name, tp, pp, Path(tokenizer), Path(root) / layout / name, vision, vision_split)
             initialize_parallel(tp, pp, seed=0)
             model = build_vlm(cfg.model, cfg.parallel, IMAGE_SLOTS)
-            offset = model.decoder.layer_offset if hasattr(model, "decoder") else 0
+            to_global = stage_global_names(model)
             tied = {"output_layer.weight": "embedding.word_embeddings.weight"}  # the last stage's copy (PP)
-            local = {n: full[tied.get(n) if n not in full and n in tied else global_name(n, offset)]
+            local = {n: full[tied.get(n) if n not in full and n in tied else to_global[n]]
                      for n, _ in model.named_parameters()}
             load_full_state(model, local, parallel_state.get_tensor_model_parallel_rank(), tp)
             optimizer, scheduler = one_step(model, cfg, random_batch(3))
@@ -166,7 +177,7 @@ def export_variants(root: Path, variants: Iterable[str] = tuple(ALL_VARIANTS), l
     reports = run_distributed(train_and_save, world_size=2, root=str(root), variants=variants,
                               layouts=list(layouts), tokenizer=str(tok))
     jobs = [(str(root / layout / name / "checkpoints"), str(root / "hf" / layout / name))
-            for layout in layouts for name in variants]
+            for layout in layouts for name in variants if layout_applies(layout, name)]
     run_distributed(export_all, world_size=1, jobs=jobs)
     for name in variants:
         (root / name).symlink_to(root / "hf" / (PRIMARY if PRIMARY in layouts else layouts[0]) / name)

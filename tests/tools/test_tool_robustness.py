@@ -82,7 +82,7 @@ def test_describe_model_shows_what_each_pipeline_stage_holds():
         lines = text.splitlines()
         total = int(next(l for l in lines if l.startswith("total")).split()[1].replace(",", ""))
         rows = [l.split() for l in lines[lines.index(next(l for l in lines if l.startswith("stage"))) + 1:]]
-        return total, [(int(r[1]), int(r[2].replace(",", ""))) for r in rows], text
+        return total, [(int(r[1]), int(r[3].replace(",", ""))) for r in rows], text
 
     total, rows, text = stages("parallel.num_layers_in_first_pipeline_stage=1")
     assert "pipeline: 2 stages: layers 0 | 1-3" in text
@@ -93,3 +93,9 @@ def test_describe_model_shows_what_each_pipeline_stage_holds():
     assert per_layer > 0 and rows[0][1] == even[0][1] - per_layer
     tied_total, tied, _ = stages("model.lm.tie_word_embeddings=true")
     assert sum(p for _, p in tied) == tied_total + 16 * 64  # vocab x hidden, the last stage's copy
+    # the encoder over both stages: stage 0 keeps the embedding, patch embedding and block 0 only
+    _, split, text = stages("parallel.vision_blocks_per_pipeline_stage=[1,1]")
+    assert "pipeline: 2 stages: encoder blocks 0 | encoder blocks 1 + layers 0-3" in text
+    assert [layers for layers, _ in split] == [0, 4] and sum(p for _, p in split) == total
+    # stage 0 gave up 2 LM layers, encoder block 1, the encoder's final norm and the projector
+    assert 0 < split[0][1] < even[0][1] - 2 * per_layer

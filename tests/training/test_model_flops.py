@@ -61,15 +61,27 @@ def _count_all(rank, world):
         model = build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS)
         batch = _batch(kind)
         counted = count_gemm_flops(lambda: (model(batch) * batch.loss_mask).sum().backward())
+        forward = count_gemm_flops(lambda: model(batch))
         analytic = microbatch_flops(cfg, batch, IMAGE_SLOTS)
-        out[name] = (counted, analytic.gemm, analytic.attention, analytic.parts)
+        out[name] = (counted, analytic.gemm, analytic.attention, analytic.parts, forward, analytic)
     return out
 
 
 def test_analytic_gemm_flops_equal_torchs_counter_on_a_real_step():
     results, = run_distributed(_count_all, world_size=1)
-    wrong = {name: (counted, analytic) for name, (counted, analytic, _, _) in results.items() if counted != analytic}
+    wrong = {name: (counted, analytic) for name, (counted, analytic, *_) in results.items() if counted != analytic}
     assert not wrong, f"analytic != FlopCounterMode for {wrong}"
+    # the forward part alone (what a pipeline stage runs in its forward slot): a forward-only run
+    wrong = {name: (r[4], r[5].forward_gemm) for name, r in results.items() if r[4] != r[5].forward_gemm}
+    assert not wrong, f"analytic forward != FlopCounterMode on a forward for {wrong}"
+    for name, r in results.items():
+        mb = r[5]
+        assert mb.forward_gemm <= mb.forward < mb.total, name
+    # a frozen encoder whose input needs no gradient runs forward only: all of its cost is forward
+    frozen = results["vision_frozen_projector_frozen"][5]
+    assert list(frozen.forward_encoder[1:-1]) == [g + a for g, a in frozen.vision_blocks]
+    trained = results["casa_parallel"][5]
+    assert all(3 * f == g + a for f, (g, a) in zip(trained.forward_encoder[1:-1], trained.vision_blocks))
     # the variants differ where they should: a frozen LM skips weight gradients
     assert results["freeze_lm"][0] < results["casa_parallel"][0]
     assert results["vision_last_block"][0] < results["casa_parallel"][0]
@@ -146,11 +158,14 @@ def test_pairs_equal_the_windows_and_segments_the_model_builds():
             (causal_pairs(cu[1:] - cu[:-1]), 0)
 
 
-# (fusion kwargs, LM layers on the first and last stage)
+# (fusion kwargs, LM layers on the first and last stage, encoder blocks per stage or None)
 STAGE_CASES = {
-    "casa_even": ({"every_n": 2}, (None, None)),
-    "casa_first_1": ({}, (1, None)),
-    "insertion_last_1": ({"mechanism": "insertion"}, (None, 1)),
+    "casa_even": ({"every_n": 2}, (None, None), None),
+    "casa_first_1": ({}, (1, None), None),
+    "insertion_last_1": ({"mechanism": "insertion"}, (None, 1), None),
+    # the encoder over both stages: patch embedding + block 0 | block 1, projector, every LM layer
+    "casa_encoder_split": ({}, (None, None), [1, 1]),
+    "insertion_encoder_split": ({"mechanism": "insertion"}, (None, None), [1, 1]),
 }
 
 
@@ -164,14 +179,15 @@ def _count_stages(rank, world):
 
     batch = random_batch(3)
     out = {}
-    for name, (fusion, split) in STAGE_CASES.items():
-        model = build(pp=2, split=split, **fusion)
+    for name, (fusion, split, vision_split) in STAGE_CASES.items():
+        model = build(pp=2, split=split, vision_split=vision_split, **fusion)
         counted = count_gemm_flops(lambda: run_schedule(model, [batch]))
         parallel = ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=split[0],
-                                  num_layers_in_last_pipeline_stage=split[1])
+                                  num_layers_in_last_pipeline_stage=split[1],
+                                  vision_blocks_per_pipeline_stage=vision_split)
         counts = parallel.stage_layer_counts(4)
         analytic = microbatch_flops(small_model_config(None, **fusion), batch, IMAGE_SLOTS)
-        stages = analytic.stages(counts)
+        stages = analytic.stages(counts, parallel.stage_vision_blocks(2))
         assert sum(g for g, _ in stages) == analytic.gemm and sum(a for _, a in stages) == analytic.attention
         out[name] = (counted, stages[parallel_state.get_pipeline_model_parallel_rank()][0], counts)
     return out
@@ -179,7 +195,11 @@ def _count_stages(rank, world):
 
 def test_stage_flops_equal_torchs_counter_on_each_pipeline_stage():
     """``MicroBatchFlops.stages`` (what benchmarks/pipeline_balance.py plans with): on each stage of
-    a real PP=2 step, even and uneven splits, the GEMM FLOPs torch counts on that rank."""
-    for stage in run_distributed(_count_stages, world_size=2):
+    a real PP=2 step, even and uneven splits and the encoder over both stages, the GEMM FLOPs torch
+    counts on that rank."""
+    first, second = run_distributed(_count_stages, world_size=2)
+    # the encoder split moved work: stage 0 holds no LM layer, stage 1 more than without the split
+    assert first["casa_encoder_split"][2] == [0, 4] and second["casa_encoder_split"][1] > second["casa_even"][1]
+    for stage in (first, second):
         wrong = {name: (counted, analytic) for name, (counted, analytic, _) in stage.items() if counted != analytic}
         assert not wrong, f"stage analytic != FlopCounterMode for {wrong}"

@@ -150,3 +150,9 @@ def test_dp_reshardable_refuses_another_pipeline_split():
                                              r"another data-parallel size but not at TP=1, PP=2 \(LM layers per "
                                              r"stage 2\+2\)"):
         check_optimizer_layout(saved, cfg(), "ckpt")
+    # the encoder over both stages moves parameters between them: another layout too
+    split = to_dict(cfg("parallel.vision_blocks_per_pipeline_stage=[1,1]"))
+    check_optimizer_layout(split, cfg("parallel.vision_blocks_per_pipeline_stage=[1,1]"), "ckpt")
+    with pytest.raises(ResumeMismatch, match=r"written at TP=1, PP=2 \(LM layers per stage 0\+4, encoder blocks per "
+                                             r"stage 1\+1\); .* not at TP=1, PP=2 \(LM layers per stage 2\+2\)"):
+        check_optimizer_layout(split, cfg(), "ckpt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from casa_megatron.config.schema import VisionConfig
@@ -13,12 +15,14 @@ from casa_megatron.model.vision.tiny_vit import TinyViT
 
 
 def build_vision_encoder(vision: VisionConfig, config: TransformerConfig, use_te: bool,
-                         attention_backend: str = "auto") -> VisionEncoder:
+                         attention_backend: str = "auto", blocks: Optional[range] = None,
+                         seed: Optional[int] = None) -> VisionEncoder:
+    """``blocks``: the global block indices of this pipeline part (all by default)."""
     spec = specs.vision_layer_spec(use_te, attention_backend)
     if vision.encoder == "qwen2_5_vl":
-        return QwenVisionEncoder(config, vision, spec)
+        return QwenVisionEncoder(config, vision, spec, blocks=blocks, seed=seed)
     if vision.encoder == "tiny_vit":
-        return TinyViT(config, vision, spec, specs.final_norm_spec(use_te))
+        return TinyViT(config, vision, spec, specs.final_norm_spec(use_te), blocks=blocks, seed=seed)
     raise ValueError(f"model.vision.encoder={vision.encoder!r} is not built here")
 
 

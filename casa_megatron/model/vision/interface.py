@@ -10,6 +10,7 @@ projector merges with a reshape. An image yields ``t*h*w/4`` tokens at the LM wi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -38,18 +39,63 @@ class VisionEncoder(MegatronModule, ABC):
 
     Implementations keep their transformer blocks in ``self.blocks`` (a ModuleList) so
     freezing "all but the last k blocks" works for any encoder.
+
+    Pipeline part. An encoder may be one part of the whole (``parallel.vision_blocks_per_pipeline_stage``):
+    the global blocks ``block_offset .. block_offset + len(blocks) - 1``; the first part also
+    embeds the patches, the last one also finishes (final norm, patch order). The whole encoder
+    is ``finish(run_blocks(embed(...)))`` with one :meth:`plan` of the batch's geometry, which
+    every part recomputes from the grids alone. Each piece draws its initial weights from its
+    own seed (``vision.patch_embed``, ``vision.blocks.<global index>``, ...: model/init_seed.py),
+    so a split encoder starts from the same weights as a whole one.
     """
 
     blocks: torch.nn.ModuleList
     merge: int  # spatial merge size: patches per side of one LM token
     patch_dim: int  # C*T*p*p
+    block_offset: int = 0  # global index of this part's first block
+    first_part: bool = True  # embeds the patches
+    last_part: bool = True  # finishes the features
 
     @abstractmethod
-    def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor: ...
+    def plan(self, grid_thw: Tensor, device) -> Any:
+        """What every part needs of the batch's geometry (positions, attention segments, order)."""
+
+    @abstractmethod
+    def embed(self, pixel_patches: Tensor, plan: Any) -> Tensor:
+        """First part: pixel patches -> block input [n, hv] (in the blocks' patch order)."""
+
+    @abstractmethod
+    def run_blocks(self, x: Tensor, plan: Any) -> Tensor:
+        """This part's blocks: [n, hv] -> [n, hv]."""
+
+    @abstractmethod
+    def finish(self, x: Tensor, plan: Any) -> Tensor:
+        """Last part: the last block's output -> features [n, hv] in the input's patch order."""
+
+    def normalized_grid(self, grid_thw: Tensor) -> Tensor:
+        """The grids as ``[n_img, 3]`` (t, h, w), refusing what this encoder cannot embed."""
+        return grid_thw
+
+    def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
+        # pixel_patches [n, C*T*p*p], grid_thw [n_img, 3] -> [n, hv]; the whole encoder
+        if not (self.first_part and self.last_part):
+            raise RuntimeError("this vision encoder is one pipeline part; run embed / run_blocks / finish")
+        grid_thw = self.normalized_grid(grid_thw)
+        check_patches(pixel_patches, grid_thw, self.patch_dim)
+        if pixel_patches.shape[0] == 0:  # megatron's attention cannot take 0 rows; see without_images
+            return self.without_images(pixel_patches)
+        plan = self.plan(grid_thw, pixel_patches.device)
+        return self.finish(self.run_blocks(self.embed(pixel_patches, plan), plan), plan)
+
+    def blank_input(self, device) -> Tuple[Tensor, Tensor]:
+        """One blank image (one merge group of zero pixels): patches [merge^2, C*T*p*p], grid [1, 3]."""
+        blank = torch.zeros(self.merge * self.merge, self.patch_dim, device=device)
+        grid = torch.tensor([[1, self.merge, self.merge]], device=device)  # t, h, w
+        return blank, grid
 
     def without_images(self, pixel_patches: Tensor) -> Tensor:
         """The features of a micro-batch without images ([0, hv]), after a forward of one
-        blank image (one merge group of zero pixels) whose result joins them times zero.
+        blank image (:meth:`blank_input`) whose result joins them times zero.
 
         Why run anything: data parallelism that overlaps communication with compute needs every
         micro-batch to reach the same parameters in the same order. megatron's overlapped
@@ -60,15 +106,15 @@ class VisionEncoder(MegatronModule, ABC):
         waits for a bucket's all-gather in the forward pre-hooks of the modules that use it, in
         forward order (blocks that do not run leave their gather pending: stale weights, then a
         failed assertion). The blank image's contribution is exactly zero: the loss and every
-        gradient are those of skipping the encoder, whose gradients are zero anyway."""
-        blank = pixel_patches.new_zeros(self.merge * self.merge, self.patch_dim)  # [merge^2, C*T*p*p]
-        grid = torch.tensor([[1, self.merge, self.merge]], device=pixel_patches.device)  # t, h, w
-        features = self(blank, grid)  # [merge^2, hv]
+        gradient are those of skipping the encoder, whose gradients are zero anyway. A split
+        encoder carries the blank image through all its parts (``model/vlm.py``)."""
+        blank, grid = self.blank_input(pixel_patches.device)
+        features = self(blank.to(pixel_patches.dtype), grid)  # [merge^2, hv]
         return features[:0] + 0 * features.sum()  # [0, hv]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Per block: megatron's default would treat the ModuleList as replicated tensors,
-        which is wrong for TP-sharded block weights."""
+        which is wrong for TP-sharded block weights. Blocks are keyed by their global index."""
         from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
@@ -77,6 +123,8 @@ class VisionEncoder(MegatronModule, ABC):
         for name, child in self.named_children():
             children = enumerate(child) if isinstance(child, torch.nn.ModuleList) else [(None, child)]
             for idx, module in children:
+                if child is self.blocks:  # keyed by global index: checkpoints reshard across splits
+                    idx += self.block_offset
                 sub = f"{prefix}{name}." if idx is None else f"{prefix}{name}.{idx}."
                 sharded.update(sharded_state_dict_default(module, sub, sharded_offsets, metadata, tp_group))
         return sharded

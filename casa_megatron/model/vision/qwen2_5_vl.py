@@ -19,6 +19,7 @@ acts on each merge group alone).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -28,6 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.recompute import run_layers
 from casa_megatron.model.vision.geometry import (
     Segments,
@@ -36,15 +38,31 @@ from casa_megatron.model.vision.geometry import (
     rotary_2d,
     window_partition,
 )
-from casa_megatron.model.vision.interface import VisionEncoder, check_patches
+from casa_megatron.model.vision.interface import VisionEncoder
+
+
+@dataclass
+class QwenPlan:
+    """A micro-batch's geometry, recomputed by every pipeline part from the grids alone."""
+
+    freqs: Tensor  # [n, 1, 1, hd] 2D RoPE, in block order
+    order: Optional[Tensor]  # [n] block order -> input order permutation (window attention), or None
+    full: object  # packed segments: one per frame
+    windows: object  # packed segments: one per window (None without window attention)
 
 
 class QwenVisionEncoder(VisionEncoder):
     def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec,
-                 pg_collection: Optional[ProcessGroupCollection] = None):
+                 pg_collection: Optional[ProcessGroupCollection] = None, blocks: Optional[range] = None,
+                 seed: Optional[int] = None):
+        """``blocks``: the global block indices this pipeline part holds (all by default); the
+        part holding block 0 embeds the patches, the one holding the last block finishes."""
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        blocks = range(config.num_layers) if blocks is None else blocks
+        seed = torch.initial_seed() if seed is None else seed
+        self.block_offset, self.first_part, self.last_part = blocks.start, blocks.start == 0, blocks.stop == config.num_layers
         self.merge = vision.spatial_merge_size
         self.recompute = vision.recompute
         self.patch_dim = vision.patch_dim
@@ -53,40 +71,46 @@ class QwenVisionEncoder(VisionEncoder):
         self.window_units = vision.window_size // (vision.patch_size * vision.spatial_merge_size)
         full = vision.fullatt_block_indexes
         self.full_blocks: List[int] = list(range(config.num_layers)) if full is None else sorted(full)
-        self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=False,
-                                           dtype=config.params_dtype)
-        self.blocks = torch.nn.ModuleList([
-            build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
-            for i in range(config.num_layers)
-        ])
+        self.windowed = len(self.full_blocks) < config.num_layers
+        if self.first_part:
+            with component_seed(seed, "vision.patch_embed"):
+                self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=False,
+                                                   dtype=config.params_dtype)
+        built = []
+        for i in blocks:
+            with component_seed(seed, f"vision.blocks.{i}"):
+                built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
+        self.blocks = torch.nn.ModuleList(built)
 
-    def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
-        # pixel_patches [n, C*T*p*p], grid_thw [n_img, 3] -> [n, hv]
-        check_patches(pixel_patches, grid_thw, self.patch_dim)
-        if pixel_patches.shape[0] == 0:  # megatron's attention cannot take 0 rows; see without_images
-            return self.without_images(pixel_patches)
+    def plan(self, grid_thw: Tensor, device) -> QwenPlan:
         rows, cols, _ = patch_coords(grid_thw, self.merge)
-        x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
         freqs = rotary_2d(rows, cols, self.head_dim, self.rope_theta)  # [n, 1, 1, hd]
-        full = Segments(frame_segments(grid_thw)).packed(x.device)
-        windowed = len(self.full_blocks) < len(self.blocks)
-        if windowed:
+        full = Segments(frame_segments(grid_thw)).packed(device)
+        order = windows = None
+        if self.windowed:
+            # Window attention needs a window's patches contiguous: merge groups in window order.
             unit_order, cu_windows = window_partition(grid_thw, self.merge, self.window_units)
             group = self.merge * self.merge
-            order = (unit_order[:, None] * group + torch.arange(group)).flatten().to(x.device)  # [n]
-            x, freqs = x[order], freqs[order.cpu()]
-            windows = Segments(cu_windows).packed(x.device)
-        freqs = freqs.to(x.device)
-        x = x[:, None]  # [n, 1, hv]
-        segments = {block: full if i in self.full_blocks or not windowed else windows
-                    for i, block in enumerate(self.blocks)}
+            order = (unit_order[:, None] * group + torch.arange(group)).flatten()  # [n]
+            freqs = freqs[order]
+            order = order.to(device)
+            windows = Segments(cu_windows).packed(device)
+        return QwenPlan(freqs=freqs.to(device), order=order, full=full, windows=windows)
+
+    def embed(self, pixel_patches: Tensor, plan: QwenPlan) -> Tensor:
+        x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
+        return x if plan.order is None else x[plan.order]  # [n, hv] in window order
+
+    def run_blocks(self, x: Tensor, plan: QwenPlan) -> Tensor:
+        segments = {block: plan.full if (self.block_offset + i) in self.full_blocks or not self.windowed
+                    else plan.windows for i, block in enumerate(self.blocks)}
 
         def call(block, h: Tensor) -> Tensor:
-            return block(hidden_states=h, attention_mask=None, rotary_pos_emb=freqs,
+            return block(hidden_states=h, attention_mask=None, rotary_pos_emb=plan.freqs,
                          packed_seq_params=segments[block])[0]
 
-        x = run_layers(self.blocks, x, call, self.recompute, self.config)  # as model.vision.recompute says
-        x = x[:, 0]  # [n, hv]
-        if windowed:
-            x = x[torch.argsort(order)]  # back to the input order
-        return x
+        # [n, 1, hv] through the blocks, recomputed as model.vision.recompute says
+        return run_layers(self.blocks, x[:, None], call, self.recompute, self.config)[:, 0]  # [n, hv]
+
+    def finish(self, x: Tensor, plan: QwenPlan) -> Tensor:
+        return x if plan.order is None else x[torch.argsort(plan.order)]  # back to the input order

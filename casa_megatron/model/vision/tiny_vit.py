@@ -8,6 +8,7 @@ micro-batch), final RMSNorm. Its parameter names are part of the checkpoint form
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,9 +18,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.config.schema import VisionConfig
+from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.recompute import run_layers
 from casa_megatron.model.vision.geometry import Segments, frame_segments, patch_coords
-from casa_megatron.model.vision.interface import VisionEncoder, check_patches
+from casa_megatron.model.vision.interface import VisionEncoder
 
 
 def _sincos_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
@@ -34,37 +36,62 @@ def _sincos_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
     return torch.nn.functional.pad(out, (0, dim - out.shape[-1]))
 
 
+@dataclass
+class TinyPlan:
+    rows: Tensor  # [n] patch row of each patch
+    cols: Tensor  # [n]
+    segments: object  # packed segments: one per image
+
+
 class TinyViT(VisionEncoder):
     def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec,
-                 final_norm, pg_collection: Optional[ProcessGroupCollection] = None):
+                 final_norm, pg_collection: Optional[ProcessGroupCollection] = None,
+                 blocks: Optional[range] = None, seed: Optional[int] = None):
+        """``blocks``: the global block indices this pipeline part holds (all by default)."""
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        blocks = range(config.num_layers) if blocks is None else blocks
+        seed = torch.initial_seed() if seed is None else seed
+        self.block_offset, self.first_part, self.last_part = blocks.start, blocks.start == 0, blocks.stop == config.num_layers
         self.merge = vision.spatial_merge_size
         self.recompute = vision.recompute
         self.patch_dim = vision.patch_dim
-        self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=True,
-                                           dtype=config.params_dtype)
-        self.blocks = torch.nn.ModuleList([
-            build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
-            for i in range(config.num_layers)
-        ])
-        self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
-                                            eps=config.layernorm_epsilon)
+        if self.first_part:
+            with component_seed(seed, "vision.patch_embed"):
+                self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=True,
+                                                   dtype=config.params_dtype)
+        built = []
+        for i in blocks:
+            with component_seed(seed, f"vision.blocks.{i}"):
+                built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
+        self.blocks = torch.nn.ModuleList(built)
+        if self.last_part:
+            with component_seed(seed, "vision.final_layernorm"):
+                self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
+                                                    eps=config.layernorm_epsilon)
 
-    def forward(self, pixel_patches: Tensor, grid_thw: Tensor) -> Tensor:
+    def normalized_grid(self, grid_thw: Tensor) -> Tensor:
         if grid_thw.shape[-1] == 3 and bool((grid_thw[:, 0] != 1).any()):
             raise ValueError("tiny_vit embeds single frames: every image needs t = 1 temporal patch")
-        grid_thw = grid_thw if grid_thw.shape[-1] == 3 else torch.nn.functional.pad(grid_thw, (1, 0), value=1)
-        check_patches(pixel_patches, grid_thw, self.patch_dim)
-        if pixel_patches.shape[0] == 0:  # megatron's attention cannot take 0 rows; see without_images
-            return self.without_images(pixel_patches)
+        return grid_thw if grid_thw.shape[-1] == 3 else torch.nn.functional.pad(grid_thw, (1, 0), value=1)
+
+    def plan(self, grid_thw: Tensor, device) -> TinyPlan:
+        grid_thw = self.normalized_grid(grid_thw)
         rows, cols, _ = patch_coords(grid_thw, self.merge)
+        return TinyPlan(rows=rows, cols=cols, segments=Segments(frame_segments(grid_thw)).packed(device))
+
+    def embed(self, pixel_patches: Tensor, plan: TinyPlan) -> Tensor:
         x = self.patch_embed(pixel_patches.to(self.patch_embed.weight.dtype))  # [n, hv]
-        x = x + _sincos_2d(rows, cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
-        segments = Segments(frame_segments(grid_thw)).packed(x.device)  # one segment per image
-        x = x[:, None]  # [n, 1, hv]
-        x = run_layers(self.blocks, x, lambda block, h: block(hidden_states=h, attention_mask=None,
-                                                              packed_seq_params=segments)[0],
-                       self.recompute, self.config)  # recomputed as model.vision.recompute says
-        return self.final_layernorm(x)[:, 0]  # [n, hv]
+        return x + _sincos_2d(plan.rows, plan.cols, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+
+    def run_blocks(self, x: Tensor, plan: TinyPlan) -> Tensor:
+        # bidirectional attention within each image; [n, 1, hv] through the blocks, recomputed
+        # as model.vision.recompute says
+        x = run_layers(self.blocks, x[:, None], lambda block, h: block(hidden_states=h, attention_mask=None,
+                                                                        packed_seq_params=plan.segments)[0],
+                       self.recompute, self.config)
+        return x[:, 0]  # [n, hv]
+
+    def finish(self, x: Tensor, plan: TinyPlan) -> Tensor:
+        return self.final_layernorm(x)  # [n, hv]
