@@ -10,11 +10,15 @@ projector merges with a reshape. An image yields ``t*h*w/4`` tokens at the LM wi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from torch import Tensor
+
+from casa_megatron.model.init_seed import component_seed
 
 
 def tokens_per_image(grid: Tensor, merge: int = 2) -> Tensor:
@@ -55,6 +59,29 @@ class VisionEncoder(MegatronModule, ABC):
     block_offset: int = 0  # global index of this part's first block
     first_part: bool = True  # embeds the patches
     last_part: bool = True  # finishes the features
+
+    def _build_part(self, config, vision, layer_spec, blocks: Optional[range], seed: Optional[int],
+                    pg_collection, patch_bias: bool) -> int:
+        """What every encoder builds of its part: the roles, the patch embedding (first part: a
+        linear over the flattened ``[C, T, p, p]`` patch) and the blocks ``blocks`` (all by
+        default), each under its own seed. Returns the seed (for the part's other pieces)."""
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        blocks = range(config.num_layers) if blocks is None else blocks
+        seed = torch.initial_seed() if seed is None else seed
+        self.block_offset, self.first_part = blocks.start, blocks.start == 0
+        self.last_part = blocks.stop == config.num_layers
+        self.merge, self.recompute, self.patch_dim = vision.spatial_merge_size, vision.recompute, vision.patch_dim
+        if self.first_part:
+            with component_seed(seed, "vision.patch_embed"):
+                self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=patch_bias,
+                                                   dtype=config.params_dtype)
+        built = []
+        for i in blocks:
+            with component_seed(seed, f"vision.blocks.{i}"):
+                built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
+        self.blocks = torch.nn.ModuleList(built)
+        return seed
 
     @abstractmethod
     def plan(self, grid_thw: Tensor, device) -> Any:

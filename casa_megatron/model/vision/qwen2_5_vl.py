@@ -24,12 +24,11 @@ from typing import List, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from casa_megatron.config.schema import VisionConfig
-from casa_megatron.model.init_seed import component_seed
 from casa_megatron.model.recompute import run_layers
 from casa_megatron.model.vision.geometry import (
     Segments,
@@ -58,29 +57,13 @@ class QwenVisionEncoder(VisionEncoder):
         """``blocks``: the global block indices this pipeline part holds (all by default); the
         part holding block 0 embeds the patches, the one holding the last block finishes."""
         super().__init__(config=config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        blocks = range(config.num_layers) if blocks is None else blocks
-        seed = torch.initial_seed() if seed is None else seed
-        self.block_offset, self.first_part, self.last_part = blocks.start, blocks.start == 0, blocks.stop == config.num_layers
-        self.merge = vision.spatial_merge_size
-        self.recompute = vision.recompute
-        self.patch_dim = vision.patch_dim
+        self._build_part(config, vision, layer_spec, blocks, seed, pg_collection, patch_bias=False)
         self.head_dim = vision.hidden_size // vision.num_attention_heads
         self.rope_theta = vision.rope_theta
         self.window_units = vision.window_size // (vision.patch_size * vision.spatial_merge_size)
         full = vision.fullatt_block_indexes
         self.full_blocks: List[int] = list(range(config.num_layers)) if full is None else sorted(full)
         self.windowed = len(self.full_blocks) < config.num_layers
-        if self.first_part:
-            with component_seed(seed, "vision.patch_embed"):
-                self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=False,
-                                                   dtype=config.params_dtype)
-        built = []
-        for i in blocks:
-            with component_seed(seed, f"vision.blocks.{i}"):
-                built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
-        self.blocks = torch.nn.ModuleList(built)
 
     def plan(self, grid_thw: Tensor, device) -> QwenPlan:
         rows, cols, _ = patch_coords(grid_thw, self.merge)

@@ -49,23 +49,7 @@ class TinyViT(VisionEncoder):
                  blocks: Optional[range] = None, seed: Optional[int] = None):
         """``blocks``: the global block indices this pipeline part holds (all by default)."""
         super().__init__(config=config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        blocks = range(config.num_layers) if blocks is None else blocks
-        seed = torch.initial_seed() if seed is None else seed
-        self.block_offset, self.first_part, self.last_part = blocks.start, blocks.start == 0, blocks.stop == config.num_layers
-        self.merge = vision.spatial_merge_size
-        self.recompute = vision.recompute
-        self.patch_dim = vision.patch_dim
-        if self.first_part:
-            with component_seed(seed, "vision.patch_embed"):
-                self.patch_embed = torch.nn.Linear(self.patch_dim, config.hidden_size, bias=True,
-                                                   dtype=config.params_dtype)
-        built = []
-        for i in blocks:
-            with component_seed(seed, f"vision.blocks.{i}"):
-                built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
-        self.blocks = torch.nn.ModuleList(built)
+        seed = self._build_part(config, vision, layer_spec, blocks, seed, pg_collection, patch_bias=True)
         if self.last_part:
             with component_seed(seed, "vision.final_layernorm"):
                 self.final_layernorm = build_module(final_norm, config=config, hidden_size=config.hidden_size,
