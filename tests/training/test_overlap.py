@@ -47,7 +47,10 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
         cfg.model.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
         cfg.model.vision.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
     cfg.parallel.validate(cfg.model)
-    initialize_parallel(1, 1, seed=0)
+    initialize_parallel(1, cfg.parallel.pipeline_model_parallel_size, seed=0)
+    from megatron.core import parallel_state
+
+    dp_rank = parallel_state.get_data_parallel_rank()  # both pipeline stages of a replica read its data
     model = build_vlm(cfg.model, cfg.parallel, image_seq_length=16,
                       params_dtype=torch.bfloat16 if bf16 else torch.float32, precision=cfg.precision)
     ddp = wrap_ddp(model, cfg)
@@ -57,7 +60,7 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for step, text_only in enumerate(TEXT_ONLY):
-            batches = [random_batch(100 * step + 10 * rank + m, temporal=temporal) for m in range(2)]
+            batches = [random_batch(100 * step + 10 * dp_rank + m, temporal=temporal) for m in range(2)]
             batches = [without_images(b) if m in text_only else b for m, b in enumerate(batches)]
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
@@ -65,7 +68,8 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
                                               model=[ddp], num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
             _, norm, _ = optimizer.step()
             scheduler.step(increment=1)
-            losses.append(float(torch.stack([o["loss"] for o in out]).mean()))
+            if out:  # the last pipeline stage
+                losses.append(float(torch.stack([o["loss"] for o in out]).mean()))
             norms.append(float(norm))
     finish_param_gather(ddp)  # the last step's update, as a checkpoint sees it
     buckets = sum(len(group.buckets) for group in ddp.bucket_groups)
@@ -96,6 +100,32 @@ def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vi
     assert overlap[0][3] >= 10 and plain[0][3] <= 2  # several buckets (one, plus the output layer's, without)
     for name, value in overlap[0][2].items():  # both ranks hold the same, current weights
         np.testing.assert_array_equal(overlap[1][2][name], value, err_msg=name)
+
+
+def test_overlap_with_the_encoder_over_two_pipeline_stages():
+    """4 ranks: PP=2 with the encoder split over both stages (blocks 1 + 1) x DP=2, overlapped vs
+    synchronous, with the text-only micro-batches above: each encoder stage runs the blank image
+    (the buckets of stage 1's encoder block and projector must fill in every micro-batch too).
+    The same losses, gradient norms and weights; the two replicas of each stage hold the same."""
+    pp = dict(pipeline_model_parallel_size=2, vision_blocks_per_pipeline_stage=[1, 1])
+    plain = run_distributed(_steps, world_size=4, parallel=pp, vision="qwen")
+    overlap = run_distributed(_steps, world_size=4, parallel={**pp, **OVERLAP}, vision="qwen")
+    # megatron's rank order: TP, then DP, then PP: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1
+    assert [len(r[0]) for r in overlap] == [0, 0, 4, 4]  # losses on the last stage
+    # stage 0: patch embedding and block 0; stage 1: block 1 (local name blocks.0) and the projector
+    assert "vision.patch_embed.weight" in overlap[0][2] and "vision.patch_embed.weight" not in overlap[2][2]
+    assert any(n.startswith("vision.blocks.0.") for n in overlap[2][2])
+    assert any(n.startswith("projector.") for n in overlap[2][2])
+    assert not any(n.startswith(("projector.", "decoder.layers.")) for n in overlap[0][2])
+    for rank in range(4):
+        assert overlap[rank][4] == [], overlap[rank][4]
+        assert overlap[rank][0] == pytest.approx(plain[rank][0], rel=1e-6)
+        assert overlap[rank][1] == pytest.approx(plain[rank][1], rel=1e-6)
+        for name, value in plain[rank][2].items():
+            np.testing.assert_allclose(overlap[rank][2][name], value, rtol=0, atol=1e-6, err_msg=name)
+    for first, second in ((0, 1), (2, 3)):  # the replicas of a stage
+        for name, value in overlap[first][2].items():
+            np.testing.assert_array_equal(overlap[second][2][name], value, err_msg=name)
 
 
 def test_overlapped_bf16_steps_keep_every_rank_current():
