@@ -3,7 +3,7 @@
 (``casa-convert import-hf``'s ``main``: LM + vision encoder + merger), the model is built from
 ``checkpoint.pretrained``, and its text logits equal transformers' on image + text and video +
 text inputs (fp32) at TP=1 and TP=2 (the same two processes), with multimodal RoPE positions
-computed from the batch structure.
+computed from the batch structure, and at PP=2 with the encoder split over both stages.
 
 And back: the TP=2 model trains one step, saves a training checkpoint, and ``casa-convert
 export-hf`` writes it as transformers' own ``Qwen2_5_VLForConditionalGeneration`` folder (no
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.dist import run_distributed
-from support.hf_equivalence import build_pretrained
+from support.hf_equivalence import build_pretrained, stage_logits
 from support.qwen_vl import hf_qwen_vl
 
 IMAGE_SLOTS = 16
@@ -133,6 +133,16 @@ def _worker(rank, world, root):
         trained = tensor_parallel.gather_from_tensor_model_parallel_region(model(batch))
     report["trained"] = trained
     report["moved"] = (trained - ours).abs().max().item()
+    # the imported encoder over both pipeline stages (blocks 0-2 | block 3, full attention in 1 and 3,
+    # 64 wide before a 48-wide LM): the same logits as transformers
+    split = build_pretrained(f"{root}/imported", pp=world, image_slots=IMAGE_SLOTS,
+                             overrides=["parallel.vision_blocks_per_pipeline_stage=[3,1]"])
+    out = stage_logits(split, batch, IMAGE_SLOTS)  # [b, s, v] on the last stage
+    if out is not None:
+        torch.testing.assert_close(out.transpose(0, 1), ref, rtol=1e-4, atol=1e-4)
+        report["encoder_split"] = ((out.transpose(0, 1) - ref).abs().max().item(), len(split.vision.blocks))
+    else:
+        report["encoder_split"] = (None, len(split.vision.blocks))
     return report
 
 
@@ -148,6 +158,13 @@ def test_imported_insertion_equals_qwen2_5_vl_at_tp1_and_tp2(layouts):
         checks = {k: v for k, v in report.items() if isinstance(k, int)}
         assert sorted(checks) == [1, 2]
         assert all(err < 1e-4 and scale > 1.0 for err, scale in checks.values()), report
+
+
+def test_imported_encoder_split_over_two_stages_equals_qwen2_5_vl(layouts):
+    """``parallel.vision_blocks_per_pipeline_stage=[3,1]`` on the imported checkpoint: stage 0 holds
+    blocks 0-2, stage 1 block 3; the last stage's logits equal transformers'."""
+    (err, first_blocks), (last_err, last_blocks) = (r["encoder_split"] for r in layouts)
+    assert (first_blocks, last_blocks) == (3, 1) and err is None and last_err < 1e-4
 
 
 def _export_native(rank, world, root, trained):

@@ -235,24 +235,27 @@ def test_uneven_pipeline_split_trains_and_resumes_at_another_split(tmp_path):
     _check_pipeline_balance(rows, three, {8: [1, 2], 24: [2, 1]})
 
 
-def test_encoder_over_two_stages_trains_and_resumes_without_the_split(tmp_path, uninterrupted):
+def test_encoder_over_two_stages_trains_and_resumes_across_the_split(tmp_path, uninterrupted):
     """The vision encoder over both stages of PP=2 (``parallel.vision_blocks_per_pipeline_stage=[1,1]``:
     stage 0 embeds and runs block 0, stage 1 block 1, the projector and both LM layers) for 8
-    steps, then resumed at PP=2 with the encoder on stage 0 (blocks keyed by global index in the
-    checkpoint): every logged step follows the one-process curve."""
+    steps, resumed at PP=2 with the encoder on stage 0 for 8 more, then resumed with the split
+    again (block 1's checkpoint key is its global index, loaded into stage 1's local block 0):
+    every logged step follows the one-process curve."""
     pp2, split = ["parallel.pipeline_model_parallel_size=2"], ["parallel.vision_blocks_per_pipeline_stage=[1,1]"]
     want = {r["step"]: r["loss"] for r in uninterrupted}
     run_dir = tmp_path / "encoder_split"
     run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8, overrides=[*pp2, *split])
     saved = yaml.safe_load((run_dir / "checkpoints" / "iter_0000008" / "config.yaml").read_text())
     assert saved["parallel"]["vision_blocks_per_pipeline_stage"] == [1, 1]
-    run_distributed(_train, world_size=2, run_dir=str(run_dir), overrides=pp2)
+    run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8, overrides=pp2)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000016"
+    run_distributed(_train, world_size=2, run_dir=str(run_dir), overrides=[*pp2, *split])
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(2, 25, 2))
     for row in rows:
         assert row["loss"] == pytest.approx(want[row["step"]], rel=1e-4, abs=1e-5), row["step"]
-    # [0, 2] LM layers with encoder blocks [1, 1], then [1, 1] LM layers with the encoder on stage 0
-    _check_pipeline_balance(rows, [], {8: ([0, 2], [1, 1]), 24: ([1, 1], None)})
+    # [0, 2] LM layers with encoder blocks [1, 1], [1, 1] LM layers with the encoder on stage 0, split again
+    _check_pipeline_balance(rows, [], {8: ([0, 2], [1, 1]), 16: ([1, 1], None), 24: ([0, 2], [1, 1])})
 
 
 def _check_pipeline_balance(rows, overrides, splits):

@@ -143,6 +143,7 @@ class VisionEncoder(MegatronModule, ABC):
         """Per block: megatron's default would treat the ModuleList as replicated tensors,
         which is wrong for TP-sharded block weights. Blocks are keyed by their global index."""
         from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         tp_group = parallel_state.get_tensor_model_parallel_group()  # replica ids need the TP rank
@@ -150,8 +151,11 @@ class VisionEncoder(MegatronModule, ABC):
         for name, child in self.named_children():
             children = enumerate(child) if isinstance(child, torch.nn.ModuleList) else [(None, child)]
             for idx, module in children:
-                if child is self.blocks:  # keyed by global index: checkpoints reshard across splits
-                    idx += self.block_offset
                 sub = f"{prefix}{name}." if idx is None else f"{prefix}{name}.{idx}."
-                sharded.update(sharded_state_dict_default(module, sub, sharded_offsets, metadata, tp_group))
+                part = sharded_state_dict_default(module, sub, sharded_offsets, metadata, tp_group)
+                if child is self.blocks and self.block_offset:
+                    # the checkpoint key of a block is its global index (checkpoints reshard across
+                    # encoder splits); the dict key stays the local name load_state_dict expects
+                    replace_prefix_for_sharding(part, sub, f"{prefix}{name}.{idx + self.block_offset}.")
+                sharded.update(part)
         return sharded
