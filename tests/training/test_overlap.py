@@ -128,6 +128,25 @@ def test_overlap_with_the_encoder_over_two_pipeline_stages():
             np.testing.assert_array_equal(overlap[second][2][name], value, err_msg=name)
 
 
+def test_encoder_split_in_bf16_follows_one_process():
+    """bf16 (as on a GPU) through the encoder split at PP=2 (blocks 1 + 1; bf16 text embeddings and
+    encoder activations in one pipeline tensor, the blank image of the text-only micro-batches):
+    four optimizer steps follow one process's bf16 steps on the same batches (DP=1 in both)."""
+    one = run_distributed(_steps, world_size=1, parallel={}, vision="qwen", bf16=True)
+    split = run_distributed(_steps, world_size=2, parallel=dict(pipeline_model_parallel_size=2,
+                                                                vision_blocks_per_pipeline_stage=[1, 1]),
+                            vision="qwen", bf16=True)
+    assert split[0][0] == [] and len(split[1][0]) == 4  # losses on the last stage
+    # the same bf16 operations in the same order: equal far below bf16's own rounding (bf16 vs fp32
+    # runs of these steps differ by 5e-4 in the projector's weights)
+    assert split[1][0] == pytest.approx(one[0][0], rel=1e-5)
+    assert split[1][1] == pytest.approx(one[0][1], rel=1e-5)  # grad norms (every stage's)
+    for name, value in split[1][2].items():  # stage 1: encoder block 1 (local blocks.0), projector, LM
+        reference = one[0][2][name.replace("vision.blocks.0.", "vision.blocks.1.")]
+        np.testing.assert_allclose(value, reference, rtol=0, atol=1e-5, err_msg=name)
+    assert any(n.startswith("projector.") for n in split[1][2])
+
+
 def test_overlapped_bf16_steps_keep_every_rank_current():
     """bf16 (as on a GPU): the distributed optimizer keeps fp32 master weights and gathers bf16
     copies. The step's numbers follow the synchronous run's to bf16 rounding, and after the
