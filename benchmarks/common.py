@@ -148,8 +148,9 @@ class FrozenStubEncoder(torch.nn.Module):
         return grid_thw
 
     def blank_input(self, device):
-        return (torch.zeros(self.merge ** 2, self.patch_dim, device=device),
-                torch.tensor([[1, self.merge, self.merge]], device=device))
+        from casa_megatron.model.vision.interface import VisionEncoder  # megatron: only once a model is built
+
+        return VisionEncoder.blank_input(self, device)
 
     def plan(self, grid_thw, device):
         return None

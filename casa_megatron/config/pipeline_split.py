@@ -57,10 +57,10 @@ def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
     image tokens), and the LM is split over the remaining ``pp - vision_stages + 1`` stages by
     the same rule: ``FIRST`` then counts the layers of the first stage that holds any (the
     encoder's last stage), ``LAST`` those of the last stage."""
+    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
     if vision_stages > 1:
         lm_stages = pp - vision_stages + 1
         if lm_stages == 1:
-            given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
             if given:
                 raise ConfigError(f"{given}: with the encoder over {vision_stages} of the {pp} stages ({VISION}) "
                                   f"the last stage holds all {num_layers} LM layers; leave it unset")
@@ -73,7 +73,6 @@ def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
                                   f"split over the last {lm_stages} of the {pp} stages; {FIRST} counts the "
                                   f"first of them)") from None
         return [0] * (vision_stages - 1) + counts
-    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
     if pp == 1:
         if given:
             raise ConfigError(f"{given} needs parallel.pipeline_model_parallel_size > 1 (it is 1: one stage holds "

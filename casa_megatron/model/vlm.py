@@ -267,9 +267,10 @@ class CASAVLM(LanguageModule):
             return features[:0] + 0 * features.sum()
         return features
 
-    def encode_images(self, batch: VLMBatch, batch_size: int, text_and_encoder=None) -> Tensor:
-        """pixels -> image slots [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
-        _, x, plan = text_and_encoder or self.text_and_encoder(batch)
+    def encode_images(self, batch: VLMBatch, x: Tensor, plan) -> Tensor:
+        """The encoder's last stage: activations after its last block -> image slots
+        [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
+        batch_size = batch.shape[0]
         features = self.image_features(batch, x, plan)  # [n_patches, hv]
         tokens = self.projector(features)  # [n_img_tokens, h]
         slots = self.image_seq_length * batch_size
@@ -289,8 +290,8 @@ class CASAVLM(LanguageModule):
             # modules run in the order they are registered (embedding, vision, projector, decoder):
             # overlapped parameter gathering (parallel.overlap_param_gather) prefetches the
             # buckets in that order
-            encoded = self.text_and_encoder(batch)
-            text, image_states = encoded[0], self.encode_images(batch, b, encoded)
+            text, x, plan = self.text_and_encoder(batch)
+            image_states = self.encode_images(batch, x, plan)
         else:
             s_local = s // self.tp if self.sequence_parallel else s
             text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]

@@ -201,10 +201,9 @@ class MicroBatchFlops:
     gemm: int
     attention: int
     parts: Dict[str, int]
-    # where they run, (gemm, attention) each: the vision encoder + projector (first pipeline
-    # stage), every LM layer by global index, the output layer (last stage); the encoder's
-    # pieces for an encoder over several stages: patch embedding, each block, projector
-    vision: Tuple[int, int] = (0, 0)
+    # where they run, (gemm, attention) each: every LM layer by global index, the output layer
+    # (last stage), the encoder's pieces (patch embedding, each block, projector), which the
+    # first stage holds, or the stages of ``parallel.vision_blocks_per_pipeline_stage``
     layers: Tuple[Tuple[int, int], ...] = ()
     output: Tuple[int, int] = (0, 0)
     patch_embed: Tuple[int, int] = (0, 0)
@@ -222,6 +221,11 @@ class MicroBatchFlops:
         return self.gemm + self.attention
 
     @property
+    def vision(self) -> Tuple[int, int]:
+        """(gemm, attention) of the vision encoder and the projector."""
+        return sum(self._encoder_pieces(0)), sum(self._encoder_pieces(1))
+
+    @property
     def forward(self) -> int:
         return sum(self.forward_layers) + sum(self.forward_encoder) + self.forward_output
 
@@ -231,8 +235,6 @@ class MicroBatchFlops:
         (``ParallelConfig.stage_vision_blocks``; None: the whole encoder on the first stage).
         Their sum is this micro-batch's count; what a stage adds at PP > 1 is not counted (a
         stage's received input always computes its gradient)."""
-        if sum(layer_counts) != len(self.layers):
-            raise ValueError(f"stages of {layer_counts} layers, but the model has {len(self.layers)}")
         return list(zip(*(self._per_stage([c[k] for c in self.layers], self._encoder_pieces(k),
                                           self.output[k], layer_counts, vision_blocks) for k in (0, 1))))
 
@@ -249,16 +251,11 @@ class MicroBatchFlops:
         """(gemm, attention) of the encoder and projector on each stage: all on the first, or with
         ``vision_blocks`` the patch embedding on the first, each stage's blocks, the projector
         on the encoder's last stage."""
-        counts = [0] * num_stages
-        counts[-1] = len(self.layers)
-        return list(zip(*(self._per_stage([0] * len(self.layers), self._encoder_pieces(k), 0, counts, vision_blocks)
-                          for k in (0, 1))))
+        return list(zip(*(_encoder_per_stage(self._encoder_pieces(k), num_stages, vision_blocks) for k in (0, 1))))
 
     def encoder_forward_stages(self, num_stages: int, vision_blocks: Optional[List[int]] = None) -> List[int]:
         """The forward part of ``encoder_stages`` (gemm + attention)."""
-        counts = [0] * num_stages
-        counts[-1] = len(self.layers)
-        return self._per_stage([0] * len(self.layers), list(self.forward_encoder), 0, counts, vision_blocks)
+        return _encoder_per_stage(list(self.forward_encoder), num_stages, vision_blocks)
 
     def _encoder_pieces(self, k: int) -> List[int]:
         """Field ``k`` (0: gemm, 1: attention) of the patch embedding, each block, the projector."""
@@ -268,19 +265,30 @@ class MicroBatchFlops:
                    vision_blocks: Optional[List[int]]) -> List[int]:
         """One quantity per stage from its value for each LM layer, each encoder piece (patch
         embedding, blocks, projector) and the output layer."""
-        out = [sum(chunk) for chunk in _chunks(tuple(layers), layer_counts)]
+        if sum(layer_counts) != len(self.layers):
+            raise ValueError(f"stages of {layer_counts} layers, but the model has {len(self.layers)}")
+        out = [sum(chunk) + enc for chunk, enc in zip(_chunks(tuple(layers), layer_counts),
+                                                      _encoder_per_stage(encoder, len(layer_counts), vision_blocks))]
         out[-1] += output
-        if vision_blocks is None or not any(vision_blocks[1:]):
-            out[0] += sum(encoder)
-            return out
-        if sum(vision_blocks) != len(encoder) - 2 or len(vision_blocks) != len(layer_counts):
-            raise ValueError(f"encoder blocks per stage {vision_blocks}, but the encoder has "
-                             f"{len(encoder) - 2} and the pipeline {len(layer_counts)} stages")
-        out[0] += encoder[0]  # the patch embedding
-        for stage, chunk in enumerate(_chunks(tuple(encoder[1:-1]), vision_blocks)):
-            out[stage] += sum(chunk)
-        out[max(i for i, n in enumerate(vision_blocks) if n)] += encoder[-1]  # projector: the encoder's last stage
         return out
+
+
+def _encoder_per_stage(encoder: List[int], num_stages: int, vision_blocks: Optional[List[int]]) -> List[int]:
+    """A quantity of the encoder pieces (patch embedding, each block, projector) per stage: all on
+    the first without ``vision_blocks``; else the patch embedding on the first, each stage's blocks,
+    the projector on the encoder's last stage."""
+    out = [0] * num_stages
+    if vision_blocks is None or not any(vision_blocks[1:]):
+        out[0] = sum(encoder)
+        return out
+    if sum(vision_blocks) != len(encoder) - 2 or len(vision_blocks) != num_stages:
+        raise ValueError(f"encoder blocks per stage {vision_blocks}, but the encoder has "
+                         f"{len(encoder) - 2} and the pipeline {num_stages} stages")
+    out[0] += encoder[0]  # the patch embedding
+    for stage, chunk in enumerate(_chunks(tuple(encoder[1:-1]), vision_blocks)):
+        out[stage] += sum(chunk)
+    out[max(i for i, n in enumerate(vision_blocks) if n)] += encoder[-1]  # projector: the encoder's last stage
+    return out
 
 
 def _chunks(items: tuple, counts: List[int]) -> List[tuple]:
@@ -298,8 +306,6 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     pieces: List[Tuple[int, int]] = []  # patch embedding, each block, projector
     forward_encoder: List[int] = []  # ... their forward parts
     image_grad = _vision(ledger, model, grid, pieces, forward_encoder)
-    ledger.mark()
-    vision = (sum(g for g, _ in pieces), sum(a for _, a in pieces))
     forward_layers: List[int] = []
     lm_train = not model.freeze_lm
     n_layers = lm.num_layers
@@ -325,7 +331,7 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
             forward_layers.append(ledger.last_forward)
     ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
     output = ledger.mark()
-    return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts), vision=vision, layers=tuple(layers),
+    return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts), layers=tuple(layers),
                            output=output, patch_embed=pieces[0], vision_blocks=tuple(pieces[1:-1]),
                            projector=pieces[-1], forward_layers=tuple(forward_layers),
                            forward_encoder=tuple(forward_encoder), forward_output=ledger.last_forward,
@@ -409,8 +415,8 @@ def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]], pieces
             forward: List[int]) -> bool:
     """Encoder + projector; returns whether the image tokens require a gradient. ``pieces`` gets
     the (gemm, attention) of the patch embedding, each block and the projector (with the final
-    norm's nothing), in that order, ``forward`` their forward parts."""
-    ledger.mark()
+    norm's nothing), in that order, ``forward`` their forward parts (the ledger is fresh: the
+    first mark counts from its start)."""
 
     def piece() -> None:
         pieces.append(ledger.mark())

@@ -29,6 +29,7 @@ would overwrite them.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ import yaml
 
 from casa_megatron.config import to_dict
 from casa_megatron.config.errors import ConfigError
-from casa_megatron.config.pipeline_split import stage_layer_counts
 from casa_megatron.training.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -144,13 +144,10 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
     if old["checkpoint.optimizer_format"] != "dp_reshardable" or not old["optimizer.use_distributed_optimizer"]:
         return
     num_layers = old["model.lm.num_layers"]
-    was = _layout(old["parallel.tensor_model_parallel_size"], old["parallel.pipeline_model_parallel_size"],
-                  old["parallel.num_layers_in_first_pipeline_stage"], old["parallel.num_layers_in_last_pipeline_stage"],
-                  num_layers, old["parallel.vision_blocks_per_pipeline_stage"])
-    par = current.parallel
-    now = _layout(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                  par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage, num_layers,
-                  par.vision_blocks_per_pipeline_stage)
+    fields = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
+              "num_layers_in_last_pipeline_stage", "vision_blocks_per_pipeline_stage")
+    saved_parallel = dataclasses.replace(current.parallel, **{f: old[f"parallel.{f}"] for f in fields})
+    was, now = _layout(saved_parallel, num_layers), _layout(current.parallel, num_layers)
     if was != now:
         raise ResumeMismatch(
             f"{source} holds its optimizer state as checkpoint.optimizer_format=dp_reshardable, written at {was}; it "
@@ -158,16 +155,19 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
             f"checkpoint.optimizer_format=fully_reshardable and save once, then change the layout")
 
 
-def _layout(tp: int, pp: int, first, last, num_layers: int, vision_split=None) -> str:
+def _layout(par, num_layers: int) -> str:
     """``TP=2, PP=2 (LM layers per stage 1+3)``: what a dp_reshardable optimizer state depends on
-    (with the encoder over several stages: ``..., encoder blocks per stage 1+1``)."""
-    text = f"TP={tp}, PP={pp}"
-    if pp > 1:
-        encoder = f", encoder blocks per stage {'+'.join(map(str, vision_split))}" if vision_split else ""
+    (with the encoder over several stages: ``..., encoder blocks per stage 1+1``); ``par``: a
+    ParallelConfig."""
+    text = f"TP={par.tensor_model_parallel_size}, PP={par.pipeline_model_parallel_size}"
+    if par.pipeline_model_parallel_size > 1:
+        split = par.vision_blocks_per_pipeline_stage
+        encoder = f", encoder blocks per stage {'+'.join(map(str, split))}" if split else ""
         try:
-            counts = stage_layer_counts(num_layers, pp, first, last, len(vision_split) if vision_split else 1)
+            counts = par.stage_layer_counts(num_layers)
         except ConfigError:  # a saved layout this model cannot split: compare the raw fields
-            return f"{text} (first stage {first}, last stage {last} layers{encoder})"
+            return (f"{text} (first stage {par.num_layers_in_first_pipeline_stage}, last stage "
+                    f"{par.num_layers_in_last_pipeline_stage} layers{encoder})")
         text += f" (LM layers per stage {'+'.join(map(str, counts))}{encoder})"
     return text
 
