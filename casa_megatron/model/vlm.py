@@ -246,10 +246,14 @@ class CASAVLM(LanguageModule):
         else:
             flat = self.input_tensor.view(-1)
             h = self.config.hidden_size
-            text_numel = (s // self.tp if self.sequence_parallel else s) * b * h
+            text_numel = self.local_text_length(s) * b * h
             text = flat[:text_numel].view(-1, b, h)
             x = flat[text_numel:].view(-1, self.model_config.vision.hidden_size)
         return text, self.vision.run_blocks(x, plan), plan
+
+    def local_text_length(self, s: int) -> int:
+        """Text positions this rank holds between stages: ``s``, or ``s / tp`` under sequence parallelism."""
+        return s // self.tp if self.sequence_parallel else s
 
     @staticmethod
     def encoder_payload(text: Tensor, x: Tensor) -> Tensor:
@@ -293,7 +297,7 @@ class CASAVLM(LanguageModule):
             text, x, plan = self.text_and_encoder(batch)
             image_states = self.encode_images(batch, x, plan)
         else:
-            s_local = s // self.tp if self.sequence_parallel else s
+            s_local = self.local_text_length(s)
             text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]
         vision = self.vision_context(batch)
         mask, packed = self.self_attention_inputs(batch, text.device)
