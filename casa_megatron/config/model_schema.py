@@ -334,6 +334,58 @@ class FusionConfig:
                               f"not {self.mechanism!r}")
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the frozen language model (LoRA, Hu et al. 2021; Megatron-Bridge's
+    ``LoRA`` / PEFT's ``LoraConfig``): each targeted linear ``W`` of an LM layer computes
+    ``W x + (alpha / rank) * B(A(dropout(x)))``, ``A`` [rank, in] random, ``B`` [out, rank] zero,
+    so training starts from the backbone's function. ``rank=0`` (default): no adapters.
+
+    ``targets``: among ``linear_qkv`` / ``linear_proj`` (self-attention) and ``linear_fc1`` /
+    ``linear_fc2`` (MLP) of every LM layer, or of ``layers`` (0-based LM indices; None = all).
+    CASA weights are new and train in full beside the adapters; the vision encoder is not
+    adapted. Adapters need ``model.freeze_lm=true`` (they adapt a frozen LM), and cannot target
+    the self-attention projections that CASA shares (``fusion.share_projections``). ``export-hf``
+    merges them into the weights (``W + (alpha / rank) B A``)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    layers: Optional[List[int]] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapted_layers(self, num_layers: int) -> List[int]:
+        return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))
+
+    def validate(self, num_layers: int) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank={self.rank} must be >= 0 (0: no adapters)")
+        if not self.enabled:
+            return
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"model.lora.targets={self.targets}: choose one or more of {list(LORA_TARGETS)}")
+        bad = [i for i in (self.layers or []) if not 0 <= i < num_layers]
+        if bad or self.layers == []:
+            raise ConfigError(f"model.lora.layers={self.layers}: give LM indices in "
+                              f"[0, model.lm.num_layers={num_layers}), or leave it unset for all layers")
+
+
 @dataclass
 class ModelConfig:
     """``attention_backend``: the window-attention kernel of CASA and of packed self-attention
@@ -350,11 +402,25 @@ class ModelConfig:
     attention_backend: str = "auto"
     packed_attention: bool = True
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         self.lm.validate()
         self.vision.validate()
         self.fusion.validate(self.lm.num_layers)
+        self.lora.validate(self.lm.num_layers)
+        if self.lora.enabled and not self.freeze_lm:
+            raise ConfigError(f"model.lora.rank={self.lora.rank} adapts a frozen language model: set "
+                              "model.freeze_lm=true (or model.lora.rank=0 to train the LM in full)")
+        if self.lora.enabled and self.lora.dropout and self.recompute.enabled:
+            raise ConfigError(f"model.lora.dropout={self.lora.dropout} with model.recompute.granularity="
+                              f"{self.recompute.granularity}: the recomputed forward would draw other dropout "
+                              "masks (megatron's model-parallel RNG is not replayed); set one of them off")
+        shared = sorted({"linear_qkv", "linear_proj"} & set(self.lora.targets))
+        if self.lora.enabled and self.fusion.share_projections and shared:
+            raise ConfigError(f"model.lora.targets has {shared}, which model.fusion.share_projections=true "
+                              "also uses for the image keys/values of CASA; adapt only the MLP "
+                              "(model.lora.targets=[linear_fc1,linear_fc2]) or give CASA its own projections")
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(f"model.transformer_impl={self.transformer_impl!r} not in {TRANSFORMER_IMPLS}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -28,6 +28,8 @@ from casa_megatron.config.model_schema import (  # noqa: F401  (re-exported: one
     RecomputeConfig,
     VisionConfig,
     FusionConfig,
+    LORA_TARGETS,
+    LoRAConfig,
     ModelConfig,
 )
 from casa_megatron.config.pipeline_split import stage_layer_counts, vision_stage_blocks

@@ -80,6 +80,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
         _casa_layout(source, model_cfg, tok_dir)  # the tokenizer is checked before the (long) load
     log(f"building the model ({source.kind} checkpoint {source.path})")
     model = load_model(source, model_cfg)
+    from casa_megatron.model.lora import merge_lora
+
+    merged = merge_lora(model)  # W + (alpha / rank) B A: the HF model has no adapters
+    if merged:
+        log(f"merged {merged} LoRA adapters into their weights")
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
     dtype_name = str(out_dtype).replace("torch.", "")
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)

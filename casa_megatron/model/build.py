@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from casa_megatron.config.schema import ModelConfig, ParallelConfig
 from casa_megatron.model.insertion import InsertionVLM
+from casa_megatron.model.lora import attach_lora
 from casa_megatron.model.transformer_config import (
     lm_transformer_config,
     projector_transformer_config,
@@ -45,6 +46,7 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     if "lm" in skip_init:
         lm_cfg = dataclasses.replace(lm_cfg, perform_initialization=False)
     cls = InsertionVLM if model.fusion.mechanism == "insertion" else CASAVLM
+    seed = torch.initial_seed()  # the run's seed, before the components fork their own
     vlm = cls(
         model, lm_cfg, vision_cfg, projector_cfg, image_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -53,9 +55,18 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     )
     if model.fusion.cross_attention_gate:
         _add_gates(vlm)
+    if model.lora.enabled:
+        _add_lora(vlm, model, lm_cfg, seed)
     if torch.cuda.is_available():
         vlm.cuda(torch.cuda.current_device())
     return vlm
+
+
+def _add_lora(vlm: CASAVLM, model: ModelConfig, lm_cfg, seed: int) -> None:
+    """LoRA adapters on this stage's LM layers (model/lora.py), tagged new and trainable."""
+    attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lora, lm_cfg, seed)
+    vlm._tag_new_parameters()
+    vlm.apply_freezing()
 
 
 def _add_gates(vlm: CASAVLM) -> None:

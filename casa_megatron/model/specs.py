@@ -16,7 +16,7 @@ attention, ``causal`` locally and ``arbitrary`` under TE (TE ignores a dense mas
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional
 
 import torch
 from megatron.core.models.backends import LocalSpecProvider
@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from casa_megatron.config.schema import FusionConfig
+from casa_megatron.config.schema import FusionConfig, LoRAConfig
 from casa_megatron.model.casa_attention import CASAAttention, CASAAttentionSubmodules, WindowCoreAttention
 from casa_megatron.model.casa_layer import CASALayerSubmodules, CASATransformerLayer
 from casa_megatron.model.norm import LocalRMSNorm
@@ -90,16 +90,33 @@ def _with_packed_core(attention: ModuleSpec, use_te: bool, packed: bool,
     return dataclasses.replace(attention, params={"attn_mask_type": mask_type})
 
 
-def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str = "auto") -> ModuleSpec:
-    """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm)."""
+def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str = "auto",
+                      unfused_norms: bool = False) -> ModuleSpec:
+    """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm).
+
+    ``unfused_norms`` (TE only): the input and pre-MLP norms as modules before plain
+    ``linear_qkv`` / ``linear_fc1``, as the local layer has them, because a LoRA adapter of
+    those linears needs the normalised input that TE's fused norm+linear never exposes. The
+    checkpoint keys stay those of the fused layer (the local layer's key map)."""
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
     if use_te:
         # TE fuses the norms into linear_qkv / linear_fc1, which read ``config.normalization``
         # (megatron-core 0.16.1's TE spec takes no ``normalization`` argument: passing one raised
         # TypeError, found by building the TE spec against a real TE on the CPU machine).
         spec = get_gpt_layer_with_transformer_engine_spec()
         submodules = spec.submodules
+        if unfused_norms:
+            provider, norm = _provider(True), _norm(True)
+            attention = submodules.self_attention
+            attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+                attention.submodules, linear_qkv=provider.column_parallel_linear()))
+            mlp = dataclasses.replace(submodules.mlp, submodules=dataclasses.replace(
+                submodules.mlp.submodules, linear_fc1=provider.column_parallel_linear()))
+            submodules = dataclasses.replace(
+                submodules, input_layernorm=norm, self_attention=attention, pre_mlp_layernorm=norm, mlp=mlp,
+                sharded_state_dict_keys_map=dict(local.submodules.sharded_state_dict_keys_map))
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local
         submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
                                          pre_mlp_layernorm=LocalRMSNorm)
     attention = _with_packed_core(submodules.self_attention, use_te, packed, attention_backend)
@@ -140,9 +157,9 @@ def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: st
 
 
 def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str = "auto",
-                    packed: bool = True) -> ModuleSpec:
+                    packed: bool = True, unfused_norms: bool = False) -> ModuleSpec:
     provider = _provider(use_te)
-    plain = _plain_layer_spec(use_te, packed, attention_backend).submodules
+    plain = _plain_layer_spec(use_te, packed, attention_backend, unfused_norms).submodules
     norm = _norm(use_te)
     keys_map = {k: v for k, v in plain.sharded_state_dict_keys_map.items()
                 if k.startswith("pre_mlp_layernorm")}
@@ -169,13 +186,22 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
 
 
 def lm_layer_specs(num_layers: int, fusion: FusionConfig, use_te: bool,
-                   attention_backend: str = "auto", packed: bool = True) -> List[ModuleSpec]:
+                   attention_backend: str = "auto", packed: bool = True,
+                   lora: Optional[LoRAConfig] = None) -> List[ModuleSpec]:
     """One spec per global LM layer (index 0 .. num_layers-1). ``packed``: self-attention over
-    packed samples by cu_seqlens (no dense mask); False = the dense block-causal mask path."""
+    packed samples by cu_seqlens (no dense mask); False = the dense block-causal mask path.
+    ``lora``: layers whose ``linear_qkv`` / ``linear_fc1`` get adapters keep their norms unfused."""
     fused = set(fusion.fusion_layers(num_layers))
-    plain = _plain_layer_spec(use_te, packed, attention_backend)
-    casa = casa_layer_spec(use_te, fusion, attention_backend, packed)
-    return [casa if i in fused else plain for i in range(num_layers)]
+    unfused = set()
+    if lora is not None and lora.enabled and {"linear_qkv", "linear_fc1"} & set(lora.targets):
+        unfused = set(lora.adapted_layers(num_layers))
+
+    def spec(i: int) -> ModuleSpec:
+        if i in fused:
+            return casa_layer_spec(use_te, fusion, attention_backend, packed, unfused_norms=i in unfused)
+        return _plain_layer_spec(use_te, packed, attention_backend, unfused_norms=i in unfused)
+
+    return [spec(i) for i in range(num_layers)]
 
 
 def final_norm_spec(use_te: bool):

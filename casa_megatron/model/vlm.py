@@ -44,6 +44,7 @@ from casa_megatron.model.batch import VLMBatch, block_causal_mask, window_start_
 from casa_megatron.model.casa_layer import CASATransformerLayer
 from casa_megatron.model.decoder import CASADecoder
 from casa_megatron.model.init_seed import component_seed
+from casa_megatron.model.lora import lora_adapters
 from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
 from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
@@ -102,7 +103,7 @@ class CASAVLM(LanguageModule):
             with component_seed(seed, "projector"):
                 self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
-                                           model.attention_backend, model.packed_attention)
+                                           model.attention_backend, model.packed_attention, model.lora)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
                                    post_process=post_process, recompute=model.recompute, seed=seed)
         if post_process:
@@ -154,9 +155,13 @@ class CASAVLM(LanguageModule):
         if self.lm_first:
             for p in self.projector.parameters():
                 p.casa_new = True
+        for _, adapter in lora_adapters(self):
+            for p in adapter.parameters():
+                p.casa_new = True
 
     def apply_freezing(self) -> None:
-        """LM frozen or not (CASA weights always train); ViT: all / none / last k blocks."""
+        """LM frozen or not (CASA weights and LoRA adapters always train); ViT: all / none /
+        last k blocks."""
         cfg = self.model_config
         if cfg.freeze_lm:
             for p in self.parameters():
@@ -164,6 +169,8 @@ class CASAVLM(LanguageModule):
             for layer in self.casa_layers():
                 for p in layer.casa_parameters():
                     p.requires_grad_(True)
+            for _, adapter in lora_adapters(self):  # LoRA adapters of the frozen LM
+                adapter.requires_grad_(True)
         if hasattr(self, "vision"):
             k, n = cfg.vision.trainable_blocks, cfg.vision.num_layers
             trainable = set(range(n)) if k == -1 else set(range(n - k, n))  # global block indices

@@ -15,7 +15,8 @@ What is counted -- what runs, TP=1 equivalent (the whole model, every token):
   insertion's LM layers over the combined ``s + image_seq_length`` stream, the vision encoder
   (patch embedding, blocks) over the micro-batch's patches (the one blank image it runs when a
   micro-batch has none: ``VisionEncoder.without_images``), the projector over the image tokens,
-  and the output layer over the padded vocabulary.
+  and the output layer over the padded vocabulary; LoRA adapters (``model.lora``) as two small
+  GEMMs beside each adapted LM linear.
 - Backward, as megatron runs it: a trainable weight costs its input gradient and its weight
   gradient (megatron's linear computes the input gradient even where nothing upstream needs it);
   a frozen weight (``freeze_lm``, ``vision.trainable_blocks``, ``vision.projector_trainable``)
@@ -315,8 +316,8 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     if fusion.mechanism == "insertion":
         tokens = b * (s + image_seq_length)  # the combined stream, padded to s + image_seq_length per row
         x = text_grad or image_grad
-        for _ in range(n_layers):
-            x = _plain_layer(ledger, model, tokens, x, sa_pairs)
+        for i in range(n_layers):
+            x = _plain_layer(ledger, model, tokens, x, sa_pairs, i)
             layers.append(ledger.mark())
             forward_layers.append(ledger.last_forward)
     else:
@@ -324,9 +325,9 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
         x = text_grad
         for i in range(n_layers):
             if i in fused:
-                x = _casa_layer(ledger, model, b * s, b * image_seq_length, x, image_grad, sa_pairs, fusion_pairs)
+                x = _casa_layer(ledger, model, b * s, b * image_seq_length, x, image_grad, sa_pairs, fusion_pairs, i)
             else:
-                x = _plain_layer(ledger, model, b * s, x, sa_pairs)
+                x = _plain_layer(ledger, model, b * s, x, sa_pairs, i)
             layers.append(ledger.mark())
             forward_layers.append(ledger.last_forward)
     ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
@@ -350,48 +351,65 @@ def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:
     return dataclasses.replace(batch, **small, pixel_patches=batch.pixel_patches[:0].cpu())
 
 
+def _lm_linear(ledger: _Ledger, model: ModelConfig, layer: int, target: str, part: str, tokens: int,
+               d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
+    """An LM linear (megatron's) and, where ``model.lora`` adapts it, its adapter: ``A`` [r, in]
+    and ``B`` [out, r] as torch matmuls (an input gradient only where the input needs one), both
+    trained. Returns whether the output requires a gradient."""
+    out = ledger.linear(part, tokens, d_in, d_out, train, x_grad)
+    lora = model.lora
+    if not (lora.enabled and target in lora.targets and layer in lora.adapted_layers(model.lm.num_layers)):
+        return out
+    ledger.linear(f"{part}.lora_a", tokens, d_in, lora.rank, True, x_grad, always_dgrad=False)
+    ledger.linear(f"{part}.lora_b", tokens, lora.rank, d_out, True, True, always_dgrad=False)
+    return True
+
+
 def _attention(ledger: _Ledger, model: ModelConfig, part: str, tokens: int, x_grad: bool, norm_train: bool,
-               proj_train: bool, pairs: int) -> bool:
+               proj_train: bool, pairs: int, layer: int) -> bool:
     """megatron self-attention (QKV, core attention, output projection); returns its output's grad."""
     lm = model.lm
     h, d = lm.hidden_size, lm.head_dim
     xn = x_grad or norm_train
-    qkv = ledger.linear(f"{part}.qkv", tokens, h, (lm.num_attention_heads + 2 * lm.num_query_groups) * d,
-                        proj_train, xn)
+    qkv = _lm_linear(ledger, model, layer, "linear_qkv", f"{part}.qkv", tokens, h,
+                     (lm.num_attention_heads + 2 * lm.num_query_groups) * d, proj_train, xn)
     ledger.attend(f"{part}.core", pairs, lm.num_attention_heads * d, qkv)
-    return ledger.linear(f"{part}.proj", tokens, lm.num_attention_heads * d, h, proj_train, qkv)
+    return _lm_linear(ledger, model, layer, "linear_proj", f"{part}.proj", tokens, lm.num_attention_heads * d, h,
+                      proj_train, qkv)
 
 
-def _mlp(ledger: _Ledger, model: ModelConfig, tokens: int, h_grad: bool) -> bool:
+def _mlp(ledger: _Ledger, model: ModelConfig, tokens: int, h_grad: bool, layer: int) -> bool:
     lm, train = model.lm, not model.freeze_lm
     hn = h_grad or train  # pre-MLP norm
-    fc1 = ledger.linear("lm.mlp.fc1", tokens, lm.hidden_size, 2 * lm.ffn_hidden_size, train, hn)
-    fc2 = ledger.linear("lm.mlp.fc2", tokens, lm.ffn_hidden_size, lm.hidden_size, train, fc1)
+    fc1 = _lm_linear(ledger, model, layer, "linear_fc1", "lm.mlp.fc1", tokens, lm.hidden_size,
+                     2 * lm.ffn_hidden_size, train, hn)
+    fc2 = _lm_linear(ledger, model, layer, "linear_fc2", "lm.mlp.fc2", tokens, lm.ffn_hidden_size,
+                     lm.hidden_size, train, fc1)
     return h_grad or fc2
 
 
-def _plain_layer(ledger: _Ledger, model: ModelConfig, tokens: int, x_grad: bool, sa_pairs: int) -> bool:
+def _plain_layer(ledger: _Ledger, model: ModelConfig, tokens: int, x_grad: bool, sa_pairs: int, layer: int) -> bool:
     train = not model.freeze_lm
-    sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, train, train, sa_pairs)
-    return _mlp(ledger, model, tokens, x_grad or sa)
+    sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, train, train, sa_pairs, layer)
+    return _mlp(ledger, model, tokens, x_grad or sa, layer)
 
 
 def _casa_layer(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad: bool, image_grad: bool,
-                sa_pairs: int, fusion_pairs: int) -> bool:
+                sa_pairs: int, fusion_pairs: int, layer: int) -> bool:
     """CASATransformerLayer: the placements of model/casa_layer.py."""
     fusion, lm_train = model.fusion, not model.freeze_lm
     # CASA's own projections are new weights (always trained); shared ones are the LM's.
     proj_train = lm_train if fusion.share_projections else True
     if fusion.placement == "parallel":
-        sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, lm_train, lm_train, sa_pairs)
+        sa = _attention(ledger, model, "lm.self_attention", tokens, x_grad, lm_train, lm_train, sa_pairs, layer)
         casa = _fusion(ledger, model, tokens, slots, x_grad, image_grad, True, proj_train, fusion_pairs)
         h = x_grad or sa or casa
     elif fusion.placement == "before":
         x = _fusion(ledger, model, tokens, slots, x_grad, image_grad, True, proj_train, fusion_pairs) or x_grad
-        h = _attention(ledger, model, "lm.self_attention", tokens, x, lm_train, lm_train, sa_pairs) or x
+        h = _attention(ledger, model, "lm.self_attention", tokens, x, lm_train, lm_train, sa_pairs, layer) or x
     else:  # replace: the CASA block reads the layer's input norm (an LM weight)
         h = _fusion(ledger, model, tokens, slots, x_grad, image_grad, lm_train, proj_train, fusion_pairs) or x_grad
-    return _mlp(ledger, model, tokens, h)
+    return _mlp(ledger, model, tokens, h, layer)
 
 
 def _fusion(ledger: _Ledger, model: ModelConfig, tokens: int, slots: int, x_grad: bool, image_grad: bool,

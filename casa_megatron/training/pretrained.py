@@ -12,6 +12,7 @@ Weights are loaded before the optimizer is built, so its (fp32 main) copies star
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -22,9 +23,12 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
 from casa_megatron.config.pretrained import WEIGHTS_DIR, resolve_pretrained_dir
+from casa_megatron.model.lora import LORA_MARK
 from casa_megatron.training import checkpoint as checkpointing
 from casa_megatron.training.checkpoint import CheckpointError
 from casa_megatron.training.checkpoint_async import results_queue
+
+logger = logging.getLogger(__name__)
 
 
 def save_model_weights(model, directory: str | Path, release_model: bool = False) -> None:
@@ -64,17 +68,41 @@ def _replace_views_releasing_params(sharded: dict, model) -> None:
 
 def load_model_weights(model, directory: str | Path) -> None:
     """The model part of an import (``DIR/weights``) or of a training checkpoint (its
-    optimizer state is not read)."""
+    optimizer state is not read).
+
+    LoRA adapters (``model.lora``) the checkpoint does not hold (an import, or a run without
+    them) keep their initial values, which leave the model's function unchanged (``B = 0``);
+    adapters the checkpoint holds but this model has no place for are refused, not dropped."""
     path = resolve_pretrained_dir(directory)
     path = path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
     if not (path / "metadata.json").exists():
         raise CheckpointError(f"{path}: no model weights (expected a dist checkpoint written by "
                               "`casa-convert import-hf` or a training checkpoint)")
+    sharded = model.sharded_state_dict()
+    fresh = _adapters_to_keep(sharded, model, path)
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        state = dist_checkpointing.load({"model": {k: v for k, v in sharded.items() if k not in fresh}}, str(path))
     except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
         raise CheckpointError(f"imported weights {path} do not fit this model: {exc!r}") from exc
-    model.load_state_dict(state["model"])
+    result = model.load_state_dict(state["model"], strict=not fresh)
+    if fresh and (set(result.missing_keys) != fresh or result.unexpected_keys):
+        raise CheckpointError(f"internal: loading {path} left {sorted(set(result.missing_keys) - fresh)} unset")
+    if fresh:
+        logger.info("%s holds no LoRA adapters: %d adapter tensors start from their initial values "
+                    "(B = 0: the loaded model's function)", path, len(fresh))
+
+
+def _adapters_to_keep(sharded: dict, model, path: Path) -> set:
+    """State-dict keys of this model's LoRA tensors that the checkpoint lacks."""
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    adapters = {k for k in sharded if LORA_MARK in k}
+    saved = sorted(k for k in stored if LORA_MARK in k)
+    if saved and not adapters:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters ({len(saved)} tensors, e.g. {saved[0]}) that this model has no "
+            "place for: set model.lora as the run that wrote it had it, or merge them into the weights "
+            "with `casa-convert export-hf` and import that")
+    return {k for k in adapters if sharded[k].key not in stored}
 
 
 def start_from_pretrained(model, cfg, ckpt: "checkpointing.Checkpointer") -> Optional[str]:

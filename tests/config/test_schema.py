@@ -28,6 +28,15 @@ def test_defaults_yaml_overrides(tmp_path):
     (["vision.trainable_blocks=5"], "trainable_blocks=5"),
     (["lm.no_such_key=1"], "unknown config keys"),
     (["lm.num_layers"], "key=value"),
+    (["lora.rank=4"], r"model.lora.rank=4 adapts a frozen language model: set model.freeze_lm=true"),
+    (["lora.rank=4", "freeze_lm=true", "lora.targets=[linear_qkv, lm_head]"], r"model.lora.targets=.*choose one"),
+    (["lora.rank=4", "freeze_lm=true", "lora.layers=[0, 12]"], r"model.lora.layers=\[0, 12\]"),
+    (["lora.rank=4", "freeze_lm=true", "lora.dropout=1.0"], r"model.lora.dropout=1.0"),
+    (["lora.rank=-1"], r"model.lora.rank=-1 must be >= 0"),
+    (["lora.rank=4", "freeze_lm=true", "lora.dropout=0.1", "recompute.granularity=full"],
+     r"model.lora.dropout=0.1 with model.recompute.granularity=full"),
+    (["lora.rank=4", "freeze_lm=true", "fusion.share_projections=true"],
+     r"\['linear_proj', 'linear_qkv'\], which model.fusion.share_projections=true"),
 ])
 def test_contradictions_name_the_fields(overrides, match):
     with pytest.raises(ConfigError, match=match):

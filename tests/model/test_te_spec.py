@@ -109,3 +109,27 @@ def test_te_vision_layer_and_final_norm_assemble(te_specs):
     assert _name(sub.self_attention.submodules.linear_qkv) == "TE.column_parallel_linear"
     assert _name(sub.mlp.submodules.linear_fc2) == "TE.row_parallel_linear"
     assert _name(te_specs.final_norm_spec(True)) == "TE.layer_norm(rms_norm=True)"
+
+
+def test_te_layers_with_lora_keep_norms_unfused_where_adapters_read_them(te_specs):
+    """A LoRA adapter of ``linear_qkv`` / ``linear_fc1`` needs the normalised input, which TE's
+    fused norm+linear never exposes: adapted layers get norm modules and plain linears (plain
+    and CASA layers alike), under the fused layer's checkpoint keys; other layers stay fused."""
+    from casa_megatron.config import LoRAConfig
+
+    lora = LoRAConfig(rank=4, layers=[0, 1])
+    layers = te_specs.lm_layer_specs(4, FusionConfig(every_n=2), use_te=True, lora=lora)
+    norm = "TE.layer_norm(rms_norm=True)"
+    for adapted in layers[:2]:
+        sub = adapted.submodules
+        assert _name(sub.input_layernorm) == _name(sub.pre_mlp_layernorm) == norm
+        assert _name(sub.self_attention.submodules.linear_qkv) == "TE.column_parallel_linear"
+        assert _name(sub.mlp.submodules.linear_fc1) == "TE.column_parallel_linear"
+        assert sub.sharded_state_dict_keys_map["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
+    assert layers[0].submodules.sharded_state_dict_keys_map["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
+    for fused in layers[2:]:
+        assert _name(fused.submodules.mlp.submodules.linear_fc1) == "TE.column_parallel_layer_norm_linear"
+    # only the row-parallel linears adapted: nothing to unfuse
+    rows = te_specs.lm_layer_specs(4, FusionConfig(every_n=2), use_te=True,
+                                   lora=LoRAConfig(rank=4, targets=["linear_proj", "linear_fc2"]))
+    assert _name(rows[0].submodules.self_attention.submodules.linear_qkv) == "TE.column_parallel_layer_norm_linear"

@@ -20,11 +20,12 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, recompute=None,
-          split=(None, None), vision_split=None, **fusion):
+          split=(None, None), vision_split=None, model=None, **fusion):
     """``reference``: the dense-mask self-attention and the fused image QKV (the old paths);
     ``recompute``: RecomputeConfig fields for the layouts under test (the reference keeps its
     activations); ``split``: LM layers on the first and last pipeline stage (None: even);
-    ``vision_split``: encoder blocks per stage (``parallel.vision_blocks_per_pipeline_stage``)."""
+    ``vision_split``: encoder blocks per stage (``parallel.vision_blocks_per_pipeline_stage``);
+    ``model``: ModelConfig fields to set (``freeze_lm``, ``lora``)."""
     from casa_megatron.config.schema import RecomputeConfig
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
@@ -36,6 +37,8 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bo
                               num_layers_in_last_pipeline_stage=split[1],
                               vision_blocks_per_pipeline_stage=vision_split)
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
+    for key, value in (model or {}).items():
+        setattr(config, key, value)
     config.packed_attention = not reference
     if recompute and not reference:
         config.recompute = RecomputeConfig(**recompute)
@@ -59,24 +62,29 @@ def _temporal(vision) -> int:
     return (vision or {}).get("temporal_patch_size", 1)
 
 
-def tp_worker(rank, world, fusion, vision=None, recompute=None):
+def _grads(model) -> dict:
+    """Gradients of the trained parameters (a frozen LM has none)."""
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tp_worker(rank, world, fusion, vision=None, recompute=None, model_fields=None):
     from megatron.core import parallel_state, tensor_parallel
 
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
 
     t = _temporal(vision)
     batch, logits_batch = random_batch(1, temporal=t), random_batch(1, with_labels=False, temporal=t)
-    ref = build(vision=vision, reference=True, **fusion)
-    full = perturbed_full_state(ref)  # also moves gates away from 0
+    ref = build(vision=vision, reference=True, model=model_fields, **fusion)
+    full = perturbed_full_state(ref)  # also moves gates (and LoRA's B) away from 0
     load_full_state(ref, full, 0, 1)
     ref_loss = masked_loss(ref(batch), batch)
     ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
     with torch.no_grad():
         ref_logits = ref(logits_batch)
     report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
     for tp, sp in ((1, False), (2, False), (2, True)):
-        model = build(tp=tp, sp=sp, vision=vision, recompute=recompute, **fusion)
+        model = build(tp=tp, sp=sp, vision=vision, recompute=recompute, model=model_fields, **fusion)
         load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0, tp)
         loss = masked_loss(model(batch), batch)
         loss.backward()
@@ -87,7 +95,7 @@ def tp_worker(rank, world, fusion, vision=None, recompute=None):
                 logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         torch.testing.assert_close(loss, ref_loss, **TOL)
         torch.testing.assert_close(logits, ref_logits, **TOL)
-        grads = {n: p.grad for n, p in model.named_parameters()}
+        grads = _grads(model)
         if tp > 1:
             grads = gather_full(model, grads, parallel_state.get_tensor_model_parallel_group())
         assert grads.keys() == ref_grads.keys()
@@ -137,7 +145,7 @@ def stage_global_names(stage) -> dict:
 
 
 def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, None), vision_split=None,
-              text_only=()):
+              text_only=(), model_fields=None):
     """``text_only``: indices of micro-batches whose images are dropped."""
     from megatron.core import parallel_state
     from support.vlm import without_images
@@ -146,27 +154,28 @@ def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, Non
 
     batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (11, 12, 13)]
     batches = [without_images(b) if i in text_only else b for i, b in enumerate(batches)]
-    ref = build(vision=vision, reference=True, **fusion)
+    ref = build(vision=vision, reference=True, model=model_fields, **fusion)
     full = perturbed_full_state(ref)
     load_full_state(ref, full, 0, 1)
     ref_losses = run_schedule(ref, batches)
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
 
-    stage = build(pp=2, vision=vision, recompute=recompute, split=split, vision_split=vision_split, **fusion)
+    stage = build(pp=2, vision=vision, recompute=recompute, split=split, vision_split=vision_split,
+                  model=model_fields, **fusion)
     to_global = stage_global_names(stage)
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     losses = run_schedule(stage, batches)
     if parallel_state.is_pipeline_last_stage():
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
-    for name, p in stage.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
+    for name, grad in _grads(stage).items():
+        torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(),
             "checked": sorted(to_global.values()), "layers": len(stage.decoder.layers),
             "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
                                     if n.startswith("vision."))}
 
 
-def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True):
+def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True, model_fields=None):
     """4 ranks: TP=2 (+SP) x PP=2 through megatron's 1F1B schedule against one process: losses
     and every gradient (gathered over TP, the sequence-parallel ones summed first)."""
     from megatron.core import parallel_state
@@ -174,13 +183,13 @@ def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True):
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
 
     batches = [random_batch(seed, temporal=_temporal(vision)) for seed in (21, 22, 23)]
-    ref = build(vision=vision, reference=True, **fusion)
+    ref = build(vision=vision, reference=True, model=model_fields, **fusion)
     full = perturbed_full_state(ref)
     load_full_state(ref, full, 0, 1)
     ref_losses = run_schedule(ref, batches)
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
 
-    stage = build(tp=2, pp=2, sp=sp, vision=vision, vision_split=vision_split, **fusion)
+    stage = build(tp=2, pp=2, sp=sp, vision=vision, vision_split=vision_split, model=model_fields, **fusion)
     to_global = stage_global_names(stage)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, tp_rank, 2)
@@ -188,8 +197,7 @@ def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True):
     finalize_sp_grads(stage)
     if parallel_state.is_pipeline_last_stage():
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
-    grads = gather_full(stage, {n: p.grad for n, p in stage.named_parameters()},
-                        parallel_state.get_tensor_model_parallel_group())
+    grads = gather_full(stage, _grads(stage), parallel_state.get_tensor_model_parallel_group())
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(to_global.values())}

@@ -29,12 +29,17 @@ PRIMARY = "tp2"  # the folder of each variant that other tests load (root / vari
 # Beyond the fusion variants: LM changes exported the same way. Tied embeddings (under PP=2 the
 # last stage holds a copy of the embedding that megatron checkpoints under the embedding's key);
 # the Helium family (the export permutes Q/K rows back to interleaved pairs, the remote code
-# rotates pairs, in self-attention and CASA alike); Llama-3 RoPE scaling (rope_parameters).
+# rotates pairs, in self-attention and CASA alike); Llama-3 RoPE scaling (rope_parameters); LoRA
+# adapters on the frozen LM (the export merges them into the weights), trained at TP=2 / PP=2.
 LLAMA3 = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+LORA_ALL = dict(rank=4, alpha=8.0)
+LORA_MLP = dict(rank=3, alpha=6.0, targets=["linear_fc1", "linear_fc2"], layers=[1, 2])
 LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
                "casa_helium_family": ({}, {"family": "helium"}),
                "cross_attention_llama3_rope": (dict(mechanism="cross_attention", cross_attention_gate=True),
-                                               {"family": "llama", "rope_scaling": LLAMA3})}
+                                               {"family": "llama", "rope_scaling": LLAMA3}),
+               "casa_lora": ({}, {}, LORA_ALL),
+               "insertion_lora_mlp": (dict(mechanism="insertion"), {}, LORA_MLP)}
 ALL_VARIANTS = [*VARIANTS, *LM_VARIANTS]
 
 
@@ -43,13 +48,16 @@ def variant_config(name: str, vision: dict | None = None):
 
     from support.vlm import small_model_config
 
-    from casa_megatron.config.schema import RopeScalingConfig
+    from casa_megatron.config.schema import LoRAConfig, RopeScalingConfig
 
-    fusion, lm = LM_VARIANTS[name] if name in LM_VARIANTS else (VARIANTS[name], {})
+    fusion, lm, *lora = LM_VARIANTS[name] if name in LM_VARIANTS else (VARIANTS[name], {})
     cfg = small_model_config(vision, **fusion)
     if "rope_scaling" in lm:
         lm = {**lm, "rope_scaling": RopeScalingConfig(**lm["rope_scaling"])}
-    return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, **lm))
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, **lm))
+    if lora:
+        cfg = dataclasses.replace(cfg, freeze_lm=True, lora=LoRAConfig(**lora[0]))
+    return cfg
 
 
 def tiny_tokenizer(out_dir: Path, vocab: int) -> Path:

@@ -99,3 +99,25 @@ def test_describe_model_shows_what_each_pipeline_stage_holds():
     assert [layers for layers, _ in split] == [0, 4] and sum(p for _, p in split) == total
     # stage 0 gave up 2 LM layers, encoder block 1, the encoder's final norm and the projector
     assert 0 < split[0][1] < even[0][1] - 2 * per_layer
+
+
+def test_describe_model_counts_lora_adapters_apart():
+    """LoRA adapters get their own row: r * (in + out) per adapted linear, new and trainable, and
+    the frozen LM's own weights none of either."""
+    from support.dist import run_distributed
+
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+
+    config = str(REPO / "configs" / "tiny_cpu_synthetic.yaml")
+    overrides = ["model.freeze_lm=true", "model.lora.rank=2", "model.lora.layers=[1]"]
+    text = run_distributed(_describe, world_size=1, argv=[config, *overrides])[0]
+    rows = {l[:18].strip(): [int(x.replace(",", "")) for x in l[18:].split()] for l in text.splitlines()
+            if l[:18].strip() in ("decoder", "decoder (LoRA)")}
+    lm = load_config(TrainConfig, config, overrides).model.lm
+    h, qkv = lm.hidden_size, (lm.num_attention_heads + 2 * lm.num_query_groups) * lm.head_dim
+    expected = 2 * ((h + qkv) + (lm.num_attention_heads * lm.head_dim + h) + (h + 2 * lm.ffn_hidden_size)
+                    + (lm.ffn_hidden_size + h))
+    assert rows["decoder (LoRA)"] == [expected] * 3
+    assert rows["decoder"][1:] == [0, 0]
+    assert "LoRA rank 2, alpha 32 on linear_qkv, linear_proj, linear_fc1, linear_fc2 of LM layers [1]" in text

@@ -49,3 +49,15 @@ def test_bf16_training_steps(tmp_path, mechanism, encoder):
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
     assert sum(losses[-2:]) < sum(losses[:2])  # it learns
+
+
+def test_bf16_lora_training_steps_at_tp2_with_sequence_parallelism(tmp_path):
+    """LoRA adapters (with dropout) on the frozen LM in bf16, TP=2 + SP: bf16 adapters, and it learns."""
+    overrides = ["model.freeze_lm=true", "model.lora.rank=4", "model.lora.dropout=0.1",
+                 "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    reports = run_distributed(_bf16_run, world_size=2, run_dir=str(tmp_path), overrides=overrides)
+    assert all(r["dtypes"] == ["torch.bfloat16"] for r in reports)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2])

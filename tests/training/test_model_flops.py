@@ -13,6 +13,8 @@ import torch
 from support.dist import run_distributed
 from support.vlm import IMAGE_SLOTS, QWEN_VISION, random_batch, small_model_config, without_images
 
+from casa_megatron.config import LoRAConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # name -> (fusion kwargs, vision kwargs, model overrides, batch: "images" | "video" | "none")
@@ -35,6 +37,13 @@ CASES = {
     "vision_last_block": ({}, {"trainable_blocks": 1}, {}, "images"),
     "vision_frozen_projector_frozen": ({}, {"trainable_blocks": 0, "projector_trainable": False}, {}, "images"),
     "qwen_last_block_frozen_lm": ({}, {**QWEN_VISION, "trainable_blocks": 1}, {"freeze_lm": True}, "video"),
+    "lora_all_linears": ({"layers": [1, 3]}, None, {"freeze_lm": True, "lora": LoRAConfig(rank=4)}, "images"),
+    "lora_replace_mlp_some_layers": ({"placement": "replace", "every_n": 2}, None,
+                                     {"freeze_lm": True, "lora": LoRAConfig(rank=3, layers=[0, 1], dropout=0.1)},
+                                     "images"),
+    "lora_insertion_attention": ({"mechanism": "insertion"}, None,
+                                 {"freeze_lm": True, "lora": LoRAConfig(rank=2, targets=["linear_qkv", "linear_proj"])},
+                                 "images"),
     "no_images": ({}, None, {}, "none"),
     "insertion_no_images": ({"mechanism": "insertion"}, None, {}, "none"),
 }
@@ -85,6 +94,9 @@ def test_analytic_gemm_flops_equal_torchs_counter_on_a_real_step():
     # the variants differ where they should: a frozen LM skips weight gradients
     assert results["freeze_lm"][0] < results["casa_parallel"][0]
     assert results["vision_last_block"][0] < results["casa_parallel"][0]
+    # LoRA adds its GEMMs (and their weight gradients) to the frozen LM's
+    assert results["freeze_lm"][1] < results["lora_all_linears"][1]
+    assert results["lora_all_linears"][3]["lm.mlp.fc1.lora_a"] > 0
     # the K/V-only image projection saves the image-query GEMM
     assert results["casa_fused_image_qkv_raw_images"][0] > results["casa_parallel"][0]
 

@@ -3,7 +3,8 @@
 as the Qwen2.5-VL-3B recipe does (CASA, LM frozen, only the last ViT block, the projector and
 CASA train): losses finite and falling. With the LM trained too: PP=2 (tied embeddings split
 over two stages) follows the TP=2 curve; a checkpoint to resume from takes precedence over the
-pretrained weights; a next stage starts from that training checkpoint with a fresh optimizer."""
+pretrained weights; a next stage starts from that training checkpoint with a fresh optimizer. LoRA
+adapters on the frozen LM start from the import as the model without them (same first loss)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,15 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(l) for l in losses)
     assert losses[2] < losses[0], losses
+
+    lora_dir = tmp_path / "run_lora"  # LoRA adapters on the frozen LM, absent from the import: B = 0
+    lora = [*common, f"run_dir={lora_dir}", "parallel.sequence_parallel=true", "model.lora.rank=4"]
+    run_distributed(_train, world_size=2, recipe=str(recipe), overrides=lora)
+    lora_losses = _losses(lora_dir)
+    assert lora_losses[0] == losses[0]  # the same function before the first update
+    assert lora_losses[2] < lora_losses[0] and lora_losses[1:] != pytest.approx(losses[1:], rel=1e-6), lora_losses
+    resumed = run_distributed(_train, world_size=2, recipe=str(recipe), overrides=[*lora, "train_steps=5"])
+    assert [r["loads"] for r in resumed] == [[]] * 2 and len(_losses(lora_dir)) == 5  # adapters resumed
 
     run_dir = tmp_path / "run"  # the LM trains too: its tied embedding is updated on both PP stages
     trained = [*common, f"run_dir={run_dir}", "parallel.sequence_parallel=true", "model.freeze_lm=false"]

@@ -69,6 +69,9 @@ def test_rules_default_new_model_fields_to_must_match():
     assert classify("train_steps") == classify("optimizer.lr_new") == classify("data.source") == MAY_CHANGE
     assert classify("parallel.tensor_model_parallel_size") == MAY_CHANGE
     assert classify("optimizer.use_distributed_optimizer") == MUST_MATCH
+    # LoRA adapters are trainability: fixed on resume, free for a weights-only start
+    assert classify("model.lora.rank") == MUST_MATCH
+    assert classify("model.lora.targets", weights_only=True) == MAY_CHANGE
 
 
 def test_a_field_missing_from_an_older_checkpoint_counts_as_its_default():

@@ -1,0 +1,168 @@
+"""LoRA adapters on the frozen LM (model/lora.py, ``model.lora``).
+
+* At initialisation (``B = 0``) the model is the model without adapters, to the bit; only the
+  adapters (and CASA, the encoder, the projector) train; a ``replace`` layer has no
+  self-attention to adapt.
+* Merged into the weights (what ``export-hf`` writes) the model computes what the adapters did.
+* Dropout acts in training only.
+* TP=2 with and without sequence parallelism (layers kept or recomputed), and PP=2, reproduce one process's loss, logits and
+  every trained gradient (adapters non-zero; ``support.equivalence``).
+* Initial adapters are the same full tensors at TP=1 and TP=2; a TP=2 save loads at TP=1
+  (``A`` and ``B`` cut as their base linear, fc1's ``B`` in the SwiGLU layout).
+* Weights-only loading: an import without adapters keeps them at ``B = 0``; adapters the model
+  has no place for are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from support.dist import run_distributed
+from support.equivalence import pp_worker, tp_worker
+from support.vlm import IMAGE_SLOTS, perturbed_full_state, random_batch, small_model_config
+
+from casa_megatron.config import LoRAConfig
+
+LORA = LoRAConfig(rank=4, alpha=8.0)
+
+
+def _config(lora=LORA, **fusion):
+    return dataclasses.replace(small_model_config(**fusion), freeze_lm=True, lora=lora)
+
+
+def _build(cfg, tp=1):
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    initialize_parallel(tp, 1, seed=0)
+    return build_vlm(cfg, ParallelConfig(tensor_model_parallel_size=tp), IMAGE_SLOTS)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
+def _single_process(rank, world, tmp):
+    from casa_megatron.model.lora import lora_adapters, merge_lora
+    from casa_megatron.training.checkpoint import CheckpointError
+    from casa_megatron.training.pretrained import load_model_weights, save_model_weights
+
+    batch = random_batch(1, with_labels=False)
+    report = {}
+    base = _build(_config(lora=LoRAConfig()))
+    model = _build(_config())
+    report["zero_b_equal"] = torch.equal(_logits(base, batch), _logits(model, batch))
+    names = [n for n, _ in lora_adapters(model)]
+    report["adapters"] = len(names)
+    report["trained_lm"] = sorted(n for n, p in model.named_parameters() if p.requires_grad
+                                  and n.startswith("decoder.") and ".casa_" not in n and "_lora." not in n)
+    report["adapters_trained_new"] = all(p.requires_grad and p.casa_new for _, a in lora_adapters(model)
+                                         for p in a.parameters())
+    replace = _build(_config(placement="replace", every_n=2))
+    report["replace_adapters"] = sorted(n for n, _ in lora_adapters(replace))
+
+    # merged == adapters (A and B perturbed so the adapters do something; the rest as built)
+    full = {n: t for n, t in perturbed_full_state(model).items() if "_lora." in n}
+    model.load_state_dict(full, strict=False)
+    adapted = _logits(model, batch)
+    report["adapters_change_logits"] = (adapted - _logits(base, batch)).abs().max().item()
+    save_model_weights(model, tmp / "with_adapters")
+    qkv = model.decoder.layers[0].self_attention.linear_qkv.weight.detach().clone()
+    report["merged"] = merge_lora(model)
+    report["merged_left"] = len(list(lora_adapters(model)))
+    report["merged_err"] = (_logits(model, batch) - adapted).abs().max().item()
+    report["weight_moved"] = (model.decoder.layers[0].self_attention.linear_qkv.weight - qkv).abs().max().item()
+
+    # dropout: training only
+    dropped = _build(_config(lora=dataclasses.replace(LORA, dropout=0.5)))
+    dropped.load_state_dict(full, strict=False)
+    fresh = _build(_config())
+    fresh.load_state_dict(full, strict=False)
+    report["dropout_eval_equal"] = torch.equal(_logits(dropped.eval(), batch), _logits(fresh.eval(), batch))
+    report["dropout_train_differs"] = (_logits(dropped.train(), batch) - adapted).abs().max().item()
+
+    # weights-only loads
+    save_model_weights(base, tmp / "no_adapters")
+    target = _build(_config())
+    load_model_weights(target, tmp / "no_adapters")
+    report["import_keeps_zero_b"] = torch.equal(_logits(target, batch), _logits(base, batch))
+    load_model_weights(target, tmp / "with_adapters")
+    report["reload_err"] = (_logits(target, batch) - adapted).abs().max().item()
+    try:
+        load_model_weights(_build(_config(lora=LoRAConfig())), tmp / "with_adapters")
+        report["refused"] = None
+    except CheckpointError as exc:
+        report["refused"] = str(exc)
+    return report
+
+
+def test_adapters_start_as_the_backbone_merge_exactly_and_load_as_weights(tmp_path):
+    r, = run_distributed(_single_process, world_size=1, tmp=tmp_path)
+    assert r["zero_b_equal"]
+    assert r["adapters"] == 4 * 4  # 4 layers x (qkv, proj, fc1, fc2)
+    assert r["trained_lm"] == [], "the frozen LM's own weights must not train"
+    assert r["adapters_trained_new"]
+    # replace: layers 1 and 3 hold CASA instead of self-attention, so only their MLP is adapted
+    assert [n for n in r["replace_adapters"] if n.startswith(("decoder.layers.1.", "decoder.layers.3."))] == [
+        f"decoder.layers.{i}.mlp.linear_{fc}_lora" for i in (1, 3) for fc in ("fc1", "fc2")]
+    assert len(r["replace_adapters"]) == 12
+    assert r["adapters_change_logits"] > 1e-3
+    assert r["merged"] == 16 and r["merged_left"] == 0
+    assert r["merged_err"] < 1e-5 and r["weight_moved"] > 1e-4
+    assert r["dropout_eval_equal"]
+    assert r["dropout_train_differs"] > 1e-3
+    assert r["import_keeps_zero_b"]
+    assert r["reload_err"] == 0.0
+    assert r["refused"] and "holds LoRA adapters" in r["refused"] and "model.lora" in r["refused"]
+
+
+@pytest.mark.parametrize("recompute", [None, {"granularity": "full", "num_layers": 2}], ids=["kept", "recomputed"])
+def test_tp2_with_and_without_sp_equals_one_process(recompute):
+    """Losses, logits and every trained gradient (adapters gathered by their partition tags); with
+    the LM layers recomputed in backward too (the adapters' hooks run again inside the chunk)."""
+    reports = run_distributed(tp_worker, world_size=2, fusion={}, recompute=recompute,
+                              model_fields={"freeze_lm": True, "lora": LORA})
+    assert all(err < 1e-4 for err in reports[0]["max_grad_err"].values())
+
+
+def test_pp2_equals_one_process_insertion_some_layers():
+    lora = LoRAConfig(rank=3, alpha=3.0, layers=[0, 2, 3])
+    reports = run_distributed(pp_worker, world_size=2, fusion={"mechanism": "insertion"},
+                              model_fields={"freeze_lm": True, "lora": lora})
+    checked = {r["stage"]: r["checked"] for r in reports}
+    lora_names = [n for names in checked.values() for n in names if "_lora." in n]
+    assert {n.split(".")[2] for n in lora_names} == {"0", "2", "3"}  # both stages' adapters checked
+    assert len(lora_names) == 3 * 4 * 2
+
+
+def _layouts(rank, world, tmp):
+    from megatron.core import parallel_state
+
+    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
+    from casa_megatron.training.pretrained import load_model_weights, save_model_weights
+
+    cfg = _config()
+    one = _build(cfg)
+    initial = {n: p.detach().clone() for n, p in one.named_parameters() if "_lora." in n}
+    full = perturbed_full_state(one)
+    two = _build(cfg, tp=2)
+    group = parallel_state.get_tensor_model_parallel_group()
+    gathered = gather_full(two, {n: p.detach() for n, p in two.named_parameters() if "_lora." in n}, group)
+    same_init = sorted(n for n in initial if torch.equal(gathered[n], initial[n]))
+    load_full_state(two, full, parallel_state.get_tensor_model_parallel_rank(), 2)
+    save_model_weights(two, tmp / "tp2")
+    back = _build(cfg)  # TP=1 (DP=2)
+    load_model_weights(back, tmp / "tp2")
+    differ = sorted(n for n, p in back.named_parameters() if not torch.equal(p, full[n]))
+    return {"initial": sorted(initial), "same_init": same_init, "differ": differ}
+
+
+def test_initial_adapters_and_checkpoints_do_not_depend_on_tp(tmp_path):
+    reports = run_distributed(_layouts, world_size=2, tmp=tmp_path)
+    for r in reports:
+        assert r["same_init"] == r["initial"] and len(r["initial"]) == 32
+        assert r["differ"] == []
