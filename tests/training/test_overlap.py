@@ -22,7 +22,7 @@ OVERLAP = dict(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_s
 TEXT_ONLY = [(), (1,), (0,), (0, 1)]
 
 
-def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=False):
+def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=False, lora=0):
     """Four optimizer steps of a small VLM on two micro-batches per DP rank: losses, grad norms,
     the final parameters, the number of buckets, megatron's warnings about the gather order."""
     import warnings
@@ -41,6 +41,8 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
                       parallel=ParallelConfig(**parallel), train_steps=4, micro_batch_size=2, global_batch_size=8)
     cfg.optimizer.warmup_steps = 1
     cfg.precision.bf16 = bf16
+    if lora:  # adapters on the frozen LM, attached after the model is built
+        cfg.model.freeze_lm, cfg.model.lora.rank = True, lora
     if recompute:  # backward re-runs the forward: megatron's forward pre-hooks fire again
         from casa_megatron.config.schema import RecomputeConfig
 
@@ -77,20 +79,24 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
     return losses, norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}, buckets, order
 
 
-@pytest.mark.parametrize("vision, fusion, recompute", [
-    ("tiny_vit", {}, False), ("qwen", {}, False), ("tiny_vit", {"mechanism": "insertion"}, False),
-    ("tiny_vit", {"mechanism": "cross_attention", "cross_attention_gate": True}, False),
-    ("tiny_vit", {"placement": "before", "share_projections": True}, False), ("qwen", {}, True),
-], ids=["casa", "casa_qwen", "insertion", "gated_cross_attention", "casa_before_shared", "casa_qwen_recompute"])
-def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vision, fusion, recompute):
+@pytest.mark.parametrize("vision, fusion, recompute, lora", [
+    ("tiny_vit", {}, False, 0), ("qwen", {}, False, 0), ("tiny_vit", {"mechanism": "insertion"}, False, 0),
+    ("tiny_vit", {"mechanism": "cross_attention", "cross_attention_gate": True}, False, 0),
+    ("tiny_vit", {"placement": "before", "share_projections": True}, False, 0), ("qwen", {}, True, 0),
+    ("tiny_vit", {}, False, 4),
+], ids=["casa", "casa_qwen", "insertion", "gated_cross_attention", "casa_before_shared", "casa_qwen_recompute",
+        "casa_lora"])
+def test_overlapped_steps_equal_synchronous_ones_with_text_only_micro_batches(vision, fusion, recompute, lora):
     """Modules run in the order their parameters are registered, so megatron prefetches each
     bucket's all-gather before it is needed (it warns when a bucket was needed out of order).
     Equal up to rounding: without overlap megatron keeps one bucket (bucket_size applies to
     overlapped reduction only), so the optimizer's shards and the order in which the gradient
     norm is summed differ, and with it the clipping factor in its last bits. A missed or stale
     update would show at the scale of one Adam step (lr 1e-5 .. 1e-4), 10-100x the tolerance."""
-    plain = run_distributed(_steps, world_size=2, parallel={}, vision=vision, fusion=fusion, recompute=recompute)
-    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision=vision, fusion=fusion, recompute=recompute)
+    plain = run_distributed(_steps, world_size=2, parallel={}, vision=vision, fusion=fusion, recompute=recompute,
+                            lora=lora)
+    overlap = run_distributed(_steps, world_size=2, parallel=OVERLAP, vision=vision, fusion=fusion,
+                              recompute=recompute, lora=lora)
     assert overlap[0][4] == [], overlap[0][4]
     for rank in range(2):
         assert overlap[rank][0] == pytest.approx(plain[rank][0], rel=1e-6)  # losses
