@@ -7,7 +7,8 @@ Parts (each reports "not available" with the reason when its package or a GPU is
 a part that raises is reported "failed" with the error, the others still run):
   (a) every available window-attention kernel (torch, flash-attn, TE, torch varlen) vs the
       float32 torch reference, forward and backward (``gpu_parts/kernels.py``);
-  (b) the TE-spec model vs the local-spec model with the same weights, bf16 (``models.py``);
+  (b) the TE-spec model vs the local-spec model with the same weights, bf16, with and without LoRA
+      adapters (TE layers unfused where adapted) (``models.py``);
   (c) bf16 and FP8 (TE recipe) training steps of the CASA model: loss, step time, peak memory;
   (d) DALI decoding vs PyAV on the same clips: pixel error, frames/s (VP9 with DALI's CPU
       operators anywhere, H.264 + the GPU decoder on a GPU) (``dali_decode.py``);

@@ -57,56 +57,89 @@ def _bench_config(path: str, quick: bool, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
-def te_vs_local(quick: bool = False) -> PartResult:
-    _require_te()
-    from benchmarks.common import BenchConfig, ImageHeavyData, build_model, image_heavy_batch
-    from casa_megatron.config.schema import FusionConfig, LanguageModelConfig, ModelConfig, VisionConfig
+SPEC_CASES = {  # part (b): name -> ModelConfig fields over the small CASA model
+    "casa": {},
+    # LoRA on every LM linear: TE's layers are unfused where adapted (specs.py), never run before
+    "casa + LoRA (frozen LM, rank 8)": {"freeze_lm": True, "lora": {"rank": 8, "alpha": 16.0}},
+}
 
-    result = PartResult("b", "Transformer Engine spec vs local spec, same weights (bf16)")
-    model_cfg = ModelConfig(
+
+def spec_model_config(case: str):
+    """The small CASA model of part (b) (CASA layers 1 and 3, plain megatron layers 0 and 2)."""
+    from casa_megatron.config.schema import FusionConfig, LanguageModelConfig, LoRAConfig, ModelConfig, VisionConfig
+
+    fields = dict(SPEC_CASES[case])
+    if "lora" in fields:
+        fields["lora"] = LoRAConfig(**fields["lora"])
+    return ModelConfig(
         lm=LanguageModelConfig(vocab_size=1024, num_layers=4, hidden_size=512, num_attention_heads=8,
                                num_query_groups=4, ffn_hidden_size=1408),
         vision=VisionConfig(num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512),
-        fusion=FusionConfig(every_n=2))  # CASA layers 1 and 3, plain megatron layers 0 and 2
+        fusion=FusionConfig(every_n=2), **fields)
+
+
+def compare_specs(model_cfg, impls=("local", "transformer_engine"), device: str = "cuda") -> dict:
+    """Build ``model_cfg`` with each implementation, copy the first one's weights into the second
+    (LoRA's ``B`` drawn non-zero first, so the adapters act), run one packed bf16 batch through
+    both: relative errors of loss, logits and every gradient. ``impls=("local", "local")`` on the
+    CPU runs this very code (tests/benchmarks/test_gpu_check.py)."""
+    from benchmarks.common import BenchConfig, ImageHeavyData, build_model, image_heavy_batch
+    from casa_megatron.model.lora import lora_adapters
+
     data = ImageHeavyData(micro_batch_size=2, seq_length=256, samples_per_row=4, image_grid=[8, 8])
-    models = {}
-    for impl in ("local", "transformer_engine"):
+    models = []
+    for impl in impls:
         cfg = BenchConfig(model=dataclasses.replace(model_cfg, transformer_impl=impl), data=data,
                           dtype="bfloat16", vision="frozen_stub")
-        models[impl] = build_model(cfg, "casa", data.image_seq_length)
-    local, te = models["local"], models["transformer_engine"]
-    local_params = dict(local.named_parameters())
-    mapping = {n: local_name_for(n, local_params) for n, _ in te.named_parameters()}
-    unused = set(local_params) - set(mapping.values())
-    if unused:
-        raise KeyError(f"local-spec parameters without a TE-spec counterpart: {sorted(unused)[:5]}")
+        models.append(build_model(cfg, "casa", data.image_seq_length))
+    ref, other = models
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for n, p in te.named_parameters():
-            p.copy_(local_params[mapping[n]])
-    batch = image_heavy_batch(data, model_cfg.lm.vocab_size, seed=3).to("cuda")
-    outs = {}
-    for impl, model in models.items():
+        for _, adapter in lora_adapters(ref):
+            adapter.lora_b.copy_(0.02 * torch.randn(adapter.lora_b.shape, generator=g))
+    ref_params = dict(ref.named_parameters())
+    mapping = {n: local_name_for(n, ref_params) for n, _ in other.named_parameters()}
+    unused = set(ref_params) - set(mapping.values())
+    if unused:
+        raise KeyError(f"{impls[0]}-spec parameters without a {impls[1]}-spec counterpart: {sorted(unused)[:5]}")
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            p.copy_(ref_params[mapping[n]])
+    batch = image_heavy_batch(data, model_cfg.lm.vocab_size, seed=3).to(device)
+    outs = []
+    for model in models:
         loss = (model(batch).float() * batch.loss_mask).sum() / batch.loss_mask.sum()
         loss.backward()
         with torch.no_grad():
             logits = model(dataclasses.replace(batch, labels=None)).float()
-        outs[impl] = (loss.detach(), logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    (l_loss, l_logits, l_grads), (t_loss, t_logits, t_grads) = outs["local"], outs["transformer_engine"]
-    grad_errs = {n: rel_err(g, l_grads[mapping[n]]) for n, g in t_grads.items()}
+        outs.append((loss.detach(), logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (r_loss, r_logits, r_grads), (o_loss, o_logits, o_grads) = outs
+    grad_errs = {n: rel_err(g, r_grads[mapping[n]]) for n, g in o_grads.items()}
     worst = max(grad_errs, key=grad_errs.get)
-    result.data = {"loss_local": l_loss.item(), "loss_te": t_loss.item(), "loss_rel_err": rel_err(t_loss, l_loss),
-                   "logits_rel_err": rel_err(t_logits, l_logits), "max_grad_rel_err": grad_errs[worst],
-                   "worst_grad": worst, "params_compared": len(grad_errs), "tolerance": BF16_TOL}
-    ok = max(result.data["loss_rel_err"], result.data["logits_rel_err"], grad_errs[worst]) <= BF16_TOL
-    result.targets = {"TE spec == local spec (bf16)": {"value": ok, "target": f"rel err <= {BF16_TOL}", "met": ok}}
-    d = result.data
-    result.markdown = (f"CASA VLM (4 layers, hidden 512, CASA in layers 1 and 3; frozen stub encoder), "
-                       f"one packed batch, bf16.\n\n"
-                       f"| quantity | rel. error |\n|---|---|\n| loss ({d['loss_local']:.4f} vs {d['loss_te']:.4f}) | "
-                       f"{d['loss_rel_err']:.2e} |\n| logits | {d['logits_rel_err']:.2e} |\n| worst of "
-                       f"{d['params_compared']} gradients (`{worst}`) | {grad_errs[worst]:.2e} |")
-    if not ok:
-        result.status, result.reason = "failed", f"TE spec differs from the local spec beyond {BF16_TOL}"
+    return {"loss_local": r_loss.item(), "loss_te": o_loss.item(), "loss_rel_err": rel_err(o_loss, r_loss),
+            "logits_rel_err": rel_err(o_logits, r_logits), "max_grad_rel_err": grad_errs[worst],
+            "worst_grad": worst, "params_compared": len(grad_errs),
+            "adapters": sum(1 for _ in lora_adapters(other)), "tolerance": BF16_TOL}
+
+
+def te_vs_local(quick: bool = False) -> PartResult:
+    _require_te()
+    result = PartResult("b", "Transformer Engine spec vs local spec, same weights (bf16)")
+    result.data = {case: compare_specs(spec_model_config(case)) for case in SPEC_CASES}
+    rows, failed = [], []
+    for case, d in result.data.items():
+        ok = max(d["loss_rel_err"], d["logits_rel_err"], d["max_grad_rel_err"]) <= BF16_TOL
+        result.targets[f"TE spec == local spec (bf16), {case}"] = {"value": ok, "target": f"rel err <= {BF16_TOL}",
+                                                                   "met": ok}
+        failed += [] if ok else [case]
+        rows.append(f"| {case} | {d['loss_local']:.4f} vs {d['loss_te']:.4f}: {d['loss_rel_err']:.2e} | "
+                    f"{d['logits_rel_err']:.2e} | {d['max_grad_rel_err']:.2e} (`{d['worst_grad']}`, of "
+                    f"{d['params_compared']}) |")
+    result.markdown = ("CASA VLM (4 layers, hidden 512, CASA in layers 1 and 3; frozen stub encoder), one packed "
+                       "batch, bf16; relative errors.\n\n| model | loss | logits | worst gradient |\n|---|---|---|---|\n"
+                       + "\n".join(rows))
+    if failed:
+        result.status, result.reason = "failed", f"TE spec differs from the local spec beyond {BF16_TOL}: {failed}"
     return result
 
 

@@ -68,6 +68,26 @@ def test_te_names_map_to_local_names():
         local_name_for("decoder.layers.0.self_attention.core_attention.weight", local)
 
 
+def _compare_local_specs(rank, world, case):
+    from benchmarks.gpu_parts.models import compare_specs, spec_model_config
+
+    return compare_specs(spec_model_config(case), ("local", "local"), device="cpu")
+
+
+@pytest.mark.parametrize("case", ["casa", "casa + LoRA (frozen LM, rank 8)"])
+def test_part_b_comparison_runs_on_the_cpu(case):
+    """Part (b)'s code, local spec against itself on the CPU in bf16: every parameter maps, the
+    copies make the two models equal, and the LoRA case's adapters act and get gradients."""
+    from support.dist import run_distributed
+
+    d, = run_distributed(_compare_local_specs, world_size=1, case=case)
+    assert d["loss_rel_err"] == d["logits_rel_err"] == d["max_grad_rel_err"] == 0.0
+    if "LoRA" in case:
+        assert d["adapters"] == 16 and d["params_compared"] > 32  # 4 layers x 4 linears, A and B each
+    else:
+        assert d["adapters"] == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal is for machines without a GPU")
 def test_cpu_rehearsal_runs_the_gpu_parts_code(tmp_path):
     """--rehearse-cpu runs parts (c), (e), (f), (g) -- GPU-only in a real check -- on the CPU at a small
