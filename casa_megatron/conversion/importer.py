@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -35,7 +36,7 @@ import yaml
 
 from casa_megatron.config.loader import apply_overrides, load_config_dict, save_config
 from casa_megatron.config.pretrained import ARCHITECTURE_FILE, WEIGHTS_DIR, architecture_of, merge_architecture
-from casa_megatron.config.schema import ConfigError, ParallelConfig, TrainConfig
+from casa_megatron.config.schema import ConfigError, LoRAConfig, ParallelConfig, TrainConfig
 from casa_megatron.conversion.engine import ImportReport, Source, component_of, load_weights
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_config import VISION_CONFIG_READERS, HFArchitecture, read_hf_config
@@ -186,6 +187,10 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     except ConfigError as exc:
         raise ConversionError(str(exc)) from exc
     check_vision(cfg, vision_arch, vision_from, skip_vision)
+    if cfg.model.lora.enabled:  # an import is the backbone: adapters are added by the run that trains them
+        print(f"import-hf: note: model.lora.rank={cfg.model.lora.rank} is not part of an import: the LoRA "
+              "adapters start (B = 0) in the run that loads it", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoRAConfig()))
 
     lm_reader = SafetensorsReader(hf_dir)
     vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from support.dist import run_distributed
 from support.hf import make_hf_model, save_hf_model
 
@@ -65,10 +66,12 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     recipe.write_text(RECIPE)
     out = tmp_path / "imported"
     done = subprocess.run([sys.executable, "-m", "casa_megatron.conversion", "import-hf", str(hf), str(out),
-                           "--config", str(recipe), "--dtype", "bf16", "--no-progress"],
+                           "--config", str(recipe), "--dtype", "bf16", "--no-progress", "model.lora.rank=4"],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WARNING" not in done.stderr, done.stderr[-2000:]
+    assert "model.lora.rank=4 is not part of an import" in done.stderr  # the backbone only
+    assert yaml.safe_load((out / "model.yaml").read_text())["lora"]["rank"] == 0
     assert {"weights", "architecture.yaml", "import_report.json", "model.yaml", "hf_config.json",
             "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "import_report.json").read_text())
