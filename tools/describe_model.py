@@ -38,8 +38,8 @@ def main(argv) -> int:
         part = name.split(".")[0]
         if part == "decoder" and ".casa_" in name:
             part = "decoder (CASA)"
-        elif part == "decoder" and "_lora." in name:
-            part = "decoder (LoRA)"
+        elif part in ("decoder", "vision") and "_lora." in name:
+            part = f"{part} (LoRA)"
         rows[part][0] += p.numel()
         rows[part][1] += p.numel() if p.casa_new else 0
         rows[part][2] += p.numel() if p.requires_grad else 0
@@ -51,10 +51,11 @@ def main(argv) -> int:
     layers = [l.layer_number - 1 for l in model.casa_layers()]
     print(f"CASA layers ({cfg.model.fusion.mechanism}, {cfg.model.fusion.placement}"
           f"{', shared projections' if cfg.model.fusion.share_projections else ''}): {layers}")
-    lora = cfg.model.lora
-    if lora.enabled:
-        print(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of LM layers "
-              f"{lora.adapted_layers(cfg.model.lm.num_layers)}")
+    for lora, what, n in ((cfg.model.lora, "LM layers", cfg.model.lm.num_layers),
+                          (cfg.model.vision.lora, "encoder blocks", cfg.model.vision.num_layers)):
+        if lora.enabled:
+            print(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of {what} "
+                  f"{lora.adapted_layers(n)}")
     if cfg.parallel.pipeline_model_parallel_size > 1:
         print_stages(model, cfg)
     return 0

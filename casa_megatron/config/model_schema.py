@@ -154,6 +154,65 @@ class RecomputeConfig:
         return self.granularity != "none"
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on frozen weights (LoRA, Hu et al. 2021; Megatron-Bridge's ``LoRA`` /
+    PEFT's ``LoraConfig``), as ``model.lora`` (the language model) and ``model.vision.lora`` (the
+    vision encoder's blocks): each targeted linear ``W`` of an adapted layer computes
+    ``W x + (alpha / rank) * B(A(dropout(x)))``, ``A`` [rank, in] random, ``B`` [out, rank] zero,
+    so training starts from the backbone's function. ``rank=0`` (default): no adapters.
+
+    ``targets``: among ``linear_qkv`` / ``linear_proj`` (self-attention) and ``linear_fc1`` /
+    ``linear_fc2`` (MLP) of every layer, or of ``layers`` (0-based LM layer / encoder block
+    indices; None = all). LM adapters need ``model.freeze_lm=true`` and cannot target the
+    self-attention projections that CASA shares (``fusion.share_projections``); encoder adapters
+    need their blocks frozen (outside ``model.vision.trainable_blocks``). CASA weights are new and
+    train in full beside them. ``export-hf`` merges them into the weights (``W + (alpha / rank) B A``)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    layers: Optional[List[int]] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapted_layers(self, num_layers: int) -> List[int]:
+        return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))
+
+    def validate(self, num_layers: int, where: str = "model.lora", counted: str = "model.lm.num_layers") -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{where}.rank={self.rank} must be >= 0 (0: no adapters)")
+        if not self.enabled:
+            return
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout={self.dropout} must be in [0, 1)")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"{where}.targets={self.targets}: choose one or more of {list(LORA_TARGETS)}")
+        bad = [i for i in (self.layers or []) if not 0 <= i < num_layers]
+        if bad or self.layers == []:
+            raise ConfigError(f"{where}.layers={self.layers}: give indices in "
+                              f"[0, {counted}={num_layers}), or leave it unset for all of them")
+
+    def check_recompute(self, recompute: "RecomputeConfig", where: str, recompute_where: str) -> None:
+        if self.enabled and self.dropout and recompute.enabled:
+            raise ConfigError(f"{where}.dropout={self.dropout} with {recompute_where}.granularity="
+                              f"{recompute.granularity}: the recomputed forward would draw other dropout "
+                              "masks (megatron's model-parallel RNG is not replayed); set one of them off")
+
+
 @dataclass
 class VisionConfig:
     """Vision encoder: ViT over 14 px patches, then a 2x2 spatial merge in the projector.
@@ -172,6 +231,7 @@ class VisionConfig:
     weights are zero and get zero gradients) and depends on the config only, never on TP, so
     checkpoints reshard across TP layouts (docs/architecture.md, "Vision encoders").
     ``recompute``: activation recomputation of the encoder's blocks (``RecomputeConfig``).
+    ``lora``: LoRA adapters on frozen encoder blocks (``LoRAConfig``; ``layers`` are block indices).
     """
 
     encoder: str = "tiny_vit"
@@ -193,6 +253,7 @@ class VisionConfig:
     trainable_blocks: int = -1
     projector_trainable: bool = True
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)  # of the encoder's blocks
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on frozen encoder blocks
 
     @property
     def padded_ffn_hidden_size(self) -> int:
@@ -215,6 +276,14 @@ class VisionConfig:
         if self.encoder not in VISION_ENCODERS:
             raise ConfigError(f"model.vision.encoder={self.encoder!r} not in {VISION_ENCODERS}")
         self.recompute.validate("model.vision.recompute")
+        self.lora.validate(self.num_layers, "model.vision.lora", "model.vision.num_layers")
+        self.lora.check_recompute(self.recompute, "model.vision.lora", "model.vision.recompute")
+        k = self.trainable_blocks
+        trained = set(range(self.num_layers)) if k == -1 else set(range(self.num_layers - k, self.num_layers))
+        both = sorted(trained & set(self.lora.adapted_layers(self.num_layers))) if self.lora.enabled else []
+        if both:
+            raise ConfigError(f"model.vision.lora adapts blocks {both}, which model.vision.trainable_blocks="
+                              f"{k} trains in full; adapters adapt frozen blocks (e.g. trainable_blocks=0)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -334,58 +403,6 @@ class FusionConfig:
                               f"not {self.mechanism!r}")
 
 
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters on the frozen language model (LoRA, Hu et al. 2021; Megatron-Bridge's
-    ``LoRA`` / PEFT's ``LoraConfig``): each targeted linear ``W`` of an LM layer computes
-    ``W x + (alpha / rank) * B(A(dropout(x)))``, ``A`` [rank, in] random, ``B`` [out, rank] zero,
-    so training starts from the backbone's function. ``rank=0`` (default): no adapters.
-
-    ``targets``: among ``linear_qkv`` / ``linear_proj`` (self-attention) and ``linear_fc1`` /
-    ``linear_fc2`` (MLP) of every LM layer, or of ``layers`` (0-based LM indices; None = all).
-    CASA weights are new and train in full beside the adapters; the vision encoder is not
-    adapted. Adapters need ``model.freeze_lm=true`` (they adapt a frozen LM), and cannot target
-    the self-attention projections that CASA shares (``fusion.share_projections``). ``export-hf``
-    merges them into the weights (``W + (alpha / rank) B A``)."""
-
-    rank: int = 0
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    layers: Optional[List[int]] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def adapted_layers(self, num_layers: int) -> List[int]:
-        return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))
-
-    def validate(self, num_layers: int) -> None:
-        if self.rank < 0:
-            raise ConfigError(f"model.lora.rank={self.rank} must be >= 0 (0: no adapters)")
-        if not self.enabled:
-            return
-        if self.alpha <= 0:
-            raise ConfigError(f"model.lora.alpha={self.alpha} must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise ConfigError(f"model.lora.targets={self.targets}: choose one or more of {list(LORA_TARGETS)}")
-        bad = [i for i in (self.layers or []) if not 0 <= i < num_layers]
-        if bad or self.layers == []:
-            raise ConfigError(f"model.lora.layers={self.layers}: give LM indices in "
-                              f"[0, model.lm.num_layers={num_layers}), or leave it unset for all layers")
-
-
 @dataclass
 class ModelConfig:
     """``attention_backend``: the window-attention kernel of CASA and of packed self-attention
@@ -412,10 +429,7 @@ class ModelConfig:
         if self.lora.enabled and not self.freeze_lm:
             raise ConfigError(f"model.lora.rank={self.lora.rank} adapts a frozen language model: set "
                               "model.freeze_lm=true (or model.lora.rank=0 to train the LM in full)")
-        if self.lora.enabled and self.lora.dropout and self.recompute.enabled:
-            raise ConfigError(f"model.lora.dropout={self.lora.dropout} with model.recompute.granularity="
-                              f"{self.recompute.granularity}: the recomputed forward would draw other dropout "
-                              "masks (megatron's model-parallel RNG is not replayed); set one of them off")
+        self.lora.check_recompute(self.recompute, "model.lora", "model.recompute")
         shared = sorted({"linear_qkv", "linear_proj"} & set(self.lora.targets))
         if self.lora.enabled and self.fusion.share_projections and shared:
             raise ConfigError(f"model.lora.targets has {shared}, which model.fusion.share_projections=true "

@@ -30,7 +30,9 @@ WEIGHTS_DIR = "weights"
 RUN_CONFIG = "config.yaml"  # the run config inside every training checkpoint (training/checkpoint.py)
 # From the checkpoint when unset, but a recipe may change them (they shape no weight).
 SOFT_FIELDS = {"lm": {"init_method_std", "max_position_embeddings"}, "vision": set(), "fusion": set()}
-TRAINING_VISION_FIELDS = ("trainable_blocks", "projector_trainable")
+# vision fields that shape no weight of the checkpoint: how the run trains and recomputes the encoder
+# (older architecture.yaml files hold ``recompute``: ignored when read too)
+TRAINING_VISION_FIELDS = ("trainable_blocks", "projector_trainable", "recompute", "lora")
 FUSION_FIELDS = ("mechanism", "placement", "share_projections", "cross_attention_gate", "layers", "every_n")
 
 
@@ -89,6 +91,8 @@ def merge_architecture(explicit: dict, architecture: dict, source: str) -> dict:
         merged = dict(recipe)
         for key, value in fields.items():
             if key in ("layers", "every_n") and section == "fusion":
+                continue
+            if section == "vision" and key in TRAINING_VISION_FIELDS:
                 continue
             if key in recipe and key not in SOFT_FIELDS[section]:
                 conflicts += _differences(f"model.{section}.{key}", recipe[key], value, source)

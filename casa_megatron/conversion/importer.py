@@ -187,10 +187,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     except ConfigError as exc:
         raise ConversionError(str(exc)) from exc
     check_vision(cfg, vision_arch, vision_from, skip_vision)
-    if cfg.model.lora.enabled:  # an import is the backbone: adapters are added by the run that trains them
-        print(f"import-hf: note: model.lora.rank={cfg.model.lora.rank} is not part of an import: the LoRA "
-              "adapters start (B = 0) in the run that loads it", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoRAConfig()))
+    cfg = _without_adapters(cfg)
 
     lm_reader = SafetensorsReader(hf_dir)
     vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)
@@ -223,6 +220,18 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ImportResult(out, cfg, report, time.perf_counter() - start)
+
+
+def _without_adapters(cfg: TrainConfig) -> TrainConfig:
+    """An import is the backbone: LoRA adapters of the recipe (``model.lora``,
+    ``model.vision.lora``) start (B = 0) in the run that loads it, and a note says so."""
+    model = cfg.model
+    for where, lora in (("model.lora", model.lora), ("model.vision.lora", model.vision.lora)):
+        if lora.enabled:
+            print(f"import-hf: note: {where}.rank={lora.rank} is not part of an import: the LoRA adapters "
+                  "start (B = 0) in the run that loads it", file=sys.stderr)
+    vision = dataclasses.replace(model.vision, lora=LoRAConfig())
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, lora=LoRAConfig(), vision=vision))
 
 
 def _check_accounted(model, report: ImportReport, tables) -> None:

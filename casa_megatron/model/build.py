@@ -55,16 +55,21 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     )
     if model.fusion.cross_attention_gate:
         _add_gates(vlm)
-    if model.lora.enabled:
-        _add_lora(vlm, model, lm_cfg, seed)
+    if model.lora.enabled or model.vision.lora.enabled:
+        _add_lora(vlm, model, lm_cfg, vision_cfg, seed)
     if torch.cuda.is_available():
         vlm.cuda(torch.cuda.current_device())
     return vlm
 
 
-def _add_lora(vlm: CASAVLM, model: ModelConfig, lm_cfg, seed: int) -> None:
-    """LoRA adapters on this stage's LM layers (model/lora.py), tagged new and trainable."""
-    attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lora, lm_cfg, seed)
+def _add_lora(vlm: CASAVLM, model: ModelConfig, lm_cfg, vision_cfg, seed: int) -> None:
+    """LoRA adapters on this stage's LM layers and encoder blocks (model/lora.py), tagged new and
+    trainable."""
+    if model.lora.enabled:
+        attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lm.num_layers, model.lora, lm_cfg, seed)
+    if model.vision.lora.enabled and hasattr(vlm, "vision"):
+        attach_lora(vlm.vision.blocks, vlm.vision.block_offset, model.vision.num_layers, model.vision.lora,
+                    vision_cfg, seed, prefix="vision.blocks")
     vlm._tag_new_parameters()
     vlm.apply_freezing()
 

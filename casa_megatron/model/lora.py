@@ -1,4 +1,5 @@
-"""LoRA adapters on the language model's linears, tensor-parallel (``model.lora``).
+"""LoRA adapters on the linears of frozen LM layers and encoder blocks, tensor-parallel
+(``model.lora``, ``model.vision.lora``).
 
 Why here and not through a PEFT library: the adapted linears are megatron's tensor-parallel ones
 (local or Transformer Engine), and a adapter must be sharded, reduced and checkpointed the way
@@ -145,15 +146,15 @@ def _linear_features(base: torch.nn.Module, kind: str, tp: int) -> Tuple[int, in
     return (in_local, out_local * tp) if kind == COLUMN else (in_local * tp, out_local)
 
 
-def attach_lora(decoder_layers, layer_offset: int, lora: LoRAConfig, config: TransformerConfig,
-                seed: int) -> List[LoRAAdapter]:
-    """Give each targeted linear of the adapted layers (global index ``layer_offset + i``) its
-    adapter; returns them. Layers without the module (a ``replace`` CASA layer has no
-    self-attention) are skipped."""
+def attach_lora(layers, layer_offset: int, num_layers: int, lora: LoRAConfig, config: TransformerConfig,
+                seed: int, prefix: str = "lm.layers") -> List[LoRAAdapter]:
+    """Give each targeted linear of the adapted layers (LM layers or encoder blocks; global index
+    ``layer_offset + i`` of ``num_layers``) its adapter; returns them. Layers without the module
+    (a ``replace`` CASA layer has no self-attention) are skipped."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    wanted = set(lora.adapted_layers(config.num_layers))
+    wanted = set(lora.adapted_layers(num_layers))
     adapters = []
-    for i, layer in enumerate(decoder_layers):
+    for i, layer in enumerate(layers):
         index = layer_offset + i
         if index not in wanted:
             continue
@@ -166,7 +167,7 @@ def attach_lora(decoder_layers, layer_offset: int, lora: LoRAConfig, config: Tra
             d_in, d_out = _linear_features(base, kind, tp)
             gated = target == "linear_fc1" and config.gated_linear_unit
             adapter = LoRAAdapter(config, kind, d_in, d_out, lora,
-                                  derived_seed(seed, f"lm.layers.{index}.{holder_name}.{target}.lora"), gated)
+                                  derived_seed(seed, f"{prefix}.{index}.{holder_name}.{target}.lora"), gated)
             holder.add_module(target + SUFFIX, adapter)
             adapter.attach(base)
             adapters.append(adapter)

@@ -169,8 +169,6 @@ class CASAVLM(LanguageModule):
             for layer in self.casa_layers():
                 for p in layer.casa_parameters():
                     p.requires_grad_(True)
-            for _, adapter in lora_adapters(self):  # LoRA adapters of the frozen LM
-                adapter.requires_grad_(True)
         if hasattr(self, "vision"):
             k, n = cfg.vision.trainable_blocks, cfg.vision.num_layers
             trainable = set(range(n)) if k == -1 else set(range(n - k, n))  # global block indices
@@ -182,6 +180,8 @@ class CASAVLM(LanguageModule):
         if self.lm_first:
             for p in self.projector.parameters():
                 p.requires_grad_(cfg.vision.projector_trainable)
+        for _, adapter in lora_adapters(self):  # LoRA adapters of frozen LM layers / encoder blocks
+            adapter.requires_grad_(True)
 
     @torch.no_grad()
     def init_casa_from_self_attention(self) -> None:

@@ -15,8 +15,8 @@ What is counted -- what runs, TP=1 equivalent (the whole model, every token):
   insertion's LM layers over the combined ``s + image_seq_length`` stream, the vision encoder
   (patch embedding, blocks) over the micro-batch's patches (the one blank image it runs when a
   micro-batch has none: ``VisionEncoder.without_images``), the projector over the image tokens,
-  and the output layer over the padded vocabulary; LoRA adapters (``model.lora``) as two small
-  GEMMs beside each adapted LM linear.
+  and the output layer over the padded vocabulary; LoRA adapters (``model.lora``,
+  ``model.vision.lora``) as two small GEMMs beside each adapted linear.
 - Backward, as megatron runs it: a trainable weight costs its input gradient and its weight
   gradient (megatron's linear computes the input gradient even where nothing upstream needs it);
   a frozen weight (``freeze_lm``, ``vision.trainable_blocks``, ``vision.projector_trainable``)
@@ -351,18 +351,23 @@ def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:
     return dataclasses.replace(batch, **small, pixel_patches=batch.pixel_patches[:0].cpu())
 
 
-def _lm_linear(ledger: _Ledger, model: ModelConfig, layer: int, target: str, part: str, tokens: int,
-               d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
-    """An LM linear (megatron's) and, where ``model.lora`` adapts it, its adapter: ``A`` [r, in]
+def _adapted_linear(ledger: _Ledger, lora, num_layers: int, layer: int, target: str, part: str, tokens: int,
+                    d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
+    """A megatron linear and, where ``lora`` (a LoRAConfig) adapts it, its adapter: ``A`` [r, in]
     and ``B`` [out, r] as torch matmuls (an input gradient only where the input needs one), both
     trained. Returns whether the output requires a gradient."""
     out = ledger.linear(part, tokens, d_in, d_out, train, x_grad)
-    lora = model.lora
-    if not (lora.enabled and target in lora.targets and layer in lora.adapted_layers(model.lm.num_layers)):
+    if not (lora.enabled and target in lora.targets and layer in lora.adapted_layers(num_layers)):
         return out
     ledger.linear(f"{part}.lora_a", tokens, d_in, lora.rank, True, x_grad, always_dgrad=False)
     ledger.linear(f"{part}.lora_b", tokens, lora.rank, d_out, True, True, always_dgrad=False)
     return True
+
+
+def _lm_linear(ledger: _Ledger, model: ModelConfig, layer: int, target: str, part: str, tokens: int,
+               d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
+    return _adapted_linear(ledger, model.lora, model.lm.num_layers, layer, target, part, tokens, d_in, d_out,
+                           train, x_grad)
 
 
 def _attention(ledger: _Ledger, model: ModelConfig, part: str, tokens: int, x_grad: bool, norm_train: bool,
@@ -449,12 +454,15 @@ def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]], pieces
     x = ledger.linear("vision.patch_embed", patches, v.patch_dim, hv, k == -1, False, always_dgrad=False)
     piece()
     for i, (train, pairs) in enumerate(zip(trainable, vision_block_pairs(model, grid))):
-        qkv = ledger.linear("vision.qkv", patches, hv, 3 * hv, train, x)
+        def linear(target: str, part: str, d_in: int, d_out: int, x_grad: bool) -> bool:
+            return _adapted_linear(ledger, v.lora, v.num_layers, i, target, part, patches, d_in, d_out, train, x_grad)
+
+        qkv = linear("linear_qkv", "vision.qkv", hv, 3 * hv, x)
         ledger.attend("vision.core", pairs, hv, qkv)
-        proj = ledger.linear("vision.proj", patches, hv, hv, train, qkv)
+        proj = linear("linear_proj", "vision.proj", hv, hv, qkv)
         h = x or proj
-        fc1 = ledger.linear("vision.fc1", patches, hv, 2 * v.padded_ffn_hidden_size, train, h or train)
-        fc2 = ledger.linear("vision.fc2", patches, v.padded_ffn_hidden_size, hv, train, fc1)
+        fc1 = linear("linear_fc1", "vision.fc1", hv, 2 * v.padded_ffn_hidden_size, h or train)
+        fc2 = linear("linear_fc2", "vision.fc2", v.padded_ffn_hidden_size, hv, fc1)
         x = h or fc2
         piece()
     features = x or k == -1  # tiny_vit's final norm trains with the rest of the encoder

@@ -13,7 +13,8 @@ Compatibility is a table (``RESUME_RULES``), first matching pattern wins:
   Changes are applied and listed in a one-line notice; the LR schedule is rebuilt from the
   config at the checkpoint's step (megatron's ``override_opt_param_scheduler``).
 * **trainability** (``model.freeze_lm``, ``model.vision.trainable_blocks``,
-  ``model.vision.projector_trainable``, the LoRA adapters ``model.lora.*``): must match on resume (the optimizer state holds exactly
+  ``model.vision.projector_trainable``, the LoRA adapters ``model.lora.*`` and
+  ``model.vision.lora.*``): must match on resume (the optimizer state holds exactly
   the trainable parameters) but may change for a weights-only start
   (``check_compatible(..., weights_only=True)``).
 
@@ -57,6 +58,7 @@ RESUME_RULES: List[Tuple[str, str]] = [
     ("model.vision.trainable_blocks", TRAINABILITY),
     ("model.vision.projector_trainable", TRAINABILITY),
     ("model.lora.*", TRAINABILITY),  # a weights-only start may add adapters (they start at B = 0)
+    ("model.vision.lora.*", TRAINABILITY),
     ("model.*", MUST_MATCH),
     ("optimizer.use_distributed_optimizer", MUST_MATCH),
     ("*", MAY_CHANGE),

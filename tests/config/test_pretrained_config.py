@@ -44,6 +44,17 @@ def test_contradictions_name_both_values(tmp_path, override, message):
         load_config(TrainConfig, None, [f"checkpoint.pretrained={_imported(tmp_path)}", override])
 
 
+def test_how_the_encoder_trains_is_the_recipes(tmp_path):
+    """Recomputation and LoRA adapters of the encoder shape no weight: a recipe sets them freely,
+    also against an architecture.yaml that recorded them (written before they were excluded)."""
+    arch = {**ARCH, "vision": {"num_layers": 2, "recompute": {"granularity": "none"}, "lora": {"rank": 0}}}
+    cfg = load_config(TrainConfig, None, [f"checkpoint.pretrained={_imported(tmp_path, arch)}",
+                                          "model.vision.recompute.granularity=full", "model.vision.lora.rank=2",
+                                          "model.vision.trainable_blocks=0"])
+    assert cfg.model.vision.recompute.granularity == "full" and cfg.model.vision.lora.rank == 2
+    assert cfg.model.vision.num_layers == 2  # from the checkpoint
+
+
 def test_equal_values_and_equivalent_layer_lists_are_fine():
     explicit = {"model": {"lm": {"num_layers": 6}, "fusion": {"layers": [1, 3, 5]}}}
     merged = merge_architecture(explicit, ARCH, "ckpt")

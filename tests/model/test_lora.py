@@ -1,4 +1,4 @@
-"""LoRA adapters on the frozen LM (model/lora.py, ``model.lora``).
+"""LoRA adapters on the frozen LM and encoder (model/lora.py, ``model.lora``, ``model.vision.lora``).
 
 * At initialisation (``B = 0``) the model is the model without adapters, to the bit; only the
   adapters (and CASA, the encoder, the projector) train; a ``replace`` layer has no
@@ -28,8 +28,12 @@ from casa_megatron.config import LoRAConfig
 LORA = LoRAConfig(rank=4, alpha=8.0)
 
 
-def _config(lora=LORA, **fusion):
-    return dataclasses.replace(small_model_config(**fusion), freeze_lm=True, lora=lora)
+VISION_LORA = LoRAConfig(rank=2, alpha=4.0, targets=["linear_qkv", "linear_fc1", "linear_fc2"])
+
+
+def _config(lora=LORA, vision_lora=None, **fusion):
+    vision = {"trainable_blocks": 0, "lora": vision_lora} if vision_lora else None
+    return dataclasses.replace(small_model_config(vision, **fusion), freeze_lm=True, lora=lora)
 
 
 def _build(cfg, tp=1):
@@ -53,8 +57,8 @@ def _single_process(rank, world, tmp):
 
     batch = random_batch(1, with_labels=False)
     report = {}
-    base = _build(_config(lora=LoRAConfig()))
-    model = _build(_config())
+    base = _build(_config(lora=LoRAConfig(), vision_lora=LoRAConfig()))
+    model = _build(_config(vision_lora=VISION_LORA))
     report["zero_b_equal"] = torch.equal(_logits(base, batch), _logits(model, batch))
     names = [n for n, _ in lora_adapters(model)]
     report["adapters"] = len(names)
@@ -62,6 +66,8 @@ def _single_process(rank, world, tmp):
                                   and n.startswith("decoder.") and ".casa_" not in n and "_lora." not in n)
     report["adapters_trained_new"] = all(p.requires_grad and p.casa_new for _, a in lora_adapters(model)
                                          for p in a.parameters())
+    report["trained_vision"] = sorted(n for n, p in model.named_parameters() if p.requires_grad
+                                      and n.startswith("vision.") and "_lora." not in n)
     replace = _build(_config(placement="replace", every_n=2))
     report["replace_adapters"] = sorted(n for n, _ in lora_adapters(replace))
 
@@ -78,16 +84,17 @@ def _single_process(rank, world, tmp):
     report["weight_moved"] = (model.decoder.layers[0].self_attention.linear_qkv.weight - qkv).abs().max().item()
 
     # dropout: training only
-    dropped = _build(_config(lora=dataclasses.replace(LORA, dropout=0.5)))
+    dropped = _build(_config(lora=dataclasses.replace(LORA, dropout=0.5),
+                             vision_lora=dataclasses.replace(VISION_LORA, dropout=0.5)))
     dropped.load_state_dict(full, strict=False)
-    fresh = _build(_config())
+    fresh = _build(_config(vision_lora=VISION_LORA))
     fresh.load_state_dict(full, strict=False)
     report["dropout_eval_equal"] = torch.equal(_logits(dropped.eval(), batch), _logits(fresh.eval(), batch))
     report["dropout_train_differs"] = (_logits(dropped.train(), batch) - adapted).abs().max().item()
 
     # weights-only loads
     save_model_weights(base, tmp / "no_adapters")
-    target = _build(_config())
+    target = _build(_config(vision_lora=VISION_LORA))
     load_model_weights(target, tmp / "no_adapters")
     report["import_keeps_zero_b"] = torch.equal(_logits(target, batch), _logits(base, batch))
     load_model_weights(target, tmp / "with_adapters")
@@ -103,15 +110,15 @@ def _single_process(rank, world, tmp):
 def test_adapters_start_as_the_backbone_merge_exactly_and_load_as_weights(tmp_path):
     r, = run_distributed(_single_process, world_size=1, tmp=tmp_path)
     assert r["zero_b_equal"]
-    assert r["adapters"] == 4 * 4  # 4 layers x (qkv, proj, fc1, fc2)
-    assert r["trained_lm"] == [], "the frozen LM's own weights must not train"
+    assert r["adapters"] == 4 * 4 + 2 * 3  # 4 LM layers x (qkv, proj, fc1, fc2), 2 encoder blocks x 3
+    assert r["trained_lm"] == [] and r["trained_vision"] == [], "the frozen weights must not train"
     assert r["adapters_trained_new"]
     # replace: layers 1 and 3 hold CASA instead of self-attention, so only their MLP is adapted
     assert [n for n in r["replace_adapters"] if n.startswith(("decoder.layers.1.", "decoder.layers.3."))] == [
         f"decoder.layers.{i}.mlp.linear_{fc}_lora" for i in (1, 3) for fc in ("fc1", "fc2")]
     assert len(r["replace_adapters"]) == 12
     assert r["adapters_change_logits"] > 1e-3
-    assert r["merged"] == 16 and r["merged_left"] == 0
+    assert r["merged"] == 22 and r["merged_left"] == 0
     assert r["merged_err"] < 1e-5 and r["weight_moved"] > 1e-4
     assert r["dropout_eval_equal"]
     assert r["dropout_train_differs"] > 1e-3
@@ -125,6 +132,7 @@ def test_tp2_with_and_without_sp_equals_one_process(recompute):
     """Losses, logits and every trained gradient (adapters gathered by their partition tags); with
     the LM layers recomputed in backward too (the adapters' hooks run again inside the chunk)."""
     reports = run_distributed(tp_worker, world_size=2, fusion={}, recompute=recompute,
+                              vision={"trainable_blocks": 0, "lora": VISION_LORA},
                               model_fields={"freeze_lm": True, "lora": LORA})
     assert all(err < 1e-4 for err in reports[0]["max_grad_err"].values())
 
@@ -139,13 +147,24 @@ def test_pp2_equals_one_process_insertion_some_layers():
     assert len(lora_names) == 3 * 4 * 2
 
 
+def test_pp2_with_the_encoder_split_equals_one_process():
+    """Encoder adapters on both stages (block 0 | block 1 + the LM): keyed and seeded by global
+    block index, gradients equal to one process's."""
+    reports = run_distributed(pp_worker, world_size=2, fusion={}, vision_split=[1, 1],
+                              vision={"trainable_blocks": 0, "lora": VISION_LORA},
+                              model_fields={"freeze_lm": True, "lora": LORA})
+    vision = {r["stage"]: sorted(n for n in r["checked"] if n.startswith("vision.") and "_lora." in n)
+              for r in reports}
+    assert [n.split(".")[2] for n in vision[0]] == ["0"] * 6 and [n.split(".")[2] for n in vision[1]] == ["1"] * 6
+
+
 def _layouts(rank, world, tmp):
     from megatron.core import parallel_state
 
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
     from casa_megatron.training.pretrained import load_model_weights, save_model_weights
 
-    cfg = _config()
+    cfg = _config(vision_lora=VISION_LORA)
     one = _build(cfg)
     initial = {n: p.detach().clone() for n, p in one.named_parameters() if "_lora." in n}
     full = perturbed_full_state(one)
@@ -164,5 +183,5 @@ def _layouts(rank, world, tmp):
 def test_initial_adapters_and_checkpoints_do_not_depend_on_tp(tmp_path):
     reports = run_distributed(_layouts, world_size=2, tmp=tmp_path)
     for r in reports:
-        assert r["same_init"] == r["initial"] and len(r["initial"]) == 32
+        assert r["same_init"] == r["initial"] and len(r["initial"]) == 2 * (16 + 6)
         assert r["differ"] == []

@@ -171,8 +171,7 @@ def pp_worker(rank, world, fusion, vision=None, recompute=None, split=(None, Non
         torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(),
             "checked": sorted(to_global.values()), "layers": len(stage.decoder.layers),
-            "vision_grad_norm": sum(p.grad.norm().item() for n, p in stage.named_parameters()
-                                    if n.startswith("vision."))}
+            "vision_grad_norm": sum(g.norm().item() for n, g in _grads(stage).items() if n.startswith("vision."))}
 
 
 def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True, model_fields=None):

@@ -24,7 +24,7 @@ from support.hf_equivalence import stage_logits
 # layout: (TP, PP, encoder blocks per stage or None); the last, the encoder over both stages
 # (parallel.vision_blocks_per_pipeline_stage), for the variants ENCODER_SPLIT_VARIANTS only
 LAYOUTS = {"tp2": (2, 1, None), "pp2": (1, 2, None), "pp2_encoder_split": (1, 2, [1, 1])}
-ENCODER_SPLIT_VARIANTS = ("casa_parallel", "insertion")
+ENCODER_SPLIT_VARIANTS = ("casa_parallel", "insertion", "casa_lora")
 PRIMARY = "tp2"  # the folder of each variant that other tests load (root / variant)
 # Beyond the fusion variants: LM changes exported the same way. Tied embeddings (under PP=2 the
 # last stage holds a copy of the embedding that megatron checkpoints under the embedding's key);
@@ -32,7 +32,7 @@ PRIMARY = "tp2"  # the folder of each variant that other tests load (root / vari
 # rotates pairs, in self-attention and CASA alike); Llama-3 RoPE scaling (rope_parameters); LoRA
 # adapters on the frozen LM (the export merges them into the weights), trained at TP=2 / PP=2.
 LLAMA3 = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-LORA_ALL = dict(rank=4, alpha=8.0)
+LORA_ALL = dict(rank=4, alpha=8.0, vision=dict(rank=2, alpha=4.0))  # and on the frozen encoder's blocks
 LORA_MLP = dict(rank=3, alpha=6.0, targets=["linear_fc1", "linear_fc2"], layers=[1, 2])
 LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
                "casa_helium_family": ({}, {"family": "helium"}),
@@ -56,7 +56,11 @@ def variant_config(name: str, vision: dict | None = None):
         lm = {**lm, "rope_scaling": RopeScalingConfig(**lm["rope_scaling"])}
     cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, **lm))
     if lora:
-        cfg = dataclasses.replace(cfg, freeze_lm=True, lora=LoRAConfig(**lora[0]))
+        fields = dict(lora[0])
+        vision_lora = fields.pop("vision", None)
+        cfg = dataclasses.replace(cfg, freeze_lm=True, lora=LoRAConfig(**fields))
+        if vision_lora:
+            cfg.vision = dataclasses.replace(cfg.vision, trainable_blocks=0, lora=LoRAConfig(**vision_lora))
     return cfg
 
 

@@ -44,6 +44,10 @@ CASES = {
     "lora_insertion_attention": ({"mechanism": "insertion"}, None,
                                  {"freeze_lm": True, "lora": LoRAConfig(rank=2, targets=["linear_qkv", "linear_proj"])},
                                  "images"),
+    "vision_lora_frozen_encoder": ({}, {"trainable_blocks": 0, "lora": LoRAConfig(rank=4)}, {}, "images"),
+    "qwen_vision_lora_block0_frozen_lm": ({}, {**QWEN_VISION, "trainable_blocks": 1,
+                                              "lora": LoRAConfig(rank=2, layers=[0], targets=["linear_qkv", "linear_fc2"])},
+                                          {"freeze_lm": True}, "video"),
     "no_images": ({}, None, {}, "none"),
     "insertion_no_images": ({"mechanism": "insertion"}, None, {}, "none"),
 }

@@ -66,12 +66,15 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     recipe.write_text(RECIPE)
     out = tmp_path / "imported"
     done = subprocess.run([sys.executable, "-m", "casa_megatron.conversion", "import-hf", str(hf), str(out),
-                           "--config", str(recipe), "--dtype", "bf16", "--no-progress", "model.lora.rank=4"],
+                           "--config", str(recipe), "--dtype", "bf16", "--no-progress", "model.lora.rank=4",
+                           "model.vision.lora.rank=2", "model.vision.trainable_blocks=0"],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WARNING" not in done.stderr, done.stderr[-2000:]
     assert "model.lora.rank=4 is not part of an import" in done.stderr  # the backbone only
-    assert yaml.safe_load((out / "model.yaml").read_text())["lora"]["rank"] == 0
+    assert "model.vision.lora.rank=2 is not part of an import" in done.stderr
+    imported = yaml.safe_load((out / "model.yaml").read_text())
+    assert imported["lora"]["rank"] == imported["vision"]["lora"]["rank"] == 0
     assert {"weights", "architecture.yaml", "import_report.json", "model.yaml", "hf_config.json",
             "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "import_report.json").read_text())
@@ -91,7 +94,8 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
     assert losses[2] < losses[0], losses
 
     lora_dir = tmp_path / "run_lora"  # LoRA adapters on the frozen LM, absent from the import: B = 0
-    lora = [*common, f"run_dir={lora_dir}", "parallel.sequence_parallel=true", "model.lora.rank=4"]
+    lora = [*common, f"run_dir={lora_dir}", "parallel.sequence_parallel=true", "model.lora.rank=4",
+            "model.vision.trainable_blocks=0", "model.vision.lora.rank=2"]  # and on the Qwen2.5-VL blocks
     run_distributed(_train, world_size=2, recipe=str(recipe), overrides=lora)
     lora_losses = _losses(lora_dir)
     assert lora_losses[0] == losses[0]  # the same function before the first update

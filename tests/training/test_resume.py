@@ -72,6 +72,7 @@ def test_rules_default_new_model_fields_to_must_match():
     # LoRA adapters are trainability: fixed on resume, free for a weights-only start
     assert classify("model.lora.rank") == MUST_MATCH
     assert classify("model.lora.targets", weights_only=True) == MAY_CHANGE
+    assert classify("model.vision.lora.rank", weights_only=True) == MAY_CHANGE
 
 
 def test_a_field_missing_from_an_older_checkpoint_counts_as_its_default():
