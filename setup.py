@@ -41,8 +41,9 @@ setup(
     extras_require={
         # DALI for CUDA 13 drivers (the lent GPU machines); on CUDA 12 use nvidia-dali-cuda120.
         "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.1", DALI],
-        # accelerate: transformers' Trainer fine-tuning the export in tests/hf/test_hf_finetune.py
-        "test": ["pytest>=8", "accelerate>=1.0", DALI],
+        # accelerate: transformers' Trainer fine-tuning the export in tests/hf/test_hf_finetune.py;
+        # peft: loading an exported LoRA adapter (export-hf --lora separate) in tests/hf/test_peft_adapter.py
+        "test": ["pytest>=8", "accelerate>=1.0", "peft>=0.17", DALI],
     },
     entry_points={"console_scripts": ["casa-train=casa_megatron.train:main",
                                         "casa-convert=casa_megatron.conversion.cli:main",

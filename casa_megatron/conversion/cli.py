@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bf16 or fp32")
     exp.add_argument("--tokenizer", help="tokenizer folder, when the checkpoint's own is not found")
     exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    exp.add_argument("--lora", default="merge", choices=("merge", "separate"),
+                     help="LoRA adapters: merged into the weights (default), or the base weights plus a PEFT "
+                          "adapter folder OUT_DIR/lora_adapter")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -65,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = import_hf(args.hf_dir, args.out_dir, args.config, args.overrides, force=args.force,
                            vision_from=args.vision_from, skip_vision=args.skip_vision, dtype=args.dtype,
-                           progress=not args.no_progress, phases=True)
+                           progress=not args.no_progress, phases=True, lora=args.lora)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2
@@ -87,7 +90,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         result = export_hf(args.checkpoint, args.out_dir, force=args.force, fmt=args.format, dtype=args.dtype,
                            tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                           progress=not args.no_progress, phases=True)
+                           progress=not args.no_progress, phases=True, lora=args.lora)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2
@@ -95,6 +98,9 @@ def _export(args: argparse.Namespace) -> int:
     what = f"{src.kind} checkpoint {src.path}" + (f" (step {src.step})" if src.step is not None else "")
     print(f"exported {what} -> {result.out_dir} as {result.format} ({result.tensors} tensors, "
           f"{result.nbytes / 2**20:.1f} MiB {result.dtype}) in {result.seconds:.1f} s", flush=True)
+    if args.lora == "separate":
+        print(f"LoRA adapters: {result.out_dir}/lora_adapter (PEFT: PeftModel.from_pretrained(model, that folder))",
+              flush=True)
     return 0
 
 

@@ -61,9 +61,11 @@ def _phase_logger(start: float, enabled: bool):
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "auto",
               dtype: str = "auto", tokenizer: Optional[str | Path] = None, max_shard_size: str = "2GB",
-              progress: bool = True, phases: bool = False) -> ExportResult:
+              progress: bool = True, phases: bool = False, lora: str = "merge") -> ExportResult:
     """See the module docstring. ``dtype``: auto (the checkpoint's), fp32 or bf16; ``tokenizer``:
-    a tokenizer folder when the checkpoint's own cannot be found."""
+    a tokenizer folder when the checkpoint's own cannot be found; ``lora``: ``merge`` folds LoRA
+    adapters into the weights, ``separate`` writes the base weights and a PEFT adapter folder
+    (``OUT_DIR/lora_adapter``, conversion/lora_export.py)."""
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
@@ -74,19 +76,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     source = locate_checkpoint(checkpoint)
     model_cfg = dataclasses.replace(source.model, transformer_impl="local")  # TE checkpoints load into local
     target = choose_format(model_cfg, fmt)
+    _check_lora_mode(lora, model_cfg, target)
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
     marks = _token_ids(tok, tok_dir, QWEN_TOKENS) if target == "qwen2_5_vl" else \
         _casa_layout(source, model_cfg, tok_dir)  # the tokenizer is checked before the (long) load
     log(f"building the model ({source.kind} checkpoint {source.path})")
     model = load_model(source, model_cfg)
-    from casa_megatron.model.lora import merge_lora
-
-    merged = merge_lora(model)  # W + (alpha / rank) B A: the HF model has no adapters
-    if merged:
-        log(f"merged {merged} LoRA adapters into their weights")
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
     dtype_name = str(out_dtype).replace("torch.", "")
+    adapter = _lora_out(model, model_cfg, lora, out_dtype, out, log)
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
     config, processor, generation, files = _folder_files(target, source, model_cfg, tok, marks, dtype_name)
     log(f"writing {out} ({target}, {dtype_name})")
@@ -96,10 +95,58 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
         write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
                         force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
-                        progress=bar.update)
+                        progress=bar.update, extra=adapter)
     log("done")
     return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
                         time.perf_counter() - start)
+
+
+LORA_MODES = ("merge", "separate")
+
+
+def _check_lora_mode(lora: str, model_cfg: ModelConfig, target: str) -> None:
+    """Before the (long) load: the mode exists and fits the checkpoint and the format."""
+    if lora not in LORA_MODES:
+        raise ConversionError(f"--lora {lora!r} not in {list(LORA_MODES)}")
+    if lora == "separate" and not (model_cfg.lora.enabled or model_cfg.vision.lora.enabled):
+        raise ConversionError("--lora separate: the checkpoint holds no LoRA adapters (its model.lora and "
+                              "model.vision.lora are off); export it without --lora")
+    if lora == "separate" and target != "casa":
+        raise ConversionError(f"--lora separate writes a PEFT adapter for the casa format, not {target!r}; "
+                              "use --lora merge (the default) for that format")
+
+
+def _lora_out(model, model_cfg: ModelConfig, lora: str, dtype, out: Path, log):
+    """Take the LoRA adapters out of the model: merged into the weights, or (``separate``) kept
+    apart as a PEFT adapter; returns the writer of ``OUT/lora_adapter`` (or None)."""
+    from casa_megatron.model.lora import remove_lora
+
+    adapter = None
+    if lora == "separate":
+        from casa_megatron.conversion.lora_export import peft_adapter
+
+        adapter = peft_adapter(model, tables_for(model_cfg), model_cfg, dtype)
+    removed = remove_lora(model, merge=lora == "merge")  # W + (alpha / rank) B A, or W as trained
+    if removed:
+        log(f"{'merged' if lora == 'merge' else 'kept apart'} {removed} LoRA adapters")
+    if adapter is None:
+        return None
+    tensors, config = adapter
+    config["base_model_name_or_path"] = str(out.resolve())
+
+    def write(folder: Path) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        from casa_megatron.conversion.lora_export import ADAPTER_DIR
+
+        target = folder / ADAPTER_DIR
+        target.mkdir()
+        save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return write
 
 
 def _folder_files(target: str, source: CheckpointSource, model_cfg: ModelConfig, tok, marks, dtype_name: str):

@@ -181,17 +181,27 @@ def lora_adapters(model: torch.nn.Module) -> Iterator[Tuple[str, LoRAAdapter]]:
 
 
 @torch.no_grad()
-def merge_lora(model: torch.nn.Module) -> int:
-    """Fold every adapter into its base weight (``W += scale * B A``, at any TP layout) and
-    remove the adapters and their hooks: the model then computes the same function without
-    them (what ``export-hf`` writes). Returns the number merged."""
-    merged = 0
+def remove_lora(model: torch.nn.Module, merge: bool) -> int:
+    """Remove every adapter and its hook; with ``merge`` fold it into its base weight first
+    (``W += scale * B A``, at any TP layout), so the model computes the same function without
+    them (what ``export-hf`` writes). Returns the number removed."""
+    removed = 0
     for name, adapter in list(lora_adapters(model)):
         holder_name, _, attr = name.rpartition(".")
         holder = model.get_submodule(holder_name)
-        base = getattr(holder, attr[: -len(SUFFIX)])
-        base.weight.copy_((base.weight.float() + adapter.delta_weight()).to(base.weight.dtype))
+        if merge:
+            base = getattr(holder, attr[: -len(SUFFIX)])
+            base.weight.copy_((base.weight.float() + adapter.delta_weight()).to(base.weight.dtype))
         adapter._hook.remove()
         delattr(holder, attr)
-        merged += 1
-    return merged
+        removed += 1
+    return removed
+
+
+def merge_lora(model: torch.nn.Module) -> int:
+    return remove_lora(model, merge=True)
+
+
+def base_weight_name(adapter_name: str) -> str:
+    """``...self_attention.linear_qkv_lora`` -> ``...self_attention.linear_qkv.weight``."""
+    return adapter_name[: -len(SUFFIX)] + ".weight"

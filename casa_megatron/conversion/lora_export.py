@@ -1,0 +1,80 @@
+"""LoRA adapters as a PEFT adapter folder (``casa-convert export-hf --lora separate``).
+
+A transformers user who received a LoRA run usually wants the adapters apart from the base
+weights: small to share, switchable, loadable with PEFT (``PeftModel.from_pretrained(base, DIR)``
+or ``model.load_adapter(DIR)``). Our adapters sit on megatron's fused linears; PEFT's sit on the
+HF modules the mapping tables split them into. The split is the weight's own transform:
+
+* a transform that acts on the output rows (the grouped QKV -> ``q_proj``/``k_proj``/``v_proj``
+  with Helium's Q/K row permutation, the ViT's fused ``qkv``, SwiGLU ``[gate; up]`` ->
+  ``gate_proj``/``up_proj`` with the vision MLP's padding, identity) is applied to ``B``
+  ([out, r]), and ``A`` ([r, in]) is shared by the pieces (PEFT gets a copy per module:
+  ``y_q = B_q A x`` is the ``q`` rows of ``B A x``);
+* the vision MLP's padded *input* columns (``fc2``, ``PadFFN(dim=1)``) are sliced from ``A``,
+  and ``B`` is kept whole.
+
+``alpha / rank`` is PEFT's ``lora_alpha / r`` (no rsLoRA); the encoder's rank and alpha, when
+they differ from the LM's, go to ``rank_pattern`` / ``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from casa_megatron.conversion.engine import component_of
+from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.mapping import bind_all
+from casa_megatron.conversion.transforms import QKV, FusedQKV, GatedMLP, PadFFN, Transform, ZeroPad
+
+ADAPTER_DIR = "lora_adapter"  # inside the exported folder
+PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
+ROW_TRANSFORMS = (QKV, FusedQKV, GatedMLP, PadFFN)
+
+
+def _split(transform: Transform, a: Tensor, b: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    """(A, B) per HF module of one adapted megatron weight."""
+    if isinstance(transform, ZeroPad) and transform.dim == 1:  # padded input columns
+        (a_hf,) = transform.to_hf(a)
+        return [(a_hf, b)]
+    if type(transform) is not Transform and not isinstance(transform, ROW_TRANSFORMS):
+        raise ConversionError(f"no PEFT layout for an adapter on a weight converted by {transform!r}")
+    return [(a, b_hf) for b_hf in transform.to_hf(b)]
+
+
+def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype) -> Tuple[Dict[str, Tensor], dict]:
+    """The adapter tensors under PEFT's names and its ``adapter_config.json``, from a model that
+    still holds its adapters (at TP=1)."""
+    from casa_megatron.model.lora import base_weight_name, lora_adapters
+
+    adapters = dict(lora_adapters(model))
+    if not adapters:
+        raise ConversionError("--lora separate: the checkpoint holds no LoRA adapters (model.lora / "
+                              "model.vision.lora are off)")
+    bases = {base_weight_name(name): name for name in adapters}
+    bindings = bind_all(bases, tables, component_of)
+    tensors: Dict[str, Tensor] = {}
+    modules: Dict[str, str] = {}  # HF module -> "lm" | "vision"
+    for base, binding in bindings.items():
+        adapter = adapters[bases[base]]
+        pieces = _split(binding.transform, adapter.lora_a.detach(), adapter.lora_b.detach())
+        for hf_name, (a, b) in zip(binding.hf, pieces, strict=True):
+            module = hf_name[: -len(".weight")]
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = a.to(dtype).clone()  # A is shared: one copy each
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = b.to(dtype).clone()
+            modules[module] = "vision" if component_of(base) == "vision" else "lm"
+    return tensors, _config(model_cfg, modules)
+
+
+def _config(model_cfg, modules: Dict[str, str]) -> dict:
+    loras = {"lm": model_cfg.lora, "vision": model_cfg.vision.lora}
+    main = loras["lm"] if loras["lm"].enabled else loras["vision"]
+    rank_pattern = {m: loras[c].rank for m, c in sorted(modules.items()) if loras[c].rank != main.rank}
+    alpha_pattern = {m: loras[c].alpha for m, c in sorted(modules.items()) if loras[c].alpha != main.alpha}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": main.rank, "lora_alpha": main.alpha,
+            "lora_dropout": main.dropout, "target_modules": sorted(modules), "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            "base_model_name_or_path": None}

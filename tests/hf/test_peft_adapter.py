@@ -1,0 +1,100 @@
+"""``casa-convert export-hf --lora separate``: the base weights plus a PEFT adapter folder.
+
+The LoRA training checkpoints of the ``exported`` fixture (trained at TP=2 and PP=2: adapters on
+every LM linear and on the frozen encoder's blocks; or on the MLP of two LM layers of the
+insertion model) are exported again with ``--lora separate``. transformers loads the base folder,
+PEFT (``PeftModel.from_pretrained``) puts the adapters on its ``q_proj`` / ``k_proj`` / ``v_proj`` /
+``gate_proj`` / ``up_proj`` / ... modules, and the result gives megatron's logits; the base alone
+does not. Bad input: no adapters in the checkpoint, the native Qwen2.5-VL format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from support.dist import run_distributed
+from support.hf_cases import hf_inputs, make_case
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+CASES = [("casa_lora", "tp2"), ("casa_lora", "pp2_encoder_split"), ("insertion_lora_mlp", "pp2")]
+
+
+def _export(rank, world, jobs):
+    from casa_megatron.conversion.cli import main
+
+    out = []
+    for argv in jobs:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            out.append((main(argv), err.getvalue()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def separate(exported, tmp_path_factory):
+    root, logits = exported
+    out = tmp_path_factory.mktemp("peft")
+    jobs = [["export-hf", str(root / layout / name / "checkpoints"), str(out / f"{name}-{layout}"), "--no-progress",
+             "--lora", "separate"] for name, layout in CASES]
+    jobs.append(["export-hf", str(root / "tp2" / "casa_parallel" / "checkpoints"), str(out / "none"), "--no-progress",
+                 "--lora", "separate"])
+    results, = run_distributed(_export, world_size=1, jobs=jobs)
+    return out, logits, results
+
+
+@pytest.mark.parametrize("name, layout", CASES)
+def test_base_plus_peft_adapter_equals_megatron(separate, name, layout):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, logits, results = separate
+    code, err = results[CASES.index((name, layout))]
+    assert code == 0, err
+    folder = out / f"{name}-{layout}"
+    config = json.loads((folder / "lora_adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(folder.resolve())
+    base = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs = {kind: hf_inputs(make_case(kind)) for kind in ("image", "video")}
+    with torch.no_grad():
+        plain = {kind: base(**x, use_cache=False).logits for kind, x in inputs.items()}
+    model = PeftModel.from_pretrained(base, folder / "lora_adapter").eval()
+    for kind, x in inputs.items():
+        with torch.no_grad():
+            out_logits = model(**x, use_cache=False).logits
+        ref = torch.as_tensor(logits[layout][name][kind])
+        torch.testing.assert_close(out_logits, ref, **TOL, msg=lambda m: f"{name} ({layout}) / {kind}: {m}")
+        assert (plain[kind] - ref).abs().max() > 1e-3  # the adapters matter: the base alone differs
+    if name == "casa_lora":  # q/k/v and gate/up each got an adapter; the encoder's blocks too
+        targets = config["target_modules"]
+        assert any(t.endswith("self_attn.q_proj") for t in targets) and any(t.endswith("mlp.up_proj") for t in targets)
+        assert config["r"] == 4 and config["rank_pattern"] and set(config["rank_pattern"].values()) == {2}
+    else:
+        assert all(t.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for t in config["target_modules"])
+
+
+def test_separate_without_adapters_is_refused(separate):
+    _, _, results = separate
+    code, err = results[-1]
+    assert code == 2 and "holds no LoRA adapters" in err
+
+
+def test_lora_modes_are_checked_before_the_load():
+    import dataclasses
+
+    from support.vlm import small_model_config
+
+    from casa_megatron.config import LoRAConfig
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.exporter import _check_lora_mode
+
+    adapted = dataclasses.replace(small_model_config(), freeze_lm=True, lora=LoRAConfig(rank=2))
+    _check_lora_mode("separate", adapted, "casa")
+    _check_lora_mode("merge", small_model_config(), "casa")
+    with pytest.raises(ConversionError, match="PEFT adapter for the casa format, not 'qwen2_5_vl'"):
+        _check_lora_mode("separate", adapted, "qwen2_5_vl")
+    with pytest.raises(ConversionError, match="--lora 'split' not in"):
+        _check_lora_mode("split", adapted, "casa")
