@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = import_hf(args.hf_dir, args.out_dir, args.config, args.overrides, force=args.force,
                            vision_from=args.vision_from, skip_vision=args.skip_vision, dtype=args.dtype,
-                           progress=not args.no_progress, phases=True, lora=args.lora)
+                           progress=not args.no_progress, phases=True)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def load_model_weights(model, directory: str | Path) -> None:
     """The model part of an import (``DIR/weights``) or of a training checkpoint (its
     optimizer state is not read).
 
-    LoRA adapters (``model.lora``) the checkpoint does not hold (an import, or a run without
+    LoRA adapters (``model.lora``, ``model.vision.lora``) the checkpoint does not hold (an import, or a run without
     them) keep their initial values, which leave the model's function unchanged (``B = 0``);
     adapters the checkpoint holds but this model has no place for are refused, not dropped."""
     path = resolve_pretrained_dir(directory)
@@ -79,7 +79,7 @@ def load_model_weights(model, directory: str | Path) -> None:
         raise CheckpointError(f"{path}: no model weights (expected a dist checkpoint written by "
                               "`casa-convert import-hf` or a training checkpoint)")
     sharded = model.sharded_state_dict()
-    fresh = _adapters_to_keep(sharded, model, path)
+    fresh = _adapters_to_keep(sharded, path)
     try:
         state = dist_checkpointing.load({"model": {k: v for k, v in sharded.items() if k not in fresh}}, str(path))
     except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
@@ -92,7 +92,7 @@ def load_model_weights(model, directory: str | Path) -> None:
                     "(B = 0: the loaded model's function)", path, len(fresh))
 
 
-def _adapters_to_keep(sharded: dict, model, path: Path) -> set:
+def _adapters_to_keep(sharded: dict, path: Path) -> set:
     """State-dict keys of this model's LoRA tensors that the checkpoint lacks."""
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     adapters = {k for k in sharded if LORA_MARK in k}
@@ -100,8 +100,8 @@ def _adapters_to_keep(sharded: dict, model, path: Path) -> set:
     if saved and not adapters:
         raise CheckpointError(
             f"{path} holds LoRA adapters ({len(saved)} tensors, e.g. {saved[0]}) that this model has no "
-            "place for: set model.lora as the run that wrote it had it, or merge them into the weights "
-            "with `casa-convert export-hf` and import that")
+            "place for: set model.lora / model.vision.lora as the run that wrote it had them, or merge them "
+            "into the weights with `casa-convert export-hf` and import that")
     return {k for k in adapters if sharded[k].key not in stored}
 
 
