@@ -95,13 +95,18 @@ def test_import_with_cli_then_train_at_tp2_from_pretrained(tmp_path):
 
     lora_dir = tmp_path / "run_lora"  # LoRA adapters on the frozen LM, absent from the import: B = 0
     lora = [*common, f"run_dir={lora_dir}", "parallel.sequence_parallel=true", "model.lora.rank=4",
-            "model.vision.trainable_blocks=0", "model.vision.lora.rank=2"]  # and on the Qwen2.5-VL blocks
+            "model.vision.trainable_blocks=0", "model.vision.lora.rank=2",  # and on the Qwen2.5-VL blocks
+            "checkpoint.async_save=true", "checkpoint.optimizer_format=dp_reshardable"]  # as the recipes save
     run_distributed(_train, world_size=2, recipe=str(recipe), overrides=lora)
     lora_losses = _losses(lora_dir)
     assert lora_losses[0] == losses[0]  # the same function before the first update
     assert lora_losses[2] < lora_losses[0] and lora_losses[1:] != pytest.approx(losses[1:], rel=1e-6), lora_losses
     resumed = run_distributed(_train, world_size=2, recipe=str(recipe), overrides=[*lora, "train_steps=5"])
     assert [r["loads"] for r in resumed] == [[]] * 2 and len(_losses(lora_dir)) == 5  # adapters resumed
+    straight = tmp_path / "run_lora_straight"  # the same 5 steps without the stop at step 3
+    run_distributed(_train, world_size=2, recipe=str(recipe),
+                    overrides=[*lora, f"run_dir={straight}", "train_steps=5"])
+    assert _losses(lora_dir) == pytest.approx(_losses(straight), rel=1e-5)  # adapters and their Adam state resumed
 
     run_dir = tmp_path / "run"  # the LM trains too: its tied embedding is updated on both PP stages
     trained = [*common, f"run_dir={run_dir}", "parallel.sequence_parallel=true", "model.freeze_lm=false"]
