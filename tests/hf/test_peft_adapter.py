@@ -2,7 +2,8 @@
 
 The LoRA training checkpoints of the ``exported`` fixture (trained at TP=2 and PP=2: adapters on
 every LM linear and on the frozen encoder's blocks; or on the MLP of two LM layers of the
-insertion model) are exported again with ``--lora separate``. transformers loads the base folder,
+insertion model; or on the attention of two layers of a Helium-family LM, whose Q/K rows the export
+permutes) are exported again with ``--lora separate``. transformers loads the base folder,
 PEFT (``PeftModel.from_pretrained``) puts the adapters on its ``q_proj`` / ``k_proj`` / ``v_proj`` /
 ``gate_proj`` / ``up_proj`` / ... modules, and the result gives megatron's logits; the base alone
 does not. Bad input: no adapters in the checkpoint, the native Qwen2.5-VL format.
@@ -20,7 +21,8 @@ from support.dist import run_distributed
 from support.hf_cases import hf_inputs, make_case
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-CASES = [("casa_lora", "tp2"), ("casa_lora", "pp2_encoder_split"), ("insertion_lora_mlp", "pp2")]
+CASES = [("casa_lora", "tp2"), ("casa_lora", "pp2_encoder_split"), ("insertion_lora_mlp", "pp2"),
+         ("casa_helium_lora_attention", "tp2")]
 
 
 def _export(rank, world, jobs):
@@ -72,8 +74,10 @@ def test_base_plus_peft_adapter_equals_megatron(separate, name, layout):
         targets = config["target_modules"]
         assert any(t.endswith("self_attn.q_proj") for t in targets) and any(t.endswith("mlp.up_proj") for t in targets)
         assert config["r"] == 4 and config["rank_pattern"] and set(config["rank_pattern"].values()) == {2}
-    else:
+    elif name == "insertion_lora_mlp":
         assert all(t.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for t in config["target_modules"])
+    else:  # Helium: q/k/v/o of layers 0 and 3 only
+        assert {t.split(".")[-1] for t in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def test_separate_without_adapters_is_refused(separate):
