@@ -189,6 +189,10 @@ class LoRAConfig:
     def adapted_layers(self, num_layers: int) -> List[int]:
         return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))
 
+    def adapts(self, target: str, layer: int) -> bool:
+        """Whether linear ``target`` of layer (or block) ``layer`` (global index) gets an adapter."""
+        return self.enabled and target in self.targets and (self.layers is None or layer in self.layers)
+
     def validate(self, num_layers: int, where: str = "model.lora", counted: str = "model.lm.num_layers") -> None:
         if self.rank < 0:
             raise ConfigError(f"{where}.rank={self.rank} must be >= 0 (0: no adapters)")
@@ -265,6 +269,11 @@ class VisionConfig:
         """Width of one pixel patch row: C * T * p * p."""
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
+    def trained_blocks(self) -> range:
+        """Global indices of the blocks that train in full (``trainable_blocks``: all, none or the last k)."""
+        k = self.trainable_blocks
+        return range(self.num_layers) if k == -1 else range(self.num_layers - k, self.num_layers)
+
     def projector_width(self, lm_hidden: int) -> int:
         if self.projector_hidden_size is not None:
             return self.projector_hidden_size
@@ -278,12 +287,6 @@ class VisionConfig:
         self.recompute.validate("model.vision.recompute")
         self.lora.validate(self.num_layers, "model.vision.lora", "model.vision.num_layers")
         self.lora.check_recompute(self.recompute, "model.vision.lora", "model.vision.recompute")
-        k = self.trainable_blocks
-        trained = set(range(self.num_layers)) if k == -1 else set(range(self.num_layers - k, self.num_layers))
-        both = sorted(trained & set(self.lora.adapted_layers(self.num_layers))) if self.lora.enabled else []
-        if both:
-            raise ConfigError(f"model.vision.lora adapts blocks {both}, which model.vision.trainable_blocks="
-                              f"{k} trains in full; adapters adapt frozen blocks (e.g. trainable_blocks=0)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -294,6 +297,11 @@ class VisionConfig:
                 f"model.vision.trainable_blocks={self.trainable_blocks} must be -1 (all), 0 (frozen) "
                 f"or at most model.vision.num_layers={self.num_layers}"
             )
+        both = [i for i in self.trained_blocks() if any(self.lora.adapts(t, i) for t in self.lora.targets)]
+        if both:
+            raise ConfigError(f"model.vision.lora adapts blocks {both}, which model.vision.trainable_blocks="
+                              f"{self.trainable_blocks} trains in full; adapters adapt frozen blocks "
+                              "(e.g. trainable_blocks=0)")
         if self.encoder == "tiny_vit" and self.temporal_patch_size != 1:
             raise ConfigError(f"model.vision.temporal_patch_size={self.temporal_patch_size}: tiny_vit "
                               "embeds single frames (1)")

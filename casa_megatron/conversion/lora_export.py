@@ -49,10 +49,7 @@ def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype) 
     still holds its adapters (at TP=1)."""
     from casa_megatron.model.lora import base_weight_name, lora_adapters
 
-    adapters = dict(lora_adapters(model))
-    if not adapters:
-        raise ConversionError("--lora separate: the checkpoint holds no LoRA adapters (model.lora / "
-                              "model.vision.lora are off)")
+    adapters = dict(lora_adapters(model))  # some: the exporter checked the config (_check_lora_mode)
     bases = {base_weight_name(name): name for name in adapters}
     bindings = bind_all(bases, tables, component_of)
     tensors: Dict[str, Tensor] = {}

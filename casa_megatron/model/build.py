@@ -66,10 +66,10 @@ def _add_lora(vlm: CASAVLM, model: ModelConfig, lm_cfg, vision_cfg, seed: int) -
     """LoRA adapters on this stage's LM layers and encoder blocks (model/lora.py), tagged new and
     trainable."""
     if model.lora.enabled:
-        attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lm.num_layers, model.lora, lm_cfg, seed)
+        attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lora, lm_cfg, seed)
     if model.vision.lora.enabled and hasattr(vlm, "vision"):
-        attach_lora(vlm.vision.blocks, vlm.vision.block_offset, model.vision.num_layers, model.vision.lora,
-                    vision_cfg, seed, prefix="vision.blocks")
+        attach_lora(vlm.vision.blocks, vlm.vision.block_offset, model.vision.lora, vision_cfg, seed,
+                    prefix="vision.blocks")
     vlm._tag_new_parameters()
     vlm.apply_freezing()
 

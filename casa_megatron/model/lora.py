@@ -146,19 +146,16 @@ def _linear_features(base: torch.nn.Module, kind: str, tp: int) -> Tuple[int, in
     return (in_local, out_local * tp) if kind == COLUMN else (in_local * tp, out_local)
 
 
-def attach_lora(layers, layer_offset: int, num_layers: int, lora: LoRAConfig, config: TransformerConfig,
+def attach_lora(layers, layer_offset: int, lora: LoRAConfig, config: TransformerConfig,
                 seed: int, prefix: str = "lm.layers") -> List[LoRAAdapter]:
     """Give each targeted linear of the adapted layers (LM layers or encoder blocks; global index
-    ``layer_offset + i`` of ``num_layers``) its adapter; returns them. Layers without the module
+    ``layer_offset + i``) its adapter; returns them. Layers without the module
     (a ``replace`` CASA layer has no self-attention) are skipped."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    wanted = set(lora.adapted_layers(num_layers))
     adapters = []
     for i, layer in enumerate(layers):
         index = layer_offset + i
-        if index not in wanted:
-            continue
-        for target in lora.targets:
+        for target in (t for t in lora.targets if lora.adapts(t, index)):
             holder_name, kind = TARGETS[target]
             holder = getattr(layer, holder_name, None)
             base = getattr(holder, target, None) if holder is not None else None

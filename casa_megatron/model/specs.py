@@ -192,14 +192,14 @@ def lm_layer_specs(num_layers: int, fusion: FusionConfig, use_te: bool,
     packed samples by cu_seqlens (no dense mask); False = the dense block-causal mask path.
     ``lora``: layers whose ``linear_qkv`` / ``linear_fc1`` get adapters keep their norms unfused."""
     fused = set(fusion.fusion_layers(num_layers))
-    unfused = set()
-    if lora is not None and lora.enabled and {"linear_qkv", "linear_fc1"} & set(lora.targets):
-        unfused = set(lora.adapted_layers(num_layers))
+    specs = {}  # (fused, unfused norms) -> the one spec those layers share
 
     def spec(i: int) -> ModuleSpec:
-        if i in fused:
-            return casa_layer_spec(use_te, fusion, attention_backend, packed, unfused_norms=i in unfused)
-        return _plain_layer_spec(use_te, packed, attention_backend, unfused_norms=i in unfused)
+        key = (i in fused, lora is not None and any(lora.adapts(t, i) for t in ("linear_qkv", "linear_fc1")))
+        if key not in specs:
+            specs[key] = (casa_layer_spec(use_te, fusion, attention_backend, packed, unfused_norms=key[1]) if key[0]
+                          else _plain_layer_spec(use_te, packed, attention_backend, unfused_norms=key[1]))
+        return specs[key]
 
     return [spec(i) for i in range(num_layers)]
 

@@ -170,10 +170,9 @@ class CASAVLM(LanguageModule):
                 for p in layer.casa_parameters():
                     p.requires_grad_(True)
         if hasattr(self, "vision"):
-            k, n = cfg.vision.trainable_blocks, cfg.vision.num_layers
-            trainable = set(range(n)) if k == -1 else set(range(n - k, n))  # global block indices
+            trainable = cfg.vision.trained_blocks()  # global block indices
             for p in self.vision.parameters():
-                p.requires_grad_(k == -1)
+                p.requires_grad_(cfg.vision.trainable_blocks == -1)
             for i, block in enumerate(self.vision.blocks, start=self.vision.block_offset):
                 for p in block.parameters():
                     p.requires_grad_(i in trainable)

@@ -351,13 +351,13 @@ def _metadata_on_cpu(batch: VLMBatch) -> VLMBatch:
     return dataclasses.replace(batch, **small, pixel_patches=batch.pixel_patches[:0].cpu())
 
 
-def _adapted_linear(ledger: _Ledger, lora, num_layers: int, layer: int, target: str, part: str, tokens: int,
+def _adapted_linear(ledger: _Ledger, lora, layer: int, target: str, part: str, tokens: int,
                     d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
     """A megatron linear and, where ``lora`` (a LoRAConfig) adapts it, its adapter: ``A`` [r, in]
     and ``B`` [out, r] as torch matmuls (an input gradient only where the input needs one), both
     trained. Returns whether the output requires a gradient."""
     out = ledger.linear(part, tokens, d_in, d_out, train, x_grad)
-    if not (lora.enabled and target in lora.targets and layer in lora.adapted_layers(num_layers)):
+    if not lora.adapts(target, layer):
         return out
     ledger.linear(f"{part}.lora_a", tokens, d_in, lora.rank, True, x_grad, always_dgrad=False)
     ledger.linear(f"{part}.lora_b", tokens, lora.rank, d_out, True, True, always_dgrad=False)
@@ -366,8 +366,7 @@ def _adapted_linear(ledger: _Ledger, lora, num_layers: int, layer: int, target: 
 
 def _lm_linear(ledger: _Ledger, model: ModelConfig, layer: int, target: str, part: str, tokens: int,
                d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
-    return _adapted_linear(ledger, model.lora, model.lm.num_layers, layer, target, part, tokens, d_in, d_out,
-                           train, x_grad)
+    return _adapted_linear(ledger, model.lora, layer, target, part, tokens, d_in, d_out, train, x_grad)
 
 
 def _attention(ledger: _Ledger, model: ModelConfig, part: str, tokens: int, x_grad: bool, norm_train: bool,
@@ -450,12 +449,12 @@ def _vision(ledger: _Ledger, model: ModelConfig, images: List[List[int]], pieces
     patches = sum(t * h * w for t, h, w in grid)
     hv = v.hidden_size
     k = v.trainable_blocks
-    trainable = [k == -1 or i >= v.num_layers - k for i in range(v.num_layers)]
+    trainable = [i in v.trained_blocks() for i in range(v.num_layers)]
     x = ledger.linear("vision.patch_embed", patches, v.patch_dim, hv, k == -1, False, always_dgrad=False)
     piece()
     for i, (train, pairs) in enumerate(zip(trainable, vision_block_pairs(model, grid))):
         def linear(target: str, part: str, d_in: int, d_out: int, x_grad: bool) -> bool:
-            return _adapted_linear(ledger, v.lora, v.num_layers, i, target, part, patches, d_in, d_out, train, x_grad)
+            return _adapted_linear(ledger, v.lora, i, target, part, patches, d_in, d_out, train, x_grad)
 
         qkv = linear("linear_qkv", "vision.qkv", hv, 3 * hv, x)
         ledger.attend("vision.core", pairs, hv, qkv)
