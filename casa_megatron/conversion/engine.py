@@ -263,8 +263,11 @@ def export_units(model: torch.nn.Module, tables: Dict[str, MappingTable], compon
         param = params[name]
         out_dtype = dtype or param.dtype
 
-        def produce(binding=binding, param=param, out_dtype=out_dtype):
-            return [t.to(out_dtype) for t in binding.transform.to_hf(param.detach())]
+        def produce(name=name, binding=binding, param=param, out_dtype=out_dtype):
+            try:
+                return [t.to(out_dtype) for t in binding.transform.to_hf(param.detach())]
+            except ValueError as e:  # a transform that cannot write this tensor exactly
+                raise ConversionError(f"{name} -> {binding.hf}: {e}") from None
 
         shapes = [tuple(s) for s in binding.expected_hf_shapes(param.shape)]
         units.append(TensorUnit(binding.hf, shapes, out_dtype, produce))

@@ -18,6 +18,7 @@ the model plus one parameter's HF tensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 import warnings
@@ -76,7 +77,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     source = locate_checkpoint(checkpoint)
     model_cfg = dataclasses.replace(source.model, transformer_impl="local")  # TE checkpoints load into local
     target = choose_format(model_cfg, fmt)
-    _check_lora_mode(lora, model_cfg, target)
+    _check_lora_mode(lora, model_cfg)
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
     marks = _token_ids(tok, tok_dir, QWEN_TOKENS) if target == "qwen2_5_vl" else \
@@ -85,9 +86,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     model = load_model(source, model_cfg)
     out_dtype = DTYPES[dtype] if dtype != "auto" else next(model.parameters()).dtype
     dtype_name = str(out_dtype).replace("torch.", "")
-    adapter = _lora_out(model, model_cfg, lora, out_dtype, out, log)
+    adapter = _lora_out(model, model_cfg, lora, target, out_dtype, out, log)
     units = export_units(model, tables_for(model_cfg), dtype=out_dtype)
     config, processor, generation, files = _folder_files(target, source, model_cfg, tok, marks, dtype_name)
+    adapter_writer = None
+    if adapter is not None:
+        from casa_megatron.conversion.lora_export import check_modules, write_adapter
+
+        if target == "qwen2_5_vl":
+            check_modules(config, adapter[1])
+        adapter_writer = functools.partial(write_adapter, tensors=adapter[0], config=adapter[1])
     log(f"writing {out} ({target}, {dtype_name})")
     from casa_megatron.hf.folder import write_hf_folder
 
@@ -95,7 +103,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
         write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
                         force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
-                        progress=bar.update, extra=adapter)
+                        progress=bar.update, extra=adapter_writer)
     log("done")
     return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
                         time.perf_counter() - start)
@@ -104,49 +112,31 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
 LORA_MODES = ("merge", "separate")
 
 
-def _check_lora_mode(lora: str, model_cfg: ModelConfig, target: str) -> None:
+def _check_lora_mode(lora: str, model_cfg: ModelConfig) -> None:
     """Before the (long) load: the mode exists and fits the checkpoint and the format."""
     if lora not in LORA_MODES:
         raise ConversionError(f"--lora {lora!r} not in {list(LORA_MODES)}")
     if lora == "separate" and not (model_cfg.lora.enabled or model_cfg.vision.lora.enabled):
         raise ConversionError("--lora separate: the checkpoint holds no LoRA adapters (its model.lora and "
                               "model.vision.lora are off); export it without --lora")
-    if lora == "separate" and target != "casa":
-        raise ConversionError(f"--lora separate writes a PEFT adapter for the casa format, not {target!r}; "
-                              "use --lora merge (the default) for that format")
 
 
-def _lora_out(model, model_cfg: ModelConfig, lora: str, dtype, out: Path, log):
+def _lora_out(model, model_cfg: ModelConfig, lora: str, target: str, dtype, out: Path, log):
     """Take the LoRA adapters out of the model: merged into the weights, or (``separate``) kept
-    apart as a PEFT adapter; returns the writer of ``OUT/lora_adapter`` (or None)."""
+    apart as a PEFT adapter; returns that adapter's (tensors, ``adapter_config.json``) or None."""
     from casa_megatron.model.lora import remove_lora
 
     adapter = None
     if lora == "separate":
         from casa_megatron.conversion.lora_export import peft_adapter
 
-        adapter = peft_adapter(model, tables_for(model_cfg), model_cfg, dtype)
+        adapter = peft_adapter(model, tables_for(model_cfg), model_cfg, dtype, target)
     removed = remove_lora(model, merge=lora == "merge")  # W + (alpha / rank) B A, or W as trained
     if removed:
         log(f"{'merged' if lora == 'merge' else 'kept apart'} {removed} LoRA adapters")
-    if adapter is None:
-        return None
-    tensors, config = adapter
-    config["base_model_name_or_path"] = str(out.resolve())
-
-    def write(folder: Path) -> None:
-        import json
-
-        from safetensors.torch import save_file
-
-        from casa_megatron.conversion.lora_export import ADAPTER_DIR
-
-        target = folder / ADAPTER_DIR
-        target.mkdir()
-        save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    return write
+    if adapter is not None:
+        adapter[1]["base_model_name_or_path"] = str(out.resolve())
+    return adapter
 
 
 def _folder_files(target: str, source: CheckpointSource, model_cfg: ModelConfig, tok, marks, dtype_name: str):

@@ -24,12 +24,27 @@ from casa_megatron.conversion.errors import ConversionError
 FORMATS = ("auto", "casa", "qwen2_5_vl")
 QWEN_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+# Checkpoint name -> module path, per format (the first matching prefix is renamed). A PEFT
+# adapter addresses modules, and transformers 5 saves Qwen2_5_VLForConditionalGeneration under
+# its pre-5 checkpoint names (``model.layers.*``, ``visual.*``), renamed on load by its conversion
+# mapping to the modules ``model.language_model.layers.*`` / ``model.visual.*``. The casa remote
+# code's modules carry their checkpoint names.
+MODULE_PREFIXES = {"casa": (), "qwen2_5_vl": (("visual.", "model.visual."), ("model.", "model.language_model."))}
 
 
 def is_native_qwen(model: ModelConfig) -> bool:
     """Token insertion with Qwen2.5-VL's encoder and multimodal positions."""
     return (model.fusion.mechanism == "insertion" and model.vision.encoder == "qwen2_5_vl"
             and model.fusion.resolved_image_position_scheme(model.vision.encoder) == "mrope")
+
+
+def module_path(fmt: str, name: str) -> str:
+    """The module that holds checkpoint tensor ``name`` (its ``.weight`` cut) in format ``fmt``."""
+    name = name[: -len(".weight")] if name.endswith(".weight") else name
+    for old, new in MODULE_PREFIXES[fmt]:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def choose_format(model: ModelConfig, requested: str = "auto") -> str:

@@ -15,10 +15,16 @@ HF modules the mapping tables split them into. The split is the weight's own tra
 
 ``alpha / rank`` is PEFT's ``lora_alpha / r`` (no rsLoRA); the encoder's rank and alpha, when
 they differ from the LM's, go to ``rank_pattern`` / ``alpha_pattern``.
+
+Adapter keys name modules, not checkpoint tensors: in the native Qwen2.5-VL format the two differ
+(``hf_formats.MODULE_PREFIXES``), so the export checks every adapted module against the model
+transformers builds from the exported ``config.json`` (on the meta device) before writing.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
@@ -26,6 +32,7 @@ from torch import Tensor
 
 from casa_megatron.conversion.engine import component_of
 from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.hf_formats import module_path
 from casa_megatron.conversion.mapping import bind_all
 from casa_megatron.conversion.transforms import QKV, FusedQKV, GatedMLP, PadFFN, Transform, ZeroPad
 
@@ -44,9 +51,10 @@ def _split(transform: Transform, a: Tensor, b: Tensor) -> List[Tuple[Tensor, Ten
     return [(a, b_hf) for b_hf in transform.to_hf(b)]
 
 
-def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype) -> Tuple[Dict[str, Tensor], dict]:
+def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype,
+                 fmt: str = "casa") -> Tuple[Dict[str, Tensor], dict]:
     """The adapter tensors under PEFT's names and its ``adapter_config.json``, from a model that
-    still holds its adapters (at TP=1)."""
+    still holds its adapters (at TP=1), for the exported format ``fmt``."""
     from casa_megatron.model.lora import base_weight_name, lora_adapters
 
     adapters = dict(lora_adapters(model))  # some: the exporter checked the config (_check_lora_mode)
@@ -56,9 +64,12 @@ def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype) 
     modules: Dict[str, str] = {}  # HF module -> "lm" | "vision"
     for base, binding in bindings.items():
         adapter = adapters[bases[base]]
-        pieces = _split(binding.transform, adapter.lora_a.detach(), adapter.lora_b.detach())
+        try:
+            pieces = _split(binding.transform, adapter.lora_a.detach(), adapter.lora_b.detach())
+        except ValueError as e:  # B moved padded MLP units
+            raise ConversionError(f"the LoRA adapter of {base}: {e}") from None
         for hf_name, (a, b) in zip(binding.hf, pieces, strict=True):
-            module = hf_name[: -len(".weight")]
+            module = module_path(fmt, hf_name)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = a.to(dtype).clone()  # A is shared: one copy each
             tensors[f"{PREFIX}{module}.lora_B.weight"] = b.to(dtype).clone()
             modules[module] = "vision" if component_of(base) == "vision" else "lm"
@@ -75,3 +86,30 @@ def _config(model_cfg, modules: Dict[str, str]) -> dict:
             "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": None}
+
+
+def check_modules(config: dict, adapter_config: dict) -> None:
+    """Every module the adapter targets exists in transformers' native Qwen2.5-VL built from the
+    exported ``config.json`` (meta device: no memory); ConversionError naming the missing ones, so
+    a transformers release that moves modules fails the export instead of an adapter PEFT would
+    load with a warning and ignore."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
+    present = {name for name, _ in hf.named_modules()}
+    missing = [m for m in adapter_config["target_modules"] if m not in present]
+    if missing:
+        raise ConversionError(f"{len(missing)} adapted modules are not in transformers' "
+                              f"Qwen2_5_VLForConditionalGeneration: {missing[:5]}")
+
+
+def write_adapter(folder: Path, tensors: Dict[str, Tensor], config: dict) -> None:
+    """``folder/lora_adapter`` with PEFT's two files (``folder``: the export's temporary folder,
+    renamed into place with everything else)."""
+    from safetensors.torch import save_file
+
+    out = Path(folder) / ADAPTER_DIR
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

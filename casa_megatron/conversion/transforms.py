@@ -164,7 +164,22 @@ class PadFFN(ZeroPad):
     """An MLP width padded with zero units (``model.vision.ffn_pad_multiple``: Qwen2.5-VL's 3420
     -> 3424 so that it splits over TP = 8). ``dim`` 0: the rows of a gate / up weight or bias;
     ``dim`` 1: the columns of the down projection. Zero gate, up and down entries make the
-    extra units exact no-ops with zero gradients (docs/architecture.md, "Vision encoders")."""
+    extra units exact no-ops with zero gradients (docs/architecture.md, "Vision encoders").
+
+    Export slices the padding off, which is exact only while the padded gate / up rows are zero:
+    a unit whose rows are not (a padded encoder built from scratch, or an adapter that moved
+    them) computes something the HF MLP has no room for, so those rows are checked and the
+    export refused rather than silently changed. The down projection's padded columns read
+    those units' zero outputs and may hold anything (a merged LoRA ``B A`` fills them)."""
+
+    def to_hf(self, tensor: Tensor) -> List[Tensor]:
+        if self.dim == 0 and tensor.device.type != "meta" and tensor.shape[0] > self.size:
+            padding = tensor.narrow(0, self.size, tensor.shape[0] - self.size)
+            if padding.any():
+                raise ValueError(f"{int((padding != 0).sum())} non-zero entries in the padded MLP units "
+                                 f"{self.size}..{tensor.shape[0] - 1}: the model uses units the HF MLP "
+                                 f"({self.size} wide) cannot hold")
+        return super().to_hf(tensor)
 
     def __repr__(self) -> str:
         return f"PadFFN({self.size} -> {self.padded}, dim={self.dim})"

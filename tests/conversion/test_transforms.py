@@ -46,6 +46,17 @@ def test_padded_units_are_zero_and_in_place():
     assert down.shape == (H, 48) and down[:, 45:].abs().sum() == 0
 
 
+def test_export_refuses_padded_units_that_are_in_use():
+    """Slicing the padding off is exact only while the padded gate / up rows are zero; the down
+    projection's padded columns read zero outputs and are free."""
+    fc1 = GatedMLP(pad=PadFFN(45, 48)).to_megatron([torch.randn(45, H), torch.randn(45, H)])
+    down = torch.randn(H, 48)  # padded columns in use: still exact
+    assert PadFFN(45, 48, dim=1).to_hf(down)[0].shape == (H, 45)
+    fc1[94] = 1.0  # a row of the up half's padding
+    with pytest.raises(ValueError, match=rf"{H} non-zero entries in the padded MLP units 45..47"):
+        GatedMLP(pad=PadFFN(45, 48)).to_hf(fc1)
+
+
 def test_qkv_layout_is_megatrons_grouped_layout():
     """Group g of the fused tensor holds its q heads, then its k head, then its v head."""
     q = torch.arange(HEADS * HD).float().view(HEADS * HD, 1)

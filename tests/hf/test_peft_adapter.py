@@ -6,7 +6,8 @@ insertion model; or on the attention of two layers of a Helium-family LM, whose 
 permutes) are exported again with ``--lora separate``. transformers loads the base folder,
 PEFT (``PeftModel.from_pretrained``) puts the adapters on its ``q_proj`` / ``k_proj`` / ``v_proj`` /
 ``gate_proj`` / ``up_proj`` / ... modules, and the result gives megatron's logits; the base alone
-does not. Bad input: no adapters in the checkpoint, the native Qwen2.5-VL format.
+does not. Bad input: no adapters in the checkpoint. The native Qwen2.5-VL format's adapter
+is tested with its export (tests/model/test_insertion_qwen.py).
 """
 
 from __future__ import annotations
@@ -96,9 +97,28 @@ def test_lora_modes_are_checked_before_the_load():
     from casa_megatron.conversion.exporter import _check_lora_mode
 
     adapted = dataclasses.replace(small_model_config(), freeze_lm=True, lora=LoRAConfig(rank=2))
-    _check_lora_mode("separate", adapted, "casa")
-    _check_lora_mode("merge", small_model_config(), "casa")
-    with pytest.raises(ConversionError, match="PEFT adapter for the casa format, not 'qwen2_5_vl'"):
-        _check_lora_mode("separate", adapted, "qwen2_5_vl")
+    _check_lora_mode("separate", adapted)
+    _check_lora_mode("merge", small_model_config())
     with pytest.raises(ConversionError, match="--lora 'split' not in"):
-        _check_lora_mode("split", adapted, "casa")
+        _check_lora_mode("split", adapted)
+
+
+def test_adapter_keys_name_the_modules_of_each_format():
+    """PEFT addresses modules: the casa remote code's are its checkpoint names; transformers'
+    Qwen2.5-VL renames its checkpoint's ``model.*`` / ``visual.*`` on load (checked end to end in
+    tests/model/test_insertion_qwen.py), and a module it does not have is refused."""
+    from support.qwen_vl import hf_qwen_vl
+
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.hf_formats import module_path
+    from casa_megatron.conversion.lora_export import check_modules
+
+    assert module_path("casa", "model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj"
+    assert module_path("casa", "visual.blocks.1.attn.qkv.weight") == "visual.blocks.1.attn.qkv"
+    assert module_path("qwen2_5_vl", "model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj"
+    assert module_path("qwen2_5_vl", "visual.blocks.1.attn.qkv.weight") == "model.visual.blocks.1.attn.qkv"
+    config = hf_qwen_vl().config.to_dict()
+    check_modules(config, {"target_modules": ["model.language_model.layers.1.self_attn.o_proj",
+                                              "model.visual.blocks.0.mlp.down_proj"]})
+    with pytest.raises(ConversionError, match=r"1 adapted modules are not in .*\['model.layers.1.self_attn.o_proj'\]"):
+        check_modules(config, {"target_modules": ["model.layers.1.self_attn.o_proj"]})

@@ -93,7 +93,7 @@ def test_import_reads_every_tensor_of_the_checkpoint(imported):
     assert report["source"]["dtype"] == "float32"
 
 
-def _train_and_save(model, root, tp, batch):
+def _train_and_save(model, root, tp, batch, run="run", overrides=()):
     """One training step at this layout, then a training checkpoint (with optimizer state)."""
     import dataclasses
 
@@ -103,14 +103,43 @@ def _train_and_save(model, root, tp, batch):
     from support.hf_fixture import one_step
 
     cfg = load_config(TrainConfig, None, [
-        f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local", f"run_dir={root}/run",
+        f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local", f"run_dir={root}/{run}",
         f"parallel.tensor_model_parallel_size={tp}", f"data.tokenizer_path={root}/imported",
-        f"data.image_seq_length={IMAGE_SLOTS}", "optimizer.warmup_steps=0", "train_steps=1"])
+        f"data.image_seq_length={IMAGE_SLOTS}", "optimizer.warmup_steps=0", "train_steps=1", *overrides])
     g = torch.Generator().manual_seed(1)
     batch = dataclasses.replace(batch, labels=torch.randint(0, 100, batch.shape, generator=g),
                                 loss_mask=torch.ones(batch.shape))
     optimizer, scheduler = one_step(model, cfg, batch, IMAGE_SLOTS)
-    Checkpointer(f"{root}/run/checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
+    Checkpointer(f"{root}/{run}/checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
+
+
+# LoRA on every linear of the frozen LM and on blocks 1 and 2 of the frozen encoder (another rank)
+LORA = ["model.freeze_lm=true", "model.lora.rank=4", "model.lora.alpha=8", "model.vision.trainable_blocks=0",
+        "model.vision.lora.rank=2", "model.vision.lora.alpha=4", "model.vision.lora.layers=[1,2]"]
+
+
+def _random_adapters(model, pad_rows: bool = False) -> int:
+    """B = 0 would make the adapters invisible: random A and B, each drawn from its name (the
+    replicated pieces equal on every rank). ``B``'s rows of the encoder MLP's zero padding units
+    stay zero, as training keeps them (zero gradient), unless ``pad_rows``."""
+    import zlib
+
+    from megatron.core import parallel_state
+
+    from casa_megatron.model.lora import lora_adapters
+
+    adapters = list(lora_adapters(model))
+    vision = model.model_config.vision
+    with torch.no_grad():
+        for name, adapter in adapters:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            for p in (adapter.lora_a, adapter.lora_b):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            if name.startswith("vision.") and name.endswith("linear_fc1_lora") and not pad_rows:
+                for half in adapter.lora_b.chunk(2):  # [gate; up], this rank's rows of each
+                    first = parallel_state.get_tensor_model_parallel_rank() * half.shape[0]  # global row
+                    half[max(vision.ffn_hidden_size - first, 0):] = 0
+    return len(adapters)
 
 
 def _worker(rank, world, root):
@@ -143,6 +172,12 @@ def _worker(rank, world, root):
         report["encoder_split"] = ((out.transpose(0, 1) - ref).abs().max().item(), len(split.vision.blocks))
     else:
         report["encoder_split"] = (None, len(split.vision.blocks))
+    # the LoRA run at TP=2: adapters trained one step and saved with the frozen weights
+    lora = build_pretrained(f"{root}/imported", tp=world, image_slots=IMAGE_SLOTS, overrides=LORA)
+    report["adapters"] = _random_adapters(lora)
+    _train_and_save(lora, root, world, batch, run="run_lora", overrides=LORA)
+    with torch.no_grad():
+        report["lora"] = tensor_parallel.gather_from_tensor_model_parallel_region(lora(batch))
     return report
 
 
@@ -189,3 +224,76 @@ def test_trained_tp2_checkpoint_exports_to_transformers_qwen2_5_vl(imported, lay
     assert not [f for f in files if f.endswith(".py")] and "model.safetensors" in files
     config = json.loads((root / "exported" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"] and "auto_map" not in config
+
+
+def _export_lora(rank, world, root, trained):
+    """The LoRA run exported both ways: merged into the weights, and apart (base + PEFT adapter)."""
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from casa_megatron.conversion.cli import main
+
+    for mode in ("merge", "separate"):
+        assert main(["export-hf", f"{root}/run_lora", f"{root}/lora_{mode}", "--lora", mode, "--no-progress"]) == 0
+    model = build_pretrained(f"{root}/imported", tp=1, image_slots=IMAGE_SLOTS)  # for the stream layout
+    batch = _batch(model.model_config.vision.patch_dim)
+
+    def load(mode):
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{root}/lora_{mode}",
+                                                                  attn_implementation="eager").eval()
+
+    base = load("separate")
+    logits = {"base": _hf_logits(base, model, batch), "merge": _hf_logits(load("merge"), model, batch)}
+    peft = PeftModel.from_pretrained(base, f"{root}/lora_separate/lora_adapter").eval()
+    logits["separate"] = _hf_logits(peft, model, batch)
+    trained = torch.as_tensor(trained)
+    config = json.loads(Path(f"{root}/lora_separate/lora_adapter/adapter_config.json").read_text())
+    return ({k: (v - trained).abs().max().item() for k, v in logits.items()}, trained.abs().max().item(), config,
+            _export_moved_padding(root))
+
+
+def _export_moved_padding(root) -> dict:
+    """Adapters whose B moved the encoder MLP's zero padding units: those units compute, and the
+    HF MLP has no room for them. Both modes refuse (exit 2), naming the tensor; nothing is written."""
+    import contextlib
+    import io
+
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.conversion.cli import main
+    from support.export import save_weights_checkpoint
+
+    model = build_pretrained(f"{root}/imported", tp=1, image_slots=IMAGE_SLOTS, overrides=LORA)
+    _random_adapters(model, pad_rows=True)
+    cfg = load_config(TrainConfig, None, [f"checkpoint.pretrained={root}/imported", "model.transformer_impl=local",
+                                          f"data.tokenizer_path={root}/imported", *LORA])
+    save_weights_checkpoint(model, cfg, Path(root) / "run_padding")
+    out = {}
+    for mode in ("merge", "separate"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["export-hf", f"{root}/run_padding", f"{root}/padding_{mode}", "--lora", mode, "--no-progress"])
+        out[mode] = (code, err.getvalue(), Path(f"{root}/padding_{mode}").exists())
+    return out
+
+
+def test_lora_run_exports_to_qwen2_5_vl_merged_or_as_a_peft_adapter(imported, layouts):
+    """Adapters on the frozen LM and on two frozen encoder blocks, trained at TP=2: ``--lora merge``
+    gives transformers' Qwen2.5-VL the trained logits; ``--lora separate`` gives them through PEFT
+    on the base (the adapter addresses transformers' modules ``model.language_model.*`` /
+    ``model.visual.*``, not the checkpoint's ``model.*`` / ``visual.*`` names), and the base
+    alone differs. Adapters that moved the encoder MLP's zero padding units are refused."""
+    root = imported[0]
+    assert layouts[0]["adapters"] == 2 * 4 + 2 * 4  # 2 LM layers x 4 linears, 2 blocks x 4 linears
+    (errors, scale, config, padding), = run_distributed(_export_lora, world_size=1, root=str(root),
+                                                        trained=layouts[0]["lora"])
+    assert errors["merge"] < 1e-4 and errors["separate"] < 1e-4, errors
+    assert errors["base"] > 1e-2 and scale > 1.0, errors
+    targets = config["target_modules"]
+    assert "model.language_model.layers.0.self_attn.q_proj" in targets and "model.visual.blocks.1.attn.qkv" in targets
+    assert not any(t.startswith(("model.layers.", "visual.")) for t in targets)
+    assert not any(t.startswith("model.visual.blocks.0.") for t in targets)  # blocks 1 and 2 only
+    assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2}
+    for mode, (code, err, written) in padding.items():
+        assert code == 2 and not written, (mode, err)
+        assert "vision.blocks.1.mlp.linear_fc1" in err and "non-zero entries in the padded MLP units 45..47" in err, err

@@ -81,7 +81,27 @@ class VisionEncoder(MegatronModule, ABC):
             with component_seed(seed, f"vision.blocks.{i}"):
                 built.append(build_module(layer_spec, config=config, layer_number=i + 1, pg_collection=pg_collection))
         self.blocks = torch.nn.ModuleList(built)
+        self._zero_padded_units(vision, pg_collection.tp.rank())
         return seed
+
+    @torch.no_grad()
+    def _zero_padded_units(self, vision, tp_rank: int) -> None:
+        """The MLP units past ``ffn_hidden_size`` (``model.vision.ffn_pad_multiple``) start as the
+        exact no-ops an import makes them: zero gate / up rows and biases, zero down-projection
+        columns. Zero rows get zero gradients, so they stay no-ops, and the export can slice them
+        off; a from-scratch encoder would otherwise train units the HF format has no room for."""
+        ffn = vision.ffn_hidden_size
+        if vision.padded_ffn_hidden_size == ffn:
+            return
+        for block in self.blocks:
+            fc1, fc2 = block.mlp.linear_fc1, block.mlp.linear_fc2
+            local = fc2.weight.shape[1]  # this rank's units: global tp_rank * local ...
+            kept = min(max(ffn - tp_rank * local, 0), local)
+            fc2.weight[:, kept:] = 0
+            for param in (fc1.weight, getattr(fc1, "bias", None)):
+                if param is not None and param.numel():
+                    for part in param.view(-1, local, *param.shape[1:]):  # [gate; up] or one part
+                        part[kept:] = 0
 
     @abstractmethod
     def plan(self, grid_thw: Tensor, device) -> Any:

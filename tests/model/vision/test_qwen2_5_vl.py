@@ -37,6 +37,8 @@ def _worker(rank, world):
     initialize_parallel(world, 1, seed=0)
     stack = VisionStack(cfg, tp=world)
     names = [n for n, _ in stack.named_parameters()]
+    fresh = gather_full(stack, {n: p.detach() for n, p in stack.named_parameters()},
+                        parallel_state.get_tensor_model_parallel_group())  # as built: from scratch
     full = hf_to_megatron(names, cfg, hf_visual_state(hf))
     assert sorted(full) == sorted(names)
     load_full_state(stack, full, parallel_state.get_tensor_model_parallel_rank(), world)
@@ -55,7 +57,21 @@ def _worker(rank, world):
     padded, real = cfg.vision.padded_ffn_hidden_size, cfg.vision.ffn_hidden_size
     return {"max_err": (out - ref_out).abs().max().item(),
             "max_grad_err": max((grads[n] - expected[n]).abs().max().item() for n in grads), "padded": padded, "real": real,
-            "pad_grad": fc1[real:padded].abs().sum().item(), "tokens": out.shape[0]}
+            "pad_grad": fc1[real:padded].abs().sum().item(), "tokens": out.shape[0],
+            "fresh_padding": _padding(fresh, real, padded)}
+
+
+def _padding(state, real: int, padded: int) -> dict:
+    """Per MLP tensor, the sum of |entries| of the padded units (fc1: gate and up rows, biases;
+    fc2: columns) and of the real ones."""
+    out = {}
+    for name, t in state.items():
+        if ".mlp.linear_fc1." in name:
+            pad = torch.cat([half[real:] for half in t.view(2, padded, *t.shape[1:])])
+            out[name] = (pad.abs().sum().item(), t.abs().sum().item())
+        elif ".mlp.linear_fc2.weight" in name:
+            out[name] = (t[:, real:].abs().sum().item(), t.abs().sum().item())
+    return out
 
 
 def test_qwen_encoder_equals_transformers_tp1():
@@ -68,3 +84,10 @@ def test_qwen_encoder_equals_transformers_tp2_with_padded_mlp():
     reports = run_distributed(_worker, world_size=2)
     assert all(r["padded"] == 48 and r["real"] == 45 for r in reports)
     assert all(r["pad_grad"] == 0.0 for r in reports)
+    # built from scratch, the padded units are already the exact no-ops an import makes them
+    # (zero gate / up rows, biases and down columns; units 45..47, on the second TP rank)
+    for report in reports:
+        padding = report["fresh_padding"]
+        assert len(padding) == 4 * 3, sorted(padding)  # 4 blocks: fc1 weight, fc1 bias, fc2 weight
+        assert all(pad == 0.0 for pad, _ in padding.values()), padding
+        assert all(whole > 0.0 for name, (_, whole) in padding.items() if name.endswith("weight")), padding
