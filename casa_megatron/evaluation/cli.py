@@ -23,7 +23,7 @@ from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
-from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder
+from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder, resolve_adapter
 
 
 class EvalInputError(ValueError):
@@ -36,6 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    ".json(l) (e.g. data/synthetic/valid)")
     p.add_argument("--checkpoint", help="training checkpoint (iter_N/ or a run's checkpoints/) or import folder")
     p.add_argument("--hf", help="exported Hugging Face folder (casa-convert export-hf)")
+    p.add_argument("--adapter", default="auto", help="HF side: LoRA adapter merged into the model: auto (the "
+                   "folder's lora_adapter/ from export-hf --lora separate, when there is one), none, or a folder")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--max-samples", type=int, default=None, help="first N samples of --data")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -115,7 +117,7 @@ def run_hf(args, items: Items) -> Dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model(args.hf, device, args.dtype)
+    model, processor = load_model(args.hf, device, args.dtype, args.adapter)
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
     return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)
@@ -148,6 +150,7 @@ def run(args: argparse.Namespace) -> Dict:
         resolve_checkpoint(args.checkpoint)
     if args.hf:
         check_hf_folder(args.hf)
+        resolve_adapter(args.hf, args.adapter)  # a wrong --adapter fails before the megatron side runs
     settings = settings_for(args)
     items = read_items(args.data, settings, args.max_samples, args.media_root)
     if not items.questions and not items.captions:
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace) -> Dict:
         sides["megatron"] = run_megatron(args, settings, items)
     if args.hf:
         sides["hf"] = run_hf(args, items)
-    result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf,
+    adapter = resolve_adapter(args.hf, args.adapter) if args.hf else None
+    result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
               "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
               "text_layout": settings.text_layout, "sides": sides}
     if len(sides) == 2:

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
-from casa_megatron.inference.model_folder import NotAnHFFolder, load_model
+from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, resolve_adapter
 from casa_megatron.inference.report import plot_series
 from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
 from casa_megatron.runtime.atomic import atomic_write_json
@@ -36,6 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, default=None, help="frame pixel budget (processor default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--adapter", default="auto", help="LoRA adapter merged into the model: auto (the folder's "
+                   "lora_adapter/ from export-hf --lora separate, when there is one), none, or a PEFT adapter folder")
     p.add_argument("--decoder", default="auto", choices=("auto", "cpu", "dali"),
                    help="auto: DALI on a GPU when it is installed, else PyAV on the CPU")
     return p.parse_args(argv)
@@ -54,7 +56,7 @@ def stamp(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    model, processor = load_model(args.model, args.device, args.dtype)
+    model, processor = load_model(args.model, args.device, args.dtype, args.adapter)
     captioner = LiveCaptioner(model, processor, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                               max_pixels=args.max_pixels)
     records: List[FrameRecord] = []
@@ -69,7 +71,9 @@ def run(args: argparse.Namespace) -> dict:
         stopped = str(e)
     except KeyboardInterrupt:
         stopped = "interrupted"
-    result = {"video": str(args.video), "model": str(args.model), "fps": args.fps, "device": args.device,
+    adapter = resolve_adapter(args.model, args.adapter)
+    result = {"video": str(args.video), "model": str(args.model), "adapter": adapter and str(adapter),
+              "fps": args.fps, "device": args.device,
               "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
               "wall_s": time.perf_counter() - start}
     out = Path(args.out)

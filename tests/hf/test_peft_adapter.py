@@ -122,3 +122,66 @@ def test_adapter_keys_name_the_modules_of_each_format():
                                               "model.visual.blocks.0.mlp.down_proj"]})
     with pytest.raises(ConversionError, match=r"1 adapted modules are not in .*\['model.layers.1.self_attn.o_proj'\]"):
         check_modules(config, {"target_modules": ["model.layers.1.self_attn.o_proj"]})
+
+
+def test_our_tools_merge_the_exported_adapter(separate, capsys):
+    """``casa-stream`` / ``casa-eval`` load an export through ``inference.model_folder.load_model``:
+    a ``--lora separate`` folder gives the trained model (its adapter merged through PEFT, and
+    said so), not the base that transformers alone would load; ``adapter="none"`` gives the base."""
+    from casa_megatron.inference.model_folder import load_model
+
+    out, logits, _ = separate
+    folder = out / "casa_lora-tp2"
+    x = hf_inputs(make_case("image"))
+    ref = torch.as_tensor(logits["tp2"]["casa_lora"]["image"])
+    got = {}
+    for adapter in ("auto", str(folder / "lora_adapter"), "none"):
+        model, _ = load_model(folder, adapter=adapter)
+        with torch.no_grad():
+            got[adapter] = model(**x, use_cache=False).logits
+        assert type(model).__name__ == "CasaForCausalLM"  # merged and unwrapped: the remote class itself
+    torch.testing.assert_close(got["auto"], ref, **TOL)
+    torch.testing.assert_close(got[str(folder / "lora_adapter")], ref, **TOL)
+    assert (got["none"] - ref).abs().max() > 1e-3
+    assert capsys.readouterr().err.count("merged into the model") == 2
+
+
+def test_stream_on_a_separate_export_equals_the_merged_export(exported, separate, tmp_path):
+    import numpy as np
+
+    from casa_megatron.data.video.encode import encode_video
+    from casa_megatron.inference.cli import main
+
+    rng = np.random.default_rng(0)
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(encode_video([rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(20)], fps=10))
+    runs = {"merged": (exported[0] / "casa_lora", []), "separate": (separate[0] / "casa_lora-tp2", []),
+            "base": (separate[0] / "casa_lora-tp2", ["--adapter", "none"])}
+    results = {}
+    for name, (folder, extra) in runs.items():
+        code = main([str(video), "--model", str(folder), "--out", str(tmp_path / name), "--max-new-tokens", "4",
+                     "--decoder", "cpu", *extra])
+        assert code == 0, name
+        results[name] = json.loads((tmp_path / name / "stream.json").read_text())
+    tokens = {name: [f["tokens"] for f in r["frames"]] for name, r in results.items()}
+    assert len(tokens["merged"]) == 4 and tokens["separate"] == tokens["merged"]
+    assert results["separate"]["adapter"] == str(separate[0] / "casa_lora-tp2" / "lora_adapter")
+    assert results["base"]["adapter"] is None and results["merged"]["adapter"] is None
+
+
+def test_a_wrong_adapter_is_named(separate, tmp_path, monkeypatch):
+    import sys
+
+    from casa_megatron.evaluation.cli import main as eval_main
+    from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, resolve_adapter
+
+    folder = separate[0] / "casa_lora-tp2"
+    with pytest.raises(NotAnHFFolder, match=r"nowhere is not a PEFT adapter folder \(no adapter_config.json\)"):
+        resolve_adapter(folder, str(tmp_path / "nowhere"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # before any model is built
+        code = eval_main(["--data", str(tmp_path), "--hf", str(folder), "--adapter", str(tmp_path)])
+    assert code == 2 and "is not a PEFT adapter folder" in err.getvalue(), err.getvalue()
+    monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
+    with pytest.raises(NotAnHFFolder, match=r"comes with a LoRA adapter .* needs peft .* --adapter none"):
+        load_model(folder)
