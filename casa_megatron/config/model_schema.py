@@ -8,6 +8,8 @@ the whole ``TrainConfig``) are in ``schema.py``, which re-exports these.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -170,13 +172,17 @@ class LoRAConfig:
     indices; None = all). LM adapters need ``model.freeze_lm=true`` and cannot target the
     self-attention projections that CASA shares (``fusion.share_projections``); encoder adapters
     need their blocks frozen (outside ``model.vision.trainable_blocks``). CASA weights are new and
-    train in full beside them. ``export-hf`` merges them into the weights (``W + (alpha / rank) B A``)."""
+    train in full beside them. ``export-hf`` merges them into the weights (``W + (alpha / rank) B A``).
+
+    ``rslora``: scale by ``alpha / sqrt(rank)`` instead (rank-stabilized LoRA, Kalajdzievski 2023;
+    PEFT's ``use_rslora``), so the update's size no longer shrinks as the rank grows."""
 
     rank: int = 0
     alpha: float = 32.0
     dropout: float = 0.0
     targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
     layers: Optional[List[int]] = None
+    rslora: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -184,7 +190,7 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def adapted_layers(self, num_layers: int) -> List[int]:
         return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))

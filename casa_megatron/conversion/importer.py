@@ -11,6 +11,10 @@ Output folder::
       hf_config.json       the source config.json
       tokenizer / processor / chat-template files copied from the source
 
+A PEFT LoRA adapter that comes with the folder (``lora_adapter/``, from ``export-hf --lora
+separate``) or is named by ``--adapter DIR`` is merged into the weights as they are read
+(conversion/peft_import.py); ``--adapter none`` imports the base alone.
+
 It is written to a hidden sibling ``.OUT.tmp-PID`` and renamed into place at the end, so an
 interrupted import never leaves a folder that looks like a checkpoint; an existing ``OUT`` is
 refused unless ``force`` (then replaced only after the new one is complete).
@@ -43,6 +47,7 @@ from casa_megatron.conversion.hf_config import VISION_CONFIG_READERS, HFArchitec
 from casa_megatron.conversion.safetensors_io import SafetensorsReader
 from casa_megatron.conversion.mapping import MappingTable
 from casa_megatron.conversion.output_dir import check_output, publish
+from casa_megatron.conversion.peft_import import AdapterMergedReader, resolve_adapter
 from casa_megatron.conversion.tables import VISION_TABLES, lm_table, projector_table, vision_table
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -165,13 +170,16 @@ def vision_sources(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_fro
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
               force: bool = False, vision_from: Optional[str] = None, skip_vision: bool = False,
-              dtype: str = "auto", progress: bool = True, phases: bool = False) -> ImportResult:
-    """See the module docstring; ``progress``: tqdm bar, ``phases``: timed phase lines on stderr."""
+              dtype: str = "auto", progress: bool = True, phases: bool = False, adapter: str = "auto") -> ImportResult:
+    """See the module docstring; ``progress``: tqdm bar, ``phases``: timed phase lines on stderr;
+    ``adapter``: a PEFT LoRA adapter merged into the weights (``auto``: ``HF_DIR/lora_adapter``
+    when there is one, ``none``, or a folder; conversion/peft_import.py)."""
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
     check_output(out, force)
     arch = read_hf_config(hf_dir)
+    adapter_dir = resolve_adapter(hf_dir, adapter)
     params_dtype = _dtype(dtype, arch)
     vision_arch = arch
     if vision_from:
@@ -190,6 +198,10 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     cfg = _without_adapters(cfg)
 
     lm_reader = SafetensorsReader(hf_dir)
+    if adapter_dir is not None:
+        lm_reader = AdapterMergedReader(lm_reader, adapter_dir)
+        print(f"import-hf: merging the LoRA adapter {adapter_dir} ({len(lm_reader.updates)} modules) into the "
+              "imported weights (--adapter none: the base alone)", file=sys.stderr)
     vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)
     sources = {"lm": Source(lm_reader), **vision}
     tables = {"lm": lm_table(cfg.model), **vision_tables}
@@ -213,7 +225,8 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         log("saving the dist checkpoint")
         save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
-        _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype)
+        _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype, adapter_dir,
+                        len(lm_reader.updates) if adapter_dir is not None else 0)
         publish(tmp, out, force)
         log("done")
     except BaseException:
@@ -243,10 +256,13 @@ def _check_accounted(model, report: ImportReport, tables) -> None:
 
 
 def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,
-                    vision_from: Optional[str], dtype: torch.dtype) -> None:
+                    vision_from: Optional[str], dtype: torch.dtype, adapter_dir: Optional[Path] = None,
+                    adapter_modules: int = 0) -> None:
     source = {"hf_dir": str(Path(hf_dir).resolve()), "family": arch.family, "model_type": arch.model_type,
               "vision_from": str(Path(vision_from).resolve()) if vision_from else None,
-              "dtype": str(dtype).replace("torch.", "")}
+              "dtype": str(dtype).replace("torch.", ""),
+              "lora_adapter": str(adapter_dir.resolve()) if adapter_dir is not None else None,
+              "lora_adapter_modules": adapter_modules}
     (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
         {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
     save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to

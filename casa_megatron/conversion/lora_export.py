@@ -13,8 +13,11 @@ HF modules the mapping tables split them into. The split is the weight's own tra
 * the vision MLP's padded *input* columns (``fc2``, ``PadFFN(dim=1)``) are sliced from ``A``,
   and ``B`` is kept whole.
 
-``alpha / rank`` is PEFT's ``lora_alpha / r`` (no rsLoRA); the encoder's rank and alpha, when
-they differ from the LM's, go to ``rank_pattern`` / ``alpha_pattern``.
+``alpha / rank`` is PEFT's ``lora_alpha / r``, ``alpha / sqrt(rank)`` (``rslora``) its
+``use_rslora``; the encoder's rank and alpha, when they differ from the LM's, go to
+``rank_pattern`` / ``alpha_pattern``. PEFT has one ``use_rslora`` for the whole adapter: the LM's
+(or the encoder's, without LM adapters) decides, and the other component's ``alpha_pattern`` is
+the alpha that gives its own scale under that convention.
 
 Adapter keys name modules, not checkpoint tensors: in the native Qwen2.5-VL format the two differ
 (``hf_formats.MODULE_PREFIXES``), so the export checks every adapted module against the model
@@ -24,6 +27,7 @@ transformers builds from the exported ``config.json`` (on the meta device) befor
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -79,11 +83,16 @@ def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype,
 def _config(model_cfg, modules: Dict[str, str]) -> dict:
     loras = {"lm": model_cfg.lora, "vision": model_cfg.vision.lora}
     main = loras["lm"] if loras["lm"].enabled else loras["vision"]
+
+    def alpha(lora) -> float:  # PEFT's lora_alpha giving lora.scale under main's convention
+        return lora.alpha if lora.rslora == main.rslora else \
+            lora.scale * (math.sqrt(lora.rank) if main.rslora else lora.rank)
+
     rank_pattern = {m: loras[c].rank for m, c in sorted(modules.items()) if loras[c].rank != main.rank}
-    alpha_pattern = {m: loras[c].alpha for m, c in sorted(modules.items()) if loras[c].alpha != main.alpha}
+    alpha_pattern = {m: alpha(loras[c]) for m, c in sorted(modules.items()) if alpha(loras[c]) != main.alpha}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": main.rank, "lora_alpha": main.alpha,
             "lora_dropout": main.dropout, "target_modules": sorted(modules), "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+            "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": main.rslora, "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": None}
 

@@ -6,7 +6,8 @@ insertion model; or on the attention of two layers of a Helium-family LM, whose 
 permutes) are exported again with ``--lora separate``. transformers loads the base folder,
 PEFT (``PeftModel.from_pretrained``) puts the adapters on its ``q_proj`` / ``k_proj`` / ``v_proj`` /
 ``gate_proj`` / ``up_proj`` / ... modules, and the result gives megatron's logits; the base alone
-does not. Bad input: no adapters in the checkpoint. The native Qwen2.5-VL format's adapter
+does not. The CASA variant's LM adapters are rsLoRA (``alpha / sqrt(rank)``), its encoder's plain
+LoRA: PEFT computes both scales itself from the exported config. Bad input: no adapters in the checkpoint. The native Qwen2.5-VL format's adapter
 is tested with its export (tests/model/test_insertion_qwen.py).
 """
 
@@ -75,6 +76,10 @@ def test_base_plus_peft_adapter_equals_megatron(separate, name, layout):
         targets = config["target_modules"]
         assert any(t.endswith("self_attn.q_proj") for t in targets) and any(t.endswith("mlp.up_proj") for t in targets)
         assert config["r"] == 4 and config["rank_pattern"] and set(config["rank_pattern"].values()) == {2}
+        # rsLoRA on the LM decides PEFT's use_rslora; the encoder's plain alpha / rank = 4 / 2 is
+        # written as the alpha that gives 2 under alpha / sqrt(rank)
+        assert config["use_rslora"] is True and config["lora_alpha"] == 8.0
+        assert {round(a, 6) for a in config["alpha_pattern"].values()} == {round(2 * 2 ** 0.5, 6)}
     elif name == "insertion_lora_mlp":
         assert all(t.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for t in config["target_modules"])
     else:  # Helium: q/k/v/o of layers 0 and 3 only
@@ -185,3 +190,24 @@ def test_a_wrong_adapter_is_named(separate, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
     with pytest.raises(NotAnHFFolder, match=r"comes with a LoRA adapter .* needs peft .* --adapter none"):
         load_model(folder)
+
+
+def _import_both(rank, world, separate_dir, merged_dir, root):
+    from support.export import load_weights
+
+    from casa_megatron.conversion.cli import main
+
+    for src, name in ((separate_dir, "from_separate"), (merged_dir, "from_merged")):
+        assert main(["import-hf", src, f"{root}/{name}", "model.transformer_impl=local", "--no-progress"]) == 0
+    ours, merged = load_weights(f"{root}/from_separate"), load_weights(f"{root}/from_merged")
+    return sorted(ours) == sorted(merged), max((ours[n] - merged[n]).abs().max().item() for n in ours), len(ours)
+
+
+def test_import_of_a_separate_export_merges_its_adapter(exported, separate, tmp_path):
+    """Round trip: ``export-hf --lora separate`` -> ``import-hf`` (the folder's ``lora_adapter/``
+    merged as it is read) gives the tensors of ``export-hf`` (merged) -> ``import-hf``; without the
+    merge the import would be the untrained base."""
+    (same_names, diff, count), = run_distributed(_import_both, world_size=1,
+                                                 separate_dir=str(separate[0] / "casa_lora-tp2"),
+                                                 merged_dir=str(exported[0] / "casa_lora"), root=str(tmp_path))
+    assert same_names and count > 20 and diff < 1e-5, diff

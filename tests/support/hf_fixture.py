@@ -32,7 +32,8 @@ PRIMARY = "tp2"  # the folder of each variant that other tests load (root / vari
 # rotates pairs, in self-attention and CASA alike); Llama-3 RoPE scaling (rope_parameters); LoRA
 # adapters on the frozen LM (the export merges them into the weights), trained at TP=2 / PP=2.
 LLAMA3 = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-LORA_ALL = dict(rank=4, alpha=8.0, vision=dict(rank=2, alpha=4.0))  # and on the frozen encoder's blocks
+# rsLoRA on the LM (alpha / sqrt(rank)), plain LoRA on the frozen encoder's blocks
+LORA_ALL = dict(rank=4, alpha=8.0, rslora=True, vision=dict(rank=2, alpha=4.0))
 LORA_MLP = dict(rank=3, alpha=6.0, targets=["linear_fc1", "linear_fc2"], layers=[1, 2])
 LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
                "casa_helium_family": ({}, {"family": "helium"}),

@@ -1,0 +1,153 @@
+"""A PEFT LoRA adapter merged into the Hugging Face weights that ``import-hf`` reads.
+
+Two users bring one: whoever fine-tuned a backbone with PEFT in transformers and wants to go on
+in megatron, and whoever exported a run with ``export-hf --lora separate`` and imports it back.
+Without this, ``import-hf`` of such a folder would read the base weights alone: a model that
+was never trained, imported without a word.
+
+The merge happens in HF space, before the mapping tables (``W' = W + scale * B A`` per HF module,
+PEFT's own ``merge_and_unload`` rule), so it needs no adapter layout of ours: an adapter trained
+by PEFT with its own ``A`` for each of ``q_proj`` / ``k_proj`` / ``v_proj`` merges as well as ours
+with one shared ``A``, and the tables then fuse, permute and pad the merged weights as any other.
+The import is the merged backbone; adapters of the recipe (``model.lora``) start fresh
+(``B = 0``) on top of it, as after any import.
+
+Refused with the reason, before a tensor is read: DoRA (a magnitude vector is not a low-rank
+update), ``fan_in_fan_out`` (GPT-2's Conv1D), adapter biases, ``modules_to_save``, adapters on
+embeddings, and modules the checkpoint does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+
+from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.safetensors_io import normalise
+
+ADAPTER_DIR = "lora_adapter"  # what export-hf --lora separate writes next to the weights
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
+SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+
+def resolve_adapter(hf_dir: str | Path, adapter: str = "auto") -> Optional[Path]:
+    """``auto``: the folder's ``lora_adapter/`` when there is one; ``none``; or a path."""
+    if adapter == "none":
+        return None
+    path = Path(hf_dir) / ADAPTER_DIR if adapter == "auto" else Path(adapter)
+    if adapter == "auto" and not path.exists():
+        return None
+    if not (path / CONFIG).is_file():
+        raise ConversionError(f"--adapter {path}: not a PEFT adapter folder (no {CONFIG})")
+    if not (path / WEIGHTS).is_file():
+        raise ConversionError(f"--adapter {path}: no {WEIGHTS} (only safetensors adapters are read)")
+    return path
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module's whole path or its
+    dotted suffix (regular expressions allowed)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _check_config(config: dict, where: Path) -> None:
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r} (only LORA merges into the weights)")
+    if config.get("use_dora"):
+        problems.append("use_dora: DoRA rescales each weight row by a learned magnitude, not a low-rank update")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out: adapters on transposed (Conv1D) weights")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config.get('bias')!r}: the adapter trains biases")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']}: whole modules trained beside the adapter")
+    if problems:
+        raise ConversionError(f"{where}: this PEFT adapter cannot be merged into the import:\n  " +
+                              "\n  ".join(problems))
+
+
+class AdapterMergedReader:
+    """A checkpoint reader (``SafetensorsReader`` interface) whose adapted weights come out as
+    ``W + scale * B A`` (computed in float32, returned in the weight's dtype)."""
+
+    def __init__(self, reader, adapter_dir: Path):
+        self.reader, self.adapter_dir = reader, Path(adapter_dir)
+        config = json.loads((self.adapter_dir / CONFIG).read_text())
+        _check_config(config, self.adapter_dir)
+        pieces: Dict[str, Dict[str, torch.Tensor]] = {}
+        other: List[str] = []
+        with safe_open(str(self.adapter_dir / WEIGHTS), framework="pt") as handle:
+            for key in handle.keys():
+                suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+                if suffix is None or not key.startswith(PREFIX):
+                    other.append(key)
+                    continue
+                module = key[len(PREFIX): -len(suffix)]
+                pieces.setdefault(module, {})[SUFFIXES[suffix]] = handle.get_tensor(key)
+        if other:
+            raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not LoRA A / B matrices "
+                                  f"of a linear (embedding adapters, magnitudes, saved modules): {other[:5]}")
+        self.updates: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}  # weight name -> (A, B, scale)
+        missing, problems = [], []
+        for module, ab in sorted(pieces.items()):
+            name = normalise(f"{module}.weight")
+            if set(ab) != {"A", "B"}:
+                problems.append(f"{module}: lora_{'B' if 'A' in ab else 'A'} is missing")
+                continue
+            a, b = ab["A"], ab["B"]  # [r, in], [out, r]
+            rank = a.shape[0]
+            if name not in reader:
+                missing.append(f"{module} ({name})")
+                continue
+            if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(reader.shape(name)):
+                problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
+                                f"{tuple(reader.shape(name))}")
+                continue
+            expected = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+            if expected != rank:
+                problems.append(f"{module}: rank {rank} in the tensors, {expected} in {CONFIG}")
+                continue
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            self.updates[name] = (a, b, scale)
+        if missing:
+            raise ConversionError(f"{self.adapter_dir}: the adapter adapts {len(missing)} modules the checkpoint "
+                                  f"does not have: {missing[:5]}")
+        if problems:
+            raise ConversionError(f"{self.adapter_dir}: " + "; ".join(problems[:5]))
+        if not self.updates:
+            raise ConversionError(f"{self.adapter_dir}: no LoRA tensors in {WEIGHTS}")
+
+    def names(self):
+        return self.reader.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def shape(self, name: str):
+        return self.reader.shape(name)
+
+    def dtype(self, name: str):
+        return self.reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        weight = self.reader.get(name)
+        if name not in self.updates:
+            return weight
+        a, b, scale = self.updates[name]
+        return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+
+    def items(self):
+        for name in self.names():
+            yield name, self.get(name)
