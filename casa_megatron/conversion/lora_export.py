@@ -38,10 +38,9 @@ from casa_megatron.conversion.engine import component_of
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_formats import module_path
 from casa_megatron.conversion.mapping import bind_all
+from casa_megatron.conversion.peft_import import ADAPTER_DIR, CONFIG, PREFIX, WEIGHTS
 from casa_megatron.conversion.transforms import QKV, FusedQKV, GatedMLP, PadFFN, Transform, ZeroPad
 
-ADAPTER_DIR = "lora_adapter"  # inside the exported folder
-PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
 ROW_TRANSFORMS = (QKV, FusedQKV, GatedMLP, PadFFN)
 
 
@@ -120,5 +119,5 @@ def write_adapter(folder: Path, tensors: Dict[str, Tensor], config: dict) -> Non
 
     out = Path(folder) / ADAPTER_DIR
     out.mkdir()
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -31,7 +31,9 @@ from safetensors import safe_open
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.safetensors_io import normalise
 
-ADAPTER_DIR = "lora_adapter"  # what export-hf --lora separate writes next to the weights
+# PEFT's adapter folder, as export-hf --lora separate writes it (conversion/lora_export.py) next
+# to the weights and as PeftModel.save_pretrained writes it
+ADAPTER_DIR = "lora_adapter"
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
@@ -45,9 +47,10 @@ def resolve_adapter(hf_dir: str | Path, adapter: str = "auto") -> Optional[Path]
     if adapter == "auto" and not path.exists():
         return None
     if not (path / CONFIG).is_file():
-        raise ConversionError(f"--adapter {path}: not a PEFT adapter folder (no {CONFIG})")
+        raise ConversionError(f"{path} is not a PEFT adapter folder (no {CONFIG}): expected what PEFT's "
+                              f"save_pretrained or `casa-convert export-hf --lora separate` writes")
     if not (path / WEIGHTS).is_file():
-        raise ConversionError(f"--adapter {path}: no {WEIGHTS} (only safetensors adapters are read)")
+        raise ConversionError(f"{path}: no {WEIGHTS} (only safetensors adapters are read)")
     return path
 
 

@@ -43,21 +43,16 @@ def check_hf_folder(path: str | Path) -> Path:
     return p
 
 
-ADAPTER_DIR = "lora_adapter"  # what export-hf --lora separate writes (conversion/lora_export.py)
-
-
 def resolve_adapter(model_dir: str | Path, adapter: str = "auto") -> Optional[Path]:
     """The PEFT adapter folder to merge: ``auto`` (the export's ``lora_adapter/`` when there is
     one), ``none``, or a path; NotAnHFFolder when a named folder is not an adapter."""
-    if adapter == "none":
-        return None
-    path = Path(model_dir) / ADAPTER_DIR if adapter == "auto" else Path(adapter)
-    if adapter == "auto" and not path.exists():
-        return None
-    if not (path / "adapter_config.json").is_file():
-        raise NotAnHFFolder(f"{path} is not a PEFT adapter folder (no adapter_config.json); expected the "
-                            f"{ADAPTER_DIR}/ written by `casa-convert export-hf --lora separate`")
-    return path
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.peft_import import resolve_adapter as resolve
+
+    try:
+        return resolve(model_dir, adapter)
+    except ConversionError as e:
+        raise NotAnHFFolder(str(e)) from None
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", adapter: str = "auto"):
