@@ -54,7 +54,9 @@ def main(argv) -> int:
     for lora, what, n in ((cfg.model.lora, "LM layers", cfg.model.lm.num_layers),
                           (cfg.model.vision.lora, "encoder blocks", cfg.model.vision.num_layers)):
         if lora.enabled:
-            print(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of {what} "
+            kind = "DoRA" if lora.dora else "LoRA"
+            scale = f"alpha {lora.alpha:g}" + (" (rsLoRA: / sqrt(rank))" if lora.rslora else "")
+            print(f"{kind} rank {lora.rank}, {scale} on {', '.join(lora.targets)} of {what} "
                   f"{lora.adapted_layers(n)}")
     if cfg.parallel.pipeline_model_parallel_size > 1:
         print_stages(model, cfg)

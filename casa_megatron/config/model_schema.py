@@ -175,7 +175,11 @@ class LoRAConfig:
     train in full beside them. ``export-hf`` merges them into the weights (``W + (alpha / rank) B A``).
 
     ``rslora``: scale by ``alpha / sqrt(rank)`` instead (rank-stabilized LoRA, Kalajdzievski 2023;
-    PEFT's ``use_rslora``), so the update's size no longer shrinks as the rank grows."""
+    PEFT's ``use_rslora``), so the update's size no longer shrinks as the rank grows.
+    ``dora``: weight-decomposed LoRA (Liu et al. 2024; PEFT's ``use_dora``): a learned magnitude
+    per output row rescales the adapted weight, ``m / ||W + s B A|| * (W + s B A)``; one more
+    GEMM (``B A``) per adapted linear and forward. Not with ``dropout`` (PEFT's DoRA then
+    recomputes the base on the dropped input, which a frozen megatron linear does not)."""
 
     rank: int = 0
     alpha: float = 32.0
@@ -183,6 +187,7 @@ class LoRAConfig:
     targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
     layers: Optional[List[int]] = None
     rslora: bool = False
+    dora: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -208,6 +213,9 @@ class LoRAConfig:
             raise ConfigError(f"{where}.alpha={self.alpha} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout={self.dropout} must be in [0, 1)")
+        if self.dora and self.dropout:
+            raise ConfigError(f"{where}.dora=true with {where}.dropout={self.dropout}: DoRA here takes no dropout "
+                              "(PEFT's DoRA would recompute the frozen base on the dropped input); set one of them off")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         if unknown or not self.targets:
             raise ConfigError(f"{where}.targets={self.targets}: choose one or more of {list(LORA_TARGETS)}")

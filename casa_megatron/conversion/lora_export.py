@@ -11,7 +11,8 @@ HF modules the mapping tables split them into. The split is the weight's own tra
   ([out, r]), and ``A`` ([r, in]) is shared by the pieces (PEFT gets a copy per module:
   ``y_q = B_q A x`` is the ``q`` rows of ``B A x``);
 * the vision MLP's padded *input* columns (``fc2``, ``PadFFN(dim=1)``) are sliced from ``A``,
-  and ``B`` is kept whole.
+  and ``B`` is kept whole;
+* DoRA's magnitude (one per output row) follows ``B``'s rows (PEFT's ``lora_magnitude_vector``).
 
 ``alpha / rank`` is PEFT's ``lora_alpha / r``, ``alpha / sqrt(rank)`` (``rslora``) its
 ``use_rslora``; the encoder's rank and alpha, when they differ from the LM's, go to
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,20 +39,22 @@ from casa_megatron.conversion.engine import component_of
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_formats import module_path
 from casa_megatron.conversion.mapping import bind_all
-from casa_megatron.conversion.peft_import import ADAPTER_DIR, CONFIG, PREFIX, WEIGHTS
+from casa_megatron.conversion.peft_import import ADAPTER_DIR, CONFIG, MAGNITUDE_KEY, PREFIX, WEIGHTS
 from casa_megatron.conversion.transforms import QKV, FusedQKV, GatedMLP, PadFFN, Transform, ZeroPad
 
 ROW_TRANSFORMS = (QKV, FusedQKV, GatedMLP, PadFFN)
 
 
-def _split(transform: Transform, a: Tensor, b: Tensor) -> List[Tuple[Tensor, Tensor]]:
-    """(A, B) per HF module of one adapted megatron weight."""
+def _split(transform: Transform, a: Tensor, b: Tensor, m: Optional[Tensor]) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """(A, B, DoRA magnitude or None) per HF module of one adapted megatron weight; the
+    magnitude is per output row, so it follows B's rows."""
     if isinstance(transform, ZeroPad) and transform.dim == 1:  # padded input columns
         (a_hf,) = transform.to_hf(a)
-        return [(a_hf, b)]
+        return [(a_hf, b, m)]
     if type(transform) is not Transform and not isinstance(transform, ROW_TRANSFORMS):
         raise ConversionError(f"no PEFT layout for an adapter on a weight converted by {transform!r}")
-    return [(a, b_hf) for b_hf in transform.to_hf(b)]
+    rows = transform.to_hf(b)
+    return list(zip([a] * len(rows), rows, transform.to_hf(m) if m is not None else [None] * len(rows)))
 
 
 def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype,
@@ -67,14 +70,17 @@ def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype,
     modules: Dict[str, str] = {}  # HF module -> "lm" | "vision"
     for base, binding in bindings.items():
         adapter = adapters[bases[base]]
+        magnitude = adapter.lora_magnitude.detach() if adapter.dora else None
         try:
-            pieces = _split(binding.transform, adapter.lora_a.detach(), adapter.lora_b.detach())
+            pieces = _split(binding.transform, adapter.lora_a.detach(), adapter.lora_b.detach(), magnitude)
         except ValueError as e:  # B moved padded MLP units
             raise ConversionError(f"the LoRA adapter of {base}: {e}") from None
-        for hf_name, (a, b) in zip(binding.hf, pieces, strict=True):
+        for hf_name, (a, b, m) in zip(binding.hf, pieces, strict=True):
             module = module_path(fmt, hf_name)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = a.to(dtype).clone()  # A is shared: one copy each
             tensors[f"{PREFIX}{module}.lora_B.weight"] = b.to(dtype).clone()
+            if m is not None:
+                tensors[f"{PREFIX}{module}.{MAGNITUDE_KEY}"] = m.to(dtype).clone()
             modules[module] = "vision" if component_of(base) == "vision" else "lm"
     return tensors, _config(model_cfg, modules)
 
@@ -82,6 +88,9 @@ def peft_adapter(model: torch.nn.Module, tables, model_cfg, dtype: torch.dtype,
 def _config(model_cfg, modules: Dict[str, str]) -> dict:
     loras = {"lm": model_cfg.lora, "vision": model_cfg.vision.lora}
     main = loras["lm"] if loras["lm"].enabled else loras["vision"]
+    if len({loras[c].dora for c in set(modules.values())}) > 1:
+        raise ConversionError("model.lora.dora and model.vision.lora.dora differ: a PEFT adapter has one use_dora "
+                              "for all its modules; export with --lora merge")
 
     def alpha(lora) -> float:  # PEFT's lora_alpha giving lora.scale under main's convention
         return lora.alpha if lora.rslora == main.rslora else \
@@ -91,7 +100,8 @@ def _config(model_cfg, modules: Dict[str, str]) -> dict:
     alpha_pattern = {m: alpha(loras[c]) for m, c in sorted(modules.items()) if alpha(loras[c]) != main.alpha}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": main.rank, "lora_alpha": main.alpha,
             "lora_dropout": main.dropout, "target_modules": sorted(modules), "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": main.rslora, "fan_in_fan_out": False,
+            "alpha_pattern": alpha_pattern, "bias": "none", "use_rslora": main.rslora, "use_dora": main.dora,
+            "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": None}
 

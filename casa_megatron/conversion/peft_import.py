@@ -6,15 +6,15 @@ Without this, ``import-hf`` of such a folder would read the base weights alone: 
 was never trained, imported without a word.
 
 The merge happens in HF space, before the mapping tables (``W' = W + scale * B A`` per HF module,
-PEFT's own ``merge_and_unload`` rule), so it needs no adapter layout of ours: an adapter trained
+with DoRA ``W' = m / ||W + scale * B A||_row * (W + scale * B A)``: PEFT's own ``merge_and_unload``
+rules), so it needs no adapter layout of ours: an adapter trained
 by PEFT with its own ``A`` for each of ``q_proj`` / ``k_proj`` / ``v_proj`` merges as well as ours
 with one shared ``A``, and the tables then fuse, permute and pad the merged weights as any other.
 The import is the merged backbone; adapters of the recipe (``model.lora``) start fresh
 (``B = 0``) on top of it, as after any import.
 
-Refused with the reason, before a tensor is read: DoRA (a magnitude vector is not a low-rank
-update), ``fan_in_fan_out`` (GPT-2's Conv1D), adapter biases, ``modules_to_save``, adapters on
-embeddings, and modules the checkpoint does not have.
+Refused with the reason, before a tensor is read: ``fan_in_fan_out`` (GPT-2's Conv1D), adapter
+biases, ``modules_to_save``, adapters on embeddings, and modules the checkpoint does not have.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from casa_megatron.conversion.safetensors_io import normalise
 ADAPTER_DIR = "lora_adapter"
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
-SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m, one per output row
+SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", f".{MAGNITUDE_KEY}": "m"}
 
 
 def resolve_adapter(hf_dir: str | Path, adapter: str = "auto") -> Optional[Path]:
@@ -67,8 +68,6 @@ def _check_config(config: dict, where: Path) -> None:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} (only LORA merges into the weights)")
-    if config.get("use_dora"):
-        problems.append("use_dora: DoRA rescales each weight row by a learned magnitude, not a low-rank update")
     if config.get("fan_in_fan_out"):
         problems.append("fan_in_fan_out: adapters on transposed (Conv1D) weights")
     if config.get("bias", "none") != "none":
@@ -81,8 +80,8 @@ def _check_config(config: dict, where: Path) -> None:
 
 
 class AdapterMergedReader:
-    """A checkpoint reader (``SafetensorsReader`` interface) whose adapted weights come out as
-    ``W + scale * B A`` (computed in float32, returned in the weight's dtype)."""
+    """A checkpoint reader (``SafetensorsReader`` interface) whose adapted weights come out merged
+    (``W + scale * B A``, DoRA's rescaled rows; computed in float32, returned in the weight's dtype)."""
 
     def __init__(self, reader, adapter_dir: Path):
         self.reader, self.adapter_dir = reader, Path(adapter_dir)
@@ -101,19 +100,25 @@ class AdapterMergedReader:
         if other:
             raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not LoRA A / B matrices "
                                   f"of a linear (embedding adapters, magnitudes, saved modules): {other[:5]}")
-        self.updates: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}  # weight name -> (A, B, scale)
+        # weight name -> (A, B, scale, DoRA magnitude or None)
+        self.updates: Dict[str, Tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]] = {}
         missing, problems = [], []
         for module, ab in sorted(pieces.items()):
             name = normalise(f"{module}.weight")
-            if set(ab) != {"A", "B"}:
+            if not {"A", "B"} <= set(ab):
                 problems.append(f"{module}: lora_{'B' if 'A' in ab else 'A'} is missing")
                 continue
-            a, b = ab["A"], ab["B"]  # [r, in], [out, r]
+            a, b, m = ab["A"], ab["B"], ab.get("m")  # [r, in], [out, r], DoRA: [out]
+            if (m is not None) != bool(config.get("use_dora")):
+                problems.append(f"{module}: {'a' if m is not None else 'no'} {MAGNITUDE_KEY} with use_dora="
+                                f"{bool(config.get('use_dora'))}")
+                continue
             rank = a.shape[0]
             if name not in reader:
                 missing.append(f"{module} ({name})")
                 continue
-            if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(reader.shape(name)):
+            if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(reader.shape(name)) or \
+                    (m is not None and tuple(m.shape) != (b.shape[0],)):
                 problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
                                 f"{tuple(reader.shape(name))}")
                 continue
@@ -123,7 +128,7 @@ class AdapterMergedReader:
                 continue
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
             scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            self.updates[name] = (a, b, scale)
+            self.updates[name] = (a, b, scale, m)
         if missing:
             raise ConversionError(f"{self.adapter_dir}: the adapter adapts {len(missing)} modules the checkpoint "
                                   f"does not have: {missing[:5]}")
@@ -148,8 +153,11 @@ class AdapterMergedReader:
         weight = self.reader.get(name)
         if name not in self.updates:
             return weight
-        a, b, scale = self.updates[name]
-        return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+        a, b, scale, m = self.updates[name]
+        merged = weight.float() + scale * (b.float() @ a.float())
+        if m is not None:  # DoRA: the merged direction, rescaled to the learned row norms
+            merged *= (m.float() / merged.norm(dim=1))[:, None]
+        return merged.to(weight.dtype)
 
     def items(self):
         for name in self.names():

@@ -30,6 +30,17 @@ Initial ``A`` is drawn whole from a seed of its own (the layer's global index an
 name) and then cut, so every TP / PP layout starts from the same adapters. Dropout draws from
 the default generator where every TP rank holds the same tensor, from megatron's
 model-parallel RNG tracker where each holds its own part.
+
+DoRA (``lora.dora``; Liu et al. 2024, PEFT's ``use_dora``) splits each adapted weight into a
+direction and a learned magnitude ``m`` per output row:
+
+    y = m / ||W + s B A||_row * (W x + s B A x) + bias          # s = alpha / rank
+
+with the norm detached from the gradient as the paper suggests and PEFT does, and ``m``
+starting at ``||W||_row`` so that training starts from the backbone's function. The norm of a
+row-parallel weight's rows spans every TP rank's columns: each rank's squared sums are
+all-reduced (no gradient flows through them). ``m`` is split like ``B``'s rows for a
+column-parallel base, whole (and summed over TP under SP, as ``B``) for a row-parallel one.
 """
 
 from __future__ import annotations
@@ -58,16 +69,18 @@ TARGETS = {
 }
 SUFFIX = "_lora"
 LORA_MARK = SUFFIX + ".lora_"  # in every adapter tensor's state-dict and checkpoint key
+MAGNITUDE = LORA_MARK + "magnitude"  # DoRA's m: ends its keys
 
 
 class LoRAAdapter(MegatronModule):
-    """``(alpha / rank) * B(A(dropout(x)))`` beside one tensor-parallel linear (module docstring)."""
+    """``(alpha / rank) * B(A(dropout(x)))`` beside one tensor-parallel linear, with DoRA's
+    magnitude where ``lora.dora`` (module docstring)."""
 
     def __init__(self, config: TransformerConfig, kind: str, in_features: int, out_features: int,
                  lora: LoRAConfig, seed: int, gated: bool = False):
         super().__init__(config=config)
         self.kind, self.rank, self.scale, self.gated = kind, lora.rank, lora.scale, gated
-        self.dropout = lora.dropout
+        self.dropout, self.dora = lora.dropout, lora.dora
         self.sequence_parallel = config.sequence_parallel
         tp = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -87,6 +100,12 @@ class LoRAAdapter(MegatronModule):
         else:
             tensor_parallel.set_tensor_model_parallel_attributes(self.lora_a, True, 1, 1)
             self.lora_b.sequence_parallel = self.sequence_parallel  # its grad is summed over TP
+        if self.dora:  # set from the base weight by init_magnitude (attach_lora, and after a load)
+            self.lora_magnitude = torch.nn.Parameter(torch.zeros(b_shape[0], dtype=dtype))  # [out / tp] | [out]
+            if kind == COLUMN:
+                tensor_parallel.set_tensor_model_parallel_attributes(self.lora_magnitude, True, 0, 2 if gated else 1)
+            else:
+                self.lora_magnitude.sequence_parallel = self.sequence_parallel
         self._hook = None
 
     # --- forward ------------------------------------------------------------------------------
@@ -119,9 +138,38 @@ class LoRAAdapter(MegatronModule):
 
         def hook(module, args, output):
             out, bias = output
-            return out + self(args[0]).to(out.dtype), bias
+            delta = self(args[0]).to(out.dtype)
+            if not self.dora:
+                return out + delta, bias
+            factor = self.magnitude_factor(module.weight).to(out.dtype)  # [out(/tp)]
+            added = getattr(module, "bias", None) if bias is None else None  # a bias already in ``out``
+            if added is None or not added.numel():
+                return factor * (out + delta), bias
+            # factor * (W x + delta) + bias, exact where factor = 1 (B = 0 at the start)
+            return factor * (out + delta) + (1 - factor) * added, bias
 
         self._hook = base.register_forward_hook(hook)
+
+    # --- DoRA -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def weight_norm(self, weight: Tensor) -> Tensor:
+        """``||W + s B A||`` of each output row of the whole weight, this rank's rows ([out(/tp)],
+        fp32, no gradient): a row-parallel weight's squared sums are all-reduced over TP."""
+        sq = (weight.float() + self.delta_weight()).square().sum(dim=1)
+        if self.kind == ROW and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        return sq.sqrt()
+
+    def magnitude_factor(self, weight: Tensor) -> Tensor:
+        """``m / ||W + s B A||`` per output row (a zero row, e.g. an encoder MLP's padding unit, keeps m)."""
+        norm = self.weight_norm(weight)
+        return self.lora_magnitude.float() / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+    @torch.no_grad()
+    def init_magnitude(self, weight: Tensor) -> None:
+        """``m = ||W + s B A||``: the adapted linear computes ``W x + s B A x``, as without DoRA
+        (``B = 0`` at the start: the backbone's function). Collective over TP for a row base."""
+        self.lora_magnitude.copy_(self.weight_norm(weight).to(self.lora_magnitude.dtype))
 
     # --- merge and checkpoint ---------------------------------------------------------------------
     @torch.no_grad()
@@ -130,13 +178,14 @@ class LoRAAdapter(MegatronModule):
         return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        axis = {"lora_b": 0} if self.kind == COLUMN else {"lora_a": 1}
+        axis = {"lora_b": 0, "lora_magnitude": 0} if self.kind == COLUMN else {"lora_a": 1}
         state = self.state_dict(prefix="", keep_vars=True)
         sharded = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets)
-        if self.gated:  # B's rows follow fc1's [gate; up] layout: saved as fc1's weight is
-            key = f"{prefix}lora_b"
-            sharded[key] = apply_swiglu_sharded_factory(
-                sharded[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
+        if self.gated:  # B's rows (and m) follow fc1's [gate; up] layout: saved as fc1's weight is
+            for name in ("lora_b", "lora_magnitude") if self.dora else ("lora_b",):
+                key = f"{prefix}{name}"
+                sharded[key] = apply_swiglu_sharded_factory(
+                    sharded[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
         return sharded
 
 
@@ -167,6 +216,8 @@ def attach_lora(layers, layer_offset: int, lora: LoRAConfig, config: Transformer
                                   derived_seed(seed, f"{prefix}.{index}.{holder_name}.{target}.lora"), gated)
             holder.add_module(target + SUFFIX, adapter)
             adapter.attach(base)
+            if adapter.dora:
+                adapter.init_magnitude(base.weight)
             adapters.append(adapter)
     return adapters
 
@@ -177,18 +228,35 @@ def lora_adapters(model: torch.nn.Module) -> Iterator[Tuple[str, LoRAAdapter]]:
             yield name, module
 
 
+def init_magnitudes(model: torch.nn.Module, keys=None) -> int:
+    """Set DoRA magnitudes from their base weights (``init_magnitude``): all of them, or those
+    whose state-dict key is in ``keys`` (after a load that did not hold them). Every TP rank calls
+    it with the same keys (row-parallel norms are all-reduced). Returns how many were set."""
+    count = 0
+    for name, adapter in lora_adapters(model):
+        if adapter.dora and (keys is None or f"{name}.lora_magnitude" in keys):
+            holder_name, _, attr = name.rpartition(".")
+            adapter.init_magnitude(getattr(model.get_submodule(holder_name), attr[: -len(SUFFIX)]).weight)
+            count += 1
+    return count
+
+
 @torch.no_grad()
 def remove_lora(model: torch.nn.Module, merge: bool) -> int:
     """Remove every adapter and its hook; with ``merge`` fold it into its base weight first
-    (``W += scale * B A``, at any TP layout), so the model computes the same function without
-    them (what ``export-hf`` writes). Returns the number removed."""
+    (``W += scale * B A``; DoRA: ``W = m / ||W + s B A|| * (W + s B A)``, the bias unchanged; at
+    any TP layout), so the model computes the same function without them (what ``export-hf``
+    writes). Returns the number removed."""
     removed = 0
     for name, adapter in list(lora_adapters(model)):
         holder_name, _, attr = name.rpartition(".")
         holder = model.get_submodule(holder_name)
         if merge:
             base = getattr(holder, attr[: -len(SUFFIX)])
-            base.weight.copy_((base.weight.float() + adapter.delta_weight()).to(base.weight.dtype))
+            merged = base.weight.float() + adapter.delta_weight()
+            if adapter.dora:
+                merged *= adapter.magnitude_factor(base.weight)[:, None]
+            base.weight.copy_(merged.to(base.weight.dtype))
         adapter._hook.remove()
         delattr(holder, attr)
         removed += 1

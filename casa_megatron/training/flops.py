@@ -355,12 +355,15 @@ def _adapted_linear(ledger: _Ledger, lora, layer: int, target: str, part: str, t
                     d_in: int, d_out: int, train: bool, x_grad: bool) -> bool:
     """A megatron linear and, where ``lora`` (a LoRAConfig) adapts it, its adapter: ``A`` [r, in]
     and ``B`` [out, r] as torch matmuls (an input gradient only where the input needs one), both
-    trained. Returns whether the output requires a gradient."""
+    trained; with DoRA also ``B A`` ([out, r] x [r, in], forward only: the weight norm is
+    detached). Returns whether the output requires a gradient."""
     out = ledger.linear(part, tokens, d_in, d_out, train, x_grad)
     if not lora.adapts(target, layer):
         return out
     ledger.linear(f"{part}.lora_a", tokens, d_in, lora.rank, True, x_grad, always_dgrad=False)
     ledger.linear(f"{part}.lora_b", tokens, lora.rank, d_out, True, True, always_dgrad=False)
+    if lora.dora:
+        ledger.linear(f"{part}.dora_norm", d_out, lora.rank, d_in, False, False, always_dgrad=False)
     return True
 
 

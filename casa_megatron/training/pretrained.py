@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
 from casa_megatron.config.pretrained import WEIGHTS_DIR, resolve_pretrained_dir
-from casa_megatron.model.lora import LORA_MARK
+from casa_megatron.model.lora import LORA_MARK, MAGNITUDE, init_magnitudes
 from casa_megatron.training import checkpoint as checkpointing
 from casa_megatron.training.checkpoint import CheckpointError
 from casa_megatron.training.checkpoint_async import results_queue
@@ -79,7 +79,7 @@ def load_model_weights(model, directory: str | Path) -> None:
         raise CheckpointError(f"{path}: no model weights (expected a dist checkpoint written by "
                               "`casa-convert import-hf` or a training checkpoint)")
     sharded = model.sharded_state_dict()
-    fresh = _adapters_to_keep(sharded, path)
+    fresh = _adapters_to_keep(model, sharded, path)
     try:
         state = dist_checkpointing.load({"model": {k: v for k, v in sharded.items() if k not in fresh}}, str(path))
     except (KeyError, ValueError, RuntimeError, AssertionError) as exc:  # mismatched keys / shapes
@@ -88,20 +88,32 @@ def load_model_weights(model, directory: str | Path) -> None:
     if fresh and (set(result.missing_keys) != fresh or result.unexpected_keys):
         raise CheckpointError(f"internal: loading {path} left {sorted(set(result.missing_keys) - fresh)} unset")
     if fresh:
+        magnitudes = init_magnitudes(model, fresh)  # DoRA: m = ||W + s B A|| of the loaded weights
         logger.info("%s holds no LoRA adapters: %d adapter tensors start from their initial values "
-                    "(B = 0: the loaded model's function)", path, len(fresh))
+                    "(B = 0: the loaded model's function%s)", path, len(fresh),
+                    f"; {magnitudes} DoRA magnitudes set from the loaded weights" if magnitudes else "")
 
 
-def _adapters_to_keep(sharded: dict, path: Path) -> set:
-    """State-dict keys of this model's LoRA tensors that the checkpoint lacks."""
+def _adapters_to_keep(model, sharded: dict, path: Path) -> set:
+    """State-dict keys of this model's LoRA tensors that the checkpoint lacks. Adapters (or DoRA
+    magnitudes) the checkpoint holds for a part of the model (LM, encoder) configured without
+    them are refused: loading around them would compute another function. Decided from the
+    config, not from this pipeline stage's modules, which hold only some layers."""
     stored = dist_checkpointing.load_tensors_metadata(str(path))
+    saved = sorted(k for k in stored if LORA_MARK in k and not k.startswith("optimizer."))
+    cfg = model.model_config
+    for part, lora, where in (("lm", cfg.lora, "model.lora"), ("vision", cfg.vision.lora, "model.vision.lora")):
+        mine = [k for k in saved if ("vision.blocks." in k) == (part == "vision")]
+        if mine and not lora.enabled:
+            raise CheckpointError(
+                f"{path} holds LoRA adapters ({len(mine)} tensors, e.g. {mine[0]}) that this model has no "
+                f"place for: set {where} as the run that wrote it had it, or merge them into the weights "
+                "with `casa-convert export-hf` and import that")
+        magnitudes = [k for k in mine if k.endswith(MAGNITUDE)]
+        if magnitudes and not lora.dora:
+            raise CheckpointError(f"{path} holds DoRA magnitudes ({len(magnitudes)}, e.g. {magnitudes[0]}): set "
+                                  f"{where}.dora=true as the run that wrote it had it")
     adapters = {k for k in sharded if LORA_MARK in k}
-    saved = sorted(k for k in stored if LORA_MARK in k)
-    if saved and not adapters:
-        raise CheckpointError(
-            f"{path} holds LoRA adapters ({len(saved)} tensors, e.g. {saved[0]}) that this model has no "
-            "place for: set model.lora / model.vision.lora as the run that wrote it had them, or merge them "
-            "into the weights with `casa-convert export-hf` and import that")
     return {k for k in adapters if sharded[k].key not in stored}
 
 

@@ -4,14 +4,14 @@ For each family a tiny random HF model gets a PEFT adapter with random ``A`` and
 (``init_lora_weights=False``; PEFT's own ``A`` for each of ``q_proj`` / ``k_proj`` / ``v_proj``,
 which megatron's fused QKV could not hold as one adapter): Qwen2 (biases, tied embeddings, a
 ``rank_pattern`` and an ``alpha_pattern``), Helium (rsLoRA; its Q/K rows are permuted on import)
-and Qwen2.5-VL (LM and vision-encoder adapters). ``import-hf BASE --adapter DIR`` must give
+and Qwen2.5-VL (DoRA on LM and vision-encoder linears). ``import-hf BASE --adapter DIR`` must give
 
 * every megatron tensor of ``import-hf`` of PEFT's own ``merge_and_unload()`` result (the oracle
   for what a merge is), and
 * the logits of the PEFT model in transformers (text, fp32).
 
 The adapter is found by itself in ``BASE/lora_adapter`` (what ``export-hf --lora separate``
-writes; that round trip is tested in tests/hf/test_peft_adapter.py). Bad adapters (DoRA, modules
+writes; that round trip is tested in tests/hf/test_peft_adapter.py). Bad adapters (trained biases, modules
 the checkpoint lacks, a folder that is not an adapter) stop with exit code 2, naming the problem,
 and write nothing.
 """
@@ -33,16 +33,23 @@ ADAPTERS = {
     "qwen2": dict(r=2, lora_alpha=4, target_modules=LINEARS, rank_pattern={"down_proj": 3},
                   alpha_pattern={"o_proj": 6}),
     "helium": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "qwen2_5_vl": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "qkv", "gate_proj", "up_proj",
-                                                          "down_proj"]),  # the last four: the encoder's too
+    "qwen2_5_vl": dict(r=2, lora_alpha=4, use_dora=True,  # DoRA; the last four linears: the encoder's too
+                       target_modules=["q_proj", "v_proj", "qkv", "gate_proj", "up_proj", "down_proj"]),
 }
 AUTO = "helium"  # its adapter sits in BASE/lora_adapter and is found without --adapter
 
 
 def _peft(model, **fields):
+    """PEFT's model with random A and B; DoRA magnitudes moved off the norms PEFT starts them at
+    (else DoRA's rescaling would be 1 and merge like plain LoRA)."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(init_lora_weights=False, **fields)).eval()
+    model = get_peft_model(model, LoraConfig(init_lora_weights=False, **fields)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +67,8 @@ def sources(tmp_path_factory):
         logits = hf_logits(model, ids)
         merged = save_hf_model(model.merge_and_unload(), root / family / "merged")
         out[family] = (str(base), str(adapter), str(merged), ids.numpy(), logits.numpy())
-    # a DoRA adapter: a learned magnitude per weight row, not a low-rank update
-    _peft(make_hf_model("qwen2"), r=2, target_modules=["q_proj"], use_dora=True).save_pretrained(str(root / "dora"))
+    # an adapter that trains biases too
+    _peft(make_hf_model("qwen2"), r=2, target_modules=["q_proj"], bias="all").save_pretrained(str(root / "biases"))
     return root, out
 
 
@@ -74,7 +81,7 @@ def _cli(*argv):
     return code, err.getvalue()
 
 
-def _worker(rank, world, root, sources, dora):
+def _worker(rank, world, root, sources, biases):
     from support.export import load_weights
     from support.hf_equivalence import build_pretrained, full_logits
 
@@ -97,7 +104,7 @@ def _worker(rank, world, root, sources, dora):
             "logits_err": (logits - torch.as_tensor(ref)).abs().max().item(),
             "merge_note": "merging the LoRA adapter" in err}
     qwen2_base = sources["qwen2"][0]
-    bad = {"dora": _cli("import-hf", qwen2_base, root / "o_dora", "--adapter", dora, *LM_ONLY),
+    bad = {"biases": _cli("import-hf", qwen2_base, root / "o_biases", "--adapter", biases, *LM_ONLY),
            "other_modules": _cli("import-hf", qwen2_base, root / "o_other", "--adapter",
                                  sources["qwen2_5_vl"][1], *LM_ONLY),
            "not_an_adapter": _cli("import-hf", qwen2_base, root / "o_none", "--adapter", root, *LM_ONLY)}
@@ -109,7 +116,7 @@ def _worker(rank, world, root, sources, dora):
 def imports(sources, tmp_path_factory):
     root, srcs = sources
     report, = run_distributed(_worker, world_size=1, root=str(tmp_path_factory.mktemp("imports")), sources=srcs,
-                              dora=str(root / "dora"))
+                              biases=str(root / "biases"))
     return report
 
 
@@ -130,7 +137,7 @@ def test_import_with_a_peft_adapter_equals_the_peft_merge(imports, family):
 
 def test_bad_adapters_are_named_and_nothing_is_written(imports):
     bad = imports["bad"]
-    messages = {"dora": "use_dora: DoRA rescales each weight row",
+    messages = {"biases": "bias='all': the adapter trains biases",
                 "other_modules": "the adapter adapts 8 modules the checkpoint does not have: ['model.visual.blocks.",
                 "not_an_adapter": "not a PEFT adapter folder (no adapter_config.json)"}
     for case, (code, err, written) in bad.items():

@@ -2,13 +2,15 @@
 
 The LoRA training checkpoints of the ``exported`` fixture (trained at TP=2 and PP=2: adapters on
 every LM linear and on the frozen encoder's blocks; or on the MLP of two LM layers of the
-insertion model; or on the attention of two layers of a Helium-family LM, whose Q/K rows the export
-permutes) are exported again with ``--lora separate``. transformers loads the base folder,
+insertion model; or DoRA on the attention of two layers of a Helium-family LM, whose Q/K rows the
+export permutes) are exported again with ``--lora separate``. transformers loads the base folder,
 PEFT (``PeftModel.from_pretrained``) puts the adapters on its ``q_proj`` / ``k_proj`` / ``v_proj`` /
 ``gate_proj`` / ``up_proj`` / ... modules, and the result gives megatron's logits; the base alone
 does not. The CASA variant's LM adapters are rsLoRA (``alpha / sqrt(rank)``), its encoder's plain
-LoRA: PEFT computes both scales itself from the exported config. Bad input: no adapters in the checkpoint. The native Qwen2.5-VL format's adapter
-is tested with its export (tests/model/test_insertion_qwen.py).
+LoRA: PEFT computes both scales itself from the exported config; the Helium variant's DoRA
+magnitudes (``lora_magnitude_vector``) follow the permuted rows. Bad input: no adapters in the
+checkpoint. The native Qwen2.5-VL format's adapter is tested with its export
+(tests/model/test_insertion_qwen.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from support.hf_cases import hf_inputs, make_case
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 CASES = [("casa_lora", "tp2"), ("casa_lora", "pp2_encoder_split"), ("insertion_lora_mlp", "pp2"),
-         ("casa_helium_lora_attention", "tp2")]
+         ("casa_helium_dora_attention", "tp2")]
 
 
 def _export(rank, world, jobs):
@@ -82,8 +84,10 @@ def test_base_plus_peft_adapter_equals_megatron(separate, name, layout):
         assert {round(a, 6) for a in config["alpha_pattern"].values()} == {round(2 * 2 ** 0.5, 6)}
     elif name == "insertion_lora_mlp":
         assert all(t.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for t in config["target_modules"])
-    else:  # Helium: q/k/v/o of layers 0 and 3 only
+    else:  # Helium: DoRA on q/k/v/o of layers 0 and 3 only
         assert {t.split(".")[-1] for t in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert config["use_dora"] is True
+    assert config["use_dora"] == (name == "casa_helium_dora_attention")
 
 
 def test_separate_without_adapters_is_refused(separate):

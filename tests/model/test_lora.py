@@ -185,3 +185,90 @@ def test_initial_adapters_and_checkpoints_do_not_depend_on_tp(tmp_path):
     for r in reports:
         assert r["same_init"] == r["initial"] and len(r["initial"]) == 2 * (16 + 6)
         assert r["differ"] == []
+
+
+# --- DoRA (``lora.dora``) -------------------------------------------------------------------------
+DORA = dataclasses.replace(LORA, dora=True)
+VISION_DORA = dataclasses.replace(VISION_LORA, dora=True)
+
+
+def _perturbed(model, keep=lambda name: True):
+    """Every parameter (``keep``) plus noise: the same full tensors at any layout."""
+    model.load_state_dict({n: t for n, t in perturbed_full_state(model).items() if keep(n)}, strict=False)
+    return model
+
+
+def _dora_single_process(rank, world, tmp):
+    from casa_megatron.model.lora import lora_adapters, merge_lora
+    from casa_megatron.training.checkpoint import CheckpointError
+    from casa_megatron.training.pretrained import load_model_weights, save_model_weights
+
+    batch = random_batch(1, with_labels=False)
+    report = {}
+    base = _build(_config(lora=LoRAConfig(), vision_lora=LoRAConfig()))
+    dora = _build(_config(lora=DORA, vision_lora=VISION_DORA))
+    report["zero_b_equal"] = torch.equal(_logits(base, batch), _logits(dora, batch))
+    magnitudes = [n for n, p in dora.named_parameters() if n.endswith("lora_magnitude")]
+    report["magnitudes"] = len(magnitudes)
+    report["magnitudes_trained"] = all(p.requires_grad for n, p in dora.named_parameters() if n in magnitudes)
+
+    # B, A and m perturbed: the merged weights compute what the adapters do
+    _perturbed(dora, lambda n: "_lora." in n)
+    adapted = _logits(dora, batch)
+    report["dora_changes_logits"] = (adapted - _logits(base, batch)).abs().max().item()
+    save_model_weights(dora, tmp / "dora")
+    merged = _build(_config(lora=DORA, vision_lora=VISION_DORA))
+    merged.load_state_dict(dora.state_dict(), strict=False)
+    report["merged"] = merge_lora(merged)
+    report["merged_err"] = (_logits(merged, batch) - adapted).abs().max().item()
+    # merging without the magnitude (as plain LoRA would) is another function
+    lora = _build(_config(vision_lora=VISION_LORA))
+    lora.load_state_dict({n: t for n, t in dora.state_dict().items() if not n.endswith("lora_magnitude")},
+                         strict=False)
+    report["lora_differs"] = (_logits(lora, batch) - adapted).abs().max().item()
+
+    # weights-only starts: from weights that differ from the ones the model was built with
+    _perturbed(base)
+    save_model_weights(base, tmp / "base")
+    save_model_weights(lora, tmp / "lora")
+    target = _build(_config(lora=DORA, vision_lora=VISION_DORA))
+    load_model_weights(target, tmp / "base")  # m = ||W|| of the loaded W: the loaded function
+    report["import_err"] = (_logits(target, batch) - _logits(base, batch)).abs().max().item()
+    load_model_weights(target, tmp / "lora")  # a LoRA run: m = ||W + s B A||, the LoRA run's function
+    report["from_lora_err"] = (_logits(target, batch) - _logits(lora, batch)).abs().max().item()
+    load_model_weights(target, tmp / "dora")
+    report["reload_err"] = (_logits(target, batch) - adapted).abs().max().item()
+    try:
+        load_model_weights(_build(_config(vision_lora=VISION_LORA)), tmp / "dora")
+        report["refused"] = None
+    except CheckpointError as exc:
+        report["refused"] = str(exc)
+    return report
+
+
+def test_dora_starts_as_the_backbone_merges_and_loads(tmp_path):
+    r, = run_distributed(_dora_single_process, world_size=1, tmp=tmp_path)
+    assert r["zero_b_equal"]  # m = ||W||, B = 0: the backbone's function, to the bit
+    assert r["magnitudes"] == 4 * 4 + 2 * 3 and r["magnitudes_trained"]
+    assert r["dora_changes_logits"] > 1e-3
+    assert r["merged"] == 22 and r["merged_err"] < 1e-5
+    assert r["lora_differs"] > 1e-3
+    assert r["import_err"] < 1e-5 and r["from_lora_err"] < 1e-5 and r["reload_err"] == 0.0
+    assert r["refused"] and "holds DoRA magnitudes" in r["refused"] and "model.lora.dora=true" in r["refused"]
+
+
+def test_dora_with_dropout_is_refused():
+    from casa_megatron.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.lora.dora=true with model.lora.dropout=0.1"):
+        dataclasses.replace(DORA, dropout=0.1).validate(4)
+
+
+def test_dora_tp2_with_and_without_sp_equals_one_process():
+    """The row-parallel norms (all-reduced over TP), the magnitudes split like B's rows (fc1 in
+    the SwiGLU stride) or whole and summed under SP: gradients as one process's."""
+    reports = run_distributed(tp_worker, world_size=2, fusion={}, vision={"trainable_blocks": 0, "lora": VISION_DORA},
+                              model_fields={"freeze_lm": True, "lora": DORA})
+    magnitudes = [n for n in reports[0]["trained"] if n.endswith("lora_magnitude")]
+    assert len(magnitudes) == 4 * 4 + 2 * 3  # every adapter's m trained and compared
+    assert all(err < 1e-4 for err in reports[0]["max_grad_err"].values())

@@ -82,7 +82,8 @@ def tp_worker(rank, world, fusion, vision=None, recompute=None, model_fields=Non
     ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
     with torch.no_grad():
         ref_logits = ref(logits_batch)
-    report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")]}
+    report = {"max_grad_err": {}, "gate_grads": [ref_grads[n].item() for n in ref_grads if n.endswith("casa_gate")],
+              "trained": sorted(ref_grads)}
     for tp, sp in ((1, False), (2, False), (2, True)):
         model = build(tp=tp, sp=sp, vision=vision, recompute=recompute, model=model_fields, **fusion)
         load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0, tp)

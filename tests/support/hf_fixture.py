@@ -40,10 +40,10 @@ LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
                "cross_attention_llama3_rope": (dict(mechanism="cross_attention", cross_attention_gate=True),
                                                {"family": "llama", "rope_scaling": LLAMA3}),
                "casa_lora": ({}, {}, LORA_ALL),
-               # Helium's Q/K rows are permuted on export: the adapters' B rows must follow
-               "casa_helium_lora_attention": ({}, {"family": "helium"},
+               # DoRA; Helium's Q/K rows are permuted on export: B's rows and the magnitudes must follow
+               "casa_helium_dora_attention": ({}, {"family": "helium"},
                                               dict(rank=4, alpha=8.0, targets=["linear_qkv", "linear_proj"],
-                                                   layers=[0, 3])),
+                                                   layers=[0, 3], dora=True)),
                "insertion_lora_mlp": (dict(mechanism="insertion"), {}, LORA_MLP)}
 ALL_VARIANTS = [*VARIANTS, *LM_VARIANTS]
 

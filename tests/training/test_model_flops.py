@@ -48,6 +48,9 @@ CASES = {
     "qwen_vision_lora_block0_frozen_lm": ({}, {**QWEN_VISION, "trainable_blocks": 1,
                                               "lora": LoRAConfig(rank=2, layers=[0], targets=["linear_qkv", "linear_fc2"])},
                                           {"freeze_lm": True}, "video"),
+    "dora_some_layers_with_vision_dora": ({"layers": [1, 3]}, {"trainable_blocks": 0, "lora": LoRAConfig(rank=2, dora=True)},
+                                          {"freeze_lm": True, "lora": LoRAConfig(rank=4, layers=[0, 3], dora=True)},
+                                          "images"),
     "no_images": ({}, None, {}, "none"),
     "insertion_no_images": ({"mechanism": "insertion"}, None, {}, "none"),
 }
