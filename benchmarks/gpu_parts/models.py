@@ -61,6 +61,8 @@ SPEC_CASES = {  # part (b): name -> ModelConfig fields over the small CASA model
     "casa": {},
     # LoRA on every LM linear: TE's layers are unfused where adapted (specs.py), never run before
     "casa + LoRA (frozen LM, rank 8)": {"freeze_lm": True, "lora": {"rank": 8, "alpha": 16.0}},
+    # DoRA: the magnitude hook on TE's linears (their weight, their bias handling), never run before
+    "casa + DoRA (frozen LM, rank 8)": {"freeze_lm": True, "lora": {"rank": 8, "alpha": 16.0, "dora": True}},
 }
 
 

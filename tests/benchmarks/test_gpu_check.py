@@ -74,16 +74,18 @@ def _compare_local_specs(rank, world, case):
     return compare_specs(spec_model_config(case), ("local", "local"), device="cpu")
 
 
-@pytest.mark.parametrize("case", ["casa", "casa + LoRA (frozen LM, rank 8)"])
+@pytest.mark.parametrize("case", ["casa", "casa + LoRA (frozen LM, rank 8)", "casa + DoRA (frozen LM, rank 8)"])
 def test_part_b_comparison_runs_on_the_cpu(case):
     """Part (b)'s code, local spec against itself on the CPU in bf16: every parameter maps, the
-    copies make the two models equal, and the LoRA case's adapters act and get gradients."""
+    copies make the two models equal, and the LoRA / DoRA case's adapters act and get gradients."""
     from support.dist import run_distributed
 
     d, = run_distributed(_compare_local_specs, world_size=1, case=case)
     assert d["loss_rel_err"] == d["logits_rel_err"] == d["max_grad_rel_err"] == 0.0
     if "LoRA" in case:
         assert d["adapters"] == 16 and d["params_compared"] > 32  # 4 layers x 4 linears, A and B each
+    elif "DoRA" in case:
+        assert d["adapters"] == 16 and d["params_compared"] > 48  # ... and each magnitude
     else:
         assert d["adapters"] == 0
 
