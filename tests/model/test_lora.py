@@ -272,3 +272,32 @@ def test_dora_tp2_with_and_without_sp_equals_one_process():
     magnitudes = [n for n in reports[0]["trained"] if n.endswith("lora_magnitude")]
     assert len(magnitudes) == 4 * 4 + 2 * 3  # every adapter's m trained and compared
     assert all(err < 1e-4 for err in reports[0]["max_grad_err"].values())
+
+
+def _pp_weights_only(rank, world, tmp):
+    """A TP=1 save with adapters on the last LM layer only, loaded weights-only at PP=2: stage 0
+    holds no adapter, yet the model has LoRA (the checkpoint's adapters belong to stage 1)."""
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.training.pretrained import load_model_weights, save_model_weights
+    from support.hf_equivalence import stage_logits
+
+    cfg = _config(lora=LoRAConfig(rank=2, layers=[3], dora=True))
+    one = _perturbed(_build(cfg))  # DP=2 at TP=1: both ranks the same model
+    save_model_weights(one, tmp / "one")
+    batch = random_batch(1, with_labels=False)
+    ref = stage_logits(one, batch, IMAGE_SLOTS)
+    initialize_parallel(1, 2, seed=0)
+    two = build_vlm(cfg, ParallelConfig(pipeline_model_parallel_size=2), IMAGE_SLOTS)
+    load_model_weights(two, tmp / "one")
+    out = stage_logits(two, batch, IMAGE_SLOTS)
+    return {"adapters": sum(1 for n, _ in two.named_parameters() if "_lora." in n),
+            "err": None if out is None else (out - ref).abs().max().item()}
+
+
+def test_weights_only_load_at_pp2_with_adapters_on_one_stage(tmp_path):
+    reports = run_distributed(_pp_weights_only, world_size=2, tmp=tmp_path)
+    (first, last) = reports
+    assert first["adapters"] == 0 and first["err"] is None  # it used to refuse: "no place for"
+    assert last["adapters"] == 4 * 3 and last["err"] < 1e-5  # qkv, proj, fc1, fc2: A, B, m
