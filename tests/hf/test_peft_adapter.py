@@ -215,3 +215,21 @@ def test_import_of_a_separate_export_merges_its_adapter(exported, separate, tmp_
                                                  separate_dir=str(separate[0] / "casa_lora-tp2"),
                                                  merged_dir=str(exported[0] / "casa_lora"), root=str(tmp_path))
     assert same_names and count > 20 and diff < 1e-5, diff
+
+
+def test_lm_and_encoder_adapters_that_disagree_on_dora_are_refused_apart():
+    """PEFT's use_dora holds for every module of an adapter: DoRA on the LM and plain LoRA on the
+    encoder cannot be one PEFT adapter (``--lora merge`` folds both)."""
+    import dataclasses
+
+    from support.vlm import small_model_config
+
+    from casa_megatron.config import LoRAConfig
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.lora_export import _config
+
+    cfg = dataclasses.replace(small_model_config(), freeze_lm=True, lora=LoRAConfig(rank=2, dora=True))
+    cfg.vision = dataclasses.replace(cfg.vision, trainable_blocks=0, lora=LoRAConfig(rank=2))
+    assert _config(cfg, {"model.layers.0.self_attn.q_proj": "lm"})["use_dora"] is True
+    with pytest.raises(ConversionError, match="dora differ: a PEFT adapter has one use_dora"):
+        _config(cfg, {"model.layers.0.self_attn.q_proj": "lm", "visual.blocks.0.attn.qkv": "vision"})
