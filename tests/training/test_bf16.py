@@ -51,9 +51,17 @@ def test_bf16_training_steps(tmp_path, mechanism, encoder):
     assert sum(losses[-2:]) < sum(losses[:2])  # it learns
 
 
-def test_bf16_lora_training_steps_at_tp2_with_sequence_parallelism(tmp_path):
-    """LoRA adapters (with dropout) on the frozen LM in bf16, TP=2 + SP: bf16 adapters, and it learns."""
-    overrides = ["model.freeze_lm=true", "model.lora.rank=4", "model.lora.dropout=0.1",
+ADAPTERS = {"lora_dropout": ["model.lora.dropout=0.1"],
+            # DoRA on the LM and on the Qwen2.5-VL encoder's blocks (its padded MLP: 90 -> 96 units)
+            "dora_lm_and_qwen_encoder": ["model.lora.dora=true", *QWEN, "model.vision.ffn_hidden_size=90",
+                                         "model.vision.ffn_pad_multiple=8", "model.vision.trainable_blocks=0",
+                                         "model.vision.lora.rank=2", "model.vision.lora.dora=true"]}
+
+
+@pytest.mark.parametrize("adapters", list(ADAPTERS))
+def test_bf16_lora_training_steps_at_tp2_with_sequence_parallelism(tmp_path, adapters):
+    """LoRA adapters (with dropout), or DoRA, in bf16, TP=2 + SP: bf16 adapters, and it learns."""
+    overrides = ["model.freeze_lm=true", "model.lora.rank=4", *ADAPTERS[adapters],
                  "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
     reports = run_distributed(_bf16_run, world_size=2, run_dir=str(tmp_path), overrides=overrides)
     assert all(r["dtypes"] == ["torch.bfloat16"] for r in reports)
