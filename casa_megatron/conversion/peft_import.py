@@ -98,8 +98,8 @@ class AdapterMergedReader:
                 module = key[len(PREFIX): -len(suffix)]
                 pieces.setdefault(module, {})[SUFFIXES[suffix]] = handle.get_tensor(key)
         if other:
-            raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not LoRA A / B matrices "
-                                  f"of a linear (embedding adapters, magnitudes, saved modules): {other[:5]}")
+            raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not a linear's LoRA A / B "
+                                  f"or DoRA magnitude (embedding adapters, biases, saved modules): {other[:5]}")
         # weight name -> (A, B, scale, DoRA magnitude or None)
         self.updates: Dict[str, Tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]] = {}
         missing, problems = [], []
@@ -119,7 +119,8 @@ class AdapterMergedReader:
                 continue
             if b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(reader.shape(name)) or \
                     (m is not None and tuple(m.shape) != (b.shape[0],)):
-                problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
+                problems.append(f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)}"
+                                f"{'' if m is None else f', m {tuple(m.shape)}'} do not fit the weight "
                                 f"{tuple(reader.shape(name))}")
                 continue
             expected = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
