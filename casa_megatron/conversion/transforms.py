@@ -170,7 +170,7 @@ class PadFFN(ZeroPad):
     a unit whose rows are not (a padded encoder built from scratch, or an adapter that moved
     them) computes something the HF MLP has no room for, so those rows are checked and the
     export refused rather than silently changed. The down projection's padded columns read
-    those units' zero outputs and may hold anything (a merged LoRA ``B A`` fills them)."""
+    those units' zero outputs, so what they hold changes nothing and is not checked."""
 
     def to_hf(self, tensor: Tensor) -> List[Tensor]:
         if self.dim == 0 and tensor.device.type != "meta" and tensor.shape[0] > self.size:

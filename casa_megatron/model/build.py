@@ -69,7 +69,7 @@ def _add_lora(vlm: CASAVLM, model: ModelConfig, lm_cfg, vision_cfg, seed: int) -
         attach_lora(vlm.decoder.layers, vlm.decoder.layer_offset, model.lora, lm_cfg, seed)
     if model.vision.lora.enabled and hasattr(vlm, "vision"):
         attach_lora(vlm.vision.blocks, vlm.vision.block_offset, model.vision.lora, vision_cfg, seed,
-                    prefix="vision.blocks")
+                    prefix="vision.blocks", real_ffn=model.vision.ffn_hidden_size)
     vlm._tag_new_parameters()
     vlm.apply_freezing()
 

@@ -77,7 +77,11 @@ class LoRAAdapter(MegatronModule):
     magnitude where ``lora.dora`` (module docstring)."""
 
     def __init__(self, config: TransformerConfig, kind: str, in_features: int, out_features: int,
-                 lora: LoRAConfig, seed: int, gated: bool = False):
+                 lora: LoRAConfig, seed: int, gated: bool = False, real_in: Optional[int] = None):
+        """``real_in``: the input features past it are padding units that are always zero (an
+        encoder MLP's ``fc2``): ``A``'s columns there start at zero, get zero gradients and so stay
+        zero, and neither the merged weight nor DoRA's row norms see them, as in the HF model,
+        which has no such units."""
         super().__init__(config=config)
         self.kind, self.rank, self.scale, self.gated = kind, lora.rank, lora.scale, gated
         self.dropout, self.dora = lora.dropout, lora.dora
@@ -88,6 +92,8 @@ class LoRAAdapter(MegatronModule):
         g = torch.Generator().manual_seed(seed)
         bound = in_features ** -0.5
         a_full = (torch.rand(self.rank, in_features, generator=g) * 2 - 1) * bound  # [r, in]
+        if real_in is not None:
+            a_full[:, real_in:] = 0
         dtype = config.params_dtype
         if kind == COLUMN:
             a, b_shape = a_full, (out_features // tp, self.rank)
@@ -196,10 +202,11 @@ def _linear_features(base: torch.nn.Module, kind: str, tp: int) -> Tuple[int, in
 
 
 def attach_lora(layers, layer_offset: int, lora: LoRAConfig, config: TransformerConfig,
-                seed: int, prefix: str = "lm.layers") -> List[LoRAAdapter]:
+                seed: int, prefix: str = "lm.layers", real_ffn: Optional[int] = None) -> List[LoRAAdapter]:
     """Give each targeted linear of the adapted layers (LM layers or encoder blocks; global index
     ``layer_offset + i``) its adapter; returns them. Layers without the module
-    (a ``replace`` CASA layer has no self-attention) are skipped."""
+    (a ``replace`` CASA layer has no self-attention) are skipped. ``real_ffn``: the MLP's width
+    before zero-unit padding (``model.vision.ffn_pad_multiple``), for ``fc2``'s adapter."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     adapters = []
     for i, layer in enumerate(layers):
@@ -212,8 +219,9 @@ def attach_lora(layers, layer_offset: int, lora: LoRAConfig, config: Transformer
                 continue
             d_in, d_out = _linear_features(base, kind, tp)
             gated = target == "linear_fc1" and config.gated_linear_unit
+            real_in = real_ffn if target == "linear_fc2" and real_ffn is not None and real_ffn < d_in else None
             adapter = LoRAAdapter(config, kind, d_in, d_out, lora,
-                                  derived_seed(seed, f"{prefix}.{index}.{holder_name}.{target}.lora"), gated)
+                                  derived_seed(seed, f"{prefix}.{index}.{holder_name}.{target}.lora"), gated, real_in)
             holder.add_module(target + SUFFIX, adapter)
             adapter.attach(base)
             if adapter.dora:

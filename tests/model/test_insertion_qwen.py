@@ -113,20 +113,23 @@ def _train_and_save(model, root, tp, batch, run="run", overrides=()):
     Checkpointer(f"{root}/{run}/checkpoints").save(1, model, optimizer, scheduler, {}, cfg)
 
 
-# LoRA on every linear of the frozen LM and on blocks 1 and 2 of the frozen encoder (another rank)
-LORA = ["model.freeze_lm=true", "model.lora.rank=4", "model.lora.alpha=8", "model.vision.trainable_blocks=0",
-        "model.vision.lora.rank=2", "model.vision.lora.alpha=4", "model.vision.lora.layers=[1,2]"]
+# DoRA on every linear of the frozen LM and on blocks 1 and 2 of the frozen encoder (another rank)
+LORA = ["model.freeze_lm=true", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.dora=true",
+        "model.vision.trainable_blocks=0", "model.vision.lora.rank=2", "model.vision.lora.alpha=4",
+        "model.vision.lora.layers=[1,2]", "model.vision.lora.dora=true"]
 
 
 def _random_adapters(model, pad_rows: bool = False) -> int:
     """B = 0 would make the adapters invisible: random A and B, each drawn from its name (the
-    replicated pieces equal on every rank). ``B``'s rows of the encoder MLP's zero padding units
-    stay zero, as training keeps them (zero gradient), unless ``pad_rows``."""
+    replicated pieces equal on every rank), and DoRA's magnitudes moved off the norms they start
+    at. ``B``'s rows of the encoder MLP's zero padding units stay zero, as training keeps them
+    (zero gradient; their magnitudes, the norms of zero rows, too), unless ``pad_rows``; so do
+    ``fc2``'s ``A`` columns that read those units (model/lora.py, ``real_in``)."""
     import zlib
 
     from megatron.core import parallel_state
 
-    from casa_megatron.model.lora import lora_adapters
+    from casa_megatron.model.lora import init_magnitudes, lora_adapters
 
     adapters = list(lora_adapters(model))
     vision = model.model_config.vision
@@ -135,10 +138,17 @@ def _random_adapters(model, pad_rows: bool = False) -> int:
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             for p in (adapter.lora_a, adapter.lora_b):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
             if name.startswith("vision.") and name.endswith("linear_fc1_lora") and not pad_rows:
                 for half in adapter.lora_b.chunk(2):  # [gate; up], this rank's rows of each
-                    first = parallel_state.get_tensor_model_parallel_rank() * half.shape[0]  # global row
-                    half[max(vision.ffn_hidden_size - first, 0):] = 0
+                    half[max(vision.ffn_hidden_size - tp_rank * half.shape[0], 0):] = 0
+            if name.startswith("vision.") and name.endswith("linear_fc2_lora"):  # A's padded input columns
+                a = adapter.lora_a  # [r, in / tp]: this rank's columns
+                a[:, max(vision.ffn_hidden_size - tp_rank * a.shape[1], 0):] = 0
+        init_magnitudes(model)  # m = ||W + s B A||, then moved
+        for name, adapter in adapters:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+            adapter.lora_magnitude.mul_(1 + 0.3 * torch.randn(adapter.lora_magnitude.shape, generator=g))
     return len(adapters)
 
 
@@ -278,7 +288,7 @@ def _export_moved_padding(root) -> dict:
 
 
 def test_lora_run_exports_to_qwen2_5_vl_merged_or_as_a_peft_adapter(imported, layouts):
-    """Adapters on the frozen LM and on two frozen encoder blocks, trained at TP=2: ``--lora merge``
+    """DoRA adapters on the frozen LM and on two frozen encoder blocks, trained at TP=2: ``--lora merge``
     gives transformers' Qwen2.5-VL the trained logits; ``--lora separate`` gives them through PEFT
     on the base (the adapter addresses transformers' modules ``model.language_model.*`` /
     ``model.visual.*``, not the checkpoint's ``model.*`` / ``visual.*`` names), and the base
@@ -293,7 +303,7 @@ def test_lora_run_exports_to_qwen2_5_vl_merged_or_as_a_peft_adapter(imported, la
     assert "model.language_model.layers.0.self_attn.q_proj" in targets and "model.visual.blocks.1.attn.qkv" in targets
     assert not any(t.startswith(("model.layers.", "visual.")) for t in targets)
     assert not any(t.startswith("model.visual.blocks.0.") for t in targets)  # blocks 1 and 2 only
-    assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2}
+    assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2} and config["use_dora"] is True
     for mode, (code, err, written) in padding.items():
         assert code == 2 and not written, (mode, err)
         assert "vision.blocks.1.mlp.linear_fc1" in err and "non-zero entries in the padded MLP units 45..47" in err, err

@@ -307,3 +307,39 @@ def test_weights_only_load_at_pp2_with_adapters_on_one_stage(tmp_path):
     (first, last) = reports
     assert first["adapters"] == 0 and first["err"] is None  # it used to refuse: "no place for"
     assert last["adapters"] == 4 * 3 and last["err"] < 1e-5  # qkv, proj, fc1, fc2: A, B, m
+
+
+def _padded_encoder_adapters(rank, world):
+    """Adapters on a Qwen2.5-VL-shaped encoder whose MLP is padded (45 -> 48 units), at TP=2:
+    ``fc2``'s ``A`` columns 45..47 read units that are always zero: they start at zero and their
+    gradient is zero, so the merged weight and DoRA's row norms see only the real units."""
+    from megatron.core import parallel_state
+
+    from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+    from casa_megatron.parallel.tp_layout import gather_full
+    from support.equivalence import masked_loss
+    from support.vlm import QWEN_VISION
+
+    cfg = dataclasses.replace(small_model_config({**QWEN_VISION, "trainable_blocks": 0, "lora": VISION_DORA}),
+                              freeze_lm=True)
+    initialize_parallel(world, 1, seed=0)
+    model = build_vlm(cfg, ParallelConfig(tensor_model_parallel_size=world), IMAGE_SLOTS)
+    _perturbed(model, lambda n: n.endswith("lora_b"))
+    batch = random_batch(1, temporal=2)
+    masked_loss(model(batch), batch).backward()
+    group = parallel_state.get_tensor_model_parallel_group()
+    names = [n for n, _ in model.named_parameters() if n.endswith("mlp.linear_fc2_lora.lora_a")]
+    a = gather_full(model, {n: p.detach() for n, p in model.named_parameters() if n in names}, group)
+    grads = gather_full(model, {n: p.grad for n, p in model.named_parameters() if n in names}, group)
+    real = cfg.vision.ffn_hidden_size
+    return {n: (a[n].shape[1], a[n][:, real:].abs().sum().item(), a[n][:, :real].abs().sum().item(),
+                grads[n][:, real:].abs().sum().item(), grads[n][:, :real].abs().sum().item()) for n in names}
+
+
+def test_adapters_leave_the_encoders_padded_units_out():
+    for report in run_distributed(_padded_encoder_adapters, world_size=2):
+        assert len(report) == 2, report  # fc2 of both blocks
+        for width, pad, real, pad_grad, real_grad in report.values():
+            assert width == 48 and pad == 0.0 and pad_grad == 0.0 and real > 0 and real_grad > 0, report
