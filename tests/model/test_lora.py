@@ -50,9 +50,20 @@ def _logits(model, batch):
         return model(batch)
 
 
+def _refusal(model, folder):
+    """The message of the CheckpointError a weights-only load of ``folder`` raises, or None."""
+    from casa_megatron.training.checkpoint import CheckpointError
+    from casa_megatron.training.pretrained import load_model_weights
+
+    try:
+        load_model_weights(model, folder)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
 def _single_process(rank, world, tmp):
     from casa_megatron.model.lora import lora_adapters, merge_lora
-    from casa_megatron.training.checkpoint import CheckpointError
     from casa_megatron.training.pretrained import load_model_weights, save_model_weights
 
     batch = random_batch(1, with_labels=False)
@@ -99,11 +110,7 @@ def _single_process(rank, world, tmp):
     report["import_keeps_zero_b"] = torch.equal(_logits(target, batch), _logits(base, batch))
     load_model_weights(target, tmp / "with_adapters")
     report["reload_err"] = (_logits(target, batch) - adapted).abs().max().item()
-    try:
-        load_model_weights(_build(_config(lora=LoRAConfig())), tmp / "with_adapters")
-        report["refused"] = None
-    except CheckpointError as exc:
-        report["refused"] = str(exc)
+    report["refused"] = _refusal(_build(_config(lora=LoRAConfig())), tmp / "with_adapters")
     return report
 
 
@@ -205,8 +212,7 @@ def _perturbed(model, keep=lambda name: True):
 
 
 def _dora_single_process(rank, world, tmp):
-    from casa_megatron.model.lora import lora_adapters, merge_lora
-    from casa_megatron.training.checkpoint import CheckpointError
+    from casa_megatron.model.lora import merge_lora
     from casa_megatron.training.pretrained import load_model_weights, save_model_weights
 
     batch = random_batch(1, with_labels=False)
@@ -244,11 +250,7 @@ def _dora_single_process(rank, world, tmp):
     report["from_lora_err"] = (_logits(target, batch) - _logits(lora, batch)).abs().max().item()
     load_model_weights(target, tmp / "dora")
     report["reload_err"] = (_logits(target, batch) - adapted).abs().max().item()
-    try:
-        load_model_weights(_build(_config(vision_lora=VISION_LORA)), tmp / "dora")
-        report["refused"] = None
-    except CheckpointError as exc:
-        report["refused"] = str(exc)
+    report["refused"] = _refusal(_build(_config(vision_lora=VISION_LORA)), tmp / "dora")
     return report
 
 
