@@ -113,7 +113,7 @@ LORA_MODES = ("merge", "separate")
 
 
 def _check_lora_mode(lora: str, model_cfg: ModelConfig) -> None:
-    """Before the (long) load: the mode exists and fits the checkpoint and the format."""
+    """Before the (long) load: the mode exists and, for ``separate``, the checkpoint has adapters."""
     if lora not in LORA_MODES:
         raise ConversionError(f"--lora {lora!r} not in {list(LORA_MODES)}")
     if lora == "separate" and not (model_cfg.lora.enabled or model_cfg.vision.lora.enabled):
