@@ -9,7 +9,6 @@ the whole ``TrainConfig``) are in ``schema.py``, which re-exports these.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -159,6 +158,12 @@ class RecomputeConfig:
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor of ``B A``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (PEFT's
+    ``lora_alpha`` / ``r`` / ``use_rslora`` give the same; the PEFT import merges with it)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 @dataclass
 class LoRAConfig:
     """Low-rank adapters on frozen weights (LoRA, Hu et al. 2021; Megatron-Bridge's ``LoRA`` /
@@ -195,7 +200,7 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     def adapted_layers(self, num_layers: int) -> List[int]:
         return sorted(set(self.layers)) if self.layers is not None else list(range(num_layers))

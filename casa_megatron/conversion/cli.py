@@ -101,7 +101,9 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported {what} -> {result.out_dir} as {result.format} ({result.tensors} tensors, "
           f"{result.nbytes / 2**20:.1f} MiB {result.dtype}) in {result.seconds:.1f} s", flush=True)
     if args.lora == "separate":
-        print(f"LoRA adapters: {result.out_dir}/lora_adapter (PEFT: PeftModel.from_pretrained(model, that folder))",
+        from casa_megatron.conversion.peft_import import ADAPTER_DIR
+
+        print(f"LoRA adapters: {result.out_dir}/{ADAPTER_DIR} (PEFT: PeftModel.from_pretrained(model, that folder))",
               flush=True)
     return 0
 

@@ -20,7 +20,6 @@ biases, ``modules_to_save``, adapters on embeddings, and modules the checkpoint 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
+from casa_megatron.config.model_schema import lora_scale
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.safetensors_io import normalise
 
@@ -128,7 +128,7 @@ class AdapterMergedReader:
                 problems.append(f"{module}: rank {rank} in the tensors, {expected} in {CONFIG}")
                 continue
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            scale = lora_scale(alpha, rank, bool(config.get("use_rslora")))
             self.updates[name] = (a, b, scale, m)
         if missing:
             raise ConversionError(f"{self.adapter_dir}: the adapter adapts {len(missing)} modules the checkpoint "

@@ -110,14 +110,15 @@ def run_megatron(args, settings, items: Items) -> Dict:
     return _run_side("megatron", runner, items, tok, stop_ids)
 
 
-def run_hf(args, items: Items) -> Dict:
+def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
+    """The exported model's side; ``adapter``: the PEFT adapter folder merged into it (resolved)."""
     from casa_megatron.evaluation.hf_side import HFGreedy
     from casa_megatron.inference.model_folder import load_model
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model(args.hf, device, args.dtype, args.adapter)
+    model, processor = load_model(args.hf, device, args.dtype, str(adapter) if adapter else "none")
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
     return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)
@@ -148,9 +149,10 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids) -> Dict:
 def run(args: argparse.Namespace) -> Dict:
     if args.checkpoint:
         resolve_checkpoint(args.checkpoint)
+    adapter = None
     if args.hf:
         check_hf_folder(args.hf)
-        resolve_adapter(args.hf, args.adapter)  # a wrong --adapter fails before the megatron side runs
+        adapter = resolve_adapter(args.hf, args.adapter)  # a wrong --adapter fails before the megatron side
     settings = settings_for(args)
     items = read_items(args.data, settings, args.max_samples, args.media_root)
     if not items.questions and not items.captions:
@@ -159,8 +161,7 @@ def run(args: argparse.Namespace) -> Dict:
     if args.checkpoint:
         sides["megatron"] = run_megatron(args, settings, items)
     if args.hf:
-        sides["hf"] = run_hf(args, items)
-    adapter = resolve_adapter(args.hf, args.adapter) if args.hf else None
+        sides["hf"] = run_hf(args, items, adapter)
     result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
               "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
               "text_layout": settings.text_layout, "sides": sides}

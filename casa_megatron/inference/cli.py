@@ -56,7 +56,8 @@ def stamp(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    model, processor = load_model(args.model, args.device, args.dtype, args.adapter)
+    adapter = resolve_adapter(args.model, args.adapter)
+    model, processor = load_model(args.model, args.device, args.dtype, str(adapter) if adapter else "none")
     captioner = LiveCaptioner(model, processor, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
                               max_pixels=args.max_pixels)
     records: List[FrameRecord] = []
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> dict:
         stopped = str(e)
     except KeyboardInterrupt:
         stopped = "interrupted"
-    adapter = resolve_adapter(args.model, args.adapter)
     result = {"video": str(args.video), "model": str(args.model), "adapter": adapter and str(adapter),
               "fps": args.fps, "device": args.device,
               "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
