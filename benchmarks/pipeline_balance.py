@@ -32,6 +32,14 @@ p2p transfer time. The vision encoder is counted as the model config says (``mod
 blocks, ``trainable_blocks``), also under the config's ``vision: frozen_stub`` (that is only how
 ``train_efficiency.py`` stands in for the encoder).
 
+The interleaved schedule (``parallel.virtual_pipeline_model_parallel_size``, ``--vp``: model chunks
+per rank to score, 2 by default) is scored too where the layers and micro-batches allow it, even
+split only: ``interleaved_step`` simulates megatron's interleaved order over the virtual stages
+(checked: with equal stage costs it gives the textbook ``(m + (p - 1) / v)`` micro-batch times
+against 1F1B's ``m + p - 1``), and the row reports each rank's cost over its chunks. It shrinks the
+pipeline's idle time, not the heaviest rank's work: where the encoder makes rank 0 the bottleneck
+it buys nothing.
+
 The encoder over several stages (``parallel.vision_blocks_per_pipeline_stage``) is scored too:
 for each number of stages it spans and each count of blocks on its last stage (the one that
 also runs the projector and the first LM layers), the other blocks spread before it into near-equal
@@ -61,7 +69,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from casa_megatron.config.errors import ConfigError  # noqa: E402
 from casa_megatron.config.pipeline_split import (  # noqa: E402
-    FIRST, LAST, VISION, describe_split, stage_layer_counts, vision_stage_blocks,
+    FIRST, LAST, VIRTUAL, VISION, describe_split, describe_virtual_split, stage_layer_counts,
+    virtual_stage_layer_counts, vision_stage_blocks,
 )
 from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
 from casa_megatron.training.flops import MicroBatchFlops, microbatch_flops  # noqa: E402
@@ -182,43 +191,78 @@ def one_f_one_b_step(stage_costs_: List[float], num_microbatches: int,
     ``forward_share`` of its cost (one share, or one per stage: ``plan`` gives each stage's from
     its pieces' forward FLOPs; 1/3 where everything trains). Transfers are free."""
     p, m = len(stage_costs_), num_microbatches
-    shares = forward_share if isinstance(forward_share, list) else [forward_share] * p
-    fwd = [c / m * f for c, f in zip(stage_costs_, shares)]
-    bwd = [c / m * (1 - f) for c, f in zip(stage_costs_, shares)]
     orders = []
     for k in range(p):
         warmup = min(p - k - 1, m)
-        order = [("F", j) for j in range(warmup)]
+        order = [("F", k, j) for j in range(warmup)]
         for i in range(m - warmup):
-            order += [("F", warmup + i), ("B", i)]
-        order += [("B", j) for j in range(m - warmup, m)]
+            order += [("F", k, warmup + i), ("B", k, i)]
+        order += [("B", k, j) for j in range(m - warmup, m)]
         orders.append(order)
+    return _simulate(orders, stage_costs_, m, forward_share)
+
+
+def interleaved_step(virtual_costs: List[float], pp: int, num_microbatches: int,
+                     forward_share: Union[float, List[float]] = 1 / 3) -> float:
+    """Step time of megatron's interleaved schedule (``forward_backward_pipelining_with_interleaving``,
+    ``parallel.virtual_pipeline_model_parallel_size = len(virtual_costs) / pp``), simulated as
+    ``one_f_one_b_step`` from the cost of each *virtual* stage over the step (virtual stage
+    ``v * pp + r`` is chunk ``v`` of rank ``r``). Each rank runs its chunks' work in megatron's
+    order: micro-batches in groups of ``pp`` per chunk (its ``microbatch_group_size_per_vp_stage``
+    default), ``(pp - r - 1) * 2 + (vp - 1) * pp`` warm-up forwards, then one forward and one
+    backward in turn (backwards take the chunks in reverse), then the remaining backwards."""
+    vp, m = len(virtual_costs) // pp, num_microbatches
+    table = [(j, chunk) for start in range(0, m, pp) for chunk in range(vp) for j in range(start, min(start + pp, m))]
+    orders = []
+    for rank in range(pp):
+        forwards = [("F", chunk * pp + rank, j) for j, chunk in table]
+        backwards = [("B", (vp - 1 - chunk) * pp + rank, j) for j, chunk in table]
+        warmup = min((pp - rank - 1) * 2 + (vp - 1) * pp, len(table))
+        order = forwards[:warmup]
+        for i in range(len(table) - warmup):
+            order += [forwards[warmup + i], backwards[i]]
+        orders.append(order + backwards[len(table) - warmup:])
+    return _simulate(orders, virtual_costs, m, forward_share)
+
+
+def _simulate(orders: List[List[Tuple[str, int, int]]], stage_costs_: List[float], num_microbatches: int,
+              forward_share: Union[float, List[float]]) -> float:
+    """When the last of ``orders`` ends: ``orders[r]`` lists the work of rank ``r`` in its order,
+    each ("F" or "B", pipeline stage, micro-batch); a stage's forward of a micro-batch waits for
+    the previous stage's, its backward for the next stage's (the last stage's for its own forward)."""
+    p, m = len(stage_costs_), num_microbatches
+    shares = forward_share if isinstance(forward_share, list) else [forward_share] * p
+    fwd = [c / m * f for c, f in zip(stage_costs_, shares)]
+    bwd = [c / m * (1 - f) for c, f in zip(stage_costs_, shares)]
     done: Dict[Tuple[str, int, int], float] = {}
-    position, clock = [0] * p, [0.0] * p
-    while any(position[k] < len(orders[k]) for k in range(p)):
+    ranks = len(orders)
+    position, clock = [0] * ranks, [0.0] * ranks
+    while any(position[r] < len(orders[r]) for r in range(ranks)):
         progressed = False
-        for k in range(p):
-            while position[k] < len(orders[k]):
-                kind, j = orders[k][position[k]]
+        for r in range(ranks):
+            while position[r] < len(orders[r]):
+                kind, k, j = orders[r][position[r]]
                 needs = (("F", k - 1, j) if k > 0 else None) if kind == "F" else \
                     (("B", k + 1, j) if k < p - 1 else ("F", k, j))
                 if needs is not None and needs not in done:
                     break
-                start = max(clock[k], done[needs] if needs is not None else 0.0)
-                clock[k] = start + (fwd[k] if kind == "F" else bwd[k])
-                done[(kind, k, j)] = clock[k]
-                position[k] += 1
+                start = max(clock[r], done[needs] if needs is not None else 0.0)
+                clock[r] = start + (fwd[k] if kind == "F" else bwd[k])
+                done[(kind, k, j)] = clock[r]
+                position[r] += 1
                 progressed = True
         if not progressed:
-            raise RuntimeError("1F1B simulation deadlocked")  # cannot happen for a valid schedule
+            raise RuntimeError("pipeline simulation deadlocked")  # cannot happen for a valid schedule
     return max(clock)
 
 
 def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates = Rates(),
-         num_blocks: Optional[int] = None) -> dict:
+         num_blocks: Optional[int] = None, virtual: Tuple[int, ...] = ()) -> dict:
     """The even split (if the layers divide), the split of the LM alone whose estimated 1F1B step
     is shortest ("best") and, with ``num_blocks``, the shortest with the encoder over several
-    stages ("best, encoder split") when it beats "best"."""
+    stages ("best, encoder split") when it beats "best"; for each ``virtual`` size V the
+    interleaved schedule with V model chunks per rank ("interleaved xV", even split only), where
+    the layers and micro-batches allow it."""
     m = len(counts)
     scored = {}
     block_costs = None
@@ -258,7 +302,31 @@ def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates =
                      "overrides": overrides_for(pp, split), "describe": describe_split(layers, blocks)})
     if best_split == EVEN and rows[0]["split"] == "even":
         rows[0]["split"] = "even = best"
+    for vp in virtual:
+        if num_layers % (pp * vp) or m % pp:
+            continue  # the interleaved schedule needs both (config/pipeline_split.py, training/batch_schedule.py)
+        rows.append(_interleaved_row(counts, num_layers, pp, vp, rates, even[0] if even is not None else None))
     return {"pp": pp, "rows": rows}
+
+
+def _interleaved_row(counts: List[MicroBatchFlops], num_layers: int, pp: int, vp: int, rates: Rates,
+                     even_step: Optional[float]) -> dict:
+    """The interleaved schedule's row: costs per virtual stage simulated, reported per rank (the
+    sum of its chunks)."""
+    virtual = virtual_stage_layer_counts(num_layers, pp, vp)
+    costs = stage_costs(counts, virtual, rates)
+    shares = [f / c if c else 1 / 3 for f, c in zip(stage_costs(counts, virtual, rates, forward=True), costs)]
+    step = interleaved_step(costs, pp, len(counts), shares)
+    per_rank = [sum(costs[r::pp]) for r in range(pp)]
+    bottleneck = max(per_rank)
+    return {"pp": pp, "vp": vp, "split": f"interleaved x{vp}", "first": None, "last": None, "vision_blocks": None,
+            "layers": [sum(virtual[r::pp]) for r in range(pp)], "blocks_text": "all on rank 0",
+            "stage_cost": per_rank, "stage_text": " / ".join(_short(c, rates.unit) for c in per_rank),
+            "unit": rates.unit, "bottleneck": f"rank {per_rank.index(bottleneck)}",
+            "balance": sum(per_rank) / len(per_rank) / bottleneck, "step_estimate": step,
+            "speedup": even_step / step if even_step is not None else None,
+            "overrides": f"parallel.pipeline_model_parallel_size={pp} {VIRTUAL}={vp}",
+            "describe": describe_virtual_split(virtual, pp)}
 
 
 def _short(value: float, unit: str) -> str:
@@ -351,10 +419,12 @@ def calibrate(cfg: BenchConfig, fusion: str, steps: int) -> Tuple[Rates, dict]:
 
 
 # --- measuring the plan on this machine (CPU, PP=2) ---------------------------------------------
-def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Split, steps: int) -> dict:
+def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Split, steps: int,
+                vp: Optional[int] = None) -> dict:
     """One rank of a PP=2 run with ``split``: the median seconds per training step (forward and
     backward of the step's micro-batches through megatron's 1F1B schedule, no optimizer step) over
-    ``steps`` steps after a warm-up one. Barriers frame each step: it is the pipeline's time."""
+    ``steps`` steps after a warm-up one. Barriers frame each step: it is the pipeline's time.
+    ``vp``: ``vp`` model chunks per rank through the interleaved schedule instead (even split)."""
     import statistics
     import time
 
@@ -364,18 +434,19 @@ def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Spl
 
     from benchmarks.common import DTYPES
     from casa_megatron.config import ParallelConfig
-    from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.build import build_model_chunks
     from casa_megatron.parallel import initialize_parallel
-    from casa_megatron.training.step import forward_step
+    from casa_megatron.training.step import data_for_chunks, forward_step
 
     torch.set_num_threads(max(1, cfg.threads))
-    initialize_parallel(1, 2, seed=cfg.seed)
+    initialize_parallel(1, 2, seed=cfg.seed, virtual_pipeline_model_parallel_size=vp)
     parallel = ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=split[0],
                               num_layers_in_last_pipeline_stage=split[1],
-                              vision_blocks_per_pipeline_stage=list(split[2]) if split[2] else None)
+                              vision_blocks_per_pipeline_stage=list(split[2]) if split[2] else None,
+                              virtual_pipeline_model_parallel_size=vp)
     data = cfg.data
-    model = build_vlm(fusion_model_config(cfg.model, fusion), parallel, data.image_seq_length,
-                      params_dtype=DTYPES[cfg.dtype])
+    model = build_model_chunks(fusion_model_config(cfg.model, fusion), parallel, data.image_seq_length,
+                               params_dtype=DTYPES[cfg.dtype])
     batches = [image_heavy_batch(data, cfg.model.lm.vocab_size, cfg.seed + k) for k in range(data.num_microbatches)]
     waits = _time_p2p()
     times, busy = [], []
@@ -384,7 +455,8 @@ def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Spl
         dist.barrier()
         waits[0] = 0.0
         start = time.perf_counter()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data_for_chunks(iter(batches), len(model)),
+                                    model=model.chunks,
                                     num_microbatches=len(batches), seq_length=data.seq_length + data.image_seq_length,
                                     micro_batch_size=data.micro_batch_size)
         elapsed = time.perf_counter() - start
@@ -393,7 +465,7 @@ def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Spl
             times.append(elapsed)
             busy.append(elapsed - waits[0])
     return {"step_time_s": statistics.median(times), "busy_s": statistics.median(busy),
-            "layers": len(model.decoder.layers)}
+            "layers": sum(len(chunk.decoder.layers) for chunk in model)}
 
 
 def _time_p2p() -> List[float]:
@@ -421,7 +493,7 @@ def _time_p2p() -> List[float]:
 
 
 def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats: int = 1) -> None:
-    """Time the even and the best PP=2 split of ``fusion`` on this machine (two forked CPU ranks),
+    """Time the even and the best PP=2 split of ``fusion`` (and the interleaved rows) on this machine (two forked CPU ranks),
     alternating them ``repeats`` times (background load then weighs on both alike) and keeping each
     split's median run; adds ``measured_step_s`` / ``measured_busy_s`` (per stage: step time minus
     p2p time) to each row and ``measured_speedup`` to the best one."""
@@ -431,7 +503,8 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
     for _ in range(repeats):
         for row in rows:
             split = (row["first"], row["last"], tuple(row["vision_blocks"]) if row["vision_blocks"] else None)
-            result = run_distributed(_time_split, world_size=2, cfg=cfg, fusion=fusion, split=split, steps=steps)
+            result = run_distributed(_time_split, world_size=2, cfg=cfg, fusion=fusion, split=split, steps=steps,
+                                     vp=row.get("vp"))
             assert [r["layers"] for r in result] == row["layers"], (result, row["layers"])
             runs[id(row)].append(result)
     for row in rows:
@@ -439,8 +512,11 @@ def measure(cfg: BenchConfig, fusion: str, rows: List[dict], steps: int, repeats
         median = ordered[len(ordered) // 2]
         row["measured_step_s"] = median[0]["step_time_s"]
         row["measured_step_s_runs"] = [result[0]["step_time_s"] for result in runs[id(row)]]
-        row["measured_busy_s"] = [r["busy_s"] for r in median]
-        row["measured_busy"] = " / ".join(f"{r['busy_s']:.3g}" for r in median)
+        if row.get("vp"):  # its exchange is overlapped: waits happen outside the timed calls
+            row["measured_busy_s"], row["measured_busy"] = None, "n/a"
+        else:
+            row["measured_busy_s"] = [r["busy_s"] for r in median]
+            row["measured_busy"] = " / ".join(f"{r['busy_s']:.3g}" for r in median)
     if rows[0]["split"].startswith("even"):
         for row in rows[1:]:
             row["measured_speedup"] = rows[0]["measured_step_s"] / row["measured_step_s"]
@@ -451,6 +527,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4, 8], help="pipeline sizes to plan (it takes every number after it: write key=value "
                              "overrides before --pp or after another option)")
+    parser.add_argument("--vp", type=int, nargs="*", default=[2], help="model chunks per rank to score with the "
+                        "interleaved schedule (parallel.virtual_pipeline_model_parallel_size; none: --vp with no number)")
     parser.add_argument("--json", help="write the plans here")
     parser.add_argument("--calibrate", type=int, default=0, metavar="STEPS",
                         help="cost FLOPs at the encoder's and the LM's speed measured here (two timed runs "
@@ -486,7 +564,7 @@ def main(argv=None) -> int:
             if pp > num_layers:
                 print(f"PP={pp}: more stages than the {num_layers} LM layers, skipped", file=sys.stderr)
                 continue
-            rows = plan(counts, num_layers, pp, rates, cfg.model.vision.num_layers)["rows"]
+            rows = plan(counts, num_layers, pp, rates, cfg.model.vision.num_layers, tuple(args.vp))["rows"]
             if args.measure and pp == 2:
                 measure(cfg, fusion, rows, args.measure, args.repeats)
             results.extend({"fusion": fusion, **row} for row in rows)

@@ -67,12 +67,16 @@ def print_stages(model, cfg) -> None:
     """Parameters each pipeline stage holds (TP=1 equivalent): the first stage the embedding,
     encoder and projector besides its LM layers (with the encoder over several stages: each its
     blocks, the encoder's last one the projector), the last the final norm and the output layer (a
-    copy of the embedding when they are tied). Trainable ones also carry gradients and Adam state."""
-    from casa_megatron.config.pipeline_split import describe_split
+    copy of the embedding when they are tied); with virtual stages, each rank's LM layers are
+    those of its chunks. Trainable ones also carry gradients and Adam state."""
+    from casa_megatron.config.pipeline_split import describe_split, describe_virtual_split
 
+    pp = cfg.parallel.pipeline_model_parallel_size
     counts = cfg.parallel.stage_layer_counts(cfg.model.lm.num_layers)
     blocks = cfg.parallel.stage_vision_blocks(cfg.model.vision.num_layers)
-    stage_of_layer = [k for k, n in enumerate(counts) for _ in range(n)]
+    virtual = cfg.parallel.virtual_stage_layer_counts(cfg.model.lm.num_layers)  # = counts without chunks
+    # virtual stage j is chunk j // pp of rank j % pp (the interleaved schedule; j = rank without it)
+    stage_of_layer = [j % pp for j, n in enumerate(virtual) for _ in range(n)]
     stage_of_block = [k for k, n in enumerate(blocks) for _ in range(n)]
     encoder_last = stage_of_block[-1]
     totals = [[0, 0] for _ in counts]
@@ -93,7 +97,8 @@ def print_stages(model, cfg) -> None:
         weight = model.embedding.word_embeddings.weight
         totals[-1][0] += weight.numel()
         totals[-1][1] += weight.numel() if weight.requires_grad else 0
-    print(f"pipeline: {describe_split(counts, blocks)}")
+    chunks = cfg.parallel.model_chunks
+    print(f"pipeline: {describe_split(counts, blocks) if chunks == 1 else describe_virtual_split(virtual, pp)}")
     print(f"{'stage':<18}{'LM layers':>14}{'enc. blocks':>14}{'params':>14}{'trainable':>14}")
     for k, n in enumerate(counts):
         print(f"{k:<18}{n:>14}{blocks[k]:>14}{totals[k][0]:>14,}{totals[k][1]:>14,}")

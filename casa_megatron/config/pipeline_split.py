@@ -24,6 +24,7 @@ from casa_megatron.config.errors import ConfigError
 FIRST = "parallel.num_layers_in_first_pipeline_stage"
 LAST = "parallel.num_layers_in_last_pipeline_stage"
 VISION = "parallel.vision_blocks_per_pipeline_stage"
+VIRTUAL = "parallel.virtual_pipeline_model_parallel_size"
 
 
 def vision_stage_blocks(num_blocks: int, pp: int, split: Optional[List[int]] = None) -> List[int]:
@@ -108,17 +109,63 @@ def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
     return counts
 
 
+def virtual_stage_layer_counts(num_layers: int, pp: int, vp: int, first: Optional[int] = None,
+                               last: Optional[int] = None, vision_stages: int = 1) -> List[int]:
+    """LM layers of each *virtual* stage under the interleaved schedule (``VIRTUAL`` = ``vp``
+    model chunks per rank, Megatron-LM's ``--num-virtual-stages-per-pipeline-rank``), in pipeline
+    order: virtual stage ``v * pp + r`` is chunk ``v`` of rank ``r``.
+
+    Why chunks: 1F1B idles each rank for ``(pp - 1)`` micro-batch times per step; with ``vp``
+    chunks per rank a micro-batch crosses every rank ``vp`` times in smaller pieces and the idle
+    time shrinks to ``(pp - 1) / vp`` of that (more point-to-point messages in exchange). Only
+    the even split is supported here: every chunk holds ``num_layers / (pp * vp)`` layers, the
+    first chunk of the first rank also runs the vision encoder, the last chunk of the last rank the
+    output layer."""
+    if vp < 2:
+        raise ConfigError(f"{VIRTUAL}={vp}: give 2 or more model chunks per rank, or leave it unset")
+    if pp < 2:
+        raise ConfigError(f"{VIRTUAL}={vp} needs parallel.pipeline_model_parallel_size > 1 (it is {pp})")
+    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
+    if given:
+        raise ConfigError(f"{given} with {VIRTUAL}={vp} is not supported: the interleaved schedule here splits "
+                          "the LM evenly over all model chunks; leave the uneven split unset")
+    if vision_stages > 1:
+        raise ConfigError(f"{VISION} with {VIRTUAL}={vp} is not supported: the vision encoder runs in the first "
+                          "model chunk of the first rank")
+    chunks = pp * vp
+    if num_layers % chunks:
+        raise ConfigError(f"model.lm.num_layers={num_layers} does not split evenly into {chunks} model chunks "
+                          f"(parallel.pipeline_model_parallel_size={pp} x {VIRTUAL}={vp})")
+    return [num_layers // chunks] * chunks
+
+
+def rank_of_virtual_stage(stage: int, pp: int) -> int:
+    """The pipeline rank that holds virtual stage ``stage`` (chunk ``stage // pp`` of rank ``stage % pp``)."""
+    return stage % pp
+
+
 def stage_offsets(counts: List[int]) -> List[int]:
     """Global index of each stage's first LM layer."""
     return [0, *accumulate(counts)][:-1]
 
 
+def _span(offset: int, count: int) -> str:
+    return f"{offset}-{offset + count - 1}" if count > 1 else str(offset)
+
+
+def describe_virtual_split(counts: List[int], pp: int) -> str:
+    """``2 ranks x 2 chunks: rank 0 layers 0-1, 4-5 | rank 1 layers 2-3, 6-7`` (``counts``: per
+    virtual stage, ``virtual_stage_layer_counts``)."""
+    spans = [_span(o, c) for o, c in zip(stage_offsets(counts), counts)]
+    ranks = [", ".join(spans[r::pp]) for r in range(pp)]
+    return f"{pp} ranks x {len(counts) // pp} chunks: " + " | ".join(
+        f"rank {r} layers {text}" for r, text in enumerate(ranks))
+
+
 def describe_split(counts: List[int], vision_blocks: Optional[List[int]] = None) -> str:
     """``4 stages: layers 0-5 | 6-12 | ...`` for logs and tool output; with the encoder over
     several stages: ``3 stages: encoder blocks 0-19 | encoder blocks 20-31 + layers 0-13 | ...``."""
-    def span(offset: int, count: int) -> str:
-        return f"{offset}-{offset + count - 1}" if count > 1 else str(offset)
-
+    span = _span
     plural = f"{len(counts)} stage{'s' if len(counts) > 1 else ''}"
     spans = [span(o, c) for o, c in zip(stage_offsets(counts), counts)]
     if vision_blocks is None or not any(vision_blocks[1:]):

@@ -32,7 +32,7 @@ from casa_megatron.config.model_schema import (  # noqa: F401  (re-exported: one
     LoRAConfig,
     ModelConfig,
 )
-from casa_megatron.config.pipeline_split import stage_layer_counts, vision_stage_blocks
+from casa_megatron.config.pipeline_split import stage_layer_counts, virtual_stage_layer_counts, vision_stage_blocks
 from casa_megatron.data.config import DataConfig
 
 __all__ = ["ConfigError", "DataConfig"]
@@ -53,6 +53,11 @@ class ParallelConfig:
     # the rest (num_layers_in_first_pipeline_stage then counts the first of those). For CASA at
     # the paper's shape, where the encoder is most of a step's FLOPs.
     vision_blocks_per_pipeline_stage: Optional[List[int]] = None
+    # Interleaved pipeline schedule (Megatron-LM's --num-virtual-stages-per-pipeline-rank): each
+    # rank holds this many model chunks of num_layers / (pp * vp) LM layers, chunk v of rank r
+    # being virtual stage v * pp + r; the pipeline's idle time shrinks by this factor. Even split
+    # only; micro-batches per step must be a multiple of pipeline_model_parallel_size.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     # Data-parallel communication hidden behind compute (Megatron-LM's --overlap-grad-reduce,
     # --overlap-param-gather, --ddp-bucket-size): gradients are reduced bucket by bucket while
@@ -73,6 +78,21 @@ class ParallelConfig:
         return stage_layer_counts(num_layers, self.pipeline_model_parallel_size,
                                   self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage,
                                   self.vision_stages)
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks per pipeline rank (1 without the interleaved schedule)."""
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    def virtual_stage_layer_counts(self, num_layers: int) -> List[int]:
+        """LM layers of each virtual stage, in pipeline order (``ConfigError`` if impossible);
+        without the interleaved schedule the stages themselves (``stage_layer_counts``)."""
+        if self.virtual_pipeline_model_parallel_size is None:
+            return self.stage_layer_counts(num_layers)
+        return virtual_stage_layer_counts(num_layers, self.pipeline_model_parallel_size,
+                                          self.virtual_pipeline_model_parallel_size,
+                                          self.num_layers_in_first_pipeline_stage,
+                                          self.num_layers_in_last_pipeline_stage, self.vision_stages)
 
     def stage_vision_blocks(self, num_blocks: int) -> List[int]:
         """Vision-encoder blocks on each pipeline stage (``ConfigError`` if the split is impossible)."""
@@ -112,6 +132,7 @@ class ParallelConfig:
                               f"{vision.projector_width(lm.hidden_size)} (model.vision.projector_hidden_size)")
         self.stage_vision_blocks(vision.num_layers)
         self.stage_layer_counts(lm.num_layers)
+        self.virtual_stage_layer_counts(lm.num_layers)
         if self.sequence_parallel and tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
         if self.overlap_param_gather and not self.overlap_grad_reduce:

@@ -9,11 +9,13 @@ loads into each and comparisons are fair.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 
 from casa_megatron.config.schema import ModelConfig, ParallelConfig
+from casa_megatron.model.chunks import ModelChunks
 from casa_megatron.model.insertion import InsertionVLM
 from casa_megatron.model.lora import attach_lora
 from casa_megatron.model.transformer_config import (
@@ -24,9 +26,21 @@ from casa_megatron.model.transformer_config import (
 from casa_megatron.model.vlm import CASAVLM
 
 
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, image_seq_length: int,
+                       params_dtype: torch.dtype = torch.float32, precision=None) -> ModelChunks:
+    """This rank's model chunks: one stage, or ``parallel.virtual_pipeline_model_parallel_size``
+    chunks for the interleaved schedule (chunk ``v`` of rank ``r`` is virtual stage ``v * pp + r``)."""
+    vp = parallel.virtual_pipeline_model_parallel_size
+    return ModelChunks([build_vlm(model, parallel, image_seq_length, params_dtype, precision, vp_stage=v)
+                        for v in (range(vp) if vp else [None])])
+
+
 def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: int,
-              params_dtype: torch.dtype = torch.float32, precision=None, skip_init=()) -> CASAVLM:
+              params_dtype: torch.dtype = torch.float32, precision=None, skip_init=(),
+              vp_stage: Optional[int] = None) -> CASAVLM:
     """``precision`` (a PrecisionConfig) turns on FP8 through Transformer Engine for the LM.
+    ``vp_stage``: which model chunk of this rank to build under the interleaved schedule
+    (``build_model_chunks``); None: the rank's whole stage.
 
     ``skip_init``: components (``"lm"``, ``"vision"`` (the encoder), ``"projector"``) whose megatron
     weights are only allocated, not initialised, because the caller overwrites them all (the
@@ -49,9 +63,10 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
     seed = torch.initial_seed()  # the run's seed, before the components fork their own
     vlm = cls(
         model, lm_cfg, vision_cfg, projector_cfg, image_seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         vision_blocks=parallel.stage_vision_blocks(model.vision.num_layers),
+        vp_stage=vp_stage,
     )
     if model.fusion.cross_attention_gate:
         _add_gates(vlm)

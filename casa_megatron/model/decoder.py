@@ -32,23 +32,25 @@ from casa_megatron.model.vision_context import VisionContext
 class CASADecoder(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_specs: List[ModuleSpec], final_norm,
                  post_process: bool, pg_collection: Optional[ProcessGroupCollection] = None,
-                 recompute: RecomputeConfig = NO_RECOMPUTE, seed: Optional[int] = None):
+                 recompute: RecomputeConfig = NO_RECOMPUTE, seed: Optional[int] = None,
+                 vp_stage: Optional[int] = None):
         """``seed``: the run's seed; layer ``i`` is initialised from its own seed derived from it and
-        its global index (model/init_seed.py), so it starts the same whichever stage builds it."""
+        its global index (model/init_seed.py), so it starts the same whichever stage builds it.
+        ``vp_stage``: which of this rank's model chunks this is (interleaved schedule), else None."""
         super().__init__(config=config)
         self.recompute = recompute
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         # megatron's own split rule, even or uneven (config/pipeline_split.py states it as data)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        num_local = get_num_layers_to_build(config, None, pp_rank)
-        self.layer_offset = get_transformer_layer_offset(config, None, pp_rank)
+        num_local = get_num_layers_to_build(config, vp_stage, pp_rank)
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
         seed = torch.initial_seed() if seed is None else seed
         layers = []
         for i in range(num_local):
             with component_seed(seed, f"lm.layers.{self.layer_offset + i}"):
                 layers.append(build_module(layer_specs[self.layer_offset + i], config=config, layer_number=i + 1,
-                                           pg_collection=pg_collection))
+                                           pg_collection=pg_collection, vp_stage=vp_stage))
         self.layers = torch.nn.ModuleList(layers)
         self.final_layernorm = None
         if post_process:

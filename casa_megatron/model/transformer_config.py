@@ -45,7 +45,17 @@ def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
                           params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     lm = model.lm
     split = dict(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-                 num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
+                 num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+                 # model chunks per rank: megatron's get_num_layers_to_build / offset read it
+                 virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size)
+    if parallel.virtual_pipeline_model_parallel_size:
+        # The interleaved schedule sends forward and backward in one exchange. Batched, at PP=2
+        # both go to the same peer and are matched in posting order: rank 0's gradient lands in
+        # rank 1's activation buffer (same shape, no error; measured: wrong losses from the first
+        # steady-state micro-batch). megatron's unbatched exchange keeps the two directions on
+        # separate groups at PP=2, and overlaps them with compute: Megatron-LM's default with
+        # virtual stages (--overlap-p2p-communication, batch_p2p_comm = not overlap).
+        split.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if parallel.vision_stages > 1:
         # Stages without LM layers exist only in megatron's layout form. The tensor a stage
         # sends differs by stage (encoder activations before the encoder's last stage, the
@@ -76,7 +86,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
                               params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     v = model.vision
     common = _common(parallel, params_dtype)
-    common.update(pipeline_model_parallel_size=1, sequence_parallel=False)
+    common.update(pipeline_model_parallel_size=1, sequence_parallel=False)  # one stage, never chunked
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -105,4 +115,5 @@ def projector_transformer_config(lm_config: TransformerConfig,
         num_layers_in_first_pipeline_stage=None,  # the LM's pipeline split; the projector is not split
         num_layers_in_last_pipeline_stage=None,
         pipeline_model_parallel_layout=None,
+        virtual_pipeline_model_parallel_size=None,
     )

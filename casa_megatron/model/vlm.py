@@ -65,10 +65,13 @@ class CASAVLM(LanguageModule):
         pre_process: bool = True,
         post_process: bool = True,
         vision_blocks: Optional[List[int]] = None,
+        vp_stage: Optional[int] = None,
     ):
         """``vision_blocks``: the encoder's blocks on each pipeline stage
-        (``ParallelConfig.stage_vision_blocks``); None: all on the first stage."""
+        (``ParallelConfig.stage_vision_blocks``); None: all on the first stage. ``vp_stage``: the
+        model chunk of this rank under the interleaved schedule (``model/chunks.py``), else None."""
         super().__init__(config=lm_config)
+        self.vp_stage = vp_stage  # read by LanguageModule (tied embeddings) and the schedules
         self.model_config = model
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         # read by finalize_model_grads (PP: embedding-group all-reduce of the tied weight)
@@ -105,7 +108,8 @@ class CASAVLM(LanguageModule):
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
                                            model.attention_backend, model.packed_attention, model.lora)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
-                                   post_process=post_process, recompute=model.recompute, seed=seed)
+                                   post_process=post_process, recompute=model.recompute, seed=seed,
+                                   vp_stage=vp_stage)
         if post_process:
             with component_seed(seed, "lm.output_layer"):
                 self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -26,7 +26,10 @@ def initialize_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> None:
+    """``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (the interleaved
+    schedule), None without."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -48,6 +51,7 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -36,6 +36,7 @@ class BatchSchedule:
             if value % per_step:
                 raise ConfigError(f"{name}={value} is not a multiple of micro_batch_size x data-parallel size = "
                                   f"{mbs} x {dp_size} = {per_step}: every rank must run whole micro-batches")
+        _check_interleaved(cfg, per_step)
         if cfg.rampup_batch_size is None:
             self._calc = ConstantNumMicroBatchesCalculator(gbs, mbs, dp_size, False, rank)
         else:
@@ -55,3 +56,26 @@ class BatchSchedule:
         for _ in range(steps):
             consumed += self.at(consumed)[0]
         return consumed
+
+
+def _check_interleaved(cfg: TrainConfig, per_step: int) -> None:
+    """The interleaved schedule (``parallel.virtual_pipeline_model_parallel_size``) runs the
+    micro-batches of a step in groups of ``pipeline_model_parallel_size`` per model chunk; megatron
+    refuses a step whose count is not a multiple of it (a partial group would stall the
+    pipeline). Checked for every global batch size the run will use, before the model is built."""
+    pp, vp = cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_pipeline_model_parallel_size
+    if not vp:
+        return
+    sizes = [cfg.global_batch_size]
+    if cfg.rampup_batch_size is not None:
+        start, increment, _ = cfg.rampup_batch_size
+        sizes = list(range(start, cfg.global_batch_size, increment)) + sizes
+    for size in sizes:
+        micro = size // per_step
+        if micro % pp:
+            raise ConfigError(
+                f"a global batch of {size} is {micro} micro-batches per data-parallel rank (micro_batch_size="
+                f"{cfg.micro_batch_size} x {per_step // cfg.micro_batch_size} data-parallel ranks), not a multiple of "
+                f"parallel.pipeline_model_parallel_size={pp}, which the interleaved schedule "
+                f"(parallel.virtual_pipeline_model_parallel_size={vp}) needs"
+                + (" (rampup_batch_size included)" if cfg.rampup_batch_size is not None else ""))

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.data import make_eval_iterator
-from casa_megatron.training.step import forward_step  # its logged sums: loss_sum, tokens
+from casa_megatron.training.step import data_for_chunks, forward_step  # its logged sums: loss_sum, tokens
 
 
 def source_names(entries) -> List[str]:
@@ -55,7 +55,8 @@ def _score(model, cfg, num_microbatches: int, data_cfg) -> torch.Tensor:
     try:
         with torch.no_grad():
             for _ in range(cfg.eval_iters):
-                out = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+                out = forward_backward(forward_step_func=forward_step, data_iterator=data_for_chunks(data, len(model)),
+                                       model=model.chunks,
                                        num_microbatches=num_microbatches,
                                        seq_length=cfg.data.seq_length + cfg.data.image_seq_length,
                                        micro_batch_size=cfg.micro_batch_size, forward_only=True)
@@ -93,7 +94,7 @@ def check_validation(cfg, data_cfg) -> None:
 
 
 def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[Dict[str, float]]:
-    """Validation losses of ``model`` (the DDP-wrapped module); None off the last pipeline stage.
+    """Validation losses of ``model`` (the DDP-wrapped model chunks); None off the last pipeline stage.
 
     ``{"valid_loss": ...}``; with several ``data.valid`` sources each is scored on its own
     ``eval_iters`` global batches and reported as ``valid_loss/<name>`` (``source_names``), and

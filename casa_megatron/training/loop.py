@@ -1,7 +1,8 @@
 """The training loop, top to bottom: set up (or resume), then optimizer steps until done.
 
 Each step runs megatron-core's forward-backward schedule over the micro-batches of the global
-batch (1F1B when pipelined) on the DDP-wrapped model; megatron's (distributed) optimizer
+batch (1F1B when pipelined, interleaved 1F1B over the model chunks of
+``parallel.virtual_pipeline_model_parallel_size``) on the DDP-wrapped model chunks; megatron's (distributed) optimizer
 reduces gradients, clips by the global norm and steps AdamW; the scheduler sets both learning
 rates. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and when SIGTERM
 (SLURM's pre-emption signal) or SIGINT (Ctrl-C) arrives: the step in flight finishes, a
@@ -29,11 +30,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from casa_megatron.config import save_config, to_dict
 from casa_megatron.config.limits import check_limits
-from casa_megatron.config.pipeline_split import describe_split
+from casa_megatron.config.pipeline_split import describe_split, describe_virtual_split
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator
 from casa_megatron.data.reshard import reshard_position
-from casa_megatron.model.build import build_vlm
+from casa_megatron.model.build import build_model_chunks
 from casa_megatron.parallel import initialize_parallel
 from casa_megatron.runtime.logs import promote_rank
 from casa_megatron.runtime.signals import StopRequest
@@ -49,7 +50,7 @@ from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.profiling import StepProfiler
 from casa_megatron.training.resume import Resumed, resume
 from casa_megatron.training.session import RunSession
-from casa_megatron.training.step import forward_step
+from casa_megatron.training.step import data_for_chunks, forward_step
 from casa_megatron.training.throughput import FlopMeter, peak_tflops, throughput_metrics
 
 logger = logging.getLogger("casa_megatron.train")
@@ -77,7 +78,8 @@ def train(cfg: TrainConfig) -> dict:
     check_limits(cfg)  # load_config did it already; a config built in code gets it here
     cfg.validate()
     par = cfg.parallel
-    initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed)
+    initialize_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, cfg.seed,
+                        par.virtual_pipeline_model_parallel_size)
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_last,
                         cfg.checkpoint.verify, cfg.checkpoint.async_save, cfg.checkpoint.optimizer_format)
@@ -123,15 +125,17 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
-    model = build_vlm(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
+    model = build_model_chunks(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
     stage_layers = stage_blocks = None
-    if par.pipeline_model_parallel_size > 1:
-        stage_layers = par.stage_layer_counts(cfg.model.lm.num_layers)
-        stage_blocks = par.stage_vision_blocks(cfg.model.vision.num_layers)
+    pp, chunks = par.pipeline_model_parallel_size, par.model_chunks
+    if pp > 1:
+        stage_layers = par.virtual_stage_layer_counts(cfg.model.lm.num_layers)  # per (virtual) stage
+        stage_blocks = par.stage_vision_blocks(cfg.model.vision.num_layers) if chunks == 1 else None
     if stage_layers and dist.get_rank() == 0:
         where = ("embedding and patch embedding on the first stage, projector on the encoder's last"
                  if par.vision_stages > 1 else "vision encoder, projector and embedding on the first stage")
-        logger.info("pipeline: %s (%s)", describe_split(stage_layers, stage_blocks), where)
+        split = describe_split(stage_layers, stage_blocks) if chunks == 1 else describe_virtual_split(stage_layers, pp)
+        logger.info("pipeline: %s (%s)", split, where)
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
@@ -171,7 +175,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     seq_length = cfg.data.seq_length + cfg.data.image_seq_length
     step, saved_at, status = start_step, (start_step if resumed_from else None), "FINISHED"
     skipped_seen, held_logged = 0, 0.0  # seconds saves held the loop, up to the last logged row
-    meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers, stage_blocks).over(data)  # throughput.py
+    meter = FlopMeter(cfg.model, cfg.data.image_seq_length, stage_layers, stage_blocks,
+                      ranks=pp if chunks > 1 else None).over(data)  # throughput.py
+    feed = data_for_chunks(meter, chunks)  # each model chunk reads every micro-batch
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
     try:
@@ -180,10 +186,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             profiler.before(step)
             start = time.perf_counter()
             batch_size, num_micro = batches.at(consumed)
-            ddp.zero_grad_buffer()
+            for chunk in ddp:
+                chunk.zero_grad_buffer()
             optimizer.zero_grad()
             try:
-                losses = fb(forward_step_func=forward_step, data_iterator=meter, model=[ddp],
+                losses = fb(forward_step_func=forward_step, data_iterator=feed, model=ddp.chunks,
                             num_microbatches=num_micro, seq_length=seq_length,
                             micro_batch_size=cfg.micro_batch_size)
             except RuntimeError as exc:

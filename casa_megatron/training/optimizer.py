@@ -19,12 +19,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from casa_megatron.compat.optimizer_checkpoint import fix_fully_reshardable_save
 from casa_megatron.config.schema import TrainConfig
+from casa_megatron.model.chunks import ModelChunks
 
 
-def wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
-    # read by megatron's schedules (how the loss is normalised) and by DDP below (no 1/DP
-    # pre-scaling of gradients when finalize_model_grads divides by the global token count)
-    model.config.calculate_per_token_loss = cfg.calculate_per_token_loss
+def wrap_ddp(model: ModelChunks, cfg: TrainConfig) -> ModelChunks:
+    """megatron DDP around each of this rank's model chunks (``model/chunks.py``)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -33,15 +32,29 @@ def wrap_ddp(model: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParalle
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    # megatron's schedules call these: no grad sync inside micro-batch accumulation, then one
-    # finalisation (DP reduce / reduce-scatter, SP norm all-reduce) after the last micro-batch.
-    model.config.no_sync_func = ddp.no_sync
-    model.config.finalize_model_grads_func = finalize_model_grads
-    return ddp
+    for chunk in model:
+        # read by megatron's schedules (how the loss is normalised) and by DDP when it is built
+        # (no 1/DP pre-scaling of gradients when finalize_model_grads divides by the global
+        # token count)
+        chunk.config.calculate_per_token_loss = cfg.calculate_per_token_loss
+    # Chunks after the first keep one bucket each (Megatron-LM's choice): their gradient
+    # reduction overlaps the other chunks' backward anyway.
+    ddps = ModelChunks([DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                                disable_bucketing=i > 0) for i, chunk in enumerate(model)])
+    for chunk in model:
+        config = chunk.config
+        # megatron's schedules call these: no grad sync inside micro-batch accumulation, then one
+        # finalisation (DP reduce / reduce-scatter, SP norm all-reduce) after the last micro-batch.
+        config.no_sync_func = ddps[0].no_sync if len(ddps) == 1 else [d.no_sync for d in ddps]
+        if len(ddps) > 1 and cfg.parallel.overlap_grad_reduce:
+            # the interleaved schedule starts each chunk's reduction after its last backward
+            # (Megatron-LM's --align-grad-reduce, its default)
+            config.grad_sync_func = [d.start_grad_sync for d in ddps]
+        config.finalize_model_grads_func = finalize_model_grads
+    return ddps
 
 
-def finish_param_gather(ddp: DistributedDataParallel) -> None:
+def finish_param_gather(ddp: ModelChunks) -> None:
     """Bring every rank's copy of the weights up to date before reading them outside a forward.
 
     With ``parallel.overlap_param_gather`` the distributed optimizer's updated shards reach the
@@ -51,11 +64,12 @@ def finish_param_gather(ddp: DistributedDataParallel) -> None:
     shard (measured on the tiny DP=2 run: 22 weight tensors one Adam step behind). Megatron-LM
     syncs around its saves too (``disable_forward_pre_hook(param_sync=True)``). A no-op without
     overlap."""
-    if ddp.ddp_config.use_distributed_optimizer and ddp.ddp_config.overlap_param_gather:
-        ddp.start_param_sync(force_sync=True)
+    for chunk in ddp:
+        if chunk.ddp_config.use_distributed_optimizer and chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
-def build_optimizer(ddp_model: DistributedDataParallel, cfg: TrainConfig):
+def build_optimizer(ddp_model: ModelChunks, cfg: TrainConfig):
     opt = cfg.optimizer
     config = MegatronOptimizerConfig(
         optimizer="adam",
@@ -70,7 +84,7 @@ def build_optimizer(ddp_model: DistributedDataParallel, cfg: TrainConfig):
         use_distributed_optimizer=opt.use_distributed_optimizer,
     )
     overrides = {ParamKey(attr="casa_new"): {"max_lr": opt.lr_new, "min_lr": opt.lr_new * opt.min_lr_ratio}}
-    optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, ddp_model.chunks, config_overrides=overrides)
     fix_fully_reshardable_save(optimizer)  # several buckets: megatron-core 0.16.1 saves shifted states
     return optimizer, build_scheduler(optimizer, cfg)
 

@@ -148,7 +148,8 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
         return
     num_layers = old["model.lm.num_layers"]
     fields = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
-              "num_layers_in_last_pipeline_stage", "vision_blocks_per_pipeline_stage")
+              "num_layers_in_last_pipeline_stage", "vision_blocks_per_pipeline_stage",
+              "virtual_pipeline_model_parallel_size")
     saved_parallel = dataclasses.replace(current.parallel, **{f: old[f"parallel.{f}"] for f in fields})
     was, now = _layout(saved_parallel, num_layers), _layout(current.parallel, num_layers)
     if was != now:
@@ -160,8 +161,8 @@ def check_optimizer_layout(saved: Dict[str, Any], current: Any, source: str) -> 
 
 def _layout(par, num_layers: int) -> str:
     """``TP=2, PP=2 (LM layers per stage 1+3)``: what a dp_reshardable optimizer state depends on
-    (with the encoder over several stages: ``..., encoder blocks per stage 1+1``); ``par``: a
-    ParallelConfig."""
+    (with the encoder over several stages: ``..., encoder blocks per stage 1+1``; with the
+    interleaved schedule: ``..., 2 model chunks per rank``); ``par``: a ParallelConfig."""
     text = f"TP={par.tensor_model_parallel_size}, PP={par.pipeline_model_parallel_size}"
     if par.pipeline_model_parallel_size > 1:
         split = par.vision_blocks_per_pipeline_stage
@@ -172,6 +173,8 @@ def _layout(par, num_layers: int) -> str:
             return (f"{text} (first stage {par.num_layers_in_first_pipeline_stage}, last stage "
                     f"{par.num_layers_in_last_pipeline_stage} layers{encoder})")
         text += f" (LM layers per stage {'+'.join(map(str, counts))}{encoder})"
+        if par.virtual_pipeline_model_parallel_size:  # each chunk has buffers of its own
+            text += f", {par.virtual_pipeline_model_parallel_size} model chunks per rank"
     return text
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Deque, Iterator, List, Union
+
 import torch
 
 from casa_megatron.model.batch import VLMBatch
@@ -33,3 +36,47 @@ def forward_step(data_iterator, model):
         return total, tokens, logged
 
     return output, loss_func
+
+
+class _SharedFeed:
+    """One source read by several model chunks: chunk ``i``'s ``k``-th batch is the source's
+    ``k``-th. Batches are kept until every chunk has taken them (the interleaved schedule runs
+    up to a step's micro-batches through chunk 0 before chunk 1 sees the first)."""
+
+    def __init__(self, source: Iterator, chunks: int):
+        self.source = source
+        self.kept: Deque = deque()
+        self.first = 0  # index of kept[0]
+        self.taken = [0] * chunks
+
+    def take(self, chunk: int):
+        index = self.taken[chunk]
+        while index - self.first >= len(self.kept):
+            self.kept.append(next(self.source))
+        batch = self.kept[index - self.first]
+        self.taken[chunk] += 1
+        while self.kept and min(self.taken) > self.first:
+            self.kept.popleft()
+            self.first += 1
+        return batch
+
+
+class _ChunkFeed:
+    def __init__(self, shared: _SharedFeed, chunk: int):
+        self.shared, self.chunk = shared, chunk
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.shared.take(self.chunk)
+
+
+def data_for_chunks(source: Iterator, chunks: int) -> Union[Iterator, List[Iterator]]:
+    """``data_iterator`` for megatron's schedules: ``source`` itself for one model chunk, else one
+    iterator per chunk over the same micro-batches. Every chunk needs the whole micro-batch
+    (windows, positions, labels on the last), as every pipeline stage does (``forward_step``)."""
+    if chunks == 1:
+        return source
+    shared = _SharedFeed(source, chunks)
+    return [_ChunkFeed(shared, i) for i in range(chunks)]

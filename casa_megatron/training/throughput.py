@@ -63,14 +63,16 @@ class FlopMeter:
     time is bound by data loading, not compute; Megatron-LM's "batch-generator" timer)."""
 
     def __init__(self, model: ModelConfig, image_seq_length: int, stage_layers: Optional[List[int]] = None,
-                 stage_vision_blocks: Optional[List[int]] = None):
+                 stage_vision_blocks: Optional[List[int]] = None, ranks: Optional[int] = None):
         """``stage_layers``: LM layers per pipeline stage (PP > 1): the FLOPs of each stage are
         kept too (``last_stage_flops``), for the logged ``pipeline_balance``;
-        ``stage_vision_blocks``: encoder blocks per stage (None: all on the first)."""
+        ``stage_vision_blocks``: encoder blocks per stage (None: all on the first). ``ranks``
+        (the interleaved schedule): ``stage_layers`` are per virtual stage, and each rank's
+        FLOPs are those of its chunks (virtual stages ``r, r + ranks, ...``)."""
         self.model, self.image_seq_length = model, image_seq_length
-        self.stage_layers, self.stage_vision_blocks = stage_layers, stage_vision_blocks
+        self.stage_layers, self.stage_vision_blocks, self.ranks = stage_layers, stage_vision_blocks, ranks
         self.flops = 0  # since the last take()
-        self.stage_flops = [0] * len(stage_layers or [])
+        self.stage_flops = [0] * (ranks or len(stage_layers or []))
         self.last_stage_flops: List[int] = []
         self.data_wait_s = 0.0  # time spent in the source's next(), since the last take()
         self.last_data_wait_s = 0.0  # ... up to the last take(): the step just run
@@ -93,6 +95,8 @@ class FlopMeter:
         self.flops += counts.total
         if self.stage_layers:
             stages = counts.stage_totals(self.stage_layers, self.stage_vision_blocks)
+            if self.ranks:
+                stages = [sum(stages[r::self.ranks]) for r in range(self.ranks)]
             self.stage_flops = [a + b for a, b in zip(self.stage_flops, stages)]
         return batch
 
@@ -122,6 +126,12 @@ class FlopMeter:
         stages = self.last_stage_flops
         shares = " / ".join(f"{100 * f / sum(stages):.0f} %" for f in stages)
         heaviest = stages.index(max(stages))
+        if self.ranks:
+            return (f"pipeline ranks unbalanced: model FLOPs per rank {shares} of the step ({len(self.stage_layers) // self.ranks} "
+                    f"model chunks of {self.stage_layers[0]} LM layers per rank, the vision encoder on rank 0); rank "
+                    f"{heaviest} sets the pace, balance {balance:.2f}. The interleaved schedule splits the LM evenly: "
+                    "without parallel.virtual_pipeline_model_parallel_size, benchmarks/pipeline_balance.py suggests an "
+                    "uneven split or the encoder over several stages")
         encoder = (f", encoder blocks {' + '.join(map(str, self.stage_vision_blocks))}"
                    if self.stage_vision_blocks and any(self.stage_vision_blocks[1:]) else "")
         return (f"pipeline stages unbalanced: model FLOPs per stage {shares} of the step (LM layers "

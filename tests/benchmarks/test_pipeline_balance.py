@@ -89,11 +89,25 @@ def test_one_f_one_b_simulation():
     assert one_f_one_b_step([6.0, 2.0], 2, [1.0, 1 / 3]) == pytest.approx(7.0)
 
 
+def test_interleaved_simulation():
+    """Equal virtual stages: the textbook ``m + (p - 1) / v`` micro-batch slots (megatron's
+    interleaved bubble) against 1F1B's ``m + p - 1``; a rank that carries most of the work sets
+    the pace in both schedules (the encoder on rank 0: nothing gained)."""
+    from benchmarks.pipeline_balance import interleaved_step, one_f_one_b_step
+
+    for p, v, m in ((2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 4, 16), (2, 3, 6), (4, 2, 4)):
+        assert interleaved_step([m / v] * (p * v), p, m) == pytest.approx(m + (p - 1) / v)
+    # rank 0's first chunk holds 10x the work of every other virtual stage
+    heavy = [10.0, 1.0, 1.0, 1.0]
+    assert interleaved_step(heavy, 2, 4) == pytest.approx(11.0)  # rank 0's own work, never idle
+    assert one_f_one_b_step([11.0, 2.0], 4) == pytest.approx(11.0)
+
+
 def test_cli_plans_calibrates_and_times_two_ranks(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "pipeline_balance.py"), "--config", str(_config(tmp_path)),
-         "--pp", "2", "3", "--calibrate", "1", "--measure", "1", "--json", str(out), "fusions=[casa]"],
+         "--pp", "2", "3", "--vp", "3", "--calibrate", "1", "--measure", "1", "--json", str(out), "fusions=[casa]"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -101,6 +115,11 @@ def test_cli_plans_calibrates_and_times_two_ranks(tmp_path):
     assert {r["pp"] for r in rows} == {2, 3} and all(r["unit"] == "s" for r in rows)
     pp2 = [r for r in rows if r["pp"] == 2]
     assert all(r["measured_step_s"] > 0 for r in pp2)  # both PP=2 splits ran on two ranks
+    # and 3 model chunks per rank through the interleaved schedule (6 layers: 1 per virtual stage)
+    interleaved, = [r for r in pp2 if r["split"] == "interleaved x3"]
+    assert interleaved["layers"] == [3, 3] and interleaved["speedup"] > 0
+    assert sum(interleaved["stage_cost"]) == pytest.approx(sum(pp2[0]["stage_cost"]), rel=1e-9)
+    assert "parallel.virtual_pipeline_model_parallel_size=3" in proc.stdout
     calibration = report["calibration"]["casa"]
     assert calibration["step_s_with_encoder"] > 0 and calibration["lm_flops_per_s"] > 0
     # the suggestion (an uneven split, or the even one where the calibrated costs say so) is printed

@@ -13,9 +13,11 @@ import torch
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.pipeline_split import (
     describe_split,
+    describe_virtual_split,
     megatron_layout,
     stage_layer_counts,
     stage_offsets,
+    virtual_stage_layer_counts,
     vision_stage_blocks,
 )
 
@@ -141,3 +143,79 @@ def test_encoder_split_in_the_config_and_its_description():
     assert describe_split([1, 3], [2, 0]) == "2 stages: layers 0 | 1-3"
     with pytest.raises(ConfigError, match=r"vision_blocks_per_pipeline_stage=\[2, 2\] adds up to 4 blocks"):
         load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "parallel.vision_blocks_per_pipeline_stage=[2,2]"])
+
+
+# --- the interleaved schedule (parallel.virtual_pipeline_model_parallel_size) ------------------
+VIRTUAL_LAYOUTS = [(n, pp, vp) for n in (4, 6, 8, 12, 24) for pp in (2, 3, 4) for vp in (2, 3)]
+
+
+@pytest.mark.parametrize("layout", VIRTUAL_LAYOUTS, ids=lambda l: "n{}-pp{}-vp{}".format(*l))
+def test_virtual_split_equals_megatron(layout):
+    """Virtual stage ``v * pp + r`` is chunk ``v`` of rank ``r``: the same layer count and first
+    layer as megatron-core builds for (``vp_stage=v``, ``pp_rank=r``); a layout it refuses (or
+    would build with an empty chunk) is refused here from the config alone."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    n, pp, vp = layout
+    try:
+        config = TransformerConfig(num_layers=n, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=pp,
+                                   virtual_pipeline_model_parallel_size=vp, pipeline_dtype=torch.float32)
+        built = [(get_num_layers_to_build(config, v, r), get_transformer_layer_offset(config, v, r))
+                 for v in range(vp) for r in range(pp)]
+        assert min(count for count, _ in built) >= 1
+    except (ValueError, AssertionError):
+        with pytest.raises(ConfigError, match="does not split evenly into"):
+            virtual_stage_layer_counts(n, pp, vp)
+        return
+    counts = virtual_stage_layer_counts(n, pp, vp)
+    assert list(zip(counts, stage_offsets(counts))) == built
+
+
+def test_virtual_layouts_cover_both_outcomes():
+    accepted = [l for l in VIRTUAL_LAYOUTS if l[0] % (l[1] * l[2]) == 0]
+    assert 5 < len(accepted) < len(VIRTUAL_LAYOUTS) - 5
+
+
+@pytest.mark.parametrize("args, message", [
+    ((8, 2, 1), "=1: give 2 or more model chunks per rank"),
+    ((8, 1, 2), "needs parallel.pipeline_model_parallel_size > 1"),
+    ((8, 2, 2, 1, None), "num_layers_in_first_pipeline_stage=1 with .* is not supported"),
+    ((8, 2, 2, None, 3), "num_layers_in_last_pipeline_stage=3 with .* is not supported"),
+    ((8, 2, 2, None, None, 2), "vision_blocks_per_pipeline_stage with .* is not supported"),
+    ((6, 2, 2), "num_layers=6 does not split evenly into 4 model chunks"),
+])
+def test_virtual_split_refusals_name_the_field(args, message):
+    with pytest.raises(ConfigError, match=message):
+        virtual_stage_layer_counts(*args)
+
+
+def test_virtual_split_described_per_rank():
+    assert describe_virtual_split([1, 1, 1, 1], 2) == "2 ranks x 2 chunks: rank 0 layers 0, 2 | rank 1 layers 1, 3"
+    assert describe_virtual_split([2] * 6, 3) == ("3 ranks x 2 chunks: rank 0 layers 0-1, 6-7 | rank 1 layers 2-3, 8-9 | "
+                                                  "rank 2 layers 4-5, 10-11")
+
+
+def test_virtual_split_in_the_config_and_the_batch_schedule():
+    """The config refuses an impossible interleaved layout, naming the field; the batch schedule
+    refuses a step (or a ramp-up stage) whose micro-batches are not a multiple of PP, before any model."""
+    from casa_megatron.config import load_config
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.batch_schedule import BatchSchedule
+
+    base = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]
+    with pytest.raises(ConfigError, match="num_layers=2 does not split evenly into 4 model chunks"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", base)
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size=0"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["parallel.virtual_pipeline_model_parallel_size=0"])
+    cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "model.lm.num_layers=4"])
+    assert cfg.parallel.model_chunks == 2 and cfg.parallel.virtual_stage_layer_counts(4) == [1, 1, 1, 1]
+    assert BatchSchedule(cfg, dp_size=1).at(0) == (8, 4)
+    with pytest.raises(ConfigError, match="global batch of 6 is 3 micro-batches .* not a multiple of "
+                                          "parallel.pipeline_model_parallel_size=2"):
+        BatchSchedule(load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                                  [*base, "model.lm.num_layers=4", "global_batch_size=6"]), dp_size=1)
+    with pytest.raises(ConfigError, match=r"global batch of 2 is 1 micro-batches .*\(rampup_batch_size included\)"):
+        BatchSchedule(load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
+                                  [*base, "model.lm.num_layers=4", "rampup_batch_size=[2,2,8]"]), dp_size=1)

@@ -1,5 +1,6 @@
-"""The whole VLM under tensor and pipeline parallelism equals one process (CPU, gloo, 2 ranks),
-for every fusion: CASA (several placements), cross-attention (gated or not) and insertion.
+"""The whole VLM under tensor and pipeline parallelism (1F1B and the interleaved schedule) equals
+one process (CPU, gloo, 2 ranks), for every fusion: CASA (several placements), cross-attention
+(gated or not) and insertion.
 
 The one-process reference runs the reference paths (dense block-causal self-attention mask,
 image tokens through the whole fused QKV); every layout, TP=1 included, runs packed
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from support.dist import run_distributed
-from support.equivalence import pp_worker, tp_pp_worker, tp_worker
+from support.equivalence import pp_worker, tp_pp_worker, tp_worker, vpp_worker
 from support.vlm import QWEN_VISION
 
 TP_VARIANTS = {
@@ -101,3 +102,32 @@ def test_encoder_split_under_tensor_and_sequence_parallelism(fusion):
     stages = {r["stage"]: set(r["checked"]) for r in reports}
     assert any(n.startswith("vision.blocks.0.") for n in stages[0])
     assert any(n.startswith("vision.blocks.1.") for n in stages[1]) and any(n.startswith("projector.") for n in stages[1])
+
+
+VPP_VARIANTS = {
+    "casa_parallel": {},
+    "casa_before_layers_1_2": {"placement": "before", "layers": [1, 2]},
+    "cross_attention_gated": {"mechanism": "cross_attention", "cross_attention_gate": True},
+    "insertion": {"mechanism": "insertion"},
+    "insertion_qwen_encoder_mrope": {"mechanism": "insertion", "vision": QWEN_VISION},
+}
+
+
+@pytest.mark.parametrize("variant", list(VPP_VARIANTS))
+def test_interleaved_pipeline_matches_single_process(variant):
+    """PP=2 with two model chunks per rank (``parallel.virtual_pipeline_model_parallel_size=2``)
+    through megatron's interleaved schedule, 4 micro-batches: losses and every gradient. Rank 0
+    holds LM layers 0 and 2 and the encoder, rank 1 layers 1 and 3 and the output layer; the
+    image tokens ride along through all four virtual stages and back."""
+    fusion = dict(VPP_VARIANTS[variant])
+    first, second = run_distributed(vpp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)
+    assert (first["first_layers"], second["first_layers"]) == ([0, 2], [1, 3])
+    assert set(first["checked"]).isdisjoint(second["checked"])
+    assert set(first["checked"]) | set(second["checked"]) == set(first["trained"])  # every gradient compared
+    assert any(n.startswith("vision.") for n in first["checked"])
+    assert not any(n.startswith("output_layer.") for n in first["checked"])
+    assert any(n.startswith("output_layer.") for n in second["checked"])
+    assert not any(n.startswith("vision.") for n in second["checked"])
+    if fusion.get("mechanism") != "insertion":
+        for layer, stage in ((1, second), (2, first)):
+            assert any(n.startswith(f"decoder.layers.{layer}.casa_attention") for n in stage["checked"])

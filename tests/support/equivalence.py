@@ -20,28 +20,31 @@ TOL = dict(rtol=2e-4, atol=2e-5)
 
 
 def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bool = False, recompute=None,
-          split=(None, None), vision_split=None, model=None, **fusion):
+          split=(None, None), vision_split=None, model=None, vp=None, **fusion):
     """``reference``: the dense-mask self-attention and the fused image QKV (the old paths);
     ``recompute``: RecomputeConfig fields for the layouts under test (the reference keeps its
     activations); ``split``: LM layers on the first and last pipeline stage (None: even);
     ``vision_split``: encoder blocks per stage (``parallel.vision_blocks_per_pipeline_stage``);
-    ``model``: ModelConfig fields to set (``freeze_lm``, ``lora``)."""
+    ``model``: ModelConfig fields to set (``freeze_lm``, ``lora``); ``vp``: model chunks per rank
+    (the interleaved schedule; returns this rank's ``ModelChunks``)."""
     from casa_megatron.config.schema import RecomputeConfig
     from casa_megatron.config import ParallelConfig
-    from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.build import build_model_chunks, build_vlm
     from casa_megatron.parallel import initialize_parallel
 
-    initialize_parallel(tp, pp, seed=0)
+    initialize_parallel(tp, pp, seed=0, virtual_pipeline_model_parallel_size=vp)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               sequence_parallel=sp, num_layers_in_first_pipeline_stage=split[0],
                               num_layers_in_last_pipeline_stage=split[1],
-                              vision_blocks_per_pipeline_stage=vision_split)
+                              vision_blocks_per_pipeline_stage=vision_split, virtual_pipeline_model_parallel_size=vp)
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
     for key, value in (model or {}).items():
         setattr(config, key, value)
     config.packed_attention = not reference
     if recompute and not reference:
         config.recompute = RecomputeConfig(**recompute)
+    if vp:
+        return build_model_chunks(config, parallel, image_seq_length=IMAGE_SLOTS)
     return build_vlm(config, parallel, image_seq_length=IMAGE_SLOTS)
 
 
@@ -120,10 +123,15 @@ def forward_step(data_iterator, model):
 
 
 def run_schedule(model, batches):
+    """megatron's schedule over ``batches``: 1F1B for one module, interleaved for ``ModelChunks``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from casa_megatron.model.chunks import ModelChunks
+    from casa_megatron.training.step import data_for_chunks
+
+    chunks = model.chunks if isinstance(model, ModelChunks) else [model]
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        forward_step_func=forward_step, data_iterator=data_for_chunks(iter(batches), len(chunks)), model=chunks,
         num_microbatches=len(batches), seq_length=SEQ + IMAGE_SLOTS, micro_batch_size=2,
     )
     return [l["loss"] for l in losses]
@@ -201,3 +209,36 @@ def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True, m
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(to_global.values())}
+
+
+def vpp_worker(rank, world, fusion, vision=None, model_fields=None, micro_batches=4):
+    """PP=2 with two model chunks per rank (the interleaved schedule, 4 LM layers: one per virtual
+    stage, rank 0 holding layers 0 and 2 and the encoder) against one process: losses and every
+    gradient."""
+    from megatron.core import parallel_state
+
+    from casa_megatron.parallel.tp_layout import load_full_state
+
+    batches = [random_batch(seed, temporal=_temporal(vision)) for seed in range(31, 31 + micro_batches)]
+    ref = build(vision=vision, reference=True, model=model_fields, **fusion)
+    full = perturbed_full_state(ref)
+    load_full_state(ref, full, 0, 1)
+    ref_losses = run_schedule(ref, batches)
+    ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
+
+    chunks = build(pp=2, vp=2, vision=vision, model=model_fields, **fusion)
+    checked, layers = [], []
+    for chunk in chunks:
+        to_global = stage_global_names(chunk)
+        load_full_state(chunk, {n: full[g] for n, g in to_global.items()}, 0, 1)
+        layers.append(chunk.decoder.layer_offset)
+    losses = run_schedule(chunks, batches)
+    if parallel_state.is_pipeline_last_stage():
+        torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
+    for chunk in chunks:
+        to_global = stage_global_names(chunk)
+        for name, grad in _grads(chunk).items():
+            torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{to_global[name]}: {m}")
+            checked.append(to_global[name])
+    return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(checked),
+            "first_layers": layers, "trained": sorted(ref_grads)}

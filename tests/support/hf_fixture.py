@@ -99,12 +99,13 @@ def one_step(model, cfg, batch, image_slots: int = IMAGE_SLOTS):
     and scheduler that ``Checkpointer.save`` stores."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.training.optimizer import build_optimizer, wrap_ddp
     from casa_megatron.training.step import masked_mean
 
-    ddp = wrap_ddp(model, cfg)
+    ddp = wrap_ddp(ModelChunks([model]), cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
-    ddp.zero_grad_buffer()
+    ddp[0].zero_grad_buffer()
     optimizer.zero_grad()
 
     def step(it, m):
@@ -112,7 +113,7 @@ def one_step(model, cfg, batch, image_slots: int = IMAGE_SLOTS):
         return m(data), lambda per_token: (masked_mean(per_token, data), {})
 
     b, s = batch.input_ids.shape
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[ddp],
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=ddp.chunks,
                                 num_microbatches=1, seq_length=s + image_slots, micro_batch_size=b)
     optimizer.step()
     scheduler.step(increment=1)

@@ -99,6 +99,14 @@ def test_describe_model_shows_what_each_pipeline_stage_holds():
     assert [layers for layers, _ in split] == [0, 4] and sum(p for _, p in split) == total
     # stage 0 gave up 2 LM layers, encoder block 1, the encoder's final norm and the projector
     assert 0 < split[0][1] < even[0][1] - 2 * per_layer
+    # virtual stages with CASA on layers 2 and 3 only: rank 0 holds layers 0 and 2 (one CASA layer),
+    # not 0 and 1 (none), so one CASA layer's weights move from rank 1 to rank 0
+    _, plain_casa, _ = stages("model.fusion.layers=[2,3]")
+    _, chunked, text = stages("model.fusion.layers=[2,3]", "parallel.virtual_pipeline_model_parallel_size=2")
+    assert "pipeline: 2 ranks x 2 chunks: rank 0 layers 0, 2 | rank 1 layers 1, 3" in text
+    assert [layers for layers, _ in chunked] == [2, 2]
+    casa = chunked[0][1] - plain_casa[0][1]
+    assert casa > 0 and chunked[1][1] == plain_casa[1][1] - casa
 
 
 def test_describe_model_counts_lora_adapters_apart():

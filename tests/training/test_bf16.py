@@ -22,20 +22,20 @@ def _bf16_run(rank, world, run_dir, overrides):
     from casa_megatron.training import loop
 
     built = {}
-    build = loop.build_vlm
+    build = loop.build_model_chunks
 
     def spy(*args, **kwargs):  # keep the model to look at its dtypes afterwards
         built["model"] = build(*args, **kwargs)
         return built["model"]
 
-    loop.build_vlm = spy
+    loop.build_model_chunks = spy
     cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml",
                       [f"run_dir={run_dir}", f"train_steps={STEPS}", "log_interval=1", "precision.bf16=true",
                        "optimizer.warmup_steps=1", "optimizer.wsd_decay_steps=0", "tracking.enabled=false",
                        *overrides])
     loop.train(cfg)
     dtypes = {str(p.dtype) for p in built["model"].parameters()}
-    return {"dtypes": sorted(dtypes), "patch_embed": str(built["model"].vision.patch_embed.weight.dtype)}
+    return {"dtypes": sorted(dtypes), "patch_embed": str(built["model"][0].vision.patch_embed.weight.dtype)}
 
 
 @pytest.mark.parametrize("mechanism", ["casa", "cross_attention", "insertion"])

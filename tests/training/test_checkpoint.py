@@ -258,10 +258,50 @@ def test_encoder_over_two_stages_trains_and_resumes_across_the_split(tmp_path, u
     _check_pipeline_balance(rows, [], {8: ([0, 2], [1, 1]), 16: ([1, 1], None), 24: ([0, 2], [1, 1])})
 
 
+def test_interleaved_pipeline_trains_and_resumes_at_other_layouts(tmp_path):
+    """The interleaved schedule (``parallel.virtual_pipeline_model_parallel_size=2``: rank 0 holds
+    LM layers 0 and 2 and the encoder, rank 1 layers 1 and 3 and the output layer, tied to the
+    embedding on rank 0) for 8 steps, resumed at PP=2 without virtual stages for 8, then with them
+    again to the end: every logged loss and validation loss follows one process's curve."""
+    model = ["model.lm.num_layers=4", "model.lm.tie_word_embeddings=true",
+             "data.valid=[{path: synthetic}]", "eval_interval=8", "eval_iters=2"]
+    pp2, vpp = ["parallel.pipeline_model_parallel_size=2"], ["parallel.virtual_pipeline_model_parallel_size=2"]
+    reference = tmp_path / "one_process"
+    run_distributed(_train, world_size=1, run_dir=str(reference), overrides=model)
+    want = {(r["step"], key): r[key] for r in _rows(reference) for key in ("loss", "valid_loss") if key in r}
+    run_dir = tmp_path / "interleaved"
+    run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8, overrides=[*model, *pp2, *vpp])
+    saved = yaml.safe_load((run_dir / "checkpoints" / "iter_0000008" / "config.yaml").read_text())
+    assert saved["parallel"]["virtual_pipeline_model_parallel_size"] == 2
+    run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8, overrides=[*model, *pp2])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000016"
+    run_distributed(_train, world_size=2, run_dir=str(run_dir), overrides=[*model, *pp2, *vpp])
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(2, 25, 2))
+    assert [r["step"] for r in rows if "valid_loss" in r] == [8, 16, 24]
+    for row in rows:
+        key = "loss" if "loss" in row else "valid_loss"
+        assert row[key] == pytest.approx(want[row["step"], key], rel=1e-4, abs=1e-5), (row["step"], key)
+    # per rank: its two chunks' layers (virtual stages r and r + 2); plain PP=2 in steps 9-16
+    _check_pipeline_balance([r for r in rows if "loss" in r], model,
+                            {8: {"virtual": [1, 1, 1, 1]}, 16: [2, 2], 24: {"virtual": [1, 1, 1, 1]}})
+    # a weights-only start (checkpoint.pretrained) with virtual stages, adding DoRA adapters to the
+    # frozen LM: their magnitudes come from the loaded weights, so step 1 computes the loaded model
+    start = [f"checkpoint.pretrained={run_dir / 'checkpoints'}", "train_steps=2", "log_interval=1",
+             "optimizer.warmup_steps=1", "optimizer.wsd_decay_steps=0", "eval_interval=0"]
+    plain, dora = tmp_path / "from_pretrained", tmp_path / "from_pretrained_dora"
+    run_distributed(_train, world_size=1, run_dir=str(plain), overrides=[*model, *start])
+    run_distributed(_train, world_size=2, run_dir=str(dora), overrides=[
+        *model, *start, *pp2, *vpp, "model.freeze_lm=true", "model.lora.rank=2", "model.lora.dora=true"])
+    assert _rows(dora)[0]["loss"] == pytest.approx(_rows(plain)[0]["loss"], rel=1e-5)
+    assert _rows(dora)[0]["loss"] < want[2, "loss"] - 0.1  # the trained weights, not a fresh model
+
+
 def _check_pipeline_balance(rows, overrides, splits):
     """Each row's ``pipeline_balance`` (mean / max stage FLOPs) is that of its step's own
     micro-batches (the synthetic iterator replayed) on the split the step ran with (``splits``:
-    last step -> LM layers per stage, or (LM layers, encoder blocks) per stage)."""
+    last step -> LM layers per stage, or (LM layers, encoder blocks) per stage, or
+    ``{"virtual": LM layers per virtual stage}`` for the interleaved schedule at PP=2)."""
     import dataclasses
 
     from casa_megatron.config import load_config
@@ -279,8 +319,12 @@ def _check_pipeline_balance(rows, overrides, splits):
         if step not in logged:
             continue
         layers = splits[min(s for s in splits if s >= step)]
-        layers, blocks = layers if isinstance(layers, tuple) else (layers, None)
-        stages = [sum(sum(mb.stages(layers, blocks)[k]) for mb in counts) for k in range(len(layers))]
+        if isinstance(layers, dict):  # virtual stage v * 2 + r runs on rank r
+            virtual = [sum(mb.stage_totals(layers["virtual"])[k] for mb in counts) for k in range(len(layers["virtual"]))]
+            stages = [sum(virtual[r::2]) for r in range(2)]
+        else:
+            layers, blocks = layers if isinstance(layers, tuple) else (layers, None)
+            stages = [sum(sum(mb.stages(layers, blocks)[k]) for mb in counts) for k in range(len(layers))]
         assert logged[step]["pipeline_balance"] == pytest.approx(sum(stages) / len(stages) / max(stages), rel=1e-9)
         assert logged[step]["pipeline_heaviest_stage_share"] == pytest.approx(max(stages) / sum(stages), rel=1e-9)
 

@@ -35,6 +35,7 @@ def _direct_vs_evaluate(rank, world, dataset, valid):
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.evaluation import evaluate
     from casa_megatron.training.optimizer import wrap_ddp
@@ -45,7 +46,7 @@ def _direct_vs_evaluate(rank, world, dataset, valid):
         "data.num_workers=0", "tracking.enabled=false"])
     initialize_parallel(1, 1, cfg.seed)
     model = build_vlm(cfg.model, cfg.parallel, cfg.data.image_seq_length)
-    ddp = wrap_ddp(model, cfg)
+    ddp = wrap_ddp(ModelChunks([model]), cfg)
     num_micro = cfg.global_batch_size // cfg.micro_batch_size
     got = evaluate(ddp, cfg, num_micro)
     again = evaluate(ddp, cfg, num_micro)  # same samples every time

@@ -39,6 +39,7 @@ def _build(rank, world, overrides):
     from casa_megatron.config import load_config
     from casa_megatron.config.schema import TrainConfig
     from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.optimizer import build_optimizer, wrap_ddp
 
@@ -46,7 +47,7 @@ def _build(rank, world, overrides):
                       ["optimizer.warmup_steps=2", "optimizer.wsd_decay_steps=0", *BUCKETS, *overrides])
     initialize_parallel(1, 1, cfg.seed)
     model = build_vlm(cfg.model, cfg.parallel, cfg.data.image_seq_length, torch.float32, cfg.precision)
-    ddp = wrap_ddp(model, cfg)
+    ddp = wrap_ddp(ModelChunks([model]), cfg)
     return (cfg, model, ddp, *build_optimizer(ddp, cfg))
 
 
@@ -64,9 +65,9 @@ def _train_and_save(rank, world, directory, optimizer_format):
     data_cfg = dataclasses.replace(cfg.data, temporal_patch_size=cfg.model.vision.temporal_patch_size)
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, rank, world, 0, fusion="casa")
     for _ in range(3):
-        ddp.zero_grad_buffer()
+        ddp[0].zero_grad_buffer()
         optimizer.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[ddp],
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=ddp.chunks,
                                     num_microbatches=2, seq_length=54, micro_batch_size=2)
         optimizer.step()
         scheduler.step(increment=1)
@@ -156,3 +157,9 @@ def test_dp_reshardable_refuses_another_pipeline_split():
     with pytest.raises(ResumeMismatch, match=r"written at TP=1, PP=2 \(LM layers per stage 0\+4, encoder blocks per "
                                              r"stage 1\+1\); .* not at TP=1, PP=2 \(LM layers per stage 2\+2\)"):
         check_optimizer_layout(split, cfg(), "ckpt")
+    # virtual stages: each chunk has its own buffers, and rank 0 holds other layers
+    chunked = to_dict(cfg("parallel.virtual_pipeline_model_parallel_size=2"))
+    check_optimizer_layout(chunked, cfg("parallel.virtual_pipeline_model_parallel_size=2"), "ckpt")
+    with pytest.raises(ResumeMismatch, match=r"written at TP=1, PP=2 \(LM layers per stage 2\+2\), 2 model chunks per "
+                                             r"rank; .* not at TP=1, PP=2 \(LM layers per stage 2\+2\)\."):
+        check_optimizer_layout(chunked, cfg(), "ckpt")

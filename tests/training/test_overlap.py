@@ -22,20 +22,24 @@ OVERLAP = dict(overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_s
 TEXT_ONLY = [(), (1,), (0,), (0, 1)]
 
 
-def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=False, lora=0):
+def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=False, lora=0, global_names=False):
     """Four optimizer steps of a small VLM on two micro-batches per DP rank: losses, grad norms,
-    the final parameters, the number of buckets, megatron's warnings about the gather order."""
+    the final parameters, the number of buckets, megatron's warnings about the gather order.
+    ``global_names``: parameters keyed by the one-process model's names (layouts that place
+    layers differently compare by them)."""
     import warnings
 
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from support.vlm import QWEN_VISION, SEQ, random_batch, small_model_config, without_images
 
+    from support.equivalence import stage_global_names
+
     from casa_megatron.config.schema import ParallelConfig, TrainConfig
-    from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.build import build_model_chunks
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.optimizer import build_optimizer, finish_param_gather, wrap_ddp
-    from casa_megatron.training.step import forward_step
+    from casa_megatron.training.step import data_for_chunks, forward_step
 
     cfg = TrainConfig(model=small_model_config(QWEN_VISION if vision == "qwen" else None, **(fusion or {})),
                       parallel=ParallelConfig(**parallel), train_steps=4, micro_batch_size=2, global_batch_size=8)
@@ -49,13 +53,15 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
         cfg.model.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
         cfg.model.vision.recompute = RecomputeConfig(granularity="full", method="uniform", num_layers=1)
     cfg.parallel.validate(cfg.model)
-    initialize_parallel(1, cfg.parallel.pipeline_model_parallel_size, seed=0)
+    initialize_parallel(1, cfg.parallel.pipeline_model_parallel_size, seed=0,
+                        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size)
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()  # both pipeline stages of a replica read its data
-    model = build_vlm(cfg.model, cfg.parallel, image_seq_length=16,
-                      params_dtype=torch.bfloat16 if bf16 else torch.float32, precision=cfg.precision)
-    ddp = wrap_ddp(model, cfg)
+    image_slots = 16  # the pipeline tensor is [SEQ + image_slots, b, h] between stages
+    chunks = build_model_chunks(cfg.model, cfg.parallel, image_seq_length=image_slots,
+                                params_dtype=torch.bfloat16 if bf16 else torch.float32, precision=cfg.precision)
+    ddp = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     temporal = 2 if vision == "qwen" else 1
     losses, norms = [], []
@@ -64,19 +70,26 @@ def _steps(rank, world, parallel, vision, bf16=False, fusion=None, recompute=Fal
         for step, text_only in enumerate(TEXT_ONLY):
             batches = [random_batch(100 * step + 10 * dp_rank + m, temporal=temporal) for m in range(2)]
             batches = [without_images(b) if m in text_only else b for m, b in enumerate(batches)]
-            ddp.zero_grad_buffer()
+            for chunk in ddp:
+                chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches),
-                                              model=[ddp], num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
+            out = get_forward_backward_func()(forward_step_func=forward_step,
+                                              data_iterator=data_for_chunks(iter(batches), len(ddp)),
+                                              model=ddp.chunks, num_microbatches=2, seq_length=SEQ + image_slots,
+                                              micro_batch_size=2)
             _, norm, _ = optimizer.step()
             scheduler.step(increment=1)
             if out:  # the last pipeline stage
                 losses.append(float(torch.stack([o["loss"] for o in out]).mean()))
             norms.append(float(norm))
     finish_param_gather(ddp)  # the last step's update, as a checkpoint sees it
-    buckets = sum(len(group.buckets) for group in ddp.bucket_groups)
+    buckets = sum(len(group.buckets) for chunk in ddp for group in chunk.bucket_groups)
     order = sorted({str(w.message)[:80] for w in record if "all-gather" in str(w.message)})
-    return losses, norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}, buckets, order
+    params = {}
+    for chunk in chunks:
+        names = stage_global_names(chunk) if global_names else {}
+        params.update({names.get(n, n): p.detach().float().clone() for n, p in chunk.named_parameters()})
+    return losses, norms, params, buckets, order
 
 
 @pytest.mark.parametrize("vision, fusion, recompute, lora", [
@@ -132,6 +145,34 @@ def test_overlap_with_the_encoder_over_two_pipeline_stages():
     for first, second in ((0, 1), (2, 3)):  # the replicas of a stage
         for name, value in overlap[first][2].items():
             np.testing.assert_array_equal(overlap[second][2][name], value, err_msg=name)
+
+
+def test_interleaved_pipeline_with_overlapped_data_parallelism():
+    """4 ranks: PP=2 with two model chunks per rank (``parallel.virtual_pipeline_model_parallel_size=2``;
+    each chunk its own DDP, the second one bucket) x DP=2, gradient reduction and parameter
+    gathering overlapped, against 1F1B at PP=2 x DP=2 without overlap, with the text-only
+    micro-batches above: the same losses, gradient norms and weights (compared by global name:
+    rank 0 holds LM layers 0 and 2 here, 0 and 1 there); both replicas hold the same."""
+    plain = run_distributed(_steps, world_size=4, parallel=dict(pipeline_model_parallel_size=2), vision="qwen",
+                            global_names=True)
+    interleaved = run_distributed(_steps, world_size=4, parallel=dict(pipeline_model_parallel_size=2,
+                                                                      virtual_pipeline_model_parallel_size=2, **OVERLAP),
+                                  vision="qwen", global_names=True)
+    assert [len(r[0]) for r in interleaved] == [0, 0, 4, 4]  # losses on the last stage
+    assert any(n.startswith("decoder.layers.2.") for n in interleaved[0][2])
+    assert not any(n.startswith("decoder.layers.2.") for n in plain[0][2])
+    assert interleaved[0][3] > 2  # chunk 0 in several buckets, chunk 1 in one
+    for rank in range(4):
+        assert interleaved[rank][4] == [], interleaved[rank][4]
+        assert interleaved[rank][0] == pytest.approx(plain[rank][0], rel=1e-5)
+        assert interleaved[rank][1] == pytest.approx(plain[rank][1], rel=1e-5)
+    for replica in ((0, 2), (1, 3)):  # megatron's rank order: TP, DP, PP
+        weights = [{**run[replica[0]][2], **run[replica[1]][2]} for run in (plain, interleaved)]
+        assert weights[0].keys() == weights[1].keys()
+        for name, value in weights[0].items():
+            np.testing.assert_allclose(weights[1][name], value, rtol=0, atol=1e-5, err_msg=name)
+    for name, value in interleaved[0][2].items():  # the replicas of rank 0's chunks
+        np.testing.assert_array_equal(interleaved[1][2][name], value, err_msg=name)
 
 
 def test_encoder_split_in_bf16_follows_one_process():

@@ -42,6 +42,7 @@ def _megatron(rank, world, per_token):
     from support.vlm import SEQ
 
     from casa_megatron.model.build import build_vlm
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.loop import _step_loss
     from casa_megatron.training.optimizer import wrap_ddp
@@ -50,10 +51,10 @@ def _megatron(rank, world, per_token):
     cfg = _config(per_token)
     initialize_parallel(1, 1, seed=0)
     model = build_vlm(cfg.model, cfg.parallel, image_seq_length=16)
-    ddp = wrap_ddp(model, cfg)
-    ddp.zero_grad_buffer()
+    ddp = wrap_ddp(ModelChunks([model]), cfg)
+    ddp[0].zero_grad_buffer()
     losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(_batches(rank)),
-                                         model=[ddp], num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
+                                         model=ddp.chunks, num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
     grads = {n: p.main_grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return _step_loss(losses, per_token), grads
 
@@ -109,6 +110,7 @@ def _pipeline(rank, world):
     from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state
 
     from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.parallel.tp_layout import load_full_state
     from casa_megatron.training.optimizer import wrap_ddp
     from casa_megatron.training.step import forward_step
@@ -126,9 +128,9 @@ def _pipeline(rank, world):
     load_full_state(stage, {n: full[g] for n, g in to_global.items()}, 0, 1)
     cfg = _config(True)
     cfg.parallel = ParallelConfig(pipeline_model_parallel_size=2)
-    ddp = wrap_ddp(stage, cfg)
-    ddp.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
+    ddp = wrap_ddp(ModelChunks([stage]), cfg)
+    ddp[0].zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=ddp.chunks,
                                 num_microbatches=2, seq_length=SEQ + IMAGE_SLOTS, micro_batch_size=2)
     for name, p in stage.named_parameters():
         torch.testing.assert_close(p.main_grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{name}: {m}")
@@ -149,6 +151,7 @@ def _tensor_parallel(rank, world, sp):
     from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state
 
     from casa_megatron.config import ParallelConfig
+    from casa_megatron.model.chunks import ModelChunks
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
     from casa_megatron.training.loop import _step_loss
     from casa_megatron.training.optimizer import wrap_ddp
@@ -167,9 +170,9 @@ def _tensor_parallel(rank, world, sp):
     load_full_state(model, full, parallel_state.get_tensor_model_parallel_rank(), 2)
     cfg = _config(True)
     cfg.parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sp)
-    ddp = wrap_ddp(model, cfg)
-    ddp.zero_grad_buffer()
-    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
+    ddp = wrap_ddp(ModelChunks([model]), cfg)
+    ddp[0].zero_grad_buffer()
+    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=ddp.chunks,
                                          num_microbatches=2, seq_length=SEQ + IMAGE_SLOTS, micro_batch_size=2)
     torch.testing.assert_close(torch.tensor(_step_loss(losses, True)), ref_loss.detach(), **TOL)
     grads = gather_full(model, {n: p.main_grad for n, p in model.named_parameters()},
