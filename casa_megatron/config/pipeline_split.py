@@ -9,6 +9,9 @@ TransformerConfig fields ``num_layers_in_first_pipeline_stage`` / ``..._last_...
 last stages get the counts given, the middle stages share the rest evenly.
 ``benchmarks/pipeline_balance.py`` suggests the counts from the FLOPs of each stage.
 
+With virtual stages (the interleaved schedule, ``virtual_stage_layer_counts``) each rank holds
+several model chunks instead, split evenly.
+
 This module is the rule as data (torch-free, so the config layer can check it); megatron-core's
 ``get_num_layers_to_build`` / ``get_transformer_layer_offset`` build the stages, and
 ``tests/config/test_pipeline_split.py`` proves the two agree.
@@ -137,11 +140,6 @@ def virtual_stage_layer_counts(num_layers: int, pp: int, vp: int, first: Optiona
         raise ConfigError(f"model.lm.num_layers={num_layers} does not split evenly into {chunks} model chunks "
                           f"(parallel.pipeline_model_parallel_size={pp} x {VIRTUAL}={vp})")
     return [num_layers // chunks] * chunks
-
-
-def rank_of_virtual_stage(stage: int, pp: int) -> int:
-    """The pipeline rank that holds virtual stage ``stage`` (chunk ``stage // pp`` of rank ``stage % pp``)."""
-    return stage % pp
 
 
 def stage_offsets(counts: List[int]) -> List[int]:

@@ -24,7 +24,7 @@ class ModelChunks(torch.nn.ModuleList):
 
     @property
     def config(self):
-        """The LM's TransformerConfig (the same object's values in every chunk)."""
+        """The LM's TransformerConfig (each chunk holds its own, with the same values)."""
         return self[0].config
 
     @property
