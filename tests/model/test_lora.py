@@ -144,6 +144,21 @@ def test_tp2_with_and_without_sp_equals_one_process(recompute):
     assert all(err < 1e-4 for err in reports[0]["max_grad_err"].values())
 
 
+def test_interleaved_pipeline_equals_one_process_with_dora_on_some_layers():
+    """PP=2 with two model chunks per rank (layers 0 and 2 on rank 0, 1 and 3 on rank 1): DoRA
+    adapters on layers 1 and 2 only, one on each rank's other chunk, trained through the
+    interleaved schedule, give one process's losses and gradients."""
+    from support.equivalence import vpp_worker
+
+    lora = LoRAConfig(rank=2, alpha=4.0, layers=[1, 2], dora=True)
+    first, second = run_distributed(vpp_worker, world_size=2, fusion={},
+                                    model_fields={"freeze_lm": True, "lora": lora})
+    adapters = {r: {n.split(".")[2] for n in report["checked"] if "_lora." in n}
+                for r, report in enumerate((first, second))}
+    assert adapters == {0: {"2"}, 1: {"1"}}
+    assert any(n.endswith("lora_magnitude") for n in first["checked"])
+
+
 def test_pp2_equals_one_process_insertion_some_layers():
     lora = LoRAConfig(rank=3, alpha=3.0, layers=[0, 2, 3])
     reports = run_distributed(pp_worker, world_size=2, fusion={"mechanism": "insertion"},

@@ -110,6 +110,8 @@ VPP_VARIANTS = {
     "cross_attention_gated": {"mechanism": "cross_attention", "cross_attention_gate": True},
     "insertion": {"mechanism": "insertion"},
     "insertion_qwen_encoder_mrope": {"mechanism": "insertion", "vision": QWEN_VISION},
+    # activation recomputation inside each chunk
+    "casa_recompute_uniform_1": {"recompute": {"granularity": "full", "method": "uniform", "num_layers": 1}},
 }
 
 
@@ -120,7 +122,8 @@ def test_interleaved_pipeline_matches_single_process(variant):
     holds LM layers 0 and 2 and the encoder, rank 1 layers 1 and 3 and the output layer; the
     image tokens ride along through all four virtual stages and back."""
     fusion = dict(VPP_VARIANTS[variant])
-    first, second = run_distributed(vpp_worker, world_size=2, vision=fusion.pop("vision", None), fusion=fusion)
+    first, second = run_distributed(vpp_worker, world_size=2, vision=fusion.pop("vision", None),
+                                    recompute=fusion.pop("recompute", None), fusion=fusion)
     assert (first["first_layers"], second["first_layers"]) == ([0, 2], [1, 3])
     assert set(first["checked"]).isdisjoint(second["checked"])
     assert set(first["checked"]) | set(second["checked"]) == set(first["trained"])  # every gradient compared
@@ -131,3 +134,14 @@ def test_interleaved_pipeline_matches_single_process(variant):
     if fusion.get("mechanism") != "insertion":
         for layer, stage in ((1, second), (2, first)):
             assert any(n.startswith(f"decoder.layers.{layer}.casa_attention") for n in stage["checked"])
+
+
+@pytest.mark.parametrize("fusion", [{}, {"mechanism": "insertion"}], ids=["casa", "insertion"])
+def test_interleaved_pipeline_under_tensor_and_sequence_parallelism(fusion):
+    """4 ranks: TP=2 with sequence parallelism x PP=2 with two model chunks per rank: the SP shards
+    of text and image slots cross the four virtual stages, and the losses and every gradient
+    (gathered over TP) equal one process's."""
+    reports = run_distributed(vpp_worker, world_size=4, fusion=fusion, vision=QWEN_VISION)
+    stages = {r["stage"]: r for r in reports}  # the two TP ranks of a stage report the same names
+    assert stages[0]["first_layers"] == [0, 2] and stages[1]["first_layers"] == [1, 3]
+    assert set(stages[0]["checked"]) | set(stages[1]["checked"]) == set(stages[0]["trained"])

@@ -211,14 +211,16 @@ def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True, m
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(to_global.values())}
 
 
-def vpp_worker(rank, world, fusion, vision=None, model_fields=None, micro_batches=4):
+def vpp_worker(rank, world, fusion, vision=None, model_fields=None, recompute=None, micro_batches=4):
     """PP=2 with two model chunks per rank (the interleaved schedule, 4 LM layers: one per virtual
     stage, rank 0 holding layers 0 and 2 and the encoder) against one process: losses and every
-    gradient."""
+    gradient. 4 ranks: TP=2 with sequence parallelism as well (gradients gathered over TP, the
+    sequence-parallel ones summed first)."""
     from megatron.core import parallel_state
 
-    from casa_megatron.parallel.tp_layout import load_full_state
+    from casa_megatron.parallel.tp_layout import gather_full, load_full_state
 
+    tp = world // 2
     batches = [random_batch(seed, temporal=_temporal(vision)) for seed in range(31, 31 + micro_batches)]
     ref = build(vision=vision, reference=True, model=model_fields, **fusion)
     full = perturbed_full_state(ref)
@@ -226,18 +228,21 @@ def vpp_worker(rank, world, fusion, vision=None, model_fields=None, micro_batche
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
 
-    chunks = build(pp=2, vp=2, vision=vision, model=model_fields, **fusion)
+    chunks = build(tp=tp, pp=2, vp=2, sp=tp > 1, vision=vision, model=model_fields, recompute=recompute, **fusion)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     checked, layers = [], []
     for chunk in chunks:
         to_global = stage_global_names(chunk)
-        load_full_state(chunk, {n: full[g] for n, g in to_global.items()}, 0, 1)
+        load_full_state(chunk, {n: full[g] for n, g in to_global.items()}, tp_rank, tp)
         layers.append(chunk.decoder.layer_offset)
     losses = run_schedule(chunks, batches)
     if parallel_state.is_pipeline_last_stage():
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
     for chunk in chunks:
         to_global = stage_global_names(chunk)
-        for name, grad in _grads(chunk).items():
+        finalize_sp_grads(chunk)
+        grads = gather_full(chunk, _grads(chunk), parallel_state.get_tensor_model_parallel_group())
+        for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[to_global[name]], **TOL, msg=lambda m: f"{to_global[name]}: {m}")
             checked.append(to_global[name])
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(checked),
