@@ -69,7 +69,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from casa_megatron.config.errors import ConfigError  # noqa: E402
 from casa_megatron.config.pipeline_split import (  # noqa: E402
-    FIRST, LAST, VIRTUAL, VISION, describe_split, describe_virtual_split, stage_layer_counts,
+    FIRST, LAST, VIRTUAL, VISION, describe_split, describe_virtual_split, rank_totals, stage_layer_counts,
     virtual_stage_layer_counts, vision_stage_blocks,
 )
 from casa_megatron.runtime.atomic import atomic_write_json  # noqa: E402
@@ -317,10 +317,10 @@ def _interleaved_row(counts: List[MicroBatchFlops], num_layers: int, pp: int, vp
     costs = stage_costs(counts, virtual, rates)
     shares = [f / c if c else 1 / 3 for f, c in zip(stage_costs(counts, virtual, rates, forward=True), costs)]
     step = interleaved_step(costs, pp, len(counts), shares)
-    per_rank = [sum(costs[r::pp]) for r in range(pp)]
+    per_rank = rank_totals(costs, pp)
     bottleneck = max(per_rank)
     return {"pp": pp, "vp": vp, "split": f"interleaved x{vp}", "first": None, "last": None, "vision_blocks": None,
-            "layers": [sum(virtual[r::pp]) for r in range(pp)], "blocks_text": "all on rank 0",
+            "layers": rank_totals(virtual, pp), "blocks_text": "all on rank 0",
             "stage_cost": per_rank, "stage_text": " / ".join(_short(c, rates.unit) for c in per_rank),
             "unit": rates.unit, "bottleneck": f"rank {per_rank.index(bottleneck)}",
             "balance": sum(per_rank) / len(per_rank) / bottleneck, "step_estimate": step,

@@ -142,6 +142,12 @@ def virtual_stage_layer_counts(num_layers: int, pp: int, vp: int, first: Optiona
     return [num_layers // chunks] * chunks
 
 
+def rank_totals(per_virtual_stage: List, pp: int) -> List:
+    """Sum a quantity of each virtual stage over the chunks of each of the ``pp`` ranks
+    (virtual stages ``r, r + pp, ...`` run on rank ``r``)."""
+    return [sum(per_virtual_stage[r::pp]) for r in range(pp)]
+
+
 def stage_offsets(counts: List[int]) -> List[int]:
     """Global index of each stage's first LM layer."""
     return [0, *accumulate(counts)][:-1]
@@ -163,14 +169,13 @@ def describe_virtual_split(counts: List[int], pp: int) -> str:
 def describe_split(counts: List[int], vision_blocks: Optional[List[int]] = None) -> str:
     """``4 stages: layers 0-5 | 6-12 | ...`` for logs and tool output; with the encoder over
     several stages: ``3 stages: encoder blocks 0-19 | encoder blocks 20-31 + layers 0-13 | ...``."""
-    span = _span
     plural = f"{len(counts)} stage{'s' if len(counts) > 1 else ''}"
-    spans = [span(o, c) for o, c in zip(stage_offsets(counts), counts)]
+    spans = [_span(o, c) for o, c in zip(stage_offsets(counts), counts)]
     if vision_blocks is None or not any(vision_blocks[1:]):
         return f"{plural}: layers " + " | ".join(spans)
     parts = []
     for stage, (v_offset, blocks) in enumerate(zip(stage_offsets(vision_blocks), vision_blocks)):
-        encoder = f"encoder blocks {span(v_offset, blocks)}" if blocks else ""
+        encoder = f"encoder blocks {_span(v_offset, blocks)}" if blocks else ""
         lm = f"layers {spans[stage]}" if counts[stage] else ""
         parts.append(" + ".join(p for p in (encoder, lm) if p))
     return f"{plural}: " + " | ".join(parts)

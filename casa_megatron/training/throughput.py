@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from casa_megatron.config.pipeline_split import rank_totals
 from casa_megatron.config.schema import ModelConfig, TrainConfig
 from casa_megatron.training.flops import microbatch_flops
 
@@ -96,7 +97,7 @@ class FlopMeter:
         if self.stage_layers:
             stages = counts.stage_totals(self.stage_layers, self.stage_vision_blocks)
             if self.ranks:
-                stages = [sum(stages[r::self.ranks]) for r in range(self.ranks)]
+                stages = rank_totals(stages, self.ranks)
             self.stage_flops = [a + b for a, b in zip(self.stage_flops, stages)]
         return batch
 
