@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from casa_megatron.data.manifest import write_manifest
 from casa_megatron.data.processor import IMAGE_EXTS, VIDEO_EXTS, part_order
+from casa_megatron.data.shard_index import index_shards
 from casa_megatron.data.shards import ShardWriter, split_key
 from casa_megatron.runtime.atomic import staged_folder
 
@@ -51,7 +52,7 @@ def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
     shard is complete: an interrupted build leaves no cut-short ``.tar`` that a loader would read,
     and a rebuild never leaves stale shards of an earlier, larger build mixed in with the new ones
     (a loader reads every ``*.tar`` of the folder). An existing, non-empty ``out_dir`` is refused
-    unless ``force``."""
+    unless ``force``. Each shard's index is saved with it (``shard_index.py``)."""
     from tqdm import tqdm
 
     samples, rejected = collect_samples(src_dir)
@@ -64,6 +65,10 @@ def build_shards(src_dir: str | Path, out_dir: str | Path, samples_per_shard: in
         with ShardWriter(tmp, samples_per_shard) as writer:
             for key, parts in tqdm(samples.items(), desc="shards", unit="sample", disable=not progress):
                 writer.write(key, {ext: path.read_bytes() for ext, path in parts.items()})
+        # each shard's index, saved beside it (shard_index.py): no loader start has to scan them
+        report = index_shards(writer.paths, progress=progress)
+        if report.failed:
+            raise ValueError(f"indexing the new shards failed: {report.failed}")
     if manifest is not None:
         root = Path(manifest).resolve().parent
         rows = []

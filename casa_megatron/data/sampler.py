@@ -6,7 +6,10 @@ therefore disjoint and together cover every sample exactly once per epoch, for a
 shards (sample-level split, so a dataset with fewer shards than ranks still works), and every
 rank's share differs by at most one sample. The order is a pure function of
 ``(seed, epoch, rank, world)``, so a position ``(epoch, i)`` is all a resumed run needs.
-Memory: one int64 per sample for the current epoch (80 MB at 10M samples).
+Memory: the epoch's permutation is drawn into int32 (the same order numpy's ``permutation``
+gives in int64: its shuffle draws depend on the length only), and a rank keeps its own share:
+4 N bytes while an epoch's order is drawn, ``4 N / W`` after (40 MB and 5 MB at 10M samples
+and 8 ranks; before, 80 MB held by every rank).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ class RankOrder:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """[n_rank] sample indices this rank reads in ``epoch``."""
         if self._epoch != epoch:
+            self._order = None  # the previous epoch's share goes before the next is drawn
+            perm = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 2**31 else np.int64)
             if self.shuffle:
                 key = [self.seed, epoch] + ([self.salt] if self.salt is not None else [])
-                perm = np.random.default_rng(key).permutation(self.num_samples)
-            else:
-                perm = np.arange(self.num_samples)
-            self._order, self._epoch = perm[self.rank::self.world], epoch
+                np.random.default_rng(key).shuffle(perm)
+            # a copy, so that the whole permutation is freed (a strided view would keep it alive)
+            self._order, self._epoch = perm[self.rank::self.world].copy(), epoch
         return self._order
 
     def epoch_length(self, epoch: int = 0) -> int:

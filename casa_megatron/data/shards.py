@@ -1,8 +1,9 @@
 """Tar shards in the webdataset convention: ``<key>.<ext>`` members, consecutive members with the
 same key form one sample (``000123.mp4`` + ``000123.json``).
 
-We index a shard by scanning its tar headers once (cheap: no member data is read) and then read
-any sample by seeking to its members. Random access is what makes the loader simple: the epoch
+We index a shard by scanning its tar headers once (cheap: no member data is read; the index is
+kept in a compact file beside the shards, ``shard_index.py``) and then read any sample by
+seeking to its members. Random access is what makes the loader simple: the epoch
 order is a seeded permutation of sample indices, split across data-parallel ranks, and
 resuming is "continue at position i" without replaying a stream. Shards are written with fixed
 metadata (mtime 0, uid 0) so the same inputs give byte-identical tars.
@@ -11,6 +12,7 @@ metadata (mtime 0, uid 0) so the same inputs give byte-identical tars.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from casa_megatron.data.records import RawSample, SampleError, ShardError
 
 BLOCK = tarfile.BLOCKSIZE  # 512
+logger = logging.getLogger(__name__)
 
 
 def split_key(name: str) -> Tuple[str, str]:
@@ -40,7 +43,20 @@ class IndexedSample:
 def index_tar(path: str | Path) -> List[IndexedSample]:
     """Samples of one shard. A truncated or damaged tar keeps the samples before the damage
     (minus the last one, which may be missing parts) and is named in a warning; a shard with
-    none raises ShardError naming it.
+    none raises ShardError naming it."""
+    samples, problem = scan_tar(path)
+    if problem:
+        warn_damaged(path, problem, len(samples))
+    return samples
+
+
+def warn_damaged(path: str | Path, problem: str, kept: int) -> None:
+    logger.warning("shard %s is damaged (%s); using its first %d samples", path, problem, kept)
+
+
+def scan_tar(path: str | Path) -> Tuple[List[IndexedSample], Optional[str]]:
+    """Walk a shard's member headers (no member data is read): its samples, and the damage
+    found (None for an intact shard). ShardError when nothing is readable.
 
     A tar cut exactly between two members reads like a shorter, valid tar (``tarfile`` stops at
     the missing header without complaint); what gives it away is the missing end-of-archive
@@ -73,12 +89,7 @@ def index_tar(path: str | Path) -> List[IndexedSample]:
         samples.pop()  # the sample at the damage may be missing parts: not trusted
     if not samples:
         raise ShardError(f"shard {path}: nothing readable ({problem or 'no <key>.<ext> members'})")
-    if problem:
-        import logging
-
-        logging.getLogger(__name__).warning("shard %s is damaged (%s); using its first %d samples",
-                                            path, problem, len(samples))
-    return samples
+    return samples, problem
 
 
 def _end_marker_problem(path: str, end: int, file_size: int) -> Optional[str]:

@@ -5,16 +5,27 @@ is the processor's job."""
 from __future__ import annotations
 
 import json
+import logging
+from bisect import bisect_right
+from itertools import accumulate
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
+
 
 from casa_megatron.data.formats import describe_unknown, detect_format
 from casa_megatron.data.json_dataset import JsonDatasetSource
 from casa_megatron.data.manifest import ManifestEntry, read_entry, read_manifest
 from casa_megatron.data.records import RawSample, SampleError, ShardError
-from casa_megatron.data.shards import IndexedSample, index_tar, read_sample
+from casa_megatron.data import shard_index
+from casa_megatron.data.shards import IndexedSample, read_sample, warn_damaged
+
+logger = logging.getLogger(__name__)
+OPEN_INDEXES = 256  # shard indexes memory-mapped at once per process (least recently used closed first)
 
 
 class SampleSource:
@@ -35,28 +46,109 @@ class SampleSource:
 
 
 class TarSource(SampleSource):
-    def __init__(self, shards: List[Path], index_threads: int = 8):
+    """Tar shards, each indexed once into a compact file beside it (``shard_index.py``): start-up
+    reads one header per shard, an entry is looked up in its shard's memory-mapped index when a
+    sample is read, and the source holds (and pickles to process workers) O(shards) memory."""
+
+    def __init__(self, shards: List[Path], index_threads: int = 8, open_indexes: int = OPEN_INDEXES):
         if not shards:
             raise ShardError("no .tar shards given")
         self.shards = [str(p) for p in shards]
+        start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, min(index_threads, len(shards)))) as pool:
-            indexes = list(pool.map(index_tar, self.shards))  # ShardError propagates, naming the shard
-        self.samples: List[Tuple[int, IndexedSample]] = [
-            (s, entry) for s, index in enumerate(indexes) for entry in index]
-        self.shard_sizes = [len(index) for index in indexes]
+            found = list(pool.map(_count_samples, self.shards))  # ShardError propagates, naming the shard
+        self.shard_sizes = [count for count, _, _ in found]
+        self._starts = [0, *accumulate(self.shard_sizes)]  # [shards + 1] first sample of each shard
+        # indexes that could not be saved beside their shard (a read-only folder) stay in memory
+        self._in_memory: Dict[int, shard_index.ShardIndex] = {s: idx for s, (_, idx, _) in enumerate(found)
+                                                              if idx is not None}
+        built = sum(new for _, _, new in found)
+        if built:
+            logger.info("indexed %d of %d shard(s) (%d samples) in %.1f s%s", built, len(shards),
+                        sum(self.shard_sizes), time.perf_counter() - start,
+                        "" if len(self._in_memory) == built else "; saved for the next start in "
+                        f"{shard_index.INDEX_DIR}/ beside them")
+        if self._in_memory:
+            logger.warning("%d shard index(es) could not be saved beside the shards (first: %s) and are kept in "
+                           "memory; where the folder is writable, `python tools/index_shards.py` saves them once",
+                           len(self._in_memory), self.shards[min(self._in_memory)])
+        self.open_indexes = open_indexes
+        self._open: "OrderedDict[int, shard_index.ShardIndex]" = OrderedDict()  # memory-mapped, most recent last
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> Tuple[int, int]:
+        """(shard, sample within it) of sample ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a source with {len(self)} samples")
+        shard = bisect_right(self._starts, i) - 1
+        return shard, i - self._starts[shard]
+
+    def _index(self, shard: int) -> shard_index.ShardIndex:
+        if shard in self._in_memory:
+            return self._in_memory[shard]
+        with self._lock:
+            index = self._open.get(shard)
+            if index is None:
+                index = shard_index.open_saved(self.shards[shard])
+                if len(index) != self.shard_sizes[shard]:
+                    raise shard_index.StaleIndex(f"the index of {self.shards[shard]} now has {len(index)} samples, "
+                                                 f"{self.shard_sizes[shard]} at start-up")
+                self._open[shard] = index
+                if len(self._open) > self.open_indexes:
+                    self._open.popitem(last=False)  # its mapping closes once no reader holds it
+            else:
+                self._open.move_to_end(shard)
+            return index
+
+    def _entry(self, i: int) -> Tuple[int, IndexedSample]:
+        shard, local = self._locate(i)
+        try:
+            return shard, self._index(shard).entry(local)
+        except (shard_index.StaleIndex, OSError) as e:  # the shard changed or vanished mid-run
+            raise SampleError("unreadable_shard", f"sample {local} of {self.shards[shard]}: {e}") from e
 
     def key(self, i: int) -> str:
-        return self.samples[i][1].key
+        try:
+            return self._entry(i)[1].key
+        except SampleError:
+            shard, local = self._locate(i)
+            return f"<sample {local} of {Path(self.shards[shard]).name}>"
 
     def location(self, i: int) -> str:
-        return self.shards[self.samples[i][0]]
+        return self.shards[self._locate(i)[0]]
 
     def read(self, i: int) -> RawSample:
-        shard, entry = self.samples[i]
+        shard, entry = self._entry(i)
         return read_sample(self.shards[shard], entry)
+
+    def __getstate__(self) -> dict:  # to process workers: no mappings, no lock
+        state = dict(self.__dict__)
+        state["_open"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _count_samples(shard: str) -> Tuple[int, Optional[shard_index.ShardIndex], bool]:
+    """(samples, the index if it lives in memory only, whether it was built now) of one shard;
+    damage its index records is named in a warning, as at every start."""
+    try:
+        header = shard_index.probe(shard)
+        count, problem, index, new = header["samples"], header["problem"], None, False
+    except (shard_index.StaleIndex, OSError) as e:
+        if not isinstance(e, FileNotFoundError):
+            logger.info("rebuilding the index of %s: %s", shard, e)
+        index, saved = shard_index.build(shard)
+        count, problem, new = len(index), index.problem, True
+        index = None if saved else index
+    if problem:
+        warn_damaged(shard, problem, count)
+    return count, index, new
 
 
 class ManifestSource(SampleSource):

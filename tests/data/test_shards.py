@@ -91,10 +91,15 @@ def test_rebuild_needs_force_and_leaves_no_stale_or_cut_short_shard(tmp_path, mo
     _loose_files(tmp_path / "src")
     out = tmp_path / "out"
     assert len(build_shards(tmp_path / "src", out, 1, progress=False)) == 5
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def files(folder):  # the shards and their saved indexes (.casa_index/)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    first = files(out)
+    assert len(first) == 10
     with pytest.raises(OutputExists, match=r"out already exists and is not empty .*pass --force"):
         build_shards(tmp_path / "src", out, 2, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # refused: untouched
+    assert files(out) == first  # refused: untouched
 
     class Interrupted(Exception):
         pass
@@ -112,12 +117,13 @@ def test_rebuild_needs_force_and_leaves_no_stale_or_cut_short_shard(tmp_path, mo
     with pytest.raises(Interrupted):
         build_shards(tmp_path / "src", out, 2, progress=False, force=True)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the old build, whole
+    assert files(out) == first  # the old build, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left
 
     paths = build_shards(tmp_path / "src", out, 2, progress=False, force=True)
-    assert sorted(p.name for p in out.iterdir()) == [p.name for p in paths] == \
+    assert sorted(p.name for p in out.glob("*.tar")) == [p.name for p in paths] == \
         ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert sorted(files(out)) == sorted([p.name for p in paths] + [f".casa_index/{p.name}.idx" for p in paths])
     assert len(open_source(out)) == 5
 
 
