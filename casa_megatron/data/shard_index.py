@@ -279,7 +279,7 @@ def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: 
             if not saved:
                 return shard, len(index), index.problem, True, f"could not write {index_path(shard)}"
             return shard, len(index), index.problem, True, None
-        except ShardError as e:
+        except (ShardError, OSError) as e:  # named in the report; the loader refuses the shard later
             return shard, 0, None, False, str(e)
 
     report = IndexReport(shards=len(shards))
@@ -293,4 +293,27 @@ def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: 
                 report.damaged.append(f"{shard}: {problem}")
             if error:
                 report.failed.append(f"{shard}: {error}")
+    return report
+
+
+def shards_of(paths: Sequence[Union[str, Path]]) -> List[Path]:
+    """The tar shards behind data sources (folders of shards and single tars; other kinds of
+    source, and paths that do not exist, are left to the loader to read or to refuse)."""
+    out: List[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out.extend(sorted(path.glob("*.tar")))
+        elif path.suffix == ".tar" and path.is_file():
+            out.append(path)
+    return list(dict.fromkeys(out))
+
+
+def index_my_share(shards: Sequence[Path], rank: int, world: int) -> IndexReport:
+    """Rank ``rank`` of ``world`` indexes shards ``rank, rank + world, ...`` where no current index
+    is saved: on a first start the ranks share the scan instead of each scanning every tar. The
+    caller waits for every rank (a barrier) before opening the sources, which then find them saved
+    (where the folder cannot be written each rank still builds its own, in memory)."""
+    report = index_shards(list(shards)[rank::world], threads=2, progress=False)
+    if report.built:
+        logger.info("rank %d indexed %d of the data's %d shard(s)", rank, report.built, len(shards))
     return report

@@ -217,3 +217,40 @@ def test_the_sampler_keeps_its_share_in_int32_in_numpy_s_permutation_order():
             reference = np.random.default_rng([7, 2]).permutation(n)[rank::world]
             assert np.array_equal(order, reference) and order.dtype == np.int32
             assert order.base is None  # not a view holding the whole permutation alive
+
+
+def _first_start(rank, world, folder, valid):
+    import torch.distributed as dist
+
+    from casa_megatron.data.config import DataConfig
+    from casa_megatron.training import loop
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    scanned = []
+    real = shard_index.scan_tar
+
+    def counting(path):
+        scanned.append(Path(path).name)
+        return real(path)
+
+    shard_index.scan_tar = counting
+    loop._index_shards_together(DataConfig(source=str(folder), valid=[str(valid)]))
+    during = list(scanned)
+    source = TarSource(_tars(folder))  # after the barrier: every index saved, nothing scanned
+    keys = [source.key(i) for i in range(len(source))]
+    dist.destroy_process_group()
+    return during, scanned[len(during):], keys
+
+
+def test_on_a_first_start_the_ranks_share_the_scan(tmp_path):
+    from support.dist import run_distributed
+
+    samples = _samples(12)
+    write_shard_dir(tmp_path / "train", samples, per_shard=3)  # 4 shards
+    write_shard_dir(tmp_path / "valid", _samples(2, "v"), per_shard=2)
+    valid, = _tars(tmp_path / "valid")
+    results = run_distributed(_first_start, world_size=2, folder=tmp_path / "train", valid=valid)
+    (scan0, after0, keys0), (scan1, after1, keys1) = results
+    assert sorted(scan0 + scan1) == sorted([p.name for p in _tars(tmp_path / "train")] + [valid.name])
+    assert not set(scan0) & set(scan1) and len(scan0) == 3 and len(scan1) == 2
+    assert after0 == after1 == [] and keys0 == keys1 == list(samples)
