@@ -4,7 +4,8 @@ Face model, or both (then their answers must agree, and the report says whether 
 
 Writes ``eval.json`` (settings, every item's generated tokens and text per side, scores,
 agreement) and ``eval.md`` (the table, also printed) into ``--out``. Accuracy is exact match
-per question type and task; video captions get token F1, exact match and silence accuracy
+per question type and task, or the benchmark metric a question names (VQA accuracy, ANLS,
+relaxed accuracy: ``evaluation/answer_metrics.py``); video captions get token F1, exact match and silence accuracy
 (``evaluation/metrics.py`` says why). A checkpoint or HF folder that is not one stops with exit
 code 2 and a message naming what was expected.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from casa_megatron.data.records import ShardError
+from casa_megatron.evaluation.answer_metrics import MetricError
 from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
@@ -135,12 +137,12 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids) -> Dict:
     for item in tqdm(items.questions, desc=f"{name}: questions", unit="q"):
         tokens = runner.answer(item)
         questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
-                          "tokens": tokens, "answer": text(tokens)})
+                          "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
     for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip"):
         frames = runner.caption(item)
         captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
                                                    for t, r in zip(frames, item.references)]})
-    scores = question_scores((q["type"], q["task"], q["answer"], q["reference"]) for q in questions)
+    scores = question_scores((q["type"], q["task"], q["answer"], q["answers"], q["metric"]) for q in questions)
     if captions:
         scores["caption"] = caption_scores((f["caption"], f["reference"]) for c in captions for f in c["frames"])
     return {"questions": questions, "captions": captions, "scores": scores, "seconds": time.perf_counter() - start}
@@ -181,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError) as e:
+    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError, MetricError) as e:
         print(f"casa-eval: {e}", file=sys.stderr)
         return 2
     agree = result.get("agreement")

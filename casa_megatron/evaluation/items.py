@@ -5,7 +5,8 @@ A question's prompt is the conversation up to its user turn, earlier assistant t
 dataset gives them (teacher forcing, as every VQA benchmark scores a turn). Its group is the
 turn's ``type`` (``coarse`` / ``fine`` in the generated dataset) and ``task`` (``shape``,
 ``colour``, ``count``, ``number``, ``word``, ``chart``, the two-image ``more`` / ``same_colour``),
-read from the turn in our format and from the sample otherwise. A caption item is a clip with
+read from the turn in our format and from the sample otherwise; likewise its acceptable
+``answers`` and the benchmark ``metric`` that scores it (``answer_metrics.py``). A caption item is a clip with
 timestamped captions: every sampled frame and the captions that follow it (docs/data.md), the
 live captioner's protocol.
 """
@@ -26,6 +27,7 @@ from casa_megatron.data.interleave import captions_per_frame
 from casa_megatron.data.processor import ProcessorSettings, SampleProcessor
 from casa_megatron.data.records import SampleError
 from casa_megatron.data.sources import open_source
+from casa_megatron.evaluation.answer_metrics import MetricError, check
 
 
 @dataclass
@@ -37,6 +39,8 @@ class QuestionItem:
     reference: str
     qtype: str
     task: str
+    answers: List[str] = field(default_factory=list)  # every acceptable answer (default: [reference])
+    metric: str = "exact"  # how the answer is scored (evaluation/answer_metrics.py)
 
     @property
     def id(self) -> str:
@@ -73,12 +77,42 @@ def _turn_meta(obj: dict, turn: int) -> Tuple[str, str]:
     return qtype, str(own.get("task") or obj.get("task") or qtype)
 
 
+def _turn_scoring(key: str, obj: dict, turn: int, turns: int, reference: str) -> Tuple[List[str], str]:
+    """(answers, metric) of the ``turn``-th of ``turns`` answers: ``answers`` / ``metric`` of the
+    turn (our format), else of the sample, where ``answers`` is a list of strings for a sample with
+    one answer or one such list per answer; default ``[reference]``, ``exact``."""
+    conversation = obj.get("conversation") if isinstance(obj.get("conversation"), list) else []
+    own = conversation[turn] if turn < len(conversation) and isinstance(conversation[turn], dict) else {}
+    where = f"sample {key!r}, answer {turn + 1}"
+    if "answers" in own:
+        answers = own["answers"]
+    elif "answers" in obj:
+        answers = obj["answers"]
+        if isinstance(answers, list) and answers and all(isinstance(a, list) for a in answers):
+            if len(answers) != turns:
+                raise MetricError(f"{where}: 'answers' holds {len(answers)} lists for {turns} answers")
+            answers = answers[turn]
+        elif turns > 1:
+            raise MetricError(f"{where}: the sample has {turns} answers; give 'answers' as one list per answer")
+    else:
+        answers = [reference]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) and
+                                                               not isinstance(a, bool) for a in answers):
+        raise MetricError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
+    answers = [str(a) for a in answers]
+    return answers, check(own.get("metric", obj.get("metric", "exact")), answers, where)
+
+
 def _questions(key: str, obj: dict, messages: List[Message], media: List[DecodedMedia]) -> List[QuestionItem]:
     out, used, turn = [], 0, 0
+    turns = sum(m.role == "assistant" for m in messages)
     for i, m in enumerate(messages):
         if m.role == "assistant":
             qtype, task = _turn_meta(obj, turn)
-            out.append(QuestionItem(key, turn, list(messages[:i]), media[:used], m.text().strip(), qtype, task))
+            reference = m.text().strip()
+            answers, metric = _turn_scoring(key, obj, turn, turns, reference)
+            out.append(QuestionItem(key, turn, list(messages[:i]), media[:used], reference, qtype, task, answers,
+                                    metric))
             turn += 1
         used += sum(isinstance(p, Media) for p in m.content)
     return out

@@ -41,14 +41,20 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def question_scores(rows: Iterable[Tuple[str, str, str, str]]) -> Dict[str, Dict[str, float]]:
-    """rows (type, task, prediction, reference) -> {group: {n, accuracy}} for ``all``, every
-    type and every task (``task:<name>``)."""
+def question_scores(rows: Iterable[Tuple[str, str, str, List[str], str]]) -> Dict[str, Dict[str, float]]:
+    """rows (type, task, prediction, answers, metric) -> {group: {n, accuracy}} for ``all``, every
+    type and every task (``task:<name>``), each question scored by its metric
+    (``answer_metrics.py``: exact match for the generated dataset); with any metric other than
+    ``exact``, also per metric (``metric:<name>``)."""
+    from casa_megatron.evaluation.answer_metrics import score
+
     groups: Dict[str, List[float]] = defaultdict(list)
-    for qtype, task, pred, ref in rows:
-        score = exact(pred, ref)
-        for g in ("all", qtype, f"task:{task}"):
-            groups[g].append(score)
+    rows = list(rows)
+    by_metric = any(metric != "exact" for *_, metric in rows)
+    for qtype, task, pred, answers, metric in rows:
+        value = score(metric, pred, answers)
+        for g in ("all", qtype, f"task:{task}") + ((f"metric:{metric}",) if by_metric else ()):
+            groups[g].append(value)
     return {g: {"n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())}
 
 

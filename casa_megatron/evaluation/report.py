@@ -34,7 +34,8 @@ def table(result: Dict) -> str:
     rows = []
     for g in groups:
         n = next(result["sides"][s]["scores"][g]["n"] for s in sides if g in result["sides"][s]["scores"])
-        rows.append(f"| {g} accuracy | {n} | " + " | ".join(
+        label = "score" if g.startswith("metric:") else "accuracy"  # ANLS and VQA accuracy are scores in [0, 1]
+        rows.append(f"| {g} {label} | {n} | " + " | ".join(
             _fmt(result["sides"][s]["scores"].get(g, {}).get("accuracy")) for s in sides) + " |")
     caps = [result["sides"][s]["scores"].get("caption") for s in sides]
     if any(caps):

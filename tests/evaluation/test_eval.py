@@ -93,6 +93,46 @@ def test_bad_inputs_are_named(trained, tmp_path, capsys):
     assert "no *.tar shards" in capsys.readouterr().err
 
 
+def test_benchmark_metrics_score_each_question_by_its_own_rule(trained, tmp_path, capsys):
+    """A held-out JSONL mixing benchmarks: each question scored by its ``metric`` against its
+    ``answers``; eval.json keeps them, the table has a row per metric; a typo in a metric stops
+    the evaluation naming the sample."""
+    from casa_megatron.evaluation.answer_metrics import anls, exact_any, relaxed_accuracy, vqa_accuracy
+
+    valid, _, hf = trained
+    images = sorted((valid.parent / "raw").glob("*.png"))[:3]
+    rows = [
+        {"id": "v", "image": str(images[0]), "metric": "vqa", "answers": ["red", "red", "red", "blue"],
+         "conversations": [{"from": "human", "value": "<image>\nwhat colour is the shape ?"},
+                           {"from": "gpt", "value": "red"}]},
+        {"id": "d", "image": str(images[1]), "metric": "anls", "answers": ["circle", "a circle"],
+         "conversations": [{"from": "human", "value": "<image>\nwhat shape is it ?"}, {"from": "gpt", "value": "circle"}]},
+        {"id": "c", "image": str(images[2]), "metric": "relaxed", "answers": ["3"],
+         "conversations": [{"from": "human", "value": "<image>\nhow many shapes are there ?"},
+                           {"from": "gpt", "value": "3"}]},
+        {"id": "e", "image": str(images[0]),
+         "conversations": [{"from": "human", "value": "<image>\nwhat colour is the shape ?"},
+                           {"from": "gpt", "value": "red"}]},
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data", str(data), "--hf", str(hf), "--out", str(tmp_path / "out"), "--max-new-tokens", "6"]) == 0
+    side = json.loads((tmp_path / "out" / "eval.json").read_text())["sides"]["hf"]
+    rules = {"vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy, "exact": exact_any}
+    by_metric = {}
+    for q, row in zip(side["questions"], rows):
+        assert (q["metric"], q["answers"]) == (row.get("metric", "exact"), row.get("answers", [row["conversations"][1]["value"]]))
+        by_metric[q["metric"]] = rules[q["metric"]](q["answer"], q["answers"])
+    assert {k: side["scores"][f"metric:{k}"]["accuracy"] for k in by_metric} == by_metric
+    assert side["scores"]["all"]["accuracy"] == pytest.approx(sum(by_metric.values()) / 4)
+    assert "| metric:anls score | 1 |" in (tmp_path / "out" / "eval.md").read_text()
+    capsys.readouterr()
+    rows[1]["metric"] = "ansl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data", str(data), "--hf", str(hf), "--out", str(tmp_path / "typo")]) == 2
+    assert "sample 'd', answer 1: metric 'ansl' is not one of" in capsys.readouterr().err
+
+
 def _naive_f1(pred: str, ref: str) -> float:
     p, r = pred.lower().split(), ref.lower().split()
     left, common = list(r), 0
@@ -111,8 +151,10 @@ def test_metrics():
     for pred, ref in pairs:
         assert token_f1(pred, ref) == pytest.approx(_naive_f1(pred.rstrip("."), ref))
     assert exact("The first.", "the first") == 1.0 and exact("the first one", "the first") == 0.0
-    scores = question_scores([("coarse", "colour", "red", "red"), ("coarse", "shape", "circle", "square"),
-                              ("fine", "word", "cat", "cat")])
+    scores = question_scores([("coarse", "colour", "red", ["red"], "exact"),
+                              ("coarse", "shape", "circle", ["square"], "exact"),
+                              ("fine", "word", "cat", ["cat"], "exact")])
+    assert not any(g.startswith("metric:") for g in scores)  # one metric, exact: the report as before
     assert scores["all"] == {"n": 3, "accuracy": 2 / 3} and scores["coarse"]["accuracy"] == 0.5
     assert scores["task:word"] == {"n": 1, "accuracy": 1.0}
     caps = caption_scores([("the red circle", "the red circle moves"), ("", ""), ("noise", "")])
