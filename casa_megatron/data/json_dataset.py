@@ -3,18 +3,20 @@ samples, as LLaVA-OneVision / ShareGPT4V ship them) or a ``.jsonl`` (one sample 
 LLaVA or Hugging Face chat messages). Media paths in the annotations are relative to
 ``media_root`` (LLaVA's ``image_folder``; default: the annotation file's directory).
 
-A ``.json`` is loaded whole (as LLaVA's own loader does); a ``.jsonl`` is indexed by line
-offsets and each line parsed when read, so millions of lines cost 8 bytes per line (an int64
-array: a list of Python ints held 36 and pickled to every process worker as objects). A sample's
+Both are indexed by the byte span of each sample and a sample is parsed when read: a ``.json``
+list element by element at start-up (LLaVA's own loader keeps the whole list: 4.4x the file's
+bytes as Python objects, measured, and pickled to every process worker), a ``.jsonl`` line by
+line. Millions of samples cost 16 bytes each (two int64 arrays). A sample's
 key is its ``id`` field, else ``<file name>:<line or index>``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from array import array
 from pathlib import Path
-from typing import Optional
 
 from casa_megatron.data.formats import describe_unknown, detect_format, parse_conversation
 from casa_megatron.data.records import RawSample, SampleError, ShardError
@@ -26,45 +28,77 @@ class JsonDatasetSource:
     def __init__(self, path: str | Path, media_root: str | Path = ""):
         self.path = Path(path)
         self.root = Path(media_root) if media_root else self.path.parent
-        self._records: Optional[list] = None
-        self._offsets = array("q")  # byte offset of each non-blank line
+        self._starts = array("q")  # byte span [start, end) of each sample in the file
+        self._ends = array("q")
         if self.path.suffix == ".json":
-            try:
-                records = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ShardError(f"{self.path}: not a JSON file ({e})") from e
-            if not isinstance(records, list) or not records:
-                raise ShardError(f"{self.path}: a .json dataset must be a non-empty list of samples")
-            self._records = records
+            self._index_list()
         else:
             with open(self.path, "rb") as f:
                 offset = 0
                 for line in f:
                     if line.strip():
-                        self._offsets.append(offset)
+                        self._starts.append(offset)
+                        self._ends.append(offset + len(line))
                     offset += len(line)
-            if self._offsets and _is_seek_index(self._raw_line(self._offsets[-1])):
-                self._offsets.pop()  # LiveCC's JSONL ends with the byte offsets of its lines
-            if not self._offsets:
+            if self._starts and _is_seek_index(self._raw(len(self._starts) - 1)):
+                self._starts.pop()  # LiveCC's JSONL ends with the byte offsets of its lines
+                self._ends.pop()
+            if not self._starts:
                 raise ShardError(f"{self.path}: no samples")
         first = self._record(0)
         if detect_format(first) is None:
             raise ShardError(f"{self.path}: unknown annotation format: {describe_unknown(first)}")
 
-    def __len__(self) -> int:
-        return len(self._records) if self._records is not None else len(self._offsets)
+    def _index_list(self) -> None:
+        """The byte span of each element of the file's top-level list, parsed one element at a
+        time: the samples are not held (LLaVA-OneVision's files hold millions; as Python objects a
+        sample took 4.4x its bytes in the file, and the whole list was pickled to every process
+        worker)."""
+        data = self.path.read_bytes()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # written by some editors
+        try:
+            text = data[bom:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{self.path}: not a JSON file ({e})") from e
+        del data
+        ascii_only = text.isascii()  # then a character offset is a byte offset
+        decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+        pos = ws.match(text, 0).end()
+        if not text.startswith("[", pos):
+            raise ShardError(f"{self.path}: a .json dataset must be a non-empty list of samples")
+        char, byte = pos, pos if ascii_only else len(text[:pos].encode())  # a known (character, byte) pair
+        pos = ws.match(text, pos + 1).end()
+        while not text.startswith("]", pos):
+            try:
+                _, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise ShardError(f"{self.path}: not a JSON file ({e})") from e
+            start = pos if ascii_only else byte + len(text[char:pos].encode())
+            char, byte = (end, end) if ascii_only else (end, start + len(text[pos:end].encode()))
+            self._starts.append(bom + start)
+            self._ends.append(bom + byte)
+            pos = ws.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = ws.match(text, pos + 1).end()
+            elif not text.startswith("]", pos):
+                raise ShardError(f"{self.path}: not a JSON file (expected ',' or ']' at character {pos})")
+        if ws.match(text, pos + 1).end() != len(text):
+            raise ShardError(f"{self.path}: not a JSON file (extra data after the list at character {pos + 1})")
+        if not self._starts:
+            raise ShardError(f"{self.path}: a .json dataset must be a non-empty list of samples")
 
-    def _raw_line(self, offset: int) -> bytes:
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _raw(self, i: int) -> bytes:
         with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.readline()
+            f.seek(self._starts[i])
+            return f.read(self._ends[i] - self._starts[i])
 
     def _record(self, i: int):
-        if self._records is not None:
-            return self._records[i]
-        line = self._raw_line(self._offsets[i])
+        raw = self._raw(i)
         try:
-            return json.loads(line)
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return SampleError("bad_annotation", f"{self.path.name}:{i + 1}: not valid JSON ({e})")
 

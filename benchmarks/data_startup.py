@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """What a loader's start-up costs per sample: the saved shard indexes against the tar scan they
-replace, and the sampler's epoch order (docs/data.md, "Large data sets").
+replace, a LLaVA ``.json`` list indexed element by element against holding it whole, and the
+sampler's epoch order (docs/data.md, "Large data sets").
 
-    python benchmarks/shard_index.py [--shards 200 --per-shard 1000] [--order-samples 10000000 --dp 8]
-        [--reads 20000] [--json benchmarks/results/shard_index_cpu.json]
+    python benchmarks/data_startup.py [--shards 200 --per-shard 1000] [--json-samples 200000]
+        [--order-samples 10000000 --dp 8] [--reads 20000] [--json benchmarks/results/data_startup_cpu.json]
 
 Writes ``--shards`` webdataset tars of ``--per-shard`` samples (9-character keys, a JSON and a
 small image member each, as img2dataset writes them) into a temporary folder, then in a fresh
@@ -20,8 +21,11 @@ memory-mapped index pages are the operating system's page cache, shared by every
 node, and given apart as bytes on disk); bytes pickled to each process worker; index lookups and
 whole-sample reads per second at random positions. The tars are freshly written, so every scan
 reads from the page cache: the best case for the scan (on network storage it reads every member
-header from the server). Then the sampler: one rank's epoch order at ``--order-samples`` samples
-and ``--dp`` ranks, as numpy's int64 permutation kept as a view (before) and as today.
+header from the server). Then a LLaVA ``.json`` of ``--json-samples`` two-turn samples (as
+LLaVA-665K's): the whole list held as Python objects (before, LLaVA's own loader) and today's
+``JsonDatasetSource``: start-up, memory held, peak while starting, pickled bytes. Then the sampler:
+one rank's epoch order at ``--order-samples`` samples and ``--dp`` ranks, as numpy's int64
+permutation kept as a view (before) and as today.
 """
 
 from __future__ import annotations
@@ -122,6 +126,27 @@ def _measure(kind: str, shards: list, reads: int, traced: bool) -> dict:
             "lookups_per_s": lookups, "reads_per_s": sample_reads}
 
 
+def _json_list(kind: str, path: Path, traced: bool) -> dict:
+    """Start-up time (``traced`` False: ``tracemalloc`` slows every allocation), or the memory
+    held after it and at its peak (``traced``)."""
+    import gc
+
+    from casa_megatron.data.json_dataset import JsonDatasetSource
+
+    gc.collect()
+    if traced:
+        tracemalloc.start()
+    start = time.perf_counter()
+    source = json.loads(path.read_text()) if kind == "whole list (before)" else JsonDatasetSource(path)
+    seconds = time.perf_counter() - start
+    n = len(source)
+    if not traced:
+        return {"kind": kind, "samples": n, "file_bytes": path.stat().st_size, "start_s": seconds}
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"held_bytes_per_sample": held / n, "peak_mb": peak / 1e6, "pickled_bytes": len(pickle.dumps(source))}
+
+
 def _order(kind: str, n: int, world: int) -> dict:
     import numpy as np
 
@@ -145,6 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=200)
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--reads", type=int, default=20000)
+    parser.add_argument("--json-samples", type=int, default=200_000)
     parser.add_argument("--order-samples", type=int, default=10_000_000)
     parser.add_argument("--dp", type=int, default=8)
     parser.add_argument("--json")
@@ -176,6 +202,22 @@ def main(argv=None) -> int:
                               ("pickled bytes", "pickled_bytes", ",d"), ("lookups/s", "lookups_per_s", ",.0f"),
                               ("sample reads/s", "reads_per_s", ",.0f")]))
 
+    with tempfile.TemporaryDirectory(prefix="casa_json_list_") as tmp:
+        path = Path(tmp) / "llava.json"
+        turns = [{"from": "human", "value": "<image>\nWhat is the man on the left holding, and why?"},
+                 {"from": "gpt", "value": "A red umbrella: it is raining lightly in the scene."},
+                 {"from": "human", "value": "Is it daytime?"}, {"from": "gpt", "value": "Yes."}]
+        path.write_text(json.dumps([{"id": f"{i:012d}", "image": f"coco/train2017/{i:012d}.jpg",
+                                     "conversations": turns} for i in range(args.json_samples)]))
+        lists = []
+        for kind in ("whole list (before)", "today"):
+            lists.append(run_in_child(_json_list, kind, path, False, what=kind))
+            lists[-1].update(run_in_child(_json_list, kind, path, True, what=kind))
+    print(f"\nLLaVA .json, {args.json_samples:,} samples ({lists[0]['file_bytes'] / 1e6:.0f} MB):\n")
+    print(format_table(lists, [("", "kind", ""), ("start-up s", "start_s", ".2f"),
+                               ("held B / sample", "held_bytes_per_sample", ".1f"), ("peak MB", "peak_mb", ".0f"),
+                               ("pickled bytes", "pickled_bytes", ",d")]))
+
     orders = [run_in_child(_order, kind, args.order_samples, args.dp, what=kind)
               for kind in ("int64 permutation, view (before)", "today")]
     if orders[0]["first"] != orders[1]["first"]:
@@ -187,7 +229,7 @@ def main(argv=None) -> int:
                                 ("held MB", "held_mb", ".1f")]))
     if args.json:
         atomic_write_json(args.json, {"machine": machine_info(), "command": " ".join(sys.argv),
-                                      "shards": args.shards, "per_shard": args.per_shard, "sources": rows,
+                                      "shards": args.shards, "per_shard": args.per_shard, "sources": rows, "json_list": lists,
                                       "epoch_order": orders, "method": __doc__.split("\n\n", 2)[2]})
         print(f"\nwrote {args.json}")
     return 0

@@ -1,6 +1,6 @@
-"""benchmarks/shard_index.py runs end to end on a few small shards: every variant sees the same
-samples, the saved indexes hold and pickle less than the scan's objects, and the epoch orders of
-the two sampler variants agree."""
+"""benchmarks/data_startup.py runs end to end on a few small shards and a small JSON list: every
+variant sees the same samples, the saved indexes and the JSON offsets hold and pickle less than
+the objects they replace, and the epoch orders of the two sampler variants agree."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def test_the_benchmark_compares_the_variants_on_the_same_samples(tmp_path, capsys):
-    from benchmarks import shard_index
+    from benchmarks import data_startup
 
     out = tmp_path / "r.json"
-    assert shard_index.main(["--shards", "3", "--per-shard", "40", "--reads", "50", "--order-samples", "1000",
-                             "--dp", "2", "--json", str(out)]) == 0
+    assert data_startup.main(["--shards", "3", "--per-shard", "40", "--reads", "50", "--json-samples", "300",
+                              "--order-samples", "1000", "--dp", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     before, first, later = result["sources"]
     assert [r["kind"] for r in result["sources"]] == ["scan (before)", "first start", "later start"]
@@ -25,6 +25,10 @@ def test_the_benchmark_compares_the_variants_on_the_same_samples(tmp_path, capsy
     assert later["held_bytes_per_sample"] < before["held_bytes_per_sample"] / 4
     assert later["pickled_bytes"] < before["pickled_bytes"] / 4
     assert later["index_bytes_on_disk_per_sample"] > 0 and before["index_bytes_on_disk_per_sample"] is None
+    whole, offsets = result["json_list"]
+    assert whole["samples"] == offsets["samples"] == 300
+    assert offsets["held_bytes_per_sample"] < whole["held_bytes_per_sample"] / 10
+    assert offsets["pickled_bytes"] < whole["pickled_bytes"] / 4
     old, new = result["epoch_order"]
     assert old["first"] == new["first"] and new["held_bytes"] < old["held_bytes"]
     assert "| later start |" in capsys.readouterr().out
