@@ -100,6 +100,7 @@ class DataConfig:
         # Imported here: casa_megatron.config's package imports this module (schema embeds
         # DataConfig), so a top-level import would be circular when data is imported first.
         from casa_megatron.config.errors import ConfigError
+        from casa_megatron.data.recipe import is_recipe, read_recipe
 
         if self.image_size % 28:
             raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 28 (patch 14 x merge 2)")
@@ -114,10 +115,15 @@ class DataConfig:
             return  # the synthetic task validates on its own held-out stream, whatever data.valid names
         for name, spec in [(f"data.sources[{i}]", s) for i, s in enumerate(specs)] + \
                 [(f"data.valid[{i}]", v) for i, v in enumerate(valid)]:
+            where = "data.source" if self.source and name.startswith("data.sources") else name
             if not Path(spec.path).exists():
-                where = "data.source" if self.source and name.startswith("data.sources") else name
-                raise ConfigError(f"{where}={spec.path!r}: no such shard directory, .tar, .jsonl manifest or "
-                                  ".json(l) dataset (use 'synthetic' for the generated task)")
+                raise ConfigError(f"{where}={spec.path!r}: no such shard directory, .tar, .jsonl manifest, "
+                                  ".json(l) dataset or .yaml data recipe (use 'synthetic' for the generated task)")
+            if is_recipe(spec.path):
+                try:
+                    read_recipe(spec.path)  # every dataset exists, every strategy parses: now, not at start-up
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {e}") from e
         tok = self.resolved_tokenizer_path()
         if tok is None or not tok.exists():
             raise ConfigError(f"data.tokenizer_path={self.tokenizer_path!r}: no local tokenizer found "

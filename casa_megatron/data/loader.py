@@ -29,7 +29,7 @@ from casa_megatron.data.packing import Packer
 from casa_megatron.data.processor import ProcessorSettings, SampleProcessor
 from casa_megatron.data.records import SampleError, SampleInfo, ShardError, TokenizedSample
 from casa_megatron.data.blend import BlendOrder
-from casa_megatron.data.sources import SampleSource, SourceSpec, open_source
+from casa_megatron.data.sources import SampleSource, SourceSpec, open_sources
 from casa_megatron.data.synthetic import SAMPLE_LEN, SyntheticBatches
 from casa_megatron.data.video import resolve_decoder
 from casa_megatron.data.workers import OrderedPool
@@ -72,8 +72,8 @@ class TrainIterator:
                  fusion: str = "casa", specs: Optional[List[SourceSpec]] = None):
         self.cfg, self.b, self.seed = cfg, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.specs = specs or cfg.source_specs()
-        self.sources = [open_source(spec) for spec in self.specs]
+        # data recipes become one source per dataset, weighted by the samples each selects
+        self.specs, self.sources = open_sources(specs or cfg.source_specs())
         self.processor = SampleProcessor(ProcessorSettings.from_config(cfg, resolve_decoder(cfg.decoder), fusion))
         self.blend = BlendOrder([len(s) for s in self.sources], [s.weight for s in self.specs],
                                 dp_rank, dp_size, seed, cfg.shuffle)

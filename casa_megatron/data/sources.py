@@ -14,12 +14,13 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 from casa_megatron.data.formats import describe_unknown, detect_format
 from casa_megatron.data.json_dataset import JsonDatasetSource
 from casa_megatron.data.manifest import ManifestEntry, read_entry, read_manifest
+from casa_megatron.data.recipe import check_strategy, expand, is_recipe, subset_indices, weigh
 from casa_megatron.data.records import RawSample, SampleError, ShardError
 from casa_megatron.data import shard_index
 from casa_megatron.data.shards import IndexedSample, read_sample, warn_damaged
@@ -151,6 +152,25 @@ def _count_samples(shard: str) -> Tuple[int, Optional[shard_index.ShardIndex], b
     return count, index, new
 
 
+class SubsetSource(SampleSource):
+    """The samples of ``base`` at ``indices`` (a subset strategy's selection, ``recipe.py``)."""
+
+    def __init__(self, base: SampleSource, indices: Sequence[int], strategy: str):
+        self.base, self.indices, self.strategy = base, indices, strategy
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, i: int) -> str:
+        return self.base.key(int(self.indices[i]))
+
+    def location(self, i: int) -> str:
+        return self.base.location(int(self.indices[i]))
+
+    def read(self, i: int) -> RawSample:
+        return self.base.read(int(self.indices[i]))
+
+
 class ManifestSource(SampleSource):
     def __init__(self, path: Path):
         self.path = str(path)
@@ -176,6 +196,8 @@ class SourceSpec:
     path: str
     weight: float = 1.0
     media_root: str = ""  # JSON datasets: where relative media paths point (default: the file's dir)
+    subset: str = "all"  # which samples: all, first:N, end:N, random:N (N a count or P%; recipe.py)
+    recipe: str = ""  # the data recipe this dataset came from (recipe.py), if any
 
     @classmethod
     def parse(cls, entry, where: str) -> "SourceSpec":
@@ -183,13 +205,17 @@ class SourceSpec:
             return cls(entry)
         if not isinstance(entry, dict) or "path" not in entry:
             raise ValueError(f"{where}: each source is {{path, weight?, media_root?}}, got {entry!r}")
-        unknown = sorted(set(entry) - {"path", "weight", "media_root"})
+        unknown = sorted(set(entry) - {"path", "weight", "media_root", "subset"})
         if unknown:
-            raise ValueError(f"{where}: unknown source keys {unknown} (known: path, weight, media_root)")
+            raise ValueError(f"{where}: unknown source keys {unknown} (known: path, weight, media_root, subset)")
         weight = entry.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
             raise ValueError(f"{where}: weight of {entry['path']!r} must be a number > 0, got {weight!r}")
-        return cls(str(entry["path"]), float(weight), str(entry.get("media_root") or ""))
+        subset = check_strategy(entry.get("subset", "all"), f"{where} ({entry['path']})")
+        if subset != "all" and is_recipe(entry["path"]):
+            raise ValueError(f"{where}: subset {subset!r} of a recipe ({entry['path']}): give each dataset's "
+                             "sampling_strategy in the recipe")
+        return cls(str(entry["path"]), float(weight), str(entry.get("media_root") or ""), subset)
 
 
 def open_source(spec: SourceSpec | str | Path) -> SampleSource:
@@ -197,10 +223,28 @@ def open_source(spec: SourceSpec | str | Path) -> SampleSource:
     or a JSON dataset (LLaVA ``.json`` list, LLaVA / chat-messages ``.jsonl``).
 
     The first sample's annotation format is checked here, so an unknown format stops start-up
-    with an error naming the file rather than skipping every sample."""
+    with an error naming the file rather than skipping every sample. ``spec.subset`` other than
+    ``all`` gives the samples it selects (``recipe.py``)."""
     if not isinstance(spec, SourceSpec):
         spec = SourceSpec(str(spec))
     path = Path(spec.path)
+    if is_recipe(path):
+        raise ShardError(f"{path} is a data recipe: its datasets are opened by open_sources")
+    source = _open_one(spec, path)
+    if spec.subset != "all":
+        source = SubsetSource(source, subset_indices(spec.subset, len(source), path.name), spec.subset)
+    return source
+
+
+def open_sources(specs: Sequence[SourceSpec]) -> Tuple[List[SourceSpec], List[SampleSource]]:
+    """Every source of ``specs``, data recipes replaced by their datasets (``recipe.py``), each
+    recipe's datasets weighted by the samples they select; the specs as opened and the sources."""
+    specs = expand(specs)
+    sources = [open_source(spec) for spec in specs]
+    return weigh(specs, [len(s) for s in sources]), sources
+
+
+def _open_one(spec: SourceSpec, path: Path) -> SampleSource:
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if not shards:
@@ -213,7 +257,7 @@ def open_source(spec: SourceSpec | str | Path) -> SampleSource:
     elif path.suffix == ".jsonl" and _is_manifest(path):
         source = ManifestSource(path)
     elif path.suffix in (".json", ".jsonl"):
-        return JsonDatasetSource(path, spec.media_root)
+        return JsonDatasetSource(path, spec.media_root)  # checks its first sample's format itself
     else:
         raise ShardError(f"{path}: expected a shard directory, a .tar, a .jsonl manifest or a .json / .jsonl "
                          "dataset")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from casa_megatron.data.records import ShardError
+from casa_megatron.data.recipe import RecipeError
 from casa_megatron.evaluation.answer_metrics import MetricError
 from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
 from casa_megatron.evaluation.items import Items, read_items
@@ -35,7 +36,7 @@ class EvalInputError(ValueError):
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="casa-eval", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="held-out source: shard dir, .tar, manifest .jsonl, LLaVA / chat "
-                   ".json(l) (e.g. data/synthetic/valid)")
+                   ".json(l), or a YAML data recipe of several (e.g. data/synthetic/valid)")
     p.add_argument("--checkpoint", help="training checkpoint (iter_N/ or a run's checkpoints/) or import folder")
     p.add_argument("--hf", help="exported Hugging Face folder (casa-convert export-hf)")
     p.add_argument("--adapter", default="auto", help="HF side: LoRA adapter merged into the model: auto (the "
@@ -183,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError, MetricError) as e:
+    except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError, MetricError,
+            RecipeError) as e:
         print(f"casa-eval: {e}", file=sys.stderr)
         return 2
     agree = result.get("agreement")

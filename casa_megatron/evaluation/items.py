@@ -26,7 +26,7 @@ from casa_megatron.data.formats import parse_conversation
 from casa_megatron.data.interleave import captions_per_frame
 from casa_megatron.data.processor import ProcessorSettings, SampleProcessor
 from casa_megatron.data.records import SampleError
-from casa_megatron.data.sources import open_source
+from casa_megatron.data.sources import open_sources
 from casa_megatron.evaluation.answer_metrics import MetricError, check
 
 
@@ -121,16 +121,17 @@ def _questions(key: str, obj: dict, messages: List[Message], media: List[Decoded
 def read_items(path: str, settings: ProcessorSettings, max_samples: Optional[int] = None,
                media_root: str = "") -> Items:
     """Every sample of the source at ``path`` (first ``max_samples``), decoded with ``settings``
-    (pixel budgets, fps, max_frames: those of training). Bad samples are skipped and counted."""
+    (pixel budgets, fps, max_frames: those of training). Bad samples are skipped and counted.
+    A data recipe (``data/recipe.py``) gives its datasets' selected samples, one after the other."""
     from tqdm import tqdm
 
     from casa_megatron.data.sources import SourceSpec
 
-    source = open_source(SourceSpec(str(path), media_root=media_root))
+    _, sources = open_sources([SourceSpec(str(path), media_root=media_root)])
+    samples = [(source, i) for source in sources for i in range(len(source))][:max_samples]
     processor = SampleProcessor(settings, with_layout=False)
     items, skipped = Items(), Counter()
-    n = len(source) if max_samples is None else min(len(source), max_samples)
-    for i in tqdm(range(n), desc="reading held-out samples", unit="sample"):
+    for source, i in tqdm(samples, desc="reading held-out samples", unit="sample"):
         try:
             raw = source.read(i)
             obj = json.loads(raw.parts["json"])

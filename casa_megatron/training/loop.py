@@ -33,6 +33,7 @@ from casa_megatron.config.limits import check_limits
 from casa_megatron.config.pipeline_split import describe_split, describe_virtual_split
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.data import make_train_iterator, shard_index
+from casa_megatron.data.recipe import expand
 from casa_megatron.data.reshard import reshard_position
 from casa_megatron.model.build import build_model_chunks
 from casa_megatron.parallel import initialize_parallel
@@ -115,7 +116,7 @@ def _index_shards_together(data_cfg) -> None:
     opens its data (else every rank scans every tar on a first start; docs/data.md)."""
     if data_cfg.is_synthetic:
         return
-    specs = data_cfg.source_specs() + (data_cfg.valid_specs() or [])
+    specs = expand(data_cfg.source_specs() + (data_cfg.valid_specs() or []))  # a recipe's datasets
     shards = shard_index.shards_of([spec.path for spec in specs])
     if shards:
         shard_index.index_my_share(shards, dist.get_rank(), dist.get_world_size())

@@ -126,6 +126,16 @@ def test_benchmark_metrics_score_each_question_by_its_own_rule(trained, tmp_path
     assert {k: side["scores"][f"metric:{k}"]["accuracy"] for k in by_metric} == by_metric
     assert side["scores"]["all"]["accuracy"] == pytest.approx(sum(by_metric.values()) / 4)
     assert "| metric:anls score | 1 |" in (tmp_path / "out" / "eval.md").read_text()
+    # a LLaVA-OneVision data recipe mixing the two files: its selection is evaluated, in order
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    (tmp_path / "suite.yaml").write_text("datasets:\n  - json_path: a.jsonl\n"
+                                         "  - json_path: b.jsonl\n    sampling_strategy: 'end:1'\n")
+    assert main(["--data", str(tmp_path / "suite.yaml"), "--hf", str(hf), "--out", str(tmp_path / "suite"),
+                 "--max-new-tokens", "6"]) == 0
+    suite = json.loads((tmp_path / "suite" / "eval.json").read_text())["sides"]["hf"]["questions"]
+    assert [q["id"] for q in suite] == ["v#0", "d#0", "e#0"]
+    assert [q["tokens"] for q in suite] == [side["questions"][i]["tokens"] for i in (0, 1, 3)]
     capsys.readouterr()
     rows[1]["metric"] = "ansl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
