@@ -4,7 +4,8 @@ Entry point: ``make_train_iterator(cfg, micro_batch_size, dp_rank, dp_size, seed
 Module map (one job each; see docs/data.md):
   config        DataConfig                 records      sample/batch records and errors
   shards        tar index/read/write       manifest     JSONL manifest of local files
-  shard_index   saved, mmapped tar indexes
+  shard_index   saved, mmapped tar indexes recipe       LLaVA-OneVision YAML recipes, subsets
+  parquet       hub Parquet -> tar shards
   json_dataset  LLaVA / chat .json(l)      sources      random access over any of them
   sampler       per-epoch, per-DP order    blend        weighted mix of sources, resumable
   formats       ours / LLaVA / HF messages conversation the parsed form of every format
