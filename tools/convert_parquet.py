@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Convert Hugging Face Parquet datasets (The Cauldron, TRL chat messages, LLaVA-OneVision-Data)
-into indexed webdataset tar shards that the loader reads at random.
+"""Convert Hugging Face Parquet datasets (The Cauldron, TRL chat messages, LLaVA-OneVision-Data,
+benchmark releases such as lmms-eval's DocVQA) into indexed webdataset tar shards that the loader
+and casa-eval read at random.
 
-    python tools/convert_parquet.py SRC [SRC ...] OUT_DIR [--samples-per-shard 1000] [--media-root DIR] [--force]
+    python tools/convert_parquet.py SRC [SRC ...] OUT_DIR [--samples-per-shard 1000] [--media-root DIR]
+        [--metric exact|vqa|anls|relaxed] [--force]
 
 SRC: .parquet files or folders of them (e.g. a `huggingface-cli download --repo-type dataset`
 folder; searched recursively, converted in sorted order). The row layout is told from the
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("sources", nargs="+", help=".parquet files or folders, then OUT_DIR last")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--media-root", default=None, help="where image paths of rows without image bytes point")
+    p.add_argument("--metric", default=None, help="benchmark rows (question / answers / image): the casa-eval "
+                   "metric written into each sample (exact, vqa, anls, relaxed)")
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty OUT_DIR (once the new one is complete)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         report = convert(sources, out_dir, args.samples_per_shard, args.media_root, args.force,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, metric=args.metric)
     except (FileNotFoundError, ShardError, OutputExists, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ their columns:
               no path) and ``images``: llava-instruct-mix-vsft and TRL's VLM datasets.
 ``llava``     ``conversations`` (``{from, value}`` with ``<image>`` placeholders) and ``image`` (one
               image) or ``images``: LLaVA-OneVision-Data's Parquet release.
+``vqa``       ``question``, ``answers`` / ``answer`` / ``multiple_choice_answer`` and ``image``: the
+              benchmark releases (lmms-eval's DocVQA, ChartQA, TextVQA, VQAv2): one-turn samples
+              that keep every acceptable answer and, with ``metric``, the benchmark's rule.
 
 Each row becomes a sample ``<file stem>-<row>`` holding its annotation (``<key>.json`` in the
 ``messages`` or LLaVA format, the row's ``id`` and other plain columns kept as fields) and its
@@ -32,17 +35,21 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from casa_megatron.data.records import SampleError, ShardError
 
-LAYOUTS = {"cauldron": ("images", "texts"), "messages": ("messages",), "llava": ("conversations",)}
+LAYOUTS = {"cauldron": ("images", "texts"), "messages": ("messages",), "llava": ("conversations",),
+           "vqa": ("question",)}
+ANSWER_COLUMNS = ("answers", "answer", "multiple_choice_answer")  # vqa: the first present is the reference
+TYPE_COLUMNS = ("question_type", "answer_type", "type", "question_types", "category")
 _MAGIC = [(b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp")]
 
 
 def detect_layout(columns: Sequence[str], where: str) -> str:
     """The row layout of a Parquet file from its column names (``ShardError`` naming them if none)."""
     for name, needs in LAYOUTS.items():
-        if all(c in columns for c in needs):
+        if all(c in columns for c in needs) and (name != "vqa" or any(c in columns for c in ANSWER_COLUMNS)):
             return name
     raise ShardError(f"{where}: columns {sorted(columns)} match no known layout: "
-                     + "; ".join(f"{name} needs {list(needs)}" for name, needs in LAYOUTS.items()))
+                     + "; ".join(f"{name} needs {list(needs)}" for name, needs in LAYOUTS.items())
+                     + f" and one of {list(ANSWER_COLUMNS)}")
 
 
 def image_extension(data: bytes) -> Optional[str]:
@@ -88,7 +95,8 @@ def _text_part(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-def row_sample(row: dict, layout: str, media_root: Optional[Path], where: str) -> Tuple[dict, List[bytes]]:
+def row_sample(row: dict, layout: str, media_root: Optional[Path], where: str,
+               metric: Optional[str] = None) -> Tuple[dict, List[bytes]]:
     """(annotation, images) of one row; ``SampleError`` when it cannot become a sample."""
     if layout == "cauldron":
         images = _images(row, ["images"], media_root, where)
@@ -120,6 +128,8 @@ def row_sample(row: dict, layout: str, media_root: Optional[Path], where: str) -
                            for part in content]
             cleaned.append({"role": msg.get("role"), "content": content})
         return {**_plain(row, ("images", "messages")), "messages": cleaned}, images
+    if layout == "vqa":
+        return _vqa(row, media_root, where, metric)
     images = _images(row, ["image", "images"], media_root, where)
     conversations = row.get("conversations")
     if not isinstance(conversations, list):
@@ -127,6 +137,45 @@ def row_sample(row: dict, layout: str, media_root: Optional[Path], where: str) -
     annotation = {**_plain(row, ("image", "images", "conversations")),
                   "conversations": [{"from": t.get("from"), "value": t.get("value")} if isinstance(t, dict) else t
                                     for t in conversations]}
+    return annotation, images
+
+
+def _answer_text(value: Any) -> Optional[str]:
+    """An answer cell: a string or number, or VQAv2's ``{answer, answer_confidence, answer_id}``."""
+    if isinstance(value, dict):
+        value = value.get("answer")
+    if isinstance(value, bool) or value is None:
+        return None
+    return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def _vqa(row: dict, media_root: Optional[Path], where: str, metric: Optional[str]) -> Tuple[dict, List[bytes]]:
+    """A benchmark row (``question``, the answers, the image: lmms-eval's DocVQA, ChartQA,
+    TextVQA, VQAv2 releases) -> a one-turn LLaVA sample whose ``answers`` keep every
+    acceptable answer, ``metric`` the scoring rule (``evaluation/answer_metrics.py``)."""
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise SampleError("bad_annotation", f"{where}: no question")
+    images = _images(row, ["image", "images"], media_root, where)
+    answers: List[str] = []
+    for column in ANSWER_COLUMNS:
+        value = row.get(column)
+        cells = value if isinstance(value, list) else [value]
+        answers = [a for a in (_answer_text(c) for c in cells) if a is not None and a.strip()]
+        if answers:
+            break
+    if not answers:
+        raise SampleError("bad_annotation", f"{where}: no answer in {[c for c in ANSWER_COLUMNS if c in row]}")
+    reference = _answer_text(row.get("multiple_choice_answer")) or answers[0]  # VQAv2's consensus answer
+    qtype = next((str(row[c]) for c in TYPE_COLUMNS if isinstance(row.get(c), (str, int))), None)
+    skip = ("image", "images", "question", *ANSWER_COLUMNS)
+    annotation = {**_plain(row, skip), "conversations": [
+        {"from": "human", "value": "<image>\n" * len(images) + question},
+        {"from": "gpt", "value": reference}], "answers": answers}
+    if qtype is not None:
+        annotation["type"] = qtype
+    if metric is not None:
+        annotation["metric"] = metric
     return annotation, images
 
 
@@ -156,7 +205,7 @@ def parquet_files(locations: Sequence[str | Path]) -> List[Path]:
 
 
 def iter_samples(files: Sequence[Path], media_root: Optional[Path], report: ParquetReport,
-                 batch_rows: int = 64) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+                 batch_rows: int = 64, metric: Optional[str] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """(key, parts) of every row that makes a sample, file by file, ``batch_rows`` rows at a time
     (a few row groups' images in memory, never a whole file)."""
     import pyarrow.parquet as pq
@@ -177,7 +226,7 @@ def iter_samples(files: Sequence[Path], media_root: Optional[Path], report: Parq
                 row += 1
                 report.rows += 1
                 try:
-                    annotation, images = row_sample(values, layout, media_root, where)
+                    annotation, images = row_sample(values, layout, media_root, where, metric)
                 except SampleError as e:
                     report.skipped[e.reason] += 1
                     if len(report.first_skipped) < 5:
@@ -192,9 +241,16 @@ def iter_samples(files: Sequence[Path], media_root: Optional[Path], report: Parq
 
 
 def convert(locations: Sequence[str | Path], out_dir: str | Path, samples_per_shard: int = 1000,
-            media_root: Optional[str | Path] = None, force: bool = False, progress: bool = True) -> ParquetReport:
+            media_root: Optional[str | Path] = None, force: bool = False, progress: bool = True,
+            metric: Optional[str] = None) -> ParquetReport:
     """Parquet files -> ``out_dir/shard-NNNNNN.tar`` (+ their indexes), written into a hidden sibling
-    that replaces ``out_dir`` only once complete (an existing, non-empty one only with ``force``)."""
+    that replaces ``out_dir`` only once complete (an existing, non-empty one only with ``force``).
+    ``metric``: the scoring rule written into every ``vqa``-layout sample (``casa-eval``)."""
+    if metric is not None:
+        from casa_megatron.evaluation.answer_metrics import METRICS
+
+        if metric not in METRICS:
+            raise ValueError(f"metric {metric!r} is not one of {sorted(METRICS)}")
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -214,7 +270,7 @@ def convert(locations: Sequence[str | Path], out_dir: str | Path, samples_per_sh
     with staged_folder(out_dir, force, "it may hold data shards") as tmp:
         with ShardWriter(tmp, samples_per_shard) as writer, \
                 tqdm(total=total, desc="parquet -> shards", unit="row", disable=not progress) as bar:
-            for key, parts in iter_samples(files, root, report):
+            for key, parts in iter_samples(files, root, report, metric=metric):
                 writer.write(key, parts)
                 bar.update(report.rows - bar.n)
             bar.update(report.rows - bar.n)

@@ -91,9 +91,9 @@ def test_the_tool_names_bad_input(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_parquet", ROOT / "tools/convert_parquet.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "vqa.parquet")
-    assert tool.main([str(tmp_path / "vqa.parquet"), str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "columns ['answer', 'question'] match no known layout: cauldron needs ['images', 'texts']" in \
+    pq.write_table(pa.table({"prompt": ["q"], "response": ["a"]}), tmp_path / "sft.parquet")
+    assert tool.main([str(tmp_path / "sft.parquet"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "columns ['prompt', 'response'] match no known layout: cauldron needs ['images', 'texts']" in \
         capsys.readouterr().err
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     assert tool.main([str(tmp_path / "bad.parquet"), str(tmp_path / "out"), "--no-progress"]) == 2
@@ -109,3 +109,38 @@ def test_the_tool_names_bad_input(tmp_path, capsys):
         rows[0]["images"] = [{"bytes": None, "path": None}]
         pq.write_table(pa.Table.from_pylist(rows, _cauldron([b""]).schema), tmp_path / "empty.parquet")
         convert([tmp_path / "empty.parquet"], tmp_path / "none", progress=False)
+
+
+def test_benchmark_rows_keep_every_answer_and_the_metric(tmp_path):
+    """lmms-eval's releases: DocVQA (answers list, question_types list), VQAv2 (answers as
+    {answer, answer_confidence, answer_id}, multiple_choice_answer, question_type), ChartQA
+    (one answer, type)."""
+    from casa_megatron.data.formats import parse_conversation
+    from casa_megatron.evaluation.items import _questions
+
+    png = {"bytes": solid_png(), "path": None}
+    tables = {
+        "docvqa": pa.table({"questionId": ["q1"], "question": ["What is the date?"], "question_types": [["form"]],
+                            "image": pa.array([png], IMAGE), "answers": [["1 May", "May 1"]]}),
+        "vqav2": pa.table({"question_type": ["how many"], "multiple_choice_answer": ["2"],
+                           "answers": [[{"answer": a, "answer_confidence": "yes", "answer_id": i}
+                                        for i, a in enumerate(["2", "two", "3"])]],
+                           "question": ["How many cats?"], "image": pa.array([png], IMAGE)}),
+        "chartqa": pa.table({"type": ["human_test"], "question": ["Peak value?"], "answer": ["42"],
+                             "image": pa.array([png], IMAGE)}),
+    }
+    expected = {"docvqa": ("1 May", ["1 May", "May 1"], "anls", "unknown"),
+                "vqav2": ("2", ["2", "two", "3"], "vqa", "how many"),
+                "chartqa": ("42", ["42"], "relaxed", "human_test")}
+    for name, table in tables.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        metric = expected[name][2]
+        report = convert([tmp_path / f"{name}.parquet"], tmp_path / name, metric=metric, progress=False)
+        assert list(report.layouts.values()) == ["vqa"] and report.samples == 1
+        raw = open_source(tmp_path / name).read(0)
+        obj = json.loads(raw.parts["json"])
+        item, = _questions(raw.key, obj, parse_conversation(obj, raw.key).messages, [])
+        assert (item.reference, item.answers, item.metric, item.qtype) == expected[name], name
+        assert list(raw.parts) == ["json", "png"] or list(raw.parts) == ["png", "json"]
+    with pytest.raises(ValueError, match="metric 'acc' is not one of"):
+        convert([tmp_path / "chartqa.parquet"], tmp_path / "x", metric="acc", progress=False)
