@@ -44,6 +44,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
     p.add_argument("--max-samples", type=int, default=None, help="first N samples of --data")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1, help="HF side: questions answered per left-padded "
+                   "generate() (the megatron side answers one at a time)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the checkpoint's data config no longer "
                    "finds it (default: the checkpoint's, else the HF folder's)")
     p.add_argument("--media-root", default="", help="JSON datasets: where relative media paths point")
@@ -53,8 +55,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
         p.error("give --checkpoint, --hf or both")
-    if args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
-        p.error("--max-new-tokens and --max-samples must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        p.error("--max-new-tokens, --batch-size and --max-samples must be >= 1")
     return args
 
 
@@ -124,19 +126,26 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
     model, processor = load_model(args.hf, device, args.dtype, str(adapter) if adapter else "none")
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
-    return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids)
+    return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids, args.batch_size)
 
 
-def _run_side(name: str, runner, items: Items, tok, stop_ids) -> Dict:
+def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1) -> Dict:
     from tqdm import tqdm
 
     def text(tokens):
         return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
 
+    def answers():  # (item, tokens), batch_size questions per call where the runner batches
+        with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q") as bar:
+            for first in range(0, len(items.questions), batch_size):
+                chunk = items.questions[first:first + batch_size]
+                tokens = runner.answer_batch(chunk) if batch_size > 1 else [runner.answer(chunk[0])]
+                bar.update(len(chunk))
+                yield from zip(chunk, tokens)
+
     start = time.perf_counter()
     questions, captions = [], []
-    for item in tqdm(items.questions, desc=f"{name}: questions", unit="q"):
-        tokens = runner.answer(item)
+    for item, tokens in answers():
         questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
                           "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
     for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip"):

@@ -37,10 +37,16 @@ class HFGreedy:
         self.model, self.processor = model, processor
         self.max_new_tokens, self.stop_ids, self.banned = max_new_tokens, list(stop_ids), list(banned_ids)
 
-    @torch.no_grad()
     def answer(self, item: QuestionItem) -> List[int]:
-        inputs = self.processor.apply_chat_template(hf_messages(item.messages, item.media), add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)
+        return self.answer_batch([item])[0]
+
+    @torch.no_grad()
+    def answer_batch(self, items: Sequence[QuestionItem]) -> List[List[int]]:
+        """Greedy answers of several questions in one left-padded ``generate()`` (each row's tokens
+        equal its own run's: tests/hf/test_generation.py, tests/evaluation/test_eval.py)."""
+        conversations = [hf_messages(item.messages, item.media) for item in items]
+        inputs = self.processor.apply_chat_template(conversations if len(items) > 1 else conversations[0],
+                                                    add_generation_prompt=True, tokenize=True, return_dict=True)
         dtype = next(self.model.parameters()).dtype
         inputs = {k: v.to(self.model.device, dtype if k == "pixel_values" else v.dtype) for k, v in inputs.items()}
         n = inputs["input_ids"].shape[1]
@@ -48,11 +54,11 @@ class HFGreedy:
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                   eos_token_id=self.stop_ids, suppress_tokens=self.banned or None,
                                   pad_token_id=pad if pad is not None else self.stop_ids[0])
-        tokens = out[0, n:].tolist()
-        for k, t in enumerate(tokens):  # generate pads after the stop token
-            if t in self.stop_ids:
-                return tokens[:k + 1]
-        return tokens
+        answers = []
+        for row in out[:, n:].tolist():
+            stop = next((k for k, t in enumerate(row) if t in self.stop_ids), None)  # generate pads after it
+            answers.append(row if stop is None else row[:stop + 1])
+        return answers
 
     def caption(self, item: CaptionItem) -> List[List[int]]:
         from casa_megatron.inference.streaming import LiveCaptioner
