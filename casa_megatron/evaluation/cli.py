@@ -26,6 +26,7 @@ from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint
 from casa_megatron.evaluation.items import Items, read_items
 from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
+from casa_megatron.evaluation.tracking import NoTrackedRun
 from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder, resolve_adapter
 
 
@@ -42,6 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--adapter", default="auto", help="HF side: LoRA adapter merged into the model: auto (the "
                    "folder's lora_adapter/ from export-hf --lora separate, when there is one), none, or a folder")
     p.add_argument("--out", default="eval_out", help="folder for eval.json and eval.md")
+    p.add_argument("--track", action="store_true", help="log the scores to the MLflow run that trained --checkpoint, "
+                   "at its iteration (eval/<side>/<group>; eval.json and eval.md as artifacts)")
     p.add_argument("--max-samples", type=int, default=None, help="first N samples of --data")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1, help="HF side: questions answered per left-padded "
@@ -55,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
         p.error("give --checkpoint, --hf or both")
+    if args.track and not args.checkpoint:
+        p.error("--track logs to the run of --checkpoint: give it")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         p.error("--max-new-tokens, --batch-size and --max-samples must be >= 1")
     return args
@@ -161,6 +166,10 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 
 def run(args: argparse.Namespace) -> Dict:
     if args.checkpoint:
         resolve_checkpoint(args.checkpoint)
+    if args.track:
+        from casa_megatron.evaluation.tracking import find_run
+
+        find_run(args.checkpoint)  # a run to log to exists: fail now, not after the evaluation
     adapter = None
     if args.hf:
         check_hf_folder(args.hf)
@@ -186,6 +195,10 @@ def run(args: argparse.Namespace) -> Dict:
     report = table(result)
     atomic_write_text(out / "eval.md", report)
     print(report)
+    if args.track:
+        from casa_megatron.evaluation.tracking import log_result
+
+        print(f"logged to MLflow run {log_result(args.checkpoint, result, out)}")
     return result
 
 
@@ -194,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = run(args)
     except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError, MetricError,
-            RecipeError) as e:
+            RecipeError, NoTrackedRun) as e:
         print(f"casa-eval: {e}", file=sys.stderr)
         return 2
     agree = result.get("agreement")

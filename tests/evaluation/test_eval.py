@@ -6,6 +6,7 @@ every question and caption frame, and the answers are not all the same."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
     cmd = [sys.executable, "-m", "casa_megatron.train", str(ROOT / "configs/tiny_cpu.yaml"), f"run_dir={run}",
            f"data.sources=[{{path: {root}/data/shards, weight: 3}}, {{path: {root}/data/multi, weight: 1}}]",
            "train_steps=30", "checkpoint.save_interval=30", "log_interval=10", "optimizer.warmup_steps=3",
-           "optimizer.wsd_decay_steps=5", "tracking.enabled=false"]
+           "optimizer.wsd_decay_steps=5", "tracking.system_metrics=false"]  # tracked: casa-eval --track logs there
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = run_distributed(_export, world_size=1, checkpoint=str(run / "checkpoints"), out=str(root / "hf"))[0]
@@ -71,6 +72,34 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
                  "--batch-size", "3"]) == 0
     alone = json.loads((tmp_path / "hf" / "eval.json").read_text())["sides"]["hf"]
     assert [q["tokens"] for q in alone["questions"]] == [q["tokens"] for q in megatron["questions"]]
+
+
+def test_track_logs_the_scores_to_the_training_run_at_its_step(trained, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    valid, checkpoint, hf = trained
+    out = tmp_path / "tracked"
+    assert main(["--data", str(valid), "--hf", str(hf), "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--max-new-tokens", "4", "--max-samples", "4", "--track"]) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{checkpoint.parent / 'mlflow.db'}")
+    assert client.get_run(run_id).data.tags["checkpoint_dir"] == str(checkpoint.resolve())
+    result = json.loads((out / "eval.json").read_text())
+    for side in ("megatron", "hf"):
+        history = client.get_metric_history(run_id, f"eval/{side}/all")
+        assert [(m.step, m.value) for m in history] == [(30, result["sides"][side]["scores"]["all"]["accuracy"])]
+        assert client.get_metric_history(run_id, f"eval/{side}/task_colour") or \
+            "task:colour" not in result["sides"][side]["scores"]
+    assert client.get_metric_history(run_id, "eval/agreement/questions")[0].value == 1.0
+    assert sorted(a.path for a in client.list_artifacts(run_id, "eval/iter_30")) == [
+        "eval/iter_30/eval.json", "eval/iter_30/eval.md"]
+    # --track needs a checkpoint, and a run to log to: refused before anything is evaluated
+    untracked = tmp_path / "untracked" / "iter_0000030"
+    shutil.copytree(checkpoint / "iter_0000030", untracked)
+    assert main(["--data", str(valid), "--checkpoint", str(untracked.parent), "--out", str(tmp_path / "no"),
+                 "--track"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert not (untracked.parent / "mlflow.db").exists()  # looking did not create a store
 
 
 def test_bad_inputs_are_named(trained, tmp_path, capsys):
