@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from casa_megatron.data.locations import files_in
 from casa_megatron.data.records import SampleError, ShardError
 
 LAYOUTS = {"cauldron": ("images", "texts"), "messages": ("messages",), "llava": ("conversations",),
@@ -191,14 +192,7 @@ class ParquetReport:
 
 def parquet_files(locations: Sequence[str | Path]) -> List[Path]:
     """Every ``*.parquet`` below the folders given (sorted) and the files given."""
-    out: List[Path] = []
-    for location in map(Path, locations):
-        if location.is_dir():
-            out.extend(sorted(location.rglob("*.parquet")))
-        elif location.suffix == ".parquet" and location.is_file():
-            out.append(location)
-        else:
-            raise FileNotFoundError(f"{location}: neither a folder of .parquet files nor a .parquet file")
+    out = files_in(locations, ".parquet", recursive=True)
     if not out:
         raise FileNotFoundError(f"no .parquet files in {', '.join(map(str, locations))}")
     return out

@@ -38,6 +38,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from casa_megatron.data.locations import files_in
 from casa_megatron.data.shards import IndexedSample, scan_tar, warn_damaged
 from casa_megatron.runtime.atomic import atomic_write
 
@@ -245,15 +246,7 @@ class IndexReport:
 
 def shard_paths(locations: Sequence[Union[str, Path]]) -> List[Path]:
     """Every ``*.tar`` of the folders given (sorted by name, as a loader reads them) and the tars given."""
-    out: List[Path] = []
-    for location in map(Path, locations):
-        if location.is_dir():
-            out.extend(sorted(location.glob("*.tar")))
-        elif location.suffix == ".tar" and location.is_file():
-            out.append(location)
-        else:
-            raise FileNotFoundError(f"{location}: neither a folder of *.tar shards nor a .tar file")
-    return out
+    return files_in(locations, ".tar")
 
 
 def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: bool = False,
@@ -299,13 +292,7 @@ def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: 
 def shards_of(paths: Sequence[Union[str, Path]]) -> List[Path]:
     """The tar shards behind data sources (folders of shards and single tars; other kinds of
     source, and paths that do not exist, are left to the loader to read or to refuse)."""
-    out: List[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            out.extend(sorted(path.glob("*.tar")))
-        elif path.suffix == ".tar" and path.is_file():
-            out.append(path)
-    return list(dict.fromkeys(out))
+    return files_in(paths, ".tar", strict=False)
 
 
 def index_my_share(shards: Sequence[Path], rank: int, world: int) -> IndexReport:
