@@ -40,6 +40,8 @@ LAYOUTS = {"cauldron": ("images", "texts"), "messages": ("messages",), "llava": 
            "vqa": ("question",)}
 ANSWER_COLUMNS = ("answers", "answer", "multiple_choice_answer")  # vqa: the first present is the reference
 TYPE_COLUMNS = ("question_type", "answer_type", "type", "question_types", "category")
+OPTION_COLUMNS = ("options", "choices")  # vqa: a multiple-choice row
+CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's evaluation prompt
 _MAGIC = [(b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp")]
 
 
@@ -150,26 +152,72 @@ def _answer_text(value: Any) -> Optional[str]:
     return str(value) if isinstance(value, (str, int, float)) else None
 
 
+def _options(row: dict, where: str) -> Optional[List[str]]:
+    """A multiple-choice row's options (``options`` / ``choices``: a list, or MMMU's string form
+    of one), else None."""
+    import ast
+
+    value = next((row[c] for c in OPTION_COLUMNS if row.get(c) is not None), None)
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SampleError("bad_annotation", f"{where}: options {value[:80]!r} are not a list") from None
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or len(value) > 26:
+        raise SampleError("bad_annotation", f"{where}: options must be a list of 1 to 26 choices")
+    return [str(v) for v in value]
+
+
+def _choice_answer(answer: Any, options: List[str], where: str) -> str:
+    """The answer's option letter: from an index (ScienceQA's int, AI2D's "1"), a letter (MMMU),
+    or the option's own text."""
+    text = str(answer).strip() if answer is not None else ""
+    if isinstance(answer, int) or text.isdigit():
+        index = int(text)
+    elif len(text) == 1 and text.upper().isalpha():
+        index = ord(text.upper()) - ord("A")
+    elif text in options:
+        index = options.index(text)
+    else:
+        index = -1
+    if not 0 <= index < len(options):
+        raise SampleError("bad_annotation", f"{where}: answer {answer!r} names none of the {len(options)} options")
+    return chr(ord("A") + index)
+
+
 def _vqa(row: dict, media_root: Optional[Path], where: str, metric: Optional[str]) -> Tuple[dict, List[bytes]]:
     """A benchmark row (``question``, the answers, the image: lmms-eval's DocVQA, ChartQA,
     TextVQA, VQAv2 releases) -> a one-turn LLaVA sample whose ``answers`` keep every
-    acceptable answer, ``metric`` the scoring rule (``evaluation/answer_metrics.py``)."""
+    acceptable answer, ``metric`` the scoring rule (``evaluation/answer_metrics.py``). With
+    ``options`` / ``choices`` (AI2D, ScienceQA, MMMU) the question lists them as ``A. ...`` lines
+    and asks for the letter, as LLaVA's evaluation prompts do; the answer is the letter and the
+    metric ``choice`` unless one is given."""
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise SampleError("bad_annotation", f"{where}: no question")
     images = _images(row, ["image", "images"], media_root, where)
-    answers: List[str] = []
-    for column in ANSWER_COLUMNS:
-        value = row.get(column)
-        cells = value if isinstance(value, list) else [value]
-        answers = [a for a in (_answer_text(c) for c in cells) if a is not None and a.strip()]
-        if answers:
-            break
-    if not answers:
-        raise SampleError("bad_annotation", f"{where}: no answer in {[c for c in ANSWER_COLUMNS if c in row]}")
-    reference = _answer_text(row.get("multiple_choice_answer")) or answers[0]  # VQAv2's consensus answer
+    options = _options(row, where)
+    if options is not None:
+        answer = next((row[c] for c in ANSWER_COLUMNS if row.get(c) is not None), None)
+        reference = _choice_answer(answer, options, where)
+        answers, metric = [reference], metric or "choice"
+        lines = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(options))
+        question = f"{question}\n{lines}\n{CHOICE_PROMPT}"
+    else:
+        answers = []
+        for column in ANSWER_COLUMNS:
+            value = row.get(column)
+            cells = value if isinstance(value, list) else [value]
+            answers = [a for a in (_answer_text(c) for c in cells) if a is not None and a.strip()]
+            if answers:
+                break
+        if not answers:
+            raise SampleError("bad_annotation", f"{where}: no answer in {[c for c in ANSWER_COLUMNS if c in row]}")
+        reference = _answer_text(row.get("multiple_choice_answer")) or answers[0]  # VQAv2's consensus answer
     qtype = next((str(row[c]) for c in TYPE_COLUMNS if isinstance(row.get(c), (str, int))), None)
-    skip = ("image", "images", "question", *ANSWER_COLUMNS)
+    skip = ("image", "images", "question", *ANSWER_COLUMNS, *OPTION_COLUMNS)
     annotation = {**_plain(row, skip), "conversations": [
         {"from": "human", "value": "<image>\n" * len(images) + question},
         {"from": "gpt", "value": reference}], "answers": answers}

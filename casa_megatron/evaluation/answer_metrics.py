@@ -17,6 +17,8 @@ function scores one prediction against them in [0, 1]:
              normalised distance is 0.5 or more.
 ``relaxed``  ChartQA's relaxed accuracy: numbers (a trailing ``%`` divides by 100) within 5 % of an
              answer, other text equal ignoring case.
+``choice``   multiple choice (AI2D, ScienceQA, MMMU, MMBench): the option letter the prediction
+             gives (``B``, ``(B)``, ``B. text``, or after "answer is") equals the answer's.
 
 Why the metric travels with the data: a mixed held-out set (the paper's evaluation suite) scores
 every question by its own benchmark's rule in one ``casa-eval`` run.
@@ -130,12 +132,35 @@ def relaxed_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return 0.0
 
 
+# --- multiple choice ------------------------------------------------------------------------------------
+# "B", "(B)", "(B) text", "B.", "B. text", "B) text", "B: text"; not "A cat" or "I think" (words)
+_LETTER_ALONE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:\s*$|[.:)]))")
+_LETTER_SAID = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\b\)?", re.IGNORECASE)
+
+
+def choice_letter(text: str) -> Optional[str]:
+    """The option letter a prediction gives: at its start ("B", "(B)", "B. the cat", not the word
+    "A" of "A cat"), else after "answer is" / "option" / "choice"; None when it names none."""
+    match = _LETTER_ALONE.match(text)
+    if match:
+        return match.group(1) or match.group(2)
+    match = _LETTER_SAID.search(text)
+    return match.group(1).upper() if match else None
+
+
+def choice_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Multiple choice (AI2D, ScienceQA, MMMU, MMBench as lmms-eval prompts them: "Answer with
+    the option's letter"): the prediction's letter equals an answer's letter."""
+    letter = choice_letter(prediction)
+    return float(letter is not None and any(letter == (choice_letter(a) or a.strip().upper()) for a in answers))
+
+
 def exact_any(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize(prediction) == normalize(a) for a in answers))
 
 
 METRICS: Dict[str, Callable[[str, Sequence[str]], float]] = {
-    "exact": exact_any, "vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy}
+    "exact": exact_any, "vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy, "choice": choice_accuracy}
 
 
 def check(metric: object, answers: Sequence[str], where: str) -> str:

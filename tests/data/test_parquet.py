@@ -144,3 +144,39 @@ def test_benchmark_rows_keep_every_answer_and_the_metric(tmp_path):
         assert list(raw.parts) == ["json", "png"] or list(raw.parts) == ["png", "json"]
     with pytest.raises(ValueError, match="metric 'acc' is not one of"):
         convert([tmp_path / "chartqa.parquet"], tmp_path / "x", metric="acc", progress=False)
+
+
+def test_multiple_choice_rows_list_their_options_and_answer_with_a_letter(tmp_path):
+    """AI2D (answer "1": an index as text), ScienceQA (an int index, ``choices``), MMMU (options
+    as the string form of a list, answer "C")."""
+    from casa_megatron.data.formats import parse_conversation
+    from casa_megatron.data.parquet import CHOICE_PROMPT
+    from casa_megatron.evaluation.items import _questions
+
+    png = {"bytes": solid_png(), "path": None}
+    tables = {
+        "ai2d": pa.table({"question": ["Which stage?"], "options": [["egg", "larva", "adult"]], "answer": ["1"],
+                          "image": pa.array([png], IMAGE)}),
+        "scienceqa": pa.table({"question": ["Which is a mammal?"], "choices": [["frog", "whale"]], "answer": [1],
+                               "image": pa.array([png], IMAGE)}),
+        "mmmu": pa.table({"question": ["Pick one"], "options": ["['x', 'y', 'z']"], "answer": ["C"],
+                          "image": pa.array([png], IMAGE)}),
+    }
+    expected = {"ai2d": ("B", "Which stage?\nA. egg\nB. larva\nC. adult"),
+                "scienceqa": ("B", "Which is a mammal?\nA. frog\nB. whale"),
+                "mmmu": ("C", "Pick one\nA. x\nB. y\nC. z")}
+    for name, table in tables.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        convert([tmp_path / f"{name}.parquet"], tmp_path / name, progress=False)
+        raw = open_source(tmp_path / name).read(0)
+        obj = json.loads(raw.parts["json"])
+        conv = parse_conversation(obj, raw.key)
+        item, = _questions(raw.key, obj, conv.messages, [])
+        letter, question = expected[name]
+        assert (item.reference, item.answers, item.metric) == (letter, [letter], "choice"), name
+        assert conv.messages[0].text() == f"{question}\n{CHOICE_PROMPT}", name
+    bad = tables["ai2d"].to_pylist()
+    bad[0]["answer"] = "7"
+    pq.write_table(pa.Table.from_pylist(bad, tables["ai2d"].schema), tmp_path / "bad.parquet")
+    with pytest.raises(ShardError, match="answer '7' names none of the 3 options"):
+        convert([tmp_path / "bad.parquet"], tmp_path / "bad", progress=False)

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from casa_megatron.evaluation.answer_metrics import (MetricError, anls, exact_any, levenshtein, relaxed_accuracy,
-                                                     vqa_accuracy, vqa_normalize)
+from casa_megatron.evaluation.answer_metrics import (MetricError, anls, choice_accuracy, choice_letter, exact_any,
+                                                     levenshtein, relaxed_accuracy, vqa_accuracy, vqa_normalize)
 from casa_megatron.evaluation.items import _questions
 from casa_megatron.data.formats import parse_conversation
 
@@ -70,6 +70,16 @@ def test_relaxed_accuracy():
     assert relaxed_accuracy("Yes", ["yes"]) == 1.0 and relaxed_accuracy("ten", ["10"]) == 0.0
     assert relaxed_accuracy("0", ["0"]) == 1.0 and relaxed_accuracy("0.01", ["0"]) == 0.0  # zero: as text
     assert exact_any("The first.", ["the second", "the first"]) == 1.0
+
+
+def test_choice_reads_the_option_letter():
+    said = {"B": "B", "(B)": "B", "(B) a whale": "B", "B. a whale": "B", "B) x": "B", "B:x": "B", " C ": "C",
+            "The answer is C.": "C", "answer: (d)": "D", "option b": "B",
+            "A cat is here": None, "I think so": None, "Because": None, "": None}
+    assert {text: choice_letter(text) for text in said} == said
+    assert choice_accuracy("(C) blue", ["C"]) == 1.0 and choice_accuracy("C", ["B"]) == 0.0
+    assert choice_accuracy("A cat", ["A"]) == 0.0  # a word, not a letter: no credit
+    assert choice_accuracy("B", ["(B)"]) == 1.0
 
 
 def _items(obj):
