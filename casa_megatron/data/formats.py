@@ -11,6 +11,8 @@
               "video_start" / "video_end" (seconds: a clip of the file) and the assistant's
               content may be {"type": "text_stream", "text_stream": [[start, end, word], ...]}:
               ASR words of the clip, read as captions heard at each word's end (LiveCC)
+    caption   {"image": "a.jpg", "caption": "..." | [...]} or, in a tar, a ``.txt`` part beside the
+              media (img2dataset's LAION / CC3M shards; ``sample_annotation``): an image-text pair
 
 Media without a path (``{"type": "image"}``, a LLaVA sample without ``image`` / ``video``
 fields, or any reference inside a tar shard) are the sample's media parts in index order. LLaVA-Video's ``<image>`` placeholder for its video is
@@ -20,6 +22,7 @@ placeholder (``"<image>\\nWhat?"`` is the same sample as ``[image, "What?"]``).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,14 +30,14 @@ from casa_megatron.data.annotations import Caption, parse_annotation
 from casa_megatron.data.conversation import ROLES, Conversation, Media, Message, Part
 from casa_megatron.data.records import SampleError
 
-FORMATS = ("ours", "llava", "messages")
+FORMATS = ("ours", "llava", "messages", "caption")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                "system": "system"}
 _PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
 
 def detect_format(obj: Any) -> Optional[str]:
-    """``ours`` / ``llava`` / ``messages``, or None when no format's key is present."""
+    """``ours`` / ``llava`` / ``messages`` / ``caption``, or None when no format's key is present."""
     if _is_message_list(obj):
         return "messages"
     if not isinstance(obj, dict):
@@ -45,6 +48,8 @@ def detect_format(obj: Any) -> Optional[str]:
         return "llava"
     if "conversation" in obj or "captions" in obj:
         return "ours"
+    if "caption" in obj:
+        return "caption"
     return None
 
 
@@ -55,7 +60,8 @@ def _is_message_list(obj: Any) -> bool:
 
 def describe_unknown(obj: Any) -> str:
     keys = sorted(obj)[:12] if isinstance(obj, dict) else type(obj).__name__
-    return ("none of 'messages' (Hugging Face chat), 'conversations' (LLaVA), 'conversation' / "
+    return ("none of 'messages' (Hugging Face chat), 'conversations' (LLaVA), 'caption' (image-text pair), "
+            "'conversation' / "
             f"'captions' (ours) is present (found {keys})")
 
 
@@ -70,6 +76,25 @@ def parse_conversation(obj: Any, key: str = "?", qa_windows: str = "per_turn") -
     conv.format = fmt
     _check_targets(conv, key)
     return conv
+
+
+def sample_annotation(raw) -> Any:
+    """A sample's annotation: its ``.json`` part; a ``.txt`` part is the caption of an image-text
+    pair (img2dataset's shards: ``.jpg`` + ``.txt`` + a ``.json`` of crawl metadata), which
+    the JSON's own fields join (its ``caption``, when it has one, wins)."""
+    meta = next((raw.parts[p] for p in raw.parts if p.lower() == "json"), None)
+    text = next((raw.parts[p] for p in raw.parts if p.lower() == "txt"), None)
+    if meta is None and text is None:
+        raise SampleError("missing_annotation", f"{raw.key} in {raw.source}: no .json or .txt part "
+                          f"(found {sorted(raw.parts)})")
+    try:
+        obj = json.loads(meta) if meta is not None else {}
+        caption = text.decode("utf-8") if text is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleError("bad_annotation", f"{raw.key}: annotation is not valid JSON / UTF-8 ({e})") from e
+    if caption is not None and isinstance(obj, dict) and detect_format(obj) is None:
+        obj = {**obj, "caption": caption}
+    return obj
 
 
 # --- ours --------------------------------------------------------------------------------------
@@ -256,5 +281,28 @@ def _check_targets(conv: Conversation, key: str) -> None:
             raise SampleError("empty_turn", f"{key}: assistant turn (message {i}) is empty")
 
 
+# --- image-text pairs -------------------------------------------------------------------------
+def _caption(obj: dict, key: str, _qa_windows: str) -> Conversation:
+    """A captioned image or clip (img2dataset's webdataset shards for LAION / CC3M / CC12M /
+    COYO, WebVid; ``{"image": path, "caption": ...}`` lines): the media, then the caption as the
+    answer. ``caption`` may be a list (COCO's five): the first is trained. An optional
+    ``prompt`` goes after the media in the user turn (none: the image alone, as pretraining
+    on pairs usually does)."""
+    caption = obj["caption"]
+    if isinstance(caption, list):
+        caption = caption[0] if caption else None
+    if not isinstance(caption, str) or not caption.strip():
+        raise SampleError("empty_turn", f"{key}: 'caption' must be a non-empty string (or a list of them)")
+    source = obj.get("video") or obj.get("image")
+    if source is not None and not isinstance(source, str):
+        raise SampleError("bad_annotation", f"{key}: 'image' / 'video' must be one path")
+    prompt = obj.get("prompt")
+    content: List[Part] = [Media("video" if obj.get("video") else None, source)]
+    if isinstance(prompt, str) and prompt.strip():
+        content.append(prompt)
+    meta = _meta(obj, ("caption", "image", "video", "prompt"))
+    return Conversation([Message("user", content), Message("assistant", [caption.strip()])], [], obj.get("type"), meta)
+
+
 _PARSERS: Dict[str, Callable[[dict, str, str], Conversation]] = {
-    "ours": _ours, "llava": _llava, "messages": _messages}
+    "ours": _ours, "llava": _llava, "messages": _messages, "caption": _caption}

@@ -13,7 +13,6 @@ every turn, is one reference).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -21,7 +20,7 @@ from typing import Dict, List, Tuple
 from casa_megatron.data.chat_template import ChatTemplateLayout, DecodedMedia
 from casa_megatron.data.config import TEXT_LAYOUTS
 from casa_megatron.data.conversation import Conversation, Media
-from casa_megatron.data.formats import parse_conversation
+from casa_megatron.data.formats import parse_conversation, sample_annotation
 from casa_megatron.data.image_processing import process_image
 from casa_megatron.data.interleave import LayoutTokens, fit_to_budget
 from casa_megatron.data.records import RawSample, SampleError, TokenizedSample
@@ -152,15 +151,7 @@ class SampleProcessor:
 
     def __call__(self, raw: RawSample) -> TokenizedSample:
         s = self.settings
-        meta = next((raw.parts[p] for p in raw.parts if p.lower() == "json"), None)
-        if meta is None:
-            raise SampleError("missing_annotation", f"{raw.key} in {raw.source}: no .json part "
-                              f"(found {sorted(raw.parts)})")
-        try:
-            obj = json.loads(meta)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SampleError("bad_annotation", f"{raw.key}: annotation is not valid JSON ({e})") from e
-        conv = parse_conversation(obj, raw.key, s.qa_windows)
+        conv = parse_conversation(sample_annotation(raw), raw.key, s.qa_windows)
         media = self.decode_media(raw, conv)
         if conv.captions and (len(media) != 1 or media[0].kind != "video"):
             raise SampleError("bad_annotation", f"{raw.key}: captions need exactly one video")

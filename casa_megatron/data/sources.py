@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
-from casa_megatron.data.formats import describe_unknown, detect_format
+from casa_megatron.data.formats import describe_unknown, detect_format, sample_annotation
 from casa_megatron.data.json_dataset import JsonDatasetSource
 from casa_megatron.data.manifest import ManifestEntry, read_entry, read_manifest
 from casa_megatron.data.recipe import check_strategy, expand, is_recipe, subset_indices, weigh
@@ -280,9 +280,8 @@ def _is_manifest(path: Path) -> bool:
 
 def _check_first_format(source: SampleSource) -> None:
     try:
-        raw = source.read(0)
-        obj = json.loads(raw.parts["json"])
-    except (SampleError, KeyError, ValueError):
+        obj = sample_annotation(source.read(0))
+    except SampleError:
         return  # a broken first sample is skipped and counted like any other
     if detect_format(obj) is None:
         raise ShardError(f"{source.location(0)} (sample {source.key(0)!r}): unknown annotation format: "

@@ -140,7 +140,7 @@ def test_conversation_dataset_bad_inputs_are_skipped_and_counted_by_reason(tmp_p
         "empty_msg": ({"id": "empty_msg", "messages": [{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": ""}]}, "empty_turn"),
         "no_answer": ({"id": "no_answer", "messages": [{"role": "user", "content": "hi"}]}, "no_targets"),
-        "odd_format": ({"id": "odd_format", "image": "a.png", "caption": "a red square"}, "unknown_format"),
+        "odd_format": ({"id": "odd_format", "image": "a.png", "description": "a red square"}, "unknown_format"),
     }
     lines = good[:1] + [rec for rec, _ in bad.values()] + good[1:]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

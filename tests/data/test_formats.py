@@ -154,12 +154,12 @@ def test_llava_json_resolves_media_root(tmp_path, qwen_tokenizer):
 
 def test_detection_and_unknown_format_errors(tmp_path, qwen_tokenizer):
     assert detect_format({"messages": []}) == "messages" and detect_format({"conversations": []}) == "llava"
-    assert detect_format({"captions": []}) == "ours" and detect_format({"caption": "x"}) is None
+    assert detect_format({"captions": []}) == "ours" and detect_format({"description": "x"}) is None
     with pytest.raises(SampleError) as info:
-        parse_conversation({"caption": "x"}, "k")
+        parse_conversation({"description": "x"}, "k")
     assert info.value.reason == "unknown_format"
-    (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n")
-    write_shard_dir(tmp_path / "odd_tar", {"s0": {"png": solid_png(), "json": b'{"caption": "x"}'}})
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "a.png", "description": "x"}) + "\n")
+    write_shard_dir(tmp_path / "odd_tar", {"s0": {"png": solid_png(), "json": b'{"description": "x"}'}})
     for path, name in ((tmp_path / "odd.jsonl", "odd.jsonl"), (tmp_path / "odd_tar", "shard-000000.tar")):
         cfg = DataConfig(source=str(path), tokenizer_path=str(qwen_tokenizer), log_interval=0)
         with pytest.raises(ShardError, match=f"{name}.*unknown annotation format"):
@@ -222,3 +222,32 @@ def test_livecc_bad_lines_are_named(line, reason):
     with pytest.raises(SampleError) as err:
         parse_conversation(line, "k")
     assert err.value.reason == reason and "k:" in str(err.value)
+
+
+def test_image_text_pairs_train_as_the_llava_caption_sample(tmp_path, tokenizer_and_layout):
+    """img2dataset's shards (LAION / CC3M: .jpg + .txt + a .json of crawl metadata, with or
+    without the caption in it; or .jpg + .txt alone) and {"image", "caption"} lines give the
+    batch of the LLaVA sample whose human turn is the image and whose answer is the caption."""
+    tokenizer, layout = tokenizer_and_layout
+    png = solid_png(60, 90)
+    caption = "the red circle moves right"  # words the generated word-level tokenizer knows
+    crawl = {"url": "http://x/a.jpg", "key": "000000001", "status": "success", "width": 90, "height": 60}
+    (tmp_path / "a.png").write_bytes(png)
+    samples = {
+        "img2dataset": {"png": png, "txt": caption.encode(), "json": json.dumps({**crawl, "caption": caption}).encode()},
+        "txt_and_metadata": {"png": png, "txt": caption.encode(), "json": json.dumps(crawl).encode()},
+        "txt_alone": {"png": png, "txt": caption.encode()},
+    }
+    sources = {name: write_shard_dir(tmp_path / name, {"000000001": parts}) for name, parts in samples.items()}
+    sources["llava_tar"] = write_shard_dir(tmp_path / "llava_tar", {"000000001": {"png": png, "json": json.dumps(
+        {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}).encode()}})
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "p", "image": "a.png", "caption": [caption, "other"]}) + "\n")
+    sources["jsonl"] = tmp_path / "pairs.jsonl"
+    batches = {name: _batch(path, tokenizer, layout) for name, path in sources.items()}
+    _assert_same(batches)
+    batch = batches["txt_alone"]
+    trained = load_tokenizer(tokenizer).decode(batch.labels[batch.loss_mask > 0].tolist())
+    assert trained.replace(" ", "").startswith(caption.replace(" ", ""))  # the caption is what is learnt
+    assert detect_format({"caption": "x"}) == "caption"
+    with pytest.raises(SampleError, match="'caption' must be a non-empty string"):
+        parse_conversation({"caption": " "}, "k")
