@@ -6,6 +6,7 @@ Module map (one job each; see docs/data.md):
   shards        tar index/read/write       manifest     JSONL manifest of local files
   shard_index   saved, mmapped tar indexes recipe       LLaVA-OneVision YAML recipes, subsets
   parquet       hub Parquet -> tar shards  locations    files of the folders a user names
+  inspect       a run's data as training sees it (tools/inspect_data.py)
   json_dataset  LLaVA / chat .json(l)      sources      random access over any of them
   sampler       per-epoch, per-DP order    blend        weighted mix of sources, resumable
   formats       ours / LLaVA / HF messages conversation the parsed form of every format
