@@ -16,6 +16,8 @@ their columns:
 ``vqa``       ``question``, ``answers`` / ``answer`` / ``multiple_choice_answer`` and ``image``: the
               benchmark releases (lmms-eval's DocVQA, ChartQA, TextVQA, VQAv2): one-turn samples
               that keep every acceptable answer and, with ``metric``, the benchmark's rule.
+``caption``   ``image`` and ``caption`` (a string, or a list such as COCO's / Flickr30k's five):
+              image-text pairs for the pretraining stage (``formats.py``'s caption format).
 
 Each row becomes a sample ``<file stem>-<row>`` holding its annotation (``<key>.json`` in the
 ``messages`` or LLaVA format, the row's ``id`` and other plain columns kept as fields) and its
@@ -37,7 +39,7 @@ from casa_megatron.data.locations import files_in
 from casa_megatron.data.records import SampleError, ShardError
 
 LAYOUTS = {"cauldron": ("images", "texts"), "messages": ("messages",), "llava": ("conversations",),
-           "vqa": ("question",)}
+           "vqa": ("question",), "caption": ("image", "caption")}
 ANSWER_COLUMNS = ("answers", "answer", "multiple_choice_answer")  # vqa: the first present is the reference
 TYPE_COLUMNS = ("question_type", "answer_type", "type", "question_types", "category")
 OPTION_COLUMNS = ("options", "choices")  # vqa: a multiple-choice row
@@ -133,6 +135,15 @@ def row_sample(row: dict, layout: str, media_root: Optional[Path], where: str,
         return {**_plain(row, ("images", "messages")), "messages": cleaned}, images
     if layout == "vqa":
         return _vqa(row, media_root, where, metric)
+    if layout == "caption":
+        images = _images(row, ["image"], media_root, where)
+        if len(images) != 1:
+            raise SampleError("missing_media", f"{where}: an image-text pair needs one image")
+        caption = row.get("caption")
+        texts = caption if isinstance(caption, list) else [caption]
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise SampleError("empty_turn", f"{where}: 'caption' must be a non-empty string or list of them")
+        return {**_plain(row, ("image",)), "caption": caption}, images
     images = _images(row, ["image", "images"], media_root, where)
     conversations = row.get("conversations")
     if not isinstance(conversations, list):

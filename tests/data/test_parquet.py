@@ -180,3 +180,20 @@ def test_multiple_choice_rows_list_their_options_and_answer_with_a_letter(tmp_pa
     pq.write_table(pa.Table.from_pylist(bad, tables["ai2d"].schema), tmp_path / "bad.parquet")
     with pytest.raises(ShardError, match="answer '7' names none of the 3 options"):
         convert([tmp_path / "bad.parquet"], tmp_path / "bad", progress=False)
+
+
+def test_image_caption_rows_become_pairs(tmp_path):
+    """Flickr30k / COCO-style rows: an image and a caption (or a list of them)."""
+    from casa_megatron.data.formats import parse_conversation, sample_annotation
+
+    png = {"bytes": solid_png(), "path": None}
+    table = pa.table({"image": pa.array([png, png, png], IMAGE), "caption": [["a dog", "a brown dog"], ["a cat"], []],
+                      "img_id": ["1", "2", "3"]})
+    pq.write_table(table, tmp_path / "flickr.parquet")
+    report = convert([tmp_path / "flickr.parquet"], tmp_path / "out", progress=False)
+    assert (report.layouts[str(tmp_path / "flickr.parquet")], report.samples, dict(report.skipped)) == \
+        ("caption", 2, {"empty_turn": 1})
+    raw = open_source(tmp_path / "out").read(0)
+    conv = parse_conversation(sample_annotation(raw), raw.key)
+    assert [m.role for m in conv.messages] == ["user", "assistant"] and conv.messages[1].text() == "a dog"
+    assert sample_annotation(raw)["img_id"] == "1"
