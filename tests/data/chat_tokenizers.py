@@ -5,6 +5,9 @@
 ``<|vision_start|><|image_pad|><|vision_end|>``, videos with ``<|video_pad|>``).
 ``helium_style``: a SentencePiece-like unigram model (``▁`` word boundaries), ``<s>`` / ``</s>``,
 plain-text ``User:`` / ``Assistant:`` turns closed by ``</s>``, images as ``<image>``.
+``llama3_style``: byte-level BPE with Llama 3's header tokens (``<|start_header_id|>role
+<|end_header_id|>\n\n ... <|eot_id|>``, ``<|begin_of_text|>`` first, a default system turn with
+a knowledge-date line as Llama 3.1's) and Llama 3.2 Vision's ``<|image|>`` in user turns.
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ HELIUM_TEMPLATE = (
 )
 
 
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|image|>", "<|finetune_right_pad_id|>"]
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023<|eot_id|>{% endif %}"
+    "{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}<|eot_id|>"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|image|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
 def qwen_style(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -81,6 +99,23 @@ def helium_style(out: Path) -> Path:
     return out
 
 
+def llama3_style(out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", additional_special_tokens=LLAMA3_SPECIALS)
+    fast.chat_template = LLAMA3_TEMPLATE
+    fast.save_pretrained(str(out))
+    return out
+
+
 # The same templates with the assistant's text inside {% generation %} blocks (assistant content
 # as a string): transformers' ``return_assistant_tokens_mask`` then marks the assistant tokens,
 # an independent oracle for our loss mask. (A newline right after a block tag would be eaten by
@@ -92,3 +127,7 @@ QWEN_GENERATION_TEMPLATE = QWEN_TEMPLATE.replace(
 HELIUM_GENERATION_TEMPLATE = HELIUM_TEMPLATE.replace(
     "{% else %}Assistant: {{ text }}{{ eos_token }}\n{% endif %}",
     "{% else %}Assistant: {% generation %}{{ text }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}{% endif %}")
+LLAMA3_GENERATION_TEMPLATE = LLAMA3_TEMPLATE.replace(
+    "{% if message['content'] is string %}{{ message['content'] | trim }}<|eot_id|>",
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|eot_id|>"
+    "{% endgeneration %}{% elif message['content'] is string %}{{ message['content'] | trim }}<|eot_id|>", 1)

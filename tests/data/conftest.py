@@ -36,3 +36,11 @@ def helium_tokenizer(tmp_path_factory) -> Path:
     from data.chat_tokenizers import helium_style
 
     return helium_style(tmp_path_factory.mktemp("helium_tok"))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory) -> Path:
+    """Llama-3-style BPE tokenizer with header-token turns and Llama 3.2 Vision's <|image|>."""
+    from data.chat_tokenizers import llama3_style
+
+    return llama3_style(tmp_path_factory.mktemp("llama3_tok"))

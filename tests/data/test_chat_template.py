@@ -2,14 +2,15 @@
 
 Oracles: the ids are ``tokenizer(apply_chat_template(...))`` minus the image placeholders, and the
 loss mask is transformers' own assistant-token mask (``return_assistant_tokens_mask`` on the same
-template with ``{% generation %}`` blocks), for a Qwen2.5-style and a Helium-style tokenizer.
+template with ``{% generation %}`` blocks), for a Qwen2.5-style, a Helium-style and a Llama-3-style
+tokenizer.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from data.chat_tokenizers import HELIUM_GENERATION_TEMPLATE, QWEN_GENERATION_TEMPLATE
+from data.chat_tokenizers import HELIUM_GENERATION_TEMPLATE, LLAMA3_GENERATION_TEMPLATE, QWEN_GENERATION_TEMPLATE
 
 from casa_megatron.data.chat_template import ChatTemplateLayout, DecodedMedia
 from casa_megatron.data.formats import parse_conversation
@@ -24,7 +25,8 @@ MESSAGES = [
                                  {"type": "text", "text": " Compare them."}]},
     {"role": "assistant", "content": "red"},
 ]
-STYLES = {"qwen": (QWEN_GENERATION_TEMPLATE, "<|image_pad|>"), "helium": (HELIUM_GENERATION_TEMPLATE, "<image>")}
+STYLES = {"qwen": (QWEN_GENERATION_TEMPLATE, "<|image_pad|>"), "helium": (HELIUM_GENERATION_TEMPLATE, "<image>"),
+          "llama3": (LLAMA3_GENERATION_TEMPLATE, "<|image|>")}
 
 
 def _images(n: int):
@@ -34,8 +36,8 @@ def _images(n: int):
 
 
 @pytest.fixture(params=sorted(STYLES))
-def style(request, qwen_tokenizer, helium_tokenizer):
-    path = {"qwen": qwen_tokenizer, "helium": helium_tokenizer}[request.param]
+def style(request, qwen_tokenizer, helium_tokenizer, llama3_tokenizer):
+    path = {"qwen": qwen_tokenizer, "helium": helium_tokenizer, "llama3": llama3_tokenizer}[request.param]
     return request.param, path, *STYLES[request.param]
 
 
