@@ -1,28 +1,28 @@
 """Random access to the samples of a dataset, whatever its storage: shard directory, one tar, a
-JSONL manifest, or a JSON dataset (``json_dataset.py``). ``read(i)`` returns raw bytes; decoding
-is the processor's job."""
+JSONL manifest, or a JSON dataset (``json_dataset.py``); a subset of one (``SubsetSource``), and
+the datasets of a data recipe (``open_sources``, ``recipe.py``). ``read(i)`` returns raw bytes;
+decoding is the processor's job."""
 
 from __future__ import annotations
 
 import json
 import logging
-from bisect import bisect_right
-from itertools import accumulate
 import threading
 import time
+from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-
+from casa_megatron.data import shard_index
 from casa_megatron.data.formats import describe_unknown, detect_format, sample_annotation
 from casa_megatron.data.json_dataset import JsonDatasetSource
 from casa_megatron.data.manifest import ManifestEntry, read_entry, read_manifest
 from casa_megatron.data.recipe import check_strategy, expand, is_recipe, subset_indices, weigh
 from casa_megatron.data.records import RawSample, SampleError, ShardError
-from casa_megatron.data import shard_index
 from casa_megatron.data.shards import IndexedSample, read_sample, warn_damaged
 
 logger = logging.getLogger(__name__)

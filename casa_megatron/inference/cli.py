@@ -3,7 +3,9 @@
 Prints ``[mm:ss.s] caption`` per frame and writes ``stream.json`` (per-frame time-to-first-token,
 decode tokens/s, cache bytes, memory, captions) and ``stream.png`` into ``--out``. A video that
 cannot be decoded stops with an error naming it; a stream that breaks mid-way (decoding error,
-Ctrl-C) keeps and writes the captions so far, marked ``"stopped": <reason>``.
+Ctrl-C) keeps and writes the captions so far, marked ``"stopped": <reason>``. ``--realtime``
+delivers the frames at the video's own pace, as a live camera (``pacing.py``): each caption's lag
+behind its frame and the frames dropped say whether the model keeps up on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
 from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, resolve_adapter
+from casa_megatron.inference.pacing import PacingStats, realtime
 from casa_megatron.inference.report import plot_series
 from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
 from casa_megatron.runtime.atomic import atomic_write_json
@@ -38,6 +41,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--adapter", default="auto", help="LoRA adapter merged into the model: auto (the folder's "
                    "lora_adapter/ from export-hf --lora separate, when there is one), none, or a PEFT adapter folder")
+    p.add_argument("--realtime", action="store_true", help="deliver frames at the video's own pace, as a live "
+                   "camera: the captioner takes the newest arrived frame, older ones are dropped; reports each "
+                   "caption's lag behind its frame and the frames dropped")
     p.add_argument("--decoder", default="auto", choices=("auto", "cpu", "dali"),
                    help="auto: DALI on a GPU when it is installed, else PyAV on the CPU")
     return p.parse_args(argv)
@@ -64,9 +70,15 @@ def run(args: argparse.Namespace) -> dict:
     stopped = None
     start = time.perf_counter()
     frames = iter_frames(args.video, args.fps, args.max_frames, _decoder(args.decoder, args.device))
+    pacing, lags = None, []
+    if args.realtime:
+        pacing = PacingStats()
+        frames = realtime(frames, pacing)
     try:
         for record in captioner.stream(frames):
             records.append(record)
+            if pacing is not None:  # the caption is done now; its frame arrived at its video time
+                lags.append(time.perf_counter() - pacing.start - record.time_s)
             print(f"[{stamp(record.time_s)}] {record.caption}", flush=True)
     except StreamBroken as e:
         stopped = str(e)
@@ -76,6 +88,16 @@ def run(args: argparse.Namespace) -> dict:
               "fps": args.fps, "device": args.device,
               "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
               "wall_s": time.perf_counter() - start}
+    if pacing is not None:
+        for frame, lag in zip(result["frames"], lags):
+            frame["lag_s"] = lag
+        interval = 1 / args.fps
+        result["realtime"] = {"dropped": len(pacing.dropped), "dropped_times_s": pacing.dropped,
+                              "captioned": len(records), "max_lag_s": max(lags, default=None),
+                              "keeps_up": not pacing.dropped and all(lag <= interval for lag in lags)}
+        print(f"realtime at {args.fps} fps: {len(records)} frames captioned, {len(pacing.dropped)} dropped, lag "
+              f"max {max(lags, default=0):.2f} s (a frame every {interval:.2f} s): "
+              f"{'keeps up' if result['realtime']['keeps_up'] else 'falls behind'}", flush=True)
     out = Path(args.out)
     atomic_write_json(out / "stream.json", result)
     if records:
