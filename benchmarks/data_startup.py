@@ -23,7 +23,8 @@ whole-sample reads per second at random positions. The tars are freshly written,
 reads from the page cache: the best case for the scan (on network storage it reads every member
 header from the server). Then a LLaVA ``.json`` of ``--json-samples`` two-turn samples (as
 LLaVA-665K's): the whole list held as Python objects (before, LLaVA's own loader) and today's
-``JsonDatasetSource``: start-up, memory held, peak while starting, pickled bytes. Then the sampler:
+``JsonDatasetSource`` on its first start (the list parsed, its spans saved) and a later one
+(the saved spans read): start-up, memory held, peak while starting, pickled bytes. Then the sampler:
 one rank's epoch order at ``--order-samples`` samples and ``--dp`` ranks, as numpy's int64
 permutation kept as a view (before) and as today.
 """
@@ -210,8 +211,12 @@ def main(argv=None) -> int:
         path.write_text(json.dumps([{"id": f"{i:012d}", "image": f"coco/train2017/{i:012d}.jpg",
                                      "conversations": turns} for i in range(args.json_samples)]))
         lists = []
-        for kind in ("whole list (before)", "today"):
+        for kind in ("whole list (before)", "first start", "later start"):
+            if kind == "first start":
+                shutil.rmtree(path.parent / INDEX_DIR, ignore_errors=True)
             lists.append(run_in_child(_json_list, kind, path, False, what=kind))
+            if kind == "first start":
+                shutil.rmtree(path.parent / INDEX_DIR)  # the traced run starts without the saved spans too
             lists[-1].update(run_in_child(_json_list, kind, path, True, what=kind))
     print(f"\nLLaVA .json, {args.json_samples:,} samples ({lists[0]['file_bytes'] / 1e6:.0f} MB):\n")
     print(format_table(lists, [("", "kind", ""), ("start-up s", "start_s", ".2f"),

@@ -7,6 +7,7 @@ Module map (one job each; see docs/data.md):
   shard_index   saved, mmapped tar indexes recipe       LLaVA-OneVision YAML recipes, subsets
   parquet       hub Parquet -> tar shards  locations    files of the folders a user names
   inspect       a run's data as training sees it (tools/inspect_data.py)
+  span_index    saved byte spans of JSON datasets  prepare  a run's indexes, shared among ranks
   json_dataset  LLaVA / chat .json(l)      sources      random access over any of them
   sampler       per-epoch, per-DP order    blend        weighted mix of sources, resumable
   formats       ours / LLaVA / HF messages conversation the parsed form of every format

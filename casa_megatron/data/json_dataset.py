@@ -6,7 +6,8 @@ LLaVA or Hugging Face chat messages). Media paths in the annotations are relativ
 Both are indexed by the byte span of each sample and a sample is parsed when read: a ``.json``
 list element by element at start-up (LLaVA's own loader keeps the whole list: 4.4x the file's
 bytes as Python objects, measured, and pickled to every process worker), a ``.jsonl`` line by
-line. Millions of samples cost 16 bytes each (two int64 arrays). A sample's
+line. Millions of samples cost 16 bytes each (two int64 arrays), and the spans are saved beside
+the file after the first scan (``span_index.py``), so later starts do not parse it. A sample's
 key is its ``id`` field, else ``<file name>:<line or index>``.
 """
 
@@ -18,8 +19,10 @@ import re
 from array import array
 from pathlib import Path
 
+from casa_megatron.data import span_index
 from casa_megatron.data.formats import describe_unknown, detect_format, parse_conversation
 from casa_megatron.data.records import RawSample, SampleError, ShardError
+from casa_megatron.data.span_index import Spans
 
 
 class JsonDatasetSource:
@@ -28,64 +31,11 @@ class JsonDatasetSource:
     def __init__(self, path: str | Path, media_root: str | Path = ""):
         self.path = Path(path)
         self.root = Path(media_root) if media_root else self.path.parent
-        self._starts = array("q")  # byte span [start, end) of each sample in the file
-        self._ends = array("q")
-        if self.path.suffix == ".json":
-            self._index_list()
-        else:
-            with open(self.path, "rb") as f:
-                offset = 0
-                for line in f:
-                    if line.strip():
-                        self._starts.append(offset)
-                        self._ends.append(offset + len(line))
-                    offset += len(line)
-            if self._starts and _is_seek_index(self._raw(len(self._starts) - 1)):
-                self._starts.pop()  # LiveCC's JSONL ends with the byte offsets of its lines
-                self._ends.pop()
-            if not self._starts:
-                raise ShardError(f"{self.path}: no samples")
+        # byte span [start, end) of each sample in the file, saved beside it after the first scan
+        (self._starts, self._ends), _ = span_index.spans(self.path, scan_spans)
         first = self._record(0)
         if detect_format(first) is None:
             raise ShardError(f"{self.path}: unknown annotation format: {describe_unknown(first)}")
-
-    def _index_list(self) -> None:
-        """The byte span of each element of the file's top-level list, parsed one element at a
-        time: the samples are not held (LLaVA-OneVision's files hold millions; as Python objects a
-        sample took 4.4x its bytes in the file, and the whole list was pickled to every process
-        worker)."""
-        data = self.path.read_bytes()
-        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # written by some editors
-        try:
-            text = data[bom:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ShardError(f"{self.path}: not a JSON file ({e})") from e
-        del data
-        ascii_only = text.isascii()  # then a character offset is a byte offset
-        decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
-        pos = ws.match(text, 0).end()
-        if not text.startswith("[", pos):
-            raise ShardError(f"{self.path}: a .json dataset must be a non-empty list of samples")
-        char, byte = pos, pos if ascii_only else len(text[:pos].encode())  # a known (character, byte) pair
-        pos = ws.match(text, pos + 1).end()
-        while not text.startswith("]", pos):
-            try:
-                _, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise ShardError(f"{self.path}: not a JSON file ({e})") from e
-            start = pos if ascii_only else byte + len(text[char:pos].encode())
-            char, byte = (end, end) if ascii_only else (end, start + len(text[pos:end].encode()))
-            self._starts.append(bom + start)
-            self._ends.append(bom + byte)
-            pos = ws.match(text, end).end()
-            if text.startswith(",", pos):
-                pos = ws.match(text, pos + 1).end()
-            elif not text.startswith("]", pos):
-                raise ShardError(f"{self.path}: not a JSON file (expected ',' or ']' at character {pos})")
-        if ws.match(text, pos + 1).end() != len(text):
-            raise ShardError(f"{self.path}: not a JSON file (extra data after the list at character {pos + 1})")
-        if not self._starts:
-            raise ShardError(f"{self.path}: a .json dataset must be a non-empty list of samples")
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -131,6 +81,69 @@ class JsonDatasetSource:
             except OSError as e:
                 raise SampleError("unreadable_file", f"{key} in {self.path}: {e}") from e
         return RawSample(key, str(self.path), {"json": json.dumps(record).encode()}, files)
+
+
+def scan_spans(path: Path) -> Spans:
+    """The byte span of each sample of a ``.json`` list or a ``.jsonl`` file (``ShardError`` when
+    it has none, or is not JSON)."""
+    if path.suffix == ".json":
+        return _list_spans(path)
+    starts, ends = array("q"), array("q")
+    with open(path, "rb") as f:
+        offset, last = 0, b""
+        for line in f:
+            if line.strip():
+                starts.append(offset)
+                ends.append(offset + len(line))
+                last = line
+            offset += len(line)
+    if starts and _is_seek_index(last):
+        starts.pop()  # LiveCC's JSONL ends with the byte offsets of its lines
+        ends.pop()
+    if not starts:
+        raise ShardError(f"{path}: no samples")
+    return starts, ends
+
+
+def _list_spans(path: Path) -> Spans:
+    """The byte span of each element of the file's top-level list, parsed one element at a
+    time: the samples are not held (LLaVA-OneVision's files hold millions; as Python objects a
+    sample took 4.4x its bytes in the file, and the whole list was pickled to every process
+    worker)."""
+    starts, ends = array("q"), array("q")
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # written by some editors
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{path}: not a JSON file ({e})") from e
+    del data
+    ascii_only = text.isascii()  # then a character offset is a byte offset
+    decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise ShardError(f"{path}: a .json dataset must be a non-empty list of samples")
+    char, byte = pos, pos if ascii_only else len(text[:pos].encode())  # a known (character, byte) pair
+    pos = ws.match(text, pos + 1).end()
+    while not text.startswith("]", pos):
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}: not a JSON file ({e})") from e
+        start = pos if ascii_only else byte + len(text[char:pos].encode())
+        char, byte = (end, end) if ascii_only else (end, start + len(text[pos:end].encode()))
+        starts.append(bom + start)
+        ends.append(bom + byte)
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            raise ShardError(f"{path}: not a JSON file (expected ',' or ']' at character {pos})")
+    if ws.match(text, pos + 1).end() != len(text):
+        raise ShardError(f"{path}: not a JSON file (extra data after the list at character {pos + 1})")
+    if not starts:
+        raise ShardError(f"{path}: a .json dataset must be a non-empty list of samples")
+    return starts, ends
 
 
 def _is_seek_index(line: bytes) -> bool:

@@ -293,14 +293,3 @@ def shards_of(paths: Sequence[Union[str, Path]]) -> List[Path]:
     """The tar shards behind data sources (folders of shards and single tars; other kinds of
     source, and paths that do not exist, are left to the loader to read or to refuse)."""
     return files_in(paths, ".tar", strict=False)
-
-
-def index_my_share(shards: Sequence[Path], rank: int, world: int) -> IndexReport:
-    """Rank ``rank`` of ``world`` indexes shards ``rank, rank + world, ...`` where no current index
-    is saved: on a first start the ranks share the scan instead of each scanning every tar. The
-    caller waits for every rank (a barrier) before opening the sources, which then find them saved
-    (where the folder cannot be written each rank still builds its own, in memory)."""
-    report = index_shards(list(shards)[rank::world], threads=2, progress=False)
-    if report.built:
-        logger.info("rank %d indexed %d of the data's %d shard(s)", rank, report.built, len(shards))
-    return report

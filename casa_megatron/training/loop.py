@@ -32,7 +32,7 @@ from casa_megatron.config import save_config, to_dict
 from casa_megatron.config.limits import check_limits
 from casa_megatron.config.pipeline_split import describe_split, describe_virtual_split
 from casa_megatron.config.schema import TrainConfig
-from casa_megatron.data import make_train_iterator, shard_index
+from casa_megatron.data import make_train_iterator, prepare
 from casa_megatron.data.recipe import expand
 from casa_megatron.data.reshard import reshard_position
 from casa_megatron.model.build import build_model_chunks
@@ -111,15 +111,16 @@ def _load_data_state(data, state, dp_rank: int, dp_size: int) -> None:
         logger.warning("data order starts afresh: the saved data position does not fit (%s)", exc)
 
 
-def _index_shards_together(data_cfg) -> None:
-    """Tar shards without a saved index are indexed once, shared among all ranks, before any rank
-    opens its data (else every rank scans every tar on a first start; docs/data.md)."""
+def _index_data_together(data_cfg) -> None:
+    """Data files without a saved index (tar shards, JSON datasets) are indexed once, shared among
+    all ranks, before any rank opens its data (else every rank scans every file on a first
+    start; docs/data.md)."""
     if data_cfg.is_synthetic:
         return
     specs = expand(data_cfg.source_specs() + (data_cfg.valid_specs() or []))  # a recipe's datasets
-    shards = shard_index.shards_of([spec.path for spec in specs])
-    if shards:
-        shard_index.index_my_share(shards, dist.get_rank(), dist.get_world_size())
+    files = prepare.data_files([spec.path for spec in specs])
+    if files:
+        prepare.index_my_share(files, dist.get_rank(), dist.get_world_size())
         dist.barrier()
 
 
@@ -135,7 +136,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     # micro-batches per step: constant, or ramped up by consumed samples; checked before the model
     batches = BatchSchedule(cfg, dp_size, dist.get_rank())
-    _index_shards_together(data_cfg)
+    _index_data_together(data_cfg)
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32

@@ -73,3 +73,40 @@ def test_a_file_that_is_not_a_json_list_is_named(tmp_path, text, message):
     with pytest.raises(ShardError, match=message) as err:
         JsonDatasetSource(path)
     assert str(path) in str(err.value)
+
+
+def test_the_spans_are_saved_and_a_later_start_parses_nothing(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from casa_megatron.data import json_dataset, span_index
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(_sample(i)) + "\n" for i in range(5)))
+    first = JsonDatasetSource(path)
+    saved = span_index.spans_path(path)
+    assert saved == tmp_path / ".casa_index" / "data.jsonl.spans" and saved.is_file()
+
+    def no_scan(p):
+        raise AssertionError(f"scanned {p}")
+
+    monkeypatch.setattr(json_dataset, "scan_spans", no_scan)
+    again = JsonDatasetSource(path)
+    assert [again.key(i) for i in range(5)] == [first.key(i) for i in range(5)] == [f"s{i}" for i in range(5)]
+    monkeypatch.undo()
+    good = saved.read_bytes()
+    for name, damage in (("cut", lambda: saved.write_bytes(good[:-1])), ("magic", lambda: saved.write_bytes(b"x" + good[1:])),
+                         ("rewritten", lambda: path.write_text("".join(json.dumps(_sample(i)) + "\n" for i in range(3))))):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="casa_megatron.data"):
+            source = JsonDatasetSource(path)
+        assert any("rebuilding the span index" in r.getMessage() for r in caplog.records), name
+        assert len(source) == (3 if name == "rewritten" else 5), name
+        good = saved.read_bytes()
+
+    def read_only(target, write):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    saved.unlink()
+    monkeypatch.setattr(span_index, "atomic_write", read_only)
+    assert len(JsonDatasetSource(path)) == 3 and not saved.exists()  # computed, nothing saved

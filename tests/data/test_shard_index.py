@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -219,7 +220,7 @@ def test_the_sampler_keeps_its_share_in_int32_in_numpy_s_permutation_order():
             assert order.base is None  # not a view holding the whole permutation alive
 
 
-def _first_start(rank, world, folder, valid):
+def _first_start(rank, world, folder, valid, llava):
     import torch.distributed as dist
 
     from casa_megatron.data.config import DataConfig
@@ -234,10 +235,21 @@ def _first_start(rank, world, folder, valid):
         return real(path)
 
     shard_index.scan_tar = counting
-    loop._index_shards_together(DataConfig(source=str(folder), valid=[str(valid)]))
+    from casa_megatron.data import json_dataset
+
+    real_spans = json_dataset.scan_spans
+
+    def counting_spans(path):
+        scanned.append(Path(path).name)
+        return real_spans(path)
+
+    json_dataset.scan_spans = counting_spans
+    cfg = DataConfig(sources=[{"path": str(folder)}, {"path": str(llava)}], valid=[str(valid)])
+    loop._index_data_together(cfg)
     during = list(scanned)
     source = TarSource(_tars(folder))  # after the barrier: every index saved, nothing scanned
     keys = [source.key(i) for i in range(len(source))]
+    json_dataset.JsonDatasetSource(llava)
     dist.destroy_process_group()
     return during, scanned[len(during):], keys
 
@@ -249,8 +261,11 @@ def test_on_a_first_start_the_ranks_share_the_scan(tmp_path):
     write_shard_dir(tmp_path / "train", samples, per_shard=3)  # 4 shards
     write_shard_dir(tmp_path / "valid", _samples(2, "v"), per_shard=2)
     valid, = _tars(tmp_path / "valid")
-    results = run_distributed(_first_start, world_size=2, folder=tmp_path / "train", valid=valid)
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "hi"},
+                                                              {"from": "gpt", "value": "yes"}]}]))
+    results = run_distributed(_first_start, world_size=2, folder=tmp_path / "train", valid=valid, llava=llava)
     (scan0, after0, keys0), (scan1, after1, keys1) = results
-    assert sorted(scan0 + scan1) == sorted([p.name for p in _tars(tmp_path / "train")] + [valid.name])
-    assert not set(scan0) & set(scan1) and len(scan0) == 3 and len(scan1) == 2
+    assert sorted(scan0 + scan1) == sorted([p.name for p in _tars(tmp_path / "train")] + [valid.name, "llava.json"])
+    assert not set(scan0) & set(scan1) and len(scan0) == 3 and len(scan1) == 3
     assert after0 == after1 == [] and keys0 == keys1 == list(samples)
