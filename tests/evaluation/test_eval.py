@@ -79,9 +79,13 @@ def test_track_logs_the_scores_to_the_training_run_at_its_step(trained, tmp_path
 
     valid, checkpoint, hf = trained
     out = tmp_path / "tracked"
-    assert main(["--data", str(valid), "--hf", str(hf), "--checkpoint", str(checkpoint), "--out", str(out),
-                 "--max-new-tokens", "4", "--max-samples", "4", "--track"]) == 0
-    run_id = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+    # in a child process: the megatron side initialises torch.distributed, which must never happen
+    # in the test process (every later forked worker would crash)
+    proc = subprocess.run([sys.executable, "-m", "casa_megatron.evaluation", "--data", str(valid), "--hf", str(hf),
+                           "--checkpoint", str(checkpoint), "--out", str(out), "--max-new-tokens", "4",
+                           "--max-samples", "4", "--track"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = proc.stdout.strip().splitlines()[-1].split()[-1]
     client = MlflowClient(tracking_uri=f"sqlite:///{checkpoint.parent / 'mlflow.db'}")
     assert client.get_run(run_id).data.tags["checkpoint_dir"] == str(checkpoint.resolve())
     result = json.loads((out / "eval.json").read_text())
