@@ -2,12 +2,12 @@
 
 Why: a loader needs, for every sample, its key and where its members sit in the tar. Walking
 every member header of every shard at start-up, on every rank, and holding a Python object per
-sample cost 24 s and 703 bytes per sample for 200,000 samples in page-cached shards (measured,
-``benchmarks/data_startup.py``): about 20 minutes and 7 GB per rank at 10 million samples before
+sample cost 22.5 s and 703 bytes per sample for 200,000 samples in page-cached shards (measured,
+``benchmarks/data_startup.py``): about 19 minutes and 7 GB per rank at 10 million samples before
 the first step, and the whole index pickled to every process worker. Each shard's index is
 therefore built once (by ``build_shards``, ``tools/index_shards.py``, or the first loader that
 finds none) and saved in ``<shard folder>/.casa_index/<shard name>.idx``. Start-up then reads
-one small header per shard (0.04 s for those 200,000 samples); a sample's entry is looked up in
+one small header per shard (0.02 s for those 200,000 samples); a sample's entry is looked up in
 the memory-mapped file, whose pages the operating system shares among every process of a node;
 a source holds, and pickles, O(shards) memory (6 bytes per sample measured, 11.7 KB pickled).
 
