@@ -19,7 +19,8 @@ their columns:
 ``caption``   ``image`` and ``caption`` (a string, or a list such as COCO's / Flickr30k's five):
               image-text pairs for the pretraining stage (``formats.py``'s caption format).
 
-Each row becomes a sample ``<file stem>-<row>`` holding its annotation (``<key>.json`` in the
+Each row becomes a sample ``<folder>/<file stem>-<row>`` (the folder below the files' common
+one) holding its annotation (``<key>.json`` in the
 ``messages`` or LLaVA format, the row's ``id`` and other plain columns kept as fields) and its
 images as the sample's media parts in order (``<key>.png``, or ``<key>.0.jpg``, ``<key>.1.png``,
 ...; the extension from the image's own bytes). An image given by ``path`` alone is read from
@@ -261,9 +262,16 @@ def iter_samples(files: Sequence[Path], media_root: Optional[Path], report: Parq
                  batch_rows: int = 64, metric: Optional[str] = None) -> Iterator[Tuple[str, Dict[str, bytes]]]:
     """(key, parts) of every row that makes a sample, file by file, ``batch_rows`` rows at a time
     (a few row groups' images in memory, never a whole file)."""
+    import os
+
     import pyarrow.parquet as pq
 
+    root = Path(os.path.commonpath([str(p.parent) for p in files]))
     for path in files:
+        # the key keeps the file's folder below the common root: hub datasets name every subset's
+        # files alike (The Cauldron: ai2d/train-00000-of-00001.parquet, chart2text/train-...)
+        folder = path.parent.relative_to(root).as_posix()
+        prefix = (f"{folder}/" if folder != "." else "") + path.stem.replace(".", "_")
         try:
             reader = pq.ParquetFile(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
@@ -274,7 +282,7 @@ def iter_samples(files: Sequence[Path], media_root: Optional[Path], report: Parq
         row = 0
         for batch in reader.iter_batches(batch_size=batch_rows):
             for values in batch.to_pylist():
-                key = f"{path.stem.replace('.', '_')}-{row:09d}"
+                key = f"{prefix}-{row:09d}"
                 where = f"{path.name} row {row}"
                 row += 1
                 report.rows += 1

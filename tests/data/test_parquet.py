@@ -79,6 +79,14 @@ def test_many_files_images_by_path_and_rows_skipped(tmp_path):
     assert (report.files, report.rows, report.samples) == (2, 8, 6)
     assert dict(report.skipped) == {"missing_media": 1, "bad_annotation": 1}
     assert "gone.png" in report.first_skipped[0]
+    same_names = tmp_path / "cauldron"  # every subset's files are named alike: the folder keeps keys apart
+    for subset in ("ai2d", "chart2text"):
+        (same_names / subset).mkdir(parents=True)
+        pq.write_table(_cauldron([jpeg]), same_names / subset / "train-00000-of-00001.parquet")
+    convert([same_names], tmp_path / "subsets", progress=False)
+    both = open_source(tmp_path / "subsets")
+    assert [both.key(i) for i in range(2)] == ["ai2d/train-00000-of-00001-000000000",
+                                               "chart2text/train-00000-of-00001-000000000"]
     source = open_source(tmp_path / "out")
     assert [source.key(i) for i in range(6)] == [f"train-00000-of-00002-{r:09d}" for r in range(5)] + [
         "train-00001-of-00002-000000000"]
