@@ -65,21 +65,27 @@ LLAMA3_TEMPLATE = (
 )
 
 
-def qwen_style(out: Path) -> Path:
+def _byte_level_bpe(specials, template: str, out: Path, **tokens) -> Path:
+    """A byte-level BPE tokenizer (Qwen's and Llama 3's kind) trained on ``CORPUS``, saved with
+    ``template`` and ``tokens`` (eos_token, pad_token, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=QWEN_SPECIALS[1:])
-    fast.chat_template = QWEN_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+    fast.chat_template = template
     fast.save_pretrained(str(out))
     return out
+
+
+def qwen_style(out: Path) -> Path:
+    return _byte_level_bpe(QWEN_SPECIALS, QWEN_TEMPLATE, out, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           additional_special_tokens=QWEN_SPECIALS[1:])
 
 
 def helium_style(out: Path) -> Path:
@@ -100,20 +106,8 @@ def helium_style(out: Path) -> Path:
 
 
 def llama3_style(out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA3_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|finetune_right_pad_id|>", additional_special_tokens=LLAMA3_SPECIALS)
-    fast.chat_template = LLAMA3_TEMPLATE
-    fast.save_pretrained(str(out))
-    return out
+    return _byte_level_bpe(LLAMA3_SPECIALS, LLAMA3_TEMPLATE, out, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                           pad_token="<|finetune_right_pad_id|>", additional_special_tokens=LLAMA3_SPECIALS)
 
 
 # The same templates with the assistant's text inside {% generation %} blocks (assistant content
