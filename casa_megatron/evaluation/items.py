@@ -13,7 +13,6 @@ live captioner's protocol.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from casa_megatron.data.chat_template import DecodedMedia
 from casa_megatron.data.conversation import Media, Message
-from casa_megatron.data.formats import parse_conversation
+from casa_megatron.data.formats import parse_conversation, sample_annotation
 from casa_megatron.data.interleave import captions_per_frame
 from casa_megatron.data.processor import ProcessorSettings, SampleProcessor
 from casa_megatron.data.records import SampleError
@@ -134,7 +133,7 @@ def read_items(path: str, settings: ProcessorSettings, max_samples: Optional[int
     for source, i in tqdm(samples, desc="reading held-out samples", unit="sample"):
         try:
             raw = source.read(i)
-            obj = json.loads(raw.parts["json"])
+            obj = sample_annotation(raw)  # the .json part, or an image-text pair's .txt
             conv = parse_conversation(obj, raw.key, settings.qa_windows)
             media = processor.decode_media(raw, conv)
         except SampleError as e:
