@@ -26,7 +26,7 @@ LLaVA-665K's): the whole list held as Python objects (before, LLaVA's own loader
 ``JsonDatasetSource`` on its first start (the list parsed, its spans saved) and a later one
 (the saved spans read): start-up, memory held, peak while starting, pickled bytes. Then the sampler:
 one rank's epoch order at ``--order-samples`` samples and ``--dp`` ranks, as numpy's int64
-permutation kept as a view (before) and as today.
+permutation kept as a view (before), as today, and as ``data.order: stateless`` (no array).
 """
 
 from __future__ import annotations
@@ -151,19 +151,26 @@ def _json_list(kind: str, path: Path, traced: bool) -> dict:
 def _order(kind: str, n: int, world: int) -> dict:
     import numpy as np
 
-    from casa_megatron.data.sampler import RankOrder
+    from casa_megatron.data.sampler import RankOrder, rank_share
 
     tracemalloc.start()
     start = time.perf_counter()
     if kind == "int64 permutation, view (before)":
         order = np.random.default_rng([0, 0]).permutation(n)[0::world]
+        lookup = lambda p: int(order[p])  # noqa: E731
     else:
-        order = RankOrder(n, 0, world, 0).epoch_order(0)
+        ranks = RankOrder(n, 0, world, 0, order="stateless" if kind.startswith("stateless") else "permutation")
+        lookup = lambda p: ranks.sample_at(0, p)  # noqa: E731
+    first = lookup(0)
     seconds = time.perf_counter() - start
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    count = min(10000, rank_share(n, 0, world))
+    t = time.perf_counter()
+    for p in range(count):
+        lookup(p)
     return {"kind": kind, "samples": n, "dp": world, "seconds": seconds, "peak_bytes": peak, "held_bytes": held,
-            "first": int(order[0])}
+            "first": first, "us_per_sample": (time.perf_counter() - t) / count * 1e6}
 
 
 def main(argv=None) -> int:
@@ -172,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--reads", type=int, default=20000)
     parser.add_argument("--json-samples", type=int, default=200_000)
-    parser.add_argument("--order-samples", type=int, default=10_000_000)
+    parser.add_argument("--order-samples", type=int, nargs="+", default=[10_000_000, 1_000_000_000],
+                        help="epoch sizes to draw one rank's order at (the int64 view of before: only up to 100M)")
     parser.add_argument("--dp", type=int, default=8)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -223,15 +231,20 @@ def main(argv=None) -> int:
                                ("held B / sample", "held_bytes_per_sample", ".1f"), ("peak MB", "peak_mb", ".0f"),
                                ("pickled bytes", "pickled_bytes", ",d")]))
 
-    orders = [run_in_child(_order, kind, args.order_samples, args.dp, what=kind)
-              for kind in ("int64 permutation, view (before)", "today")]
-    if orders[0]["first"] != orders[1]["first"]:
-        raise RuntimeError("the two epoch orders differ")
+    orders = []
+    for n in args.order_samples:
+        kinds = ("int64 permutation, view (before)",) if n <= 100_000_000 else ()
+        drawn = [run_in_child(_order, kind, n, args.dp, what=kind)
+                 for kind in kinds + ("today", "stateless (data.order)")]
+        if kinds and drawn[0]["first"] != drawn[1]["first"]:
+            raise RuntimeError("the two permutation orders differ")
+        orders += drawn
     for row in orders:
         row["peak_mb"], row["held_mb"] = row["peak_bytes"] / 1e6, row["held_bytes"] / 1e6
-    print(f"\none rank's epoch order, {args.order_samples:,} samples, dp={args.dp}:\n")
-    print(format_table(orders, [("", "kind", ""), ("seconds", "seconds", ".2f"), ("peak MB", "peak_mb", ".1f"),
-                                ("held MB", "held_mb", ".1f")]))
+    print(f"\none rank's epoch order, dp={args.dp}:\n")
+    print(format_table(orders, [("", "kind", ""), ("samples", "samples", ",d"), ("seconds to the first sample", "seconds", ".3f"),
+                                ("peak MB", "peak_mb", ".1f"), ("held MB", "held_mb", ".1f"),
+                                ("us / later sample", "us_per_sample", ".2f")]))
     if args.json:
         atomic_write_json(args.json, {"machine": machine_info(), "command": " ".join(sys.argv),
                                       "shards": args.shards, "per_shard": args.per_shard, "sources": rows, "json_list": lists,

@@ -20,14 +20,14 @@ from casa_megatron.data.sampler import RankOrder
 
 class BlendOrder:
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], rank: int, world: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, order: str = "permutation"):
         if len(sizes) != len(weights) or not sizes:
             raise ValueError("one weight per source, at least one source")
         if min(weights) <= 0:
             raise ValueError(f"source weights must be > 0, got {list(weights)}")
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
-        self.orders = [RankOrder(n, rank, world, seed, shuffle, salt=None if s == 0 else s)
+        self.orders = [RankOrder(n, rank, world, seed, shuffle, salt=None if s == 0 else s, order=order)
                        for s, n in enumerate(sizes)]
 
     def __len__(self) -> int:

@@ -58,6 +58,9 @@ class DataConfig:
     prefetch: int = 0  # samples decoded ahead; 0 = 4 * max(1, num_workers)
     pack_buffer: int = 64  # samples the first-fit packer chooses from
     shuffle: bool = True  # seeded permutation of the samples every epoch
+    # permutation: numpy's, drawn whole each epoch (4 B/sample while drawn); stateless: a keyed
+    # bijection per position, no array (billions of samples; sampler.py, index_shuffle.py)
+    order: str = "permutation"
     truncate: bool = True  # cut over-long samples at a window boundary instead of skipping them
     image_token: str = "<image>"  # placeholder token, one per image, the image sits before it
     answer_token: str = "<answer>"  # ends a question; the answer follows
@@ -128,7 +131,9 @@ class DataConfig:
         if tok is None or not tok.exists():
             raise ConfigError(f"data.tokenizer_path={self.tokenizer_path!r}: no local tokenizer found "
                               f"(looked for a 'tokenizer' directory next to {self.source!r})")
-        for name, value, allowed in (("decoder", self.decoder, DECODERS),
+        from casa_megatron.data.sampler import ORDERS
+
+        for name, value, allowed in (("order", self.order, ORDERS), ("decoder", self.decoder, DECODERS),
                                      ("worker_type", self.worker_type, WORKER_TYPES),
                                      ("qa_windows", self.qa_windows, QA_WINDOWS),
                                      ("text_layout", self.text_layout, TEXT_LAYOUTS)):

@@ -76,7 +76,7 @@ class TrainIterator:
         self.specs, self.sources = open_sources(specs or cfg.source_specs())
         self.processor = SampleProcessor(ProcessorSettings.from_config(cfg, resolve_decoder(cfg.decoder), fusion))
         self.blend = BlendOrder([len(s) for s in self.sources], [s.weight for s in self.specs],
-                                dp_rank, dp_size, seed, cfg.shuffle)
+                                dp_rank, dp_size, seed, cfg.shuffle, cfg.order)
         self.packer = Packer(micro_batch_size, cfg.seq_length, cfg.image_seq_length,
                              self.processor.pad_id, cfg.image_mean, cfg.image_std,
                              temporal_patch_size=cfg.temporal_patch_size or 1, fps=cfg.fps)
@@ -174,9 +174,12 @@ class TrainIterator:
 
     # --- state ----------------------------------------------------------------------------------
     def _identity(self) -> Dict:
-        return {"kind": "shards", "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "sources": [{"num_samples": len(src), "weight": spec.weight}
-                            for src, spec in zip(self.sources, self.specs)]}
+        identity = {"kind": "shards", "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                    "sources": [{"num_samples": len(src), "weight": spec.weight}
+                                for src, spec in zip(self.sources, self.specs)]}
+        if self.cfg.order != "permutation" and self.cfg.shuffle:  # (states of permutation runs: unchanged)
+            identity["order"] = self.cfg.order  # a position means another sample under another order
+        return identity
 
     def state_dict(self) -> Dict:
         """JSON-safe position of the stream: enough to continue exactly (same cfg, rank, world)."""

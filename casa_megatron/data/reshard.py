@@ -61,8 +61,9 @@ def _check(states: Sequence[Dict]) -> int:
     if any(s.get("version") != STATE_VERSION for s in states):
         raise ValueError(f"data states of version {sorted({str(s.get('version')) for s in states})} cannot be "
                          f"resharded (only version {STATE_VERSION})")
-    if any((s["seed"], s["sources"]) != (states[0]["seed"], states[0]["sources"]) for s in states):
-        raise ValueError("the saved data states disagree on the seed or the sources")
+    if any((s["seed"], s["sources"], s.get("order")) != (states[0]["seed"], states[0]["sources"], states[0].get("order"))
+           for s in states):
+        raise ValueError("the saved data states disagree on the seed, the sources or the order")
     return world
 
 
@@ -101,4 +102,6 @@ def reshard_position(states: Sequence[Dict], dp_rank: int, dp_size: int) -> Resh
              "good_in_epoch": [int(c % rank_share(n, dp_rank, dp_size) > 0) for c, n in zip(counts, sizes)],
              "counters": dict(counters), "skipped_by_reason": dict(skips), "skipped_keys": keys,
              "pack_stats": {}}
+    if "order" in states[0]:  # data.order: stateless (a position means the same sample at any dp_size)
+        state["order"] = states[0]["order"]
     return Resharded(state, watermarks, reread)

@@ -17,7 +17,7 @@ def test_the_benchmark_compares_the_variants_on_the_same_samples(tmp_path, capsy
 
     out = tmp_path / "r.json"
     assert data_startup.main(["--shards", "3", "--per-shard", "40", "--reads", "50", "--json-samples", "300",
-                              "--order-samples", "1000", "--dp", "2", "--json", str(out)]) == 0
+                              "--order-samples", "1000", "100000001", "--dp", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     before, first, later = result["sources"]
     assert [r["kind"] for r in result["sources"]] == ["scan (before)", "first start", "later start"]
@@ -31,6 +31,9 @@ def test_the_benchmark_compares_the_variants_on_the_same_samples(tmp_path, capsy
         assert offsets["held_bytes_per_sample"] < whole["held_bytes_per_sample"] / 10
         assert offsets["pickled_bytes"] < whole["pickled_bytes"] / 4
     assert later_json["peak_mb"] < first_json["peak_mb"]  # the saved spans: the file is not read whole
-    old, new = result["epoch_order"]
+    old, new, stateless, big_new, big_stateless = result["epoch_order"]
+    assert [r["samples"] for r in result["epoch_order"]] == [1000, 1000, 1000, 100_000_001, 100_000_001]
+    assert big_stateless["peak_bytes"] < big_new["peak_bytes"] / 100  # no array at all
     assert old["first"] == new["first"] and new["held_bytes"] < old["held_bytes"]
+    assert stateless["held_bytes"] < new["held_bytes"]
     assert "| later start |" in capsys.readouterr().out
