@@ -10,6 +10,7 @@ Module map (one job each; see docs/data.md):
   span_index    saved byte spans of JSON datasets  prepare  a run's indexes, shared among ranks
   json_dataset  LLaVA / chat .json(l)      sources      random access over any of them
   sampler       per-epoch, per-DP order    blend        weighted mix of sources, resumable
+  index_shuffle a keyed bijection per position (data.order: stateless)
   formats       ours / LLaVA / HF messages conversation the parsed form of every format
   annotations   our conversation/captions  tokenization HF tokenizer + layout tokens
   chat_template the tokenizer's template    interleave   our layout tokens, windows

@@ -2,7 +2,7 @@
 
 Why: a loader needs, for every sample, its key and where its members sit in the tar. Walking
 every member header of every shard at start-up, on every rank, and holding a Python object per
-sample cost 22.5 s and 703 bytes per sample for 200,000 samples in page-cached shards (measured,
+sample cost 22.1 s and 703 bytes per sample for 200,000 samples in page-cached shards (measured,
 ``benchmarks/data_startup.py``): about 19 minutes and 7 GB per rank at 10 million samples before
 the first step, and the whole index pickled to every process worker. Each shard's index is
 therefore built once (by ``build_shards``, ``tools/index_shards.py``, or the first loader that
