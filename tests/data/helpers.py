@@ -47,3 +47,12 @@ def write_shard_dir(out: Path, samples: Dict[str, Dict[str, bytes]], per_shard: 
         for key, parts in samples.items():
             writer.write(key, parts)
     return out
+
+
+def batch_keys(iterator, batches: int) -> list:
+    """The sample keys of each of the iterator's next ``batches`` batches."""
+    out = []
+    for _ in range(batches):
+        next(iterator)
+        out.append([s.key for s in iterator.last_batch_samples])
+    return out

@@ -9,6 +9,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from data.helpers import batch_keys
 
 from casa_megatron.data.index_shuffle import IndexShuffle, epoch_shuffle
 from casa_megatron.data.reshard import global_index
@@ -72,22 +73,15 @@ def test_the_loader_resumes_a_stateless_order_and_refuses_another_order(tiny_dat
     cfg = DataConfig(**base, order="stateless")
     cfg.validate()
 
-    def keys(iterator, batches):
-        out = []
-        for _ in range(batches):
-            next(iterator)
-            out.append([s.key for s in iterator.last_batch_samples])
-        return out
-
     it = make_train_iterator(cfg, 2, 0, 1, seed=4)
-    first = keys(it, 3)
+    first = batch_keys(it, 3)
     state = json.loads(json.dumps(it.state_dict()))
-    after = keys(it, 3)
+    after = batch_keys(it, 3)
     it.close()
     assert state["order"] == "stateless"
     resumed = make_train_iterator(cfg, 2, 0, 1, seed=4)
     resumed.load_state_dict(state)
-    assert keys(resumed, 3) == after
+    assert batch_keys(resumed, 3) == after
     resumed.close()
     from casa_megatron.data.reshard import reshard_position
 
@@ -97,7 +91,7 @@ def test_the_loader_resumes_a_stateless_order_and_refuses_another_order(tiny_dat
     moved.load_state_dict(carried)
     moved.close()
     permutation = make_train_iterator(DataConfig(**base), 2, 0, 1, seed=4)
-    assert keys(permutation, 3) != first  # another order of the same samples
+    assert batch_keys(permutation, 3) != first  # another order of the same samples
     with pytest.raises(ValueError, match="order=None vs 'stateless'|order='stateless'"):
         make_train_iterator(cfg, 2, 0, 1, seed=4).load_state_dict(
             json.loads(json.dumps(permutation.state_dict())))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import yaml
-from data.helpers import solid_png
+from data.helpers import batch_keys, solid_png
 
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.data.blend import BlendOrder
@@ -85,22 +85,15 @@ def test_the_loader_reads_the_selection_and_resumes_in_it(tmp_path, tokenizer_di
     cfg.validate()
     chosen = {f"blue{i}" for i in subset_indices("random:5", 20, "blue.json")}
 
-    def keys(iterator, batches):
-        out = []
-        for _ in range(batches):
-            next(iterator)
-            out.append([s.key for s in iterator.last_batch_samples])
-        return out
-
     it = make_train_iterator(cfg, 2, 0, 1, seed=3)
-    seen = sum(keys(it, 6), [])
+    seen = sum(batch_keys(it, 6), [])
     state = json.loads(json.dumps(it.state_dict()))
-    after = keys(it, 3)
+    after = batch_keys(it, 3)
     it.close()
     assert {k for k in seen if k.startswith("blue")} <= chosen and {k for k in seen if k.startswith("red")}
     resumed = make_train_iterator(cfg, 2, 0, 1, seed=3)
     resumed.load_state_dict(state)
-    assert keys(resumed, 3) == after
+    assert batch_keys(resumed, 3) == after
     resumed.close()
 
 
