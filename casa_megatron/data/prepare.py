@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 def data_files(paths: Sequence[Union[str, Path]]) -> List[Path]:
     """The files behind data sources that have an index: tar shards (of folders, or single
     tars) and JSON datasets (``.json`` / ``.jsonl`` files that are not our manifests)."""
-    from casa_megatron.data.sources import _is_manifest
+    from casa_megatron.data.sources import is_manifest
 
     out = shards_of(paths)
     for path in map(Path, paths):
         if path.suffix in (".json", ".jsonl") and path.is_file() and not (
-                path.suffix == ".jsonl" and _is_manifest(path)):
+                path.suffix == ".jsonl" and is_manifest(path)):
             out.append(path)
     return list(dict.fromkeys(out))
 

@@ -233,6 +233,31 @@ def build(shard: Union[str, Path], save: bool = True) -> Tuple[ShardIndex, bool]
 
 
 @dataclass
+class Current:
+    """A shard's index as it stands once ``ensure`` has run."""
+
+    samples: int
+    problem: Optional[str]  # the damage the index records (None: an intact shard)
+    built: bool  # scanned now (none was saved, or the saved one was stale)
+    in_memory: Optional[ShardIndex] = None  # built but not saved (the folder cannot be written)
+
+
+def ensure(shard: Union[str, Path], rebuild: bool = False) -> Current:
+    """The shard's saved index when it is current (its header only is read), else a new one built
+    and saved (``rebuild``: always); ``ShardError`` when the tar has nothing readable."""
+    if not rebuild:
+        try:
+            header = probe(shard)
+            return Current(header["samples"], header["problem"], False)
+        except FileNotFoundError:
+            pass
+        except (StaleIndex, OSError) as e:
+            logger.info("rebuilding the index of %s: %s", shard, e)
+    index, saved = build(shard)
+    return Current(len(index), index.problem, True, None if saved else index)
+
+
+@dataclass
 class IndexReport:
     """What ``index_shards`` did, shard by shard."""
 
@@ -262,18 +287,11 @@ def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: 
 
     def one(shard: Path):
         try:
-            if not rebuild:
-                try:
-                    header = probe(shard)
-                    return shard, header["samples"], header["problem"], False, None
-                except (StaleIndex, OSError):
-                    pass
-            index, saved = build(shard)
-            if not saved:
-                return shard, len(index), index.problem, True, f"could not write {index_path(shard)}"
-            return shard, len(index), index.problem, True, None
+            now = ensure(shard, rebuild)
         except (ShardError, OSError) as e:  # named in the report; the loader refuses the shard later
             return shard, 0, None, False, str(e)
+        unsaved = f"could not write {index_path(shard)}" if now.in_memory is not None else None
+        return shard, now.samples, now.problem, now.built, unsaved
 
     report = IndexReport(shards=len(shards))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

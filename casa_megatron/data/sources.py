@@ -138,18 +138,10 @@ class TarSource(SampleSource):
 def _count_samples(shard: str) -> Tuple[int, Optional[shard_index.ShardIndex], bool]:
     """(samples, the index if it lives in memory only, whether it was built now) of one shard;
     damage its index records is named in a warning, as at every start."""
-    try:
-        header = shard_index.probe(shard)
-        count, problem, index, new = header["samples"], header["problem"], None, False
-    except (shard_index.StaleIndex, OSError) as e:
-        if not isinstance(e, FileNotFoundError):
-            logger.info("rebuilding the index of %s: %s", shard, e)
-        index, saved = shard_index.build(shard)
-        count, problem, new = len(index), index.problem, True
-        index = None if saved else index
-    if problem:
-        warn_damaged(shard, problem, count)
-    return count, index, new
+    now = shard_index.ensure(shard)
+    if now.problem:
+        warn_damaged(shard, now.problem, now.samples)
+    return now.samples, now.in_memory, now.built
 
 
 class SubsetSource(SampleSource):
@@ -254,7 +246,7 @@ def _open_one(spec: SourceSpec, path: Path) -> SampleSource:
         source = TarSource([path])
     elif not path.exists():
         raise FileNotFoundError(f"data source {path} does not exist")
-    elif path.suffix == ".jsonl" and _is_manifest(path):
+    elif path.suffix == ".jsonl" and is_manifest(path):
         source = ManifestSource(path)
     elif path.suffix in (".json", ".jsonl"):
         return JsonDatasetSource(path, spec.media_root)  # checks its first sample's format itself
@@ -265,7 +257,7 @@ def _open_one(spec: SourceSpec, path: Path) -> SampleSource:
     return source
 
 
-def _is_manifest(path: Path) -> bool:
+def is_manifest(path: Path) -> bool:
     """Our manifest lines have ``media`` and ``annotation``; a JSONL dataset's lines do not."""
     with open(path, "rb") as f:
         for line in f:
