@@ -13,7 +13,6 @@ itself (casa_megatron/data/inspect.py). Nothing is trained; no GPU is needed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     settings = ProcessorSettings.from_config(data, resolve_decoder(data.decoder), cfg.model.fusion.mechanism)
-    reports = inspect_sources(specs, SampleProcessor(settings), args.samples, args.show)
+    reports = inspect_sources(specs, SampleProcessor(settings), args.samples, args.show, data.index_dir)
     print(f"row budget: {data.seq_length} text / {data.image_seq_length} image tokens; layout {data.text_layout}; "
           f"fusion {cfg.model.fusion.mechanism}\n")
     for report in reports:

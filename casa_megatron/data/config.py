@@ -70,6 +70,10 @@ class DataConfig:
     image_placeholder: str = ""  # the template's image token ("" = detect, e.g. <|image_pad|>)
     video_placeholder: str = ""  # the template's video token ("" = detect, e.g. <|video_pad|>)
     log_interval: int = 100  # batches between throughput log lines (0 = never)
+    # Where data indexes are saved when not beside the data (a read-only dataset): Megatron-LM's
+    # --data-cache-path. "" = beside the data only (``.casa_index/``), in memory where that
+    # cannot be written. Indexes found beside the data are read first either way.
+    index_dir: str = ""
 
     @property
     def is_synthetic(self) -> bool:
@@ -139,6 +143,9 @@ class DataConfig:
                                      ("text_layout", self.text_layout, TEXT_LAYOUTS)):
             if value not in allowed:
                 raise ConfigError(f"data.{name}={value!r} must be one of {allowed}")
+        if self.index_dir and Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
+            raise ConfigError(f"data.index_dir={self.index_dir!r} is a file; it names the folder data indexes "
+                              "are saved in")
         if self.fps <= 0 or self.max_frames < 1:
             raise ConfigError(f"data.fps={self.fps} must be > 0 and data.max_frames={self.max_frames} >= 1")
         if min(self.pixel_budget, self.video_pixel_budget) < 28 * 28 or self.min_pixels < 1:

@@ -65,11 +65,12 @@ def render(sample: TokenizedSample, tokenizer) -> str:
     return "".join(pieces) + (f"\n  (images: {images})" if images else "")
 
 
-def inspect_sources(specs: Sequence, processor, samples: int, show: int) -> List[SourceReport]:
-    """A ``SourceReport`` per source of ``specs`` (``SourceSpec``s; recipes are expanded)."""
+def inspect_sources(specs: Sequence, processor, samples: int, show: int, index_dir: str = "") -> List[SourceReport]:
+    """A ``SourceReport`` per source of ``specs`` (``SourceSpec``s; recipes are expanded;
+    ``index_dir``: ``data.index_dir``)."""
     from casa_megatron.data.sources import open_sources
 
-    specs, sources = open_sources(specs)
+    specs, sources = open_sources(specs, index_dir)
     s = processor.settings
     reports = []
     for spec, source in zip(specs, sources):

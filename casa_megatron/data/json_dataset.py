@@ -28,11 +28,11 @@ from casa_megatron.data.span_index import Spans
 class JsonDatasetSource:
     """Random access to the samples of one ``.json`` / ``.jsonl`` annotation file."""
 
-    def __init__(self, path: str | Path, media_root: str | Path = ""):
+    def __init__(self, path: str | Path, media_root: str | Path = "", index_dir: str | Path = ""):
         self.path = Path(path)
         self.root = Path(media_root) if media_root else self.path.parent
         # byte span [start, end) of each sample in the file, saved beside it after the first scan
-        (self._starts, self._ends), _ = span_index.spans(self.path, scan_spans)
+        (self._starts, self._ends), _ = span_index.spans(self.path, scan_spans, index_dir=index_dir or None)
         first = self._record(0)
         if detect_format(first) is None:
             raise ShardError(f"{self.path}: unknown annotation format: {describe_unknown(first)}")

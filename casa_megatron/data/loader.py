@@ -73,7 +73,7 @@ class TrainIterator:
         self.cfg, self.b, self.seed = cfg, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # data recipes become one source per dataset, weighted by the samples each selects
-        self.specs, self.sources = open_sources(specs or cfg.source_specs())
+        self.specs, self.sources = open_sources(specs or cfg.source_specs(), cfg.index_dir)
         self.processor = SampleProcessor(ProcessorSettings.from_config(cfg, resolve_decoder(cfg.decoder), fusion))
         self.blend = BlendOrder([len(s) for s in self.sources], [s.weight for s in self.specs],
                                 dp_rank, dp_size, seed, cfg.shuffle, cfg.order)

@@ -32,18 +32,21 @@ def data_files(paths: Sequence[Union[str, Path]]) -> List[Path]:
     return list(dict.fromkeys(out))
 
 
-def index_my_share(files: Sequence[Path], rank: int, world: int) -> int:
+def index_my_share(files: Sequence[Path], rank: int, world: int, index_dir: str = "") -> int:
     """Index this rank's share of ``files`` where no current index is saved; how many it built.
-    A file that cannot be indexed is left for its loader to name."""
+    A file that cannot be indexed is left for its loader to name. ``index_dir``: where indexes
+    are saved when not beside the data (``data.index_dir``; it must be one folder that every rank
+    sees for the work to be shared among nodes)."""
     from casa_megatron.data import span_index
     from casa_megatron.data.json_dataset import scan_spans
     from casa_megatron.data.records import ShardError
 
     mine = list(files)[rank::world]
-    built = index_shards([f for f in mine if f.suffix == ".tar"], threads=2, progress=False).built
+    built = index_shards([f for f in mine if f.suffix == ".tar"], threads=2, progress=False,
+                         index_dir=index_dir or None).built
     for path in (f for f in mine if f.suffix != ".tar"):
         try:
-            built += span_index.spans(path, scan_spans)[1]
+            built += span_index.spans(path, scan_spans, index_dir=index_dir or None)[1]
         except (ShardError, OSError):
             pass  # the loader refuses it, naming it
     if built:

@@ -19,13 +19,17 @@ extension's number (int32 ``[m]``), data offset and size (int64 ``[m]``), then t
 
 An index is used only when it matches its tar: another size or modification time (the shard was
 rewritten), another format, a wrong magic or a cut file make it rebuilt from the tar, with a log
-line saying why. Where the folder cannot be written (a read-only dataset) the index is kept in
-memory, still compact (~40 bytes per sample plus the keys).
+line saying why. Where the data folder cannot be written (a read-only dataset), ``data.index_dir``
+(Megatron-LM's ``--data-cache-path``) names a folder the indexes are saved in instead
+(``index_files``: an index beside the data is still read first, so indexes shipped with a
+dataset are used); without it the index is kept in memory, still compact (~40 bytes per sample
+plus the keys), and rebuilt at every start.
 """
 
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 import logging
 import mmap
@@ -39,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from casa_megatron.data.locations import files_in
-from casa_megatron.data.shards import IndexedSample, scan_tar, warn_damaged
+from casa_megatron.data.shards import IndexedSample, scan_tar
 from casa_megatron.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -52,10 +56,28 @@ Buffer = Union[bytes, mmap.mmap]
 
 
 def index_path(shard: Union[str, Path]) -> Path:
-    """Where a shard's index lives: ``<folder>/.casa_index/<name>.idx`` (hidden: a loader reads
-    every ``*.tar`` of a folder, and this keeps the folder's listing as the user made it)."""
+    """Where a shard's index lives beside it: ``<folder>/.casa_index/<name>.idx`` (hidden: a
+    loader reads every ``*.tar`` of a folder, and this keeps the folder's listing as the user made it)."""
     shard = Path(shard)
     return shard.parent / INDEX_DIR / f"{shard.name}.idx"
+
+
+def cached_path(data_file: Union[str, Path], index_dir: Union[str, Path], suffix: str) -> Path:
+    """Where the index of ``data_file`` lives under ``index_dir``: one folder per data folder,
+    named by the folder's name and a digest of its absolute path (two datasets with folders of
+    the same name do not meet), then ``<file name><suffix>`` as beside the data."""
+    data_file = Path(data_file).resolve()
+    digest = hashlib.sha256(str(data_file.parent).encode()).hexdigest()[:16]
+    return Path(index_dir) / f"{data_file.parent.name or 'root'}-{digest}" / f"{data_file.name}{suffix}"
+
+
+def index_files(data_file: Union[str, Path], index_dir: Optional[Union[str, Path]],
+                suffix: str = ".idx") -> List[Path]:
+    """Where an index of ``data_file`` is looked for, in order: beside the data, then under
+    ``index_dir`` if one is given. The last one is where a new index is saved."""
+    data_file = Path(data_file)
+    here = data_file.parent / INDEX_DIR / f"{data_file.name}{suffix}"
+    return [here, cached_path(data_file, index_dir, suffix)] if index_dir else [here]
 
 
 @dataclass(frozen=True)
@@ -182,11 +204,11 @@ def read_header(buffer: Buffer, where: str, file_size: int) -> dict:
     return header
 
 
-def probe(shard: Union[str, Path]) -> dict:
-    """The header of a shard's saved index (``samples``, ``problem``, ...), reading the header
-    only; ``StaleIndex`` (or ``OSError``: none saved) when it cannot be used for the shard as it
-    is now."""
-    path = index_path(shard)
+def probe(shard: Union[str, Path], path: Optional[Path] = None) -> dict:
+    """The header of a shard's saved index (``path``; default beside the shard: ``samples``,
+    ``problem``, ...), reading the header only; ``StaleIndex`` (or ``OSError``: none saved) when it
+    cannot be used for the shard as it is now."""
+    path = Path(path) if path else index_path(shard)
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(8 + _LEN.size)
@@ -205,9 +227,10 @@ def _check_stamp(header: dict, shard: Union[str, Path], where: Path) -> None:
                          f"it is now size {stamp.size}, mtime_ns {stamp.mtime_ns}")
 
 
-def open_saved(shard: Union[str, Path]) -> ShardIndex:
-    """A shard's saved index, memory-mapped (``StaleIndex`` / ``OSError`` as ``probe``)."""
-    path = index_path(shard)
+def open_saved(shard: Union[str, Path], path: Optional[Path] = None) -> ShardIndex:
+    """A shard's saved index (at ``path``, default beside it), memory-mapped (``StaleIndex`` /
+    ``OSError`` as ``probe``)."""
+    path = Path(path) if path else index_path(shard)
     with open(path, "rb") as f:
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
     index = ShardIndex(buffer, str(path))
@@ -215,20 +238,22 @@ def open_saved(shard: Union[str, Path]) -> ShardIndex:
     return index
 
 
-def build(shard: Union[str, Path], save: bool = True) -> Tuple[ShardIndex, bool]:
+def build(shard: Union[str, Path], save: bool = True,
+          index_dir: Optional[Union[str, Path]] = None) -> Tuple[ShardIndex, Optional[Path]]:
     """Index a shard from its tar headers (``scan_tar``; ``ShardError`` if nothing is readable)
-    and save the index atomically beside it. Returns the index and whether it was saved (not
-    where the folder cannot be written: the index is then kept in memory)."""
+    and save the index atomically beside it, or under ``index_dir`` when one is given. Returns
+    the index and where it was saved (None where that cannot be written: the index is then kept
+    in memory)."""
     stamp = TarStamp.of(shard)
     samples, problem = scan_tar(shard)
     data = encode(samples, problem, stamp)
-    saved = False
+    saved = None
     if save:
+        target = index_files(shard, index_dir)[-1]
         try:
-            atomic_write(index_path(shard), lambda tmp: tmp.write_bytes(data))
-            saved = True
+            saved = atomic_write(target, lambda tmp: tmp.write_bytes(data))
         except OSError as e:
-            logger.debug("cannot save the index of %s (%s): kept in memory", shard, e)
+            logger.debug("cannot save the index of %s in %s (%s): kept in memory", shard, target, e)
     return ShardIndex(data, f"index of {shard}"), saved
 
 
@@ -240,21 +265,27 @@ class Current:
     problem: Optional[str]  # the damage the index records (None: an intact shard)
     built: bool  # scanned now (none was saved, or the saved one was stale)
     in_memory: Optional[ShardIndex] = None  # built but not saved (the folder cannot be written)
+    path: Optional[Path] = None  # the saved index (None: in memory)
 
 
-def ensure(shard: Union[str, Path], rebuild: bool = False) -> Current:
-    """The shard's saved index when it is current (its header only is read), else a new one built
-    and saved (``rebuild``: always); ``ShardError`` when the tar has nothing readable."""
-    if not rebuild:
+def ensure(shard: Union[str, Path], rebuild: bool = False,
+           index_dir: Optional[Union[str, Path]] = None) -> Current:
+    """The shard's saved index when one is current (beside it, then under ``index_dir``; its
+    header only is read), else a new one built and saved (``rebuild``: always; ``index_files``
+    says where); ``ShardError`` when the tar has nothing readable."""
+    stale = []
+    for path in [] if rebuild else index_files(shard, index_dir):
         try:
-            header = probe(shard)
-            return Current(header["samples"], header["problem"], False)
+            header = probe(shard, path)
+            return Current(header["samples"], header["problem"], False, path=path)
         except FileNotFoundError:
             pass
         except (StaleIndex, OSError) as e:
-            logger.info("rebuilding the index of %s: %s", shard, e)
-    index, saved = build(shard)
-    return Current(len(index), index.problem, True, None if saved else index)
+            stale.append(str(e))
+    if stale:
+        logger.info("rebuilding the index of %s: %s", shard, "; ".join(stale))
+    index, saved = build(shard, index_dir=index_dir)
+    return Current(len(index), index.problem, True, None if saved else index, saved)
 
 
 @dataclass
@@ -275,10 +306,10 @@ def shard_paths(locations: Sequence[Union[str, Path]]) -> List[Path]:
 
 
 def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: bool = False,
-                 progress: bool = True) -> IndexReport:
+                 progress: bool = True, index_dir: Optional[Union[str, Path]] = None) -> IndexReport:
     """Save the index of every shard whose saved index is missing or stale (all with ``rebuild``),
     in ``threads`` threads, with a progress bar: what a data set's owner runs once, so that no
-    training start scans a tar."""
+    training start scans a tar (``index_dir``: as ``ensure``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -287,10 +318,10 @@ def index_shards(shards: Sequence[Union[str, Path]], threads: int = 8, rebuild: 
 
     def one(shard: Path):
         try:
-            now = ensure(shard, rebuild)
+            now = ensure(shard, rebuild, index_dir)
         except (ShardError, OSError) as e:  # named in the report; the loader refuses the shard later
             return shard, 0, None, False, str(e)
-        unsaved = f"could not write {index_path(shard)}" if now.in_memory is not None else None
+        unsaved = f"could not write {index_files(shard, index_dir)[-1]}" if now.in_memory is not None else None
         return shard, now.samples, now.problem, now.built, unsaved
 
     report = IndexReport(shards=len(shards))

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from casa_megatron.data import shard_index
 from casa_megatron.data.formats import describe_unknown, detect_format, sample_annotation
@@ -51,28 +51,37 @@ class TarSource(SampleSource):
     reads one header per shard, an entry is looked up in its shard's memory-mapped index when a
     sample is read, and the source holds (and pickles to process workers) O(shards) memory."""
 
-    def __init__(self, shards: List[Path], index_threads: int = 8, open_indexes: int = OPEN_INDEXES):
+    def __init__(self, shards: List[Path], index_threads: int = 8, open_indexes: int = OPEN_INDEXES,
+                 index_dir: str = ""):
         if not shards:
             raise ShardError("no .tar shards given")
         self.shards = [str(p) for p in shards]
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, min(index_threads, len(shards)))) as pool:
-            found = list(pool.map(_count_samples, self.shards))  # ShardError propagates, naming the shard
-        self.shard_sizes = [count for count, _, _ in found]
+            # ShardError propagates, naming the shard
+            found = list(pool.map(lambda shard: shard_index.ensure(shard, index_dir=index_dir or None), self.shards))
+        for shard, now in zip(self.shards, found):
+            if now.problem:  # damage the index records is named at every start
+                warn_damaged(shard, now.problem, now.samples)
+        self.shard_sizes = [now.samples for now in found]
         self._starts = [0, *accumulate(self.shard_sizes)]  # [shards + 1] first sample of each shard
-        # indexes that could not be saved beside their shard (a read-only folder) stay in memory
-        self._in_memory: Dict[int, shard_index.ShardIndex] = {s: idx for s, (_, idx, _) in enumerate(found)
-                                                              if idx is not None}
-        built = sum(new for _, _, new in found)
+        self._index_files = [None if now.path is None else str(now.path) for now in found]
+        # indexes that could not be saved (a read-only folder, no data.index_dir) stay in memory
+        self._in_memory: Dict[int, shard_index.ShardIndex] = {s: now.in_memory for s, now in enumerate(found)
+                                                              if now.in_memory is not None}
+        built = sum(now.built for now in found)
         if built:
             logger.info("indexed %d of %d shard(s) (%d samples) in %.1f s%s", built, len(shards),
                         sum(self.shard_sizes), time.perf_counter() - start,
                         "" if len(self._in_memory) == built else "; saved for the next start in "
-                        f"{shard_index.INDEX_DIR}/ beside them")
+                        + (index_dir or f"{shard_index.INDEX_DIR}/ beside them"))
         if self._in_memory:
-            logger.warning("%d shard index(es) could not be saved beside the shards (first: %s) and are kept in "
-                           "memory; where the folder is writable, `python tools/index_shards.py` saves them once",
-                           len(self._in_memory), self.shards[min(self._in_memory)])
+            logger.warning("%d shard index(es) could not be saved (first: %s, in %s) and are kept in memory, "
+                           "rebuilt at every start; %s", len(self._in_memory), self.shards[min(self._in_memory)],
+                           shard_index.index_files(self.shards[min(self._in_memory)], index_dir or None)[-1],
+                           "data.index_dir names a writable folder for them (Megatron-LM's --data-cache-path), "
+                           "or where the data folder is writable `python tools/index_shards.py` saves them once"
+                           if not index_dir else "is data.index_dir writable?")
         self.open_indexes = open_indexes
         self._open: "OrderedDict[int, shard_index.ShardIndex]" = OrderedDict()  # memory-mapped, most recent last
         self._lock = threading.Lock()
@@ -93,7 +102,7 @@ class TarSource(SampleSource):
         with self._lock:
             index = self._open.get(shard)
             if index is None:
-                index = shard_index.open_saved(self.shards[shard])
+                index = shard_index.open_saved(self.shards[shard], self._index_files[shard])
                 if len(index) != self.shard_sizes[shard]:
                     raise shard_index.StaleIndex(f"the index of {self.shards[shard]} now has {len(index)} samples, "
                                                  f"{self.shard_sizes[shard]} at start-up")
@@ -133,15 +142,6 @@ class TarSource(SampleSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-
-def _count_samples(shard: str) -> Tuple[int, Optional[shard_index.ShardIndex], bool]:
-    """(samples, the index if it lives in memory only, whether it was built now) of one shard;
-    damage its index records is named in a warning, as at every start."""
-    now = shard_index.ensure(shard)
-    if now.problem:
-        warn_damaged(shard, now.problem, now.samples)
-    return now.samples, now.in_memory, now.built
 
 
 class SubsetSource(SampleSource):
@@ -210,46 +210,47 @@ class SourceSpec:
         return cls(str(entry["path"]), float(weight), str(entry.get("media_root") or ""), subset)
 
 
-def open_source(spec: SourceSpec | str | Path) -> SampleSource:
+def open_source(spec: SourceSpec | str | Path, index_dir: str = "") -> SampleSource:
     """A directory of ``*.tar`` shards (sorted by name), one ``.tar``, a ``.jsonl`` manifest,
     or a JSON dataset (LLaVA ``.json`` list, LLaVA / chat-messages ``.jsonl``).
 
     The first sample's annotation format is checked here, so an unknown format stops start-up
     with an error naming the file rather than skipping every sample. ``spec.subset`` other than
-    ``all`` gives the samples it selects (``recipe.py``)."""
+    ``all`` gives the samples it selects (``recipe.py``). ``index_dir``: where indexes are saved
+    when not beside the data (``data.index_dir``, ``shard_index.index_files``)."""
     if not isinstance(spec, SourceSpec):
         spec = SourceSpec(str(spec))
     path = Path(spec.path)
     if is_recipe(path):
         raise ShardError(f"{path} is a data recipe: its datasets are opened by open_sources")
-    source = _open_one(spec, path)
+    source = _open_one(spec, path, index_dir)
     if spec.subset != "all":
         source = SubsetSource(source, subset_indices(spec.subset, len(source), path.name), spec.subset)
     return source
 
 
-def open_sources(specs: Sequence[SourceSpec]) -> Tuple[List[SourceSpec], List[SampleSource]]:
+def open_sources(specs: Sequence[SourceSpec], index_dir: str = "") -> Tuple[List[SourceSpec], List[SampleSource]]:
     """Every source of ``specs``, data recipes replaced by their datasets (``recipe.py``), each
     recipe's datasets weighted by the samples they select; the specs as opened and the sources."""
     specs = expand(specs)
-    sources = [open_source(spec) for spec in specs]
+    sources = [open_source(spec, index_dir) for spec in specs]
     return weigh(specs, [len(s) for s in sources]), sources
 
 
-def _open_one(spec: SourceSpec, path: Path) -> SampleSource:
+def _open_one(spec: SourceSpec, path: Path, index_dir: str) -> SampleSource:
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if not shards:
             raise ShardError(f"{path}: directory has no *.tar shards")
-        source: SampleSource = TarSource(shards)
+        source: SampleSource = TarSource(shards, index_dir=index_dir)
     elif path.suffix == ".tar":
-        source = TarSource([path])
+        source = TarSource([path], index_dir=index_dir)
     elif not path.exists():
         raise FileNotFoundError(f"data source {path} does not exist")
     elif path.suffix == ".jsonl" and is_manifest(path):
         source = ManifestSource(path)
     elif path.suffix in (".json", ".jsonl"):
-        return JsonDatasetSource(path, spec.media_root)  # checks its first sample's format itself
+        return JsonDatasetSource(path, spec.media_root, index_dir)  # checks its first sample's format itself
     else:
         raise ShardError(f"{path}: expected a shard directory, a .tar, a .jsonl manifest or a .json / .jsonl "
                          "dataset")

@@ -7,8 +7,8 @@ its validation files again), holding the whole file's text while it does. The sp
 once in ``<folder>/.casa_index/<file name>.spans``: the magic ``CASASPN1``, a JSON header (format,
 the file's size and modification time, the count) padded to 8 bytes, then the starts and the
 ends (int64, little endian). A saved index is used only when it matches the file as it is now
-(``shard_index``'s rule, same ``StaleIndex``); where the folder cannot be written the spans are
-simply computed at every start.
+(``shard_index``'s rule, same ``StaleIndex``); where the folder cannot be written they are saved
+under ``data.index_dir`` if it is set (``shard_index.index_files``), else computed at every start.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import struct
 import sys
 from array import array
 from pathlib import Path
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
-from casa_megatron.data.shard_index import INDEX_DIR, StaleIndex, TarStamp
+from casa_megatron.data.shard_index import INDEX_DIR, StaleIndex, TarStamp, index_files
 from casa_megatron.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ def encode(starts: array, ends: array, stamp: TarStamp) -> bytes:
     return MAGIC + _LEN.pack(len(header)) + header + _int64(starts) + _int64(ends)
 
 
-def load(path: Union[str, Path]) -> Spans:
-    """The saved spans of ``path``; ``StaleIndex`` (or ``OSError``: none saved) when they do not
-    describe the file as it is now."""
-    where = spans_path(path)
+def load(path: Union[str, Path], where: Optional[Path] = None) -> Spans:
+    """The saved spans of ``path`` (read from ``where``, default beside it); ``StaleIndex`` (or
+    ``OSError``: none saved) when they do not describe the file as it is now."""
+    where = Path(where) if where else spans_path(path)
     data = where.read_bytes()
     if data[:8] != MAGIC or len(data) < 8 + _LEN.size:
         raise StaleIndex(f"{where}: not a span index (no {MAGIC!r} magic)")
@@ -83,22 +83,29 @@ def load(path: Union[str, Path]) -> Spans:
     return starts, ends
 
 
-def spans(path: Union[str, Path], scan: Callable[[Path], Spans], save: bool = True) -> Tuple[Spans, bool]:
-    """The saved spans when usable, else ``scan(path)`` saved for the next start (``save``);
+def spans(path: Union[str, Path], scan: Callable[[Path], Spans], save: bool = True,
+          index_dir: Optional[Union[str, Path]] = None) -> Tuple[Spans, bool]:
+    """The saved spans when usable (beside the file, then under ``index_dir``), else
+    ``scan(path)`` saved for the next start (``save``; under ``index_dir`` when one is given);
     also whether it scanned."""
     path = Path(path)
-    try:
-        return load(path), False
-    except FileNotFoundError:
-        pass
-    except (StaleIndex, OSError) as e:
-        logger.info("rebuilding the span index of %s: %s", path, e)
+    places, stale = index_files(path, index_dir, ".spans"), []
+    for where in places:
+        try:
+            return load(path, where), False
+        except FileNotFoundError:
+            pass
+        except (StaleIndex, OSError) as e:
+            stale.append(str(e))
+    if stale:
+        logger.info("rebuilding the span index of %s: %s", path, "; ".join(stale))
     stamp = TarStamp.of(path)
     starts, ends = scan(path)
     if save:
         data = encode(starts, ends, stamp)
         try:
-            atomic_write(spans_path(path), lambda tmp: tmp.write_bytes(data))
+            atomic_write(places[-1], lambda tmp: tmp.write_bytes(data))
         except OSError as e:
-            logger.debug("cannot save the span index of %s (%s): computed at every start", path, e)
+            logger.warning("cannot save the span index of %s in %s (%s): computed at every start%s", path,
+                           places[-1], e, "" if index_dir else "; data.index_dir names a writable folder for it")
     return (starts, ends), True

@@ -120,7 +120,7 @@ def _index_data_together(data_cfg) -> None:
     specs = expand(data_cfg.source_specs() + (data_cfg.valid_specs() or []))  # a recipe's datasets
     files = prepare.data_files([spec.path for spec in specs])
     if files:
-        prepare.index_my_share(files, dist.get_rank(), dist.get_world_size())
+        prepare.index_my_share(files, dist.get_rank(), dist.get_world_size(), data_cfg.index_dir)
         dist.barrier()
 
 

@@ -27,6 +27,7 @@ def test_tokenizer_is_found_next_to_shards(tiny_dataset):
     ("pack_buffer", 0, "data.pack_buffer"),
     ("image_std", [0.2, 0.0, 0.2], "data.image_std"),
     ("image_mean", [0.5, 0.5], "data.image_mean"),
+    ("index_dir", __file__, "data.index_dir=.* is a file"),
 ])
 def test_bad_fields_are_named(tiny_dataset, field, value, match):
     cfg = DataConfig(source=str(tiny_dataset["shards"]), **{field: value})

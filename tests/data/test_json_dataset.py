@@ -108,5 +108,18 @@ def test_the_spans_are_saved_and_a_later_start_parses_nothing(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied", str(target))
 
     saved.unlink()
+    real_write = span_index.atomic_write
     monkeypatch.setattr(span_index, "atomic_write", read_only)
-    assert len(JsonDatasetSource(path)) == 3 and not saved.exists()  # computed, nothing saved
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="casa_megatron.data"):
+        assert len(JsonDatasetSource(path)) == 3 and not saved.exists()  # computed, nothing saved
+    assert any("data.index_dir" in r.getMessage() for r in caplog.records)
+    # with data.index_dir, a read-only folder's spans are saved there and read at the next start
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    monkeypatch.setattr(span_index, "atomic_write", lambda target, write: (
+        real_write(target, write) if str(target).startswith(str(cache)) else read_only(target, write)))
+    assert len(JsonDatasetSource(path, index_dir=cache)) == 3
+    cached, = cache.rglob("*.spans")
+    assert cached.name == "data.jsonl.spans" and not saved.exists()
+    monkeypatch.setattr(json_dataset, "scan_spans", no_scan)
+    assert [JsonDatasetSource(path, index_dir=cache).key(i) for i in range(3)] == [f"s{i}" for i in range(3)]

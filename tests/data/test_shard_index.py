@@ -220,13 +220,17 @@ def test_the_sampler_keeps_its_share_in_int32_in_numpy_s_permutation_order():
             assert order.base is None  # not a view holding the whole permutation alive
 
 
-def _first_start(rank, world, folder, valid, llava):
+def _first_start(rank, world, folder, valid, llava, index_dir):
     import torch.distributed as dist
 
+    from casa_megatron.data import span_index
     from casa_megatron.data.config import DataConfig
     from casa_megatron.training import loop
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if index_dir:  # the data folders are read-only
+        for module in (shard_index, span_index):
+            module.atomic_write = _writes_only_under(index_dir, module.atomic_write)
     scanned = []
     real = shard_index.scan_tar
 
@@ -244,17 +248,19 @@ def _first_start(rank, world, folder, valid, llava):
         return real_spans(path)
 
     json_dataset.scan_spans = counting_spans
-    cfg = DataConfig(sources=[{"path": str(folder)}, {"path": str(llava)}], valid=[str(valid)])
+    cfg = DataConfig(sources=[{"path": str(folder)}, {"path": str(llava)}], valid=[str(valid)],
+                     index_dir=str(index_dir or ""))
     loop._index_data_together(cfg)
     during = list(scanned)
-    source = TarSource(_tars(folder))  # after the barrier: every index saved, nothing scanned
+    source = TarSource(_tars(folder), index_dir=cfg.index_dir)  # after the barrier: every index saved, nothing scanned
     keys = [source.key(i) for i in range(len(source))]
-    json_dataset.JsonDatasetSource(llava)
+    json_dataset.JsonDatasetSource(llava, index_dir=cfg.index_dir)
     dist.destroy_process_group()
     return during, scanned[len(during):], keys
 
 
-def test_on_a_first_start_the_ranks_share_the_scan(tmp_path):
+@pytest.mark.parametrize("where", ["beside the data", "data.index_dir"])
+def test_on_a_first_start_the_ranks_share_the_scan(tmp_path, where):
     from support.dist import run_distributed
 
     samples = _samples(12)
@@ -264,8 +270,91 @@ def test_on_a_first_start_the_ranks_share_the_scan(tmp_path):
     llava = tmp_path / "llava.json"
     llava.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "hi"},
                                                               {"from": "gpt", "value": "yes"}]}]))
-    results = run_distributed(_first_start, world_size=2, folder=tmp_path / "train", valid=valid, llava=llava)
+    index_dir = tmp_path / "cache" if where == "data.index_dir" else None
+    results = run_distributed(_first_start, world_size=2, folder=tmp_path / "train", valid=valid, llava=llava,
+                              index_dir=index_dir)
     (scan0, after0, keys0), (scan1, after1, keys1) = results
     assert sorted(scan0 + scan1) == sorted([p.name for p in _tars(tmp_path / "train")] + [valid.name, "llava.json"])
     assert not set(scan0) & set(scan1) and len(scan0) == 3 and len(scan1) == 3
     assert after0 == after1 == [] and keys0 == keys1 == list(samples)
+    saved = [*tmp_path.rglob("*.idx"), *tmp_path.rglob("*.spans")]
+    assert len(saved) == 6 and all((p.is_relative_to(index_dir) if index_dir else shard_index.INDEX_DIR in p.parts)
+                                   for p in saved)
+
+
+def _writes_only_under(folder: Path, real_write):
+    """``atomic_write`` as on a read-only data set: only ``folder`` (the index dir) can be written."""
+    def write(path, writer):
+        if not Path(path).is_relative_to(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, writer)
+    return write
+
+
+def test_a_read_only_data_set_saves_its_indexes_under_data_index_dir(tmp_path, monkeypatch, caplog):
+    samples = _samples(9)
+    data, cache = tmp_path / "ro" / "data", tmp_path / "cache"
+    write_shard_dir(data, samples, per_shard=3)
+    monkeypatch.setattr(shard_index, "atomic_write", _writes_only_under(cache, shard_index.atomic_write))
+    with caplog.at_level(logging.WARNING, logger="casa_megatron.data"):
+        first = open_source(data, index_dir=str(cache))
+    assert not caplog.records  # nothing kept in memory
+    assert not (data / shard_index.INDEX_DIR).exists()
+    folder, = cache.iterdir()  # one folder per data folder, named after it
+    assert folder.name.startswith("data-") and sorted(p.name for p in folder.iterdir()) == [
+        "shard-000000.tar.idx", "shard-000001.tar.idx", "shard-000002.tar.idx"]
+
+    def no_scan(path):
+        raise AssertionError(f"scanned {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(shard_index, "scan_tar", no_scan)
+        second = open_source(data, index_dir=str(cache))
+        worker = pickle.loads(pickle.dumps(second))  # a process worker opens the same saved indexes
+        for src in (first, second, worker):
+            assert [src.key(i) for i in range(9)] == list(samples)
+            assert all(src.read(i).parts == samples[src.key(i)] for i in range(9))
+        assert not second._in_memory and not worker._in_memory
+    # another data folder of the same name gets its own place
+    write_shard_dir(tmp_path / "other" / "data", _samples(2, "o"), per_shard=2)
+    assert len(open_source(tmp_path / "other" / "data", index_dir=str(cache))) == 2
+    assert len(list(cache.iterdir())) == 2
+    # a shard rewritten since: rebuilt, said, saved again under index_dir
+    write_shard_dir(data, _samples(4, "t"), per_shard=3)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="casa_megatron.data"):
+        rewritten = open_source(data, index_dir=str(cache))
+    assert any("rebuilding the index" in r.getMessage() and "it is now size" in r.getMessage() for r in caplog.records)
+    assert [rewritten.key(i) for i in range(len(rewritten))][:4] == list(_samples(4, "t"))
+    assert shard_index.probe(data / "shard-000000.tar", folder / "shard-000000.tar.idx")["samples"] == 3
+    # without index_dir, the warning says how to keep them
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="casa_megatron.data"):
+        open_source(data)
+    assert any("kept in memory" in r.getMessage() and "data.index_dir" in r.getMessage() for r in caplog.records)
+
+
+def test_an_index_shipped_beside_the_data_is_read_before_index_dir(tmp_path, monkeypatch):
+    samples = _samples(6)
+    write_shard_dir(tmp_path / "data", samples, per_shard=3)
+    shard_index.index_shards(_tars(tmp_path / "data"), progress=False)  # the data set's owner indexed it
+    monkeypatch.setattr(shard_index, "scan_tar", lambda path: pytest.fail(f"scanned {path}"))
+    source = open_source(tmp_path / "data", index_dir=str(tmp_path / "cache"))
+    assert [source.key(i) for i in range(6)] == list(samples)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_index_shards_tool_with_an_index_dir(tmp_path, capsys):
+    import importlib.util
+
+    write_shard_dir(tmp_path / "data", _samples(5), per_shard=3)
+    spec = importlib.util.spec_from_file_location("index_shards_tool", ROOT / "tools/index_shards.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--no-progress", "--index-dir", str(tmp_path / "cache"), str(tmp_path / "data")]) == 0
+    assert "2 shard(s), 5 samples: 2 indexed" in capsys.readouterr().out
+    assert not (tmp_path / "data" / shard_index.INDEX_DIR).exists()
+    assert len(list((tmp_path / "cache").rglob("*.idx"))) == 2
+    # the loader finds them there
+    source = TarSource(_tars(tmp_path / "data"), index_dir=str(tmp_path / "cache"))
+    assert source._index_files[0].startswith(str(tmp_path / "cache")) and len(source) == 5
