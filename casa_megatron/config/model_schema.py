@@ -24,7 +24,7 @@ RECOMPUTE_METHODS = ("uniform", "block")
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "helium", "llama")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama")
 
 
 @dataclass
@@ -60,6 +60,10 @@ class LanguageModelConfig:
     the padded logits are masked out of the loss and sliced off for export.
     ``mrope_section``: Qwen2.5-VL's multimodal RoPE split of the rotary half-dimension, kept
     from the HF config for the insertion baseline's multimodal positions.
+    ``qk_layernorm``: an RMSNorm over each query and key head before RoPE (Qwen3; megatron's
+    ``qk_layernorm``); CASA / cross-attention layers then normalise their text queries and their
+    text and image keys the same way, with norms of their own initialised from the layer's
+    self-attention (or its own, with shared projections).
     """
 
     vocab_size: int = 512
@@ -73,6 +77,7 @@ class LanguageModelConfig:
     ffn_hidden_size: int = 176
     kv_channels: Optional[int] = None
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-6
     max_position_embeddings: int = 4096
@@ -118,6 +123,9 @@ class LanguageModelConfig:
                                                sum(self.mrope_section) != self.head_dim // 2):
             raise ConfigError(f"model.lm.mrope_section={self.mrope_section} must be 3 numbers (t, h, w) "
                               f"summing to head_dim / 2 = {self.head_dim // 2}")
+        if self.qk_layernorm and self.family == "helium":
+            raise ConfigError("model.lm.qk_layernorm=true with family 'helium': Helium's interleaved RoPE layout "
+                              "would need the norm weights permuted too, and no Helium model has them")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.lm.hidden_size={self.hidden_size} is not divisible by "

@@ -21,7 +21,7 @@ from casa_megatron.conversion.hf_configs.casa import casa_architecture, tiny_vit
 from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
 
 # model_type -> our family; the LM is read from the config itself or its ``text_config``.
-FAMILIES = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl", "helium": "helium", "llama": "llama"}
+FAMILIES = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl", "qwen3": "qwen3", "helium": "helium", "llama": "llama"}
 VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by TP 1..128 (powers of 2), same at every TP
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -99,8 +99,10 @@ def _lm_fields(cfg, family: str, path: Path) -> dict:
         refuse("use_sliding_window=true (sliding-window attention layers)")
     if getattr(cfg, "mlp_bias", False):
         refuse("mlp_bias=true")
-    if family in ("llama", "helium") and getattr(cfg, "attention_bias", False):
+    if family in ("llama", "helium", "qwen3") and getattr(cfg, "attention_bias", False):
         refuse("attention_bias=true (bias on q/k/v *and* o_proj)")
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        refuse("layer_types with 'sliding_attention' (sliding-window attention layers)")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(f"partial_rotary_factor={rope['partial_rotary_factor']}")
@@ -120,6 +122,7 @@ def _lm_fields(cfg, family: str, path: Path) -> dict:
         ffn_hidden_size=cfg.intermediate_size,
         kv_channels=None if head_dim * heads == cfg.hidden_size else head_dim,
         add_qkv_bias=family in ("qwen2", "qwen2_5_vl"),  # Qwen2: bias on q/k/v, none on o_proj
+        qk_layernorm=family == "qwen3",  # Qwen3: RMSNorm per query / key head before RoPE
         rotary_base=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
         norm_epsilon=float(cfg.rms_norm_eps),
         max_position_embeddings=int(cfg.max_position_embeddings),

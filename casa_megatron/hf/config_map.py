@@ -50,7 +50,7 @@ def casa_config_dict(model: ModelConfig, image_token_id: int, lm_family: Optiona
         num_key_value_heads=lm.num_query_groups, head_dim=lm.head_dim, rms_norm_eps=lm.norm_epsilon,
         max_position_embeddings=lm.max_position_embeddings,
         rope_parameters=rope_parameters(lm),
-        attention_bias=lm.add_qkv_bias, lm_family=lm_family, tie_word_embeddings=tie_word_embeddings,
+        attention_bias=lm.add_qkv_bias, qk_layernorm=lm.qk_layernorm, lm_family=lm_family, tie_word_embeddings=tie_word_embeddings,
         fusion_mechanism=fusion.mechanism, fusion_placement=fusion.placement,
         fusion_layers=fusion.fusion_layers(lm.num_layers), share_projections=fusion.share_projections,
         cross_attention_gate=fusion.cross_attention_gate, image_position_scheme=scheme,

@@ -11,6 +11,11 @@ Sequence parallelism: text arrives as [s/tp, b, h] and images as [si/tp, b, h]; 
 projected with megatron's own SP path (all-gather along the sequence in forward, reduce-scatter
 of the input gradient in backward), for the local and the shared-projection variants alike;
 ``linear_proj`` reduce-scatters.
+
+Per-head query / key norms (``q_layernorm`` / ``k_layernorm``, Qwen3's ``q_norm`` / ``k_norm``)
+apply before RoPE to text queries and to text *and* image keys, as the backbone's self-attention
+applies them to its tokens; they are named as megatron's so that ``finalize_model_grads`` sums
+their gradients over TP (each rank sees only its heads).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -54,13 +60,16 @@ class CASAAttentionSubmodules:
     linear_qkv: Union[ModuleSpec, type, None] = None
     core_attention: Union[ModuleSpec, type] = WindowCoreAttention
     linear_proj: Union[ModuleSpec, type, None] = None
+    q_layernorm: Union[ModuleSpec, type] = IdentityOp
+    k_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
 class CASAAttention(MegatronModule):
     """CASA (``text_keys=True``) or vanilla cross-attention (``text_keys=False``).
 
-    With ``shared_projections`` given (the layer's SA ``(linear_qkv, linear_proj)``), no
-    projection parameters are created: CASA reuses the self-attention's.
+    With ``shared_projections`` given (the layer's SA ``(linear_qkv, linear_proj)``, and its
+    ``(q_layernorm, k_layernorm)`` after them when it has them), no projection parameters are
+    created: CASA reuses the self-attention's.
     """
 
     def __init__(
@@ -93,9 +102,14 @@ class CASAAttention(MegatronModule):
         self.core_attention = build_module(submodules.core_attention, config=config)
         if shared_projections is not None:
             # A plain tuple is not registered: the parameters stay owned by self-attention.
-            self._shared = tuple(shared_projections)
+            shared = tuple(shared_projections)
+            self._shared = shared[:2]
+            self._shared_norms = shared[2:4] if len(shared) > 2 else (IdentityOp(), IdentityOp())
             return
         self._shared = None
+        self.q_layernorm, self.k_layernorm = (
+            build_module(spec, hidden_size=self.head_dim, config=config, eps=config.layernorm_epsilon)
+            for spec in (submodules.q_layernorm, submodules.k_layernorm))
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, q_size + 2 * kv_size,
             config=config, init_method=config.init_method, gather_output=False,
@@ -114,6 +128,13 @@ class CASAAttention(MegatronModule):
         if self._shared is not None:
             return self._shared
         return self.linear_qkv, self.linear_proj
+
+    @property
+    def qk_norms(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
+        """(query norm, key norm) over head_dim; identities for a backbone without them."""
+        if self._shared is not None:
+            return self._shared_norms
+        return self.q_layernorm, self.k_layernorm
 
     def _split_qkv(self, mixed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """[n, b, ng*(np/ng+2)*hn] (megatron's grouped layout) -> q [n,b,np,hn], k/v [n,b,ng,hn]."""
@@ -135,10 +156,12 @@ class CASAAttention(MegatronModule):
     def forward(self, hidden_states: Tensor, image_states: Tensor, vision: VisionContext):
         """hidden_states [s(/tp), b, h], image_states [si(/tp), b, h] -> ([s(/tp), b, h], bias)."""
         linear_qkv, linear_proj = self.projections
+        q_norm, k_norm = self.qk_norms
         windows = vision.windows
         text_qkv, _ = linear_qkv(hidden_states)  # [s, b, (np+2ng)*hn]
         q_text, k_text, v_text = self._split_qkv(text_qkv)
         k_image, v_image = self._image_kv(linear_qkv, image_states)  # [si, b, ng, hn] each
+        q_text, k_text, k_image = q_norm(q_text), k_norm(k_text), k_norm(k_image)  # per head, before RoPE
         s, b = q_text.shape[:2]
 
         # Flatten row-major ([s, b] -> [b*s]) so windows are contiguous runs of tokens.

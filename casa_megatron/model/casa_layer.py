@@ -104,7 +104,8 @@ class CASATransformerLayer(MegatronModule):
             self.casa_layernorm = norm(submodules.casa_layernorm)
         shared = None
         if share_projections:
-            shared = (self.self_attention.linear_qkv, self.self_attention.linear_proj)
+            sa = self.self_attention
+            shared = (sa.linear_qkv, sa.linear_proj, sa.q_layernorm or IdentityOp(), sa.k_layernorm or IdentityOp())
         # the CASA weights draw from a seed of their own: the layer's self-attention and MLP then
         # start as the same layer of a model without CASA (model/init_seed.py)
         with component_seed(torch.initial_seed(), "casa_attention"):
@@ -141,7 +142,8 @@ class CASATransformerLayer(MegatronModule):
     # --- initialisation -------------------------------------------------------------------
     @torch.no_grad()
     def init_casa_from_self_attention(self) -> None:
-        """Copy this layer's SA projections (and its pre-SA norm) into the CASA module.
+        """Copy this layer's SA projections (its pre-SA norm, and its per-head q/k norms when the
+        backbone has them) into the CASA module.
 
         Call again after loading backbone weights (e.g. from Hugging Face). No-op when CASA
         replaces SA (it then *is* the backbone attention); with shared projections only the
@@ -152,9 +154,11 @@ class CASATransformerLayer(MegatronModule):
         _copy_norm(self.input_layernorm, self.casa_layernorm)
         if self.share_projections:
             return
-        sa_qkv, sa_proj = self.self_attention.linear_qkv, self.self_attention.linear_proj
-        casa_qkv, casa_proj = self.casa_attention.linear_qkv, self.casa_attention.linear_proj
-        for src, dst in ((sa_qkv, casa_qkv), (sa_proj, casa_proj)):
+        sa, casa = self.self_attention, self.casa_attention
+        for src, dst in ((sa.q_layernorm, casa.q_layernorm), (sa.k_layernorm, casa.k_layernorm)):
+            if src is not None:
+                _copy_norm(src, dst)
+        for src, dst in ((sa.linear_qkv, casa.linear_qkv), (sa.linear_proj, casa.linear_proj)):
             dst_state = dst.state_dict()
             for name, value in src.state_dict().items():
                 if name in dst_state and torch.is_tensor(value) and value.shape == dst_state[name].shape:

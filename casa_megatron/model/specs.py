@@ -73,6 +73,21 @@ def _norm(use_te: bool):
     return LocalRMSNorm
 
 
+def _qk_norm(use_te: bool, qk_layernorm: bool):
+    """The per-head query / key norm of an attention spec: RMSNorm over head_dim (Qwen3), or none."""
+    if not qk_layernorm:
+        return IdentityOp
+    if use_te:
+        return _provider(True).layer_norm(rms_norm=True, for_qk=True)
+    return LocalRMSNorm
+
+
+def _with_qk_norm(attention: ModuleSpec, use_te: bool, qk_layernorm: bool) -> ModuleSpec:
+    norm = _qk_norm(use_te, qk_layernorm)
+    return dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, q_layernorm=norm, k_layernorm=norm))
+
+
 def _packed_core(attention_backend: str) -> ModuleSpec:
     return ModuleSpec(module=PackedCoreAttention, params={"backend": attention_backend})
 
@@ -91,7 +106,7 @@ def _with_packed_core(attention: ModuleSpec, use_te: bool, packed: bool,
 
 
 def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str = "auto",
-                      unfused_norms: bool = False) -> ModuleSpec:
+                      unfused_norms: bool = False, qk_layernorm: bool = False) -> ModuleSpec:
     """megatron's own GPT layer (local: with the SP-capable norm in place of WrappedTorchNorm).
 
     ``unfused_norms`` (TE only): the input and pre-MLP norms as modules before plain
@@ -120,11 +135,12 @@ def _plain_layer_spec(use_te: bool, packed: bool = True, attention_backend: str 
         submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalRMSNorm,
                                          pre_mlp_layernorm=LocalRMSNorm)
     attention = _with_packed_core(submodules.self_attention, use_te, packed, attention_backend)
+    attention = _with_qk_norm(attention, use_te, qk_layernorm)
     return dataclasses.replace(spec, submodules=dataclasses.replace(submodules, self_attention=attention))
 
 
 def _self_attention_spec(provider, use_te: bool, packed: bool = True,
-                         attention_backend: str = "auto") -> ModuleSpec:
+                         attention_backend: str = "auto", qk_layernorm: bool = False) -> ModuleSpec:
     # Unfused norm + linear even under TE so CASA can copy / share SA projections exactly.
     spec = ModuleSpec(
         module=SelfAttention,
@@ -132,15 +148,16 @@ def _self_attention_spec(provider, use_te: bool, packed: bool = True,
             linear_qkv=provider.column_parallel_linear(),
             core_attention=provider.core_attention(),
             linear_proj=provider.row_parallel_linear(),
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=_qk_norm(use_te, qk_layernorm),
+            k_layernorm=_qk_norm(use_te, qk_layernorm),
         ),
     )
     return _with_packed_core(spec, use_te, packed, attention_backend)
 
 
 def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: str,
-                        attention_backend: str, image_kv_only: bool = True) -> ModuleSpec:
+                        attention_backend: str, image_kv_only: bool = True,
+                        qk_layernorm: bool = False) -> ModuleSpec:
     """``attention_backend='auto'`` is resolved per call by the kernels (flash-attn, TE, torch
     varlen on CUDA half tensors; the padded torch path otherwise)."""
     provider = _provider(use_te)
@@ -152,12 +169,14 @@ def casa_attention_spec(use_te: bool, text_keys: bool, image_position_scheme: st
             linear_qkv=provider.column_parallel_linear(),
             core_attention=ModuleSpec(module=WindowCoreAttention, params={"backend": attention_backend}),
             linear_proj=provider.row_parallel_linear(),
+            q_layernorm=_qk_norm(use_te, qk_layernorm),
+            k_layernorm=_qk_norm(use_te, qk_layernorm),
         ),
     )
 
 
 def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str = "auto",
-                    packed: bool = True, unfused_norms: bool = False) -> ModuleSpec:
+                    packed: bool = True, unfused_norms: bool = False, qk_layernorm: bool = False) -> ModuleSpec:
     provider = _provider(use_te)
     plain = _plain_layer_spec(use_te, packed, attention_backend, unfused_norms).submodules
     norm = _norm(use_te)
@@ -169,12 +188,12 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
                 "normalize_images": fusion.normalize_images},
         submodules=CASALayerSubmodules(
             input_layernorm=norm,
-            self_attention=_self_attention_spec(provider, use_te, packed, attention_backend),
+            self_attention=_self_attention_spec(provider, use_te, packed, attention_backend, qk_layernorm),
             self_attn_bda=get_bias_dropout_add,
             casa_layernorm=norm,
             casa_attention=casa_attention_spec(
                 use_te, fusion.mechanism == "casa", fusion.image_position_scheme, attention_backend,
-                fusion.image_kv_only,
+                fusion.image_kv_only, qk_layernorm,
             ),
             casa_bda=get_bias_dropout_add,
             pre_mlp_layernorm=plain.pre_mlp_layernorm,
@@ -187,18 +206,19 @@ def casa_layer_spec(use_te: bool, fusion: FusionConfig, attention_backend: str =
 
 def lm_layer_specs(num_layers: int, fusion: FusionConfig, use_te: bool,
                    attention_backend: str = "auto", packed: bool = True,
-                   lora: Optional[LoRAConfig] = None) -> List[ModuleSpec]:
+                   lora: Optional[LoRAConfig] = None, qk_layernorm: bool = False) -> List[ModuleSpec]:
     """One spec per global LM layer (index 0 .. num_layers-1). ``packed``: self-attention over
     packed samples by cu_seqlens (no dense mask); False = the dense block-causal mask path.
-    ``lora``: layers whose ``linear_qkv`` / ``linear_fc1`` get adapters keep their norms unfused."""
+    ``lora``: layers whose ``linear_qkv`` / ``linear_fc1`` get adapters keep their norms unfused.
+    ``qk_layernorm``: per-head query / key RMSNorms in every attention (Qwen3)."""
     fused = set(fusion.fusion_layers(num_layers))
     specs = {}  # (fused, unfused norms) -> the one spec those layers share
 
     def spec(i: int) -> ModuleSpec:
         key = (i in fused, lora is not None and any(lora.adapts(t, i) for t in ("linear_qkv", "linear_fc1")))
         if key not in specs:
-            specs[key] = (casa_layer_spec(use_te, fusion, attention_backend, packed, unfused_norms=key[1]) if key[0]
-                          else _plain_layer_spec(use_te, packed, attention_backend, unfused_norms=key[1]))
+            specs[key] = (casa_layer_spec(use_te, fusion, attention_backend, packed, key[1], qk_layernorm) if key[0]
+                          else _plain_layer_spec(use_te, packed, attention_backend, key[1], qk_layernorm))
         return specs[key]
 
     return [spec(i) for i in range(num_layers)]

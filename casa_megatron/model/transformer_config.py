@@ -76,6 +76,7 @@ def lm_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=lm.add_qkv_bias,
+        qk_layernorm=lm.qk_layernorm,  # also makes finalize_model_grads sum the q/k norm grads over TP
         init_method_std=lm.init_method_std,
         **split,
         **_common(parallel, params_dtype),

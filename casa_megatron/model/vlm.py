@@ -106,7 +106,8 @@ class CASAVLM(LanguageModule):
             with component_seed(seed, "projector"):
                 self.projector = build_projector(model.vision, projector_config, self.use_te)
         layer_specs = specs.lm_layer_specs(model.lm.num_layers, model.fusion, self.use_te,
-                                           model.attention_backend, model.packed_attention, model.lora)
+                                           model.attention_backend, model.packed_attention, model.lora,
+                                           model.lm.qk_layernorm)
         self.decoder = CASADecoder(lm_config, layer_specs, specs.final_norm_spec(self.use_te),
                                    post_process=post_process, recompute=model.recompute, seed=seed,
                                    vp_stage=vp_stage)

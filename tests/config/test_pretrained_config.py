@@ -129,6 +129,22 @@ def test_paper_recipes_validate_with_the_real_architectures(tmp_path):
     _assert_qwen25vl_3b_vision(cfg.model.vision)  # the encoder; the projector maps 5120 -> Helium's 2560
     assert (cfg.model.lm.hidden_size, cfg.model.vision.projector_width(cfg.model.lm.hidden_size)) == (2560, 5120)
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel) == (2, True)
+    # Qwen3-1.7B's published config: per-head q/k norms, head_dim 128, tied embeddings; the
+    # Qwen2.5-VL-3B merger maps to its width (2048)
+    from transformers import Qwen3Config
+
+    qwen3 = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                        rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    recipe = "configs/qwen3_1_7b_casa_parallel.yaml"
+    cfg = load_config(TrainConfig, recipe, [*base, "checkpoint.pretrained=" +
+                                            _paper_import(tmp_path, "qwen3", recipe, qwen3, qwen)])
+    lm = cfg.model.lm
+    assert (lm.family, lm.num_layers, lm.num_query_groups, lm.head_dim, lm.qk_layernorm, lm.add_qkv_bias,
+            lm.tie_word_embeddings) == ("qwen3", 28, 8, 128, True, False, True)
+    _assert_qwen25vl_3b_vision(cfg.model.vision)
+    assert cfg.model.vision.projector_width(lm.hidden_size) == 5120 and lm.hidden_size == 2048
 
 
 def test_a_training_checkpoint_gives_its_run_architecture(tmp_path):

@@ -30,6 +30,8 @@ HF_CASES = {  # HF source, import overrides (re-import overrides for the native 
                                     "llama"),
     "qwen2_5_vl_insertion": ("qwen2_5_vl", ["model.fusion.mechanism=insertion"], "qwen2_5_vl"),  # chat template
     "qwen2_5_vl_casa": ("qwen2_5_vl", ["model.fusion.every_n=2"], "generic"),  # trained with layout tokens
+    # Qwen3: per-head q/k norms in self-attention and, copied from it, in CASA (placement before)
+    "qwen3_casa": ("qwen3", ["model.fusion.placement=before", "model.fusion.every_n=2"], "qwen3"),
 }
 GENERIC_CASES = {  # our own small model (tiny_vit): fusion, parameter dtype
     "generic_insertion": (dict(mechanism="insertion"), torch.float32),
@@ -102,11 +104,21 @@ def _qwen_case(kind: str):
     return case
 
 
-def _qwen_logits(model, kind: str):
+def _tiny_vit_case(kind: str):
+    from support.hf_cases import make_case
+
+    return make_case(kind)
+
+
+def _megatron_logits(model, case):
     from support.hf_cases import megatron_batch
 
     with torch.no_grad():
-        return model.eval()(megatron_batch(_qwen_case(kind))).transpose(0, 1).contiguous()  # [b, s, v]
+        return model.eval()(megatron_batch(case)).transpose(0, 1).contiguous()  # [b, s, v]
+
+
+# HF cases whose export is compared with megatron through the remote code: their inputs
+REMOTE_CODE_LOGITS = {"qwen2_5_vl_casa": _qwen_case, "qwen3_casa": _tiny_vit_case}
 
 
 def _worker(rank, world, root, hf_dirs, tokenizers):
@@ -134,8 +146,9 @@ def _worker(rank, world, root, hf_dirs, tokenizers):
         reimport = overrides[:1] if name in NATIVE else []
         report[name] = {"hf": _compare_hf(Path(hf_dirs[source]), base / "hf_from_import"),
                         **_round_trip(name, base, model_cfg, model, Path(tokenizers[tokenizer]), reimport)}
-        if name == "qwen2_5_vl_casa":  # the exported (perturbed) model's logits, for the remote code
-            report[name]["logits"] = {kind: _qwen_logits(model, kind) for kind in ("image", "video")}
+        if name in REMOTE_CODE_LOGITS:  # the exported (perturbed) model's logits, for the remote code
+            report[name]["logits"] = {kind: _megatron_logits(model, REMOTE_CODE_LOGITS[name](kind))
+                                      [..., :model_cfg.lm.vocab_size] for kind in ("image", "video")}
     for name, (fusion, dtype) in GENERIC_CASES.items():
         model_cfg = small_model_config(**fusion)
         initialize_parallel(1, 1, seed=0)
@@ -174,10 +187,12 @@ def round_trips(tmp_path_factory):
     from support.vlm import VOCAB
 
     root = tmp_path_factory.mktemp("export")
-    dirs = {f: save_hf_model(make_hf_model(f, seed=i), root / "src" / f) for i, f in enumerate(("helium", "llama"))}
+    dirs = {f: save_hf_model(make_hf_model(f, seed=i), root / "src" / f)
+            for i, f in enumerate(("helium", "llama", "qwen3"))}
     dirs["qwen2_5_vl"] = root / "src" / "qwen2_5_vl"
     hf_qwen_vl().save_pretrained(str(dirs["qwen2_5_vl"]))
     tokenizers = {"helium": tiny_tokenizer(dirs["helium"], 99), "llama": tiny_tokenizer(dirs["llama"], 99),
+                  "qwen3": tiny_tokenizer(dirs["qwen3"], 99),
                   "qwen2_5_vl": chat_tokenizer(dirs["qwen2_5_vl"]), "generic": tiny_tokenizer(root / "tok", VOCAB)}
     report, = run_distributed(_worker, world_size=1, root=str(root), hf_dirs={k: str(v) for k, v in dirs.items()},
                               tokenizers={k: str(v) for k, v in tokenizers.items()})
@@ -256,6 +271,32 @@ def test_casa_with_the_qwen_encoder_equals_megatron_through_the_remote_code(roun
         with torch.no_grad():
             out = model(**hf_inputs(_qwen_case(kind)), use_cache=False).logits
         ref = torch.as_tensor(report["qwen2_5_vl_casa"]["logits"][kind])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{kind}: {m}")
+
+
+def test_casa_on_a_qwen3_backbone_equals_megatron_through_the_remote_code(round_trips):
+    """Qwen3's per-head q/k norms: self-attention's under the hub names, CASA's own (copied from
+    them at import, then trained apart: perturbed here) under ``casa_attn.q_norm`` / ``k_norm``."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from support.hf_cases import hf_inputs
+
+    root, report = round_trips
+    folder = root / "qwen3_casa" / "hf"
+    names = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names |= set(f.keys())
+    for i, fused in ((0, False), (1, True), (2, False), (3, True)):  # every_n=2: layers 1 and 3
+        assert {f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight"} <= names
+        assert (f"model.layers.{i}.casa_attn.k_norm.weight" in names) == fused
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert model.config.lm_family == "qwen3" and model.config.qk_layernorm
+    for kind in ("image", "video"):
+        with torch.no_grad():
+            out = model(**hf_inputs(_tiny_vit_case(kind)), use_cache=False).logits
+        ref = torch.as_tensor(report["qwen3_casa"]["logits"][kind])
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{kind}: {m}")
 
 

@@ -1,6 +1,6 @@
 """import-hf against transformers: LM logits equal the HF model at TP=1, TP=2 (+SP) and PP=2
-for Qwen2.5 (GQA + QKV bias + tied embeddings), Helium (interleaved RoPE) and Llama (llama3
-RoPE scaling); every parameter is written and every HF tensor accounted for; the tables
+for Qwen2.5 (GQA + QKV bias + tied embeddings), Qwen3 (per-head q/k norms, head_dim != hidden /
+heads), Helium (interleaved RoPE) and Llama (llama3 RoPE scaling); every parameter is written and every HF tensor accounted for; the tables
 invert; bad tensors are listed. Tiny random HF models are made by transformers in the test."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from support.dist import run_distributed
 from support.hf import VOCAB, hf_logits, make_hf_model, save_hf_model, text_batch
 from support.hf_equivalence import TOL, build_pretrained, full_logits, layouts_worker
 
-LM_FAMILIES = ("qwen2", "helium", "llama", "llama_linear", "qwen2_5_vl")
+LM_FAMILIES = ("qwen2", "qwen3", "helium", "llama", "llama_linear", "qwen2_5_vl")
 LM_ONLY = ["model.fusion.mechanism=insertion", "model.transformer_impl=local"]
 
 
@@ -58,10 +58,10 @@ def test_lm_logits_equal_hf_at_tp1(imported):
 
 def test_lm_logits_equal_hf_at_tp2_sp_and_pp2(imported, hf_dirs):
     root, _ = imported
-    cases = {f: (str(root / f), hf_dirs[f][1], hf_dirs[f][2]) for f in ("qwen2", "helium", "llama")}
+    cases = {f: (str(root / f), hf_dirs[f][1], hf_dirs[f][2]) for f in ("qwen2", "qwen3", "helium", "llama")}
     report = run_distributed(layouts_worker, world_size=2, cases=cases, vocab=VOCAB)
     checked = set().union(*[r.keys() for r in report])
-    assert len(checked) == 9, checked  # 3 families x (TP=2, TP=2+SP, PP=2)
+    assert len(checked) == 12, checked  # 4 families x (TP=2, TP=2+SP, PP=2)
 
 
 def test_llama3_rope_scaling_changes_the_frequencies():

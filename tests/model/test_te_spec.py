@@ -31,7 +31,7 @@ class FakeTESpecProvider:
         return True
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return type(f"TE.layer_norm(rms_norm={rms_norm})", (), {})
+        return type(f"TE.layer_norm(rms_norm={rms_norm}{', for_qk=True' if for_qk else ''})", (), {})
 
     def activation_func(self):
         return None
@@ -133,3 +133,21 @@ def test_te_layers_with_lora_keep_norms_unfused_where_adapters_read_them(te_spec
     rows = te_specs.lm_layer_specs(4, FusionConfig(every_n=2), use_te=True,
                                    lora=LoRAConfig(rank=4, targets=["linear_proj", "linear_fc2"]))
     assert _name(rows[0].submodules.self_attention.submodules.linear_qkv) == "TE.column_parallel_layer_norm_linear"
+
+
+@pytest.mark.parametrize("use_te", [True, False], ids=["te", "local"])
+def test_qk_layernorm_puts_per_head_norms_in_every_lm_attention(te_specs, use_te):
+    """Qwen3: megatron's self-attention (plain and CASA layers) and CASA's own attention get
+    q/k norms (TE's qk norm, or our SP-capable RMSNorm locally); without it, identities."""
+    from casa_megatron.model.norm import LocalRMSNorm
+
+    expected = "TE.layer_norm(rms_norm=True, for_qk=True)" if use_te else LocalRMSNorm.__name__
+    for qk in (True, False):
+        layers = te_specs.lm_layer_specs(4, FusionConfig(every_n=2), use_te=use_te, qk_layernorm=qk)
+        attentions = [layers[0].submodules.self_attention, layers[1].submodules.self_attention,
+                      layers[1].submodules.casa_attention]
+        for attention in attentions:
+            sub = attention.submodules
+            assert _name(sub.q_layernorm) == _name(sub.k_layernorm) == (expected if qk else "IdentityOp"), attention
+    vision = te_specs.vision_layer_spec(use_te=use_te).submodules.self_attention.submodules
+    assert vision.q_layernorm is IdentityOp  # the encoder has none

@@ -25,6 +25,13 @@ TP_VARIANTS = {
     "casa_recompute_uniform_2": {"recompute": {"granularity": "full", "method": "uniform", "num_layers": 2}},
     "insertion_recompute_block_1": {"mechanism": "insertion",
                                     "recompute": {"granularity": "full", "method": "block", "num_layers": 1}},
+    # per-head q/k RMSNorms (Qwen3): CASA's own (copied from SA), shared with SA, and the baseline's;
+    # each TP rank's norm gradient covers its heads only and must be summed over TP
+    "casa_qk_layernorm": {"lm": {"qk_layernorm": True}},
+    "casa_qk_layernorm_replace": {"lm": {"qk_layernorm": True}, "placement": "replace", "every_n": 2},
+    "cross_attention_shared_qk_layernorm": {"lm": {"qk_layernorm": True}, "mechanism": "cross_attention",
+                                            "share_projections": True},
+    "insertion_qk_layernorm": {"lm": {"qk_layernorm": True}, "mechanism": "insertion"},
 }
 
 
@@ -32,9 +39,16 @@ TP_VARIANTS = {
 def test_tensor_parallel_matches_single_process(variant):
     """TP=1, TP=2 without and with sequence parallelism: loss, logits and every gradient."""
     fusion = dict(TP_VARIANTS[variant])
+    lm = fusion.pop("lm", None)
     report = run_distributed(tp_worker, world_size=2, vision=fusion.pop("vision", None),
-                             recompute=fusion.pop("recompute", None), fusion=fusion)[0]
+                             recompute=fusion.pop("recompute", None), fusion=fusion,
+                             model_fields={"lm": lm} if lm else None)[0]
     assert set(report["max_grad_err"]) == {(1, False), (2, False), (2, True)}
+    if lm:  # the norms exist and train: q/k of self-attention, of CASA unless it shares them
+        qk = [n for n in report["trained"] if n.endswith(("q_layernorm.weight", "k_layernorm.weight"))]
+        assert qk and all(".self_attention." in n or ".casa_attention." in n for n in qk), qk
+        assert any(".casa_attention." in n for n in qk) == ("share_projections" not in fusion
+                                                            and fusion.get("mechanism") != "insertion")
     if TP_VARIANTS[variant].get("cross_attention_gate"):  # alpha replicated, SP-tagged, learns
         assert len(report["gate_grads"]) == 4 and all(abs(g) > 0 for g in report["gate_grads"])
 

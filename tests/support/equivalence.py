@@ -12,6 +12,8 @@ same packed batches; run them with ``support.dist.run_distributed(worker, world_
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from support.vlm import IMAGE_SLOTS, SEQ, perturbed_full_state, random_batch, small_model_config
@@ -39,6 +41,8 @@ def build(tp: int = 1, pp: int = 1, sp: bool = False, vision=None, reference: bo
                               vision_blocks_per_pipeline_stage=vision_split, virtual_pipeline_model_parallel_size=vp)
     config = small_model_config(vision, **fusion, image_kv_only=not reference)
     for key, value in (model or {}).items():
+        if key == "lm":  # LanguageModelConfig fields to change
+            value = dataclasses.replace(config.lm, **value)
         setattr(config, key, value)
     config.packed_attention = not reference
     if recompute and not reference:
@@ -53,11 +57,14 @@ def masked_loss(per_token, batch):
 
 
 def finalize_sp_grads(model):
-    """What megatron's finalize_model_grads does for sequence-parallel (norm, gate) weights."""
+    """What megatron's finalize_model_grads does for sequence-parallel (norm, gate) weights, and
+    for per-head q/k norms (``qk_layernorm``: each TP rank's gradient covers its heads only)."""
     from megatron.core import parallel_state
 
-    for p in model.parameters():
-        if p.grad is not None and getattr(p, "sequence_parallel", False):
+    qk_layernorm = getattr(getattr(model, "config", None), "qk_layernorm", False)
+    for name, p in model.named_parameters():
+        if p.grad is not None and (getattr(p, "sequence_parallel", False) or (
+                qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name))):
             dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 

@@ -21,11 +21,14 @@ def _lm_kwargs(**extra):
 
 def hf_config(family: str):
     """Small configs exercising each family's particulars."""
-    from transformers import HeliumConfig, LlamaConfig, Qwen2Config, Qwen2_5_VLConfig
+    from transformers import HeliumConfig, LlamaConfig, Qwen2Config, Qwen2_5_VLConfig, Qwen3Config
 
     if family == "qwen2":  # GQA, QKV bias, tied embeddings
         return Qwen2Config(**_lm_kwargs(tie_word_embeddings=True, rope_parameters={"rope_type": "default",
                                                                                    "rope_theta": 1e6}))
+    if family == "qwen3":  # per-head q/k norms, no QKV bias, head_dim != hidden / heads, tied embeddings
+        return Qwen3Config(**_lm_kwargs(head_dim=24, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     if family == "helium":  # interleaved RoPE, norm eps 1e-8, head_dim set explicitly
         return HeliumConfig(**_lm_kwargs(head_dim=16, rms_norm_eps=1e-8, pad_token_id=0, bos_token_id=1,
                                          eos_token_id=2))

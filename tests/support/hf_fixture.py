@@ -40,6 +40,9 @@ LM_VARIANTS = {"casa_tied_embeddings": ({}, {"tie_word_embeddings": True}),
                "cross_attention_llama3_rope": (dict(mechanism="cross_attention", cross_attention_gate=True),
                                                {"family": "llama", "rope_scaling": LLAMA3}),
                "casa_lora": ({}, {}, LORA_ALL),
+               # Qwen3's per-head q/k norms, CASA sharing self-attention's projections and norms
+               "casa_qwen3_shared_qk_norms": (dict(share_projections=True, layers=[1, 3]),
+                                              {"family": "qwen3", "qk_layernorm": True}),
                # DoRA; Helium's Q/K rows are permuted on export: B's rows and the magnitudes must follow
                "casa_helium_dora_attention": ({}, {"family": "helium"},
                                               dict(rank=4, alpha=8.0, targets=["linear_qkv", "linear_proj"],

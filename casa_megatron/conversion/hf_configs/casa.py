@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_configs.vision import FFN_PAD_MULTIPLE, vision_config_from_hf
 
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "helium", "llama")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama")
 
 
 def tiny_vit_config(d: Mapping[str, Any]) -> Dict[str, Any]:
@@ -57,6 +57,7 @@ def casa_architecture(raw: Mapping[str, Any], path: Path) -> Dict[str, Any]:
                   ffn_hidden_size=int(raw["intermediate_size"]),
                   kv_channels=None if head_dim * heads == hidden else head_dim,
                   add_qkv_bias=bool(raw.get("attention_bias", False)),
+                  qk_layernorm=bool(raw.get("qk_layernorm", False)),
                   rotary_base=float(rope.get("rope_theta", 10000.0)), norm_epsilon=float(raw["rms_norm_eps"]),
                   max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
                   init_method_std=float(raw.get("initializer_range", 0.02)), rope_scaling=_rope(rope),

@@ -1,9 +1,10 @@
 """The language-model table: one row list for every Llama-like family (Qwen2 / Qwen2.5,
-the LM of Qwen2.5-VL, Helium, Llama and our own ``generic`` models).
+the LM of Qwen2.5-VL, Qwen3, Helium, Llama and our own ``generic`` models).
 
 The families share the hub names (COMMON contract); they differ only in what the transforms
-carry: GQA shapes, QKV bias (Qwen2), tied embeddings (no ``lm_head``) and Helium's
-interleaved RoPE (Q/K rows permuted to rotate-half). CASA rows use the ``casa_attn`` names;
+carry: GQA shapes, QKV bias (Qwen2), tied embeddings (no ``lm_head``), Qwen3's per-head q/k
+norms (``q_norm`` / ``k_norm``, rows only when ``qk_layernorm``) and Helium's interleaved RoPE
+(Q/K rows permuted to rotate-half). CASA rows use the ``casa_attn`` names;
 they are optional in a checkpoint (a plain LM has none: CASA is then initialised from the
 layer's self-attention), except for ``replace`` layers, whose CASA module *is* the backbone's
 attention and falls back to ``self_attn`` when ``casa_attn`` is absent.
@@ -43,7 +44,14 @@ def lm_rows(lm: LanguageModelConfig, fusion: FusionConfig) -> List[Row]:
         Row("decoder.final_layernorm.weight", "model.norm.weight"),
         Row("output_layer.weight", "lm_head.weight", vocab),
     ]
+    if lm.qk_layernorm:
+        rows += [Row(f"{L}self_attention.{ours}.weight", f"{H}self_attn.{hub}.weight")
+                 for ours, hub in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm"))]
     replace = fusion.placement == "replace"
+    if lm.qk_layernorm:  # CASA's own norms (none when it shares SA's projections and norms)
+        rows += [Row(f"{L}casa_attention.{ours}.weight", f"{H}casa_attn.{hub}.weight", optional=not replace,
+                     fallback=f"{H}self_attn.{hub}.weight" if replace else None)
+                 for ours, hub in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm"))]
     rows += [
         Row(f"{L}casa_attention.linear_qkv.weight", _proj("casa_attn", "weight"), qkv, optional=not replace,
             fallback=_proj("self_attn", "weight") if replace else None),

@@ -5,7 +5,8 @@ This file is transformers remote code: it is copied into every exported folder a
 import torch / transformers only. One flat config describes the three parts:
 
 * the LM backbone in its family's Hugging Face vocabulary (``lm_family``: ``generic``, ``qwen2``,
-  ``qwen2_5_vl``, ``llama`` or ``helium``; Helium rotates interleaved pairs, the others halves);
+  ``qwen2_5_vl``, ``qwen3``, ``llama`` or ``helium``; Helium rotates interleaved pairs, the others
+  halves; ``qk_layernorm``: Qwen3's per-head query / key norms);
 * the fusion (``fusion_mechanism``: ``casa`` / ``cross_attention`` / ``insertion``;
   ``fusion_placement``: ``parallel`` / ``before`` / ``replace``; ``fusion_layers``: global LM
   indices holding a fusion module; ``share_projections``; ``cross_attention_gate``;
@@ -26,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers import PretrainedConfig
 
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "llama", "helium")  # casa_megatron model.lm.family
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "llama", "helium")  # casa_megatron model.lm.family
 MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("insertion", "none", "mrope")
@@ -55,6 +56,7 @@ class CasaConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_parameters: Optional[Dict[str, Any]] = None,
         attention_bias: bool = False,
+        qk_layernorm: bool = False,
         lm_family: str = "qwen2",
         fusion_mechanism: str = "casa",
         fusion_placement: str = "parallel",
@@ -85,6 +87,7 @@ class CasaConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
         self.attention_bias = attention_bias
+        self.qk_layernorm = qk_layernorm  # Qwen3: RMSNorm per query / key head (q_norm / k_norm)
         self.lm_family = lm_family
         self.fusion_mechanism = fusion_mechanism
         self.fusion_placement = fusion_placement

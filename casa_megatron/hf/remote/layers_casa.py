@@ -165,8 +165,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     return out.transpose(0, 1).reshape(n, -1)
 
 
+def _per_head(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Qwen3's ``q_norm`` / ``k_norm`` over each head's ``d`` features ([n, heads, d]), if any."""
+    return x if norm is None else norm(x)
+
+
 class Projections(nn.Module):
-    """q/k/v/o projections with the families' hub names."""
+    """q/k/v/o projections with the families' hub names (and Qwen3's per-head ``q_norm`` /
+    ``k_norm``, applied before RoPE, when ``qk_layernorm``)."""
 
     def __init__(self, config):
         super().__init__()
@@ -176,14 +182,19 @@ class Projections(nn.Module):
         self.k_proj = nn.Linear(h, self.kv_heads * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.heads * d, h, bias=False)
+        if getattr(config, "qk_layernorm", False):
+            self.q_norm, self.k_norm = CasaRMSNorm(d, config.rms_norm_eps), CasaRMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.scale = d ** -0.5
 
     def q(self, x):  # [n, h] -> [H, n, d]
-        return self.q_proj(x).view(x.shape[0], self.heads, self.head_dim).transpose(0, 1)
+        return _per_head(self.q_norm, self.q_proj(x).view(x.shape[0], self.heads, self.head_dim)).transpose(0, 1)
 
     def kv(self, x):  # [n, h] -> 2 x [KV, n, d]
         shape = (x.shape[0], self.kv_heads, self.head_dim)
-        return self.k_proj(x).view(shape).transpose(0, 1), self.v_proj(x).view(shape).transpose(0, 1)
+        k = _per_head(self.k_norm, self.k_proj(x).view(shape))
+        return k.transpose(0, 1), self.v_proj(x).view(shape).transpose(0, 1)
 
 
 class SelfAttention(Projections):
@@ -210,6 +221,10 @@ class CasaAttention(nn.Module):
             self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
             self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
             self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
+            if getattr(config, "qk_layernorm", False):
+                self.q_norm, self.k_norm = CasaRMSNorm(d, config.rms_norm_eps), CasaRMSNorm(d, config.rms_norm_eps)
+            else:
+                self.q_norm = self.k_norm = None
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                     config.head_dim)
         self.scale = self.head_dim ** -0.5
@@ -220,8 +235,8 @@ class CasaAttention(nn.Module):
 
     def _kv(self, x):  # [n, h] -> 2 x [KV, n, d]
         shape = (x.shape[0], self.kv_heads, self.head_dim)
-        return (self._linear("k_proj")(x).view(shape).transpose(0, 1),
-                self._linear("v_proj")(x).view(shape).transpose(0, 1))
+        k = _per_head(self._linear("k_norm"), self._linear("k_proj")(x).view(shape))
+        return k.transpose(0, 1), self._linear("v_proj")(x).view(shape).transpose(0, 1)
 
     def open_window(self, images: Optional[torch.Tensor], rope: Rotary, image_cos_sin,
                     window: WindowKV) -> None:
@@ -236,7 +251,8 @@ class CasaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rotary, cos_sin, window: WindowKV) -> torch.Tensor:
         n = x.shape[0]
-        q = rope.rotate(self._linear("q_proj")(x).view(n, self.heads, self.head_dim).transpose(0, 1), cos_sin)
+        q = _per_head(self._linear("q_norm"), self._linear("q_proj")(x).view(n, self.heads, self.head_dim))
+        q = rope.rotate(q.transpose(0, 1), cos_sin)
         if self.text_keys:
             k, v = self._kv(x)
             k_txt, v_txt = window.text.append(rope.rotate(k, cos_sin), v)
