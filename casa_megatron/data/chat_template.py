@@ -21,8 +21,13 @@ What comes out, for a Qwen2.5-style template and one image (``[img]`` = where th
   after the generation prompt (``render(messages[:i], add_generation_prompt=True)``), trailing
   whitespace excluded, so the end-of-turn token (``<|im_end|>``) is trained and the newline
   after it is not. A token is trained when its first character lies in such a span. This needs
-  a template whose rendering of a prefix of the messages is a prefix of the full rendering
-  (true of Qwen2.5, Helium, Llama 3, ...); other templates are refused with a clear error.
+  a template whose generation prompt after ``messages[:i]`` is a prefix of the full rendering
+  (true of Qwen2.5, Qwen3, Helium, Llama 3, ...); other templates are refused with a clear
+  error. Where a turn rendered as the last one differs from the same turn inside the whole
+  (Qwen3 writes an empty ``<think>\n\n</think>\n\n`` into the final assistant turn only), the
+  turn is what the whole rendering has: from the generation prompt to its first end-of-turn token
+  (which no text may contain: special tokens in text are refused), so every turn is trained as
+  the model sees it in that conversation.
   Media markup inside an assistant turn (``<|vision_start|>``, ``<|vision_end|>``) is input,
   never a target.
 - **Streaming captions** are one assistant turn, as CASA's live captioner runs it: each frame,
@@ -149,20 +154,29 @@ class ChatTemplateLayout(PerThreadTokenizer):
             if i == 0:
                 raise SampleError("bad_annotation", f"{key}: the conversation opens with an assistant turn")
             prompt = self._render(tok, hf[:i], add_generation_prompt=True)
-            upto = self._render(tok, hf[:i + 1])
-            if not (upto.startswith(prompt) and full.startswith(upto)):
+            if not full.startswith(prompt):
                 raise ValueError(f"tokenizer at {self.path}: the chat template does not render a prefix of the "
-                                 "messages as a prefix of the whole (e.g. it rewrites earlier turns); the "
-                                 "assistant tokens cannot be located")
-            end = len(upto.rstrip())
+                                 "messages (with its generation prompt) as a prefix of the whole (e.g. it "
+                                 "rewrites earlier turns); the assistant tokens cannot be located")
+            eot = self.info.end_of_turn
+            upto = self._render(tok, hf[:i + 1])
+            if upto.startswith(prompt) and full.startswith(upto):
+                end, turn_end = len(upto.rstrip()), len(upto)
+            else:  # the turn renders otherwise as the last one (Qwen3): take it as the whole has it
+                at = full.find(eot, len(prompt))
+                if at < 0:
+                    raise ValueError(f"tokenizer at {self.path}: no end-of-turn {eot!r} after assistant turn {i} "
+                                     "in the rendered conversation; the assistant tokens cannot be located")
+                end = at + len(eot)
+                turn_end = len(full) - len(full[end:].lstrip())
             if end > len(prompt):
                 spans.append((len(prompt), end))
-            eot = self.info.end_of_turn  # streaming captions end every frame's text inside the turn
+            # streaming captions end every frame's text inside the turn
             at = full.find(eot, len(prompt), end - 1)  # (not the turn's own end: cut after its newline)
             while at >= 0:
                 cuts.append(at + len(eot))
                 at = full.find(eot, at + len(eot), end - 1)
-            cuts.append(len(upto))
+            cuts.append(turn_end)
         return full, spans, cuts
 
     def _strip_placeholders(self, key: str, tok, full: str, n_items: int):

@@ -21,6 +21,17 @@ from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Tuple
 
 
+_REASONING = re.compile(r"^\s*<think>.*?</think>", re.S)
+
+
+def final_answer(prediction: str) -> str:
+    """The answer after a leading reasoning block: Qwen3-style models open their answer with
+    ``<think>...</think>`` (empty when not thinking, as a Qwen3 chat template trains the last
+    turn); the block is not part of the answer (lmms-eval strips it too). An unclosed block is
+    left as it is (and scores as a wrong answer)."""
+    return _REASONING.sub("", prediction, count=1).strip()
+
+
 def normalize(text: str) -> str:
     text = re.sub(r"\s+", " ", text.lower()).strip()
     return re.sub(r"\s*[.!?]+$", "", text)
@@ -52,7 +63,7 @@ def question_scores(rows: Iterable[Tuple[str, str, str, List[str], str]]) -> Dic
     rows = list(rows)
     by_metric = any(metric != "exact" for *_, metric in rows)
     for qtype, task, pred, answers, metric in rows:
-        value = score(metric, pred, answers)
+        value = score(metric, final_answer(pred), answers)
         for g in ("all", qtype, f"task:{task}") + ((f"metric:{metric}",) if by_metric else ()):
             groups[g].append(value)
     return {g: {"n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())}

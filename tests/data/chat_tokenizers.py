@@ -8,6 +8,10 @@ plain-text ``User:`` / ``Assistant:`` turns closed by ``</s>``, images as ``<ima
 ``llama3_style``: byte-level BPE with Llama 3's header tokens (``<|start_header_id|>role
 <|end_header_id|>\n\n ... <|eot_id|>``, ``<|begin_of_text|>`` first, a default system turn with
 a knowledge-date line as Llama 3.1's) and Llama 3.2 Vision's ``<|image|>`` in user turns.
+``qwen3_style``: the Qwen tokenizer with ``<think>`` / ``</think>`` (added, not special) and a
+template written here with Qwen3's behaviour: no default system turn, and the final assistant
+turn after the last user turn (only that one) opens with an empty ``<think>\n\n</think>\n\n``,
+so a conversation's rendering is *not* its turns' renderings one after the other.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ QWEN_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_QWEN3_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+)
+_QWEN3_THINK = ("{% if message['role'] == 'assistant' and loop.last and loop.index0 > ns.last_user %}"
+                "<think>\n\n</think>\n\n{% endif %}")
+QWEN3_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    + _QWEN3_THINK + _QWEN3_CONTENT + "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -88,6 +109,17 @@ def qwen_style(out: Path) -> Path:
                            additional_special_tokens=QWEN_SPECIALS[1:])
 
 
+def qwen3_style(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    _byte_level_bpe(QWEN_SPECIALS, QWEN3_TEMPLATE, out, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                    additional_special_tokens=QWEN_SPECIALS[1:])
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.add_tokens(["<think>", "</think>"])  # as Qwen3's: added tokens, not special
+    tok.save_pretrained(str(out))
+    return out
+
+
 def helium_style(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -125,3 +157,9 @@ LLAMA3_GENERATION_TEMPLATE = LLAMA3_TEMPLATE.replace(
     "{% if message['content'] is string %}{{ message['content'] | trim }}<|eot_id|>",
     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}<|eot_id|>"
     "{% endgeneration %}{% elif message['content'] is string %}{{ message['content'] | trim }}<|eot_id|>", 1)
+QWEN3_GENERATION_TEMPLATE = QWEN3_TEMPLATE.replace(
+    "<|im_start|>{{ message['role'] }}\n" + _QWEN3_THINK + _QWEN3_CONTENT + "<|im_end|>\n",
+    "<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}{% generation %}" + _QWEN3_THINK
+    + _QWEN3_CONTENT + "<|im_end|>{% endgeneration %}{{ '\\n' }}{% else %}" + _QWEN3_CONTENT + "<|im_end|>\n"
+    "{% endif %}", 1)
+assert QWEN3_GENERATION_TEMPLATE != QWEN3_TEMPLATE

@@ -44,3 +44,12 @@ def llama3_tokenizer(tmp_path_factory) -> Path:
     from data.chat_tokenizers import llama3_style
 
     return llama3_style(tmp_path_factory.mktemp("llama3_tok"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(tmp_path_factory) -> Path:
+    """Qwen-style BPE tokenizer whose template behaves as Qwen3's (an empty think block in the
+    final assistant turn only)."""
+    from data.chat_tokenizers import qwen3_style
+
+    return qwen3_style(tmp_path_factory.mktemp("qwen3_tok"))

@@ -2,15 +2,16 @@
 
 Oracles: the ids are ``tokenizer(apply_chat_template(...))`` minus the image placeholders, and the
 loss mask is transformers' own assistant-token mask (``return_assistant_tokens_mask`` on the same
-template with ``{% generation %}`` blocks), for a Qwen2.5-style, a Helium-style and a Llama-3-style
-tokenizer.
+template with ``{% generation %}`` blocks), for a Qwen2.5-style, a Helium-style, a Llama-3-style and
+a Qwen3-style tokenizer (whose final assistant turn alone gets an empty think block).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from data.chat_tokenizers import HELIUM_GENERATION_TEMPLATE, LLAMA3_GENERATION_TEMPLATE, QWEN_GENERATION_TEMPLATE
+from data.chat_tokenizers import (HELIUM_GENERATION_TEMPLATE, LLAMA3_GENERATION_TEMPLATE, QWEN3_GENERATION_TEMPLATE,
+                                  QWEN_GENERATION_TEMPLATE)
 
 from casa_megatron.data.chat_template import ChatTemplateLayout, DecodedMedia
 from casa_megatron.data.formats import parse_conversation
@@ -26,7 +27,7 @@ MESSAGES = [
     {"role": "assistant", "content": "red"},
 ]
 STYLES = {"qwen": (QWEN_GENERATION_TEMPLATE, "<|image_pad|>"), "helium": (HELIUM_GENERATION_TEMPLATE, "<image>"),
-          "llama3": (LLAMA3_GENERATION_TEMPLATE, "<|image|>")}
+          "llama3": (LLAMA3_GENERATION_TEMPLATE, "<|image|>"), "qwen3": (QWEN3_GENERATION_TEMPLATE, "<|image_pad|>")}
 
 
 def _images(n: int):
@@ -36,8 +37,9 @@ def _images(n: int):
 
 
 @pytest.fixture(params=sorted(STYLES))
-def style(request, qwen_tokenizer, helium_tokenizer, llama3_tokenizer):
-    path = {"qwen": qwen_tokenizer, "helium": helium_tokenizer, "llama3": llama3_tokenizer}[request.param]
+def style(request, qwen_tokenizer, helium_tokenizer, llama3_tokenizer, qwen3_tokenizer):
+    path = {"qwen": qwen_tokenizer, "helium": helium_tokenizer, "llama3": llama3_tokenizer,
+            "qwen3": qwen3_tokenizer}[request.param]
     return request.param, path, *STYLES[request.param]
 
 
@@ -77,6 +79,26 @@ def test_ids_and_loss_mask_match_transformers(style):
     assert sample.window_starts == sorted({positions[0], positions[2]})
     assert [im.pixels for im in sample.images] == [m.frames[0] for m in media]
     assert sample.cut_points[-1] == len(ids) and len(sample.cut_points) == 2
+
+
+def test_a_qwen3_style_final_think_block_is_trained_where_the_template_writes_it(qwen3_tokenizer):
+    """Qwen3's template renders the first assistant turn plainly inside the conversation but with
+    an empty think block when it is the last message: its turns are not prefixes of the whole.
+    Each turn is trained as the whole rendering has it (the oracle test above checks the ids and
+    the mask against transformers); here, where the think block is."""
+    tok = load_tokenizer(qwen3_tokenizer)
+    whole, first = (tok.apply_chat_template(m, tokenize=False) for m in (MESSAGES, MESSAGES[:2]))
+    assert not whole.startswith(first) and "<think>" in first and whole.count("<think>") == 1
+    sample = ChatTemplateLayout(str(qwen3_tokenizer)).build("k", parse_conversation({"messages": MESSAGES}, "k"),
+                                                            _images(3))
+    turns, current = [], []
+    for t, m in enumerate(sample.loss_mask):
+        if m:
+            current.append(sample.input_ids[t + 1])
+        elif current:
+            turns.append(tok.decode(current))
+            current = []
+    assert turns == ["the first one<|im_end|>", "<think>\n\n</think>\n\nred<|im_end|>"]
 
 
 def test_insertion_keeps_every_image_at_its_placeholder(style):

@@ -112,3 +112,16 @@ def test_answers_or_metric_that_cannot_be_scored_are_named(change, message):
     with pytest.raises(MetricError, match=message) as err:
         _items(json.loads(json.dumps({**sample, **change})))
     assert "sample 'k', answer 1" in str(err.value)
+
+
+def test_a_leading_reasoning_block_is_not_part_of_the_answer():
+    from casa_megatron.evaluation.metrics import final_answer, question_scores
+
+    assert final_answer("<think>\n\n</think>\n\nred") == "red"  # a Qwen3-style final turn
+    assert final_answer(" <think>the shape is red</think> Red.") == "Red."
+    assert final_answer("<think>unfinished red") == "<think>unfinished red"  # unclosed: kept, and wrong
+    assert final_answer("red <think>x</think>") == "red <think>x</think>"  # only a leading block
+    rows = [("colour", "t", "<think>\n\n</think>\n\nred", ["red"], "exact"),
+            ("colour", "t", "<think>red</think>blue", ["red"], "exact"),
+            ("colour", "t", "<think>red", ["red"], "exact")]
+    assert question_scores(rows)["all"] == {"n": 3, "accuracy": 1 / 3}
