@@ -45,6 +45,7 @@ from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.evaluation import check_validation, evaluate
 from casa_megatron.training.failures import TrainingDiverged, non_finite_gradients
+from casa_megatron.training.memory_plan import parameter_shapes, weight_memory
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
 from casa_megatron.training.pretrained import start_from_pretrained
@@ -154,6 +155,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     pretrained_from = start_from_pretrained(model, cfg, ckpt)  # weights only, before the optimizer
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
+    if dist.get_rank() == 0:  # this rank's parameters are already split: TP=1 in the plan
+        plan = weight_memory([s for chunk in model for s in parameter_shapes(chunk)], 1, dp_size,
+                             cfg.precision.bf16, cfg.optimizer.use_distributed_optimizer)
+        logger.info("rank 0 holds %.3f GiB of weights, %.3f of gradient buffers and %.3f of optimizer state "
+                    "(%.3f GiB before activations; training/memory_plan.py)", *plan.gib())
     data = make_train_iterator(data_cfg, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism)
 

@@ -81,7 +81,8 @@ def test_describe_model_shows_what_each_pipeline_stage_holds():
             "parallel.pipeline_model_parallel_size=2", *overrides])[0]
         lines = text.splitlines()
         total = int(next(l for l in lines if l.startswith("total")).split()[1].replace(",", ""))
-        rows = [l.split() for l in lines[lines.index(next(l for l in lines if l.startswith("stage"))) + 1:]]
+        after = lines[lines.index(next(l for l in lines if l.startswith("stage"))) + 1:]
+        rows = [l.split() for l in after[:next(i for i, l in enumerate(after + ["end"]) if not l[:1].isdigit())]]
         return total, [(int(r[1]), int(r[3].replace(",", ""))) for r in rows], text
 
     total, rows, text = stages("parallel.num_layers_in_first_pipeline_stage=1")
