@@ -2,6 +2,13 @@
 checkpoint (random bf16 weights; nothing is downloaded).
 
     python benchmarks/import_hf.py --json OUT.json [--plot RSS.png] [--layers N] [--workdir DIR] [--keep]
+    python benchmarks/import_hf.py --backbone qwen3_1_7b --json OUT.json   # + Qwen2.5-VL-3B's encoder
+
+``--backbone qwen3_1_7b``: a Qwen3-1.7B-shaped LM checkpoint (its published config: per-head q/k
+norms, head_dim 128, tied embeddings) imported with ``--vision-from`` a Qwen2.5-VL-3B-shaped one
+(whose LM is cut to one layer: only its encoder and merger are read), under the recipe
+``configs/qwen3_1_7b_casa_parallel.yaml`` -- every CASA layer's q/k norms and projections are
+initialised from its self-attention.
 
 1. transformers builds ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-3B's published
    config on the *meta* device (names and shapes only, no memory) and writes its config.json;
@@ -37,15 +44,26 @@ import torch  # noqa: E402
 
 SHARD_BYTES = 2 * 1024 ** 3
 RECIPE = ROOT / "configs" / "qwen25vl3b_casa_frozen_lm.yaml"
+QWEN3_RECIPE = ROOT / "configs" / "qwen3_1_7b_casa_parallel.yaml"
 
 
-def qwen25vl_3b_config(layers: int = 0):
+def qwen3_1_7b_config(layers: int = 0):
+    """Qwen3-1.7B's published sizes (config.json on the hub)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers or 28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16",
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def qwen25vl_3b_config(layers: int = 0, lm_layers: int = 0):
     """Qwen2.5-VL-3B-Instruct's published sizes (config.json on the hub)."""
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                         num_hidden_layers=layers or 36, num_attention_heads=16, num_key_value_heads=2,
+                         num_hidden_layers=lm_layers or layers or 36, num_attention_heads=16, num_key_value_heads=2,
                          max_position_embeddings=128000, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=layers or 32, hidden_size=1280, intermediate_size=3420, num_heads=16,
@@ -61,13 +79,18 @@ def _hub_name(name: str) -> str:
     return name
 
 
-def write_checkpoint(folder: Path, layers: int = 0) -> dict:
+def write_checkpoint(folder: Path, layers: int = 0, backbone: str = "qwen2_5_vl_3b", lm_layers: int = 0) -> dict:
     from safetensors.torch import save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM
 
-    config = qwen25vl_3b_config(layers)
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+    if backbone == "qwen3_1_7b":
+        config = qwen3_1_7b_config(layers)
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(config)
+    else:
+        config = qwen25vl_3b_config(layers, lm_layers)
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(config)
     config.save_pretrained(str(folder))
     shapes = [(_hub_name(n), tuple(p.shape)) for n, p in model.state_dict().items() if n != "lm_head.weight"]
     del model
@@ -105,11 +128,13 @@ def write_checkpoint(folder: Path, layers: int = 0) -> dict:
     return {"tensors": len(shapes), "parameters": total // 2, "bytes": total, "shards": n_written}
 
 
-def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2) -> dict:
+def run_import(hf: Path, out: Path, layers: int = 0, interval: float = 0.2, recipe: Path = RECIPE,
+               vision_from: Path | None = None) -> dict:
     """Run the CLI in a child; sample its RSS; timestamp its phase lines as they arrive."""
     shrink = [f"model.vision.num_layers={layers}", f"model.vision.trainable_blocks={min(layers, 4)}"] if layers else []
+    vision = ["--vision-from", str(vision_from)] if vision_from else []
     cmd = [sys.executable, "-m", "casa_megatron.conversion", "import-hf", str(hf), str(out),
-           "--config", str(RECIPE), "--no-progress", *shrink]
+           "--config", str(recipe), "--no-progress", *vision, *shrink]
     result = run_sampled(cmd, "import-hf [", interval)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return result
@@ -199,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--plot")
     parser.add_argument("--layers", type=int, default=0, help="LM/ViT depth (0 = the real 36/32)")
+    parser.add_argument("--backbone", choices=["qwen2_5_vl_3b", "qwen3_1_7b"], default="qwen2_5_vl_3b",
+                        help="qwen3_1_7b: a Qwen3-1.7B LM with Qwen2.5-VL-3B's encoder (--vision-from)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
@@ -207,18 +234,27 @@ def main(argv=None) -> int:
         hf, out = work / "hf", work / "imported"
         hf.mkdir()
         t0 = time.perf_counter()
-        written = write_checkpoint(hf, args.layers)
+        written = write_checkpoint(hf, args.layers, args.backbone)
         written["write_s"] = time.perf_counter() - t0
         print(f"wrote {written['parameters'] / 1e9:.2f} B parameters ({written['bytes'] / 2 ** 30:.2f} GiB bf16) "
               f"in {written['shards']} shards, {written['write_s']:.0f} s", flush=True)
-        result = run_import(hf, out, args.layers)
+        recipe, vision_from = RECIPE, None
+        if args.backbone == "qwen3_1_7b":
+            vision_from, recipe = work / "vision_source", QWEN3_RECIPE
+            vision_from.mkdir()
+            source = write_checkpoint(vision_from, args.layers, "qwen2_5_vl_3b", lm_layers=1)
+            written["vision_source"] = source
+            print(f"wrote the vision source: {source['parameters'] / 1e9:.2f} B parameters (its LM cut to one "
+                  "layer)", flush=True)
+        result = run_import(hf, out, args.layers, recipe=recipe, vision_from=vision_from)
         samples = result.pop("rss_samples")
         summary = {
             "checkpoint": written, "import_wall_s": result["wall_s"],
             "peak_rss_gib": result["peak_rss_bytes"] / 2 ** 30, "hf_checkpoint_gib": written["bytes"] / 2 ** 30,
             "peak_over_checkpoint": result["peak_rss_bytes"] / written["bytes"],
             "output_gib": _du(out) / 2 ** 30, "cli_stdout": result["stdout"], "cli_stderr_tail": result["stderr_tail"],
-            "load_average_at_end": os.getloadavg(), "recipe": str(RECIPE.relative_to(ROOT)),
+            "load_average_at_end": os.getloadavg(), "recipe": str(recipe.relative_to(ROOT)),
+            "backbone": args.backbone,
             "phases": result["phases"],
         }
         report = json.loads((out / "import_report.json").read_text())
@@ -229,7 +265,9 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "cli_stderr_tail"}, indent=1))
         Path(args.json).write_text(json.dumps({**summary, "rss_samples": samples}, indent=1))
         if args.plot:
-            plot(samples, summary["phases"], written["bytes"], Path(args.plot))
+            title = ("casa-convert import-hf, Qwen2.5-VL-3B-shaped bf16 checkpoint" if args.backbone != "qwen3_1_7b"
+                     else "casa-convert import-hf, Qwen3-1.7B + Qwen2.5-VL-3B encoder, bf16")
+            plot(samples, summary["phases"], written["bytes"], Path(args.plot), title=title)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
