@@ -38,7 +38,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -268,22 +268,36 @@ class Current:
     path: Optional[Path] = None  # the saved index (None: in memory)
 
 
-def ensure(shard: Union[str, Path], rebuild: bool = False,
-           index_dir: Optional[Union[str, Path]] = None) -> Current:
-    """The shard's saved index when one is current (beside it, then under ``index_dir``; its
-    header only is read), else a new one built and saved (``rebuild``: always; ``index_files``
-    says where); ``ShardError`` when the tar has nothing readable."""
+T = TypeVar("T")
+
+
+def find_current(places: Sequence[Path], read: Callable[[Path], T], what: str,
+                 data_file: Union[str, Path]) -> Optional[Tuple[Path, T]]:
+    """``(where, read(where))`` for the first of ``places`` holding a current index, else None,
+    with one INFO line saying why each saved one was stale (``rebuilding <what> of <file>: ...``)."""
     stale = []
-    for path in [] if rebuild else index_files(shard, index_dir):
+    for where in places:
         try:
-            header = probe(shard, path)
-            return Current(header["samples"], header["problem"], False, path=path)
+            return where, read(where)
         except FileNotFoundError:
             pass
         except (StaleIndex, OSError) as e:
             stale.append(str(e))
     if stale:
-        logger.info("rebuilding the index of %s: %s", shard, "; ".join(stale))
+        logger.info("rebuilding %s of %s: %s", what, data_file, "; ".join(stale))
+    return None
+
+
+def ensure(shard: Union[str, Path], rebuild: bool = False,
+           index_dir: Optional[Union[str, Path]] = None) -> Current:
+    """The shard's saved index when one is current (beside it, then under ``index_dir``; its
+    header only is read), else a new one built and saved (``rebuild``: always; ``index_files``
+    says where); ``ShardError`` when the tar has nothing readable."""
+    found = None if rebuild else find_current(index_files(shard, index_dir), lambda p: probe(shard, p),
+                                              "the index", shard)
+    if found is not None:
+        path, header = found
+        return Current(header["samples"], header["problem"], False, path=path)
     index, saved = build(shard, index_dir=index_dir)
     return Current(len(index), index.problem, True, None if saved else index, saved)
 

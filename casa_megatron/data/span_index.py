@@ -21,7 +21,7 @@ from array import array
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
-from casa_megatron.data.shard_index import INDEX_DIR, StaleIndex, TarStamp, index_files
+from casa_megatron.data.shard_index import INDEX_DIR, StaleIndex, TarStamp, find_current, index_files
 from casa_megatron.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -89,16 +89,10 @@ def spans(path: Union[str, Path], scan: Callable[[Path], Spans], save: bool = Tr
     ``scan(path)`` saved for the next start (``save``; under ``index_dir`` when one is given);
     also whether it scanned."""
     path = Path(path)
-    places, stale = index_files(path, index_dir, ".spans"), []
-    for where in places:
-        try:
-            return load(path, where), False
-        except FileNotFoundError:
-            pass
-        except (StaleIndex, OSError) as e:
-            stale.append(str(e))
-    if stale:
-        logger.info("rebuilding the span index of %s: %s", path, "; ".join(stale))
+    places = index_files(path, index_dir, ".spans")
+    found = find_current(places, lambda where: load(path, where), "the span index", path)
+    if found is not None:
+        return found[1], False
     stamp = TarStamp.of(path)
     starts, ends = scan(path)
     if save:

@@ -165,6 +165,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     return out.transpose(0, 1).reshape(n, -1)
 
 
+def _qk_norms(config) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """Qwen3's per-head ``q_norm`` / ``k_norm`` (over head_dim) when ``qk_layernorm``, else none."""
+    if not getattr(config, "qk_layernorm", False):
+        return None, None
+    return CasaRMSNorm(config.head_dim, config.rms_norm_eps), CasaRMSNorm(config.head_dim, config.rms_norm_eps)
+
+
 def _per_head(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Qwen3's ``q_norm`` / ``k_norm`` over each head's ``d`` features ([n, heads, d]), if any."""
     return x if norm is None else norm(x)
@@ -182,10 +189,7 @@ class Projections(nn.Module):
         self.k_proj = nn.Linear(h, self.kv_heads * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.heads * d, h, bias=False)
-        if getattr(config, "qk_layernorm", False):
-            self.q_norm, self.k_norm = CasaRMSNorm(d, config.rms_norm_eps), CasaRMSNorm(d, config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm, self.k_norm = _qk_norms(config)
         self.scale = d ** -0.5
 
     def q(self, x):  # [n, h] -> [H, n, d]
@@ -221,10 +225,7 @@ class CasaAttention(nn.Module):
             self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
             self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=bias)
             self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
-            if getattr(config, "qk_layernorm", False):
-                self.q_norm, self.k_norm = CasaRMSNorm(d, config.rms_norm_eps), CasaRMSNorm(d, config.rms_norm_eps)
-            else:
-                self.q_norm = self.k_norm = None
+            self.q_norm, self.k_norm = _qk_norms(config)
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                     config.head_dim)
         self.scale = self.head_dim ** -0.5
