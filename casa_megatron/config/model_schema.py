@@ -24,7 +24,7 @@ RECOMPUTE_METHODS = ("uniform", "block")
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama", "mistral")
 
 
 @dataclass

@@ -21,7 +21,8 @@ from casa_megatron.conversion.hf_configs.casa import casa_architecture, tiny_vit
 from casa_megatron.conversion.hf_configs.vision import vision_config_from_hf
 
 # model_type -> our family; the LM is read from the config itself or its ``text_config``.
-FAMILIES = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl", "qwen3": "qwen3", "helium": "helium", "llama": "llama"}
+FAMILIES = {"qwen2": "qwen2", "qwen2_5_vl": "qwen2_5_vl", "qwen3": "qwen3", "helium": "helium", "llama": "llama",
+            "mistral": "mistral"}
 VOCAB_MULTIPLE = 128  # padded vocabulary: divisible by TP 1..128 (powers of 2), same at every TP
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -99,7 +100,10 @@ def _lm_fields(cfg, family: str, path: Path) -> dict:
         refuse("use_sliding_window=true (sliding-window attention layers)")
     if getattr(cfg, "mlp_bias", False):
         refuse("mlp_bias=true")
-    if family in ("llama", "helium", "qwen3") and getattr(cfg, "attention_bias", False):
+    if family == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        refuse(f"sliding_window={cfg.sliding_window} (sliding-window attention; Mistral-7B-v0.3 and later "
+               "set null)")
+    if family in ("llama", "helium", "qwen3", "mistral") and getattr(cfg, "attention_bias", False):
         refuse("attention_bias=true (bias on q/k/v *and* o_proj)")
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         refuse("layer_types with 'sliding_attention' (sliding-window attention layers)")

@@ -91,7 +91,7 @@ def qwen_problems(model: ModelConfig) -> List[str]:
     scheme = fusion.resolved_image_position_scheme(v.encoder)
     if scheme != "mrope":
         problems.append(f"model.fusion.image_position_scheme={scheme!r}: Qwen2.5-VL positions images with 'mrope'")
-    if lm.family in ("helium", "llama", "qwen3"):
+    if lm.family in ("helium", "llama", "mistral", "qwen3"):
         problems.append(f"model.lm.family={lm.family!r}: Qwen2.5-VL's LM is a Qwen2 decoder")
     if lm.qk_layernorm:
         problems.append("model.lm.qk_layernorm=true: Qwen2.5-VL's attention has no q/k norms")

@@ -26,6 +26,8 @@ def _folder(tmp_path, config, name="hf"):
     ("llama", dict(kv_channels=24, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     ("qwen2_5_vl", dict(add_qkv_bias=True, tie_word_embeddings=True, mrope_section=[2, 3, 3])),
+    ("qwen3", dict(add_qkv_bias=False, qk_layernorm=True, kv_channels=24, tie_word_embeddings=True)),
+    ("mistral", dict(add_qkv_bias=False, qk_layernorm=False, kv_channels=None, norm_epsilon=1e-5)),
 ])
 def test_families(tmp_path, family, expected):
     arch = read_hf_config(_folder(tmp_path, hf_config(family)))
@@ -42,6 +44,9 @@ def test_families(tmp_path, family, expected):
     ("llama", {"mlp_bias": True}, "mlp_bias=true"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type='yarn'"),
     ("helium", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "'sliding_attention'"),
+    ("mistral", {"sliding_window": 4096}, "sliding_window=4096"),
 ])
 def test_what_megatron_cannot_reproduce_is_refused(tmp_path, family, change, message):
     folder = _folder(tmp_path, hf_config(family))

@@ -12,7 +12,7 @@ from support.dist import run_distributed
 from support.hf import VOCAB, hf_logits, make_hf_model, save_hf_model, text_batch
 from support.hf_equivalence import TOL, build_pretrained, full_logits, layouts_worker
 
-LM_FAMILIES = ("qwen2", "qwen3", "helium", "llama", "llama_linear", "qwen2_5_vl")
+LM_FAMILIES = ("qwen2", "qwen3", "helium", "llama", "llama_linear", "mistral", "qwen2_5_vl")
 LM_ONLY = ["model.fusion.mechanism=insertion", "model.transformer_impl=local"]
 
 

@@ -1,5 +1,6 @@
-"""The remote code's LM equals transformers' own Qwen2 / Llama / Helium models (their hub tensor
-names, GQA, QKV bias, tied embeddings, Llama-3 RoPE scaling, Helium's interleaved RoPE and norm eps).
+"""The remote code's LM equals transformers' own Qwen2 / Llama / Qwen3 / Mistral / Helium models
+(their hub tensor names, GQA, QKV bias, tied embeddings, Llama-3 RoPE scaling, Qwen3's per-head
+q/k norms, Helium's interleaved RoPE and norm eps).
 
 Our model is loaded with the family checkpoint's tensors as they are (``strict``) and run with
 ``fusion_mechanism='insertion'`` and no image, i.e. as the plain backbone."""
@@ -23,6 +24,9 @@ FAMILIES = {
     "qwen3": dict(cls="Qwen3", extra=dict(tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False,
                                           head_dim=12, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
                   ours=dict(attention_bias=False, qk_layernorm=True)),
+    "mistral": dict(cls="Mistral", extra=dict(tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=None,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                    ours=dict(attention_bias=False)),
     "helium": dict(cls="Helium", extra=dict(tie_word_embeddings=False, rms_norm_eps=1e-8, attention_bias=False,
                                             head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 2e4}),
                    ours=dict(attention_bias=False)),

@@ -21,7 +21,7 @@ def _lm_kwargs(**extra):
 
 def hf_config(family: str):
     """Small configs exercising each family's particulars."""
-    from transformers import HeliumConfig, LlamaConfig, Qwen2Config, Qwen2_5_VLConfig, Qwen3Config
+    from transformers import HeliumConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen2_5_VLConfig, Qwen3Config
 
     if family == "qwen2":  # GQA, QKV bias, tied embeddings
         return Qwen2Config(**_lm_kwargs(tie_word_embeddings=True, rope_parameters={"rope_type": "default",
@@ -36,6 +36,9 @@ def hf_config(family: str):
         return LlamaConfig(**_lm_kwargs(head_dim=24, rope_parameters={
             "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
+    if family == "mistral":  # Llama's layout; sliding_window null (Mistral-7B-v0.3), head_dim explicit
+        return MistralConfig(**_lm_kwargs(head_dim=16, sliding_window=None, rms_norm_eps=1e-5,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     if family == "llama_linear":  # linear RoPE scaling (positions / factor)
         return LlamaConfig(**_lm_kwargs(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}))
     if family in ("qwen2_5_vl", "qwen2_5_vl_merger_32"):  # the latter: a merger to another LM width

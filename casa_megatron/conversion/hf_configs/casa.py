@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.conversion.hf_configs.vision import FFN_PAD_MULTIPLE, vision_config_from_hf
 
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama")
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "helium", "llama", "mistral")
 
 
 def tiny_vit_config(d: Mapping[str, Any]) -> Dict[str, Any]:

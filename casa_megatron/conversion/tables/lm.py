@@ -1,5 +1,5 @@
 """The language-model table: one row list for every Llama-like family (Qwen2 / Qwen2.5,
-the LM of Qwen2.5-VL, Qwen3, Helium, Llama and our own ``generic`` models).
+the LM of Qwen2.5-VL, Qwen3, Helium, Llama, Mistral and our own ``generic`` models).
 
 The families share the hub names (COMMON contract); they differ only in what the transforms
 carry: GQA shapes, QKV bias (Qwen2), tied embeddings (no ``lm_head``), Qwen3's per-head q/k

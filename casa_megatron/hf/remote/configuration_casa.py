@@ -5,7 +5,7 @@ This file is transformers remote code: it is copied into every exported folder a
 import torch / transformers only. One flat config describes the three parts:
 
 * the LM backbone in its family's Hugging Face vocabulary (``lm_family``: ``generic``, ``qwen2``,
-  ``qwen2_5_vl``, ``qwen3``, ``llama`` or ``helium``; Helium rotates interleaved pairs, the others
+  ``qwen2_5_vl``, ``qwen3``, ``llama``, ``mistral`` (Llama's layout) or ``helium``; Helium rotates interleaved pairs, the others
   halves; ``qk_layernorm``: Qwen3's per-head query / key norms);
 * the fusion (``fusion_mechanism``: ``casa`` / ``cross_attention`` / ``insertion``;
   ``fusion_placement``: ``parallel`` / ``before`` / ``replace``; ``fusion_layers``: global LM
@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers import PretrainedConfig
 
-LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "llama", "helium")  # casa_megatron model.lm.family
+LM_FAMILIES = ("generic", "qwen2", "qwen2_5_vl", "qwen3", "llama", "mistral", "helium")  # casa_megatron model.lm.family
 MECHANISMS = ("casa", "cross_attention", "insertion")
 PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("insertion", "none", "mrope")
