@@ -71,14 +71,16 @@ class ChatTemplateLayout(PerThreadTokenizer):
     Thread-safe (one tokenizer per thread) and picklable (process workers reload it)."""
 
     def __init__(self, path: str, image_placeholder: str = "", video_placeholder: str = "",
-                 merge_consecutive: bool = True, window_per_frame: bool = True, fps: float = 2.0):
+                 merge_consecutive: bool = True, window_per_frame: bool = True, fps: float = 2.0,
+                 chat_template: str = ""):
         self.path = str(path)
+        self.template_override = chat_template or None  # data.chat_template, on every thread's tokenizer
         self.merge_consecutive, self.window_per_frame, self.fps = merge_consecutive, window_per_frame, fps
         tok = self._get()
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"tokenizer at {self.path} has no chat_template: set data.text_layout=layout_tokens "
-                             "(our <image>/<answer>/<eot> layout; the tokenizer needs those tokens) or use a "
-                             "tokenizer that ships a template")
+                             "(our <image>/<answer>/<eot> layout; the tokenizer needs those tokens), give one in "
+                             "data.chat_template, or use a tokenizer that ships a template")
         self.info = probe_template(tok, self.path, image_placeholder, video_placeholder)
         self.image_placeholder, self.video_placeholder = self.info.image_placeholder, self.info.video_placeholder
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

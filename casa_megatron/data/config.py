@@ -67,6 +67,10 @@ class DataConfig:
     end_of_turn_token: str = "<eot>"  # ends an answer or a frame caption (it is trained on)
     # auto: the tokenizer's chat template if it has one, else the layout tokens above
     text_layout: str = "auto"  # auto | chat_template | layout_tokens
+    # A Jinja chat template file used instead of the tokenizer's own ("" = the tokenizer's): a
+    # text-only LM's template (Qwen3's drops list contents, images included) made to render media
+    # parts; the export writes it as the folder's template (configs/chat_templates/).
+    chat_template: str = ""
     image_placeholder: str = ""  # the template's image token ("" = detect, e.g. <|image_pad|>)
     video_placeholder: str = ""  # the template's video token ("" = detect, e.g. <|video_pad|>)
     log_interval: int = 100  # batches between throughput log lines (0 = never)
@@ -78,6 +82,10 @@ class DataConfig:
     @property
     def is_synthetic(self) -> bool:
         return self.source == "synthetic" or (not self.source and not self.sources)
+
+    def chat_template_text(self) -> str:
+        """The ``chat_template`` file's text ("" when the tokenizer's own template is used)."""
+        return Path(self.chat_template).read_text(encoding="utf-8") if self.chat_template else ""
 
     def source_specs(self):
         """The training sources as ``SourceSpec``s: the one ``source`` if set, else ``sources``;
@@ -143,6 +151,19 @@ class DataConfig:
                                      ("text_layout", self.text_layout, TEXT_LAYOUTS)):
             if value not in allowed:
                 raise ConfigError(f"data.{name}={value!r} must be one of {allowed}")
+        if self.chat_template:
+            if self.text_layout == "layout_tokens":
+                raise ConfigError(f"data.chat_template={self.chat_template!r} with data.text_layout=layout_tokens: "
+                                  "a chat template is used only by the chat_template layout (or auto)")
+            try:
+                from jinja2 import Environment, TemplateSyntaxError
+
+                Environment().parse(self.chat_template_text())
+            except OSError as e:
+                raise ConfigError(f"data.chat_template={self.chat_template!r}: cannot read it ({e})") from e
+            except TemplateSyntaxError as e:
+                raise ConfigError(f"data.chat_template={self.chat_template!r}: not a Jinja template (line {e.lineno}: "
+                                  f"{e.message})") from e
         if self.index_dir and Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
             raise ConfigError(f"data.index_dir={self.index_dir!r} is a file; it names the folder data indexes "
                               "are saved in")

@@ -53,6 +53,7 @@ class ProcessorSettings:
     image_placeholder: str = ""
     video_placeholder: str = ""
     merge_consecutive: bool = True  # consecutive images share a window (CASA, cross-attention)
+    chat_template: str = ""  # the text of data.chat_template ("" = the tokenizer's own template)
 
     @classmethod
     def from_config(cls, cfg, decoder: str, fusion: str = "casa") -> "ProcessorSettings":
@@ -64,23 +65,23 @@ class ProcessorSettings:
                    cfg.video_pixel_budget, cfg.fps, cfg.max_frames, cfg.window_per_frame, cfg.qa_windows,
                    decoder, cfg.truncate, cfg.image_token, cfg.answer_token, cfg.end_of_turn_token,
                    cfg.text_layout, cfg.image_placeholder, cfg.video_placeholder,
-                   merge_consecutive=fusion != "insertion")
+                   merge_consecutive=fusion != "insertion", chat_template=cfg.chat_template_text())
 
 
 def make_layout(s: ProcessorSettings):
-    """``chat_template`` (the tokenizer's own), ``layout_tokens`` (ours), or ``auto``: the
-    template when the tokenizer has one, else our layout tokens (documented fallback)."""
+    """``chat_template`` (the tokenizer's own, or ``data.chat_template``'s), ``layout_tokens``
+    (ours), or ``auto``: a template when there is one, else our layout tokens (documented fallback)."""
     mode = s.text_layout
     if mode not in TEXT_LAYOUTS:
         raise ValueError(f"data.text_layout={mode!r} must be one of {TEXT_LAYOUTS}")
     if mode == "auto":
         from casa_megatron.data.tokenization import load_tokenizer
 
-        mode = "chat_template" if getattr(load_tokenizer(s.tokenizer_path), "chat_template", None) \
+        mode = "chat_template" if s.chat_template or getattr(load_tokenizer(s.tokenizer_path), "chat_template", None) \
             else "layout_tokens"
     if mode == "chat_template":
         return ChatTemplateLayout(s.tokenizer_path, s.image_placeholder, s.video_placeholder,
-                                  s.merge_consecutive, s.window_per_frame, s.fps)
+                                  s.merge_consecutive, s.window_per_frame, s.fps, s.chat_template)
     try:
         return LayoutTokens(s.tokenizer_path, s.image_token, s.answer_token, s.end_of_turn_token,
                             s.window_per_frame, s.fps)

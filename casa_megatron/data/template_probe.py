@@ -60,7 +60,8 @@ def _placeholder(tok, path: str, kind: str, configured: str, candidates: Sequenc
     raise ValueError(f"tokenizer at {path}: cannot find the chat template's {kind} placeholder "
                      f"(tried {[n for n in names if n]}; a {kind} part renders as {probe!r}"
                      f"{f', error {error}' if error else ''}); set data.{kind}_placeholder to a token that "
-                     "the template emits once per part")
+                     "the template emits once per part, or give data.chat_template a template that renders media "
+                     "parts (a text-only LM's own template may drop them: Qwen3's renders a list content as '')")
 
 
 def _end_of_turn(tok, path: str) -> str:

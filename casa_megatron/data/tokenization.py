@@ -57,6 +57,9 @@ class PerThreadTokenizer:
         tok = getattr(local, "tok", None)
         if tok is None:
             tok = local.tok = load_tokenizer(self.path)
+            override = getattr(self, "template_override", None)
+            if override:  # data.chat_template instead of the tokenizer's own
+                tok.chat_template = override
         return tok
 
 

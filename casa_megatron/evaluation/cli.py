@@ -76,6 +76,15 @@ def settings_for(args: argparse.Namespace):
         if tok is None:
             raise NotACheckpoint(f"the tokenizer of {args.checkpoint} ({d.tokenizer_path or 'next to ' + d.source}) "
                                  "is gone; pass --tokenizer")
+        template = ""
+        if d.chat_template:  # the run's own template instead of the tokenizer's
+            try:
+                template = d.chat_template_text()
+            except OSError:
+                if not args.hf:
+                    raise NotACheckpoint(f"the run's data.chat_template {d.chat_template!r} is gone; pass --hf "
+                                         "(the export carries it as its chat template)") from None
+                tok = args.hf  # the export's tokenizer carries the run's template
         layout = d.text_layout
         if layout == "auto" and args.hf and str(tok) == str(args.hf):  # the export's copy of the tokenizer
             layout = json.loads((Path(args.hf) / "processor_config.json").read_text()).get("text_layout", layout)
@@ -83,7 +92,7 @@ def settings_for(args: argparse.Namespace):
                                  d.video_pixel_budget, d.fps, d.max_frames, d.window_per_frame, d.qa_windows, "cpu",
                                  False, d.image_token, d.answer_token, d.end_of_turn_token, layout,
                                  d.image_placeholder, d.video_placeholder,
-                                 merge_consecutive=cfg.model.fusion.mechanism != "insertion")
+                                 merge_consecutive=cfg.model.fusion.mechanism != "insertion", chat_template=template)
     proc = json.loads((Path(args.hf) / "processor_config.json").read_text())
     layout = proc.get("text_layout", "auto")
     return ProcessorSettings(args.tokenizer or args.hf, 1 << 20, 1 << 20, proc.get("max_pixels", 448 * 448),

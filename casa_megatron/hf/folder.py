@@ -69,16 +69,19 @@ def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Tensor
 
 
 def _write_tokenizer(out: Path, tokenizer_dir: Path, processor: Dict[str, Any]):
-    """Tokenizer files and ``chat_template.jinja``: the tokenizer's own template, else the
-    processor's, else our layout-token default."""
+    """Tokenizer files and ``chat_template.jinja``: the template the run laid text out with (the
+    processor's: the tokenizer's own or ``data.chat_template``), else the tokenizer's own, else our
+    layout-token default."""
     from transformers import AutoTokenizer
 
     from casa_megatron.hf.remote.processing_casa import DEFAULT_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    template = processor.pop("chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    if not getattr(tok, "chat_template", None):
+    template = processor.pop("chat_template", None)
+    if template:
         tok.chat_template = template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.save_pretrained(str(out))
     (out / "chat_template.jinja").write_text(tok.chat_template)
     return tok

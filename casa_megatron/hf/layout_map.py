@@ -58,7 +58,8 @@ def export_fields(model: ModelConfig, data: DataConfig, tokenizer_path: Optional
                                  image_token=data.image_token, answer_token=data.answer_token,
                                  end_of_turn_token=data.end_of_turn_token, image_placeholder=data.image_placeholder,
                                  video_placeholder=data.video_placeholder,
-                                 merge_consecutive=model.fusion.mechanism != "insertion")
+                                 merge_consecutive=model.fusion.mechanism != "insertion",
+                                 chat_template=data.chat_template_text())
     layout = make_layout(settings)
     chat = isinstance(layout, ChatTemplateLayout)
     tok = layout.tokenizer

@@ -145,6 +145,7 @@ def test_paper_recipes_validate_with_the_real_architectures(tmp_path):
             lm.tie_word_embeddings) == ("qwen3", 28, 8, 128, True, False, True)
     _assert_qwen25vl_3b_vision(cfg.model.vision)
     assert cfg.model.vision.projector_width(lm.hidden_size) == 5120 and lm.hidden_size == 2048
+    assert cfg.data.chat_template == "configs/chat_templates/qwen3_vl.jinja" and cfg.data.chat_template_text()
 
 
 def test_a_training_checkpoint_gives_its_run_architecture(tmp_path):

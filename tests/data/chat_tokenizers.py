@@ -12,6 +12,8 @@ a knowledge-date line as Llama 3.1's) and Llama 3.2 Vision's ``<|image|>`` in us
 template written here with Qwen3's behaviour: no default system turn, and the final assistant
 turn after the last user turn (only that one) opens with an empty ``<think>\n\n</think>\n\n``,
 so a conversation's rendering is *not* its turns' renderings one after the other.
+``qwen3_text_style``: the same tokenizer with the *text-only* behaviour of Qwen3's own template: a
+message whose content is a list of parts renders as an empty string (images and text dropped).
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ QWEN3_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     + _QWEN3_THINK + _QWEN3_CONTENT + "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN3_TEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = '' %}{% endif %}<|im_start|>{{ message['role'] }}\n{{ content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 HELIUM_TEMPLATE = (
@@ -109,10 +117,10 @@ def qwen_style(out: Path) -> Path:
                            additional_special_tokens=QWEN_SPECIALS[1:])
 
 
-def qwen3_style(out: Path) -> Path:
+def qwen3_style(out: Path, template: str = QWEN3_TEMPLATE) -> Path:
     from transformers import AutoTokenizer
 
-    _byte_level_bpe(QWEN_SPECIALS, QWEN3_TEMPLATE, out, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    _byte_level_bpe(QWEN_SPECIALS, template, out, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                     additional_special_tokens=QWEN_SPECIALS[1:])
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.add_tokens(["<think>", "</think>"])  # as Qwen3's: added tokens, not special

@@ -53,3 +53,11 @@ def qwen3_tokenizer(tmp_path_factory) -> Path:
     from data.chat_tokenizers import qwen3_style
 
     return qwen3_style(tmp_path_factory.mktemp("qwen3_tok"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_text_tokenizer(tmp_path_factory) -> Path:
+    """The Qwen3-style tokenizer with a text-only template (list contents render as '')."""
+    from data.chat_tokenizers import QWEN3_TEXT_TEMPLATE, qwen3_style
+
+    return qwen3_style(tmp_path_factory.mktemp("qwen3_text_tok"), QWEN3_TEXT_TEMPLATE)

@@ -101,6 +101,61 @@ def test_a_qwen3_style_final_think_block_is_trained_where_the_template_writes_it
     assert turns == ["the first one<|im_end|>", "<think>\n\n</think>\n\nred<|im_end|>"]
 
 
+def test_a_text_only_template_is_replaced_by_data_chat_template(qwen3_text_tokenizer, tmp_path):
+    """Qwen3's own template drops list contents (images with them): refused at the probe, naming
+    data.chat_template; with configs/chat_templates/qwen3_vl.jinja the ids are transformers' own
+    rendering of that template minus the placeholders, and each assistant turn is trained."""
+    from pathlib import Path
+
+    from casa_megatron.data.config import DataConfig
+    from casa_megatron.data.processor import ProcessorSettings, make_layout
+
+    with pytest.raises(ValueError, match="data.chat_template"):
+        ChatTemplateLayout(str(qwen3_text_tokenizer))
+    shipped = Path(__file__).resolve().parents[2] / "configs/chat_templates/qwen3_vl.jinja"
+    cfg = DataConfig(tokenizer_path=str(qwen3_text_tokenizer), chat_template=str(shipped))
+    settings = ProcessorSettings.from_config(cfg, "cpu")
+    layout = make_layout(settings)  # auto: the template given
+    assert isinstance(layout, ChatTemplateLayout) and layout.image_placeholder == "<|image_pad|>"
+    sample = layout.build("k", parse_conversation({"messages": MESSAGES}, "k"), _images(3))
+    tok = load_tokenizer(qwen3_text_tokenizer)
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, chat_template=shipped.read_text())
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert sample.input_ids == [i for i in ids if i != pad] and ids.count(pad) == 3
+    trained = tok.decode([sample.input_ids[t + 1] for t, m in enumerate(sample.loss_mask) if m])
+    assert trained == "the first one<|im_end|>red<|im_end|>"
+    import pickle
+
+    worker = pickle.loads(pickle.dumps(layout))  # a process worker's tokenizer gets the template too
+    assert worker.build("k", parse_conversation({"messages": MESSAGES}, "k"), _images(3)).input_ids == \
+        sample.input_ids
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(text_layout="layout_tokens"), "used only by the chat_template layout"),
+    (dict(chat_template="missing.jinja"), "cannot read it"),
+    (dict(chat_template="BAD"), "not a Jinja template"),
+])
+def test_a_chat_template_that_cannot_be_used_is_refused_at_config_time(qwen3_text_tokenizer, tmp_path, change,
+                                                                       message):
+    from casa_megatron.config.errors import ConfigError
+    from casa_megatron.data.config import DataConfig
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m['content'] }")
+    good = tmp_path / "good.jinja"
+    good.write_text("{{ messages }}")
+    fields = {"chat_template": str(good), **change}
+    if fields["chat_template"] == "BAD":
+        fields["chat_template"] = str(bad)
+    elif fields["chat_template"] == "missing.jinja":
+        fields["chat_template"] = str(tmp_path / "missing.jinja")
+    cfg = DataConfig(source=str(tmp_path), tokenizer_path=str(qwen3_text_tokenizer), **fields)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
 def test_insertion_keeps_every_image_at_its_placeholder(style):
     name, path, generation_template, placeholder = style
     layout = ChatTemplateLayout(str(path), merge_consecutive=False)

@@ -65,13 +65,14 @@ def _case(media, messages):
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    from data.chat_tokenizers import helium_style, qwen_style
+    from data.chat_tokenizers import QWEN3_TEXT_TEMPLATE, helium_style, qwen3_style, qwen_style
 
     from casa_megatron.data.synthetic_media import vocabulary
     from casa_megatron.data.tokenization import build_word_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     return {"qwen": str(qwen_style(root / "qwen")), "helium": str(helium_style(root / "helium")),
+            "qwen3_text": str(qwen3_style(root / "qwen3_text", QWEN3_TEXT_TEMPLATE)),
             "layout_tokens": str(build_word_tokenizer([" ".join(vocabulary()) + " describe the video one"],
                                                       root / "words"))}
 
@@ -146,6 +147,39 @@ def test_chat_template_layout_equals_the_pipeline(tokenizers, style, fusion, enc
         runs = sum(1 for a, b in zip([None] + out["input_ids"][0].tolist(), out["input_ids"][0].tolist())
                    if b in placeholders and a not in placeholders)
         assert runs == (3 if fusion == "insertion" else 2)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_run_s_data_chat_template_is_the_export_s_template(tokenizers, tmp_path, case):
+    """A run that laid text out with ``data.chat_template`` (a text-only LM's tokenizer, Qwen3's
+    behaviour, with configs/chat_templates/qwen3_vl.jinja): the export writes that template as the
+    folder's own, and its processor lays the conversation out as the pipeline did."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from casa_megatron.config.schema import ModelConfig
+    from casa_megatron.data.config import DataConfig
+    from casa_megatron.hf.folder import _write_tokenizer
+    from casa_megatron.hf.layout_map import export_fields
+
+    shipped = Path(__file__).resolve().parents[2] / "configs/chat_templates/qwen3_vl.jinja"
+    data = DataConfig(tokenizer_path=tokenizers["qwen3_text"], chat_template=str(shipped))
+    fields = export_fields(ModelConfig(), data)
+    assert fields.processor["chat_template"] == shipped.read_text()
+    out = tmp_path / "export"
+    out.mkdir()
+    _write_tokenizer(out, Path(tokenizers["qwen3_text"]), dict(fields.processor))
+    assert (out / "chat_template.jinja").read_text() == shipped.read_text()
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == shipped.read_text()
+    proc = CasaProcessor(AutoTokenizer.from_pretrained(str(out)), encoder="tiny_vit", temporal_patch_size=1,
+                         merge_consecutive=True, max_pixels=200_000, video_max_pixels=200_000)
+    layout = ChatTemplateLayout(tokenizers["qwen3_text"], chat_template=shipped.read_text())
+    with_payload, plain, media = CASES[case]()
+    sample = layout.build(case, parse_conversation({"messages": plain}, case), media)
+    out_ids = proc.apply_chat_template(with_payload, tokenize=True, return_dict=True)
+    _compare(out_ids, _pipeline_batch(sample, "tiny_vit", layout.pad_id),
+             {proc.image_token_id, proc.video_token_id}, in_stream=False)
 
 
 @pytest.mark.parametrize("case", ["one_image", "two_images", "video"])
