@@ -65,7 +65,10 @@ class TarSource(SampleSource):
                 warn_damaged(shard, now.problem, now.samples)
         self.shard_sizes = [now.samples for now in found]
         self._starts = [0, *accumulate(self.shard_sizes)]  # [shards + 1] first sample of each shard
-        self._index_files = [None if now.path is None else str(now.path) for now in found]
+        # where an index lives when not beside its shard (under data.index_dir); None: beside it (or
+        # in memory), so the pickle sent to process workers stays O(shards) small
+        self._index_files = [None if now.path is None or now.path == shard_index.index_path(shard) else str(now.path)
+                             for shard, now in zip(self.shards, found)]
         # indexes that could not be saved (a read-only folder, no data.index_dir) stay in memory
         self._in_memory: Dict[int, shard_index.ShardIndex] = {s: now.in_memory for s, now in enumerate(found)
                                                               if now.in_memory is not None}
