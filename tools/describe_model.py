@@ -69,7 +69,7 @@ def main(argv) -> int:
 
 def print_weight_memory(cfg, stages, gpus: int) -> int:
     """Per pipeline stage: bytes per GPU of its parameters, gradient buffers and optimizer state."""
-    from casa_megatron.training.memory_plan import weight_memory
+    from casa_megatron.training.memory_plan import parameter_shapes, weight_memory
 
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     gpus = gpus or tp * pp
@@ -82,9 +82,7 @@ def print_weight_memory(cfg, stages, gpus: int) -> int:
           "activations on top):")
     print(f"{'stage':<18}{'weights':>12}{'gradients':>12}{'optimizer':>12}{'total':>12}")
     for k, named in enumerate(stages):
-        shapes = [(n, p.numel(), p.requires_grad, bool(getattr(p, "tensor_model_parallel", False)))
-                  for n, p in named]
-        plan = weight_memory(shapes, tp, dp, bf16, dist_opt)
+        plan = weight_memory(parameter_shapes(named), tp, dp, bf16, dist_opt)
         unit, size = ("GiB", 2 ** 30) if plan.total >= 2 ** 30 else ("MiB", 2 ** 20)
         print(f"{k:<18}" + "".join(f"{v / size:>8.2f} {unit}"
                                    for v in (plan.params, plan.grads, plan.optimizer, plan.total)))

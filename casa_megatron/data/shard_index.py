@@ -58,8 +58,7 @@ Buffer = Union[bytes, mmap.mmap]
 def index_path(shard: Union[str, Path]) -> Path:
     """Where a shard's index lives beside it: ``<folder>/.casa_index/<name>.idx`` (hidden: a
     loader reads every ``*.tar`` of a folder, and this keeps the folder's listing as the user made it)."""
-    shard = Path(shard)
-    return shard.parent / INDEX_DIR / f"{shard.name}.idx"
+    return index_files(shard, None)[0]
 
 
 def cached_path(data_file: Union[str, Path], index_dir: Union[str, Path], suffix: str) -> Path:

@@ -21,7 +21,7 @@ from array import array
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
-from casa_megatron.data.shard_index import INDEX_DIR, StaleIndex, TarStamp, find_current, index_files
+from casa_megatron.data.shard_index import StaleIndex, TarStamp, find_current, index_files
 from casa_megatron.runtime.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ Spans = Tuple[array, array]
 
 
 def spans_path(path: Union[str, Path]) -> Path:
-    path = Path(path)
-    return path.parent / INDEX_DIR / f"{path.name}.spans"
+    """Where a file's spans live beside it: ``<folder>/.casa_index/<name>.spans``."""
+    return index_files(path, None, ".spans")[0]
 
 
 def _int64(values: array) -> bytes:

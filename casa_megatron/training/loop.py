@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     ddp = wrap_ddp(model, cfg)
     optimizer, scheduler = build_optimizer(ddp, cfg)
     if dist.get_rank() == 0:  # this rank's parameters are already split: TP=1 in the plan
-        plan = weight_memory([s for chunk in model for s in parameter_shapes(chunk)], 1, dp_size,
+        plan = weight_memory(parameter_shapes(model.named_parameters()), 1, dp_size,
                              cfg.precision.bf16, cfg.optimizer.use_distributed_optimizer)
         logger.info("rank 0 holds %.3f GiB of weights, %.3f of gradient buffers and %.3f of optimizer state "
                     "(%.3f GiB before activations; training/memory_plan.py)", *plan.gib())

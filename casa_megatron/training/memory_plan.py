@@ -39,10 +39,11 @@ class WeightMemory:
         return self.params / GIB, self.grads / GIB, self.optimizer / GIB, self.total / GIB
 
 
-def parameter_shapes(model) -> Iterable[Tuple[str, int, bool, bool]]:
-    """(name, numel, trainable, split over TP) of a model built at TP=1 (megatron tags the
-    column- and row-parallel weights ``tensor_model_parallel`` whatever the TP size)."""
-    for name, p in model.named_parameters():
+def parameter_shapes(named_parameters) -> Iterable[Tuple[str, int, bool, bool]]:
+    """(name, numel, trainable, split over TP) of ``(name, parameter)`` pairs, e.g. a model's
+    ``named_parameters()`` (megatron tags the column- and row-parallel weights
+    ``tensor_model_parallel`` whatever the TP size)."""
+    for name, p in named_parameters:
         yield name, p.numel(), p.requires_grad, bool(getattr(p, "tensor_model_parallel", False))
 
 

@@ -51,7 +51,7 @@ def _held(rank, world, overrides):
             state += [v for k, v in values.items() if torch.is_tensor(v) and v.numel() > 1]
         for groups in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
             state += [t for group in getattr(opt, groups, []) for t in group]
-    planned = weight_memory(parameter_shapes(model), 1, dp, cfg.precision.bf16,  # this rank's (split) model
+    planned = weight_memory(parameter_shapes(model.named_parameters()), 1, dp, cfg.precision.bf16,  # this rank's (split) model
                             cfg.optimizer.use_distributed_optimizer)
     return {"planned": (planned.params, planned.grads, planned.optimizer), "held": (params, grads, nbytes(state)),
             "tp": tp, "dp": dp, "bf16": cfg.precision.bf16, "distributed": cfg.optimizer.use_distributed_optimizer}
@@ -70,7 +70,7 @@ def _tp1_shapes(rank, world, overrides):
     cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["precision.bf16=true", *overrides])
     initialize_parallel(1, 1, cfg.seed)
     model = build_vlm(cfg.model, ParallelConfig(), cfg.data.image_seq_length, torch.bfloat16, cfg.precision)
-    return list(parameter_shapes(model))
+    return list(parameter_shapes(model.named_parameters()))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
