@@ -27,6 +27,7 @@ from casa_megatron.config.coerce import from_dict
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.loader import load_config_dict, read_yaml
 from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG, WEIGHTS_DIR
+from casa_megatron.config.run_files import with_saved_template
 from casa_megatron.config.schema import ModelConfig
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.data.config import DataConfig
@@ -97,7 +98,7 @@ def _training_checkpoint(p: Path) -> CheckpointSource:
         model = load_config_dict(ModelConfig, run.get("model") or {})
     except ConfigError as exc:
         raise ConversionError(f"{config}: {exc}") from exc
-    data = _data_config(run.get("data") or {}, config)
+    data = with_saved_template(_data_config(run.get("data") or {}, config), p)  # the template it trained with
     candidates = _tokenizer_candidates(data)
     pretrained = (run.get("checkpoint") or {}).get("pretrained")
     if pretrained:  # an imported folder holds the tokenizer copied from the HF source

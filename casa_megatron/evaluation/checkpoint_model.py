@@ -21,6 +21,7 @@ from casa_megatron.config.coerce import from_dict
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.loader import to_dict
 from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG
+from casa_megatron.config.run_files import with_saved_template
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.conversion.checkpoint_source import EXPECTED, locate_checkpoint
 from casa_megatron.conversion.errors import ConversionError
@@ -63,6 +64,8 @@ def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:
         cfg = from_dict(TrainConfig, _merge(to_dict(TrainConfig()), explicit))
     except ConfigError as exc:
         raise NotACheckpoint(f"{folder / name}: {exc}") from None
+    if kind == "training":  # the chat template's text saved with the checkpoint, not the file now
+        cfg.data = with_saved_template(cfg.data, folder)
     if not torch.cuda.is_available():
         cfg.model.transformer_impl = "local"  # same weights; Transformer Engine needs a GPU
     cfg.model.validate()

@@ -6,6 +6,7 @@ Layout of ``<dir>``::
       trainer.pt           step, scheduler, parallel layout          (rank 0)
       rank_00003.pt        RNG states and data-iterator position     (every rank)
       config.yaml          the resolved config of the run
+      chat_template.jinja  the text of data.chat_template, when set (config/run_files.py)
       manifest.json        every file's size and CRC-32, written last (ckpt_manifest.py)
     iter_0000200.damaged/  a checkpoint that failed its manifest check, set aside (never deleted)
     latest                 name of the newest complete checkpoint (replaced atomically)
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from casa_megatron.config import save_config
+from casa_megatron.config.run_files import save_run_config
 from casa_megatron.config.schema import OPTIMIZER_FORMATS
 from casa_megatron.parallel.rank0 import on_rank0
 from casa_megatron.runtime.atomic import atomic_write_text
@@ -297,7 +298,7 @@ class Checkpointer:
         if rank == 0:
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "layout": _layout()},
                        tmp / "trainer.pt")
-            save_config(config, tmp / "config.yaml")
+            save_run_config(config, tmp)  # config.yaml (+ the chat template's text)
         if self.background is None:
             self._commit(step, tmp, final)
         else:

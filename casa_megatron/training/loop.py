@@ -28,7 +28,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from casa_megatron.config import save_config, to_dict
+from casa_megatron.config import to_dict
+from casa_megatron.config.run_files import TEMPLATE_COPY, save_run_config
 from casa_megatron.config.limits import check_limits
 from casa_megatron.config.pipeline_split import describe_split, describe_virtual_split
 from casa_megatron.config.schema import TrainConfig
@@ -171,7 +172,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     resumed_from = str(resumed.path) if resumed.path is not None else None
     if dist.get_rank() == 0:  # the run is accepted: only now is anything of it written
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_run_config(cfg, run_dir)
     dist.barrier()  # the logging rank (last pipeline stage) uploads config.yaml next
 
     tracker = make_tracker(cfg.tracking.enabled, is_logger, run_dir, cfg.tracking.experiment,
@@ -182,6 +183,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                       "start_step": str(start_step), "pretrained_from": pretrained_from or ""})
     if is_logger:
         tracker.log_artifact(str(run_dir / "config.yaml"))
+        if cfg.data.chat_template:
+            tracker.log_artifact(str(run_dir / TEMPLATE_COPY))
         for stale in getattr(tracker, "closed_stale", []):
             logger.warning("MLflow run %s of this run dir was left RUNNING by a killed process: marked KILLED", stale)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_logger, truncate_after=start_step)

@@ -155,14 +155,14 @@ def _die_during_save(rank, world, run_dir):
     checkpoint is complete (the stand-in for SIGKILL half-way through a save)."""
     from casa_megatron.training import checkpoint
 
-    original = checkpoint.save_config
+    original = checkpoint.save_run_config
 
-    def save_config(config, path):
-        if "iter_0000016" in str(path):
+    def save_run_config(config, folder):
+        if "iter_0000016" in str(folder):
             os._exit(9)
-        original(config, path)
+        original(config, folder)
 
-    checkpoint.save_config = save_config
+    checkpoint.save_run_config = save_run_config
     return _train(rank, world, run_dir, [])
 
 
