@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bf16 or fp32")
     imp.add_argument("--adapter", default="auto", help="PEFT LoRA adapter merged into the imported weights: auto "
                      "(HF_DIR/lora_adapter when there is one), none, or an adapter folder")
+    imp.add_argument("--add-tokens", metavar="TOKENS", help="add tokens the tokenizer lacks, with embedding rows "
+                     "at the mean of the known ones: 'layout' (the recipe's <image>, <answer>, <eot>) or a "
+                     "comma-separated list")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = sub.add_parser("export-hf", help="training (any TP/PP) or imported checkpoint -> Hugging Face folder")
     exp.add_argument("checkpoint", help="iter_N/, a run's checkpoints/ folder or run dir, or an import-hf folder")
@@ -70,7 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = import_hf(args.hf_dir, args.out_dir, args.config, args.overrides, force=args.force,
                            vision_from=args.vision_from, skip_vision=args.skip_vision, dtype=args.dtype,
-                           progress=not args.no_progress, phases=True, adapter=args.adapter)
+                           progress=not args.no_progress, phases=True, adapter=args.adapter,
+                           add_tokens=args.add_tokens)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,9 @@ Output folder::
       hf_config.json       the source config.json
       tokenizer / processor / chat-template files copied from the source
 
+``--add-tokens`` adds tokens the tokenizer lacks (the recipe's layout tokens, or a list) with
+embedding rows at the mean of the known ones (conversion/vocab_extension.py).
+
 A PEFT LoRA adapter that comes with the folder (``lora_adapter/``, from ``export-hf --lora
 separate``) or is named by ``--adapter DIR`` is merged into the weights as they are read
 (conversion/peft_import.py); ``--adapter none`` imports the base alone.
@@ -49,6 +52,8 @@ from casa_megatron.conversion.mapping import MappingTable
 from casa_megatron.conversion.output_dir import check_output, publish
 from casa_megatron.conversion.peft_import import AdapterMergedReader, resolve_adapter
 from casa_megatron.conversion.tables import VISION_TABLES, lm_table, projector_table, vision_table
+from casa_megatron.conversion.vocab_extension import (VOCABULARY_FILES, AddedTokens, VocabExtendedReader,
+                                                      extend_tokenizer, requested_tokens, say, vocabulary_names)
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                 "tokenizer.model", "added_tokens.json", "chat_template.json", "chat_template.jinja",
@@ -170,10 +175,13 @@ def vision_sources(cfg: TrainConfig, arch: HFArchitecture, lm_reader, vision_fro
 
 def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides: Sequence[str] = (),
               force: bool = False, vision_from: Optional[str] = None, skip_vision: bool = False,
-              dtype: str = "auto", progress: bool = True, phases: bool = False, adapter: str = "auto") -> ImportResult:
+              dtype: str = "auto", progress: bool = True, phases: bool = False, adapter: str = "auto",
+              add_tokens: Optional[str] = None) -> ImportResult:
     """See the module docstring; ``progress``: tqdm bar, ``phases``: timed phase lines on stderr;
     ``adapter``: a PEFT LoRA adapter merged into the weights (``auto``: ``HF_DIR/lora_adapter``
-    when there is one, ``none``, or a folder; conversion/peft_import.py)."""
+    when there is one, ``none``, or a folder; conversion/peft_import.py); ``add_tokens``: tokens
+    the tokenizer lacks, added with embedding rows (``layout`` or a comma-separated list;
+    conversion/vocab_extension.py)."""
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
@@ -190,6 +198,10 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
             raise ConversionError(f"{hf_dir} already holds a vision encoder; --vision-from {vision_from} "
                                   "would give two (use --skip-vision on one side instead)")
     importing_vision = vision_arch.vision_kind is not None and not skip_vision
+    added = None
+    if add_tokens:
+        added = extend_tokenizer(hf_dir, requested_tokens(add_tokens, raw_recipe(recipe, overrides).get("data") or {}))
+        arch.lm["vocab_size"] = added.vocab_size(arch.lm["vocab_size"])
     try:
         cfg = resolve_config(recipe, overrides, arch, vision_arch.vision if importing_vision else None, hf_dir)
     except ConfigError as exc:
@@ -197,14 +209,19 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     check_vision(cfg, vision_arch, vision_from, skip_vision)
     cfg = _without_adapters(cfg)
 
-    lm_reader = SafetensorsReader(hf_dir)
+    lm_reader, adapter_modules = SafetensorsReader(hf_dir), 0
     if adapter_dir is not None:
         lm_reader = AdapterMergedReader(lm_reader, adapter_dir)
+        adapter_modules = len(lm_reader.updates)
         print(f"import-hf: merging the LoRA adapter {adapter_dir} ({len(lm_reader.updates)} modules) into the "
               "imported weights (--adapter none: the base alone)", file=sys.stderr)
+    tables = {"lm": lm_table(cfg.model)}
+    if added is not None:  # the embedding and LM head as resize_token_embeddings leaves them
+        lm_reader = VocabExtendedReader(lm_reader, added, cfg.model.lm.vocab_size, vocabulary_names(tables["lm"]))
+        say(added, cfg.model.freeze_lm)
     vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)
     sources = {"lm": Source(lm_reader), **vision}
-    tables = {"lm": lm_table(cfg.model), **vision_tables}
+    tables.update(vision_tables)
 
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
@@ -226,7 +243,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
         _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype, adapter_dir,
-                        len(lm_reader.updates) if adapter_dir is not None else 0)
+                        adapter_modules, added)
         publish(tmp, out, force)
         log("done")
     except BaseException:
@@ -257,18 +274,23 @@ def _check_accounted(model, report: ImportReport, tables) -> None:
 
 def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,
                     vision_from: Optional[str], dtype: torch.dtype, adapter_dir: Optional[Path] = None,
-                    adapter_modules: int = 0) -> None:
+                    adapter_modules: int = 0, added: Optional[AddedTokens] = None) -> None:
     source = {"hf_dir": str(Path(hf_dir).resolve()), "family": arch.family, "model_type": arch.model_type,
               "vision_from": str(Path(vision_from).resolve()) if vision_from else None,
               "dtype": str(dtype).replace("torch.", ""),
               "lora_adapter": str(adapter_dir.resolve()) if adapter_dir is not None else None,
-              "lora_adapter_modules": adapter_modules}
+              "lora_adapter_modules": adapter_modules,
+              "added_tokens": added.to_json() if added is not None else None}
     (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
         {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
     save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to
     (tmp / "import_report.json").write_text(json.dumps({"source": source, **report.to_json()}, indent=1))
     shutil.copy2(Path(hf_dir) / "config.json", tmp / "hf_config.json")
+    if added is not None:  # the extended tokenizer, not the source's vocabulary files
+        added.tokenizer.save_pretrained(str(tmp))
     for folder in [Path(hf_dir)] + ([Path(vision_from)] if vision_from else []):
         for name in COPIED_FILES:
+            if added is not None and name in VOCABULARY_FILES:
+                continue
             if (folder / name).exists() and not (tmp / name).exists():
                 shutil.copy2(folder / name, tmp / name)

@@ -81,7 +81,8 @@ class TextTokenizer(PerThreadTokenizer):
             idx = tok.convert_tokens_to_ids(name)
             if idx is None or (tok.unk_token_id is not None and idx == tok.unk_token_id):
                 raise ValueError(f"tokenizer at {self.path} has no {name!r} token (needed as the {field} "
-                                 "token); add it when building the tokenizer or set data.*_token")
+                                 "token); a pretrained backbone gets it with `casa-convert import-hf ... --add-tokens layout`, "
+                                 "a tokenizer of your own when it is built; or set data.*_token to a token it has")
             ids[field] = int(idx)
         return SpecialIds(**ids)
 
