@@ -33,8 +33,9 @@ blocks, ``trainable_blocks``), also under the config's ``vision: frozen_stub`` (
 ``train_efficiency.py`` stands in for the encoder).
 
 The interleaved schedule (``parallel.virtual_pipeline_model_parallel_size``, ``--vp``: model chunks
-per rank to score, 2 by default) is scored too where the layers and micro-batches allow it, even
-split only: ``interleaved_step`` simulates megatron's interleaved order over the virtual stages
+per rank to score, 2 by default) is scored too where the layers and micro-batches allow it, with
+the even split and with the best LM-only uneven split whose stages cut into equal chunks
+("interleaved xV, uneven"): ``interleaved_step`` simulates megatron's interleaved order over the virtual stages
 (checked: with equal stage costs it gives the textbook ``(m + (p - 1) / v)`` micro-batch times
 against 1F1B's ``m + p - 1``), and the row reports each rank's cost over its chunks. It shrinks the
 pipeline's idle time, not the heaviest rank's work: where the encoder makes rank 0 the bottleneck
@@ -261,8 +262,9 @@ def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates =
     """The even split (if the layers divide), the split of the LM alone whose estimated 1F1B step
     is shortest ("best") and, with ``num_blocks``, the shortest with the encoder over several
     stages ("best, encoder split") when it beats "best"; for each ``virtual`` size V the
-    interleaved schedule with V model chunks per rank ("interleaved xV", even split only), where
-    the layers and micro-batches allow it."""
+    interleaved schedule with V model chunks per rank ("interleaved xV": the even split, and
+    "interleaved xV, uneven": the LM-only split whose chunks give the shortest step, when it is not
+    the even one), where the layers and micro-batches allow it."""
     m = len(counts)
     scored = {}
     block_costs = None
@@ -303,29 +305,40 @@ def plan(counts: List[MicroBatchFlops], num_layers: int, pp: int, rates: Rates =
     if best_split == EVEN and rows[0]["split"] == "even":
         rows[0]["split"] = "even = best"
     for vp in virtual:
-        if num_layers % (pp * vp) or m % pp:
-            continue  # the interleaved schedule needs both (config/pipeline_split.py, training/batch_schedule.py)
-        rows.append(_interleaved_row(counts, num_layers, pp, vp, rates, even[0] if even is not None else None))
+        if m % pp:
+            continue  # micro-batches per step: a multiple of PP (training/batch_schedule.py)
+        scored_v = {}
+        for split in (s for s in candidate_splits(num_layers, pp) if s[2] is None):
+            try:  # the LM-only splits whose stages cut into vp equal chunks (config/pipeline_split.py)
+                layers = virtual_stage_layer_counts(num_layers, pp, vp, split[0], split[1])
+            except ConfigError:
+                continue
+            scored_v[split] = _interleaved_row(counts, layers, split, pp, vp, rates,
+                                               even[0] if even is not None else None)
+        best_v = min(scored_v, key=lambda s: (scored_v[s]["step_estimate"], s != EVEN), default=None)
+        if EVEN in scored_v:
+            rows.append(scored_v[EVEN])
+        if best_v is not None and best_v != EVEN:
+            rows.append({**scored_v[best_v], "split": f"interleaved x{vp}, uneven"})
     return {"pp": pp, "rows": rows}
 
 
-def _interleaved_row(counts: List[MicroBatchFlops], num_layers: int, pp: int, vp: int, rates: Rates,
+def _interleaved_row(counts: List[MicroBatchFlops], virtual: List[int], split: Split, pp: int, vp: int, rates: Rates,
                      even_step: Optional[float]) -> dict:
-    """The interleaved schedule's row: costs per virtual stage simulated, reported per rank (the
-    sum of its chunks)."""
-    virtual = virtual_stage_layer_counts(num_layers, pp, vp)
+    """The interleaved schedule's row for LM layers ``virtual`` per virtual stage: costs per
+    virtual stage simulated, reported per rank (the sum of its chunks)."""
     costs = stage_costs(counts, virtual, rates)
     shares = [f / c if c else 1 / 3 for f, c in zip(stage_costs(counts, virtual, rates, forward=True), costs)]
     step = interleaved_step(costs, pp, len(counts), shares)
     per_rank = rank_totals(costs, pp)
     bottleneck = max(per_rank)
-    return {"pp": pp, "vp": vp, "split": f"interleaved x{vp}", "first": None, "last": None, "vision_blocks": None,
+    return {"pp": pp, "vp": vp, "split": f"interleaved x{vp}", "first": split[0], "last": split[1], "vision_blocks": None,
             "layers": rank_totals(virtual, pp), "blocks_text": "all on rank 0",
             "stage_cost": per_rank, "stage_text": " / ".join(_short(c, rates.unit) for c in per_rank),
             "unit": rates.unit, "bottleneck": f"rank {per_rank.index(bottleneck)}",
             "balance": sum(per_rank) / len(per_rank) / bottleneck, "step_estimate": step,
             "speedup": even_step / step if even_step is not None else None,
-            "overrides": f"parallel.pipeline_model_parallel_size={pp} {VIRTUAL}={vp}",
+            "overrides": f"{overrides_for(pp, split)} {VIRTUAL}={vp}",
             "describe": describe_virtual_split(virtual, pp)}
 
 
@@ -424,7 +437,8 @@ def _time_split(rank: int, world: int, cfg: BenchConfig, fusion: str, split: Spl
     """One rank of a PP=2 run with ``split``: the median seconds per training step (forward and
     backward of the step's micro-batches through megatron's 1F1B schedule, no optimizer step) over
     ``steps`` steps after a warm-up one. Barriers frame each step: it is the pipeline's time.
-    ``vp``: ``vp`` model chunks per rank through the interleaved schedule instead (even split)."""
+    ``vp``: ``vp`` model chunks per rank through the interleaved schedule instead (``split``'s
+    stages cut into equal chunks)."""
     import statistics
     import time
 

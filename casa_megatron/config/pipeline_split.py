@@ -10,7 +10,7 @@ last stages get the counts given, the middle stages share the rest evenly.
 ``benchmarks/pipeline_balance.py`` suggests the counts from the FLOPs of each stage.
 
 With virtual stages (the interleaved schedule, ``virtual_stage_layer_counts``) each rank holds
-several model chunks instead, split evenly.
+several model chunks instead: its stage's layers (even or uneven) cut into equal chunks.
 
 This module is the rule as data (torch-free, so the config layer can check it); megatron-core's
 ``get_num_layers_to_build`` / ``get_transformer_layer_offset`` build the stages, and
@@ -120,26 +120,37 @@ def virtual_stage_layer_counts(num_layers: int, pp: int, vp: int, first: Optiona
 
     Why chunks: 1F1B idles each rank for ``(pp - 1)`` micro-batch times per step; with ``vp``
     chunks per rank a micro-batch crosses every rank ``vp`` times in smaller pieces and the idle
-    time shrinks to ``(pp - 1) / vp`` of that (more point-to-point messages in exchange). Only
-    the even split is supported here: every chunk holds ``num_layers / (pp * vp)`` layers, the
-    first chunk of the first rank also runs the vision encoder, the last chunk of the last rank the
-    output layer."""
+    time shrinks to ``(pp - 1) / vp`` of that (more point-to-point messages in exchange).
+
+    Each rank's layers are its stage's (``stage_layer_counts``: even, or uneven with ``FIRST`` /
+    ``LAST``, as megatron-core does with virtual stages) cut into ``vp`` equal chunks, so every
+    stage's count must be a multiple of ``vp``: with ``FIRST=2, LAST=4`` over 6 layers and two
+    chunks, rank 0 holds layers 0 and 3, rank 1 layers 1-2 and 4-5. The first chunk of the first
+    rank also runs the vision encoder, the last chunk of the last rank the output layer; the
+    encoder over several stages (``VISION``) is not combined with chunks."""
     if vp < 2:
         raise ConfigError(f"{VIRTUAL}={vp}: give 2 or more model chunks per rank, or leave it unset")
     if pp < 2:
         raise ConfigError(f"{VIRTUAL}={vp} needs parallel.pipeline_model_parallel_size > 1 (it is {pp})")
-    given = ", ".join(f"{n}={v}" for n, v in ((FIRST, first), (LAST, last)) if v is not None)
-    if given:
-        raise ConfigError(f"{given} with {VIRTUAL}={vp} is not supported: the interleaved schedule here splits "
-                          "the LM evenly over all model chunks; leave the uneven split unset")
     if vision_stages > 1:
         raise ConfigError(f"{VISION} with {VIRTUAL}={vp} is not supported: the vision encoder runs in the first "
                           "model chunk of the first rank")
-    chunks = pp * vp
-    if num_layers % chunks:
-        raise ConfigError(f"model.lm.num_layers={num_layers} does not split evenly into {chunks} model chunks "
-                          f"(parallel.pipeline_model_parallel_size={pp} x {VIRTUAL}={vp})")
-    return [num_layers // chunks] * chunks
+    ends = [v for v in (first, last) if v is not None]
+    if not ends and num_layers % (pp * vp):
+        raise ConfigError(f"model.lm.num_layers={num_layers} does not split evenly into {pp * vp} model chunks "
+                          f"(parallel.pipeline_model_parallel_size={pp} x {VIRTUAL}={vp}); for an uneven split "
+                          f"give {FIRST} and/or {LAST}")
+    if len(ends) == 2 and pp == 2:  # megatron-core's interleaved offsets divide by the middle stages
+        raise ConfigError(f"{FIRST}={first} and {LAST}={last} with {VIRTUAL}={vp} at parallel.pipeline_model_parallel_"
+                          f"size=2: give only {FIRST}={first} (the last stage then holds the other "
+                          f"{num_layers - first}); megatron-core cannot place chunks with both ends set and no "
+                          "middle stage")
+    stages = stage_layer_counts(num_layers, pp, first, last)
+    uneven = [f"rank {r}: {c}" for r, c in enumerate(stages) if c % vp]
+    if uneven:
+        raise ConfigError(f"with {VIRTUAL}={vp} each rank's LM layers are cut into {vp} equal model chunks, and "
+                          f"the stages of {'+'.join(map(str, stages))} LM layers do not divide ({'; '.join(uneven)} layers)")
+    return [count // vp for _ in range(vp) for count in stages]
 
 
 def rank_totals(per_virtual_stage: List, pp: int) -> List:

@@ -54,9 +54,10 @@ class ParallelConfig:
     # the paper's shape, where the encoder is most of a step's FLOPs.
     vision_blocks_per_pipeline_stage: Optional[List[int]] = None
     # Interleaved pipeline schedule (Megatron-LM's --num-virtual-stages-per-pipeline-rank): each
-    # rank holds this many model chunks of num_layers / (pp * vp) LM layers, chunk v of rank r
-    # being virtual stage v * pp + r; the pipeline's idle time shrinks by this factor. Even split
-    # only; micro-batches per step must be a multiple of pipeline_model_parallel_size.
+    # rank holds this many model chunks, chunk v of rank r being virtual stage v * pp + r; the pipeline's idle time shrinks by this factor. Each
+    # rank's layers (even, or uneven with the two fields above) are cut into equal chunks; not
+    # with the encoder over several stages. Micro-batches per step: a multiple of
+    # pipeline_model_parallel_size.
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     # Data-parallel communication hidden behind compute (Megatron-LM's --overlap-grad-reduce,

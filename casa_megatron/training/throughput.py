@@ -128,11 +128,12 @@ class FlopMeter:
         shares = " / ".join(f"{100 * f / sum(stages):.0f} %" for f in stages)
         heaviest = stages.index(max(stages))
         if self.ranks:
+            per_rank = " + ".join(map(str, rank_totals(self.stage_layers, self.ranks)))
             return (f"pipeline ranks unbalanced: model FLOPs per rank {shares} of the step ({len(self.stage_layers) // self.ranks} "
-                    f"model chunks of {self.stage_layers[0]} LM layers per rank, the vision encoder on rank 0); rank "
-                    f"{heaviest} sets the pace, balance {balance:.2f}. The interleaved schedule splits the LM evenly: "
-                    "without parallel.virtual_pipeline_model_parallel_size, benchmarks/pipeline_balance.py suggests an "
-                    "uneven split or the encoder over several stages")
+                    f"model chunks per rank, LM layers per rank {per_rank}, the vision encoder on rank 0); rank "
+                    f"{heaviest} sets the pace, balance {balance:.2f}. benchmarks/pipeline_balance.py suggests an uneven "
+                    "split (parallel.num_layers_in_first_pipeline_stage / ..._last_..., each a multiple of the chunks "
+                    "per rank), or, without parallel.virtual_pipeline_model_parallel_size, the encoder over several stages")
         encoder = (f", encoder blocks {' + '.join(map(str, self.stage_vision_blocks))}"
                    if self.stage_vision_blocks and any(self.stage_vision_blocks[1:]) else "")
         return (f"pipeline stages unbalanced: model FLOPs per stage {shares} of the step (LM layers "

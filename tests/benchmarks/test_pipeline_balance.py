@@ -71,6 +71,33 @@ def test_best_split_is_the_brute_force_optimum(tmp_path, fusion, pp):
         assert best["speedup"] == pytest.approx(costs[(None, None)] / min(costs.values()))
 
 
+@pytest.mark.parametrize("fusion", ["casa", "insertion"])
+def test_interleaved_uneven_row_is_the_best_chunked_split(tmp_path, fusion):
+    """PP=2 with 2 chunks per rank over 6 layers: the even split is 3+3, which does not cut into 2
+    chunks, so only uneven stages (2+4, 4+2) can run interleaved; the row offered is the one with
+    the shortest simulated step, its overrides and per-rank layers say which."""
+    from benchmarks.pipeline_balance import interleaved_step, load, plan, stage_costs, step_counts
+    from casa_megatron.config.pipeline_split import virtual_stage_layer_counts
+
+    counts = step_counts(load(str(_config(tmp_path, data={**MICRO["data"], "num_microbatches": 4})), []), fusion)
+    rows = {row["split"]: row for row in plan(counts, 6, 2, virtual=(2,))["rows"]}
+    assert "interleaved x2" not in rows  # no even chunked split of 6 layers over 2 x 2
+    row = rows["interleaved x2, uneven"]
+    steps = {}
+    for first in (2, 4):
+        virtual = virtual_stage_layer_counts(6, 2, 2, first)
+        costs = stage_costs(counts, virtual)
+        shares = [f / c for f, c in zip(stage_costs(counts, virtual, forward=True), costs)]
+        steps[first] = interleaved_step(costs, 2, len(counts), shares)
+    best = min(steps, key=steps.get)
+    assert row["step_estimate"] == pytest.approx(steps[best], rel=1e-12)
+    assert row["layers"] == [best, 6 - best]  # (first=2 and last=4 name the same split)
+    assert (f"parallel.num_layers_in_first_pipeline_stage={best}" in row["overrides"]
+            or f"parallel.num_layers_in_last_pipeline_stage={6 - best}" in row["overrides"])
+    assert "virtual_pipeline_model_parallel_size=2" in row["overrides"]
+    assert sum(row["stage_cost"]) == pytest.approx(sum(mb.total for mb in counts), rel=1e-9)
+
+
 def test_one_f_one_b_simulation():
     """Equal stages: the textbook (m + p - 1) micro-batch slots; one stage: its whole cost; a slow
     stage sets the pace (worked out by hand: stage 1's backward of the last micro-batch ends at

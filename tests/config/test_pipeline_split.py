@@ -181,14 +181,65 @@ def test_virtual_layouts_cover_both_outcomes():
 @pytest.mark.parametrize("args, message", [
     ((8, 2, 1), "=1: give 2 or more model chunks per rank"),
     ((8, 1, 2), "needs parallel.pipeline_model_parallel_size > 1"),
-    ((8, 2, 2, 1, None), "num_layers_in_first_pipeline_stage=1 with .* is not supported"),
-    ((8, 2, 2, None, 3), "num_layers_in_last_pipeline_stage=3 with .* is not supported"),
+    ((8, 2, 2, 1, None), r"cut into 2 equal model chunks, and the stages of 1\+7 LM layers do not divide "
+                         r"\(rank 0: 1; rank 1: 7 layers\)"),
+    ((8, 2, 2, None, 3), r"stages of 5\+3 LM layers do not divide \(rank 0: 5; rank 1: 3 layers\)"),
+    ((8, 2, 2, 8, None), "leaves 0 of model.lm.num_layers=8"),
+    ((8, 2, 2, 4, 4), "give only parallel.num_layers_in_first_pipeline_stage=4"),
     ((8, 2, 2, None, None, 2), "vision_blocks_per_pipeline_stage with .* is not supported"),
     ((6, 2, 2), "num_layers=6 does not split evenly into 4 model chunks"),
 ])
 def test_virtual_split_refusals_name_the_field(args, message):
     with pytest.raises(ConfigError, match=message):
         virtual_stage_layer_counts(*args)
+
+
+UNEVEN_VIRTUAL = [(n, pp, vp, first, last) for n in (6, 8, 10, 12) for pp in (2, 3) for vp in (2, 3)
+                  for first, last in ((2, None), (None, 2), (2, 4), (4, None), (3, 3), (1, None))]
+
+
+@pytest.mark.parametrize("layout", UNEVEN_VIRTUAL, ids=lambda l: "n{}-pp{}-vp{}-first{}-last{}".format(*l))
+def test_uneven_virtual_split_equals_megatron(layout):
+    """Uneven first / last stages with model chunks: each rank's layers cut into equal chunks, the
+    same count and first layer per (chunk, rank) as megatron-core builds; a layout it refuses (or
+    would build with an empty or uneven chunk) is refused here from the config alone."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    n, pp, vp, first, last = layout
+    try:
+        config = TransformerConfig(num_layers=n, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=pp,
+                                   virtual_pipeline_model_parallel_size=vp, pipeline_dtype=torch.float32,
+                                   num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+        built = [(get_num_layers_to_build(config, v, r), get_transformer_layer_offset(config, v, r))
+                 for v in range(vp) for r in range(pp)]
+        assert min(count for count, _ in built) >= 1
+        assert sum(count for count, _ in built) == n  # megatron builds every layer exactly once
+        megatron_ok = True
+    except (ValueError, AssertionError, ZeroDivisionError):  # pp=2 with both ends: megatron divides by 0
+        megatron_ok = False
+    try:
+        counts = virtual_stage_layer_counts(n, pp, vp, first, last)
+    except ConfigError:
+        assert not megatron_ok, f"refused here, built by megatron: {built}"
+        return
+    assert megatron_ok, counts
+    assert list(zip(counts, stage_offsets(counts))) == built
+
+
+def test_uneven_virtual_layouts_cover_both_outcomes():
+    def ok(layout):
+        try:
+            virtual_stage_layer_counts(*layout)
+            return True
+        except ConfigError:
+            return False
+
+    accepted = [l for l in UNEVEN_VIRTUAL if ok(l)]
+    assert 10 < len(accepted) < len(UNEVEN_VIRTUAL) - 10
+    assert virtual_stage_layer_counts(6, 2, 2, 2, None) == [1, 2, 1, 2]
+    assert describe_virtual_split([1, 2, 1, 2], 2) == "2 ranks x 2 chunks: rank 0 layers 0, 3 | rank 1 layers 1-2, 4-5"
 
 
 def test_virtual_split_described_per_rank():
@@ -211,6 +262,11 @@ def test_virtual_split_in_the_config_and_the_batch_schedule():
         load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", ["parallel.virtual_pipeline_model_parallel_size=0"])
     cfg = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "model.lm.num_layers=4"])
     assert cfg.parallel.model_chunks == 2 and cfg.parallel.virtual_stage_layer_counts(4) == [1, 1, 1, 1]
+    uneven = load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "model.lm.num_layers=6",
+                                                                          "parallel.num_layers_in_first_pipeline_stage=2"])
+    assert uneven.parallel.virtual_stage_layer_counts(6) == [1, 2, 1, 2]
+    with pytest.raises(ConfigError, match="num_layers=6 does not split evenly into 4 model chunks.*for an uneven split"):
+        load_config(TrainConfig, "configs/tiny_cpu_synthetic.yaml", [*base, "model.lm.num_layers=6"])
     assert BatchSchedule(cfg, dp_size=1).at(0) == (8, 4)
     with pytest.raises(ConfigError, match="global batch of 6 is 3 micro-batches .* not a multiple of "
                                           "parallel.pipeline_model_parallel_size=2"):

@@ -151,6 +151,19 @@ def test_interleaved_pipeline_matches_single_process(variant):
 
 
 @pytest.mark.parametrize("fusion", [{}, {"mechanism": "insertion"}], ids=["casa", "insertion"])
+def test_interleaved_pipeline_with_an_uneven_split(fusion):
+    """Uneven stages cut into chunks (6 LM layers, ``num_layers_in_first_pipeline_stage=2``: rank 0
+    holds layers 0 and 3 beside the encoder, rank 1 layers 1-2 and 4-5): losses and every
+    gradient equal one process's, as megatron-core's offsets place the layers."""
+    first, second = run_distributed(vpp_worker, world_size=2, fusion=fusion, vision=QWEN_VISION,
+                                    model_fields={"lm": {"num_layers": 6}}, split=(2, None))
+    assert (first["first_layers"], second["first_layers"]) == ([0, 3], [1, 4])
+    assert set(first["checked"]) | set(second["checked"]) == set(first["trained"])
+    layers = lambda stage: {int(n.split(".")[2]) for n in stage["checked"] if n.startswith("decoder.layers.")}
+    assert layers(first) == {0, 3} and layers(second) == {1, 2, 4, 5}
+
+
+@pytest.mark.parametrize("fusion", [{}, {"mechanism": "insertion"}], ids=["casa", "insertion"])
 def test_interleaved_pipeline_under_tensor_and_sequence_parallelism(fusion):
     """4 ranks: TP=2 with sequence parallelism x PP=2 with two model chunks per rank: the SP shards
     of text and image slots cross the four virtual stages, and the losses and every gradient

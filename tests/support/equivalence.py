@@ -218,11 +218,13 @@ def tp_pp_worker(rank, world, fusion, vision=None, vision_split=None, sp=True, m
     return {"stage": parallel_state.get_pipeline_model_parallel_rank(), "checked": sorted(to_global.values())}
 
 
-def vpp_worker(rank, world, fusion, vision=None, model_fields=None, recompute=None, micro_batches=4):
+def vpp_worker(rank, world, fusion, vision=None, model_fields=None, recompute=None, micro_batches=4,
+               split=(None, None)):
     """PP=2 with two model chunks per rank (the interleaved schedule, 4 LM layers: one per virtual
     stage, rank 0 holding layers 0 and 2 and the encoder) against one process: losses and every
     gradient. 4 ranks: TP=2 with sequence parallelism as well (gradients gathered over TP, the
-    sequence-parallel ones summed first)."""
+    sequence-parallel ones summed first). ``split``: LM layers on the first and last stage (each
+    cut into the rank's two chunks; ``model_fields`` then gives the LM more layers)."""
     from megatron.core import parallel_state
 
     from casa_megatron.parallel.tp_layout import gather_full, load_full_state
@@ -235,7 +237,8 @@ def vpp_worker(rank, world, fusion, vision=None, model_fields=None, recompute=No
     ref_losses = run_schedule(ref, batches)
     ref_grads = {n: g.clone() for n, g in _grads(ref).items()}
 
-    chunks = build(tp=tp, pp=2, vp=2, sp=tp > 1, vision=vision, model=model_fields, recompute=recompute, **fusion)
+    chunks = build(tp=tp, pp=2, vp=2, sp=tp > 1, vision=vision, model=model_fields, recompute=recompute, split=split,
+                   **fusion)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     checked, layers = [], []
     for chunk in chunks:

@@ -297,6 +297,28 @@ def test_interleaved_pipeline_trains_and_resumes_at_other_layouts(tmp_path):
     assert _rows(dora)[0]["loss"] < want[2, "loss"] - 0.1  # the trained weights, not a fresh model
 
 
+def test_interleaved_pipeline_with_uneven_stages_trains_and_resumes(tmp_path):
+    """Uneven stages cut into chunks (6 LM layers, ``num_layers_in_first_pipeline_stage=2``: rank 0
+    holds layers 0 and 3 beside the encoder, rank 1 layers 1-2 and 4-5) for 8 steps, resumed with
+    the same stages as plain 1F1B (2 + 4 layers) to the end: the logged losses follow one
+    process's curve, and each step's pipeline balance is that of the split it ran with."""
+    model = ["model.lm.num_layers=6", "train_steps=16"]
+    uneven = ["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=2"]
+    vpp = ["parallel.virtual_pipeline_model_parallel_size=2"]
+    reference = tmp_path / "one_process"
+    run_distributed(_train, world_size=1, run_dir=str(reference), overrides=model)
+    want = {r["step"]: r["loss"] for r in _rows(reference) if "loss" in r}
+    run_dir = tmp_path / "uneven_interleaved"
+    run_distributed(_train_until, world_size=2, run_dir=str(run_dir), stop_after=8, overrides=[*model, *uneven, *vpp])
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000008"
+    run_distributed(_train, world_size=2, run_dir=str(run_dir), overrides=[*model, *uneven])
+    rows = [r for r in _rows(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    for row in rows:
+        assert row["loss"] == pytest.approx(want[row["step"]], rel=1e-4, abs=1e-5), row["step"]
+    _check_pipeline_balance(rows, model, {8: {"virtual": [1, 2, 1, 2]}, 16: [2, 4]})
+
+
 def _check_pipeline_balance(rows, overrides, splits):
     """Each row's ``pipeline_balance`` (mean / max stage FLOPs) is that of its step's own
     micro-batches (the synthetic iterator replayed) on the split the step ran with (``splits``:

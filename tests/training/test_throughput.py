@@ -96,4 +96,10 @@ def test_meter_keeps_each_pipeline_stage_s_flops_and_warns_when_unbalanced():
         warning = meter.pipeline_warning(threshold=1.01)  # any imbalance at all
         assert warning and f"LM layers {layers[0]} + {layers[1]}" in warning and "pipeline_balance.py" in warning
         assert meter.pipeline_warning(threshold=metrics["pipeline_balance"]) is None
+    # the interleaved schedule: per rank (virtual stages r, r + 2), the encoder's rank the heaviest
+    meter = FlopMeter(cfg, IMAGE_SLOTS, [1, 1, 1, 1], ranks=2).over(iter(batches))
+    list(meter)
+    meter.take()
+    warning = meter.pipeline_warning(threshold=1.01)
+    assert warning and "2 model chunks per rank, LM layers per rank 2 + 2" in warning and "rank 0 sets" in warning
     assert FlopMeter(cfg, IMAGE_SLOTS).pipeline_metrics() == {}  # PP=1: nothing per stage
