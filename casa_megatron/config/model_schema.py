@@ -19,8 +19,9 @@ PLACEMENTS = ("parallel", "before", "replace")
 IMAGE_POSITION_SCHEMES = ("auto", "insertion", "mrope", "none")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "torch", "flash", "te", "torch_varlen")
-RECOMPUTE_GRANULARITIES = ("none", "full")
+RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp")  # selective: megatron's names for what is recomputed
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
@@ -146,21 +147,41 @@ class RecomputeConfig:
     their activation memory, the lever when long packed rows (token insertion's 20k image tokens)
     do not fit. ``uniform``: the stage's layers in chunks of ``num_layers``, every chunk recomputed;
     ``block``: the first ``num_layers`` layers of each pipeline stage, one per chunk, the rest kept.
-    Numerics are unchanged (same kernels, the RNG states replayed)."""
+    Numerics are unchanged (same kernels, the RNG states replayed).
 
-    granularity: str = "none"  # none | full
-    method: str = "uniform"
-    num_layers: int = 1
+    ``selective`` (Megatron-LM's ``--recompute-granularity selective --recompute-modules``): only
+    the ``modules`` of every layer are recomputed, each keeping its inputs instead of what it
+    makes inside: ``core_attn`` the attention kernels (self-attention, CASA's and cross-attention's
+    windows, the encoder's), whose scores are quadratic in the row on the padded torch path;
+    ``mlp`` the feed-forward block, whose SwiGLU intermediate is ``2 x ffn_hidden_size`` per token.
+    Cheaper than ``full`` (no projection or norm runs twice), it keeps more."""
+
+    granularity: str = "none"  # none | full | selective
+    method: str = "uniform"  # full: uniform | block
+    num_layers: int = 1  # full: layers per chunk (uniform) or recomputed layers (block)
+    modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective: megatron's default
 
     def validate(self, where: str = "model.recompute") -> None:
         if self.granularity not in RECOMPUTE_GRANULARITIES:
             raise ConfigError(f"{where}.granularity={self.granularity!r} not in {RECOMPUTE_GRANULARITIES}")
         if self.method not in RECOMPUTE_METHODS:
             raise ConfigError(f"{where}.method={self.method!r} not in {RECOMPUTE_METHODS}")
+        unknown = [m for m in self.modules if m not in RECOMPUTE_MODULES]
+        if unknown or (self.selective and not self.modules):
+            raise ConfigError(f"{where}.modules={list(self.modules)}: selective recomputation takes one or more of "
+                              f"{RECOMPUTE_MODULES}")
 
     @property
     def enabled(self) -> bool:
         return self.granularity != "none"
+
+    @property
+    def full(self) -> bool:
+        return self.granularity == "full"
+
+    @property
+    def selective(self) -> bool:
+        return self.granularity == "selective"
 
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

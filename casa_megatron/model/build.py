@@ -18,6 +18,7 @@ from casa_megatron.config.schema import ModelConfig, ParallelConfig
 from casa_megatron.model.chunks import ModelChunks
 from casa_megatron.model.insertion import InsertionVLM
 from casa_megatron.model.lora import attach_lora
+from casa_megatron.model.recompute import recompute_modules
 from casa_megatron.model.transformer_config import (
     lm_transformer_config,
     projector_transformer_config,
@@ -72,6 +73,9 @@ def build_vlm(model: ModelConfig, parallel: ParallelConfig, image_seq_length: in
         _add_gates(vlm)
     if model.lora.enabled or model.vision.lora.enabled:
         _add_lora(vlm, model, lm_cfg, vision_cfg, seed)
+    recompute_modules(vlm.decoder.layers, model.recompute, lm_cfg)  # selective recomputation (if asked)
+    if hasattr(vlm, "vision"):
+        recompute_modules(vlm.vision.blocks, model.vision.recompute, vision_cfg)
     if torch.cuda.is_available():
         vlm.cuda(torch.cuda.current_device())
     return vlm

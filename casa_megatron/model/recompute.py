@@ -1,4 +1,6 @@
-"""Activation recomputation of a stage's decoder layers (``model.recompute``).
+"""Activation recomputation of a stage's decoder layers (``model.recompute``): whole chunks of
+layers (``full``, :func:`run_layers`) or chosen modules of every layer (``selective``,
+:func:`recompute_modules`).
 
 megatron's TransformerBlock recomputes inside its own layer loop; our stages run their own loops
 (CASA layers also take image states and windows: ``decoder.py``, and insertion's combined
@@ -37,7 +39,7 @@ def chunks(num_layers: int, recompute: RecomputeConfig) -> List[Tuple[int, int, 
     the rest of the stage in one chunk that keeps its activations."""
     if num_layers == 0:
         return []
-    if not recompute.enabled:
+    if not recompute.full:  # none, or selective: whole layers are never recomputed
         return [(0, num_layers, False)]
     n = recompute.num_layers
     if recompute.method == "uniform":
@@ -70,3 +72,42 @@ def run_layers(layers: Sequence[torch.nn.Module], hidden: Tensor, call: Callable
         else:
             hidden = run(hidden)
     return hidden
+
+
+# RecomputeConfig.modules -> the attribute naming that module in every layer (megatron's
+# TransformerLayer and our CASA layer alike: self_attention.core_attention, casa_attention.core_attention, mlp)
+SELECTIVE_MODULES = {"core_attn": "core_attention", "mlp": "mlp"}
+
+
+class _Recomputed:
+    """A module's forward that keeps only its inputs for backward (torch's non-reentrant
+    checkpoint, for the reason in the module docstring) while training with gradients."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.forward = module, module.forward
+
+    def __call__(self, *args, **kwargs):
+        if self.module.training and torch.is_grad_enabled():
+            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+def recompute_modules(layers: Sequence[torch.nn.Module], recompute: RecomputeConfig, config) -> int:
+    """Selective recomputation (Megatron-LM's ``--recompute-granularity selective``): every
+    submodule of ``layers`` that ``recompute.modules`` names is recomputed in backward (its
+    ``forward`` replaced on the instance: parameters, state-dict keys and hooks unchanged).
+    Returns how many modules were wrapped; nothing without ``selective``."""
+    if not recompute.selective:
+        return 0
+    dropout = max(config.hidden_dropout, config.attention_dropout)
+    if dropout > 0:
+        raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
+                         "the recomputed forward; this framework trains without dropout")
+    names = {SELECTIVE_MODULES[m] for m in recompute.modules}
+    wrapped = 0
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if name.rpartition(".")[2] in names and not isinstance(module.forward, _Recomputed):
+                module.forward = _Recomputed(module)
+                wrapped += 1
+    return wrapped

@@ -13,10 +13,14 @@ import torch
 from support.dist import run_distributed
 from support.vlm import IMAGE_SLOTS, QWEN_VISION, perturbed_full_state, random_batch, small_model_config
 
-from casa_megatron.config.schema import ConfigError, RecomputeConfig
+from casa_megatron.config.schema import ConfigError, LoRAConfig, RecomputeConfig
 
 FULL = {"uniform_1": RecomputeConfig("full", "uniform", 1), "uniform_3": RecomputeConfig("full", "uniform", 3),
         "block_2": RecomputeConfig("full", "block", 2)}
+SELECTIVE = {"core_attn": RecomputeConfig("selective", modules=["core_attn"]),
+             "mlp": RecomputeConfig("selective", modules=["mlp"]),
+             "core_attn_mlp": RecomputeConfig("selective", modules=["core_attn", "mlp"])}
+METHODS = {**FULL, **SELECTIVE}
 
 
 def test_chunks_cover_the_stage_in_order():
@@ -66,7 +70,7 @@ def _compare(rank, world, variants):
         base = dataclasses.replace(base, **model_kw)
         full = None
         results = {}
-        for method, recompute in {"none": RecomputeConfig(), **FULL}.items():
+        for method, recompute in {"none": RecomputeConfig(), **METHODS}.items():
             vision = dataclasses.replace(base.vision, recompute=recompute) if vision_too else base.vision
             model = build_vlm(dataclasses.replace(base, recompute=recompute, vision=vision), ParallelConfig(),
                               image_seq_length=IMAGE_SLOTS)
@@ -84,7 +88,7 @@ def _compare(rank, world, variants):
         ref_losses, ref_grads, ref_kept = results["none"]
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert set(ref_grads) == trainable and all(ref_grads[n].abs().sum() > 0 for n in ref_grads), name
-        for method in FULL:
+        for method in METHODS:
             losses, grads, kept = results[method]
             torch.testing.assert_close(losses, ref_losses, rtol=1e-6, atol=1e-7)
             assert grads.keys() == ref_grads.keys(), (name, method, set(ref_grads) ^ set(grads))
@@ -101,6 +105,9 @@ VARIANTS = {
     "insertion": ({}, {"mechanism": "insertion"}),
     # only the CASA layers train: the decoder's input and the image states need no grad
     "casa_only_trainable": ({"freeze_lm": True}, {}),
+    # LoRA on a frozen LM's MLP and attention: nothing entering a recomputed MLP needs grad but its
+    # adapters do (megatron's reentrant checkpoint would skip their backward)
+    "casa_frozen_lm_lora": ({"freeze_lm": True, "lora": LoRAConfig(rank=2)}, {}),
     # model.vision.recompute too: the Qwen2.5-VL encoder's window / full-attention blocks
     "casa_qwen_encoder": ({"vision_fields": QWEN_VISION, "vision_too": True}, {}),
 }
@@ -112,6 +119,10 @@ def test_recompute_equals_keeping_activations_and_keeps_less():
         # every layer recomputed: what backward keeps of the decoder drops to its chunk inputs
         assert kept["uniform_1"] < 0.6 * kept["none"], (name, kept)
         assert kept["uniform_3"] < kept["block_2"] < kept["none"], (name, kept)
+        # selective: each module's insides dropped, the rest of every layer kept
+        assert kept["core_attn_mlp"] < min(kept["core_attn"], kept["mlp"]), (name, kept)
+        assert max(kept["core_attn"], kept["mlp"]) < kept["none"], (name, kept)
+        assert kept["uniform_1"] < kept["core_attn_mlp"], (name, kept)
     assert report["casa_only_trainable"]["trainable"] < report["casa"]["trainable"]
     assert report["casa_qwen_encoder"]["uniform_1"] < 0.5 * report["casa_qwen_encoder"]["none"]
 
@@ -128,8 +139,12 @@ def test_bad_recompute_configs_are_named():
     from casa_megatron.config.limits import check_limits
     from casa_megatron.config.schema import TrainConfig
 
-    with pytest.raises(ConfigError, match="model.recompute.granularity='selective' not in"):
-        RecomputeConfig("selective").validate()
+    with pytest.raises(ConfigError, match="model.recompute.granularity='partial' not in"):
+        RecomputeConfig("partial").validate()
+    with pytest.raises(ConfigError, match=r"model.recompute.modules=\['layernorm'\]: selective recomputation takes"):
+        RecomputeConfig("selective", modules=["layernorm"]).validate()
+    with pytest.raises(ConfigError, match=r"modules=\[\]"):
+        RecomputeConfig("selective", modules=[]).validate()
     with pytest.raises(ConfigError, match="model.recompute.method='blocks' not in"):
         RecomputeConfig("full", "blocks").validate()
     cfg = TrainConfig()
@@ -164,7 +179,8 @@ def test_recompute_may_change_on_resume():
 
 
 def _bf16(rank, world):
-    """CASA with the Qwen encoder in bf16 (the GPU dtype), every LM and encoder block recomputed."""
+    """CASA with the Qwen encoder in bf16 (the GPU dtype), every LM and encoder block recomputed
+    (full), or their attention kernels and MLPs (selective)."""
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
@@ -175,7 +191,8 @@ def _bf16(rank, world):
     batch = random_batch(5, temporal=2)
     base = small_model_config(QWEN_VISION)
     out, full = {}, None
-    for name, recompute in (("none", RecomputeConfig()), ("full", FULL["uniform_1"])):
+    for name, recompute in (("none", RecomputeConfig()), ("full", FULL["uniform_1"]),
+                            ("selective", SELECTIVE["core_attn_mlp"])):
         cfg = dataclasses.replace(base, recompute=recompute, vision=dataclasses.replace(base.vision, recompute=recompute))
         model = build_vlm(cfg, ParallelConfig(), image_seq_length=IMAGE_SLOTS, params_dtype=torch.bfloat16)
         full = full or {n: t.to(torch.bfloat16) for n, t in perturbed_full_state(model).items()}
@@ -188,12 +205,15 @@ def _bf16(rank, world):
         kept = _saved_bytes(step)
         out[name] = (losses[0].detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}, kept)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = out["none"], out["full"]
-    assert kept_b < 0.5 * kept_a, (kept_a, kept_b)  # recomputation really ran
-    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)  # the same bf16 kernels run again
-    assert grads_a.keys() == grads_b.keys() and all(g.abs().sum() > 0 for g in grads_a.values())
-    for n in grads_a:
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+    loss_a, grads_a, kept_a = out["none"]
+    assert all(g.abs().sum() > 0 for g in grads_a.values())
+    for name, share in (("full", 0.5), ("selective", 0.9)):
+        loss_b, grads_b, kept_b = out[name]
+        assert kept_b < share * kept_a, (name, kept_a, kept_b)  # recomputation really ran
+        torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)  # the same bf16 kernels run again
+        assert grads_a.keys() == grads_b.keys()
+        for n in grads_a:
+            torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=lambda m: f"{name} {n}: {m}")
     return float(loss_a)
 
 

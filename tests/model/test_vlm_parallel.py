@@ -25,6 +25,10 @@ TP_VARIANTS = {
     "casa_recompute_uniform_2": {"recompute": {"granularity": "full", "method": "uniform", "num_layers": 2}},
     "insertion_recompute_block_1": {"mechanism": "insertion",
                                     "recompute": {"granularity": "full", "method": "block", "num_layers": 1}},
+    # selective: the attention kernels and MLPs (the row-parallel fc2's reduce(-scatter)) run again
+    "casa_selective_core_attn_mlp": {"recompute": {"granularity": "selective", "modules": ["core_attn", "mlp"]}},
+    "insertion_qwen_selective_mlp": {"mechanism": "insertion", "vision": QWEN_VISION,
+                                     "recompute": {"granularity": "selective", "modules": ["mlp"]}},
     # per-head q/k RMSNorms (Qwen3): CASA's own (copied from SA), shared with SA, and the baseline's;
     # each TP rank's norm gradient covers its heads only and must be summed over TP
     "casa_qk_layernorm": {"lm": {"qk_layernorm": True}},
@@ -61,6 +65,7 @@ PP_VARIANTS = {
     "insertion": ({"mechanism": "insertion"}, None),
     "casa_qwen_encoder_mrope": ({"vision": QWEN_VISION}, 3),
     "casa_recompute_uniform_1": ({"recompute": {"granularity": "full", "method": "uniform", "num_layers": 1}}, 3),
+    "casa_selective_core_attn_mlp": ({"recompute": {"granularity": "selective", "modules": ["core_attn", "mlp"]}}, 3),
     # uneven splits (parallel.num_layers_in_first/last_pipeline_stage): 1 + 3 and 3 + 1 of 4 layers
     "casa_uneven_first_1": ({"split": (1, None)}, 3),
     "insertion_uneven_last_1": ({"mechanism": "insertion", "split": (None, 1)}, None),
