@@ -13,12 +13,18 @@ manifest like any of its files), and whoever reads a saved run uses that copy:
   checkpoint was trained with (allowed, as any data setting may change on resume).
 
 Checkpoints written before this copy existed are read as before (the path).
+
+The tokenizer's files are saved into every checkpoint too (``tokenizer/``, as Megatron-Bridge's
+``save_tokenizer_assets``; ``checkpoint.save_tokenizer``): ``data.tokenizer_path`` often points
+into an import folder or a data set that is moved or deleted long before the model is exported,
+and the tokenizer is part of the model. ``export-hf`` and ``casa-eval`` look there first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,17 +35,47 @@ from casa_megatron.runtime.atomic import atomic_write_text
 logger = logging.getLogger(__name__)
 
 TEMPLATE_COPY = "chat_template.jinja"  # the text of data.chat_template, beside config.yaml
+TOKENIZER_COPY = "tokenizer"  # the tokenizer's files, in every checkpoint
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.json", "chat_template.jinja")
 _told: set = set()  # (folder, file) pairs already warned about: a tool reads a checkpoint's config more than once
 
 
-def save_run_config(config: Any, folder: str | Path) -> None:
+def save_run_config(config: Any, folder: str | Path, tokenizer: bool = False) -> None:
     """``folder/config.yaml`` and, with ``data.chat_template``, ``folder/chat_template.jinja``
-    (each written atomically; the template first, so a config never names a copy not yet there)."""
+    (each written atomically; the template first, so a config never names a copy not yet there);
+    with ``tokenizer`` (a checkpoint's unfinished ``.tmp`` folder), ``folder/tokenizer/``."""
     folder = Path(folder)
     data = getattr(config, "data", None)
     if data is not None and data.chat_template:
         atomic_write_text(folder / TEMPLATE_COPY, data.chat_template_text())
+    if tokenizer and data is not None:
+        copy_tokenizer(data, folder / TOKENIZER_COPY)
     save_config(config, folder / RUN_CONFIG)
+
+
+def copy_tokenizer(data, out: Path) -> int:
+    """The run's tokenizer files (``data.resolved_tokenizer_path()``) into ``out``; how many (0:
+    no tokenizer, e.g. the in-memory synthetic task). Only the tokenizer's own files: the folder
+    may be an import holding the weights."""
+    try:
+        source = data.resolved_tokenizer_path()
+    except (OSError, ValueError):
+        return 0
+    if source is None or not Path(source).is_dir():
+        return 0
+    names = [n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
+    if names:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy2(Path(source) / name, out / name)
+    return len(names)
+
+
+def saved_tokenizer(folder: str | Path) -> Optional[Path]:
+    """The tokenizer saved in checkpoint ``folder``, or None (none saved, or an older checkpoint)."""
+    copy = Path(folder) / TOKENIZER_COPY
+    return copy if (copy / "tokenizer_config.json").is_file() else None
 
 
 def _saved_text(folder: Path) -> Optional[str]:

@@ -195,6 +195,9 @@ class CheckpointConfig:
     # default) has every rank write its own shard, no gather, and resumes at another DP size only
     # (same TP and PP: a resume that changes them is refused before anything is written).
     optimizer_format: str = "fully_reshardable"
+    # The tokenizer's files in every checkpoint (tokenizer/, Megatron-Bridge's save_tokenizer_assets):
+    # export-hf and casa-eval read them there, whatever became of data.tokenizer_path.
+    save_tokenizer: bool = True
 
     def validate(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:

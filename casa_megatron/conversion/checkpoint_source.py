@@ -27,7 +27,7 @@ from casa_megatron.config.coerce import from_dict
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.loader import load_config_dict, read_yaml
 from casa_megatron.config.pretrained import ARCHITECTURE_FILE, RUN_CONFIG, WEIGHTS_DIR
-from casa_megatron.config.run_files import with_saved_template
+from casa_megatron.config.run_files import saved_tokenizer, with_saved_template
 from casa_megatron.config.schema import ModelConfig
 from casa_megatron.conversion.errors import ConversionError
 from casa_megatron.data.config import DataConfig
@@ -99,7 +99,8 @@ def _training_checkpoint(p: Path) -> CheckpointSource:
     except ConfigError as exc:
         raise ConversionError(f"{config}: {exc}") from exc
     data = with_saved_template(_data_config(run.get("data") or {}, config), p)  # the template it trained with
-    candidates = _tokenizer_candidates(data)
+    saved = saved_tokenizer(p)  # the checkpoint's own copy first: the tokenizer it was trained with
+    candidates = ([saved] if saved is not None else []) + _tokenizer_candidates(data)
     pretrained = (run.get("checkpoint") or {}).get("pretrained")
     if pretrained:  # an imported folder holds the tokenizer copied from the HF source
         candidates.append(Path(pretrained))

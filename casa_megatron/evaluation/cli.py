@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from casa_megatron.config.run_files import saved_tokenizer
 from casa_megatron.data.records import ShardError
 from casa_megatron.data.recipe import RecipeError
 from casa_megatron.evaluation.answer_metrics import MetricError
@@ -70,9 +71,9 @@ def settings_for(args: argparse.Namespace):
     from casa_megatron.data.processor import ProcessorSettings
 
     if args.checkpoint:
-        cfg, _ = checkpoint_config(args.checkpoint)
+        cfg, folder = checkpoint_config(args.checkpoint)
         d = cfg.data
-        tok = args.tokenizer or (str(p) if (p := _tokenizer_of(d)) else None) or args.hf
+        tok = args.tokenizer or (str(p) if (p := saved_tokenizer(folder) or _tokenizer_of(d)) else None) or args.hf
         if tok is None:
             raise NotACheckpoint(f"the tokenizer of {args.checkpoint} ({d.tokenizer_path or 'next to ' + d.source}) "
                                  "is gone; pass --tokenizer")

@@ -7,6 +7,7 @@ Layout of ``<dir>``::
       rank_00003.pt        RNG states and data-iterator position     (every rank)
       config.yaml          the resolved config of the run
       chat_template.jinja  the text of data.chat_template, when set (config/run_files.py)
+      tokenizer/           the run's tokenizer files (checkpoint.save_tokenizer)
       manifest.json        every file's size and CRC-32, written last (ckpt_manifest.py)
     iter_0000200.damaged/  a checkpoint that failed its manifest check, set aside (never deleted)
     latest                 name of the newest complete checkpoint (replaced atomically)
@@ -298,7 +299,8 @@ class Checkpointer:
         if rank == 0:
             torch.save({"step": step, "scheduler": scheduler.state_dict(), "layout": _layout()},
                        tmp / "trainer.pt")
-            save_run_config(config, tmp)  # config.yaml (+ the chat template's text)
+            # config.yaml (+ the chat template's text, the tokenizer's files)
+            save_run_config(config, tmp, tokenizer=config.checkpoint.save_tokenizer)
         if self.background is None:
             self._commit(step, tmp, final)
         else:

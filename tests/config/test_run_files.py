@@ -126,8 +126,49 @@ def test_training_saves_the_template_and_export_uses_it_after_an_edit(trained_wi
     fields = export_fields(ModelConfig(), source.data)
     assert fields.processor["chat_template"] == CHAT_TEMPLATE
 
+    # the tokenizer is in the checkpoint too: with the data set's own gone, export and casa-eval use it
+    from types import SimpleNamespace
+
+    from casa_megatron.conversion.exporter import resolve_tokenizer
+    from casa_megatron.evaluation.cli import settings_for
+
+    saved = checkpoint / "tokenizer"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert (saved / "tokenizer_config.json").is_file() and "tokenizer/tokenizer.json" in manifest
+    original = root / "data" / "tokenizer"
+    assert (saved / "tokenizer.json").read_bytes() == (original / "tokenizer.json").read_bytes()
+    original.rename(root / "moved_tokenizer")
+    try:
+        assert resolve_tokenizer(locate_checkpoint(checkpoint), None) == saved
+        args = SimpleNamespace(checkpoint=str(checkpoint), tokenizer=None, hf=None)
+        assert settings_for(args).tokenizer_path == str(saved)
+    finally:
+        (root / "moved_tokenizer").rename(original)
+
     # a resume with the edited file is told so, and its next checkpoint keeps the new text
     proc = subprocess.run(base + ["train_steps=4"], capture_output=True, text=True, timeout=600, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not with the template iter_0000002 was trained with" in proc.stderr
     assert (run / "checkpoints" / "iter_0000004" / TEMPLATE_COPY).read_text() == edited
+
+
+def test_only_the_tokenizer_files_are_copied(tmp_path):
+    """``data.tokenizer_path`` may be an import folder holding the weights: only the tokenizer's
+    own files go into the checkpoint, and nothing without a tokenizer (the in-memory task)."""
+    from casa_megatron.config.run_files import copy_tokenizer, saved_tokenizer
+    from casa_megatron.config.schema import TrainConfig
+
+    source = tmp_path / "import"
+    (source / "weights").mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.yaml", "weights/x.distcp"):
+        (source / name).write_text(name)
+    cfg = TrainConfig()
+    cfg.data = DataConfig(tokenizer_path=str(source))
+    folder = tmp_path / "iter_0000001"
+    folder.mkdir()
+    save_run_config(cfg, folder, tokenizer=True)
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == [
+        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert saved_tokenizer(folder) == folder / "tokenizer"
+    assert copy_tokenizer(DataConfig(), tmp_path / "none") == 0 and not (tmp_path / "none").exists()
+    assert saved_tokenizer(tmp_path) is None

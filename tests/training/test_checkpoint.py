@@ -157,10 +157,10 @@ def _die_during_save(rank, world, run_dir):
 
     original = checkpoint.save_run_config
 
-    def save_run_config(config, folder):
+    def save_run_config(config, folder, **kwargs):
         if "iter_0000016" in str(folder):
             os._exit(9)
-        original(config, folder)
+        original(config, folder, **kwargs)
 
     checkpoint.save_run_config = save_run_config
     return _train(rank, world, run_dir, [])
