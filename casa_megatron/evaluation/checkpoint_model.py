@@ -72,15 +72,22 @@ def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:
     return cfg, folder
 
 
-def load_checkpoint_model(path: str | Path, image_slots: int = 1):
-    """(model in eval mode, its TrainConfig). Initialises a one-process megatron group if none."""
+def load_checkpoint_model(path: str | Path, image_slots: int = 1, tp: int = 1, pp: int = 1):
+    """(this rank's model in eval mode, its TrainConfig) at TP=``tp`` / PP=``pp`` (even split;
+    any layout the checkpoint was written at). Initialises megatron's groups: one process, or
+    the launcher's ``tp * pp`` ranks."""
     from casa_megatron.config import ParallelConfig
     from casa_megatron.model.build import build_vlm
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.pretrained import load_model_weights
 
     cfg, folder = checkpoint_config(path)
-    initialize_parallel(1, 1, seed=cfg.seed)
-    model = build_vlm(cfg.model, ParallelConfig(), image_seq_length=image_slots)
+    initialize_parallel(tp, pp, seed=cfg.seed)
+    try:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel.validate(cfg.model)
+    except ConfigError as exc:
+        raise NotACheckpoint(f"--tensor-parallel {tp} --pipeline-parallel {pp} does not fit this model: {exc}") from None
+    model = build_vlm(cfg.model, parallel, image_seq_length=image_slots)
     load_model_weights(model, folder)
     return model.eval(), cfg

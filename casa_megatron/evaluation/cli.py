@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="HF side: cpu / cuda (default: cuda when there is one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="HF side; agreement with megatron (fp32) is only expected in float32")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="megatron side: TP ranks (under torchrun with "
+                   "tensor x pipeline processes; outputs and the HF side on rank 0)")
+    p.add_argument("--pipeline-parallel", type=int, default=1, help="megatron side: pipeline stages (even split)")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
         p.error("give --checkpoint, --hf or both")
@@ -63,7 +67,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--track logs to the run of --checkpoint: give it")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         p.error("--max-new-tokens, --batch-size and --max-samples must be >= 1")
+    if args.tensor_parallel < 1 or args.pipeline_parallel < 1:
+        p.error("--tensor-parallel and --pipeline-parallel must be >= 1")
+    ranks = args.tensor_parallel * args.pipeline_parallel
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if ranks > 1 and not args.checkpoint:
+        p.error("--tensor-parallel / --pipeline-parallel split the megatron side: give --checkpoint")
+    if world != ranks:
+        p.error(f"--tensor-parallel {args.tensor_parallel} x --pipeline-parallel {args.pipeline_parallel} needs "
+                f"{ranks} process(es), this launch has {world}: torchrun --nproc-per-node {ranks} -m "
+                "casa_megatron.evaluation ...")
     return args
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def settings_for(args: argparse.Namespace):
@@ -115,7 +133,7 @@ def run_megatron(args, settings, items: Items) -> Dict:
     from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
     from casa_megatron.evaluation.megatron_side import MegatronGreedy
 
-    model, cfg = load_checkpoint_model(args.checkpoint)
+    model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel)
     layout = make_layout(settings)
     if isinstance(layout, ChatTemplateLayout):
         tok = layout.tokenizer
@@ -151,7 +169,7 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 
         return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
 
     def answers():  # (item, tokens), batch_size questions per call where the runner batches
-        with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q") as bar:
+        with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q", disable=not _is_rank0()) as bar:
             for first in range(0, len(items.questions), batch_size):
                 chunk = items.questions[first:first + batch_size]
                 tokens = runner.answer_batch(chunk) if batch_size > 1 else [runner.answer(chunk[0])]
@@ -163,7 +181,7 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 
     for item, tokens in answers():
         questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
                           "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
-    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip"):
+    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip", disable=not _is_rank0()):
         frames = runner.caption(item)
         captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
                                                    for t, r in zip(frames, item.references)]})
@@ -191,9 +209,12 @@ def run(args: argparse.Namespace) -> Dict:
     sides = {}
     if args.checkpoint:
         sides["megatron"] = run_megatron(args, settings, items)
+    if not _is_rank0():  # the other ranks of a parallel megatron side: rank 0 reports
+        return {}
     if args.hf:
         sides["hf"] = run_hf(args, items, adapter)
     result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
+              "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel},
               "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
               "text_layout": settings.text_layout, "sides": sides}
     if len(sides) == 2:

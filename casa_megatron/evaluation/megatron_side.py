@@ -1,4 +1,6 @@
-"""Greedy generation with the megatron model (one process, TP=1), by recomputation.
+"""Greedy generation with the megatron model, by recomputation: one process, or the ranks of a
+tensor- / pipeline-parallel layout (``casa-eval --tensor-parallel N --pipeline-parallel M``
+under torchrun, for a model one device does not hold).
 
 Every step runs the whole sequence again: the prompt laid out by the training pipeline itself
 (``ChatTemplateLayout.prompt`` / ``LayoutTokens.prompt``, the layout the model was trained on),
@@ -10,6 +12,10 @@ Captions follow the live captioner: the stream prompt (the user turn and the ass
 then per frame its markup with the frame inserted where the template's placeholder was (the
 window opens at the token after it; with no markup after the placeholder, at the first
 generated token), then greedy tokens until the end of the turn.
+
+Across ranks every rank builds the same batch; the last pipeline stage gathers the logits over TP
+(all its TP ranks then hold the same argmax) and sends the token down its pipeline group, so every
+rank appends the same token (``_logits``, ``_shared``). PP runs megatron's forward-only schedule.
 """
 
 from __future__ import annotations
@@ -38,11 +44,17 @@ class MegatronGreedy:
         packer = Packer(1, len(sample), max(1, sample.num_image_tokens), self.layout.pad_id, data.image_mean,
                         data.image_std, self.cfg.model.vision.temporal_patch_size, data.fps)
         batch, _ = packer.collate([[sample]])
-        batch = replace(batch, labels=None).to(next(self.model.parameters()).device)  # build_vlm: cuda if any
-        self.model.image_seq_length = max(1, sample.num_image_tokens)
-        logits = self.model(batch)[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
-        logits[self.banned] = float("-inf")
-        return int(logits.argmax())
+        device = next(self.model.parameters()).device  # build_vlm: cuda if any
+        batch = replace(batch, labels=None).to(device)
+        slots = max(1, sample.num_image_tokens)
+        self.model.image_seq_length = slots
+        logits = _logits(self.model, batch, len(sample) + slots)  # [s, 1, v_padded] on the last stage, else None
+        token = None
+        if logits is not None:
+            last = logits[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
+            last[self.banned] = float("-inf")
+            token = int(last.argmax())
+        return _shared(token, device)
 
     def _generate(self, sample: TokenizedSample, pending: List[ImageItem]) -> List[int]:
         """Append greedy tokens to ``sample`` (in place) until a stop token or the budget;
@@ -97,3 +109,36 @@ class MegatronGreedy:
                 pending = [image]
             per_frame.append(self._generate(sample, pending))
         return per_frame
+
+
+def _logits(model, batch, seq_length: int):
+    """Full-vocabulary logits ``[s, b, v_padded]`` on the last pipeline stage (gathered over TP),
+    None on the other stages. ``seq_length``: text + image slots (what stages send each other)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        out = model(batch)
+    else:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        outs = get_forward_backward_func()(
+            forward_step_func=lambda data, chunk: (chunk(next(data)), None), data_iterator=iter([batch]),
+            model=[model], num_microbatches=1, seq_length=seq_length, micro_batch_size=batch.input_ids.shape[0],
+            forward_only=True)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        out = outs[0]
+    return tensor_parallel.gather_from_tensor_model_parallel_region(out)
+
+
+def _shared(token, device) -> int:
+    """The last stage's token on every rank of its pipeline (one process: itself)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return token
+    value = torch.tensor([-1 if token is None else token], dtype=torch.long, device=device)
+    dist.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return int(value.item())
