@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from casa_megatron.config.model_schema import lora_scale
 from casa_megatron.conversion.errors import ConversionError
-from casa_megatron.conversion.safetensors_io import normalise
+from casa_megatron.conversion.safetensors_io import WrappedReader, normalise
 
 # PEFT's adapter folder, as export-hf --lora separate writes it (conversion/lora_export.py) next
 # to the weights and as PeftModel.save_pretrained writes it
@@ -79,12 +79,13 @@ def _check_config(config: dict, where: Path) -> None:
                               "\n  ".join(problems))
 
 
-class AdapterMergedReader:
+class AdapterMergedReader(WrappedReader):
     """A checkpoint reader (``SafetensorsReader`` interface) whose adapted weights come out merged
     (``W + scale * B A``, DoRA's rescaled rows; computed in float32, returned in the weight's dtype)."""
 
     def __init__(self, reader, adapter_dir: Path):
-        self.reader, self.adapter_dir = reader, Path(adapter_dir)
+        super().__init__(reader)
+        self.adapter_dir = Path(adapter_dir)
         config = json.loads((self.adapter_dir / CONFIG).read_text())
         _check_config(config, self.adapter_dir)
         pieces: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -138,18 +139,6 @@ class AdapterMergedReader:
         if not self.updates:
             raise ConversionError(f"{self.adapter_dir}: no LoRA tensors in {WEIGHTS}")
 
-    def names(self):
-        return self.reader.names()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader
-
-    def shape(self, name: str):
-        return self.reader.shape(name)
-
-    def dtype(self, name: str):
-        return self.reader.dtype(name)
-
     def get(self, name: str) -> torch.Tensor:
         weight = self.reader.get(name)
         if name not in self.updates:
@@ -159,7 +148,3 @@ class AdapterMergedReader:
         if m is not None:  # DoRA: the merged direction, rescaled to the learned row norms
             merged *= (m.float() / merged.norm(dim=1))[:, None]
         return merged.to(weight.dtype)
-
-    def items(self):
-        for name in self.names():
-            yield name, self.get(name)

@@ -121,6 +121,33 @@ class DictReader:
         return self._tensors[name]
 
 
+class WrappedReader:
+    """A reader that changes some tensors of another on the way out (a merged adapter, an
+    extended vocabulary): everything is the inner reader's unless a subclass overrides
+    ``get`` (and ``shape`` where the shape changes)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def names(self) -> List[str]:
+        return self.reader.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self.reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
 
 # --- writing ----------------------------------------------------------------------------------
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",

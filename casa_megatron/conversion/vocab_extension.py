@@ -34,6 +34,7 @@ from typing import Any, List
 import torch
 
 from casa_megatron.conversion.errors import ConversionError
+from casa_megatron.conversion.safetensors_io import WrappedReader
 
 LAYOUT = "layout"  # --add-tokens layout: the recipe's layout tokens
 LAYOUT_FIELDS = ("image_token", "answer_token", "end_of_turn_token")
@@ -102,28 +103,20 @@ def vocabulary_names(table) -> List[str]:
     return [r.hf for r in map(as_row, table.rows) if isinstance(r.transform, PadVocab)]
 
 
-class VocabExtendedReader:
+class VocabExtendedReader(WrappedReader):
     """A checkpoint reader (``SafetensorsReader`` interface) whose embedding and LM head come out
     as transformers' ``resize_token_embeddings`` would leave them, with the new tokens' rows at
     the mean of the known ones: the extension happens in HF space, before the mapping tables, so
     the tables pad, split and export these tensors as any others."""
 
     def __init__(self, reader, added: AddedTokens, vocab_size: int, names: List[str]):
-        self.reader, self.added, self.vocab_size = reader, added, vocab_size
+        super().__init__(reader)
+        self.added, self.vocab_size = added, vocab_size
         self.extended = {n for n in names if n in reader}
-
-    def names(self):
-        return self.reader.names()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader
 
     def shape(self, name: str):
         shape = tuple(self.reader.shape(name))
         return (self.vocab_size, *shape[1:]) if name in self.extended else shape
-
-    def dtype(self, name: str):
-        return self.reader.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         weight = self.reader.get(name)
@@ -135,10 +128,6 @@ class VocabExtendedReader:
         out[:rows] = weight[:rows]
         out[self.added.ids] = weight[:known].float().mean(dim=0).to(weight.dtype)
         return out
-
-    def items(self):
-        for name in self.names():
-            yield name, self.get(name)
 
 
 def say(added: AddedTokens, freeze_lm: bool) -> None:
