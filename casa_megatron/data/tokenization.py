@@ -113,6 +113,26 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def check_vocabulary(data, vocab_size: int) -> None:
+    """The run's tokenizer fits the model's vocabulary (``data``: a DataConfig). A token id at or
+    past ``model.lm.vocab_size`` would read a padding row of the embedding, whose logit is masked
+    (an infinite loss where it is a label), or past the table (an index error on a CPU, a device
+    assert on a GPU, steps into the run): refused before the model is built. Nothing to check for
+    the in-memory synthetic task."""
+    if data.is_synthetic:
+        return
+    path = data.resolved_tokenizer_path()
+    if path is None:
+        return  # DataConfig.validate names the missing tokenizer
+    size = len(load_tokenizer(path))
+    if size > vocab_size:
+        from casa_megatron.config.errors import ConfigError
+
+        raise ConfigError(f"the tokenizer at {path} has {size} tokens but model.lm.vocab_size is {vocab_size}: ids "
+                         f"{vocab_size}..{size - 1} have no embedding row. Use the tokenizer the model was imported "
+                         "with (casa-convert import-hf writes it into its folder; --add-tokens grows both together)")
+
+
 def build_word_tokenizer(texts, out_dir: str | Path, extra_tokens: Optional[List[str]] = None,
                          chat_template: Optional[str] = None) -> Path:
     """Train a tiny lower-case word-level tokenizer on ``texts`` and save it as a HF tokenizer.

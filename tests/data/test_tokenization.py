@@ -49,3 +49,40 @@ def test_tokenizer_pickles_for_process_workers(tokenizer_dir):
 def test_missing_tokenizer_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def _train_with_vocab(rank, world, tokenizer_dir, vocab, run_dir):
+    from casa_megatron.config import load_config
+    from casa_megatron.config.errors import ConfigError
+    from casa_megatron.config.schema import TrainConfig
+    from casa_megatron.training.loop import train
+
+    cfg = load_config(TrainConfig, "configs/tiny_cpu.yaml", [
+        f"data.source={tokenizer_dir.parent}/shards", f"data.tokenizer_path={tokenizer_dir}",
+        f"model.lm.vocab_size={vocab}", f"run_dir={run_dir}", "tracking.enabled=false"])
+    try:
+        train(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_model(tokenizer_dir, tmp_path):
+    """Ids past ``model.lm.vocab_size`` would read padding rows or fail deep in a step (a device
+    assert on a GPU): the run stops at start-up, naming both sizes, before anything is written."""
+    from support.dist import run_distributed
+
+    from casa_megatron.data.config import DataConfig
+    from casa_megatron.data.tokenization import check_vocabulary
+
+    size = len(load_tokenizer(tokenizer_dir))
+    data = DataConfig(source=str(tokenizer_dir.parent / "shards"), tokenizer_path=str(tokenizer_dir))
+    check_vocabulary(data, size)  # exactly fits
+    check_vocabulary(DataConfig(), 1)  # the in-memory synthetic task has no tokenizer
+    with pytest.raises(ValueError, match=f"has {size} tokens but model.lm.vocab_size is {size - 1}"):
+        check_vocabulary(data, size - 1)
+    message, = run_distributed(_train_with_vocab, world_size=1, tokenizer_dir=tokenizer_dir, vocab=size - 1,
+                               run_dir=str(tmp_path / "run"))
+    assert message and f"ids {size - 1}..{size - 1} have no embedding row" in message
+    run = tmp_path / "run"  # the session's lock and writable check only: no config, no checkpoint
+    assert not (run / "config.yaml").exists() and not any((run / "checkpoints").iterdir())
