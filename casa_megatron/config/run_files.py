@@ -9,8 +9,9 @@ manifest like any of its files), and whoever reads a saved run uses that copy:
 
 * ``export-hf`` and ``casa-eval`` (``with_saved_template``): the copy replaces the path, with a
   warning when the file at the path now says something else, a note when it is gone;
-* a resumed run (``template_drift``): warned that it goes on with another template than the
-  checkpoint was trained with (allowed, as any data setting may change on resume).
+* a resumed run (``template_drift``, ``tokenizer_drift``): warned that it goes on with another
+  template or tokenizer than the checkpoint was trained with (allowed, as any data setting may
+  change on resume; a tokenizer grown by ``import-hf --add-tokens`` is one).
 
 Checkpoints written before this copy existed are read as before (the path).
 
@@ -70,6 +71,30 @@ def copy_tokenizer(data, out: Path) -> int:
         for name in names:
             shutil.copy2(Path(source) / name, out / name)
     return len(names)
+
+
+def tokenizer_drift(data, folder: str | Path) -> Optional[str]:
+    """A sentence when this run's tokenizer files differ from those saved in checkpoint ``folder``
+    (None when they agree, or the checkpoint kept none): a resume with another tokenizer maps text
+    to other ids than the model learnt."""
+    saved = saved_tokenizer(folder)
+    if saved is None:
+        return None
+    try:
+        current = data.resolved_tokenizer_path()
+    except (OSError, ValueError):
+        current = None
+    if current is None or not Path(current).is_dir():
+        return None  # DataConfig.validate names a missing tokenizer
+    differ = [n for n in TOKENIZER_FILES if _bytes(Path(current) / n) != _bytes(saved / n)]
+    if not differ:
+        return None
+    return (f"the tokenizer at {current} is not the one {Path(folder).name} was trained with ({saved}; "
+            f"{', '.join(differ)} differ): text maps to other ids than the model learnt")
+
+
+def _bytes(path: Path) -> Optional[bytes]:
+    return path.read_bytes() if path.is_file() else None
 
 
 def saved_tokenizer(folder: str | Path) -> Optional[Path]:

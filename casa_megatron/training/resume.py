@@ -41,7 +41,7 @@ import yaml
 
 from casa_megatron.config import to_dict
 from casa_megatron.config.errors import ConfigError
-from casa_megatron.config.run_files import template_drift
+from casa_megatron.config.run_files import template_drift, tokenizer_drift
 from casa_megatron.training.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -271,9 +271,9 @@ def resume(ckpt, cfg, model, optimizer, scheduler) -> Resumed:
         out.data_state = data_state
         if diff.changed:
             logger.info("resume: applying config changes: %s", describe_changes(diff))
-        drift = template_drift(cfg.data, path)
-        if drift is not None:
-            logger.warning("resume: %s", drift)
+        for drift in (template_drift(cfg.data, path), tokenizer_drift(cfg.data, path)):
+            if drift is not None:
+                logger.warning("resume: %s", drift)
         break
     if candidates and out.path is None:
         listing = "; ".join(f"{p.name}: {why}" for p, _, why in out.skipped)

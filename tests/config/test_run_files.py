@@ -172,3 +172,25 @@ def test_only_the_tokenizer_files_are_copied(tmp_path):
     assert saved_tokenizer(folder) == folder / "tokenizer"
     assert copy_tokenizer(DataConfig(), tmp_path / "none") == 0 and not (tmp_path / "none").exists()
     assert saved_tokenizer(tmp_path) is None
+
+
+def test_a_resume_with_another_tokenizer_is_told(tmp_path):
+    from casa_megatron.config.run_files import tokenizer_drift
+    from casa_megatron.config.schema import TrainConfig
+
+    source = tmp_path / "tok"
+    source.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_text(name)
+    cfg = TrainConfig()
+    cfg.data = DataConfig(tokenizer_path=str(source))
+    folder = tmp_path / "iter_0000004"
+    folder.mkdir()
+    save_run_config(cfg, folder, tokenizer=True)
+    assert tokenizer_drift(cfg.data, folder) is None
+    (source / "tokenizer.json").write_text("another vocabulary")
+    drift = tokenizer_drift(cfg.data, folder)
+    assert drift and "not the one iter_0000004 was trained with" in drift and "tokenizer.json differ" in drift
+    (source / "added_tokens.json").write_text("{}")  # a file the checkpoint's copy lacks counts too
+    assert "tokenizer.json, added_tokens.json differ" in tokenizer_drift(cfg.data, folder)
+    assert tokenizer_drift(cfg.data, tmp_path) is None  # no copy: an older checkpoint
