@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from casa_megatron.config.run_files import saved_tokenizer
 from casa_megatron.data.records import ShardError
@@ -58,7 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="HF side; agreement with megatron (fp32) is only expected in float32")
     p.add_argument("--tensor-parallel", type=int, default=1, help="megatron side: TP ranks (under torchrun with "
-                   "tensor x pipeline processes; outputs and the HF side on rank 0)")
+                   "a multiple of tensor x pipeline processes, the rest data-parallel replicas that split the items; "
+                   "outputs and the HF side on rank 0)")
     p.add_argument("--pipeline-parallel", type=int, default=1, help="megatron side: pipeline stages (even split)")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.hf:
@@ -71,12 +72,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--tensor-parallel and --pipeline-parallel must be >= 1")
     ranks = args.tensor_parallel * args.pipeline_parallel
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if ranks > 1 and not args.checkpoint:
-        p.error("--tensor-parallel / --pipeline-parallel split the megatron side: give --checkpoint")
-    if world != ranks:
-        p.error(f"--tensor-parallel {args.tensor_parallel} x --pipeline-parallel {args.pipeline_parallel} needs "
-                f"{ranks} process(es), this launch has {world}: torchrun --nproc-per-node {ranks} -m "
-                "casa_megatron.evaluation ...")
+    if world > 1 and not args.checkpoint:
+        p.error("several processes split the megatron side: give --checkpoint")
+    if world % ranks:
+        p.error(f"--tensor-parallel {args.tensor_parallel} x --pipeline-parallel {args.pipeline_parallel} needs a "
+                f"multiple of {ranks} processes (the rest answer items in data-parallel replicas), this launch has "
+                f"{world}: torchrun --nproc-per-node {ranks} -m casa_megatron.evaluation ...")
     return args
 
 
@@ -145,7 +146,22 @@ def run_megatron(args, settings, items: Items) -> Dict:
                                                                else [])
     banned = [tok.convert_tokens_to_ids(n) for n in names if n]
     runner = MegatronGreedy(model, cfg, layout, args.max_new_tokens, stop_ids, banned)
-    return _run_side("megatron", runner, items, tok, stop_ids)
+    import torch
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return _run_side("megatron", runner, items, tok, stop_ids)
+    # data-parallel replicas: each answers every dp-th item, rank 0 puts them back in order
+    rank = parallel_state.get_data_parallel_rank()
+    start = time.perf_counter()
+    mine = _answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
+                       _decoder(tok, stop_ids))
+    shards: List = [None] * dp
+    torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
+    questions = [shards[i % dp][0][i // dp] for i in range(len(items.questions))]  # item i: replica i % dp
+    captions = [shards[i % dp][1][i // dp] for i in range(len(items.captions))]
+    return _scored(questions, captions, time.perf_counter() - start)
 
 
 def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
@@ -162,11 +178,15 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
     return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids, args.batch_size)
 
 
-def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1) -> Dict:
-    from tqdm import tqdm
-
+def _decoder(tok, stop_ids):
     def text(tokens):
         return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
+    return text
+
+
+def _answer_all(name: str, runner, items: Items, text, batch_size: int = 1) -> Tuple[List[Dict], List[Dict]]:
+    """(question rows, caption rows) of ``items`` in their order."""
+    from tqdm import tqdm
 
     def answers():  # (item, tokens), batch_size questions per call where the runner batches
         with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q", disable=not _is_rank0()) as bar:
@@ -176,7 +196,6 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 
                 bar.update(len(chunk))
                 yield from zip(chunk, tokens)
 
-    start = time.perf_counter()
     questions, captions = [], []
     for item, tokens in answers():
         questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
@@ -185,10 +204,20 @@ def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 
         frames = runner.caption(item)
         captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
                                                    for t, r in zip(frames, item.references)]})
+    return questions, captions
+
+
+def _scored(questions: List[Dict], captions: List[Dict], seconds: float) -> Dict:
     scores = question_scores((q["type"], q["task"], q["answer"], q["answers"], q["metric"]) for q in questions)
     if captions:
         scores["caption"] = caption_scores((f["caption"], f["reference"]) for c in captions for f in c["frames"])
-    return {"questions": questions, "captions": captions, "scores": scores, "seconds": time.perf_counter() - start}
+    return {"questions": questions, "captions": captions, "scores": scores, "seconds": seconds}
+
+
+def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1) -> Dict:
+    start = time.perf_counter()
+    questions, captions = _answer_all(name, runner, items, _decoder(tok, stop_ids), batch_size)
+    return _scored(questions, captions, time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -214,7 +243,9 @@ def run(args: argparse.Namespace) -> Dict:
     if args.hf:
         sides["hf"] = run_hf(args, items, adapter)
     result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
-              "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel},
+              "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel,
+                                  "data_parallel": int(os.environ.get("WORLD_SIZE", 1)) // (
+                                      args.tensor_parallel * args.pipeline_parallel)},
               "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
               "text_layout": settings.text_layout, "sides": sides}
     if len(sides) == 2:

@@ -84,24 +84,27 @@ def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp):
 def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, capsys):
     """``--tensor-parallel 2`` and ``--pipeline-parallel 2`` (two gloo ranks, as under torchrun):
     the checkpoint loads at that layout and generates the one-process tokens on every question
-    and caption frame; rank 0 alone writes the report. A launch of the wrong size is refused."""
+    and caption frame; two processes at TP = PP = 1 are two data-parallel replicas that split the
+    items and give them back in order; rank 0 alone writes the report. A launch of the wrong size
+    is refused."""
     valid, checkpoint, _ = trained
     runs = {}
-    for name, tp, pp in (("one", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)):
+    for name, tp, pp, world in (("one", 1, 1, 1), ("tp2", 2, 1, 2), ("pp2", 1, 2, 2), ("dp2", 1, 1, 2)):
         out = tmp_path / name
-        codes = run_distributed(_eval_ranks, world_size=tp * pp, valid=str(valid), checkpoint=str(checkpoint),
+        codes = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
                                 out=str(out), tp=tp, pp=pp)
-        assert codes == [0] * (tp * pp), (name, codes)
+        assert codes == [0] * world, (name, codes)
         result = json.loads((out / "eval.json").read_text())
-        assert result["megatron_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp}
+        assert result["megatron_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp,
+                                             "data_parallel": world // (tp * pp)}
         side = result["sides"]["megatron"]
         runs[name] = ([q["tokens"] for q in side["questions"]], [f["tokens"] for c in side["captions"] for f in c["frames"]])
     questions, frames = runs["one"]
     assert len(questions) >= 4 and frames and len({tuple(q) for q in questions}) > 1
-    assert runs["tp2"] == runs["one"] and runs["pp2"] == runs["one"]
+    assert runs["tp2"] == runs["one"] and runs["pp2"] == runs["one"] and runs["dp2"] == runs["one"]
     with pytest.raises(SystemExit):
         main(["--data", str(valid), "--checkpoint", str(checkpoint), "--tensor-parallel", "2"])
-    assert "needs 2 process(es), this launch has 1: torchrun --nproc-per-node 2" in capsys.readouterr().err
+    assert "needs a multiple of 2 processes" in capsys.readouterr().err
 
 
 def test_track_logs_the_scores_to_the_training_run_at_its_step(trained, tmp_path, capsys):
