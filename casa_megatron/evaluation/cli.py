@@ -146,19 +146,23 @@ def run_megatron(args, settings, items: Items) -> Dict:
                                                                else [])
     banned = [tok.convert_tokens_to_ids(n) for n in names if n]
     runner = MegatronGreedy(model, cfg, layout, args.max_new_tokens, stop_ids, banned)
+    return _run_replicas(runner, items, _decoder(tok, stop_ids))
+
+
+def _run_replicas(runner, items: Items, text) -> Dict:
+    """The megatron side over its data-parallel replicas (one without): each answers every
+    dp-th item, and every rank gets them all back in the items' order."""
     import torch
     from megatron.core import parallel_state
 
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return _run_side("megatron", runner, items, tok, stop_ids)
-    # data-parallel replicas: each answers every dp-th item, rank 0 puts them back in order
-    rank = parallel_state.get_data_parallel_rank()
     start = time.perf_counter()
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = _answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
-                       _decoder(tok, stop_ids))
-    shards: List = [None] * dp
-    torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
+                       text)
+    shards: List = [mine]
+    if dp > 1:
+        shards = [None] * dp
+        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
     questions = [shards[i % dp][0][i // dp] for i in range(len(items.questions))]  # item i: replica i % dp
     captions = [shards[i % dp][1][i // dp] for i in range(len(items.captions))]
     return _scored(questions, captions, time.perf_counter() - start)
