@@ -152,21 +152,29 @@ def test_training_saves_the_template_and_export_uses_it_after_an_edit(trained_wi
     assert (run / "checkpoints" / "iter_0000004" / TEMPLATE_COPY).read_text() == edited
 
 
+def _checkpoint_with_tokenizer(tmp_path, name, files):
+    """(a tokenizer folder holding ``files``, a checkpoint folder saved from a run using it, the run config)."""
+    from casa_megatron.config.schema import TrainConfig
+
+    source = tmp_path / "tokenizer_source"
+    for file in files:
+        (source / file).parent.mkdir(parents=True, exist_ok=True)
+        (source / file).write_text(file)
+    cfg = TrainConfig()
+    cfg.data = DataConfig(tokenizer_path=str(source))
+    folder = tmp_path / name
+    folder.mkdir()
+    save_run_config(cfg, folder, tokenizer=True)
+    return source, folder, cfg
+
+
 def test_only_the_tokenizer_files_are_copied(tmp_path):
     """``data.tokenizer_path`` may be an import folder holding the weights: only the tokenizer's
     own files go into the checkpoint, and nothing without a tokenizer (the in-memory task)."""
     from casa_megatron.config.run_files import copy_tokenizer, saved_tokenizer
-    from casa_megatron.config.schema import TrainConfig
 
-    source = tmp_path / "import"
-    (source / "weights").mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.yaml", "weights/x.distcp"):
-        (source / name).write_text(name)
-    cfg = TrainConfig()
-    cfg.data = DataConfig(tokenizer_path=str(source))
-    folder = tmp_path / "iter_0000001"
-    folder.mkdir()
-    save_run_config(cfg, folder, tokenizer=True)
+    source, folder, _ = _checkpoint_with_tokenizer(tmp_path, "iter_0000001", (
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.yaml", "weights/x.distcp"))
     assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == [
         "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
     assert saved_tokenizer(folder) == folder / "tokenizer"
@@ -176,17 +184,9 @@ def test_only_the_tokenizer_files_are_copied(tmp_path):
 
 def test_a_resume_with_another_tokenizer_is_told(tmp_path):
     from casa_megatron.config.run_files import tokenizer_drift
-    from casa_megatron.config.schema import TrainConfig
 
-    source = tmp_path / "tok"
-    source.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (source / name).write_text(name)
-    cfg = TrainConfig()
-    cfg.data = DataConfig(tokenizer_path=str(source))
-    folder = tmp_path / "iter_0000004"
-    folder.mkdir()
-    save_run_config(cfg, folder, tokenizer=True)
+    source, folder, cfg = _checkpoint_with_tokenizer(tmp_path, "iter_0000004", ("tokenizer.json",
+                                                                                "tokenizer_config.json"))
     assert tokenizer_drift(cfg.data, folder) is None
     (source / "tokenizer.json").write_text("another vocabulary")
     drift = tokenizer_drift(cfg.data, folder)
