@@ -70,7 +70,22 @@ class ProcessorSettings:
 
 def make_layout(s: ProcessorSettings):
     """``chat_template`` (the tokenizer's own, or ``data.chat_template``'s), ``layout_tokens``
-    (ours), or ``auto``: a template when there is one, else our layout tokens (documented fallback)."""
+    (ours), or ``auto``: a template when there is one, else our layout tokens (documented fallback).
+
+    A tokenizer the layout cannot use (no layout tokens, a template without a placeholder, ...)
+    is a ``ConfigError`` naming the way out: ``casa-train`` reports it as a config error at
+    start-up, not as a traceback."""
+    from casa_megatron.config.errors import ConfigError
+
+    try:
+        return _make_layout(s)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _make_layout(s: ProcessorSettings):
     mode = s.text_layout
     if mode not in TEXT_LAYOUTS:
         raise ValueError(f"data.text_layout={mode!r} must be one of {TEXT_LAYOUTS}")
