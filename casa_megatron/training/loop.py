@@ -39,6 +39,7 @@ from casa_megatron.data.reshard import reshard_position
 from casa_megatron.data.tokenization import check_vocabulary
 from casa_megatron.model.build import build_model_chunks
 from casa_megatron.parallel import initialize_parallel
+from casa_megatron.parallel.rank0 import on_rank0
 from casa_megatron.runtime.logs import promote_rank
 from casa_megatron.runtime.signals import StopRequest
 from casa_megatron.tracking import make_tracker
@@ -139,7 +140,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     # micro-batches per step: constant, or ramped up by consumed samples; checked before the model
     batches = BatchSchedule(cfg, dp_size, dist.get_rank())
-    check_vocabulary(cfg.data, cfg.model.lm.vocab_size)  # before the model: a token past the table fails late
+    # before the model (a token past the table fails late); the tokenizer read once, the verdict on every rank
+    on_rank0(lambda: check_vocabulary(cfg.data, cfg.model.lm.vocab_size))
     _index_data_together(data_cfg)
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation

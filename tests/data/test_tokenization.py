@@ -81,8 +81,9 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_model(toke
     check_vocabulary(DataConfig(), 1)  # the in-memory synthetic task has no tokenizer
     with pytest.raises(ValueError, match=f"has {size} tokens but model.lm.vocab_size is {size - 1}"):
         check_vocabulary(data, size - 1)
-    message, = run_distributed(_train_with_vocab, world_size=1, tokenizer_dir=tokenizer_dir, vocab=size - 1,
+    # two ranks: rank 0 reads the tokenizer, both stop with its verdict
+    messages = run_distributed(_train_with_vocab, world_size=2, tokenizer_dir=tokenizer_dir, vocab=size - 1,
                                run_dir=str(tmp_path / "run"))
-    assert message and f"ids {size - 1}..{size - 1} have no embedding row" in message
+    assert len(messages) == 2 and all(m and f"ids {size - 1}..{size - 1} have no embedding row" in m for m in messages)
     run = tmp_path / "run"  # the session's lock and writable check only: no config, no checkpoint
     assert not (run / "config.yaml").exists() and not any((run / "checkpoints").iterdir())
