@@ -48,6 +48,15 @@ def chunks(num_layers: int, recompute: RecomputeConfig) -> List[Tuple[int, int, 
     return [(i, i + 1, True) for i in range(k)] + ([(k, num_layers, False)] if k < num_layers else [])
 
 
+def _refuse_dropout(config) -> None:
+    """A recomputed forward would draw another dropout mask: refused rather than computed wrong
+    (``config``: the layers' TransformerConfig)."""
+    dropout = max(config.hidden_dropout, config.attention_dropout)
+    if dropout > 0:
+        raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
+                         "the recomputed forward; this framework trains without dropout")
+
+
 def run_layers(layers: Sequence[torch.nn.Module], hidden: Tensor, call: Callable[..., Tensor],
                recompute: RecomputeConfig, config) -> Tensor:
     """``hidden = call(layer, hidden)`` for each layer in order; in a recomputed chunk only the
@@ -57,10 +66,8 @@ def run_layers(layers: Sequence[torch.nn.Module], hidden: Tensor, call: Callable
     ``call`` closes over everything else a layer reads (image states, windows, masks, rotary
     tables): the checkpoint records gradients into closed-over tensors too, so the image states'
     gradient still reaches the projector and the vision encoder."""
-    dropout = max(config.hidden_dropout, config.attention_dropout)
-    if recompute.enabled and dropout > 0:
-        raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
-                         "the recomputed forward; this framework trains without dropout")
+    if recompute.enabled:
+        _refuse_dropout(config)
     for start, end, recomputed in chunks(len(layers), recompute):
         def run(h: Tensor, start: int = start, end: int = end) -> Tensor:
             for layer in layers[start:end]:
@@ -99,10 +106,7 @@ def recompute_modules(layers: Sequence[torch.nn.Module], recompute: RecomputeCon
     Returns how many modules were wrapped; nothing without ``selective``."""
     if not recompute.selective:
         return 0
-    dropout = max(config.hidden_dropout, config.attention_dropout)
-    if dropout > 0:
-        raise ValueError(f"activation recomputation with dropout {dropout} would draw a different mask in "
-                         "the recomputed forward; this framework trains without dropout")
+    _refuse_dropout(config)
     names = {SELECTIVE_MODULES[m] for m in recompute.modules}
     wrapped = 0
     for layer in layers:
