@@ -20,7 +20,7 @@ takes them as ``config`` extras (through ``config_map.casa_config_dict(extra=...
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 from casa_megatron.config.schema import ModelConfig
@@ -51,16 +51,10 @@ def export_fields(model: ModelConfig, data: DataConfig, tokenizer_path: Optional
     from casa_megatron.data.chat_template import ChatTemplateLayout
     from casa_megatron.data.processor import ProcessorSettings, make_layout
 
-    path = tokenizer_path or data.resolved_tokenizer_path()
-    if path is None:
-        raise FileNotFoundError("no tokenizer: data.tokenizer_path is empty and no tokenizer/ lies next to the data")
-    settings = ProcessorSettings(str(path), data.seq_length, data.image_seq_length, text_layout=data.text_layout,
-                                 image_token=data.image_token, answer_token=data.answer_token,
-                                 end_of_turn_token=data.end_of_turn_token, image_placeholder=data.image_placeholder,
-                                 video_placeholder=data.video_placeholder,
-                                 merge_consecutive=model.fusion.mechanism != "insertion",
-                                 chat_template=data.chat_template_text())
-    layout = make_layout(settings)
+    if tokenizer_path:
+        data = replace(data, tokenizer_path=str(tokenizer_path))
+    # the training pipeline's own settings (and its error when there is no tokenizer)
+    layout = make_layout(ProcessorSettings.from_config(data, "cpu", model.fusion.mechanism))
     chat = isinstance(layout, ChatTemplateLayout)
     tok = layout.tokenizer
     if chat:
