@@ -49,6 +49,7 @@ from casa_megatron.config.run_files import save_run_config
 from casa_megatron.config.schema import OPTIMIZER_FORMATS
 from casa_megatron.parallel.rank0 import on_rank0
 from casa_megatron.runtime.atomic import atomic_write_text
+from casa_megatron.training import param_groups_compat
 from casa_megatron.training.checkpoint_async import BackgroundWrites, results_queue
 from casa_megatron.training.ckpt_manifest import check_files, read_manifest, write_manifest
 
@@ -368,11 +369,15 @@ class Checkpointer:
         configured = _configured_hyperparameters(optimizer)
         model_sd = model.sharded_state_dict()
         sharding = saved_sharding(path)  # the checkpoint's own format, whatever this run saves in
-        state = dist_checkpointing.load(
-            {"model": model_sd,
-             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sharding)},
-            str(path))
+        request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sharding)
+        running = param_groups_compat.running_groups(optimizer, request)
+        param_groups_compat.fit_request(request, dist_checkpointing.load_common_state_dict(str(path)))
+        state = dist_checkpointing.load({"model": model_sd, "optimizer": request}, str(path))
         model.load_state_dict(state["model"])
+        if param_groups_compat.regroup(state["optimizer"], running):
+            logger.warning("checkpoint %s was saved with weight decay on biases and 1-D parameters (one param group "
+                           "per learning rate): its optimizer state is read into the current groups, which exempt "
+                           "them", path)
         with torch.no_grad():
             optimizer.load_state_dict(state["optimizer"])
         _adam_steps_per_parameter(optimizer)

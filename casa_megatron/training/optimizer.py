@@ -3,6 +3,11 @@
 Two learning rates: parameters tagged ``casa_new`` (CASA projections and norms, the projector,
 gates) train at ``lr_new``; pretrained ones at ``lr_pretrained`` (the paper: 1e-4 / 1e-5). Both
 follow the same warmup -> constant -> decay shape, scaled to their own peak.
+
+Weight decay skips biases and every 1-D parameter (norm scales, gates, DoRA magnitudes), as
+Megatron-LM does by default. megatron-core applies that rule only when it is handed no
+``config_overrides``; ours (the two learning rates) used to replace it, so every norm and bias
+of a recipe with ``weight_decay > 0`` was pulled towards zero.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from casa_megatron.compat.optimizer_checkpoint import fix_fully_reshardable_save
+from casa_megatron.compat.param_group_matching import fix_param_group_matching
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.model.chunks import ModelChunks
+from casa_megatron.model.token_rows import TOKEN_ROWS, zero_frozen_rows
 
 
 def wrap_ddp(model: ModelChunks, cfg: TrainConfig) -> ModelChunks:
@@ -50,8 +57,17 @@ def wrap_ddp(model: ModelChunks, cfg: TrainConfig) -> ModelChunks:
             # the interleaved schedule starts each chunk's reduction after its last backward
             # (Megatron-LM's --align-grad-reduce, its default)
             config.grad_sync_func = [d.start_grad_sync for d in ddps]
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = finalize_then_zero_frozen_rows if cfg.model.trainable_tokens \
+            else finalize_model_grads
     return ddps
+
+
+def finalize_then_zero_frozen_rows(model, *args, **kwargs):
+    """megatron's gradient finalisation, then the frozen rows of ``model.trainable_tokens``'
+    tables zeroed on ``main_grad`` (model/token_rows.py), before clipping and the step."""
+    result = finalize_model_grads(model, *args, **kwargs)
+    zero_frozen_rows(model)
+    return result
 
 
 def finish_param_gather(ddp: ModelChunks) -> None:
@@ -83,9 +99,13 @@ def build_optimizer(ddp_model: ModelChunks, cfg: TrainConfig):
         params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
         use_distributed_optimizer=opt.use_distributed_optimizer,
     )
-    overrides = {ParamKey(attr="casa_new"): {"max_lr": opt.lr_new, "min_lr": opt.lr_new * opt.min_lr_ratio}}
+    overrides = get_standard_config_overrides(config)  # no weight decay on biases and 1-D parameters
+    overrides[ParamKey(attr="casa_new")] = {"max_lr": opt.lr_new, "min_lr": opt.lr_new * opt.min_lr_ratio}
+    # vocabulary tables that train in a few rows only (model.trainable_tokens): decay would move the others
+    overrides[ParamKey(attr=TOKEN_ROWS)] = {"wd_mult": 0.0}
     optimizer = get_megatron_optimizer(config, ddp_model.chunks, config_overrides=overrides)
     fix_fully_reshardable_save(optimizer)  # several buckets: megatron-core 0.16.1 saves shifted states
+    fix_param_group_matching(optimizer)  # non-distributed optimizer: groups sharing a key load wrongly
     return optimizer, build_scheduler(optimizer, cfg)
 
 
