@@ -465,12 +465,16 @@ class ModelConfig:
     (``auto``: flash-attn, then TE, then torch varlen on CUDA half tensors, else padded torch).
     ``packed_attention``: LM self-attention over packed samples by cu_seqlens, without the dense
     ``[b, 1, s, s]`` block-causal mask; ``false`` keeps the dense-mask path (the reference).
-    ``recompute``: activation recomputation of decoder layers (``RecomputeConfig``)."""
+    ``recompute``: activation recomputation of decoder layers (``RecomputeConfig``).
+    ``trainable_tokens``: token ids whose embedding (and untied output) rows train while the LM is
+    frozen, every other row staying as it was (``model/token_rows.py``): tokens added at import
+    (``import-hf --add-tokens`` lists their ids) that the model must learn to produce."""
 
     lm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     freeze_lm: bool = False
+    trainable_tokens: List[int] = field(default_factory=list)
     transformer_impl: str = "auto"
     attention_backend: str = "auto"
     packed_attention: bool = True
@@ -486,6 +490,16 @@ class ModelConfig:
             raise ConfigError(f"model.lora.rank={self.lora.rank} adapts a frozen language model: set "
                               "model.freeze_lm=true (or model.lora.rank=0 to train the LM in full)")
         self.lora.check_recompute(self.recompute, "model.lora", "model.recompute")
+        if self.trainable_tokens:
+            if not self.freeze_lm:
+                raise ConfigError(f"model.trainable_tokens={self.trainable_tokens} trains rows of a frozen LM's "
+                                  "vocabulary; with model.freeze_lm=false every row trains already (leave it empty)")
+            outside = [t for t in self.trainable_tokens if not 0 <= t < self.lm.vocab_size]
+            if outside:
+                raise ConfigError(f"model.trainable_tokens has ids {outside} outside the vocabulary "
+                                  f"[0, model.lm.vocab_size={self.lm.vocab_size})")
+            if len(set(self.trainable_tokens)) != len(self.trainable_tokens):
+                raise ConfigError(f"model.trainable_tokens={self.trainable_tokens} lists an id twice")
         shared = sorted({"linear_qkv", "linear_proj"} & set(self.lora.targets))
         if self.lora.enabled and self.fusion.share_projections and shared:
             raise ConfigError(f"model.lora.targets has {shared}, which model.fusion.share_projections=true "

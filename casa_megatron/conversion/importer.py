@@ -218,7 +218,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     tables = {"lm": lm_table(cfg.model)}
     if added is not None:  # the embedding and LM head as resize_token_embeddings leaves them
         lm_reader = VocabExtendedReader(lm_reader, added, cfg.model.lm.vocab_size, vocabulary_names(tables["lm"]))
-        say(added, cfg.model.freeze_lm)
+        say(added, cfg.model)
     vision, vision_tables = vision_sources(cfg, vision_arch, lm_reader, vision_from, skip_vision)
     sources = {"lm": Source(lm_reader), **vision}
     tables.update(vision_tables)

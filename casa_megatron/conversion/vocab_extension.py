@@ -21,7 +21,8 @@ transformers loads a model whose vocabulary holds every token its tokenizer can 
 Added tokens are special (never split, never produced by ordinary text; ``reserved_token`` in the
 data pipeline). Their rows train like any embedding row, but not where the LM is frozen
 (``model.freeze_lm``): then they stay at the mean, which is enough for a marker the model reads
-(``<image>``, ``<answer>``) and not for a token it must predict (``<eot>``), and the import says so.
+(``<image>``, ``<answer>``) and not for a token it must predict (``<eot>``). The import says so and
+names the override that trains those rows alone (``model.trainable_tokens``, model/token_rows.py).
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class VocabExtendedReader(WrappedReader):
         return out
 
 
-def say(added: AddedTokens, freeze_lm: bool) -> None:
+def say(added: AddedTokens, model) -> None:
+    """What was added, and (a frozen LM) how to let the new rows train; ``model``: the recipe's
+    ``ModelConfig``."""
     if added.present:
         print(f"import-hf: --add-tokens: already in the tokenizer, left alone: {added.present}", file=sys.stderr)
     if not added.tokens:
@@ -138,7 +141,9 @@ def say(added: AddedTokens, freeze_lm: bool) -> None:
     listing = ", ".join(f"{t} = {i}" for t, i in zip(added.tokens, added.ids))
     print(f"import-hf: added {len(added.tokens)} tokens ({listing}); their embedding rows start at the mean of the "
           f"{added.known_rows} rows of the tokenizer's own tokens", file=sys.stderr)
-    if freeze_lm:
-        print("import-hf: warning: the recipe freezes the LM (model.freeze_lm): the added tokens' rows stay at that "
-              "mean, fine for markers the model reads, not for tokens it must learn to predict "
-              "(an end-of-turn token)", file=sys.stderr)
+    untrained = [i for i in added.ids if i not in model.trainable_tokens]
+    if model.freeze_lm and untrained:
+        ids = ",".join(str(i) for i in sorted(set(model.trainable_tokens) | set(added.ids)))
+        print(f"import-hf: warning: the recipe freezes the LM (model.freeze_lm): rows {untrained} stay at that mean, "
+              "fine for markers the model reads, not for tokens it must learn to produce (an end-of-turn token); "
+              f"train them with model.trainable_tokens=[{ids}]", file=sys.stderr)

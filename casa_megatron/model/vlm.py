@@ -48,6 +48,7 @@ from casa_megatron.model.lora import lora_adapters
 from casa_megatron.model.mrope import casa_image_positions, mrope_freqs, temporal_steps
 from casa_megatron.model.packed_attention import params_from_sample_starts
 from casa_megatron.model.rope import PositionRotary
+from casa_megatron.model.token_rows import enable_token_rows
 from casa_megatron.model.vision import build_projector, build_vision_encoder, tokens_per_image
 from casa_megatron.model.vision.interface import check_patches
 from casa_megatron.model.vision_context import VisionContext
@@ -186,6 +187,8 @@ class CASAVLM(LanguageModule):
                 p.requires_grad_(cfg.vision.projector_trainable)
         for _, adapter in lora_adapters(self):  # LoRA adapters of frozen LM layers / encoder blocks
             adapter.requires_grad_(True)
+        if cfg.trainable_tokens:  # rows of a frozen LM's vocabulary (model/token_rows.py)
+            enable_token_rows(self, cfg.trainable_tokens)
 
     @torch.no_grad()
     def init_casa_from_self_attention(self) -> None:

@@ -311,7 +311,8 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
     lm_train = not model.freeze_lm
     n_layers = lm.num_layers
     sa_pairs, fusion_pairs = layer_pairs(model, batch, image_seq_length, grid)
-    text_grad = lm_train  # the embedding's output
+    vocab_train = lm_train or bool(model.trainable_tokens)  # model/token_rows.py: rows of a frozen LM
+    text_grad = vocab_train  # the embedding's output
     layers: List[Tuple[int, int]] = []
     if fusion.mechanism == "insertion":
         tokens = b * (s + image_seq_length)  # the combined stream, padded to s + image_seq_length per row
@@ -330,7 +331,7 @@ def microbatch_flops(model: ModelConfig, batch: VLMBatch, image_seq_length: int)
                 x = _plain_layer(ledger, model, b * s, x, sa_pairs, i)
             layers.append(ledger.mark())
             forward_layers.append(ledger.last_forward)
-    ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, lm_train, x or lm_train)
+    ledger.linear("output_layer", b * s, lm.hidden_size, lm.padded_vocab_size, vocab_train, x or vocab_train)
     output = ledger.mark()
     return MicroBatchFlops(ledger.gemm, ledger.attention, dict(ledger.parts), layers=tuple(layers),
                            output=output, patch_embed=pieces[0], vision_blocks=tuple(pieces[1:-1]),

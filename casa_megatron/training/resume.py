@@ -56,6 +56,7 @@ RESUME_RULES: List[Tuple[str, str]] = [
     ("model.lm.init_method_std", MAY_CHANGE),  # used only to initialise
     ("model.fusion.init_from_self_attention", MAY_CHANGE),
     ("model.freeze_lm", TRAINABILITY),
+    ("model.trainable_tokens", TRAINABILITY),
     ("model.vision.trainable_blocks", TRAINABILITY),
     ("model.vision.projector_trainable", TRAINABILITY),
     ("model.lora.*", TRAINABILITY),  # a weights-only start may add adapters (they start at B = 0)

@@ -158,3 +158,20 @@ def test_present_tokens_are_left_alone_and_nothing_is_asked_twice(tmp_path):
     assert added.vocab_size(99) == 99 and added.vocab_size(10) == 11
     with pytest.raises(ConversionError, match="no tokenizer"):
         extend_tokenizer(tmp_path / "nothing_here", ["<x>"])
+
+
+def test_a_frozen_recipe_is_told_how_to_train_the_new_rows(capsys):
+    """With model.freeze_lm the new rows would stay at the mean: the import names the override
+    that trains them (model.trainable_tokens, tests/model/test_token_rows.py), and is silent once
+    the recipe lists them."""
+    from casa_megatron.config.schema import ModelConfig
+    from casa_megatron.conversion.vocab_extension import AddedTokens, say
+
+    added = AddedTokens(tokens=["<image>", "<eot>"], ids=[99, 100], known_rows=99, tokenizer=None)
+    say(added, ModelConfig(freeze_lm=True, trainable_tokens=[7]))
+    assert "rows [99, 100] stay at that mean" in capsys.readouterr().err
+    say(added, ModelConfig(freeze_lm=True, trainable_tokens=[7]))
+    assert "model.trainable_tokens=[7,99,100]" in capsys.readouterr().err
+    say(added, ModelConfig(freeze_lm=False))
+    say(added, ModelConfig(freeze_lm=True, trainable_tokens=[99, 100]))
+    assert "warning" not in capsys.readouterr().err

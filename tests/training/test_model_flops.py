@@ -30,6 +30,9 @@ CASES = {
     "qwen_video": ({}, QWEN_VISION, {}, "video"),
     "qwen_insertion_video": ({"mechanism": "insertion"}, QWEN_VISION, {}, "video"),
     "freeze_lm": ({"layers": [1, 3]}, None, {"freeze_lm": True}, "images"),
+    # trainable rows of a frozen LM's vocabulary: gradients reach the embedding through every
+    # layer, and the output layer computes its weight gradient (model/token_rows.py)
+    "freeze_lm_trainable_tokens": ({"layers": [1, 3]}, None, {"freeze_lm": True, "trainable_tokens": [3, 5]}, "images"),
     "freeze_lm_shared": ({"share_projections": True, "layers": [2]}, None, {"freeze_lm": True}, "images"),
     "freeze_lm_replace": ({"placement": "replace", "layers": [1]}, None, {"freeze_lm": True}, "images"),
     "freeze_lm_before_raw_images": ({"placement": "before", "layers": [1], "normalize_images": False}, None,
@@ -100,6 +103,7 @@ def test_analytic_gemm_flops_equal_torchs_counter_on_a_real_step():
     assert all(3 * f == g + a for f, (g, a) in zip(trained.forward_encoder[1:-1], trained.vision_blocks))
     # the variants differ where they should: a frozen LM skips weight gradients
     assert results["freeze_lm"][0] < results["casa_parallel"][0]
+    assert results["freeze_lm"][0] < results["freeze_lm_trainable_tokens"][0] < results["casa_parallel"][0]
     assert results["vision_last_block"][0] < results["casa_parallel"][0]
     # LoRA adds its GEMMs (and their weight gradients) to the frozen LM's
     assert results["freeze_lm"][1] < results["lora_all_linears"][1]
