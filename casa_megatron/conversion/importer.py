@@ -213,7 +213,10 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     if adapter_dir is not None:
         lm_reader = AdapterMergedReader(lm_reader, adapter_dir)
         adapter_modules = len(lm_reader.updates)
-        print(f"import-hf: merging the LoRA adapter {adapter_dir} ({len(lm_reader.updates)} modules) into the "
+        extra = "".join(f", {len(found)} {what}" for found, what in ((lm_reader.replaced, "saved modules"),
+                                                                     (lm_reader.rows, "tables with trained token rows"))
+                        if found)
+        print(f"import-hf: merging the LoRA adapter {adapter_dir} ({len(lm_reader.updates)} modules{extra}) into the "
               "imported weights (--adapter none: the base alone)", file=sys.stderr)
     tables = {"lm": lm_table(cfg.model)}
     if added is not None:  # the embedding and LM head as resize_token_embeddings leaves them

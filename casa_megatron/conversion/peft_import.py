@@ -13,8 +13,21 @@ with one shared ``A``, and the tables then fuse, permute and pad the merged weig
 The import is the merged backbone; adapters of the recipe (``model.lora``) start fresh
 (``B = 0``) on top of it, as after any import.
 
+Beside the LoRA pairs an adapter may hold whole trained modules and trained embedding rows, the
+usual way to fine-tune a chat model whose template brought tokens it had never been trained on:
+
+* ``modules_to_save`` (e.g. ``["embed_tokens", "lm_head"]``): PEFT saves each such module's
+  trained copy under the module's own name; it replaces the base tensor.
+* ``trainable_token_indices`` (a list for the input embedding, or ``{module: [ids]}``): PEFT's
+  ``TrainableTokensLayer`` saves the new values of those rows
+  (``<module>.token_adapter.trainable_tokens_delta``, ``[len(ids), hidden]``), written over the
+  base rows as PEFT's merge does (``index_copy``). A tied LM head shares them.
+
 Refused with the reason, before a tensor is read: ``fan_in_fan_out`` (GPT-2's Conv1D), adapter
-biases, ``modules_to_save``, adapters on embeddings, and modules the checkpoint does not have.
+biases, adapters on embeddings, modules the checkpoint does not have, a saved module of another
+shape (a fine-tune that resized the vocabulary: import the resized base it was trained on), and a
+saved input embedding of a model with tied embeddings (PEFT's copy unties it from the LM head,
+which a tied model cannot hold: import the folder PEFT's ``merge_and_unload`` saves).
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
 MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m, one per output row
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", f".{MAGNITUDE_KEY}": "m"}
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable_token_indices values
 
 
 def resolve_adapter(hf_dir: str | Path, adapter: str = "auto") -> Optional[Path]:
@@ -64,6 +78,21 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _suffix_match(module: str, targets) -> bool:
+    """PEFT's module-name rule for ``modules_to_save`` / ``trainable_token_indices`` keys: the
+    whole path or its dotted suffix."""
+    return any(module == t or module.endswith(f".{t}") for t in targets or ())
+
+
+def _token_ids(config: dict, module: str) -> Optional[List[int]]:
+    """The ids whose rows ``module``'s token adapter holds: a list applies to the input
+    embedding (the one module PEFT gives it), a dict by module name."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        return next((list(ids) for key, ids in spec.items() if _suffix_match(module, [key])), None)
+    return list(spec) if spec else None
+
+
 def _check_config(config: dict, where: Path) -> None:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
@@ -72,8 +101,6 @@ def _check_config(config: dict, where: Path) -> None:
         problems.append("fan_in_fan_out: adapters on transposed (Conv1D) weights")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config.get('bias')!r}: the adapter trains biases")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']}: whole modules trained beside the adapter")
     if problems:
         raise ConversionError(f"{where}: this PEFT adapter cannot be merged into the import:\n  " +
                               "\n  ".join(problems))
@@ -90,17 +117,26 @@ class AdapterMergedReader(WrappedReader):
         _check_config(config, self.adapter_dir)
         pieces: Dict[str, Dict[str, torch.Tensor]] = {}
         other: List[str] = []
+        self.replaced: Dict[str, torch.Tensor] = {}  # weight name -> a saved module's trained tensor
+        self.rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # weight name -> (ids [k], rows [k, h])
+        token_modules: Dict[str, torch.Tensor] = {}
         with safe_open(str(self.adapter_dir / WEIGHTS), framework="pt") as handle:
             for key in handle.keys():
                 suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-                if suffix is None or not key.startswith(PREFIX):
+                if key.startswith(PREFIX) and suffix is not None:
+                    module = key[len(PREFIX): -len(suffix)]
+                    pieces.setdefault(module, {})[SUFFIXES[suffix]] = handle.get_tensor(key)
+                elif key.startswith(PREFIX) and key.endswith(TOKEN_ROWS_SUFFIX):
+                    token_modules[key[len(PREFIX): -len(TOKEN_ROWS_SUFFIX)]] = handle.get_tensor(key)
+                elif key.startswith(PREFIX) and _suffix_match(key[len(PREFIX):].rsplit(".", 1)[0],
+                                                              config.get("modules_to_save")):
+                    self.replaced[normalise(key[len(PREFIX):])] = handle.get_tensor(key)
+                else:
                     other.append(key)
-                    continue
-                module = key[len(PREFIX): -len(suffix)]
-                pieces.setdefault(module, {})[SUFFIXES[suffix]] = handle.get_tensor(key)
         if other:
-            raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not a linear's LoRA A / B "
-                                  f"or DoRA magnitude (embedding adapters, biases, saved modules): {other[:5]}")
+            raise ConversionError(f"{self.adapter_dir / WEIGHTS}: {len(other)} tensors are not a linear's LoRA A / B, "
+                                  f"a DoRA magnitude, a module of modules_to_save or trainable token rows "
+                                  f"(embedding adapters, biases): {other[:5]}")
         # weight name -> (A, B, scale, DoRA magnitude or None)
         self.updates: Dict[str, Tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]] = {}
         missing, problems = [], []
@@ -131,16 +167,53 @@ class AdapterMergedReader(WrappedReader):
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
             scale = lora_scale(alpha, rank, bool(config.get("use_rslora")))
             self.updates[name] = (a, b, scale, m)
+        self._check_saved_modules(reader, missing, problems)
+        self._take_token_rows(reader, config, token_modules, missing, problems)
         if missing:
             raise ConversionError(f"{self.adapter_dir}: the adapter adapts {len(missing)} modules the checkpoint "
                                   f"does not have: {missing[:5]}")
         if problems:
             raise ConversionError(f"{self.adapter_dir}: " + "; ".join(problems[:5]))
-        if not self.updates:
+        if not (self.updates or self.replaced or self.rows):
             raise ConversionError(f"{self.adapter_dir}: no LoRA tensors in {WEIGHTS}")
+
+    def _check_saved_modules(self, reader, missing: List[str], problems: List[str]) -> None:
+        tied = not any(n.endswith("lm_head.weight") for n in reader.names())
+        for name, tensor in self.replaced.items():
+            if name not in reader:
+                missing.append(f"{name} (modules_to_save)")
+            elif tuple(tensor.shape) != tuple(reader.shape(name)):
+                problems.append(f"modules_to_save: the adapter's {name} is {tuple(tensor.shape)}, the checkpoint's "
+                                f"{tuple(reader.shape(name))} (a fine-tune that resized the vocabulary? import "
+                                "the resized base model it was trained on)")
+            elif tied and name.endswith("embed_tokens.weight"):
+                problems.append(f"modules_to_save: {name} of a model with tied embeddings: PEFT's trained copy "
+                                "feeds the input only, the LM head keeps the original, which a tied model cannot "
+                                "hold (import the folder that PEFT's merge_and_unload() saves: it is untied)")
+
+    def _take_token_rows(self, reader, config: dict, token_modules: Dict[str, torch.Tensor],
+                         missing: List[str], problems: List[str]) -> None:
+        for module, values in sorted(token_modules.items()):
+            name = normalise(f"{module}.weight")
+            ids = _token_ids(config, module)
+            if name not in reader:
+                missing.append(f"{module} (trainable_token_indices)")
+            elif ids is None:
+                problems.append(f"{module}: trainable token rows without trainable_token_indices for it in {CONFIG}")
+            elif tuple(values.shape) != (len(ids), reader.shape(name)[1]) or max(ids) >= reader.shape(name)[0] \
+                    or min(ids) < 0:
+                problems.append(f"{module}: {tuple(values.shape)} trainable token rows for ids {ids[:8]} do not fit "
+                                f"the weight {tuple(reader.shape(name))}")
+            else:
+                self.rows[name] = (torch.tensor(ids, dtype=torch.long), values)
 
     def get(self, name: str) -> torch.Tensor:
         weight = self.reader.get(name)
+        if name in self.replaced:  # a module of modules_to_save: its trained copy
+            weight = self.replaced[name].to(weight.dtype)
+        if name in self.rows:  # trainable_token_indices: the trained rows written over the base's
+            ids, values = self.rows[name]
+            weight = weight.index_copy(0, ids, values.to(weight.dtype))
         if name not in self.updates:
             return weight
         a, b, scale, m = self.updates[name]

@@ -35,7 +35,15 @@ ADAPTERS = {
     "helium": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "qwen2_5_vl": dict(r=2, lora_alpha=4, use_dora=True,  # DoRA; the last four linears: the encoder's too
                        target_modules=["q_proj", "v_proj", "qkv", "gate_proj", "up_proj", "down_proj"]),
+    # trained rows of the input embedding (PEFT's trainable_token_indices), untied and tied (the LM
+    # head shares them), and whole trained modules (modules_to_save) beside the LoRA pairs
+    "helium_token_rows": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 5, 97]),
+    "qwen2_token_rows_tied": dict(r=2, lora_alpha=4, target_modules=["o_proj"],
+                                  trainable_token_indices={"embed_tokens": [0, 98]}),
+    "llama_saved_modules": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
 }
+FAMILY = {"helium_token_rows": "helium", "qwen2_token_rows_tied": "qwen2", "llama_saved_modules": "llama"}
+VOCABULARY_TABLES = {"embedding.word_embeddings.weight", "output_layer.weight"}
 AUTO = "helium"  # its adapter sits in BASE/lora_adapter and is found without --adapter
 
 
@@ -49,6 +57,8 @@ def _peft(model, **fields):
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape))
+            if "trainable_tokens_delta" in name or "modules_to_save" in name:  # trained away from the copy
+                p.add_(0.3 * torch.randn(p.shape))
     return model
 
 
@@ -58,9 +68,9 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_import")
     out = {}
     for seed, (family, fields) in enumerate(ADAPTERS.items()):
-        base = save_hf_model(make_hf_model(family, seed=seed), root / family / "base")
+        base = save_hf_model(make_hf_model(FAMILY.get(family, family), seed=seed), root / family / "base")
         torch.manual_seed(100 + seed)
-        model = _peft(make_hf_model(family, seed=seed), **fields)
+        model = _peft(make_hf_model(FAMILY.get(family, family), seed=seed), **fields)
         adapter = base / "lora_adapter" if family == AUTO else root / family / "adapter"
         model.save_pretrained(str(adapter))
         ids = text_batch(seed)
@@ -69,6 +79,9 @@ def sources(tmp_path_factory):
         out[family] = (str(base), str(adapter), str(merged), ids.numpy(), logits.numpy())
     # an adapter that trains biases too
     _peft(make_hf_model("qwen2"), r=2, target_modules=["q_proj"], bias="all").save_pretrained(str(root / "biases"))
+    # a trained copy of a tied model's input embedding (PEFT unties it from the LM head)
+    _peft(make_hf_model("qwen2"), r=2, target_modules=["q_proj"],
+          modules_to_save=["embed_tokens"]).save_pretrained(str(root / "tied_saved"))
     return root, out
 
 
@@ -81,7 +94,7 @@ def _cli(*argv):
     return code, err.getvalue()
 
 
-def _worker(rank, world, root, sources, biases):
+def _worker(rank, world, root, sources, biases, tied_saved):
     from support.export import load_weights
     from support.hf_equivalence import build_pretrained, full_logits
 
@@ -107,7 +120,8 @@ def _worker(rank, world, root, sources, biases):
     bad = {"biases": _cli("import-hf", qwen2_base, root / "o_biases", "--adapter", biases, *LM_ONLY),
            "other_modules": _cli("import-hf", qwen2_base, root / "o_other", "--adapter",
                                  sources["qwen2_5_vl"][1], *LM_ONLY),
-           "not_an_adapter": _cli("import-hf", qwen2_base, root / "o_none", "--adapter", root, *LM_ONLY)}
+           "not_an_adapter": _cli("import-hf", qwen2_base, root / "o_none", "--adapter", root, *LM_ONLY),
+           "tied_saved": _cli("import-hf", qwen2_base, root / "o_tied", "--adapter", tied_saved, *LM_ONLY)}
     report["bad"] = {k: (code, err, (root / f"o_{k.split('_')[0]}").exists()) for k, (code, err) in bad.items()}
     return report
 
@@ -116,7 +130,7 @@ def _worker(rank, world, root, sources, biases):
 def imports(sources, tmp_path_factory):
     root, srcs = sources
     report, = run_distributed(_worker, world_size=1, root=str(tmp_path_factory.mktemp("imports")), sources=srcs,
-                              biases=str(root / "biases"))
+                              biases=str(root / "biases"), tied_saved=str(root / "tied_saved"))
     return report
 
 
@@ -127,7 +141,14 @@ def test_import_with_a_peft_adapter_equals_the_peft_merge(imports, family):
     assert r["logits_err"] < 1e-4, r
     assert r["merge_note"]
     changed = r["changed"]  # the adapted weights moved, nothing else did
-    assert changed and all(n.endswith(".weight") and ("linear_" in n) for n in changed), changed
+    assert changed and all(n.endswith(".weight") and ("linear_" in n or n in VOCABULARY_TABLES) for n in changed), changed
+    tables = VOCABULARY_TABLES & set(changed)
+    if family in FAMILY:  # the input embedding (and a saved LM head) trained; the untied heads of the
+        # token-row adapters did not (PEFT adapts the input embedding only)
+        assert tables == ({"embedding.word_embeddings.weight", "output_layer.weight"} if family == "llama_saved_modules"
+                          else {"embedding.word_embeddings.weight"}), changed
+    else:
+        assert not tables, changed
     if family == "qwen2_5_vl":
         assert any(n.startswith("vision.blocks.") and "linear_qkv" in n for n in changed)
         assert any(n.startswith("vision.blocks.") and "linear_fc1" in n for n in changed)
@@ -139,7 +160,8 @@ def test_bad_adapters_are_named_and_nothing_is_written(imports):
     bad = imports["bad"]
     messages = {"biases": "bias='all': the adapter trains biases",
                 "other_modules": "the adapter adapts 8 modules the checkpoint does not have: ['model.visual.blocks.",
-                "not_an_adapter": "not a PEFT adapter folder (no adapter_config.json)"}
+                "not_an_adapter": "not a PEFT adapter folder (no adapter_config.json)",
+                "tied_saved": "model.embed_tokens.weight of a model with tied embeddings"}
     for case, (code, err, written) in bad.items():
         assert code == 2 and messages[case] in err and not written, (case, err)
 
