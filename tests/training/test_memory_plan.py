@@ -12,6 +12,9 @@ LAYOUTS = {
     "dp2_fp32_distributed": (["precision.bf16=false"], True),
     "dp2_bf16_plain_adam": (["optimizer.use_distributed_optimizer=false"], True),
     "tp2_bf16_frozen_lm": (["parallel.tensor_model_parallel_size=2", "model.freeze_lm=true"], False),
+    # the vocabulary tables train (a few rows): their whole gradient and Adam state are held
+    "tp2_bf16_frozen_lm_token_rows": (["parallel.tensor_model_parallel_size=2", "model.freeze_lm=true",
+                                       "model.trainable_tokens=[4,14]"], False),
 }
 
 
