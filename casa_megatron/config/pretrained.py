@@ -74,6 +74,10 @@ def read_architecture(directory: str | Path) -> dict:
         if not isinstance(run.get("model"), dict):
             raise ConfigError(f"{path / RUN_CONFIG}: no 'model' mapping")
         return {"model": architecture_from_dict(run["model"]), "source": {"training_checkpoint": str(path)}}
+    if (path / "config.json").is_file():  # a Hugging Face folder: megatron reads dist checkpoints only
+        raise ConfigError(f"checkpoint.pretrained={str(directory)!r} is a Hugging Face folder (config.json); "
+                          f"import it first: `casa-convert import-hf {directory} OUT_DIR --config RECIPE.yaml`, "
+                          "then checkpoint.pretrained=OUT_DIR (docs/conversion.md)")
     raise ConfigError(f"checkpoint.pretrained={str(directory)!r} has no {ARCHITECTURE_FILE}: neither a folder "
                       "written by `casa-convert import-hf` (or an interrupted one) nor a training checkpoint")
 

@@ -66,6 +66,9 @@ def test_missing_or_foreign_folder(tmp_path):
         load_config(TrainConfig, None, [f"checkpoint.pretrained={tmp_path / 'absent'}"])
     with pytest.raises(ConfigError, match="has no architecture.yaml"):
         load_config(TrainConfig, None, [f"checkpoint.pretrained={tmp_path}"])
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face folder: the message names the import
+    with pytest.raises(ConfigError, match=f"is a Hugging Face folder .*import it first: `casa-convert import-hf {tmp_path} OUT_DIR"):
+        load_config(TrainConfig, None, [f"checkpoint.pretrained={tmp_path}"])
 
 
 QWEN25VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
