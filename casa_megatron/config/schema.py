@@ -198,6 +198,13 @@ class CheckpointConfig:
     # The tokenizer's files in every checkpoint (tokenizer/, Megatron-Bridge's save_tokenizer_assets):
     # export-hf and casa-eval read them there, whatever became of data.tokenizer_path.
     save_tokenizer: bool = True
+    # Megatron-LM's --no-load-optim (Megatron-Bridge's load_optim=False): a resume takes the
+    # weights, step, LR schedule and data position but starts the optimizer afresh (Adam's moments
+    # at zero, the fp32 main weights copied from the loaded ones). For a checkpoint whose
+    # optimizer state is unusable or bound to what is changing (which weights train, the
+    # optimizer's kind or its dp_reshardable layout). A one-off override: each resume with it set
+    # drops the optimizer state again.
+    load_optimizer: bool = True
 
     def validate(self) -> None:
         if self.optimizer_format not in OPTIMIZER_FORMATS:

@@ -355,8 +355,11 @@ class Checkpointer:
                 shutil.rmtree(old)
 
     # --- loading ----------------------------------------------------------------------------
-    def load(self, path: Path, model, optimizer, scheduler) -> Tuple[int, Optional[dict]]:
+    def load(self, path: Path, model, optimizer, scheduler,
+             load_optimizer: bool = True) -> Tuple[int, Optional[dict]]:
         """Restore model, optimizer and scheduler; return (step, this rank's data state or None).
+        ``load_optimizer=False``: the optimizer keeps its fresh state, its fp32 main weights copied
+        from the loaded model (``checkpoint.load_optimizer``).
 
         Any failure raises (the caller, ``training/resume.py``, decides about falling back).
 
@@ -365,23 +368,12 @@ class Checkpointer:
         with another DP size the data order starts afresh.
         """
         trainer = torch.load(path / "trainer.pt", weights_only=False)
-        _prepare_optimizer_for_load(optimizer)
-        configured = _configured_hyperparameters(optimizer)
-        model_sd = model.sharded_state_dict()
-        sharding = saved_sharding(path)  # the checkpoint's own format, whatever this run saves in
-        request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sharding)
-        running = param_groups_compat.running_groups(optimizer, request)
-        param_groups_compat.fit_request(request, dist_checkpointing.load_common_state_dict(str(path)))
-        state = dist_checkpointing.load({"model": model_sd, "optimizer": request}, str(path))
-        model.load_state_dict(state["model"])
-        if param_groups_compat.regroup(state["optimizer"], running):
-            logger.warning("checkpoint %s was saved with weight decay on biases and 1-D parameters (one param group "
-                           "per learning rate): its optimizer state is read into the current groups, which exempt "
-                           "them", path)
-        with torch.no_grad():
-            optimizer.load_state_dict(state["optimizer"])
-        _adam_steps_per_parameter(optimizer)
-        _restore_hyperparameters(optimizer, configured)
+        if load_optimizer:
+            self._load_with_optimizer(path, model, optimizer)
+        else:
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+            model.load_state_dict(state["model"])
+            optimizer.reload_model_params()  # the fp32 main weights (bf16 / distributed) from the loaded ones
         # Built with override_opt_param_scheduler: the schedule's shape comes from the config
         # (train_steps, warmup, decay), only the step count from the checkpoint.
         scheduler.num_steps = 0  # load_state_dict adds the saved count (a failed attempt may have run)
@@ -399,3 +391,22 @@ class Checkpointer:
             else:  # another data-parallel size: every old position, for data/reshard.py
                 data_state = {"reshard": [saved[r] for r in sorted(saved)]}
         return trainer["step"], data_state
+
+    def _load_with_optimizer(self, path: Path, model, optimizer) -> None:
+        _prepare_optimizer_for_load(optimizer)
+        configured = _configured_hyperparameters(optimizer)
+        model_sd = model.sharded_state_dict()
+        sharding = saved_sharding(path)  # the checkpoint's own format, whatever this run saves in
+        request = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sharding)
+        running = param_groups_compat.running_groups(optimizer, request)
+        param_groups_compat.fit_request(request, dist_checkpointing.load_common_state_dict(str(path)))
+        state = dist_checkpointing.load({"model": model_sd, "optimizer": request}, str(path))
+        model.load_state_dict(state["model"])
+        if param_groups_compat.regroup(state["optimizer"], running):
+            logger.warning("checkpoint %s was saved with weight decay on biases and 1-D parameters (one param group "
+                           "per learning rate): its optimizer state is read into the current groups, which exempt "
+                           "them", path)
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+        _adam_steps_per_parameter(optimizer)
+        _restore_hyperparameters(optimizer, configured)

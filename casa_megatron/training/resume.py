@@ -46,6 +46,8 @@ from casa_megatron.training.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
+# TRAINABILITY: what the optimizer state is bound to; it may change where that state is not loaded
+# (a weights-only start from checkpoint.pretrained, a resume with checkpoint.load_optimizer=false)
 MUST_MATCH, MAY_CHANGE, TRAINABILITY = "must match", "may change", "trainability"
 RESUME_RULES: List[Tuple[str, str]] = [
     ("model.transformer_impl", MAY_CHANGE),  # implementation: the same weights
@@ -62,7 +64,7 @@ RESUME_RULES: List[Tuple[str, str]] = [
     ("model.lora.*", TRAINABILITY),  # a weights-only start may add adapters (they start at B = 0)
     ("model.vision.lora.*", TRAINABILITY),
     ("model.*", MUST_MATCH),
-    ("optimizer.use_distributed_optimizer", MUST_MATCH),
+    ("optimizer.use_distributed_optimizer", TRAINABILITY),
     ("*", MAY_CHANGE),
 ]
 # Fields that decide which sample comes next; the rest of data.* (workers, prefetch, decoder,
@@ -199,10 +201,18 @@ def precheck(ckpt, cfg) -> Optional[Differences]:
             saved = read_saved_config(path)
         except ValueError:
             continue
-        diff = check_compatible(saved, cfg, f"checkpoint {path}")
-        check_optimizer_layout(saved, cfg, f"checkpoint {path}")
-        return diff
+        return _check(saved, cfg, path)
     return None
+
+
+def _check(saved: Dict[str, Any], cfg, path: Path) -> Differences:
+    """The resume's checks; without the optimizer state (checkpoint.load_optimizer=false) what
+    that state is bound to may change."""
+    fresh_optimizer = not cfg.checkpoint.load_optimizer
+    diff = check_compatible(saved, cfg, f"checkpoint {path}", weights_only=fresh_optimizer)
+    if not fresh_optimizer:
+        check_optimizer_layout(saved, cfg, f"checkpoint {path}")
+    return diff
 
 
 def describe_changes(diff: Differences) -> str:
@@ -252,11 +262,11 @@ def resume(ckpt, cfg, model, optimizer, scheduler) -> Resumed:
         except ValueError as exc:
             out.skipped.append((path, "damaged", str(exc)))
             continue
-        diff = check_compatible(saved, cfg, f"checkpoint {path}")
-        check_optimizer_layout(saved, cfg, f"checkpoint {path}")
+        diff = _check(saved, cfg, path)
         why = None
         try:
-            step, data_state = ckpt.load(path, model, optimizer, scheduler)
+            step, data_state = ckpt.load(path, model, optimizer, scheduler,
+                                         load_optimizer=cfg.checkpoint.load_optimizer)
         except Exception as exc:  # noqa: BLE001 - any failure to load: report it and fall back
             why = f"{type(exc).__name__}: {str(exc)[:500]}"
         why = _first_failure(why)
@@ -272,6 +282,9 @@ def resume(ckpt, cfg, model, optimizer, scheduler) -> Resumed:
         out.data_state = data_state
         if diff.changed:
             logger.info("resume: applying config changes: %s", describe_changes(diff))
+        if not cfg.checkpoint.load_optimizer:
+            logger.warning("resume: checkpoint.load_optimizer=false: weights, step %d, LR schedule and data position "
+                           "from %s; the optimizer starts afresh (Adam's moments at zero)", step, path.name)
         for drift in (template_drift(cfg.data, path), tokenizer_drift(cfg.data, path)):
             if drift is not None:
                 logger.warning("resume: %s", drift)
