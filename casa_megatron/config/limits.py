@@ -76,7 +76,7 @@ def rules() -> Dict[type, Dict[str, Range]]:
                                 "num_layers_in_last_pipeline_stage": AT_LEAST_1, "ddp_bucket_size": AT_LEAST_1,
                                 "virtual_pipeline_model_parallel_size": AT_LEAST_1},
         schema.OptimizerConfig: {"lr_new": POSITIVE, "lr_pretrained": POSITIVE, "min_lr_ratio": FRACTION,
-                                 "weight_decay": AT_LEAST_0, "adam_beta1": BETA, "adam_beta2": BETA,
+                                 "weight_decay": AT_LEAST_0, "adam_beta1": BETA, "adam_beta2": BETA, "adam_eps": POSITIVE,
                                  "warmup_steps": AT_LEAST_0, "wsd_decay_steps": AT_LEAST_0, "clip_grad": AT_LEAST_0},
         schema.CheckpointConfig: {"save_interval": AT_LEAST_0, "keep_last": AT_LEAST_0},
         schema.TrackingConfig: {"system_metrics_interval_s": POSITIVE, "peak_tflops": POSITIVE},

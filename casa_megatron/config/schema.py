@@ -156,6 +156,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8  # Megatron-LM's --adam-eps (1e-5 / 1e-6 are common for long bf16 runs)
     warmup_steps: int = 10
     decay_style: str = "WSD"  # constant | linear | cosine | WSD
     wsd_decay_steps: int = 0  # WSD: steps of the final decay (0 = no decay)

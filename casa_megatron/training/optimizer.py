@@ -94,6 +94,7 @@ def build_optimizer(ddp_model: ModelChunks, cfg: TrainConfig):
         weight_decay=opt.weight_decay,
         adam_beta1=opt.adam_beta1,
         adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
         clip_grad=opt.clip_grad,
         bf16=cfg.precision.bf16,
         params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,

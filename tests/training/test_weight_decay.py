@@ -46,14 +46,18 @@ def _decayed_step(rank, world, overrides):
         if p.requires_grad:
             p.main_grad.zero_()
     optimizer.step()
-    return {n: (tuple(p.shape), bool(getattr(p, "casa_new", False)), (p.detach() / before[n]).flatten().tolist()[:8],
-                bool(torch.equal(p.detach(), before[n])))
-            for n, p in model.named_parameters()}
+    params = {n: (tuple(p.shape), bool(getattr(p, "casa_new", False)), (p.detach() / before[n]).flatten().tolist()[:8],
+                  bool(torch.equal(p.detach(), before[n])))
+              for n, p in model.named_parameters()}
+    groups = [g for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for g in opt.optimizer.param_groups]
+    return params, sorted({(g["eps"], g["betas"]) for g in groups})
 
 
 @pytest.mark.parametrize("overrides", [[], [PLAIN]], ids=["distributed", "plain"])
 def test_weight_decay_reaches_weight_matrices_only(overrides):
-    params, = run_distributed(_decayed_step, world_size=1, overrides=overrides)
+    (params, settings), = run_distributed(_decayed_step, world_size=1,
+                                          overrides=[*overrides, "optimizer.adam_eps=1e-6", "optimizer.adam_beta2=0.98"])
+    assert settings == [(1e-6, (0.9, 0.98))]  # every group takes the configured Adam settings
     biases = [n for n in params if n.endswith(".bias")]
     norms = [n for n, (shape, *_) in params.items() if len(shape) == 1 and not n.endswith(".bias")]
     assert biases and norms  # the test model has both
