@@ -311,6 +311,9 @@ class TrainConfig:
     global_batch_size: int = 4
     train_steps: int = 200
     log_interval: int = 10
+    # Megatron-LM's --log-params-norm: the L2 norm of the trained weights in every logged row
+    # (``params_norm``; training/params_norm.py). A collective over TP x PP at each logged step.
+    log_params_norm: bool = False
     eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
     eval_iters: int = 1  # global batches of data.valid per evaluation
     # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer

@@ -51,6 +51,7 @@ from casa_megatron.training.failures import TrainingDiverged, non_finite_gradien
 from casa_megatron.training.memory_plan import parameter_shapes, weight_memory
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
+from casa_megatron.training.params_norm import params_norm
 from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.profiling import StepProfiler
 from casa_megatron.training.resume import Resumed, resume
@@ -67,6 +68,14 @@ def _mean_over_dp(value: torch.Tensor) -> float:
     value = value.clone()
     dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
     return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def _params_norm(ddp, cfg) -> float:
+    """``log_params_norm``: with overlapped parameter gathering, each data-parallel rank's weights
+    outside its own shard are a step behind until the next forward; bring them up to date first
+    (as a save does)."""
+    finish_param_gather(ddp)
+    return params_norm(ddp.chunks)
 
 
 def _step_loss(losses, per_token: bool) -> float:
@@ -233,7 +242,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             step_flops = meter.take()
             if is_logger and step == start_step + 1 and (warning := meter.pipeline_warning()):
                 logger.warning(warning)
-            if last_stage and (step % cfg.log_interval == 0 or step == cfg.train_steps):
+            logged_step = step % cfg.log_interval == 0 or step == cfg.train_steps
+            norm = _params_norm(ddp, cfg) if logged_step and cfg.log_params_norm else None  # every rank
+            if last_stage and logged_step:
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
                 totals = skip_totals(data)
@@ -245,6 +256,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                            "data_wait_s": meter.last_data_wait_s,
                            "peak_memory_gib": peak_memory_bytes() / 2**30,
                            "checkpoint_held_s": ckpt.held_s - held_logged, **skip_metrics(totals)}
+                if norm is not None:
+                    metrics["params_norm"] = norm
                 held_logged = ckpt.held_s
                 tracker.log_metrics(metrics, step)
                 log.write(step, metrics)

@@ -89,9 +89,10 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         mfu = f" (MFU {100 * metrics['mfu']:.1f}%)" if "mfu" in metrics else ""
-        logger.info("step %5d | loss %.4f | lr %.2e/%.2e | grad norm %.3f | %.0f text tok/s (%.0f answer) | "
+        norm = f" | params norm {metrics['params_norm']:.3f}" if "params_norm" in metrics else ""
+        logger.info("step %5d | loss %.4f | lr %.2e/%.2e | grad norm %.3f%s | %.0f text tok/s (%.0f answer) | "
                     "%.3g TFLOP/s/device%s | %.0f ms | %.2f GiB", step, metrics["loss"], metrics["lr_new"],
-                    metrics["lr_pretrained"], metrics["grad_norm"], metrics["text_tokens_per_s"],
+                    metrics["lr_pretrained"], metrics["grad_norm"], norm, metrics["text_tokens_per_s"],
                     metrics["answer_tokens_per_s"], metrics["tflops_per_device"], mfu,
                     metrics["step_time_s"] * 1000, metrics["peak_memory_gib"])
 
