@@ -81,6 +81,7 @@ def rules() -> Dict[type, Dict[str, Range]]:
         schema.CheckpointConfig: {"save_interval": AT_LEAST_0, "keep_last": AT_LEAST_0},
         schema.TrackingConfig: {"system_metrics_interval_s": POSITIVE, "peak_tflops": POSITIVE},
         schema.ProfileConfig: {"start_step": AT_LEAST_1, "end_step": AT_LEAST_1},
+        schema.GenerationEvalConfig: {"interval": AT_LEAST_0, "max_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1},
         schema.TrainConfig: {"micro_batch_size": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
                              "train_steps": AT_LEAST_1, "log_interval": AT_LEAST_1, "seed": AT_LEAST_0,
                              "exit_duration_mins": POSITIVE},

@@ -257,6 +257,29 @@ PROFILE_TOOLS = ("torch", "nsys")
 
 
 @dataclass
+class GenerationEvalConfig:
+    """Held-out questions and clips answered by greedy generation during training, scored as
+    ``casa-eval`` scores them (``training/generation_eval.py``): the accuracy curve beside the
+    loss curve, which is what a fusion comparison reads. ``data``: a held-out folder as
+    ``casa-eval --data`` takes it; ``interval``: steps between evaluations (and at the end); the
+    first ``max_samples`` items, ``max_new_tokens`` per answer."""
+
+    data: Optional[str] = None
+    interval: int = 0  # 0 = never
+    max_samples: Optional[int] = 16
+    max_new_tokens: int = 16
+    media_root: Optional[str] = None  # where relative media paths of ``data`` resolve (casa-eval's --media-root)
+
+    def validate(self, parallel) -> None:
+        if self.interval and not self.data:
+            raise ConfigError(f"eval_generation.interval={self.interval} needs eval_generation.data (a held-out folder)")
+        if self.interval and parallel.virtual_pipeline_model_parallel_size:
+            raise ConfigError("eval_generation runs one model chunk per rank; it does not support "
+                              "parallel.virtual_pipeline_model_parallel_size yet (evaluate the checkpoints with "
+                              "casa-eval --pipeline-parallel instead)")
+
+
+@dataclass
 class ProfileConfig:
     """Megatron-LM's ``--profile``: steps ``start_step`` .. ``end_step`` (inclusive) of ``ranks``
     are profiled (``training/profiling.py``). ``torch``: ``torch.profiler`` (CPU, and CUDA kernels
@@ -307,6 +330,7 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval_generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     micro_batch_size: int = 2
     global_batch_size: int = 4
     train_steps: int = 200
@@ -347,6 +371,7 @@ class TrainConfig:
                               "scaling state (Transformer Engine's checkpoint), which no GPU run has checked")
         self.precision.validate(self.model.transformer_impl)
         self.profile.validate(self.train_steps)
+        self.eval_generation.validate(self.parallel)
         t_data, t_model = self.data.temporal_patch_size, self.model.vision.temporal_patch_size
         if t_data is not None and t_data != t_model:
             raise ConfigError(f"data.temporal_patch_size={t_data} disagrees with model.vision.temporal_patch_size="

@@ -18,15 +18,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from casa_megatron.config.run_files import saved_tokenizer
 from casa_megatron.data.records import ShardError
 from casa_megatron.data.recipe import RecipeError
 from casa_megatron.evaluation.answer_metrics import MetricError
+from casa_megatron.evaluation.answering import decoder, is_rank0, run_replicas, run_side
 from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
 from casa_megatron.evaluation.items import Items, read_items
-from casa_megatron.evaluation.metrics import caption_scores, question_scores
 from casa_megatron.evaluation.report import agreement, table
 from casa_megatron.evaluation.tracking import NoTrackedRun
 from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder, resolve_adapter
@@ -81,10 +81,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def settings_for(args: argparse.Namespace):
     """The pipeline settings of the evaluated model (pixel budgets, fps, frames, text layout)."""
     from casa_megatron.data.processor import ProcessorSettings
@@ -129,43 +125,12 @@ def _tokenizer_of(data) -> Optional[Path]:
 
 
 def run_megatron(args, settings, items: Items) -> Dict:
-    from casa_megatron.data.chat_template import ChatTemplateLayout
-    from casa_megatron.data.processor import make_layout
     from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
-    from casa_megatron.evaluation.megatron_side import MegatronGreedy
+    from casa_megatron.evaluation.megatron_side import greedy_for
 
     model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel)
-    layout = make_layout(settings)
-    if isinstance(layout, ChatTemplateLayout):
-        tok = layout.tokenizer
-        names, stops = [layout.image_placeholder, layout.video_placeholder], [layout.info.end_of_turn]
-    else:
-        tok = layout.tokenizer
-        names, stops = [settings.image_token], [settings.end_of_turn_token]
-    stop_ids = [tok.convert_tokens_to_ids(n) for n in stops] + ([tok.eos_token_id] if tok.eos_token_id is not None
-                                                               else [])
-    banned = [tok.convert_tokens_to_ids(n) for n in names if n]
-    runner = MegatronGreedy(model, cfg, layout, args.max_new_tokens, stop_ids, banned)
-    return _run_replicas(runner, items, _decoder(tok, stop_ids))
-
-
-def _run_replicas(runner, items: Items, text) -> Dict:
-    """The megatron side over its data-parallel replicas (one without): each answers every
-    dp-th item, and every rank gets them all back in the items' order."""
-    import torch
-    from megatron.core import parallel_state
-
-    start = time.perf_counter()
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mine = _answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
-                       text)
-    shards: List = [mine]
-    if dp > 1:
-        shards = [None] * dp
-        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
-    questions = [shards[i % dp][0][i // dp] for i in range(len(items.questions))]  # item i: replica i % dp
-    captions = [shards[i % dp][1][i // dp] for i in range(len(items.captions))]
-    return _scored(questions, captions, time.perf_counter() - start)
+    runner = greedy_for(model, cfg, settings, args.max_new_tokens)
+    return run_replicas(runner, items, decoder(runner.tok, runner.stop_ids))
 
 
 def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
@@ -179,49 +144,7 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
     model, processor = load_model(args.hf, device, args.dtype, str(adapter) if adapter else "none")
     banned = [t for t in (processor.image_token_id, processor.video_token_id) if t is not None]
     runner = HFGreedy(model, processor, args.max_new_tokens, processor.stop_token_ids, banned)
-    return _run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids, args.batch_size)
-
-
-def _decoder(tok, stop_ids):
-    def text(tokens):
-        return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
-    return text
-
-
-def _answer_all(name: str, runner, items: Items, text, batch_size: int = 1) -> Tuple[List[Dict], List[Dict]]:
-    """(question rows, caption rows) of ``items`` in their order."""
-    from tqdm import tqdm
-
-    def answers():  # (item, tokens), batch_size questions per call where the runner batches
-        with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q", disable=not _is_rank0()) as bar:
-            for first in range(0, len(items.questions), batch_size):
-                chunk = items.questions[first:first + batch_size]
-                tokens = runner.answer_batch(chunk) if batch_size > 1 else [runner.answer(chunk[0])]
-                bar.update(len(chunk))
-                yield from zip(chunk, tokens)
-
-    questions, captions = [], []
-    for item, tokens in answers():
-        questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
-                          "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
-    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip", disable=not _is_rank0()):
-        frames = runner.caption(item)
-        captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
-                                                   for t, r in zip(frames, item.references)]})
-    return questions, captions
-
-
-def _scored(questions: List[Dict], captions: List[Dict], seconds: float) -> Dict:
-    scores = question_scores((q["type"], q["task"], q["answer"], q["answers"], q["metric"]) for q in questions)
-    if captions:
-        scores["caption"] = caption_scores((f["caption"], f["reference"]) for c in captions for f in c["frames"])
-    return {"questions": questions, "captions": captions, "scores": scores, "seconds": seconds}
-
-
-def _run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1) -> Dict:
-    start = time.perf_counter()
-    questions, captions = _answer_all(name, runner, items, _decoder(tok, stop_ids), batch_size)
-    return _scored(questions, captions, time.perf_counter() - start)
+    return run_side("hf", runner, items, processor.tokenizer, processor.stop_token_ids, args.batch_size)
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -242,7 +165,7 @@ def run(args: argparse.Namespace) -> Dict:
     sides = {}
     if args.checkpoint:
         sides["megatron"] = run_megatron(args, settings, items)
-    if not _is_rank0():  # the other ranks of a parallel megatron side: rank 0 reports
+    if not is_rank0():  # the other ranks of a parallel megatron side: rank 0 reports
         return {}
     if args.hf:
         sides["hf"] = run_hf(args, items, adapter)

@@ -111,6 +111,24 @@ class MegatronGreedy:
         return per_frame
 
 
+def greedy_for(model, cfg, settings, max_new_tokens: int) -> MegatronGreedy:
+    """The runner for ``model`` (a built VLM, ``cfg`` its TrainConfig) with the layout of
+    ``settings`` (a ``ProcessorSettings``): it stops at the end of the turn (the template's, or our
+    ``<eot>``) or the tokenizer's eos, and never emits a media placeholder."""
+    from casa_megatron.data.processor import make_layout
+
+    layout = make_layout(settings)
+    tok = layout.tokenizer
+    if isinstance(layout, ChatTemplateLayout):
+        names, stops = [layout.image_placeholder, layout.video_placeholder], [layout.info.end_of_turn]
+    else:
+        names, stops = [settings.image_token], [settings.end_of_turn_token]
+    stop_ids = [tok.convert_tokens_to_ids(n) for n in stops] + ([tok.eos_token_id] if tok.eos_token_id is not None
+                                                               else [])
+    banned = [tok.convert_tokens_to_ids(n) for n in names if n]
+    return MegatronGreedy(model, cfg, layout, max_new_tokens, stop_ids, banned)
+
+
 def _logits(model, batch, seq_length: int):
     """Full-vocabulary logits ``[s, b, v_padded]`` on the last pipeline stage (gathered over TP),
     None on the other stages. ``seq_length``: text + image slots (what stages send each other)."""

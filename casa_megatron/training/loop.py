@@ -48,6 +48,7 @@ from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
 from casa_megatron.training.evaluation import check_validation, evaluate
 from casa_megatron.training.failures import TrainingDiverged, non_finite_gradients
+from casa_megatron.training.generation_eval import maybe_generation_eval
 from casa_megatron.training.memory_plan import parameter_shapes, weight_memory
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
@@ -217,6 +218,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     feed = data_for_chunks(meter, chunks)  # each model chunk reads every micro-batch
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
+    generation = maybe_generation_eval(cfg)  # held-out answers by greedy generation (eval_generation)
     try:
         while step < cfg.train_steps:
             step += 1
@@ -269,6 +271,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 if scores is not None:
                     tracker.log_metrics(scores, step)
                     log.write_eval(step, scores)
+            if generation is not None and generation.due(step):
+                answers = generation(ddp, step, run_dir)  # every rank: a collective
+                if last_stage:
+                    tracker.log_metrics(answers, step)
+                    log.write_generation(step, answers)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 _save(ckpt, step, ddp, model, optimizer, scheduler, data, cfg)
                 saved_at = step

@@ -60,6 +60,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         self.rows: List[Dict] = []
         self.eval_rows: List[Dict] = []
+        self.generation_rows: List[Dict] = []
         if not enabled:
             return
         kept: List[Dict] = []
@@ -67,6 +68,7 @@ class MetricsLog:
             kept = [r for r in _read_rows(path) if r["step"] <= truncate_after]
             self.rows = [r for r in kept if "loss" in r]
             self.eval_rows = [r for r in kept if "valid_loss" in r]
+            self.generation_rows = [r for r in kept if "generation" in r]
         # atomic: a resume killed here must not lose the curve up to the checkpoint
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -80,6 +82,16 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in scores.items() if k.startswith("valid_loss/"))
         logger.info("step %5d | valid loss %.4f%s", step, scores["valid_loss"], sources)
+
+    def write_generation(self, step: int, scores: Dict[str, float]) -> None:
+        """``scores``: ``eval/megatron/<group>`` -> score (training/generation_eval.py), one row
+        ``{"step", "generation": {group: score}}``."""
+        if not self.enabled:
+            return
+        row = {"step": step, "generation": {k.split("/", 2)[2]: v for k, v in scores.items()}}
+        self.generation_rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -113,7 +125,14 @@ class MetricsLog:
                         label=f"validation: {key.split('/', 1)[1]}")
         if floor is not None:
             ax.axhline(floor, ls="--", c="grey", label="best without vision")
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), fig.tight_layout()
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(loc="upper left")
+        answered = [r for r in self.generation_rows if "all" in r["generation"]]
+        if answered:  # eval_generation: the held-out accuracy on its own axis
+            acc = ax.twinx()
+            acc.plot([r["step"] for r in answered], [r["generation"]["all"] for r in answered], "s-", c="tab:green",
+                     label="held-out accuracy (generated)")
+            acc.set_ylim(0, 1), acc.set_ylabel("accuracy"), acc.legend(loc="upper right")
+        fig.tight_layout()
         try:  # rewritten at every evaluation: a viewer never sees half a PNG
             atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         finally:

@@ -1,0 +1,84 @@
+"""Answering held-out items with a greedy runner and scoring the answers: shared by ``casa-eval``
+(both sides) and the generation evaluation during training (``training/generation_eval.py``).
+
+A runner answers a ``QuestionItem`` with tokens (``answer``; ``answer_batch`` where it batches)
+and captions a ``CaptionItem`` frame by frame (``caption``): ``MegatronGreedy`` (recomputation,
+any TP / PP layout) or ``HFGreedy`` (the export's cache)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Tuple
+
+from casa_megatron.evaluation.items import Items
+from casa_megatron.evaluation.metrics import caption_scores, question_scores
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def decoder(tok, stop_ids):
+    """Tokens -> answer text: stop tokens and special tokens dropped, stripped."""
+    def text(tokens):
+        return tok.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True).strip()
+    return text
+
+
+def answer_all(name: str, runner, items: Items, text, batch_size: int = 1,
+               progress: bool = True) -> Tuple[List[Dict], List[Dict]]:
+    """(question rows, caption rows) of ``items`` in their order."""
+    from tqdm import tqdm
+
+    show = progress and is_rank0()
+
+    def answers():  # (item, tokens), batch_size questions per call where the runner batches
+        with tqdm(total=len(items.questions), desc=f"{name}: questions", unit="q", disable=not show) as bar:
+            for first in range(0, len(items.questions), batch_size):
+                chunk = items.questions[first:first + batch_size]
+                tokens = runner.answer_batch(chunk) if batch_size > 1 else [runner.answer(chunk[0])]
+                bar.update(len(chunk))
+                yield from zip(chunk, tokens)
+
+    questions, captions = [], []
+    for item, tokens in answers():
+        questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
+                          "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
+    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip", disable=not show):
+        frames = runner.caption(item)
+        captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
+                                                   for t, r in zip(frames, item.references)]})
+    return questions, captions
+
+
+def scored(questions: List[Dict], captions: List[Dict], seconds: float) -> Dict:
+    scores = question_scores((q["type"], q["task"], q["answer"], q["answers"], q["metric"]) for q in questions)
+    if captions:
+        scores["caption"] = caption_scores((f["caption"], f["reference"]) for c in captions for f in c["frames"])
+    return {"questions": questions, "captions": captions, "scores": scores, "seconds": seconds}
+
+
+def run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1) -> Dict:
+    start = time.perf_counter()
+    questions, captions = answer_all(name, runner, items, decoder(tok, stop_ids), batch_size)
+    return scored(questions, captions, time.perf_counter() - start)
+
+
+def run_replicas(runner, items: Items, text, progress: bool = True) -> Dict:
+    """The megatron side over its data-parallel replicas (one without): each answers every
+    dp-th item, and every rank gets them all back in the items' order."""
+    import torch
+    from megatron.core import parallel_state
+
+    start = time.perf_counter()
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
+                      text, progress=progress)
+    shards: List = [mine]
+    if dp > 1:
+        shards = [None] * dp
+        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
+    questions = [shards[i % dp][0][i // dp] for i in range(len(items.questions))]  # item i: replica i % dp
+    captions = [shards[i % dp][1][i // dp] for i in range(len(items.captions))]
+    return scored(questions, captions, time.perf_counter() - start)

@@ -1,0 +1,87 @@
+"""Held-out answers by greedy generation during training (``eval_generation``).
+
+The validation loss says how well the model predicts the reference answer token by token; a
+fusion comparison reads what the model answers. So every ``eval_generation.interval`` steps (and
+at the end) the live model answers the first ``max_samples`` held-out questions and captions
+the held-out clips greedily, exactly as ``casa-eval`` does with a checkpoint
+(``evaluation/megatron_side.py``: recomputation, the training layout, any TP / PP layout,
+data-parallel replicas splitting the items), and the scores go to ``metrics.jsonl`` (a row
+``{"step", "generation": {...}}``), the log and MLflow (``eval/megatron/<group>``, the names
+``casa-eval --track`` uses). The items are read once, at the first evaluation.
+
+The model answers in eval mode with its weights brought up to date (overlapped parameter
+gathering leaves other shards a step behind); nothing it does touches the training state: the
+data order, the RNG and the weights are as before, so the loss curve is the same with or
+without these evaluations (tested). What it answered, item by item, is kept as
+``<run_dir>/generation/iter_<N>.json`` (``casa-eval``'s ``eval.json`` layout for its megatron side).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+from casa_megatron.config.schema import TrainConfig
+from casa_megatron.runtime.atomic import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationEval:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.settings = None
+        self.items = None
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval_generation.interval
+        return bool(every) and (step % every == 0 or step == self.cfg.train_steps)
+
+    def _load(self) -> None:
+        from casa_megatron.data.processor import ProcessorSettings
+        from casa_megatron.evaluation.items import read_items
+
+        g = self.cfg.eval_generation
+        settings = ProcessorSettings.from_config(self.cfg.data, "cpu", self.cfg.model.fusion.mechanism)
+        self.settings = dataclasses.replace(settings, truncate=False)  # a held-out prompt is never cut
+        self.items = read_items(g.data, self.settings, g.max_samples, g.media_root)
+        if not self.items.questions and not self.items.captions:
+            raise ValueError(f"eval_generation.data={g.data!r}: no usable held-out sample "
+                             f"(skipped: {self.items.skipped})")
+
+    def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
+        """Collective over every rank. Returns ``eval/megatron/<group>`` -> score."""
+        from casa_megatron.evaluation.answering import decoder, run_replicas
+        from casa_megatron.evaluation.megatron_side import greedy_for
+        from casa_megatron.evaluation.tracking import metrics_of
+        from casa_megatron.training.optimizer import finish_param_gather
+
+        if self.items is None:
+            self._load()
+        finish_param_gather(ddp)
+        model = ddp[0].module  # the VLM inside megatron's DDP: its forward pre-hooks are not wanted here
+        slots, was_training = model.image_seq_length, model.training
+        model.eval()
+        try:
+            runner = greedy_for(model, self.cfg, self.settings, self.cfg.eval_generation.max_new_tokens)
+            result = run_replicas(runner, self.items, decoder(runner.tok, runner.stop_ids), progress=False)
+        finally:
+            model.image_seq_length = slots
+            model.train(was_training)
+        scores = metrics_of({"sides": {"megatron": result}})
+        if int(os.environ.get("RANK", 0)) == 0:
+            atomic_write_json(run_dir / "generation" / f"iter_{step:07d}.json",
+                              {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.items.skipped,
+                               "max_new_tokens": self.cfg.eval_generation.max_new_tokens,
+                               "sides": {"megatron": result}})
+        logger.info("step %5d | generation: %s (%d questions, %d clips, %.1f s)", step,
+                    ", ".join(f"{k.split('/', 2)[2]} {v:.3f}" for k, v in sorted(scores.items())),
+                    len(self.items.questions), len(self.items.captions), result["seconds"])
+        return scores
+
+
+def maybe_generation_eval(cfg: TrainConfig) -> Optional[GenerationEval]:
+    return GenerationEval(cfg) if cfg.eval_generation.interval else None
