@@ -71,6 +71,14 @@ def _mean_over_dp(value: torch.Tensor) -> float:
     return value.item() / parallel_state.get_data_parallel_world_size()
 
 
+def _plot(log: MetricsLog, cfg, run_dir: Path, is_logger: bool) -> bool:
+    """``loss.png`` (written atomically) from the rows so far; True if written."""
+    if not (is_logger and log.rows):
+        return False
+    log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.is_synthetic else None)
+    return True
+
+
 def _params_norm(ddp, cfg) -> float:
     """``log_params_norm``: with overlapped parameter gathering, each data-parallel rank's weights
     outside its own shard are a step behind until the next forward; bring them up to date first
@@ -271,11 +279,13 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 if scores is not None:
                     tracker.log_metrics(scores, step)
                     log.write_eval(step, scores)
+                    _plot(log, cfg, run_dir, is_logger)  # the curves so far, to look at mid-run
             if generation is not None and generation.due(step):
                 answers = generation(ddp, step, run_dir)  # every rank: a collective
                 if last_stage:
                     tracker.log_metrics(answers, step)
                     log.write_generation(step, answers)
+                    _plot(log, cfg, run_dir, is_logger)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 _save(ckpt, step, ddp, model, optimizer, scheduler, data, cfg)
                 saved_at = step
@@ -306,8 +316,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     finally:
         profiler.close()  # a run that stopped inside the profiled steps still writes them
         stop.restore()
-    if is_logger and log.rows:
-        log.plot(run_dir / "loss.png", floor=TEXT_ONLY_FLOOR if cfg.data.is_synthetic else None)
+    if _plot(log, cfg, run_dir, is_logger):
         tracker.log_artifact(str(run_dir / "loss.png"))
     if is_logger:
         ended = f"stopped by {stop.requested}" if status == "KILLED" else "done"

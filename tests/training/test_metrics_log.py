@@ -72,3 +72,17 @@ def test_loss_plot_is_a_png(tmp_path):
     log.plot(tmp_path / "loss.png")  # rewritten in place, as at every evaluation
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_generation_rows_are_kept_on_resume_and_drawn(tmp_path):
+    """eval_generation's rows (training/generation_eval.py): their own lines, kept up to the
+    checkpoint's step on resume, the held-out accuracy drawn on loss.png's second axis."""
+    path = tmp_path / "metrics.jsonl"
+    log = _run(path, range(1, 5))
+    log.write_generation(2, {"eval/megatron/all": 0.25, "eval/megatron/task_colour": 0.5})
+    log.write_generation(4, {"eval/megatron/all": 0.5})
+    assert log.generation_rows[0] == {"step": 2, "generation": {"all": 0.25, "task_colour": 0.5}}
+    log.plot(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resumed = MetricsLog(path, enabled=True, truncate_after=3)
+    assert [r["step"] for r in resumed.generation_rows] == [2] and [r["step"] for r in resumed.rows] == [1, 2, 3]
