@@ -19,8 +19,10 @@ case "${1:-}" in
          # held-out split): made once per generator version, ~6-10 s.
          python tools/make_synthetic_data.py --out data/synthetic --if-stale
          # Validation on the generated held-out split: given here, not in the YAML, so that the
-         # YAML stays valid with any data.source=... override.
+         # YAML stays valid with any data.source=... override. Every 100 steps the model also
+         # answers the whole held-out split by generation (eval_generation, docs/evaluation.md).
          casa-train configs/tiny_cpu.yaml "data.valid=[{path: data/synthetic/valid}]" eval_interval=50 eval_iters=2 \
+           eval_generation.data=data/synthetic/valid eval_generation.interval=100 eval_generation.max_samples=null \
            "$@" ;;
   test)  shift; python -m pytest tests -q "$@" ;;
   *) echo "usage: bash dev.sh train|test [args]" >&2; exit 2 ;;
