@@ -84,7 +84,7 @@ def rules() -> Dict[type, Dict[str, Range]]:
         schema.GenerationEvalConfig: {"interval": AT_LEAST_0, "max_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1},
         schema.TrainConfig: {"micro_batch_size": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
                              "train_steps": AT_LEAST_1, "log_interval": AT_LEAST_1, "seed": AT_LEAST_0,
-                             "exit_duration_mins": POSITIVE},
+                             "exit_duration_mins": POSITIVE, "check_weights_across_dp_interval": AT_LEAST_0},
         DataConfig: {"seq_length": Range(2), "image_seq_length": AT_LEAST_1, "image_size": AT_LEAST_1,
                      "pixel_budget": AT_LEAST_1, "min_pixels": AT_LEAST_1, "video_pixel_budget": AT_LEAST_1,
                      "fps": POSITIVE, "max_frames": AT_LEAST_1, "num_workers": AT_LEAST_0, "prefetch": AT_LEAST_0,

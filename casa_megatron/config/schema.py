@@ -270,13 +270,9 @@ class GenerationEvalConfig:
     max_new_tokens: int = 16
     media_root: Optional[str] = None  # where relative media paths of ``data`` resolve (casa-eval's --media-root)
 
-    def validate(self, parallel) -> None:
+    def validate(self) -> None:
         if self.interval and not self.data:
             raise ConfigError(f"eval_generation.interval={self.interval} needs eval_generation.data (a held-out folder)")
-        if self.interval and parallel.virtual_pipeline_model_parallel_size:
-            raise ConfigError("eval_generation runs one model chunk per rank; it does not support "
-                              "parallel.virtual_pipeline_model_parallel_size yet (evaluate the checkpoints with "
-                              "casa-eval --pipeline-parallel instead)")
 
 
 @dataclass
@@ -338,6 +334,10 @@ class TrainConfig:
     # Megatron-LM's --log-params-norm: the L2 norm of the trained weights in every logged row
     # (``params_norm``; training/params_norm.py). A collective over TP x PP at each logged step.
     log_params_norm: bool = False
+    # Megatron-LM's --check-weight-hash-across-dp-replicas-interval: every N steps every weight is
+    # hashed on every rank and the data-parallel replicas compared; a difference stops the run
+    # naming the weights (training/replica_check.py). 0 = never.
+    check_weights_across_dp_interval: int = 0
     eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
     eval_iters: int = 1  # global batches of data.valid per evaluation
     # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer
@@ -371,7 +371,7 @@ class TrainConfig:
                               "scaling state (Transformer Engine's checkpoint), which no GPU run has checked")
         self.precision.validate(self.model.transformer_impl)
         self.profile.validate(self.train_steps)
-        self.eval_generation.validate(self.parallel)
+        self.eval_generation.validate()
         t_data, t_model = self.data.temporal_patch_size, self.model.vision.temporal_patch_size
         if t_data is not None and t_data != t_model:
             raise ConfigError(f"data.temporal_patch_size={t_data} disagrees with model.vision.temporal_patch_size="

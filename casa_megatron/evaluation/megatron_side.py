@@ -15,7 +15,9 @@ generated token), then greedy tokens until the end of the turn.
 
 Across ranks every rank builds the same batch; the last pipeline stage gathers the logits over TP
 (all its TP ranks then hold the same argmax) and sends the token down its pipeline group, so every
-rank appends the same token (``_logits``, ``_shared``). PP runs megatron's forward-only schedule.
+rank appends the same token (``_logits``, ``_shared``). PP runs megatron's forward-only schedule;
+a rank's model chunks of the interleaved schedule (a list of modules: the evaluation during
+training) run its interleaved forward, every chunk reading the same batch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from casa_megatron.evaluation.items import CaptionItem, QuestionItem
 
 class MegatronGreedy:
     def __init__(self, model, cfg, layout, max_new_tokens: int, stop_ids: Sequence[int], banned_ids: Sequence[int]):
+        """``model``: a VLM, or this rank's model chunks (a list) under the interleaved schedule."""
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         self.model, self.cfg, self.layout = model, cfg, layout
         self.max_new_tokens, self.stop_ids, self.banned = max_new_tokens, set(stop_ids), list(banned_ids)
         self.chat = isinstance(layout, ChatTemplateLayout)
@@ -44,11 +48,12 @@ class MegatronGreedy:
         packer = Packer(1, len(sample), max(1, sample.num_image_tokens), self.layout.pad_id, data.image_mean,
                         data.image_std, self.cfg.model.vision.temporal_patch_size, data.fps)
         batch, _ = packer.collate([[sample]])
-        device = next(self.model.parameters()).device  # build_vlm: cuda if any
+        device = next(self.chunks[0].parameters()).device  # build_vlm: cuda if any
         batch = replace(batch, labels=None).to(device)
         slots = max(1, sample.num_image_tokens)
-        self.model.image_seq_length = slots
-        logits = _logits(self.model, batch, len(sample) + slots)  # [s, 1, v_padded] on the last stage, else None
+        for chunk in self.chunks:
+            chunk.image_seq_length = slots
+        logits = _logits(self.chunks, batch, len(sample) + slots)  # [s, 1, v_padded] on the last stage, else None
         token = None
         if logits is not None:
             last = logits[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
@@ -129,19 +134,26 @@ def greedy_for(model, cfg, settings, max_new_tokens: int) -> MegatronGreedy:
     return MegatronGreedy(model, cfg, layout, max_new_tokens, stop_ids, banned)
 
 
-def _logits(model, batch, seq_length: int):
+def _logits(chunks, batch, seq_length: int):
     """Full-vocabulary logits ``[s, b, v_padded]`` on the last pipeline stage (gathered over TP),
-    None on the other stages. ``seq_length``: text + image slots (what stages send each other)."""
+    None on the other stages. ``chunks``: this rank's model chunks (one without the interleaved
+    schedule). ``seq_length``: text + image slots (what stages send each other)."""
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        out = model(batch)
+        out = chunks[0](batch)
     else:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from casa_megatron.training.step import data_for_chunks
+
+        # the interleaved schedule takes at least PP micro-batches: the batch that many times, the
+        # first output kept
+        repeats = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
         outs = get_forward_backward_func()(
-            forward_step_func=lambda data, chunk: (chunk(next(data)), None), data_iterator=iter([batch]),
-            model=[model], num_microbatches=1, seq_length=seq_length, micro_batch_size=batch.input_ids.shape[0],
+            forward_step_func=lambda data, chunk: (chunk(next(data)), None),
+            data_iterator=data_for_chunks(iter([batch] * repeats), len(chunks)), model=list(chunks),
+            num_microbatches=repeats, seq_length=seq_length, micro_batch_size=batch.input_ids.shape[0],
             forward_only=True)
         if not parallel_state.is_pipeline_last_stage():
             return None

@@ -4,8 +4,8 @@ The validation loss says how well the model predicts the reference answer token 
 fusion comparison reads what the model answers. So every ``eval_generation.interval`` steps (and
 at the end) the live model answers the first ``max_samples`` held-out questions and captions
 the held-out clips greedily, exactly as ``casa-eval`` does with a checkpoint
-(``evaluation/megatron_side.py``: recomputation, the training layout, any TP / PP layout,
-data-parallel replicas splitting the items), and the scores go to ``metrics.jsonl`` (a row
+(``evaluation/megatron_side.py``: recomputation, the training layout, any TP / PP layout and
+the interleaved schedule's chunks, data-parallel replicas splitting the items), and the scores go to ``metrics.jsonl`` (a row
 ``{"step", "generation": {...}}``), the log and MLflow (``eval/megatron/<group>``, the names
 ``casa-eval --track`` uses). The items are read once, at the first evaluation.
 
@@ -62,15 +62,17 @@ class GenerationEval:
         if self.items is None:
             self._load()
         finish_param_gather(ddp)
-        model = ddp[0].module  # the VLM inside megatron's DDP: its forward pre-hooks are not wanted here
-        slots, was_training = model.image_seq_length, model.training
-        model.eval()
+        chunks = [d.module for d in ddp]  # the VLMs inside megatron's DDP: its forward pre-hooks are not wanted here
+        slots, was_training = [c.image_seq_length for c in chunks], chunks[0].training
+        for chunk in chunks:
+            chunk.eval()
         try:
-            runner = greedy_for(model, self.cfg, self.settings, self.cfg.eval_generation.max_new_tokens)
+            runner = greedy_for(chunks, self.cfg, self.settings, self.cfg.eval_generation.max_new_tokens)
             result = run_replicas(runner, self.items, decoder(runner.tok, runner.stop_ids), progress=False)
         finally:
-            model.image_seq_length = slots
-            model.train(was_training)
+            for chunk, n in zip(chunks, slots):
+                chunk.image_seq_length = n
+                chunk.train(was_training)
         scores = metrics_of({"sides": {"megatron": result}})
         if int(os.environ.get("RANK", 0)) == 0:
             atomic_write_json(run_dir / "generation" / f"iter_{step:07d}.json",

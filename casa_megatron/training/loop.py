@@ -55,6 +55,7 @@ from casa_megatron.training.optimizer import build_optimizer, current_lrs, finis
 from casa_megatron.training.params_norm import params_norm
 from casa_megatron.training.pretrained import start_from_pretrained
 from casa_megatron.training.profiling import StepProfiler
+from casa_megatron.training.replica_check import check_replicas
 from casa_megatron.training.resume import Resumed, resume
 from casa_megatron.training.session import RunSession
 from casa_megatron.training.step import data_for_chunks, forward_step
@@ -252,6 +253,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             step_flops = meter.take()
             if is_logger and step == start_step + 1 and (warning := meter.pipeline_warning()):
                 logger.warning(warning)
+            every = cfg.check_weights_across_dp_interval
+            if every and step % every == 0:  # every rank: a collective over the data-parallel group
+                finish_param_gather(ddp)  # without it, overlapped gathering leaves other shards a step behind
+                check_replicas(ddp.chunks, step)
             logged_step = step % cfg.log_interval == 0 or step == cfg.train_steps
             norm = _params_norm(ddp, cfg) if logged_step and cfg.log_params_norm else None  # every rank
             if last_stage and logged_step:

@@ -96,7 +96,19 @@ def test_the_loss_curve_does_not_change_and_tp2_answers_alike(runs):
 def test_the_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="needs eval_generation.data"):
         load_config(TrainConfig, None, ["eval_generation.interval=5"])
-    with pytest.raises(ConfigError, match="does not support parallel.virtual_pipeline_model_parallel_size"):
-        load_config(TrainConfig, None, ["eval_generation.interval=5", "eval_generation.data=x", "model.lm.num_layers=4",
-                                        "parallel.pipeline_model_parallel_size=2",
-                                        "parallel.virtual_pipeline_model_parallel_size=2"])
+
+
+def test_the_interleaved_schedule_answers_as_one_process(runs, tmp_path):
+    """PP=2 with two model chunks per rank (4 layers): every chunk reads the batch, repeated PP
+    times as the interleaved schedule needs; the tokens are the one-process run's."""
+    data = runs["valid"].parent
+    evaluated = [f"eval_generation.data={runs['valid']}", "eval_generation.interval=12", *ANSWERS, "train_steps=12",
+                 "model.lm.num_layers=4"]
+    answers = {}
+    for name, extra, world in (("one", [], 1), ("vpp", ["parallel.pipeline_model_parallel_size=2",
+                                                         "parallel.virtual_pipeline_model_parallel_size=2"], 2)):
+        run_distributed(_train, world_size=world, data=str(data), run_dir=str(tmp_path / name),
+                        overrides=[*evaluated, *extra])
+        kept = json.loads((tmp_path / name / "generation/iter_0000012.json").read_text())["sides"]["megatron"]
+        answers[name] = ([q["tokens"] for q in kept["questions"]], kept["scores"])
+    assert answers["vpp"] == answers["one"] and all(answers["one"][0])
