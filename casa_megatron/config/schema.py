@@ -338,6 +338,9 @@ class TrainConfig:
     # hashed on every rank and the data-parallel replicas compared; a difference stops the run
     # naming the weights (training/replica_check.py). 0 = never.
     check_weights_across_dp_interval: int = 0
+    # Megatron-LM's --manual-gc --manual-gc-interval N: Python's automatic garbage collection off
+    # during training, a collection every N steps on every rank (training/manual_gc.py). 0 = off.
+    manual_gc_interval: int = 0
     eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
     eval_iters: int = 1  # global batches of data.valid per evaluation
     # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer

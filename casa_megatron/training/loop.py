@@ -49,6 +49,7 @@ from casa_megatron.training.data_stats import describe, skip_metrics, skip_total
 from casa_megatron.training.evaluation import check_validation, evaluate
 from casa_megatron.training.failures import TrainingDiverged, non_finite_gradients
 from casa_megatron.training.generation_eval import maybe_generation_eval
+from casa_megatron.training.manual_gc import ManualGC
 from casa_megatron.training.memory_plan import parameter_shapes, weight_memory
 from casa_megatron.training.metrics import MetricsLog, peak_memory_bytes
 from casa_megatron.training.optimizer import build_optimizer, current_lrs, finish_param_gather, wrap_ddp
@@ -228,6 +229,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
     generation = maybe_generation_eval(cfg)  # held-out answers by greedy generation (eval_generation)
+    collector = ManualGC(cfg.manual_gc_interval).start()  # Python's GC at chosen steps only
     try:
         while step < cfg.train_steps:
             step += 1
@@ -253,6 +255,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             step_flops = meter.take()
             if is_logger and step == start_step + 1 and (warning := meter.pipeline_warning()):
                 logger.warning(warning)
+            collector.step(step)
             every = cfg.check_weights_across_dp_interval
             if every and step % every == 0:  # every rank: a collective over the data-parallel group
                 finish_param_gather(ddp)  # without it, overlapped gathering leaves other shards a step behind
@@ -321,6 +324,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     finally:
         profiler.close()  # a run that stopped inside the profiled steps still writes them
         stop.restore()
+        collector.stop()
     if _plot(log, cfg, run_dir, is_logger):
         tracker.log_artifact(str(run_dir / "loss.png"))
     if is_logger:
