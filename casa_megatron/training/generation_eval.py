@@ -7,7 +7,8 @@ the held-out clips greedily, exactly as ``casa-eval`` does with a checkpoint
 (``evaluation/megatron_side.py``: recomputation, the training layout, any TP / PP layout and
 the interleaved schedule's chunks, data-parallel replicas splitting the items), and the scores go to ``metrics.jsonl`` (a row
 ``{"step", "generation": {...}}``), the log and MLflow (``eval/megatron/<group>``, the names
-``casa-eval --track`` uses). The items are read once, at the first evaluation.
+``casa-eval --track`` uses). The items are read once, before step 1: a wrong folder or one
+without a usable sample is a config error at start-up, not at the first evaluation.
 
 The model answers in eval mode with its weights brought up to date (overlapped parameter
 gathering leaves other shards a step behind); nothing it does touches the training state: the
@@ -40,17 +41,25 @@ class GenerationEval:
         every = self.cfg.eval_generation.interval
         return bool(every) and (step % every == 0 or step == self.cfg.train_steps)
 
-    def _load(self) -> None:
+    def load(self) -> "GenerationEval":
+        from casa_megatron.config.errors import ConfigError
         from casa_megatron.data.processor import ProcessorSettings
+        from casa_megatron.data.recipe import RecipeError
+        from casa_megatron.data.records import ShardError
+        from casa_megatron.evaluation.answer_metrics import MetricError
         from casa_megatron.evaluation.items import read_items
 
         g = self.cfg.eval_generation
         settings = ProcessorSettings.from_config(self.cfg.data, "cpu", self.cfg.model.fusion.mechanism)
         self.settings = dataclasses.replace(settings, truncate=False)  # a held-out prompt is never cut
-        self.items = read_items(g.data, self.settings, g.max_samples, g.media_root)
+        try:
+            self.items = read_items(g.data, self.settings, g.max_samples, g.media_root or "")
+        except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:  # what casa-eval reports too
+            raise ConfigError(f"eval_generation.data={g.data!r}: {exc}") from exc
         if not self.items.questions and not self.items.captions:
-            raise ValueError(f"eval_generation.data={g.data!r}: no usable held-out sample "
-                             f"(skipped: {self.items.skipped})")
+            raise ConfigError(f"eval_generation.data={g.data!r}: no usable held-out sample "
+                              f"(skipped: {dict(self.items.skipped)})")
+        return self
 
     def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
         """Collective over every rank. Returns ``eval/megatron/<group>`` -> score."""
@@ -60,7 +69,7 @@ class GenerationEval:
         from casa_megatron.training.optimizer import finish_param_gather
 
         if self.items is None:
-            self._load()
+            self.load()
         finish_param_gather(ddp)
         chunks = [d.module for d in ddp]  # the VLMs inside megatron's DDP: its forward pre-hooks are not wanted here
         slots, was_training = [c.image_seq_length for c in chunks], chunks[0].training
@@ -86,4 +95,5 @@ class GenerationEval:
 
 
 def maybe_generation_eval(cfg: TrainConfig) -> Optional[GenerationEval]:
-    return GenerationEval(cfg) if cfg.eval_generation.interval else None
+    """The evaluation with its items read (every rank: before step 1), or None."""
+    return GenerationEval(cfg).load() if cfg.eval_generation.interval else None

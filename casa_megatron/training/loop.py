@@ -165,6 +165,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     _index_data_together(data_cfg)
     if cfg.eval_interval:
         check_validation(cfg, data_cfg)  # before the model: fails now, not at the first evaluation
+    generation = maybe_generation_eval(cfg)  # held-out answers by generation: its items read now
     params_dtype = torch.bfloat16 if cfg.precision.bf16 else torch.float32
     model = build_model_chunks(cfg.model, par, cfg.data.image_seq_length, params_dtype, cfg.precision)
     stage_layers = stage_blocks = None
@@ -228,7 +229,6 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
     feed = data_for_chunks(meter, chunks)  # each model chunk reads every micro-batch
     peak = peak_tflops(cfg)
     profiler = StepProfiler(cfg.profile, run_dir, dist.get_rank())  # profile: a few steps, some ranks
-    generation = maybe_generation_eval(cfg)  # held-out answers by greedy generation (eval_generation)
     collector = ManualGC(cfg.manual_gc_interval).start()  # Python's GC at chosen steps only
     try:
         while step < cfg.train_steps:

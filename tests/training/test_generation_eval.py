@@ -98,6 +98,17 @@ def test_the_config_is_checked(tmp_path):
         load_config(TrainConfig, None, ["eval_generation.interval=5"])
 
 
+def test_a_wrong_folder_stops_the_run_before_step_1(runs, tmp_path):
+    """A config error naming the field, at start-up (not after N steps), with nothing written."""
+    data = runs["valid"].parent
+    for folder, message in ((tmp_path / "absent", "does not exist"), (data / "tokenizer", "")):
+        run_dir = tmp_path / f"run_{folder.name}"
+        with pytest.raises(AssertionError, match=f"ConfigError: eval_generation.data='{folder}'.*{message}"):
+            run_distributed(_train, world_size=1, data=str(data), run_dir=str(run_dir),
+                            overrides=[f"eval_generation.data={folder}", "eval_generation.interval=2", "train_steps=4"])
+        assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()
+
+
 def test_the_interleaved_schedule_answers_as_one_process(runs, tmp_path):
     """PP=2 with two model chunks per rank (4 layers): every chunk reads the batch, repeated PP
     times as the interleaved schedule needs; the tokens are the one-process run's."""
