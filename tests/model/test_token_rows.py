@@ -186,3 +186,35 @@ def test_each_vocabulary_shard_keeps_the_rows_it_holds():
     first, second = run_distributed(_masked_rows, world_size=2)
     for table in TABLES:
         assert first[table] == [4, 6] and second[table] == [14], table
+
+
+def test_in_bf16_the_other_rows_stay_bit_for_bit(tmp_path):
+    """bf16 weights with fp32 main copies (distributed optimizer): the frozen rows' main copies
+    take no step, so their bf16 weights are the initial ones to the bit."""
+    import torch
+
+    from casa_megatron.training.checkpoint import read_tensors
+
+    bf16 = ["precision.bf16=true"]
+    run_distributed(_train, world_size=1, run_dir=str(tmp_path / "run"), overrides=bf16)
+    initial, = run_distributed(_initial_bf16, world_size=1, overrides=bf16)
+    final = read_tensors(tmp_path / "run/checkpoints/iter_0000004")
+    others = [r for r in range(16) if r not in ROWS]
+    for table in TABLES:
+        assert final[table].dtype == torch.bfloat16
+        got = final[table].float().numpy()  # bf16 -> fp32 is exact
+        np.testing.assert_array_equal(got[others], initial[table][others], err_msg=table)
+        assert (got[ROWS] != initial[table][ROWS]).any(), table
+
+
+def _initial_bf16(rank, world, overrides):
+    import torch
+
+    from casa_megatron.model.build import build_vlm
+    from casa_megatron.parallel import initialize_parallel
+
+    cfg = _cfg([*RUN, *FROZEN, *overrides])
+    initialize_parallel(1, 1, cfg.seed)
+    model = build_vlm(cfg.model, cfg.parallel, cfg.data.image_seq_length, torch.bfloat16, cfg.precision)
+    params = dict(model.named_parameters())
+    return {t: params[t].detach().float() for t in TABLES}  # exact; numpy has no bf16

@@ -110,11 +110,11 @@ def test_a_wrong_folder_stops_the_run_before_step_1(runs, tmp_path):
 
 
 def test_the_interleaved_schedule_answers_as_one_process(runs, tmp_path):
-    """PP=2 with two model chunks per rank (4 layers): every chunk reads the batch, repeated PP
-    times as the interleaved schedule needs; the tokens are the one-process run's."""
+    """PP=2 with two model chunks per rank (4 layers), in bf16: every chunk reads the batch,
+    repeated PP times as the interleaved schedule needs; the tokens are the one-process run's."""
     data = runs["valid"].parent
     evaluated = [f"eval_generation.data={runs['valid']}", "eval_generation.interval=12", *ANSWERS, "train_steps=12",
-                 "model.lm.num_layers=4"]
+                 "model.lm.num_layers=4", "precision.bf16=true"]
     answers = {}
     for name, extra, world in (("one", [], 1), ("vpp", ["parallel.pipeline_model_parallel_size=2",
                                                          "parallel.virtual_pipeline_model_parallel_size=2"], 2)):
