@@ -198,6 +198,14 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
             raise ConversionError(f"{hf_dir} already holds a vision encoder; --vision-from {vision_from} "
                                   "would give two (use --skip-vision on one side instead)")
     importing_vision = vision_arch.vision_kind is not None and not skip_vision
+    lm_reader = None  # the checkpoint's weights, opened after the config checks (an adapter: before)
+    if adapter_dir is not None:  # read before the config: a fine-tune may have grown the vocabulary
+        lm_reader = AdapterMergedReader(SafetensorsReader(hf_dir), adapter_dir)
+        if lm_reader.vocabulary_rows is not None:
+            if add_tokens:
+                raise ConversionError(f"{adapter_dir} brings its own tokenizer and a vocabulary of "
+                                      f"{lm_reader.vocabulary_rows} rows: --add-tokens has nothing to add to")
+            arch.lm["vocab_size"] = lm_reader.vocabulary_rows
     added = None
     if add_tokens:
         added = extend_tokenizer(hf_dir, requested_tokens(add_tokens, raw_recipe(recipe, overrides).get("data") or {}))
@@ -209,15 +217,19 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
     check_vision(cfg, vision_arch, vision_from, skip_vision)
     cfg = _without_adapters(cfg)
 
-    lm_reader, adapter_modules = SafetensorsReader(hf_dir), 0
-    if adapter_dir is not None:
-        lm_reader = AdapterMergedReader(lm_reader, adapter_dir)
-        adapter_modules = len(lm_reader.updates)
+    adapter_modules, tokenizer_dir = 0, None
+    if lm_reader is None:
+        lm_reader = SafetensorsReader(hf_dir)
+    else:
+        adapter_modules, tokenizer_dir = len(lm_reader.updates), lm_reader.tokenizer_dir
         extra = "".join(f", {len(found)} {what}" for found, what in ((lm_reader.replaced, "saved modules"),
                                                                      (lm_reader.rows, "tables with trained token rows"))
                         if found)
         print(f"import-hf: merging the LoRA adapter {adapter_dir} ({len(lm_reader.updates)} modules{extra}) into the "
               "imported weights (--adapter none: the base alone)", file=sys.stderr)
+        if tokenizer_dir is not None:
+            print(f"import-hf: the adapter's vocabulary has {lm_reader.vocabulary_rows} rows: its tokenizer "
+                  f"({tokenizer_dir}) replaces the checkpoint's", file=sys.stderr)
     tables = {"lm": lm_table(cfg.model)}
     if added is not None:  # the embedding and LM head as resize_token_embeddings leaves them
         lm_reader = VocabExtendedReader(lm_reader, added, cfg.model.lm.vocab_size, vocabulary_names(tables["lm"]))
@@ -246,7 +258,7 @@ def import_hf(hf_dir: str, out_dir: str, recipe: Optional[str] = None, overrides
         save_model_weights(model, tmp / WEIGHTS_DIR, release_model=True)
         del model
         _write_metadata(tmp, cfg, arch, report, hf_dir, vision_from, params_dtype, adapter_dir,
-                        adapter_modules, added)
+                        adapter_modules, added, tokenizer_dir)
         publish(tmp, out, force)
         log("done")
     except BaseException:
@@ -277,13 +289,17 @@ def _check_accounted(model, report: ImportReport, tables) -> None:
 
 def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: ImportReport, hf_dir: str,
                     vision_from: Optional[str], dtype: torch.dtype, adapter_dir: Optional[Path] = None,
-                    adapter_modules: int = 0, added: Optional[AddedTokens] = None) -> None:
+                    adapter_modules: int = 0, added: Optional[AddedTokens] = None,
+                    tokenizer_dir: Optional[Path] = None) -> None:
+    """``tokenizer_dir``: a PEFT adapter's folder whose tokenizer replaces the source's (a grown
+    vocabulary): its files are copied, the source's vocabulary files are not."""
     source = {"hf_dir": str(Path(hf_dir).resolve()), "family": arch.family, "model_type": arch.model_type,
               "vision_from": str(Path(vision_from).resolve()) if vision_from else None,
               "dtype": str(dtype).replace("torch.", ""),
               "lora_adapter": str(adapter_dir.resolve()) if adapter_dir is not None else None,
               "lora_adapter_modules": adapter_modules,
-              "added_tokens": added.to_json() if added is not None else None}
+              "added_tokens": added.to_json() if added is not None else None,
+              "tokenizer_from": str(Path(tokenizer_dir).resolve()) if tokenizer_dir is not None else None}
     (tmp / ARCHITECTURE_FILE).write_text(yaml.safe_dump(
         {"model": architecture_of(cfg.model), "source": source}, sort_keys=False))
     save_config(cfg.model, tmp / "model.yaml")  # the resolved model the weights belong to
@@ -291,9 +307,12 @@ def _write_metadata(tmp: Path, cfg: TrainConfig, arch: HFArchitecture, report: I
     shutil.copy2(Path(hf_dir) / "config.json", tmp / "hf_config.json")
     if added is not None:  # the extended tokenizer, not the source's vocabulary files
         added.tokenizer.save_pretrained(str(tmp))
-    for folder in [Path(hf_dir)] + ([Path(vision_from)] if vision_from else []):
+    own_vocabulary = added is not None or tokenizer_dir is not None
+    folders = ([Path(tokenizer_dir)] if tokenizer_dir is not None else []) + [Path(hf_dir)] + \
+        ([Path(vision_from)] if vision_from else [])
+    for folder in folders:
         for name in COPIED_FILES:
-            if added is not None and name in VOCABULARY_FILES:
+            if own_vocabulary and name in VOCABULARY_FILES and folder != tokenizer_dir:
                 continue
             if (folder / name).exists() and not (tmp / name).exists():
                 shutil.copy2(folder / name, tmp / name)

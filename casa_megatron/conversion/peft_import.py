@@ -23,9 +23,15 @@ usual way to fine-tune a chat model whose template brought tokens it had never b
   (``<module>.token_adapter.trainable_tokens_delta``, ``[len(ids), hidden]``), written over the
   base rows as PEFT's merge does (``index_copy``). A tied LM head shares them.
 
+A fine-tune that added tokens resized the vocabulary before PEFT wrapped the model: its saved
+``embed_tokens`` (and ``lm_head``) have more rows than the base checkpoint. Those saved tables are
+the whole of the new vocabulary, so the import takes their size (``vocabulary_rows``) and the
+tokenizer saved with the adapter (it holds the added tokens; ``tokenizer_dir``).
+
 Refused with the reason, before a tensor is read: ``fan_in_fan_out`` (GPT-2's Conv1D), adapter
 biases, adapters on embeddings, modules the checkpoint does not have, a saved module of another
-shape (a fine-tune that resized the vocabulary: import the resized base it was trained on), and a
+shape (other than more vocabulary rows), a grown vocabulary whose untied LM head was not saved
+(its new rows were never written anywhere) or without a tokenizer beside the adapter, and a
 saved input embedding of a model with tied embeddings (PEFT's copy unties it from the LM head,
 which a tied model cannot hold: import the folder PEFT's ``merge_and_unload`` saves).
 """
@@ -52,6 +58,8 @@ PREFIX = "base_model.model."  # PEFT's path to the wrapped model's modules
 MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m, one per output row
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", f".{MAGNITUDE_KEY}": "m"}
 TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable_token_indices values
+VOCABULARY_TABLES = ("embed_tokens.weight", "lm_head.weight")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a tokenizer folder
 
 
 def resolve_adapter(hf_dir: str | Path, adapter: str = "auto") -> Optional[Path]:
@@ -118,6 +126,7 @@ class AdapterMergedReader(WrappedReader):
         pieces: Dict[str, Dict[str, torch.Tensor]] = {}
         other: List[str] = []
         self.replaced: Dict[str, torch.Tensor] = {}  # weight name -> a saved module's trained tensor
+        self.vocabulary_rows: Optional[int] = None  # a resized vocabulary's rows (saved embed_tokens / lm_head)
         self.rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # weight name -> (ids [k], rows [k, h])
         token_modules: Dict[str, torch.Tensor] = {}
         with safe_open(str(self.adapter_dir / WEIGHTS), framework="pt") as handle:
@@ -179,10 +188,25 @@ class AdapterMergedReader(WrappedReader):
 
     def _check_saved_modules(self, reader, missing: List[str], problems: List[str]) -> None:
         tied = not any(n.endswith("lm_head.weight") for n in reader.names())
+        vocabulary = [n for n in reader.names() if n.endswith(VOCABULARY_TABLES)]
+        grown = {name: tensor.shape[0] for name, tensor in self.replaced.items() if name in vocabulary
+                 and tensor.dim() == 2 and tensor.shape[1] == reader.shape(name)[1]
+                 and tensor.shape[0] > reader.shape(name)[0]}
+        if grown:
+            unsaved = [n for n in vocabulary if grown.get(n) != max(grown.values())]
+            if unsaved:
+                problems.append(f"modules_to_save resizes the vocabulary to {max(grown.values())} rows in "
+                                f"{sorted(grown)} but not in {unsaved}: the new rows of those were never saved")
+            elif not any((self.adapter_dir / f).is_file() for f in TOKENIZER_FILES):
+                problems.append(f"modules_to_save resizes the vocabulary to {max(grown.values())} rows, and no "
+                                f"tokenizer lies beside the adapter to name the added tokens (save the "
+                                f"fine-tune's tokenizer into {self.adapter_dir})")
+            else:
+                self.vocabulary_rows = max(grown.values())
         for name, tensor in self.replaced.items():
             if name not in reader:
                 missing.append(f"{name} (modules_to_save)")
-            elif tuple(tensor.shape) != tuple(reader.shape(name)):
+            elif tuple(tensor.shape) != tuple(reader.shape(name)) and name not in grown:
                 problems.append(f"modules_to_save: the adapter's {name} is {tuple(tensor.shape)}, the checkpoint's "
                                 f"{tuple(reader.shape(name))} (a fine-tune that resized the vocabulary? import "
                                 "the resized base model it was trained on)")
@@ -207,9 +231,19 @@ class AdapterMergedReader(WrappedReader):
             else:
                 self.rows[name] = (torch.tensor(ids, dtype=torch.long), values)
 
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        """The adapter's folder when its tokenizer replaces the checkpoint's (a grown vocabulary)."""
+        return self.adapter_dir if self.vocabulary_rows is not None else None
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        if name in self.replaced:
+            return tuple(self.replaced[name].shape)
+        return self.reader.shape(name)
+
     def get(self, name: str) -> torch.Tensor:
         weight = self.reader.get(name)
-        if name in self.replaced:  # a module of modules_to_save: its trained copy
+        if name in self.replaced:  # a module of modules_to_save: its trained copy (maybe more rows)
             weight = self.replaced[name].to(weight.dtype)
         if name in self.rows:  # trainable_token_indices: the trained rows written over the base's
             ids, values = self.rows[name]

@@ -175,3 +175,80 @@ def test_a_frozen_recipe_is_told_how_to_train_the_new_rows(capsys):
     say(added, ModelConfig(freeze_lm=False))
     say(added, ModelConfig(freeze_lm=True, trainable_tokens=[99, 100]))
     assert "warning" not in capsys.readouterr().err
+
+
+# --- a PEFT fine-tune that added tokens itself (resized vocabulary, modules_to_save) ----------
+NEW_TOKENS = ["<tool>", "<call>"]
+
+
+def _fine_tune_with_new_tokens(root: Path, saved_modules, with_tokenizer: bool = True):
+    """(base folder, adapter folder, PEFT-merged folder, ids with the new tokens, PEFT logits):
+    a 99-token Helium base, its tokenizer given two tokens, the model resized to 101 rows and
+    wrapped by PEFT with LoRA + ``modules_to_save``, trained (random), saved with its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    base = save_hf_model(make_hf_model("helium", seed=3), root / "base")
+    _helium_tokenizer(base, VOCAB)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    tok.add_special_tokens({"additional_special_tokens": NEW_TOKENS})
+    model = make_hf_model("helium", seed=3)
+    model.resize_token_embeddings(len(tok))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                                            modules_to_save=list(saved_modules))).eval()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.3 * torch.randn(p.shape))
+    adapter = root / "adapter"
+    peft.save_pretrained(str(adapter))
+    if with_tokenizer:
+        tok.save_pretrained(str(adapter))
+    ids = torch.tensor([[4, VOCAB, 7, VOCAB + 1, 9, 5]])  # known and new tokens
+    merged = save_hf_model(peft.merge_and_unload(), root / "merged")
+    tok.save_pretrained(str(merged))
+    return base, adapter, merged, ids, hf_logits(peft, ids)
+
+
+def _import_grown(rank, world, base, adapter, merged, out, ids):
+    from casa_megatron.conversion.importer import import_hf
+    from support.export import load_weights
+
+    ours = import_hf(base, f"{out}/ours", None, LM_ONLY, progress=False, adapter=adapter)
+    oracle = import_hf(merged, f"{out}/oracle", None, LM_ONLY, progress=False, adapter="none")
+    a, b = load_weights(ours.out_dir), load_weights(oracle.out_dir)
+    logits = full_logits(build_pretrained(ours.out_dir, overrides=LM_ONLY), torch.as_tensor(ids),
+                         VOCAB + len(NEW_TOKENS))
+    return {"vocab": ours.config.model.lm.vocab_size, "names_equal": sorted(a) == sorted(b),
+            "max_diff": max((a[n].float() - b[n].float()).abs().max().item() for n in a),
+            "logits": logits, "out": str(ours.out_dir)}
+
+
+def test_a_peft_fine_tune_that_added_tokens_imports_with_its_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    base, adapter, merged, ids, ref = _fine_tune_with_new_tokens(tmp_path, ["embed_tokens", "lm_head"])
+    got, = run_distributed(_import_grown, world_size=1, base=str(base), adapter=str(adapter), merged=str(merged),
+                           out=str(tmp_path / "imports"), ids=ids.numpy())
+    assert got["vocab"] == VOCAB + len(NEW_TOKENS)
+    assert got["names_equal"] and got["max_diff"] == 0.0  # exactly PEFT's merge, imported
+    torch.testing.assert_close(torch.as_tensor(got["logits"]), ref, **TOL)  # the new tokens' rows included
+    tok = AutoTokenizer.from_pretrained(got["out"])  # the fine-tune's tokenizer came with the import
+    assert len(tok) == VOCAB + len(NEW_TOKENS) and tok.convert_tokens_to_ids(NEW_TOKENS) == [VOCAB, VOCAB + 1]
+    report = json.loads((Path(got["out"]) / "import_report.json").read_text())
+    assert report["source"]["tokenizer_from"] == str(adapter.resolve())
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer", "head_not_saved"])
+def test_a_grown_vocabulary_that_cannot_be_rebuilt_is_refused(tmp_path, case):
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.peft_import import AdapterMergedReader
+    from casa_megatron.conversion.safetensors_io import SafetensorsReader
+
+    saved = ["embed_tokens"] if case == "head_not_saved" else ["embed_tokens", "lm_head"]
+    base, adapter, *_ = _fine_tune_with_new_tokens(tmp_path, saved, with_tokenizer=case != "no_tokenizer")
+    message = {"no_tokenizer": "no tokenizer lies beside the adapter",
+               "head_not_saved": "but not in ['lm_head.weight']: the new rows of those were never saved"}[case]
+    with pytest.raises(ConversionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        AdapterMergedReader(SafetensorsReader(base), adapter)
