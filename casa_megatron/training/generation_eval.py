@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Optional
+
+import torch.distributed as dist
 
 from casa_megatron.config.schema import TrainConfig
 from casa_megatron.runtime.atomic import atomic_write_json
@@ -83,7 +84,7 @@ class GenerationEval:
                 chunk.image_seq_length = n
                 chunk.train(was_training)
         scores = metrics_of({"sides": {"megatron": result}})
-        if int(os.environ.get("RANK", 0)) == 0:
+        if dist.get_rank() == 0:  # every rank holds the same answers (megatron_side shares each token)
             atomic_write_json(run_dir / "generation" / f"iter_{step:07d}.json",
                               {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.items.skipped,
                                "max_new_tokens": self.cfg.eval_generation.max_new_tokens,
