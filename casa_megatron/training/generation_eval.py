@@ -63,14 +63,12 @@ class GenerationEval:
         return self
 
     def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
-        """Collective over every rank. Returns ``eval/megatron/<group>`` -> score."""
+        """Collective over every rank, after ``load``. Returns ``eval/megatron/<group>`` -> score."""
         from casa_megatron.evaluation.answering import decoder, run_replicas
         from casa_megatron.evaluation.megatron_side import greedy_for
         from casa_megatron.evaluation.tracking import metrics_of
         from casa_megatron.training.optimizer import finish_param_gather
 
-        if self.items is None:
-            self.load()
         finish_param_gather(ddp)
         chunks = [d.module for d in ddp]  # the VLMs inside megatron's DDP: its forward pre-hooks are not wanted here
         slots, was_training = [c.image_seq_length for c in chunks], chunks[0].training

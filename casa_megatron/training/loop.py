@@ -81,7 +81,7 @@ def _plot(log: MetricsLog, cfg, run_dir: Path, is_logger: bool) -> bool:
     return True
 
 
-def _params_norm(ddp, cfg) -> float:
+def _params_norm(ddp) -> float:
     """``log_params_norm``: with overlapped parameter gathering, each data-parallel rank's weights
     outside its own shard are a step behind until the next forward; bring them up to date first
     (as a save does)."""
@@ -261,7 +261,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
                 finish_param_gather(ddp)  # without it, overlapped gathering leaves other shards a step behind
                 check_replicas(ddp.chunks, step)
             logged_step = step % cfg.log_interval == 0 or step == cfg.train_steps
-            norm = _params_norm(ddp, cfg) if logged_step and cfg.log_params_norm else None  # every rank
+            norm = _params_norm(ddp) if logged_step and cfg.log_params_norm else None  # every rank
             if last_stage and logged_step:
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
