@@ -81,14 +81,6 @@ def _plot(log: MetricsLog, cfg, run_dir: Path, is_logger: bool) -> bool:
     return True
 
 
-def _params_norm(ddp) -> float:
-    """``log_params_norm``: with overlapped parameter gathering, each data-parallel rank's weights
-    outside its own shard are a step behind until the next forward; bring them up to date first
-    (as a save does)."""
-    finish_param_gather(ddp)
-    return params_norm(ddp.chunks)
-
-
 def _step_loss(losses, per_token: bool) -> float:
     """The step's loss as it was optimised: over every answer token of the global batch, or the
     mean over data-parallel ranks of the mean over micro-batches of each one's token mean."""
@@ -256,12 +248,16 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer) -> dict:
             if is_logger and step == start_step + 1 and (warning := meter.pipeline_warning()):
                 logger.warning(warning)
             collector.step(step)
-            every = cfg.check_weights_across_dp_interval
-            if every and step % every == 0:  # every rank: a collective over the data-parallel group
-                finish_param_gather(ddp)  # without it, overlapped gathering leaves other shards a step behind
-                check_replicas(ddp.chunks, step)
             logged_step = step % cfg.log_interval == 0 or step == cfg.train_steps
-            norm = _params_norm(ddp) if logged_step and cfg.log_params_norm else None  # every rank
+            every = cfg.check_weights_across_dp_interval
+            check_now, norm_now = bool(every) and step % every == 0, logged_step and cfg.log_params_norm
+            if check_now or norm_now:  # both read every weight on every rank (collectives)
+                # with overlapped gathering each rank's weights outside its own shard are a step
+                # behind until the next forward: bring them up to date once, as a save does
+                finish_param_gather(ddp)
+            if check_now:
+                check_replicas(ddp.chunks, step)
+            norm = params_norm(ddp.chunks) if norm_now else None
             if last_stage and logged_step:
                 loss = _step_loss(losses, cfg.calculate_per_token_loss)
                 lr_new, lr_pre = current_lrs(optimizer, cfg)
