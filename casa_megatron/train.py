@@ -2,7 +2,9 @@
 
 Runs as one process, or under ``torchrun`` on one or many nodes. Ctrl-C or SIGTERM: the step in
 flight finishes and a checkpoint is written (Ctrl-C twice: exit at once). Run it again to
-resume. ``CASA_LOG_LEVEL=DEBUG`` for more detail. See docs/training.md.
+resume. ``skip_train=true``: score the checkpoint it would resume from (or
+``checkpoint.pretrained``) on ``data.valid`` / ``eval_generation.data`` without a step.
+``CASA_LOG_LEVEL=DEBUG`` for more detail. See docs/training.md.
 """
 
 from __future__ import annotations

@@ -343,6 +343,13 @@ class TrainConfig:
     manual_gc_interval: int = 0
     eval_interval: int = 0  # steps between validation losses on data.valid (and at the end); 0 = never
     eval_iters: int = 1  # global batches of data.valid per evaluation
+    # Megatron-LM's --skip-train: no training step. The checkpoint the run would resume from (the
+    # newest in checkpoint.dir), else checkpoint.pretrained, is scored at this run's layout: the
+    # validation loss on data.valid (eval_iters global batches) and the answers to
+    # eval_generation.data (training/eval_only.py). The scores go to <run_dir>/evaluations/ and to
+    # the MLflow run that trained the checkpoint; nothing else is written (no checkpoint,
+    # config.yaml or metrics.jsonl).
+    skip_train: bool = False
     # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer
     # token of the global batch divided by their number (every token weighs the same), instead of
     # the mean of per-micro-batch means (a packed micro-batch with few answer tokens weighs as
@@ -381,6 +388,9 @@ class TrainConfig:
                               f"{t_model}; leave data.temporal_patch_size unset (it follows the encoder)")
         if self.eval_interval < 0 or self.eval_iters < 1:
             raise ConfigError(f"eval_interval={self.eval_interval} must be >= 0 and eval_iters={self.eval_iters} >= 1")
+        if self.skip_train and not self.data.valid and not self.eval_generation.data:
+            raise ConfigError("skip_train=true scores a checkpoint and needs something to score it on: data.valid "
+                              "(the validation loss) and / or eval_generation.data (answers by generation)")
         if self.eval_interval and not self.data.valid:
             raise ConfigError(f"eval_interval={self.eval_interval} needs validation sources in data.valid")
         if self.rampup_batch_size is not None:

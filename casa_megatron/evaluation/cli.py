@@ -150,10 +150,12 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
 def run(args: argparse.Namespace) -> Dict:
     if args.checkpoint:
         resolve_checkpoint(args.checkpoint)
-    if args.track:
-        from casa_megatron.evaluation.tracking import find_run
+    tracked = None
+    if args.track:  # every rank, before the evaluation: a run to log to exists, or fail now
+        from casa_megatron.evaluation.tracking import find_run, locate_run
 
-        find_run(args.checkpoint)  # a run to log to exists: fail now, not after the evaluation
+        tracked = locate_run(args.checkpoint)
+        find_run(tracked)
     adapter = None
     if args.hf:
         check_hf_folder(args.hf)
@@ -187,7 +189,9 @@ def run(args: argparse.Namespace) -> Dict:
     if args.track:
         from casa_megatron.evaluation.tracking import log_result
 
-        print(f"logged to MLflow run {log_result(args.checkpoint, result, out)}")
+        # rank 0 alone: with the run located at the start (locating it checks the checkpoint's
+        # files on every rank together, which rank 0 alone cannot do here)
+        print(f"logged to MLflow run {log_result(tracked, result, out)}")
     return result
 
 

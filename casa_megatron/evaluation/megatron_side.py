@@ -45,15 +45,19 @@ class MegatronGreedy:
     @torch.no_grad()
     def next_token(self, sample: TokenizedSample) -> int:
         data = self.cfg.data
-        packer = Packer(1, len(sample), max(1, sample.num_image_tokens), self.layout.pad_id, data.image_mean,
+        # sequence parallelism splits the row and the image slots over the TP ranks: both padded to
+        # a multiple of TP (after the last token: causal attention keeps its logits as they were)
+        par = self.cfg.parallel
+        unit = par.tensor_model_parallel_size if par.sequence_parallel else 1
+        length, slots = _round_up(len(sample), unit), _round_up(max(1, sample.num_image_tokens), unit)
+        packer = Packer(1, length, slots, self.layout.pad_id, data.image_mean,
                         data.image_std, self.cfg.model.vision.temporal_patch_size, data.fps)
         batch, _ = packer.collate([[sample]])
         device = next(self.chunks[0].parameters()).device  # build_vlm: cuda if any
         batch = replace(batch, labels=None).to(device)
-        slots = max(1, sample.num_image_tokens)
         for chunk in self.chunks:
             chunk.image_seq_length = slots
-        logits = _logits(self.chunks, batch, len(sample) + slots)  # [s, 1, v_padded] on the last stage, else None
+        logits = _logits(self.chunks, batch, length + slots)  # [s, 1, v_padded] on the last stage, else None
         token = None
         if logits is not None:
             last = logits[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
@@ -114,6 +118,10 @@ class MegatronGreedy:
                 pending = [image]
             per_frame.append(self._generate(sample, pending))
         return per_frame
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
 
 def greedy_for(model, cfg, settings, max_new_tokens: int) -> MegatronGreedy:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -49,41 +50,65 @@ def _iteration(folder: Path) -> int:
     return int(match.group(1))
 
 
-def find_run(checkpoint: str | Path) -> Tuple[object, str, int]:
-    """(MlflowClient, run id, iteration) of the run that wrote ``checkpoint``."""
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class RunLocation:
+    """Where the run that wrote a checkpoint logs: its tracking store and experiment, the tag it
+    carries (``checkpoint_dir``) and the checkpoint's step."""
 
+    uri: str
+    experiment: str
+    checkpoint_dir: Path
+    step: int
+
+
+def locate_run(checkpoint: str | Path) -> RunLocation:
+    """Collective where torch.distributed is up (the checkpoint's files are checked against its
+    manifest by all ranks together): every rank calls it, then one rank logs (``log_metrics``)."""
     from casa_megatron.tracking.mlflow_tracker import resolve_tracking_uri
 
     folder, kind = resolve_checkpoint(checkpoint)
     step = _iteration(folder)
-    cfg, _ = checkpoint_config(checkpoint)
+    cfg, _ = checkpoint_config(folder)
     ckpt_dir = folder.parent.resolve()
     run_dir = ckpt_dir.parent if cfg.checkpoint.dir is None else Path(cfg.run_dir)
     uri = resolve_tracking_uri(run_dir, cfg.tracking.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():  # opening would create it
         raise NoTrackedRun(f"no MLflow store at {uri} for {ckpt_dir} (was it trained with tracking.enabled=false, "
                            "or elsewhere with MLFLOW_TRACKING_URI?)")
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    return RunLocation(uri, cfg.tracking.experiment, ckpt_dir, step)
+
+
+def find_run(location: RunLocation) -> Tuple[object, str]:
+    """(MlflowClient, run id) of the run at ``location``; NoTrackedRun when there is none. One
+    rank, no collective."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=location.uri)
+    experiment = client.get_experiment_by_name(location.experiment)
     runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.checkpoint_dir = '{ckpt_dir}'",
+        [experiment.experiment_id], filter_string=f"tags.checkpoint_dir = '{location.checkpoint_dir}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise NoTrackedRun(f"no MLflow run of {ckpt_dir} in experiment {cfg.tracking.experiment!r} at {uri} "
-                           "(was it trained with tracking.enabled=false?)")
-    return client, runs[0].info.run_id, step
+        raise NoTrackedRun(f"no MLflow run of {location.checkpoint_dir} in experiment {location.experiment!r} at "
+                           f"{location.uri} (was it trained with tracking.enabled=false?)")
+    return client, runs[0].info.run_id
 
 
-def log_result(checkpoint: str | Path, result: Dict, out_dir: Path) -> str:
-    """Log ``result``'s scores and report files to the checkpoint's run; returns the run id."""
+def log_metrics(location: RunLocation, metrics: Dict[str, float]) -> Tuple[object, str]:
+    """Log ``metrics`` at the checkpoint's step to its run; (client, run id)."""
     import time
 
     from mlflow.entities import Metric
 
-    client, run_id, step = find_run(checkpoint)
+    client, run_id = find_run(location)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in sorted(metrics_of(result).items())])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, location.step) for k, v in sorted(metrics.items())])
+    return client, run_id
+
+
+def log_result(location: RunLocation, result: Dict, out_dir: Path) -> str:
+    """Log ``result``'s scores and report files to the checkpoint's run; returns the run id."""
+    client, run_id = log_metrics(location, metrics_of(result))
     for name in ("eval.json", "eval.md"):
-        client.log_artifact(run_id, str(out_dir / name), artifact_path=f"eval/iter_{step}")
+        client.log_artifact(run_id, str(out_dir / name), artifact_path=f"eval/iter_{location.step}")
     return run_id

@@ -88,9 +88,10 @@ def check_validation(cfg, data_cfg) -> None:
             make_eval_iterator(part, cfg.micro_batch_size, dp_rank, dp_size, cfg.data.seed,
                                fusion=cfg.model.fusion.mechanism).close()
         except (ValueError, OSError) as exc:
+            when = "skip_train=true cannot score it" if cfg.skip_train else \
+                f"the first evaluation (step {cfg.eval_interval}) would fail"
             raise ConfigError(f"validation source {name} ({', '.join(str(v) for v in part.valid)}) cannot be "
-                              f"read at dp_size={dp_size}: {exc}; the first evaluation (step {cfg.eval_interval}) "
-                              f"would fail") from exc
+                              f"read at dp_size={dp_size}: {exc}; {when}") from exc
 
 
 def evaluate(model, cfg, num_microbatches: int, data_cfg=None) -> Optional[Dict[str, float]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -63,14 +63,24 @@ class GenerationEval:
         return self
 
     def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
-        """Collective over every rank, after ``load``. Returns ``eval/megatron/<group>`` -> score."""
-        from casa_megatron.evaluation.answering import decoder, run_replicas
-        from casa_megatron.evaluation.megatron_side import greedy_for
-        from casa_megatron.evaluation.tracking import metrics_of
+        """Collective over every rank, after ``load``. Returns ``eval/megatron/<group>`` -> score;
+        the answers go to ``<run_dir>/generation/iter_<step>.json``."""
         from casa_megatron.training.optimizer import finish_param_gather
 
         finish_param_gather(ddp)
-        chunks = [d.module for d in ddp]  # the VLMs inside megatron's DDP: its forward pre-hooks are not wanted here
+        # the VLMs inside megatron's DDP: its forward pre-hooks are not wanted here
+        scores, answers = self.answer([d.module for d in ddp], step)
+        if dist.get_rank() == 0:  # every rank holds the same answers (megatron_side shares each token)
+            atomic_write_json(run_dir / "generation" / f"iter_{step:07d}.json", answers)
+        return scores
+
+    def answer(self, chunks, step: int) -> Tuple[Dict[str, float], dict]:
+        """Collective: the model chunks (plain VLMs, weights current) answer every item.
+        Returns (``eval/megatron/<group>`` -> score, the answers in ``casa-eval``'s layout)."""
+        from casa_megatron.evaluation.answering import decoder, run_replicas
+        from casa_megatron.evaluation.megatron_side import greedy_for
+        from casa_megatron.evaluation.tracking import metrics_of
+
         slots, was_training = [c.image_seq_length for c in chunks], chunks[0].training
         for chunk in chunks:
             chunk.eval()
@@ -82,15 +92,12 @@ class GenerationEval:
                 chunk.image_seq_length = n
                 chunk.train(was_training)
         scores = metrics_of({"sides": {"megatron": result}})
-        if dist.get_rank() == 0:  # every rank holds the same answers (megatron_side shares each token)
-            atomic_write_json(run_dir / "generation" / f"iter_{step:07d}.json",
-                              {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.items.skipped,
-                               "max_new_tokens": self.cfg.eval_generation.max_new_tokens,
-                               "sides": {"megatron": result}})
         logger.info("step %5d | generation: %s (%d questions, %d clips, %.1f s)", step,
                     ", ".join(f"{k.split('/', 2)[2]} {v:.3f}" for k, v in sorted(scores.items())),
                     len(self.items.questions), len(self.items.captions), result["seconds"])
-        return scores
+        answers = {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.items.skipped,
+                   "max_new_tokens": self.cfg.eval_generation.max_new_tokens, "sides": {"megatron": result}}
+        return scores, answers
 
 
 def maybe_generation_eval(cfg: TrainConfig) -> Optional[GenerationEval]:

@@ -46,6 +46,7 @@ from casa_megatron.tracking import make_tracker
 from casa_megatron.training.batch_schedule import BatchSchedule
 from casa_megatron.training.checkpoint import Checkpointer
 from casa_megatron.training.data_stats import describe, skip_metrics, skip_totals
+from casa_megatron.training.eval_only import evaluate_checkpoint
 from casa_megatron.training.evaluation import check_validation, evaluate
 from casa_megatron.training.failures import TrainingDiverged, non_finite_gradients
 from casa_megatron.training.generation_eval import maybe_generation_eval
@@ -103,6 +104,9 @@ def train(cfg: TrainConfig) -> dict:
     session = RunSession(cfg, run_dir, ckpt)
     session.open()  # lock, writable check, resume pre-check: refuses before anything is written
     try:
+        if cfg.skip_train:  # Megatron-LM's --skip-train: score the checkpoint, take no step (eval_only.py)
+            _index_data_together(cfg.data)
+            return evaluate_checkpoint(cfg, run_dir, ckpt)
         return _train(cfg, run_dir, ckpt)
     finally:
         session.close()

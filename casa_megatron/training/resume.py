@@ -206,9 +206,9 @@ def precheck(ckpt, cfg) -> Optional[Differences]:
 
 
 def _check(saved: Dict[str, Any], cfg, path: Path) -> Differences:
-    """The resume's checks; without the optimizer state (checkpoint.load_optimizer=false) what
-    that state is bound to may change."""
-    fresh_optimizer = not cfg.checkpoint.load_optimizer
+    """The resume's checks; without the optimizer state (checkpoint.load_optimizer=false, or
+    skip_train: weights only) what that state is bound to may change."""
+    fresh_optimizer = not cfg.checkpoint.load_optimizer or cfg.skip_train
     diff = check_compatible(saved, cfg, f"checkpoint {path}", weights_only=fresh_optimizer)
     if not fresh_optimizer:
         check_optimizer_layout(saved, cfg, f"checkpoint {path}")

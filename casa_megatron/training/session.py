@@ -35,6 +35,11 @@ class RunSession:
             self.took_over.append(self.locks[-1].took_over)
 
     def _rank0_checks(self) -> Optional[str]:
+        if self.cfg.skip_train:
+            # scores a checkpoint and writes only new files of its own (evaluations/): no lock, so
+            # that a run still training can be scored in its own folder; no writable checkpoint
+            # folder needed (it may be read-only)
+            return None
         try:
             self._lock(self.run_dir)
             self.ckpt.check_writable()

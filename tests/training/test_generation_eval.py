@@ -6,52 +6,16 @@ TP=2 run logs the one-process scores. On the generated dataset (chat-template la
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from support.dist import run_distributed
+from support.generation_runs import ANSWERS
+from support.generation_runs import rows as _rows
+from support.generation_runs import train_run as _train
 
 from casa_megatron.config import load_config
 from casa_megatron.config.errors import ConfigError
 from casa_megatron.config.schema import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-ANSWERS = ["eval_generation.max_samples=6", "eval_generation.max_new_tokens=5"]
-
-
-def _cfg(data: Path, run_dir, overrides):
-    return load_config(TrainConfig, str(ROOT / "configs/tiny_cpu.yaml"), [
-        f"run_dir={run_dir}", f"data.sources=[{{path: {data}/shards, weight: 1}}]", "log_interval=1",
-        "checkpoint.save_interval=12", "optimizer.warmup_steps=2", "optimizer.decay_style=constant",
-        "optimizer.wsd_decay_steps=0", "tracking.enabled=false", *overrides])
-
-
-def _train(rank, world, data, run_dir, overrides):
-    from casa_megatron.training.loop import train
-
-    train(_cfg(Path(data), run_dir, overrides))
-
-
-def _rows(run_dir: Path):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from casa_megatron.data.synthetic_dataset import make_dataset
-
-    root = tmp_path_factory.mktemp("generation_eval")
-    make_dataset(root / "data", num_images=12, num_videos=2, seed=5, video_seconds=2.0, valid_fraction=0.5,
-                 samples_per_shard=8, progress=False)
-    evaluated = [f"eval_generation.data={root / 'data/valid'}", "eval_generation.interval=12", *ANSWERS]
-    out = {}  # a constant LR: runs of different lengths take the same steps
-    for name, overrides, world in (("plain", ["train_steps=14"], 1), ("evaluated", [*evaluated, "train_steps=24"], 1),
-                                   ("evaluated_tp2", [*evaluated, "train_steps=12",
-                                                      "parallel.tensor_model_parallel_size=2"], 2)):
-        out[name] = root / name
-        run_distributed(_train, world_size=world, data=str(root / "data"), run_dir=str(out[name]), overrides=overrides)
-    out["valid"] = root / "data/valid"
-    return out
 
 
 def _casa_eval(rank, world, argv):
@@ -60,35 +24,36 @@ def _casa_eval(rank, world, argv):
     return main(argv)
 
 
-def test_scores_at_a_step_are_casa_evals_of_that_steps_checkpoint(runs, tmp_path):
+def test_scores_at_a_step_are_casa_evals_of_that_steps_checkpoint(generation_runs, tmp_path):
     from casa_megatron.evaluation.tracking import metrics_of
 
-    rows = [r for r in _rows(runs["evaluated"]) if "generation" in r]
+    rows = [r for r in _rows(generation_runs["evaluated"]) if "generation" in r]
     assert [r["step"] for r in rows] == [12, 24]
     for row in rows:
         out = tmp_path / f"step{row['step']}"
-        argv = ["--data", str(runs["valid"]), "--checkpoint", str(runs["evaluated"] / f"checkpoints/iter_{row['step']:07d}"),
+        checkpoint = generation_runs["evaluated"] / f"checkpoints/iter_{row['step']:07d}"
+        argv = ["--data", str(generation_runs["valid"]), "--checkpoint", str(checkpoint),
                 "--out", str(out), "--max-samples", "6", "--max-new-tokens", "5"]
         assert run_distributed(_casa_eval, world_size=1, argv=argv) == [0]
         offline = json.loads((out / "eval.json").read_text())
         assert {f"eval/megatron/{k}": v for k, v in row["generation"].items()} == metrics_of(offline)
         assert {"all", "coarse"} <= set(row["generation"])
         # item by item: the same tokens for every question and caption frame
-        kept = json.loads((runs["evaluated"] / f"generation/iter_{row['step']:07d}.json").read_text())
+        kept = json.loads((generation_runs["evaluated"] / f"generation/iter_{row['step']:07d}.json").read_text())
         ours, theirs = kept["sides"]["megatron"], offline["sides"]["megatron"]
         assert [q["tokens"] for q in ours["questions"]] == [q["tokens"] for q in theirs["questions"]]
         assert [c["frames"] for c in ours["captions"]] == [c["frames"] for c in theirs["captions"]]
         assert len(ours["questions"]) >= 4 and len({tuple(q["tokens"]) for q in ours["questions"]}) > 1, ours
 
 
-def test_the_loss_curve_does_not_change_and_tp2_answers_alike(runs):
+def test_the_loss_curve_does_not_change_and_tp2_answers_alike(generation_runs):
     """The plain run goes two steps past the first evaluation (step 12)."""
-    plain, evaluated = _rows(runs["plain"]), [r for r in _rows(runs["evaluated"]) if "loss" in r]
+    plain, evaluated = _rows(generation_runs["plain"]), [r for r in _rows(generation_runs["evaluated"]) if "loss" in r]
     assert [(r["step"], r["loss"]) for r in evaluated[:14]] == [(r["step"], r["loss"]) for r in plain]
-    one = [r for r in _rows(runs["evaluated"]) if "generation" in r][:1]
-    tp2 = [r for r in _rows(runs["evaluated_tp2"]) if "generation" in r]
+    one = [r for r in _rows(generation_runs["evaluated"]) if "generation" in r][:1]
+    tp2 = [r for r in _rows(generation_runs["evaluated_tp2"]) if "generation" in r]
     assert [r["step"] for r in tp2] == [12] and [r["generation"] for r in tp2] == [r["generation"] for r in one]
-    tokens = [json.loads((runs[name] / "generation/iter_0000012.json").read_text())["sides"]["megatron"]
+    tokens = [json.loads((generation_runs[name] / "generation/iter_0000012.json").read_text())["sides"]["megatron"]
               for name in ("evaluated", "evaluated_tp2")]
     assert [q["tokens"] for q in tokens[0]["questions"]] == [q["tokens"] for q in tokens[1]["questions"]]
 
@@ -98,9 +63,9 @@ def test_the_config_is_checked(tmp_path):
         load_config(TrainConfig, None, ["eval_generation.interval=5"])
 
 
-def test_a_wrong_folder_stops_the_run_before_step_1(runs, tmp_path):
+def test_a_wrong_folder_stops_the_run_before_step_1(generation_runs, tmp_path):
     """A config error naming the field, at start-up (not after N steps), with nothing written."""
-    data = runs["valid"].parent
+    data = generation_runs["valid"].parent
     for folder, message in ((tmp_path / "absent", "does not exist"), (data / "tokenizer", "")):
         run_dir = tmp_path / f"run_{folder.name}"
         with pytest.raises(AssertionError, match=f"ConfigError: eval_generation.data='{folder}'.*{message}"):
@@ -109,12 +74,12 @@ def test_a_wrong_folder_stops_the_run_before_step_1(runs, tmp_path):
         assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()
 
 
-def test_the_interleaved_schedule_answers_as_one_process(runs, tmp_path):
+def test_the_interleaved_schedule_answers_as_one_process(generation_runs, tmp_path):
     """PP=2 with two model chunks per rank (4 layers), in bf16: every chunk reads the batch,
     repeated PP times as the interleaved schedule needs; the tokens are the one-process run's."""
-    data = runs["valid"].parent
-    evaluated = [f"eval_generation.data={runs['valid']}", "eval_generation.interval=12", *ANSWERS, "train_steps=12",
-                 "model.lm.num_layers=4", "precision.bf16=true"]
+    data = generation_runs["valid"].parent
+    evaluated = [f"eval_generation.data={generation_runs['valid']}", "eval_generation.interval=12", *ANSWERS,
+                 "train_steps=12", "model.lm.num_layers=4", "precision.bf16=true"]
     answers = {}
     for name, extra, world in (("one", [], 1), ("vpp", ["parallel.pipeline_model_parallel_size=2",
                                                          "parallel.virtual_pipeline_model_parallel_size=2"], 2)):
