@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
-from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
+from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config
 
 
 class NoTrackedRun(ValueError):
@@ -66,9 +66,8 @@ def locate_run(checkpoint: str | Path) -> RunLocation:
     manifest by all ranks together): every rank calls it, then one rank logs (``log_metrics``)."""
     from casa_megatron.tracking.mlflow_tracker import resolve_tracking_uri
 
-    folder, kind = resolve_checkpoint(checkpoint)
+    cfg, folder = checkpoint_config(checkpoint)  # resolves (and checks) the checkpoint once
     step = _iteration(folder)
-    cfg, _ = checkpoint_config(folder)
     ckpt_dir = folder.parent.resolve()
     run_dir = ckpt_dir.parent if cfg.checkpoint.dir is None else Path(cfg.run_dir)
     uri = resolve_tracking_uri(run_dir, cfg.tracking.tracking_uri)
