@@ -16,6 +16,8 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from casa_megatron.data.video.cpu import rgb_array
+
 
 class VideoDecodeError(RuntimeError):
     """The video cannot be opened or decoded at all (nothing was delivered)."""
@@ -59,7 +61,7 @@ def _pyav_frames(path: Path, fps: float, max_frames: Optional[int]):
             for i, frame in enumerate(container.decode(stream)):
                 while math.floor(k / fps * native + 1e-6) <= i:
                     if math.floor(k / fps * native + 1e-6) == i:
-                        rgb = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+                        rgb = np.ascontiguousarray(rgb_array(frame))
                         yield k / fps, torch.from_numpy(rgb).permute(2, 0, 1)
                         delivered += 1
                         if max_frames is not None and delivered >= max_frames:

@@ -167,3 +167,39 @@ def test_a_late_clip_is_decoded_after_a_seek_with_the_same_frames(codec, monkeyp
     assert a.indices == b.indices == [120, 125, 130, 135] and a.times == b.times == [12.0, 12.5, 13.0, 13.5]
     assert torch.equal(a.frames, b.frames)
     assert n_count >= 136 and n_seek <= 40, (n_seek, n_count)  # from the keyframe at 12 s (or 10 s)
+
+
+def test_a_process_forked_while_converted_frames_live_does_not_hang():
+    """megatron's checkpoint save forks writer processes while loader threads may hold decoded
+    frames. With PyAV's default (``threads=0``: one swscale thread per CPU) a forked child that
+    frees such a frame waits forever in ``pthread_cond_destroy`` (swscale's thread pool exists
+    only in the parent): a CI run hung there, in ``casa-train``'s save. ``rgb_array`` converts
+    on the calling thread: the child exits."""
+    import gc
+    import io
+    import os
+
+    import av
+
+    from casa_megatron.data.video.cpu import rgb_array
+
+    data = encode_video(colour_clip(4, 64, 96), fps=10, codec="h264", lossless=True)
+    with av.open(io.BytesIO(data)) as container:
+        frames = list(container.decode(container.streams.video[0]))
+    arrays = [rgb_array(frame) for frame in frames]  # each frame keeps its reformatter
+    assert arrays[0].shape == (64, 96, 3) and arrays[0].dtype == np.uint8
+    pid = os.fork()
+    if pid == 0:  # the child frees what it inherited, then exits
+        frames.clear()
+        gc.collect()
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung freeing the parent's decoded frames")

@@ -22,6 +22,22 @@ from casa_megatron.data.video.base import DecodedClip, VideoDecoder
 from casa_megatron.data.video.sampling import plan_frames, probe_video
 
 
+def rgb_array(frame):
+    """A decoded frame as ``[H, W, 3]`` uint8 RGB, converted by swscale on the calling thread.
+
+    PyAV's default (``threads=0``) gives each converted frame a pool of swscale threads, one per
+    CPU. A process forked while such a frame lives (megatron's checkpoint save forks its writers
+    while loader threads decode) inherits the pool without its threads, and freeing the frame
+    there waits forever in ``pthread_cond_destroy``: a CI run's ``casa-train`` hung in its save.
+    One thread per conversion also keeps loader workers, which decode many clips side by side,
+    from oversubscribing the CPUs. The pixels are the same. PyAV < 14 has no ``threads``
+    argument (and no pool)."""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return frame.to_ndarray(format="rgb24")
+
+
 class PyAVDecoder(VideoDecoder):
     name = "cpu"
     seek_min_frames = 256  # seek when the first planned frame is at least this far into the file
@@ -49,7 +65,7 @@ class PyAVDecoder(VideoDecoder):
                 for n, frame in enumerate(container.decode(stream)):
                     i = n if index_of is None else index_of(frame)
                     if i in wanted:
-                        rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+                        rgb = rgb_array(frame)  # [H, W, 3]
                         frames.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
                     if i >= last:
                         break

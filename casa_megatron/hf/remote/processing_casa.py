@@ -151,7 +151,11 @@ def decode_video_file(path, fps: float) -> List[np.ndarray]:
                     keep |= math.floor(k / fps * native + 1e-6) == i
                     k += 1
                 if keep:
-                    frames.append(np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+                    try:  # swscale on this thread only (PyAV's default starts one per CPU); PyAV < 14: no argument
+                        rgb = frame.to_ndarray(format="rgb24", threads=1)
+                    except TypeError:
+                        rgb = frame.to_ndarray(format="rgb24")
+                    frames.append(np.ascontiguousarray(rgb))
     except (av.error.FFmpegError, OSError) as exc:
         raise ValueError(f"cannot decode video {path}: {exc}") from exc
     if not frames:
