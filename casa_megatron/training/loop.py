@@ -105,7 +105,7 @@ def train(cfg: TrainConfig) -> dict:
     session.open()  # lock, writable check, resume pre-check: refuses before anything is written
     try:
         if cfg.skip_train:  # Megatron-LM's --skip-train: score the checkpoint, take no step (eval_only.py)
-            _index_data_together(cfg.data)
+            _index_data_together(cfg.data, training=False)  # it reads data.valid only
             return evaluate_checkpoint(cfg, run_dir, ckpt)
         return _train(cfg, run_dir, ckpt)
     finally:
@@ -131,13 +131,14 @@ def _load_data_state(data, state, dp_rank: int, dp_size: int) -> None:
         logger.warning("data order starts afresh: the saved data position does not fit (%s)", exc)
 
 
-def _index_data_together(data_cfg) -> None:
+def _index_data_together(data_cfg, training: bool = True) -> None:
     """Data files without a saved index (tar shards, JSON datasets) are indexed once, shared among
     all ranks, before any rank opens its data (else every rank scans every file on a first
-    start; docs/data.md)."""
+    start; docs/data.md). ``training=False``: the validation sources only."""
     if data_cfg.is_synthetic:
         return
-    specs = expand(data_cfg.source_specs() + (data_cfg.valid_specs() or []))  # a recipe's datasets
+    sources = data_cfg.source_specs() if training else []
+    specs = expand(sources + (data_cfg.valid_specs() or []))  # a recipe's datasets
     files = prepare.data_files([spec.path for spec in specs])
     if files:
         prepare.index_my_share(files, dist.get_rank(), dist.get_world_size(), data_cfg.index_dir)
