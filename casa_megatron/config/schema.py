@@ -262,12 +262,14 @@ class GenerationEvalConfig:
     ``casa-eval`` scores them (``training/generation_eval.py``): the accuracy curve beside the
     loss curve, which is what a fusion comparison reads. ``data``: a held-out folder as
     ``casa-eval --data`` takes it; ``interval``: steps between evaluations (and at the end); the
-    first ``max_samples`` items, ``max_new_tokens`` per answer."""
+    first ``max_samples`` items, ``max_new_tokens`` per answer, ``batch_size`` questions (or clips)
+    per forward (one row each; the tokens are each item's own, only faster)."""
 
     data: Optional[str] = None
     interval: int = 0  # 0 = never
     max_samples: Optional[int] = 16
     max_new_tokens: int = 16
+    batch_size: int = 8
     media_root: Optional[str] = None  # where relative media paths of ``data`` resolve (casa-eval's --media-root)
 
     def validate(self) -> None:

@@ -1,9 +1,10 @@
 """Answering held-out items with a greedy runner and scoring the answers: shared by ``casa-eval``
 (both sides) and the generation evaluation during training (``training/generation_eval.py``).
 
-A runner answers a ``QuestionItem`` with tokens (``answer``; ``answer_batch`` where it batches)
-and captions a ``CaptionItem`` frame by frame (``caption``): ``MegatronGreedy`` (recomputation,
-any TP / PP layout) or ``HFGreedy`` (the export's cache)."""
+A runner answers a ``QuestionItem`` with tokens (``answer``; ``answer_batch`` for several at
+once) and captions a ``CaptionItem`` frame by frame (``caption``; ``caption_batch`` where it
+captions several clips together): ``MegatronGreedy`` (recomputation, any TP / PP layout) or
+``HFGreedy`` (the export's cache)."""
 
 from __future__ import annotations
 
@@ -45,10 +46,14 @@ def answer_all(name: str, runner, items: Items, text, batch_size: int = 1,
     for item, tokens in answers():
         questions.append({"id": item.id, "type": item.qtype, "task": item.task, "reference": item.reference,
                           "answers": item.answers, "metric": item.metric, "tokens": tokens, "answer": text(tokens)})
-    for item in tqdm(items.captions, desc=f"{name}: clips", unit="clip", disable=not show):
-        frames = runner.caption(item)
-        captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
-                                                   for t, r in zip(frames, item.references)]})
+    clips = batch_size if hasattr(runner, "caption_batch") else 1
+    with tqdm(total=len(items.captions), desc=f"{name}: clips", unit="clip", disable=not show) as bar:
+        for first in range(0, len(items.captions), clips):
+            chunk = items.captions[first:first + clips]
+            for item, frames in zip(chunk, runner.caption_batch(chunk) if clips > 1 else [runner.caption(chunk[0])]):
+                captions.append({"id": item.id, "frames": [{"tokens": t, "caption": text(t), "reference": r}
+                                                           for t, r in zip(frames, item.references)]})
+            bar.update(len(chunk))
     return questions, captions
 
 
@@ -65,16 +70,17 @@ def run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1
     return scored(questions, captions, time.perf_counter() - start)
 
 
-def run_replicas(runner, items: Items, text, progress: bool = True) -> Dict:
+def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: int = 1) -> Dict:
     """The megatron side over its data-parallel replicas (one without): each answers every
-    dp-th item, and every rank gets them all back in the items' order."""
+    dp-th item, ``batch_size`` questions (and clips) per generation, and every rank gets them all
+    back in the items' order."""
     import torch
     from megatron.core import parallel_state
 
     start = time.perf_counter()
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
-                      text, progress=progress)
+                      text, batch_size, progress=progress)
     shards: List = [mine]
     if dp > 1:
         shards = [None] * dp

@@ -49,8 +49,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "at its iteration (eval/<side>/<group>; eval.json and eval.md as artifacts)")
     p.add_argument("--max-samples", type=int, default=None, help="first N samples of --data")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1, help="HF side: questions answered per left-padded "
-                   "generate() (the megatron side answers one at a time)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions (megatron side: and clips) answered "
+                   "together: one left-padded generate() on the HF side, one row each on the megatron side")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the checkpoint's data config no longer "
                    "finds it (default: the checkpoint's, else the HF folder's)")
     p.add_argument("--media-root", default="", help="JSON datasets: where relative media paths point")
@@ -130,7 +130,7 @@ def run_megatron(args, settings, items: Items) -> Dict:
 
     model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel)
     runner = greedy_for(model, cfg, settings, args.max_new_tokens)
-    return run_replicas(runner, items, decoder(runner.tok, runner.stop_ids))
+    return run_replicas(runner, items, decoder(runner.tok, runner.stop_ids), batch_size=args.batch_size)
 
 
 def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:

@@ -4,20 +4,28 @@ under torchrun, for a model one device does not hold).
 
 Every step runs the whole sequence again: the prompt laid out by the training pipeline itself
 (``ChatTemplateLayout.prompt`` / ``LayoutTokens.prompt``, the layout the model was trained on),
-packed by the training ``Packer`` into a one-row ``VLMBatch``, plus the tokens generated so far.
-No cache, so nothing here can differ from training's forward; the Hugging Face side uses its
-text-only cache, and the two must agree.
+packed by the training ``Packer``, plus the tokens generated so far. No cache, so nothing here
+can differ from training's forward; the Hugging Face side uses its text-only cache, and the two
+must agree.
+
+Several items go together (``answer_batch`` / ``caption_batch``: ``casa-eval --batch-size``,
+``eval_generation.batch_size``): one row each, padded after its last token, so that causal
+attention within the row's own sample keeps its logits; a row that reached its stop token leaves
+the next forward. Each forward is one call for B items instead of B calls (2.8x faster for the
+main job's held-out split on the CPU, the same tokens).
 
 Captions follow the live captioner: the stream prompt (the user turn and the assistant header),
 then per frame its markup with the frame inserted where the template's placeholder was (the
 window opens at the token after it; with no markup after the placeholder, at the first
-generated token), then greedy tokens until the end of the turn.
+generated token), then greedy tokens until the end of the turn. Clips in one batch go frame by
+frame together.
 
-Across ranks every rank builds the same batch; the last pipeline stage gathers the logits over TP
-(all its TP ranks then hold the same argmax) and sends the token down its pipeline group, so every
-rank appends the same token (``_logits``, ``_shared``). PP runs megatron's forward-only schedule;
-a rank's model chunks of the interleaved schedule (a list of modules: the evaluation during
-training) run its interleaved forward, every chunk reading the same batch.
+Across ranks every rank builds the same batch; the last pipeline stage picks each row's last
+logits and gathers them over TP (all its TP ranks then hold the same argmax) and sends the tokens
+down its pipeline group, so every rank appends the same tokens (``_last_logits``, ``_shared``).
+PP runs megatron's forward-only schedule; a rank's model chunks of the interleaved schedule (a
+list of modules: the evaluation during training) run its interleaved forward, every chunk
+reading the same batch.
 """
 
 from __future__ import annotations
@@ -43,80 +51,105 @@ class MegatronGreedy:
         self.tok = layout.tokenizer
 
     @torch.no_grad()
-    def next_token(self, sample: TokenizedSample) -> int:
+    def next_tokens(self, samples: Sequence[TokenizedSample]) -> List[int]:
+        """The greedy next token of each sample, all in one forward: one sample per row, each
+        row padded after its last token (causal attention and the per-sample masks keep every
+        row's logits as in a forward of its own; tests/evaluation/test_batched_greedy.py)."""
         data = self.cfg.data
-        # sequence parallelism splits the row and the image slots over the TP ranks: both padded to
+        # sequence parallelism splits the rows and the image slots over the TP ranks: both padded to
         # a multiple of TP (after the last token: causal attention keeps its logits as they were)
         par = self.cfg.parallel
         unit = par.tensor_model_parallel_size if par.sequence_parallel else 1
-        length, slots = _round_up(len(sample), unit), _round_up(max(1, sample.num_image_tokens), unit)
-        packer = Packer(1, length, slots, self.layout.pad_id, data.image_mean,
+        length = _round_up(max(len(s) for s in samples), unit)
+        slots = _round_up(max(1, *(s.num_image_tokens for s in samples)), unit)  # per row
+        packer = Packer(len(samples), length, slots, self.layout.pad_id, data.image_mean,
                         data.image_std, self.cfg.model.vision.temporal_patch_size, data.fps)
-        batch, _ = packer.collate([[sample]])
+        batch, _ = packer.collate([[s] for s in samples])
         device = next(self.chunks[0].parameters()).device  # build_vlm: cuda if any
         batch = replace(batch, labels=None).to(device)
         for chunk in self.chunks:
             chunk.image_seq_length = slots
-        logits = _logits(self.chunks, batch, length + slots)  # [s, 1, v_padded] on the last stage, else None
-        token = None
-        if logits is not None:
-            last = logits[len(sample) - 1, 0, :self.cfg.model.lm.vocab_size].float()  # [v]
-            last[self.banned] = float("-inf")
-            token = int(last.argmax())
-        return _shared(token, device)
+        # [b, v_padded] at each row's last token on the last stage, else None
+        last = _last_logits(self.chunks, batch, length + slots, [len(s) - 1 for s in samples])
+        tokens = None
+        if last is not None:
+            last = last[:, :self.cfg.model.lm.vocab_size].float()
+            last[:, self.banned] = float("-inf")
+            tokens = last.argmax(-1).tolist()
+        return _shared(tokens, len(samples), device)
 
-    def _generate(self, sample: TokenizedSample, pending: List[ImageItem]) -> List[int]:
-        """Append greedy tokens to ``sample`` (in place) until a stop token or the budget;
-        ``pending`` images open their window at the first generated token."""
-        out: List[int] = []
-        while len(out) < self.max_new_tokens:
-            token = self.next_token(sample)
-            sample.input_ids.append(token)
-            sample.labels.append(self.layout.pad_id)
-            sample.loss_mask.append(0.0)
-            if pending:
-                sample.images += pending
-                sample.window_starts = sorted(set(sample.window_starts) | {pending[0].position})
-                pending = []
-            out.append(token)
-            if token in self.stop_ids:
-                break
-        return out
+    def next_token(self, sample: TokenizedSample) -> int:
+        return self.next_tokens([sample])[0]
+
+    def _generate(self, samples: Sequence[TokenizedSample], pending: Sequence[List[ImageItem]]) -> List[List[int]]:
+        """Append greedy tokens to each sample (in place) until its stop token or the budget, the
+        samples still going answered together; ``pending[i]``: images of sample i that open their
+        window at its first generated token."""
+        outs: List[List[int]] = [[] for _ in samples]
+        pending = [list(p) for p in pending]
+        active = list(range(len(samples)))
+        while active:
+            for i, token in zip(active, self.next_tokens([samples[i] for i in active])):
+                sample = samples[i]
+                sample.input_ids.append(token)
+                sample.labels.append(self.layout.pad_id)
+                sample.loss_mask.append(0.0)
+                if pending[i]:
+                    sample.images += pending[i]
+                    sample.window_starts = sorted(set(sample.window_starts) | {pending[i][0].position})
+                    pending[i] = []
+                outs[i].append(token)
+            active = [i for i in active if outs[i][-1] not in self.stop_ids and len(outs[i]) < self.max_new_tokens]
+        return outs
 
     def answer(self, item: QuestionItem) -> List[int]:
-        sample = self.layout.prompt(item.key, item.messages, item.media)
-        return self._generate(sample, [])
+        return self.answer_batch([item])[0]
+
+    def answer_batch(self, items: Sequence[QuestionItem]) -> List[List[int]]:
+        """Greedy answers of several questions, one row each, generated together."""
+        return self._generate([self.layout.prompt(item.key, item.messages, item.media) for item in items],
+                              [[] for _ in items])
 
     def _encode(self, text: str) -> List[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def caption(self, item: CaptionItem) -> List[List[int]]:
         """Tokens generated after each frame (the stop token included when reached)."""
+        return self.caption_batch([item])[0]
+
+    def caption_batch(self, items: Sequence[CaptionItem]) -> List[List[List[int]]]:
+        """Each clip's tokens per frame; the clips go frame by frame together (frame k of every
+        clip that has one in one generation), each clip's text carried from frame to frame."""
         if self.chat:
-            ids = self.layout.stream_prefix(item.prompt)
             before, after = self.layout.info.markup.get(self.layout.image_placeholder, ("", ""))
             before, after = self._encode(before), self._encode(after)
         else:
-            ids = [self.layout.tok.special.bos]
             before, after = [], [self.layout.tok.special.image]
-        sample = TokenizedSample(item.key, ids, [self.layout.pad_id] * len(ids), [0.0] * len(ids), [], [],
-                                 kind="video")
-        per_frame = []
-        for frame in item.frames:
-            for t in before:
-                sample.input_ids.append(t)
-            position = len(sample.input_ids)
-            image = ImageItem(position, frame)
-            sample.input_ids += after
-            sample.labels += [self.layout.pad_id] * (len(before) + len(after))
-            sample.loss_mask += [0.0] * (len(before) + len(after))
+        samples = []
+        for item in items:
+            ids = self.layout.stream_prefix(item.prompt) if self.chat else [self.layout.tok.special.bos]
+            samples.append(TokenizedSample(item.key, ids, [self.layout.pad_id] * len(ids), [0.0] * len(ids), [], [],
+                                           kind="video"))
+        per_frame: List[List[List[int]]] = [[] for _ in items]
+        for k in range(max(len(item.frames) for item in items)):
+            going = [i for i, item in enumerate(items) if k < len(item.frames)]
             pending = []
-            if position < len(sample.input_ids):
-                sample.images.append(image)
-                sample.window_starts = sorted(set(sample.window_starts) | {position})
-            else:
-                pending = [image]
-            per_frame.append(self._generate(sample, pending))
+            for i in going:
+                sample = samples[i]
+                sample.input_ids += before
+                position = len(sample.input_ids)
+                image = ImageItem(position, items[i].frames[k])
+                sample.input_ids += after
+                sample.labels += [self.layout.pad_id] * (len(before) + len(after))
+                sample.loss_mask += [0.0] * (len(before) + len(after))
+                if position < len(sample.input_ids):
+                    sample.images.append(image)
+                    sample.window_starts = sorted(set(sample.window_starts) | {position})
+                    pending.append([])
+                else:  # no markup after the placeholder: the window opens at the first generated token
+                    pending.append([image])
+            for i, tokens in zip(going, self._generate([samples[i] for i in going], pending)):
+                per_frame[i].append(tokens)
         return per_frame
 
 
@@ -142,9 +175,10 @@ def greedy_for(model, cfg, settings, max_new_tokens: int) -> MegatronGreedy:
     return MegatronGreedy(model, cfg, layout, max_new_tokens, stop_ids, banned)
 
 
-def _logits(chunks, batch, seq_length: int):
-    """Full-vocabulary logits ``[s, b, v_padded]`` on the last pipeline stage (gathered over TP),
-    None on the other stages. ``chunks``: this rank's model chunks (one without the interleaved
+def _last_logits(chunks, batch, seq_length: int, positions: Sequence[int]):
+    """Full-vocabulary logits ``[b, v_padded]`` of row r at ``positions[r]`` on the last pipeline
+    stage, None on the other stages. Picked before the gather over TP, so that B rows gather B
+    vocabulary rows, not B x s. ``chunks``: this rank's model chunks (one without the interleaved
     schedule). ``seq_length``: text + image slots (what stages send each other)."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -165,18 +199,20 @@ def _logits(chunks, batch, seq_length: int):
             forward_only=True)
         if not parallel_state.is_pipeline_last_stage():
             return None
-        out = outs[0]
-    return tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        out = outs[0]  # [s, b, v_padded / tp]
+    rows = torch.arange(out.shape[1], device=out.device)
+    picked = out[torch.as_tensor(positions, device=out.device), rows]  # [b, v_padded / tp]
+    return tensor_parallel.gather_from_tensor_model_parallel_region(picked.contiguous())
 
 
-def _shared(token, device) -> int:
-    """The last stage's token on every rank of its pipeline (one process: itself)."""
+def _shared(tokens, count: int, device) -> List[int]:
+    """The last stage's ``count`` tokens on every rank of its pipeline (one process: itself)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return token
-    value = torch.tensor([-1 if token is None else token], dtype=torch.long, device=device)
+        return tokens
+    value = torch.tensor([-1] * count if tokens is None else tokens, dtype=torch.long, device=device)
     dist.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
-    return int(value.item())
+    return value.tolist()

@@ -86,7 +86,8 @@ class GenerationEval:
             chunk.eval()
         try:
             runner = greedy_for(chunks, self.cfg, self.settings, self.cfg.eval_generation.max_new_tokens)
-            result = run_replicas(runner, self.items, decoder(runner.tok, runner.stop_ids), progress=False)
+            result = run_replicas(runner, self.items, decoder(runner.tok, runner.stop_ids), progress=False,
+                                  batch_size=self.cfg.eval_generation.batch_size)
         finally:
             for chunk, n in zip(chunks, slots):
                 chunk.image_seq_length = n

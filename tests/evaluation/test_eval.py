@@ -74,26 +74,69 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
     assert [q["tokens"] for q in alone["questions"]] == [q["tokens"] for q in megatron["questions"]]
 
 
-def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False):
+def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1):
     from casa_megatron.evaluation.cli import main
 
     return main(["--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens", "6",
-                 "--tensor-parallel", str(tp), "--pipeline-parallel", str(pp), *(["--track"] if track else [])])
+                 "--tensor-parallel", str(tp), "--pipeline-parallel", str(pp), "--batch-size", str(batch),
+                 *(["--track"] if track else [])])
+
+
+def _batched_and_alone(rank, world, valid, checkpoint):
+    """(worker) Every question and clip answered alone, then in batches of several rows."""
+    import dataclasses
+
+    from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
+    from casa_megatron.evaluation.cli import parse_args, settings_for
+    from casa_megatron.evaluation.items import read_items
+    from casa_megatron.evaluation.megatron_side import greedy_for
+
+    settings = settings_for(parse_args(["--data", valid, "--checkpoint", checkpoint]))
+    items = read_items(valid, settings)
+    model, cfg = load_checkpoint_model(checkpoint)
+    runner = greedy_for(model, cfg, settings, 6)
+    rows = []
+    forward = runner.next_tokens
+    runner.next_tokens = lambda samples: rows.append(len(samples)) or forward(samples)
+    clip = items.captions[0]
+    # clips of different lengths: the shorter one drops out of the batch after its last frame
+    short = dataclasses.replace(clip, frames=clip.frames[:2], times=clip.times[:2], references=clip.references[:2])
+    clips = [short, clip, short]
+    alone = ([runner.answer(q) for q in items.questions], [runner.caption(c) for c in clips])
+    rows_alone, rows[:] = list(rows), []
+    together = (runner.answer_batch(items.questions), runner.caption_batch(clips))
+    return alone, together, rows_alone, list(rows)
+
+
+def test_batched_generation_gives_every_item_its_own_tokens(trained):
+    """``MegatronGreedy.answer_batch`` / ``caption_batch`` (``--batch-size``, ``eval_generation.batch_size``):
+    one row per question or clip, each row padded after its last token, the rows that stopped
+    dropped from the next forward. Every item gets the tokens it gets alone, with fewer forwards."""
+    valid, checkpoint, _ = trained
+    (alone, together, rows_alone, rows_together), = run_distributed(
+        _batched_and_alone, world_size=1, valid=str(valid), checkpoint=str(checkpoint), timeout=300)
+    assert together == alone
+    (questions, captions) = alone
+    assert len(questions) >= 4 and len({tuple(q) for q in questions}) > 1 and any(map(any, captions[1]))
+    assert set(rows_alone) == {1} and max(rows_together) == len(questions)
+    assert len(rows_together) < len(rows_alone) / 2
 
 
 def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, capsys):
     """``--tensor-parallel 2`` and ``--pipeline-parallel 2`` (two gloo ranks, as under torchrun):
     the checkpoint loads at that layout and generates the one-process tokens on every question
-    and caption frame; two processes at TP = PP = 1 are two data-parallel replicas that split the
+    and caption frame, several questions per forward (``--batch-size``); two processes at TP = PP = 1 are two data-parallel replicas that split the
     items and give them back in order; rank 0 alone writes the report (and, with ``--track``, logs
     the scores: it used to wait there for the other ranks to check the checkpoint's files with it,
     and crashed when they exited). A launch of the wrong size is refused."""
     valid, checkpoint, _ = trained
     runs = {}
-    for name, tp, pp, world in (("one", 1, 1, 1), ("tp2", 2, 1, 2), ("pp2", 1, 2, 2), ("dp2", 1, 1, 2)):
+    # one question per generation in one process; several (rows of one batch) in the parallel layouts
+    for name, tp, pp, world, batch in (("one", 1, 1, 1, 1), ("tp2", 2, 1, 2, 3), ("pp2", 1, 2, 2, 4),
+                                       ("dp2", 1, 1, 2, 2)):
         out = tmp_path / name
         codes = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
-                                out=str(out), tp=tp, pp=pp, track=name == "pp2", timeout=300)
+                                out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300)
         assert codes == [0] * world, (name, codes)
         result = json.loads((out / "eval.json").read_text())
         assert result["megatron_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp,
