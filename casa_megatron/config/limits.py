@@ -99,7 +99,8 @@ def choices() -> Dict[type, Dict[str, tuple]]:
     """Fields with a fixed set of values that no ``validate()`` checks yet."""
     from casa_megatron.config import schema
 
-    return {schema.CheckpointConfig: {"verify": ("checksum", "size")}}
+    return {schema.CheckpointConfig: {"verify": ("checksum", "size")},
+            schema.TrainConfig: {"skip_train_checkpoints": ("latest", "all")}}
 
 
 def check_limits(config: Any) -> None:

@@ -352,6 +352,10 @@ class TrainConfig:
     # the MLflow run that trained the checkpoint; nothing else is written (no checkpoint,
     # config.yaml or metrics.jsonl).
     skip_train: bool = False
+    # with skip_train: ``latest`` scores the checkpoint above; ``all`` scores every finished
+    # checkpoint in checkpoint.dir, oldest first (the held-out curve of a finished run on data
+    # chosen after it; a damaged checkpoint is skipped and counted). One model, loaded in turn.
+    skip_train_checkpoints: str = "latest"
     # Megatron-LM's --calculate-per-token-loss: the loss of a step is the sum over every answer
     # token of the global batch divided by their number (every token weighs the same), instead of
     # the mean of per-micro-batch means (a packed micro-batch with few answer tokens weighs as
@@ -393,6 +397,9 @@ class TrainConfig:
         if self.skip_train and not self.data.valid and not self.eval_generation.data:
             raise ConfigError("skip_train=true scores a checkpoint and needs something to score it on: data.valid "
                               "(the validation loss) and / or eval_generation.data (answers by generation)")
+        if self.skip_train_checkpoints == "all" and not (self.skip_train and self.checkpoint.resume):
+            raise ConfigError("skip_train_checkpoints=all scores the checkpoints of checkpoint.dir: it needs "
+                              "skip_train=true and checkpoint.resume=true")
         if self.eval_interval and not self.data.valid:
             raise ConfigError(f"eval_interval={self.eval_interval} needs validation sources in data.valid")
         if self.rampup_batch_size is not None:

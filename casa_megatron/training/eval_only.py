@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -116,10 +116,31 @@ def _track(location, scores: Dict[str, float]) -> Optional[str]:
         return None
 
 
+def _sources(cfg, ckpt: Checkpointer) -> List[Tuple[Path, str]]:
+    """The checkpoints to score, oldest first: the one a resume would take (``latest``), or every
+    finished one in ``checkpoint.dir`` (``skip_train_checkpoints=all``)."""
+    if cfg.skip_train_checkpoints != "all":
+        return [_source(cfg, ckpt)]
+    found = ckpt.candidates()
+    if not found:
+        raise ConfigError(f"skip_train_checkpoints=all: {ckpt.dir} holds no checkpoint to score")
+    return [(path, "resume") for path in reversed(found)]
+
+
+def _summary(scored: Dict[int, Dict[str, float]]) -> str:
+    """One line per step: the validation loss and the overall held-out accuracy, where scored."""
+    names = [n for n in ("valid_loss", "eval/megatron/all") if any(n in s for s in scored.values())]
+    lines = ["step | " + " | ".join(names)]
+    for step, scores in sorted(scored.items()):
+        lines.append(f"{step} | " + " | ".join(f"{scores[n]:.4f}" if n in scores else "-" for n in names))
+    return "\n".join(lines)
+
+
 def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
-    """Collective over every rank, inside an opened ``RunSession``. Returns
-    ``{"steps": N, "status": "EVALUATED", "scores": {...}, "results": path or None}``."""
-    path, how = _source(cfg, ckpt)
+    """Collective over every rank, inside an opened ``RunSession``. Returns ``{"steps": N, "status":
+    "EVALUATED", "scores": {...}, "results": path or None, "scored": {step: scores}, "skipped":
+    [damaged checkpoints]}`` (``scores`` / ``results``: the newest checkpoint scored)."""
+    sources = _sources(cfg, ckpt)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     # the last stage's first rank holds every score (validation is reduced there; the answers are
     # the same on every rank): it logs, writes the file and tracks them
@@ -136,12 +157,39 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
     model = build_model_chunks(cfg.model, cfg.parallel, cfg.data.image_seq_length, params_dtype, cfg.precision)
     for chunk in model:  # how the schedules normalise the loss (wrap_ddp sets it for training)
         chunk.config.calculate_per_token_loss = cfg.calculate_per_token_loss
-    _load(model, path, how, ckpt)
-    step = step_of(path)
+
+    scored: Dict[int, Dict[str, float]] = {}
+    skipped: List[str] = []
+    step, scores, results = 0, {}, None
+    for path, how in sources:
+        if len(sources) == 1:
+            _load(model, path, how, ckpt)  # a damaged one stops the run, naming it
+        else:  # every checkpoint of the run: a damaged one is skipped and counted
+            problem = ckpt.verify(path)  # collective: every rank takes the same branch
+            if problem is not None:
+                logger.warning("skip_train: checkpoint %s is damaged (%s): skipped", path, problem)
+                skipped.append(path.name)
+                continue
+            load_model_weights(model, path)
+        step = step_of(path)
+        scores, results = _score(cfg, run_dir, model, path, step, num_micro, data_cfg, generation, writer, dp_size)
+        scored[step] = scores
+    if not scored:
+        raise CheckpointError(f"skip_train_checkpoints=all: every checkpoint in {ckpt.dir} is damaged: {skipped}")
+    if len(sources) > 1:
+        logger.info("skip_train: %d checkpoints scored%s\n%s", len(scored),
+                    f", {len(skipped)} damaged skipped ({', '.join(skipped)})" if skipped else "", _summary(scored))
+    dist.barrier()
+    return {"steps": step, "status": "EVALUATED", "scores": scores, "results": str(results) if results else None,
+            "final_loss": None, "scored": scored, "skipped": skipped}
+
+
+def _score(cfg, run_dir: Path, model, path: Path, step: int, num_micro: int, data_cfg, generation, writer: bool,
+           dp_size: int) -> Tuple[Dict[str, float], Optional[Path]]:
+    """Collective: the loaded model's scores; the writer writes them (and tracks them)."""
     location = _locate_run(path) if cfg.tracking.enabled else None
     logger.info("skip_train: scoring %s (step %d) at TP=%d PP=%d DP=%d", path, step,
                 cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, dp_size)
-
     scores: Dict[str, float] = {}
     if cfg.data.valid:
         valid = evaluate(model, cfg, num_micro, data_cfg)  # None off the last pipeline stage
@@ -164,6 +212,4 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
             run_id = _track(location, scores)
         logger.info("skip_train: scores of %s written to %s%s", path.name, results,
                     f"; logged to MLflow run {run_id} at step {step}" if run_id else "")
-    dist.barrier()
-    return {"steps": step, "status": "EVALUATED", "scores": scores, "results": str(results) if results else None,
-            "final_loss": None}
+    return scores, results

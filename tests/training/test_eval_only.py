@@ -96,8 +96,40 @@ def test_nothing_to_score_is_refused(generation_runs, tmp_path):
     valid = generation_runs["valid"]
     with pytest.raises(ConfigError, match="skip_train=true scores a checkpoint and needs something to score it on"):
         run_cfg(valid.parent, tmp_path / "nothing", ["skip_train=true"])
+    with pytest.raises(ConfigError, match="skip_train_checkpoints=all scores the checkpoints of checkpoint.dir: "
+                                          "it needs skip_train=true"):
+        run_cfg(valid.parent, tmp_path / "nothing", ["skip_train_checkpoints=all"])
+    with pytest.raises(ConfigError, match="skip_train_checkpoints='every': must be one of"):
+        run_cfg(valid.parent, tmp_path / "nothing", ["skip_train=true", f"data.valid=[{{path: {valid}}}]",
+                                                     "skip_train_checkpoints=every"])
     with pytest.raises(AssertionError, match="ConfigError: skip_train=true: no checkpoint to score: .* holds none "
                                              "and checkpoint.pretrained is not set"):
         run_distributed(train_run, world_size=1, data=str(valid.parent), run_dir=str(tmp_path / "empty"),
                         overrides=["skip_train=true", f"data.valid=[{{path: {valid}}}]"])
     assert not (tmp_path / "empty" / "checkpoints").exists()
+
+
+def test_every_checkpoint_of_a_run_is_scored_oldest_first(generation_runs, tmp_path):
+    """``skip_train_checkpoints=all``: the run's held-out curve, each checkpoint scored as the run
+    scored it at that step, one results file per step; a damaged checkpoint is skipped and named."""
+    import shutil
+
+    run, valid = generation_runs["evaluated"], generation_runs["valid"]
+    logged = _scored(run)
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run / "checkpoints", checkpoints)
+    scoring = ["skip_train=true", "skip_train_checkpoints=all", f"checkpoint.dir={checkpoints}",
+               f"data.valid=[{{path: {valid}}}]", "eval_iters=2", f"eval_generation.data={valid}", *ANSWERS]
+    got = run_distributed(train_run, world_size=1, data=str(valid.parent), run_dir=str(tmp_path / "all"),
+                          overrides=scoring)[0]
+    assert got["scored"] == {12: logged[12], 24: logged[24]} and got["skipped"] == []
+    assert got["steps"] == 24 and got["scores"] == logged[24]
+    assert sorted(p.name for p in (tmp_path / "all" / "evaluations").iterdir()) == [
+        "iter_0000012.json", "iter_0000024.json"]
+
+    shard = max((p for p in (checkpoints / "iter_0000012").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-64])  # a save cut short
+    got = run_distributed(train_run, world_size=1, data=str(valid.parent), run_dir=str(tmp_path / "damaged"),
+                          overrides=scoring)[0]
+    assert got["skipped"] == ["iter_0000012"] and got["scored"] == {24: logged[24]}
+    assert shard.exists()  # scoring sets nothing aside: the folder is only read
