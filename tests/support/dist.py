@@ -36,8 +36,14 @@ def _portable(obj):
 def _worker(fn, rank, world_size, port, queue, kwargs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import gc
+
     import torch
 
+    # the parent's objects (the whole pytest session: collected tests, imported libraries) move to
+    # the permanent generation: megatron's explicit gc.collect() calls (one per checkpoint save)
+    # then walk only what this child made (~1 s less per save late in the session)
+    gc.freeze()
     torch.set_num_threads(1)
     try:
         queue.put((rank, "ok", _portable(fn(rank, world_size, **kwargs))))
