@@ -263,7 +263,7 @@ class GenerationEvalConfig:
     loss curve, which is what a fusion comparison reads. ``data``: a held-out folder as
     ``casa-eval --data`` takes it; ``interval``: steps between evaluations (and at the end); the
     first ``max_samples`` items, ``max_new_tokens`` per answer, ``batch_size`` questions (or clips)
-    per forward (one row each; the tokens are each item's own, only faster)."""
+    per forward (one row each; in float32 each item gets the tokens it gets alone, only faster)."""
 
     data: Optional[str] = None
     interval: int = 0  # 0 = never
