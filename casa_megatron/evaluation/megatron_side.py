@@ -78,9 +78,6 @@ class MegatronGreedy:
             tokens = last.argmax(-1).tolist()
         return _shared(tokens, len(samples), device)
 
-    def next_token(self, sample: TokenizedSample) -> int:
-        return self.next_tokens([sample])[0]
-
     def _generate(self, samples: Sequence[TokenizedSample], pending: Sequence[List[ImageItem]]) -> List[List[int]]:
         """Append greedy tokens to each sample (in place) until its stop token or the budget, the
         samples still going answered together; ``pending[i]``: images of sample i that open their
