@@ -160,6 +160,9 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
 
     scored: Dict[int, Dict[str, float]] = {}
     skipped: List[str] = []
+    # the run that trained them: located once (locating checks the checkpoint's files again); the
+    # checkpoints of one folder are one run's, only the step changes
+    location, located = None, not cfg.tracking.enabled
     step, scores, results = 0, {}, None
     for path, how in sources:
         if len(sources) == 1:
@@ -172,7 +175,11 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
                 continue
             load_model_weights(model, path)
         step = step_of(path)
-        scores, results = _score(cfg, run_dir, model, path, step, num_micro, data_cfg, generation, writer, dp_size)
+        if not located:
+            location, located = _locate_run(path), True
+        elif location is not None:
+            location = dataclasses.replace(location, step=step)
+        scores, results = _score(cfg, run_dir, model, path, step, num_micro, data_cfg, generation, writer, location)
         scored[step] = scores
     if not scored:
         raise CheckpointError(f"skip_train_checkpoints=all: every checkpoint in {ckpt.dir} is damaged: {skipped}")
@@ -185,11 +192,12 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
 
 
 def _score(cfg, run_dir: Path, model, path: Path, step: int, num_micro: int, data_cfg, generation, writer: bool,
-           dp_size: int) -> Tuple[Dict[str, float], Optional[Path]]:
-    """Collective: the loaded model's scores; the writer writes them (and tracks them)."""
-    location = _locate_run(path) if cfg.tracking.enabled else None
+           location) -> Tuple[Dict[str, float], Optional[Path]]:
+    """Collective: the loaded model's scores; the writer writes them (and tracks them to
+    ``location``, when not None)."""
     logger.info("skip_train: scoring %s (step %d) at TP=%d PP=%d DP=%d", path, step,
-                cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, dp_size)
+                cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                parallel_state.get_data_parallel_world_size())
     scores: Dict[str, float] = {}
     if cfg.data.valid:
         valid = evaluate(model, cfg, num_micro, data_cfg)  # None off the last pipeline stage
