@@ -52,7 +52,10 @@ class CheckpointSource:
     step: Optional[int] = None
 
 
-def locate_checkpoint(path: str | Path) -> CheckpointSource:
+def locate_checkpoint(path: str | Path, verify: bool = True) -> CheckpointSource:
+    """The checkpoint at ``path`` (an ``iter_N/``, a run's ``checkpoints/`` folder or run directory,
+    an import folder). ``verify``: a training checkpoint's files are checked against its manifest
+    (sizes and CRC-32: a full read); False where the caller checked them already."""
     p = Path(path)
     if not p.exists():
         raise ConversionError(f"{p}: no such directory; {EXPECTED}")
@@ -63,14 +66,14 @@ def locate_checkpoint(path: str | Path) -> CheckpointSource:
     if (p / "checkpoints").is_dir() and not (p / METADATA).exists():
         p = p / "checkpoints"  # a run directory
     if (p / METADATA).exists() or ITER.match(p.name):
-        return _training_checkpoint(p)
+        return _training_checkpoint(p, verify)
     if p.name.endswith(".tmp") and ITER.match(p.name[:-4]):
         raise ConversionError(f"{p} is a checkpoint whose save never finished (.tmp); use a complete iter_N/")
     newest = _newest(p)
     if newest is None:
         found = sorted(x.name for x in p.iterdir())[:8]
         raise ConversionError(f"{p} is not a checkpoint (it holds {found or 'nothing'}); {EXPECTED}")
-    return _training_checkpoint(newest)
+    return _training_checkpoint(newest, verify)
 
 
 def _newest(folder: Path) -> Optional[Path]:
@@ -86,11 +89,12 @@ def _newest(folder: Path) -> Optional[Path]:
     return found[0][1] if found else None
 
 
-def _training_checkpoint(p: Path) -> CheckpointSource:
+def _training_checkpoint(p: Path, verify: bool) -> CheckpointSource:
     config = p / RUN_CONFIG
     if not config.exists():
         raise ConversionError(f"{p} has no {RUN_CONFIG}: not a checkpoint written by casa-train; {EXPECTED}")
-    _check_complete(p)
+    if verify:
+        _check_complete(p)
     if not (p / METADATA).exists():
         raise ConversionError(f"{p} has no {METADATA}: no megatron dist checkpoint in it")
     try:

@@ -38,20 +38,21 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def resolve_checkpoint(path: str | Path) -> Tuple[Path, str]:
-    """(the folder holding the weights' config, ``training`` | ``import``) or NotACheckpoint."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Tuple[Path, str]:
+    """(the folder holding the weights' config, ``training`` | ``import``) or NotACheckpoint.
+    ``verify``: check the files against the manifest (a full read: once per command)."""
     try:
-        source = locate_checkpoint(path)
+        source = locate_checkpoint(path, verify)
     except ConversionError as exc:
         raise NotACheckpoint(str(exc)) from None
     return source.path, source.kind
 
 
-def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:
+def checkpoint_config(path: str | Path, verify: bool = True) -> Tuple[TrainConfig, Path]:
     """The run config a checkpoint was trained with (an import folder: its architecture, other
     fields default) and the folder to load weights from. Not validated: the data it names may
     live elsewhere now."""
-    folder, kind = resolve_checkpoint(path)
+    folder, kind = resolve_checkpoint(path, verify)
     name = RUN_CONFIG if kind == "training" else ARCHITECTURE_FILE
     try:
         saved = yaml.safe_load((folder / name).read_text()) or {}
@@ -72,7 +73,7 @@ def checkpoint_config(path: str | Path) -> Tuple[TrainConfig, Path]:
     return cfg, folder
 
 
-def load_checkpoint_model(path: str | Path, image_slots: int = 1, tp: int = 1, pp: int = 1):
+def load_checkpoint_model(path: str | Path, image_slots: int = 1, tp: int = 1, pp: int = 1, verify: bool = True):
     """(this rank's model in eval mode, its TrainConfig) at TP=``tp`` / PP=``pp`` (even split;
     any layout the checkpoint was written at). Initialises megatron's groups: one process, or
     the launcher's ``tp * pp`` ranks."""
@@ -81,7 +82,7 @@ def load_checkpoint_model(path: str | Path, image_slots: int = 1, tp: int = 1, p
     from casa_megatron.parallel import initialize_parallel
     from casa_megatron.training.pretrained import load_model_weights
 
-    cfg, folder = checkpoint_config(path)
+    cfg, folder = checkpoint_config(path, verify)
     initialize_parallel(tp, pp, seed=cfg.seed)
     try:
         parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -86,7 +86,7 @@ def settings_for(args: argparse.Namespace):
     from casa_megatron.data.processor import ProcessorSettings
 
     if args.checkpoint:
-        cfg, folder = checkpoint_config(args.checkpoint)
+        cfg, folder = checkpoint_config(args.checkpoint, verify=False)  # checked in run()
         d = cfg.data
         tok = args.tokenizer or (str(p) if (p := saved_tokenizer(folder) or _tokenizer_of(d)) else None) or args.hf
         if tok is None:
@@ -128,7 +128,8 @@ def run_megatron(args, settings, items: Items) -> Dict:
     from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
     from casa_megatron.evaluation.megatron_side import greedy_for
 
-    model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel)
+    model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel,
+                                       verify=False)  # checked in run()
     runner = greedy_for(model, cfg, settings, args.max_new_tokens)
     return run_replicas(runner, items, decoder(runner.tok, runner.stop_ids), batch_size=args.batch_size)
 
@@ -148,13 +149,16 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
 
 
 def run(args: argparse.Namespace) -> Dict:
+    given = args.checkpoint
     if args.checkpoint:
-        resolve_checkpoint(args.checkpoint)
+        # the folder checked against its manifest (the one full read of its files) is the one used
+        # below, also if a running training writes a newer checkpoint meanwhile
+        args = argparse.Namespace(**{**vars(args), "checkpoint": str(resolve_checkpoint(args.checkpoint)[0])})
     tracked = None
     if args.track:  # every rank, before the evaluation: a run to log to exists, or fail now
         from casa_megatron.evaluation.tracking import find_run, locate_run
 
-        tracked = locate_run(args.checkpoint)
+        tracked = locate_run(args.checkpoint, verified=True)
         find_run(tracked)
     adapter = None
     if args.hf:
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace) -> Dict:
         return {}
     if args.hf:
         sides["hf"] = run_hf(args, items, adapter)
-    result = {"data": str(args.data), "checkpoint": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
+    result = {"data": str(args.data), "checkpoint": given, "checkpoint_folder": args.checkpoint, "hf": args.hf, "adapter": adapter and str(adapter),
               "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel,
                                   "data_parallel": int(os.environ.get("WORLD_SIZE", 1)) // (
                                       args.tensor_parallel * args.pipeline_parallel)},

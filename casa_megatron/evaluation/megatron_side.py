@@ -4,9 +4,12 @@ under torchrun, for a model one device does not hold).
 
 Every step runs the whole sequence again: the prompt laid out by the training pipeline itself
 (``ChatTemplateLayout.prompt`` / ``LayoutTokens.prompt``, the layout the model was trained on),
-packed by the training ``Packer``, plus the tokens generated so far. No cache, so nothing here
-can differ from training's forward; the Hugging Face side uses its text-only cache, and the two
-must agree.
+packed by the training ``Packer``, plus the tokens generated so far. No cache of text or
+attention, so nothing here can differ from training's forward; the Hugging Face side uses its
+text-only cache, and the two must agree. What is reused is only the projected image tokens of
+the previous forward when its encoder input was the same bit for bit
+(``model/image_token_cache.py``): the vision encoder runs once per set of images, not once per
+generated token, and the tokens are those of full recomputation.
 
 Several items go together (``answer_batch`` / ``caption_batch``: ``casa-eval --batch-size``,
 ``eval_generation.batch_size``): one row each, padded after its last token, so that causal
@@ -30,6 +33,7 @@ reading the same batch.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import List, Sequence
 
@@ -39,12 +43,16 @@ from casa_megatron.data.chat_template import ChatTemplateLayout
 from casa_megatron.data.packing import Packer
 from casa_megatron.data.records import ImageItem, TokenizedSample
 from casa_megatron.evaluation.items import CaptionItem, QuestionItem
+from casa_megatron.model.image_token_cache import reused_image_tokens
 
 
 class MegatronGreedy:
-    def __init__(self, model, cfg, layout, max_new_tokens: int, stop_ids: Sequence[int], banned_ids: Sequence[int]):
-        """``model``: a VLM, or this rank's model chunks (a list) under the interleaved schedule."""
+    def __init__(self, model, cfg, layout, max_new_tokens: int, stop_ids: Sequence[int], banned_ids: Sequence[int],
+                 reuse_image_tokens: bool = True):
+        """``model``: a VLM, or this rank's model chunks (a list) under the interleaved schedule.
+        ``reuse_image_tokens``: the encoder runs once per image set, not once per token."""
         self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.reuse_image_tokens = reuse_image_tokens
         self.model, self.cfg, self.layout = model, cfg, layout
         self.max_new_tokens, self.stop_ids, self.banned = max_new_tokens, set(stop_ids), list(banned_ids)
         self.chat = isinstance(layout, ChatTemplateLayout)
@@ -85,19 +93,24 @@ class MegatronGreedy:
         outs: List[List[int]] = [[] for _ in samples]
         pending = [list(p) for p in pending]
         active = list(range(len(samples)))
-        while active:
-            for i, token in zip(active, self.next_tokens([samples[i] for i in active])):
-                sample = samples[i]
-                sample.input_ids.append(token)
-                sample.labels.append(self.layout.pad_id)
-                sample.loss_mask.append(0.0)
-                if pending[i]:
-                    sample.images += pending[i]
-                    sample.window_starts = sorted(set(sample.window_starts) | {pending[i][0].position})
-                    pending[i] = []
-                outs[i].append(token)
-            active = [i for i in active if outs[i][-1] not in self.stop_ids and len(outs[i]) < self.max_new_tokens]
+        with reused_image_tokens(self.chunks) if self.reuse_image_tokens else nullcontext():
+            while active:
+                self._step(samples, pending, outs, active)
+                active = [i for i in active if outs[i][-1] not in self.stop_ids and len(outs[i]) < self.max_new_tokens]
         return outs
+
+    def _step(self, samples, pending, outs, active) -> None:
+        """One greedy token for each active sample, appended to it (with its pending images)."""
+        for i, token in zip(active, self.next_tokens([samples[i] for i in active])):
+            sample = samples[i]
+            sample.input_ids.append(token)
+            sample.labels.append(self.layout.pad_id)
+            sample.loss_mask.append(0.0)
+            if pending[i]:
+                sample.images += pending[i]
+                sample.window_starts = sorted(set(sample.window_starts) | {pending[i][0].position})
+                pending[i] = []
+            outs[i].append(token)
 
     def answer(self, item: QuestionItem) -> List[int]:
         return self.answer_batch([item])[0]

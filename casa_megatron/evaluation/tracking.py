@@ -61,12 +61,13 @@ class RunLocation:
     step: int
 
 
-def locate_run(checkpoint: str | Path) -> RunLocation:
+def locate_run(checkpoint: str | Path, verified: bool = False) -> RunLocation:
     """Collective where torch.distributed is up (the checkpoint's files are checked against its
-    manifest by all ranks together): every rank calls it, then one rank logs (``log_metrics``)."""
+    manifest by all ranks together): every rank calls it, then one rank logs (``log_metrics``).
+    ``verified``: the caller checked the files already (no second full read)."""
     from casa_megatron.tracking.mlflow_tracker import resolve_tracking_uri
 
-    cfg, folder = checkpoint_config(checkpoint)  # resolves (and checks) the checkpoint once
+    cfg, folder = checkpoint_config(checkpoint, verify=not verified)
     step = _iteration(folder)
     ckpt_dir = folder.parent.resolve()
     run_dir = ckpt_dir.parent if cfg.checkpoint.dir is None else Path(cfg.run_dir)

@@ -183,14 +183,13 @@ class InsertionVLM(CASAVLM):
     def _combined_stream(self, batch: VLMBatch, layout: InsertionLayout) -> Tensor:
         """Text embeddings + projected images -> combined stream [L(/tp), b, h]."""
         b, s = batch.shape
-        text, x, plan = self.text_and_encoder(batch)  # [s(/tp), b, h], encoder activations
+        text, images = self.text_and_image_tokens(batch)  # [s(/tp), b, h], [n_tok, h]
         if self.sequence_parallel:
             # The embedding scatters under SP; interleaving needs the whole row. Every rank then
             # holds the same full stream, so the backward only splits (output_grad=False).
             text = tensor_parallel.gather_from_sequence_parallel_region(
                 text, tensor_parallel_output_grad=False)  # [s, b, h]
-        features = self.image_features(batch, x, plan)  # [n_patches, hv]
-        images = self.projector(features).to(text.dtype)  # [n_tok, h]
+        images = images.to(text.dtype)
         h = text.shape[-1]
         source = torch.cat([text.transpose(0, 1).reshape(b * s, h), images, text.new_zeros(1, h)])
         combined = source[layout.source_index].view(b, layout.length, h).transpose(0, 1).contiguous()

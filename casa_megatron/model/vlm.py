@@ -27,7 +27,7 @@ they take no probability mass: the loss equals the unpadded model's.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -84,6 +84,7 @@ class CASAVLM(LanguageModule):
         self.sequence_parallel = lm_config.sequence_parallel
         self.tp = lm_config.tensor_model_parallel_size
         self.input_tensor: Optional[Tensor] = None
+        self.image_token_cache = None  # an ImageTokenCache during generation (model/image_token_cache.py)
         if self.sequence_parallel and image_seq_length % self.tp:
             raise ValueError(f"image_seq_length={image_seq_length} must be a multiple of "
                              f"tensor_model_parallel_size={self.tp} with sequence parallelism")
@@ -285,12 +286,24 @@ class CASAVLM(LanguageModule):
             return features[:0] + 0 * features.sum()
         return features
 
-    def encode_images(self, batch: VLMBatch, x: Tensor, plan) -> Tensor:
-        """The encoder's last stage: activations after its last block -> image slots
-        [si(/tp), b, h] (zero-padded; SP-scattered when SP is on)."""
-        batch_size = batch.shape[0]
-        features = self.image_features(batch, x, plan)  # [n_patches, hv]
-        tokens = self.projector(features)  # [n_img_tokens, h]
+    def text_and_image_tokens(self, batch: VLMBatch) -> Tuple[Tensor, Tensor]:
+        """The stage that finishes the encoder: text embeddings [s(/tp), b, h] (the first stage) or
+        what the previous stage sent, and the projected image tokens [n_tok, h]. Under
+        ``reused_image_tokens`` (generation) the first stage takes the tokens of the previous
+        forward when its encoder input is the same (``model/image_token_cache.py``)."""
+        cache = self.image_token_cache if self.pre_process else None
+        tokens = cache.lookup(batch) if cache is not None else None
+        if tokens is not None:
+            return self.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids), tokens
+        text, x, plan = self.text_and_encoder(batch)
+        tokens = self.projector(self.image_features(batch, x, plan))  # [n_tok, h]
+        if cache is not None:
+            cache.store(batch, tokens)
+        return text, tokens
+
+    def image_slots(self, tokens: Tensor, batch_size: int) -> Tensor:
+        """Projected image tokens [n_tok, h] -> image slots [si(/tp), b, h] (zero-padded;
+        SP-scattered when SP is on)."""
         slots = self.image_seq_length * batch_size
         padded = torch.nn.functional.pad(tokens, (0, 0, 0, slots - tokens.shape[0]))
         image_states = padded.view(self.image_seq_length, batch_size, -1)  # [si, b, h]
@@ -308,8 +321,8 @@ class CASAVLM(LanguageModule):
             # modules run in the order they are registered (embedding, vision, projector, decoder):
             # overlapped parameter gathering (parallel.overlap_param_gather) prefetches the
             # buckets in that order
-            text, x, plan = self.text_and_encoder(batch)
-            image_states = self.encode_images(batch, x, plan)
+            text, tokens = self.text_and_image_tokens(batch)  # [s(/tp), b, h], [n_tok, h]
+            image_states = self.image_slots(tokens, b)  # [si(/tp), b, h]
         else:
             s_local = self.local_text_length(s)
             text, image_states = self.input_tensor[:s_local], self.input_tensor[s_local:]

@@ -92,14 +92,14 @@ def _results_path(run_dir: Path, step: int) -> Path:
     return path
 
 
-def _locate_run(path: Path):
-    """Every rank (locating checks the checkpoint's files collectively): where the run that
-    trained ``path`` logs, or None (an import, a run without tracking: said why)."""
+def _locate_run(path: Path, verified: bool):
+    """Every rank (locating checks the checkpoint's files collectively, unless ``verified``): where
+    the run that trained ``path`` logs, or None (an import, a run without tracking: said why)."""
     from casa_megatron.evaluation.checkpoint_model import NotACheckpoint
     from casa_megatron.evaluation.tracking import NoTrackedRun, locate_run
 
     try:
-        return locate_run(path)
+        return locate_run(path, verified)
     except (NoTrackedRun, NotACheckpoint) as exc:
         logger.warning("skip_train: the scores are not tracked: %s", exc)
         return None
@@ -160,8 +160,8 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
 
     scored: Dict[int, Dict[str, float]] = {}
     skipped: List[str] = []
-    # the run that trained them: located once (locating checks the checkpoint's files again); the
-    # checkpoints of one folder are one run's, only the step changes
+    # the run that trained them: located once; the checkpoints of one folder are one run's, only the
+    # step changes
     location, located = None, not cfg.tracking.enabled
     step, scores, results = 0, {}, None
     for path, how in sources:
@@ -176,7 +176,8 @@ def evaluate_checkpoint(cfg, run_dir: Path, ckpt: Checkpointer) -> dict:
             load_model_weights(model, path)
         step = step_of(path)
         if not located:
-            location, located = _locate_run(path), True
+            # a resumed checkpoint's files were just checked against its manifest (_load, verify)
+            location, located = _locate_run(path, verified=how == "resume"), True
         elif location is not None:
             location = dataclasses.replace(location, step=step)
         scores, results = _score(cfg, run_dir, model, path, step, num_micro, data_cfg, generation, writer, location)

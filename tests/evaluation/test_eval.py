@@ -16,6 +16,7 @@ from support.dist import run_distributed
 
 from casa_megatron.evaluation.cli import main
 from casa_megatron.evaluation.metrics import caption_scores, exact, question_scores, token_f1
+from casa_megatron.training.ckpt_manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,11 +76,14 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
 
 
 def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1):
+    """(exit code, how many times this rank checksummed each checkpoint file)."""
+    from support.file_checks import counting_checksums
+
     from casa_megatron.evaluation.cli import main
 
-    return main(["--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens", "6",
-                 "--tensor-parallel", str(tp), "--pipeline-parallel", str(pp), "--batch-size", str(batch),
-                 *(["--track"] if track else [])])
+    return counting_checksums(main, ["--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens",
+                                     "6", "--tensor-parallel", str(tp), "--pipeline-parallel", str(pp), "--batch-size",
+                                     str(batch), *(["--track"] if track else [])])
 
 
 def _batched_and_alone(rank, world, valid, checkpoint):
@@ -104,8 +108,13 @@ def _batched_and_alone(rank, world, valid, checkpoint):
     clips = [short, clip, short]
     alone = ([runner.answer(q) for q in items.questions], [runner.caption(c) for c in clips])
     rows_alone, rows[:] = list(rows), []
+    encoded = []  # projector runs: the encoder's
+    model.projector.register_forward_hook(lambda *_: encoded.append(1))
     together = (runner.answer_batch(items.questions), runner.caption_batch(clips))
-    return alone, together, rows_alone, list(rows)
+    rows_together, encoded_reused, encoded[:] = list(rows), len(encoded), []
+    runner.reuse_image_tokens = False  # the encoder at every forward again
+    recomputed = (runner.answer_batch(items.questions), runner.caption_batch(clips))
+    return alone, together, rows_alone, rows_together, recomputed, encoded_reused, len(encoded)
 
 
 def test_batched_generation_gives_every_item_its_own_tokens(trained):
@@ -113,13 +122,17 @@ def test_batched_generation_gives_every_item_its_own_tokens(trained):
     one row per question or clip, each row padded after its last token, the rows that stopped
     dropped from the next forward. Every item gets the tokens it gets alone, with fewer forwards."""
     valid, checkpoint, _ = trained
-    (alone, together, rows_alone, rows_together), = run_distributed(
+    (alone, together, rows_alone, rows_together, recomputed, encoded_reused, encoded), = run_distributed(
         _batched_and_alone, world_size=1, valid=str(valid), checkpoint=str(checkpoint), timeout=300)
     assert together == alone
     (questions, captions) = alone
     assert len(questions) >= 4 and len({tuple(q) for q in questions}) > 1 and any(map(any, captions[1]))
     assert set(rows_alone) == {1} and max(rows_together) == len(questions)
     assert len(rows_together) < len(rows_alone) / 2
+    # the vision encoder runs once per set of images (a row leaving or a frame arriving changes it),
+    # not at every forward; the tokens are those of running it every time
+    assert recomputed == together
+    assert encoded == len(rows_together) and encoded_reused < encoded / 2, (encoded_reused, encoded)
 
 
 def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, capsys):
@@ -135,9 +148,15 @@ def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, 
     for name, tp, pp, world, batch in (("one", 1, 1, 1, 1), ("tp2", 2, 1, 2, 3), ("pp2", 1, 2, 2, 4),
                                        ("dp2", 1, 1, 2, 2)):
         out = tmp_path / name
-        codes = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
-                                out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300)
-        assert codes == [0] * world, (name, codes)
+        got = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
+                              out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300)
+        assert [code for code, _ in got] == [0] * world, (name, got)
+        # each file of the checkpoint read for its checksum once per rank (checked at the start,
+        # before torch.distributed is up; the configuration, the model and the tracked run then come
+        # from the folder checked): it used to be three times, four with --track
+        files = read_manifest(checkpoint / "iter_0000030")["files"]
+        for _, checked in got:
+            assert len(checked) == len(files) and set(checked.values()) == {1}, (name, checked)
         result = json.loads((out / "eval.json").read_text())
         assert result["megatron_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp,
                                              "data_parallel": world // (tp * pp)}

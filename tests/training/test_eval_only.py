@@ -14,6 +14,7 @@ from support.dist import run_distributed
 from support.generation_runs import ANSWERS, rows, run_cfg, train_run
 
 from casa_megatron.config.errors import ConfigError
+from casa_megatron.training.ckpt_manifest import read_manifest
 
 
 def _fingerprint(run_dir):
@@ -21,6 +22,13 @@ def _fingerprint(run_dir):
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file() and "evaluations" not in p.parts
             and p.name != "mlflow.db" and p.suffix != ".lock"}
+
+
+def _counted_run(rank, world, **kwargs):
+    """(``train_run``'s result, how many times each checkpoint file was checksummed)."""
+    from support.file_checks import counting_checksums
+
+    return counting_checksums(train_run, rank, world, **kwargs)
 
 
 def _scored(run):
@@ -48,11 +56,15 @@ def test_a_checkpoint_scores_as_its_run_scored_it(generation_runs, tmp_path):
     before = _fingerprint(run)
     lock = RunDirLock(run).acquire()
     try:
-        got = run_distributed(train_run, world_size=1, data=str(valid.parent), run_dir=str(run),
-                              overrides=[*scoring, "train_steps=24", "tracking.enabled=true"])[0]
+        got, checked = run_distributed(_counted_run, world_size=1, data=str(valid.parent), run_dir=str(run),
+                                       overrides=[*scoring, "train_steps=24", "tracking.enabled=true"])[0]
     finally:
         lock.release()
     assert got["status"] == "EVALUATED" and got["steps"] == 24
+    # the checkpoint's files read for their checksums once: loading it and locating its MLflow run
+    # used to read them twice
+    files = read_manifest(run / "checkpoints/iter_0000024")["files"]
+    assert len(checked) == len(files) and set(checked.values()) == {1}, checked
     assert got["scores"] == logged[24]  # exactly: the same weights, batches and tokens
     assert _fingerprint(run) == before  # checkpoints, config.yaml, metrics.jsonl, answers: untouched
     written = json.loads((run / "evaluations/iter_0000024.json").read_text())
