@@ -71,20 +71,35 @@ def run_side(name: str, runner, items: Items, tok, stop_ids, batch_size: int = 1
 
 
 def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: int = 1) -> Dict:
-    """The megatron side over its data-parallel replicas (one without): each answers every
-    dp-th item, ``batch_size`` questions (and clips) per generation, and every rank gets them all
-    back in the items' order."""
+    """The megatron side over its data-parallel replicas (one without), ``batch_size`` questions
+    (and clips) per generation; every rank gets every answer back in the samples' order.
+
+    ``items`` whole (``part == (0, 1)``, ``casa-eval``): each replica answers every dp-th item.
+    ``items`` a replica's share (``read_items(part=(dp rank, dp))``, the evaluation during
+    training: no rank reads or holds the others' media): each answers its own, and the answers
+    merge by sample index and turn."""
     import torch
     from megatron.core import parallel_state
 
     start = time.perf_counter()
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mine = answer_all("megatron", runner, Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped),
-                      text, batch_size, progress=progress)
-    shards: List = [mine]
+    if items.part == (0, 1):
+        share = Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped)
+        question_keys = list(range(len(items.questions)))[rank::dp]
+        caption_keys = list(range(len(items.captions)))[rank::dp]
+    elif items.part == (rank, dp):
+        share = items
+        question_keys = [(q.order, q.turn) for q in items.questions]
+        caption_keys = [c.order for c in items.captions]
+    else:
+        raise ValueError(f"items of share {items.part} on data-parallel rank {rank} of {dp}")
+    questions, captions = answer_all("megatron", runner, share, text, batch_size, progress=progress)
+    shards: List = [(list(zip(question_keys, questions)), list(zip(caption_keys, captions)))]
     if dp > 1:
         shards = [None] * dp
-        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
-    questions = [shards[i % dp][0][i // dp] for i in range(len(items.questions))]  # item i: replica i % dp
-    captions = [shards[i % dp][1][i // dp] for i in range(len(items.captions))]
+        torch.distributed.all_gather_object(shards, (list(zip(question_keys, questions)),
+                                                     list(zip(caption_keys, captions))),
+                                            group=parallel_state.get_data_parallel_group())
+    questions = [row for _, row in sorted((pair for shard in shards for pair in shard[0]), key=lambda p: p[0])]
+    captions = [row for _, row in sorted((pair for shard in shards for pair in shard[1]), key=lambda p: p[0])]
     return scored(questions, captions, time.perf_counter() - start)

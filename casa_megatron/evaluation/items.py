@@ -40,6 +40,7 @@ class QuestionItem:
     task: str
     answers: List[str] = field(default_factory=list)  # every acceptable answer (default: [reference])
     metric: str = "exact"  # how the answer is scored (evaluation/answer_metrics.py)
+    order: int = 0  # its sample's index among the source's samples (items of a share merge by it)
 
     @property
     def id(self) -> str:
@@ -55,6 +56,7 @@ class CaptionItem:
     references: List[str]  # per frame: the captions that follow it ("" when none)
     qtype: str = "caption"
     task: str = "caption"
+    order: int = 0  # its sample's index among the source's samples
 
     @property
     def id(self) -> str:
@@ -66,6 +68,7 @@ class Items:
     questions: List[QuestionItem] = field(default_factory=list)
     captions: List[CaptionItem] = field(default_factory=list)
     skipped: Dict[str, int] = field(default_factory=dict)  # reason -> count
+    part: Tuple[int, int] = (0, 1)  # (k, n): the samples k, k + n, ... of the source (n = 1: all)
 
 
 def _turn_meta(obj: dict, turn: int) -> Tuple[str, str]:
@@ -102,7 +105,8 @@ def _turn_scoring(key: str, obj: dict, turn: int, turns: int, reference: str) ->
     return answers, check(own.get("metric", obj.get("metric", "exact")), answers, where)
 
 
-def _questions(key: str, obj: dict, messages: List[Message], media: List[DecodedMedia]) -> List[QuestionItem]:
+def _questions(key: str, obj: dict, messages: List[Message], media: List[DecodedMedia],
+               order: int) -> List[QuestionItem]:
     out, used, turn = [], 0, 0
     turns = sum(m.role == "assistant" for m in messages)
     for i, m in enumerate(messages):
@@ -111,26 +115,31 @@ def _questions(key: str, obj: dict, messages: List[Message], media: List[Decoded
             reference = m.text().strip()
             answers, metric = _turn_scoring(key, obj, turn, turns, reference)
             out.append(QuestionItem(key, turn, list(messages[:i]), media[:used], reference, qtype, task, answers,
-                                    metric))
+                                    metric, order))
             turn += 1
         used += sum(isinstance(p, Media) for p in m.content)
     return out
 
 
 def read_items(path: str, settings: ProcessorSettings, max_samples: Optional[int] = None,
-               media_root: str = "") -> Items:
+               media_root: str = "", part: Tuple[int, int] = (0, 1)) -> Items:
     """Every sample of the source at ``path`` (first ``max_samples``), decoded with ``settings``
     (pixel budgets, fps, max_frames: those of training). Bad samples are skipped and counted.
-    A data recipe (``data/recipe.py``) gives its datasets' selected samples, one after the other."""
+    A data recipe (``data/recipe.py``) gives its datasets' selected samples, one after the other.
+    ``part = (k, n)``: only the samples k, k + n, k + 2n, ... of those (a data-parallel replica's
+    share: ``answering.run_replicas`` merges the shares back in the samples' order)."""
     from tqdm import tqdm
 
     from casa_megatron.data.sources import SourceSpec
 
     _, sources = open_sources([SourceSpec(str(path), media_root=media_root)])
-    samples = [(source, i) for source in sources for i in range(len(source))][:max_samples]
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"part {part}: not a share (k, n) with 0 <= k < n")
+    samples = list(enumerate([(source, i) for source in sources for i in range(len(source))][:max_samples]))[k::n]
     processor = SampleProcessor(settings, with_layout=False)
-    items, skipped = Items(), Counter()
-    for source, i in tqdm(samples, desc="reading held-out samples", unit="sample"):
+    items, skipped = Items(part=(k, n)), Counter()
+    for order, (source, i) in tqdm(samples, desc="reading held-out samples", unit="sample"):
         try:
             raw = source.read(i)
             obj = sample_annotation(raw)  # the .json part, or an image-text pair's .txt
@@ -146,8 +155,8 @@ def read_items(path: str, settings: ProcessorSettings, max_samples: Optional[int
             clip = media[0]
             texts = captions_per_frame(conv.captions, clip.times, settings.fps)
             items.captions.append(CaptionItem(raw.key, conv.messages[0].text(), list(clip.frames),
-                                              list(clip.times), [" ".join(t) for t in texts]))
+                                              list(clip.times), [" ".join(t) for t in texts], order=order))
         else:
-            items.questions += _questions(raw.key, obj, conv.messages, media)
+            items.questions += _questions(raw.key, obj, conv.messages, media, order)
     items.skipped = dict(skipped)
     return items

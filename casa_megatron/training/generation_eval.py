@@ -5,7 +5,8 @@ fusion comparison reads what the model answers. So every ``eval_generation.inter
 at the end) the live model answers the first ``max_samples`` held-out questions and captions
 the held-out clips greedily, exactly as ``casa-eval`` does with a checkpoint
 (``evaluation/megatron_side.py``: recomputation, the training layout, any TP / PP layout and
-the interleaved schedule's chunks, data-parallel replicas splitting the items), and the scores go to ``metrics.jsonl`` (a row
+the interleaved schedule's chunks, data-parallel replicas splitting the items: each reads and
+holds only its share of the held-out samples), and the scores go to ``metrics.jsonl`` (a row
 ``{"step", "generation": {...}}``), the log and MLflow (``eval/megatron/<group>``, the names
 ``casa-eval --track`` uses). The items are read once, before step 1: a wrong folder or one
 without a usable sample is a config error at start-up, not at the first evaluation.
@@ -22,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -53,13 +55,23 @@ class GenerationEval:
         g = self.cfg.eval_generation
         settings = ProcessorSettings.from_config(self.cfg.data, "cpu", self.cfg.model.fusion.mechanism)
         self.settings = dataclasses.replace(settings, truncate=False)  # a held-out prompt is never cut
+        share = _replica_share()
+        problem = None
         try:
-            self.items = read_items(g.data, self.settings, g.max_samples, g.media_root or "")
+            self.items = read_items(g.data, self.settings, g.max_samples, g.media_root or "", part=share)
         except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:  # what casa-eval reports too
-            raise ConfigError(f"eval_generation.data={g.data!r}: {exc}") from exc
-        if not self.items.questions and not self.items.captions:
+            problem, self.items = str(exc), None
+        # every replica read its share: all fail together (a bad sample is in one share only), and
+        # the counts are the whole set's
+        shares = _gathered(problem or (len(self.items.questions), len(self.items.captions), self.items.skipped))
+        problems = [p for p in shares if isinstance(p, str)]
+        if problems:
+            raise ConfigError(f"eval_generation.data={g.data!r}: {problems[0]}")
+        self.num_questions, self.num_captions = sum(q for q, _, _ in shares), sum(c for _, c, _ in shares)
+        self.skipped = dict(sum((Counter(skipped) for _, _, skipped in shares), Counter()))
+        if not self.num_questions and not self.num_captions:
             raise ConfigError(f"eval_generation.data={g.data!r}: no usable held-out sample "
-                              f"(skipped: {dict(self.items.skipped)})")
+                              f"(skipped: {self.skipped})")
         return self
 
     def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
@@ -95,10 +107,30 @@ class GenerationEval:
         scores = metrics_of({"sides": {"megatron": result}})
         logger.info("step %5d | generation: %s (%d questions, %d clips, %.1f s)", step,
                     ", ".join(f"{k.split('/', 2)[2]} {v:.3f}" for k, v in sorted(scores.items())),
-                    len(self.items.questions), len(self.items.captions), result["seconds"])
-        answers = {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.items.skipped,
+                    self.num_questions, self.num_captions, result["seconds"])
+        answers = {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.skipped,
                    "max_new_tokens": self.cfg.eval_generation.max_new_tokens, "sides": {"megatron": result}}
         return scores, answers
+
+
+def _replica_share() -> Tuple[int, int]:
+    """(this rank's data-parallel rank, the data-parallel size): the held-out samples it reads."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def _gathered(mine) -> List:
+    """``mine`` from every data-parallel replica (this rank's alone without any)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return [mine]
+    out = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(out, mine, group=parallel_state.get_data_parallel_group())
+    return out
 
 
 def maybe_generation_eval(cfg: TrainConfig) -> Optional[GenerationEval]:

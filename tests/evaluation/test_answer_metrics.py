@@ -84,7 +84,7 @@ def test_choice_reads_the_option_letter():
 
 def _items(obj):
     conv = parse_conversation(obj, "k")
-    return _questions("k", obj, conv.messages, [])
+    return _questions("k", obj, conv.messages, [], 0)
 
 
 def test_a_sample_names_its_answers_and_metric():

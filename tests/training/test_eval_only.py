@@ -145,3 +145,65 @@ def test_every_checkpoint_of_a_run_is_scored_oldest_first(generation_runs, tmp_p
                           overrides=scoring)[0]
     assert got["skipped"] == ["iter_0000012"] and got["scored"] == {24: logged[24]}
     assert shard.exists()  # scoring sets nothing aside: the folder is only read
+
+
+def _share_run(rank, world, **kwargs):
+    """(``train_run``'s result, the share of held-out samples this rank read: (part, sample indices))."""
+    from casa_megatron.evaluation import items as items_module
+
+    original, seen = items_module.read_items, []
+
+    def read_items(*args, **kw):
+        got = original(*args, **kw)
+        seen.append((got.part, sorted({q.order for q in got.questions} | {c.order for c in got.captions})))
+        return got
+
+    items_module.read_items = read_items
+    try:
+        return train_run(rank, world, **kwargs), seen
+    finally:
+        items_module.read_items = original
+
+
+def test_data_parallel_replicas_read_only_their_share(generation_runs, tmp_path):
+    """Two data-parallel replicas: each reads and decodes every other held-out sample, answers its
+    own, and the answers come back in the samples' order, those of one process item by item. A
+    bad sample in one replica's share stops both, naming it (no replica waits for the other)."""
+    run, valid = generation_runs["evaluated"], generation_runs["valid"]
+    logged = _scored(run)
+    got = run_distributed(_share_run, world_size=2, data=str(valid.parent), run_dir=str(tmp_path / "dp2"), overrides=[
+        "skip_train=true", f"checkpoint.pretrained={run / 'checkpoints/iter_0000012'}",
+        f"eval_generation.data={valid}", *ANSWERS])
+    (result, (first,)), (_, (second,)) = got
+    assert [first[0], second[0]] == [(0, 2), (1, 2)]
+    assert first[1] and second[1] and not set(first[1]) & set(second[1])
+    assert sorted(first[1] + second[1]) == list(range(len(first[1]) + len(second[1])))
+    assert result["scores"] == {k: v for k, v in logged[12].items() if k != "valid_loss"}
+    ours = json.loads((tmp_path / "dp2/evaluations/iter_0000012.json").read_text())["generation"]
+    kept = json.loads((run / "generation/iter_0000012.json").read_text())
+    assert ours["skipped"] == kept["skipped"]
+    ours, kept = ours["sides"]["megatron"], kept["sides"]["megatron"]
+    assert [(q["id"], q["tokens"]) for q in ours["questions"]] == [(q["id"], q["tokens"]) for q in kept["questions"]]
+    assert [c["frames"] for c in ours["captions"]] == [c["frames"] for c in kept["captions"]]
+
+    images = sorted((valid.parent / "raw").glob("*.png"))[:3]
+    rows = [{"id": f"q{i}", "image": str(image), "metric": "ansl" if i == 1 else "exact",
+             "conversations": [{"from": "human", "value": "<image>\nwhat colour is the shape ?"},
+                               {"from": "gpt", "value": "red"}]} for i, image in enumerate(images)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    errors = run_distributed(_config_error, world_size=2, timeout=300, data=str(valid.parent),
+                             run_dir=str(tmp_path / "bad"), overrides=[
+                                 "skip_train=true", f"checkpoint.pretrained={run / 'checkpoints/iter_0000012'}",
+                                 f"eval_generation.data={bad}", *ANSWERS])
+    for error in errors:  # rank 0's share holds samples 0 and 2 only
+        assert "eval_generation.data=" in error and "sample 'q1', answer 1: metric 'ansl' is not one of" in error
+
+
+def _config_error(rank, world, **kwargs):
+    """The ConfigError ``train_run`` stops with on this rank, or None."""
+    try:
+        train_run(rank, world, **kwargs)
+    except ConfigError as exc:
+        return str(exc)
+    return None
