@@ -26,8 +26,9 @@ from casa_megatron.data.recipe import RecipeError
 from casa_megatron.evaluation.answer_metrics import MetricError
 from casa_megatron.evaluation.answering import decoder, is_rank0, run_replicas, run_side
 from casa_megatron.evaluation.checkpoint_model import NotACheckpoint, checkpoint_config, resolve_checkpoint
-from casa_megatron.evaluation.items import Items, read_items
+from casa_megatron.evaluation.items import Items
 from casa_megatron.evaluation.report import agreement, table
+from casa_megatron.evaluation.shares import HeldOutError, read_held_out, replica_share
 from casa_megatron.evaluation.tracking import NoTrackedRun
 from casa_megatron.inference.model_folder import NotAnHFFolder, check_hf_folder, resolve_adapter
 
@@ -124,12 +125,18 @@ def _tokenizer_of(data) -> Optional[Path]:
     return path if path is not None and path.exists() else None
 
 
-def run_megatron(args, settings, items: Items) -> Dict:
+def load_megatron(args):
+    """(this rank's model, its TrainConfig): every rank of the launch (initialises megatron's groups)."""
     from casa_megatron.evaluation.checkpoint_model import load_checkpoint_model
+
+    return load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel,
+                                 verify=False)  # checked in run()
+
+
+def run_megatron(args, settings, items: Items, loaded) -> Dict:
     from casa_megatron.evaluation.megatron_side import greedy_for
 
-    model, cfg = load_checkpoint_model(args.checkpoint, tp=args.tensor_parallel, pp=args.pipeline_parallel,
-                                       verify=False)  # checked in run()
+    model, cfg = loaded
     runner = greedy_for(model, cfg, settings, args.max_new_tokens)
     return run_replicas(runner, items, decoder(runner.tok, runner.stop_ids), batch_size=args.batch_size)
 
@@ -165,12 +172,19 @@ def run(args: argparse.Namespace) -> Dict:
         check_hf_folder(args.hf)
         adapter = resolve_adapter(args.hf, args.adapter)  # a wrong --adapter fails before the megatron side
     settings = settings_for(args)
-    items = read_items(args.data, settings, args.max_samples, args.media_root)
-    if not items.questions and not items.captions:
-        raise EvalInputError(f"{args.data}: no usable held-out sample (skipped: {items.skipped})")
+    loaded, part = None, (0, 1)
+    if args.checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # data-parallel replicas: each reads only the samples it answers, unless rank 0 needs them all
+        # for the HF side (evaluation/shares.py); the model first, for the replica's rank
+        loaded = load_megatron(args)
+        part = (0, 1) if args.hf else replica_share()
+    held_out = read_held_out(args.data, settings, args.max_samples, args.media_root, part)
+    if held_out.empty:
+        raise EvalInputError(f"{args.data}: no usable held-out sample (skipped: {held_out.skipped})")
+    items = held_out.items
     sides = {}
     if args.checkpoint:
-        sides["megatron"] = run_megatron(args, settings, items)
+        sides["megatron"] = run_megatron(args, settings, items, loaded or load_megatron(args))
     if not is_rank0():  # the other ranks of a parallel megatron side: rank 0 reports
         return {}
     if args.hf:
@@ -179,7 +193,7 @@ def run(args: argparse.Namespace) -> Dict:
               "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel,
                                   "data_parallel": int(os.environ.get("WORLD_SIZE", 1)) // (
                                       args.tensor_parallel * args.pipeline_parallel)},
-              "max_new_tokens": args.max_new_tokens, "skipped": items.skipped,
+              "max_new_tokens": args.max_new_tokens, "skipped": held_out.skipped,
               "text_layout": settings.text_layout, "sides": sides}
     if len(sides) == 2:
         result["agreement"] = agreement(sides["megatron"], sides["hf"])
@@ -204,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = run(args)
     except (NotACheckpoint, NotAnHFFolder, EvalInputError, FileNotFoundError, ShardError, MetricError,
-            RecipeError, NoTrackedRun) as e:
+            RecipeError, NoTrackedRun, HeldOutError) as e:
         print(f"casa-eval: {e}", file=sys.stderr)
         return 2
     agree = result.get("agreement")

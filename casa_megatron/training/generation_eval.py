@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -38,6 +37,7 @@ class GenerationEval:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.settings = None
+        self.held_out = None  # evaluation/shares.HeldOut: this replica's items, the whole set's counts
         self.items = None
 
     def due(self, step: int) -> bool:
@@ -45,33 +45,27 @@ class GenerationEval:
         return bool(every) and (step % every == 0 or step == self.cfg.train_steps)
 
     def load(self) -> "GenerationEval":
+        """Collective over the data-parallel group: each replica reads its share of the held-out
+        samples (``evaluation/shares.py``)."""
         from casa_megatron.config.errors import ConfigError
         from casa_megatron.data.processor import ProcessorSettings
         from casa_megatron.data.recipe import RecipeError
         from casa_megatron.data.records import ShardError
         from casa_megatron.evaluation.answer_metrics import MetricError
-        from casa_megatron.evaluation.items import read_items
+        from casa_megatron.evaluation.shares import read_held_out, replica_share
 
         g = self.cfg.eval_generation
         settings = ProcessorSettings.from_config(self.cfg.data, "cpu", self.cfg.model.fusion.mechanism)
         self.settings = dataclasses.replace(settings, truncate=False)  # a held-out prompt is never cut
-        share = _replica_share()
-        problem = None
         try:
-            self.items = read_items(g.data, self.settings, g.max_samples, g.media_root or "", part=share)
+            self.held_out = read_held_out(g.data, self.settings, g.max_samples, g.media_root or "",
+                                          part=replica_share())
         except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:  # what casa-eval reports too
-            problem, self.items = str(exc), None
-        # every replica read its share: all fail together (a bad sample is in one share only), and
-        # the counts are the whole set's
-        shares = _gathered(problem or (len(self.items.questions), len(self.items.captions), self.items.skipped))
-        problems = [p for p in shares if isinstance(p, str)]
-        if problems:
-            raise ConfigError(f"eval_generation.data={g.data!r}: {problems[0]}")
-        self.num_questions, self.num_captions = sum(q for q, _, _ in shares), sum(c for _, c, _ in shares)
-        self.skipped = dict(sum((Counter(skipped) for _, _, skipped in shares), Counter()))
-        if not self.num_questions and not self.num_captions:
+            raise ConfigError(f"eval_generation.data={g.data!r}: {exc}") from exc
+        self.items = self.held_out.items
+        if self.held_out.empty:
             raise ConfigError(f"eval_generation.data={g.data!r}: no usable held-out sample "
-                              f"(skipped: {self.skipped})")
+                              f"(skipped: {self.held_out.skipped})")
         return self
 
     def __call__(self, ddp, step: int, run_dir: Path) -> Dict[str, float]:
@@ -107,30 +101,10 @@ class GenerationEval:
         scores = metrics_of({"sides": {"megatron": result}})
         logger.info("step %5d | generation: %s (%d questions, %d clips, %.1f s)", step,
                     ", ".join(f"{k.split('/', 2)[2]} {v:.3f}" for k, v in sorted(scores.items())),
-                    self.num_questions, self.num_captions, result["seconds"])
-        answers = {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.skipped,
+                    self.held_out.questions, self.held_out.captions, result["seconds"])
+        answers = {"data": self.cfg.eval_generation.data, "step": step, "skipped": self.held_out.skipped,
                    "max_new_tokens": self.cfg.eval_generation.max_new_tokens, "sides": {"megatron": result}}
         return scores, answers
-
-
-def _replica_share() -> Tuple[int, int]:
-    """(this rank's data-parallel rank, the data-parallel size): the held-out samples it reads."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
-def _gathered(mine) -> List:
-    """``mine`` from every data-parallel replica (this rank's alone without any)."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
-        return [mine]
-    out = [None] * parallel_state.get_data_parallel_world_size()
-    dist.all_gather_object(out, mine, group=parallel_state.get_data_parallel_group())
-    return out
 
 
 def maybe_generation_eval(cfg: TrainConfig) -> Optional[GenerationEval]:

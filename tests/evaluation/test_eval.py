@@ -76,14 +76,15 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
 
 
 def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1):
-    """(exit code, how many times this rank checksummed each checkpoint file)."""
-    from support.file_checks import counting_checksums
+    """(exit code, how many times this rank checksummed each checkpoint file, its held-out reads)."""
+    from support.spies import counting_checksums, held_out_reads
 
     from casa_megatron.evaluation.cli import main
 
-    return counting_checksums(main, ["--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens",
-                                     "6", "--tensor-parallel", str(tp), "--pipeline-parallel", str(pp), "--batch-size",
-                                     str(batch), *(["--track"] if track else [])])
+    (code, checked), reads = held_out_reads(counting_checksums, main, [
+        "--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens", "6", "--tensor-parallel",
+        str(tp), "--pipeline-parallel", str(pp), "--batch-size", str(batch), *(["--track"] if track else [])])
+    return code, checked, reads
 
 
 def _batched_and_alone(rank, world, valid, checkpoint):
@@ -138,8 +139,8 @@ def test_batched_generation_gives_every_item_its_own_tokens(trained):
 def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, capsys):
     """``--tensor-parallel 2`` and ``--pipeline-parallel 2`` (two gloo ranks, as under torchrun):
     the checkpoint loads at that layout and generates the one-process tokens on every question
-    and caption frame, several questions per forward (``--batch-size``); two processes at TP = PP = 1 are two data-parallel replicas that split the
-    items and give them back in order; rank 0 alone writes the report (and, with ``--track``, logs
+    and caption frame, several questions per forward (``--batch-size``); two processes at TP = PP = 1 are two data-parallel replicas that each read
+    and answer half of the samples and give them back in order; rank 0 alone writes the report (and, with ``--track``, logs
     the scores: it used to wait there for the other ranks to check the checkpoint's files with it,
     and crashed when they exited). A launch of the wrong size is refused."""
     valid, checkpoint, _ = trained
@@ -150,13 +151,21 @@ def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, 
         out = tmp_path / name
         got = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
                               out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300)
-        assert [code for code, _ in got] == [0] * world, (name, got)
+        assert [code for code, _, _ in got] == [0] * world, (name, got)
         # each file of the checkpoint read for its checksum once per rank (checked at the start,
         # before torch.distributed is up; the configuration, the model and the tracked run then come
         # from the folder checked): it used to be three times, four with --track
         files = read_manifest(checkpoint / "iter_0000030")["files"]
-        for _, checked in got:
+        for _, checked, _ in got:
             assert len(checked) == len(files) and set(checked.values()) == {1}, (name, checked)
+        # the held-out samples: all by every rank of a replica; two replicas read disjoint halves
+        (share, read), = got[0][2]
+        if name == "dp2":
+            (other, read_other), = got[1][2]
+            assert (share, other) == ((0, 2), (1, 2)) and read and read_other and not set(read) & set(read_other)
+            assert sorted(read + read_other) == list(range(len(read) + len(read_other)))
+        else:
+            assert share == (0, 1) and all(g[2] == got[0][2] for g in got), (name, got)
         result = json.loads((out / "eval.json").read_text())
         assert result["megatron_layout"] == {"tensor_parallel": tp, "pipeline_parallel": pp,
                                              "data_parallel": world // (tp * pp)}

@@ -26,7 +26,7 @@ def _fingerprint(run_dir):
 
 def _counted_run(rank, world, **kwargs):
     """(``train_run``'s result, how many times each checkpoint file was checksummed)."""
-    from support.file_checks import counting_checksums
+    from support.spies import counting_checksums
 
     return counting_checksums(train_run, rank, world, **kwargs)
 
@@ -148,21 +148,10 @@ def test_every_checkpoint_of_a_run_is_scored_oldest_first(generation_runs, tmp_p
 
 
 def _share_run(rank, world, **kwargs):
-    """(``train_run``'s result, the share of held-out samples this rank read: (part, sample indices))."""
-    from casa_megatron.evaluation import items as items_module
+    """(``train_run``'s result, the held-out reads of this rank: (share, sample indices))."""
+    from support.spies import held_out_reads
 
-    original, seen = items_module.read_items, []
-
-    def read_items(*args, **kw):
-        got = original(*args, **kw)
-        seen.append((got.part, sorted({q.order for q in got.questions} | {c.order for c in got.captions})))
-        return got
-
-    items_module.read_items = read_items
-    try:
-        return train_run(rank, world, **kwargs), seen
-    finally:
-        items_module.read_items = original
+    return held_out_reads(train_run, rank, world, **kwargs)
 
 
 def test_data_parallel_replicas_read_only_their_share(generation_runs, tmp_path):
