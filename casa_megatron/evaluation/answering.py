@@ -74,10 +74,11 @@ def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: 
     """The megatron side over its data-parallel replicas (one without), ``batch_size`` questions
     (and clips) per generation; every rank gets every answer back in the samples' order.
 
-    ``items`` whole (``part == (0, 1)``, ``casa-eval``): each replica answers every dp-th item.
-    ``items`` a replica's share (``read_items(part=(dp rank, dp))``, the evaluation during
-    training: no rank reads or holds the others' media): each answers its own, and the answers
-    merge by sample index and turn."""
+    ``items`` whole (``part == (0, 1)``: ``casa-eval --hf``, whose rank 0 needs every item): each
+    replica answers every dp-th item. ``items`` a replica's share (``read_items(part=(dp rank,
+    dp))``: the evaluation during training, ``casa-eval`` without ``--hf``; no rank reads or
+    holds the others' media): each answers its own, and the answers merge by sample index and
+    turn."""
     import torch
     from megatron.core import parallel_state
 

@@ -106,7 +106,7 @@ def _turn_scoring(key: str, obj: dict, turn: int, turns: int, reference: str) ->
 
 
 def _questions(key: str, obj: dict, messages: List[Message], media: List[DecodedMedia],
-               order: int) -> List[QuestionItem]:
+               order: int = 0) -> List[QuestionItem]:
     out, used, turn = [], 0, 0
     turns = sum(m.role == "assistant" for m in messages)
     for i, m in enumerate(messages):
