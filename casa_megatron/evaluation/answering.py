@@ -74,33 +74,29 @@ def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: 
     """The megatron side over its data-parallel replicas (one without), ``batch_size`` questions
     (and clips) per generation; every rank gets every answer back in the samples' order.
 
-    ``items`` whole (``part == (0, 1)``: ``casa-eval --hf``, whose rank 0 needs every item): each
-    replica answers every dp-th item. ``items`` a replica's share (``read_items(part=(dp rank,
-    dp))``: the evaluation during training, ``casa-eval`` without ``--hf``; no rank reads or
-    holds the others' media): each answers its own, and the answers merge by sample index and
-    turn."""
+    Replica r of D answers the items of samples r, r + D, ...: ``items`` is that share
+    (``read_items(part=(r, D))``, ``evaluation/shares.py``: the evaluation during training, the
+    ranks of ``casa-eval``) or the whole set (``casa-eval``'s rank 0 with ``--hf``, one process),
+    which it is taken from. The answers merge by sample index and turn."""
     import torch
     from megatron.core import parallel_state
 
     start = time.perf_counter()
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if items.part == (0, 1):
-        share = Items(items.questions[rank::dp], items.captions[rank::dp], items.skipped)
-        question_keys = list(range(len(items.questions)))[rank::dp]
-        caption_keys = list(range(len(items.captions)))[rank::dp]
+        share = Items([q for q in items.questions if q.order % dp == rank],
+                      [c for c in items.captions if c.order % dp == rank], items.skipped)
     elif items.part == (rank, dp):
         share = items
-        question_keys = [(q.order, q.turn) for q in items.questions]
-        caption_keys = [c.order for c in items.captions]
     else:
         raise ValueError(f"items of share {items.part} on data-parallel rank {rank} of {dp}")
     questions, captions = answer_all("megatron", runner, share, text, batch_size, progress=progress)
-    shards: List = [(list(zip(question_keys, questions)), list(zip(caption_keys, captions)))]
+    mine = (list(zip([(q.order, q.turn) for q in share.questions], questions)),
+            list(zip([c.order for c in share.captions], captions)))
+    shards: List = [mine]
     if dp > 1:
         shards = [None] * dp
-        torch.distributed.all_gather_object(shards, (list(zip(question_keys, questions)),
-                                                     list(zip(caption_keys, captions))),
-                                            group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
     questions = [row for _, row in sorted((pair for shard in shards for pair in shard[0]), key=lambda p: p[0])]
     captions = [row for _, row in sorted((pair for shard in shards for pair in shard[1]), key=lambda p: p[0])]
     return scored(questions, captions, time.perf_counter() - start)

@@ -172,13 +172,14 @@ def run(args: argparse.Namespace) -> Dict:
         check_hf_folder(args.hf)
         adapter = resolve_adapter(args.hf, args.adapter)  # a wrong --adapter fails before the megatron side
     settings = settings_for(args)
-    loaded, part = None, (0, 1)
+    loaded, share = None, (0, 1)
     if args.checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # data-parallel replicas: each reads only the samples it answers, unless rank 0 needs them all
-        # for the HF side (evaluation/shares.py); the model first, for the replica's rank
+        # data-parallel replicas: each reads only the samples it answers, rank 0 all of them when it
+        # runs the HF side (evaluation/shares.py); the model first, for the replica's rank
         loaded = load_megatron(args)
-        part = (0, 1) if args.hf else replica_share()
-    held_out = read_held_out(args.data, settings, args.max_samples, args.media_root, part)
+        share = replica_share()
+    held_out = read_held_out(args.data, settings, args.max_samples, args.media_root, share,
+                             whole=bool(args.hf) and is_rank0())
     if held_out.empty:
         raise EvalInputError(f"{args.data}: no usable held-out sample (skipped: {held_out.skipped})")
     items = held_out.items

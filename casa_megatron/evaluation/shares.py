@@ -62,21 +62,28 @@ def _gathered(mine) -> List:
 
 
 def read_held_out(path: str, settings, max_samples=None, media_root: str = "",
-                  part: Tuple[int, int] = (0, 1)) -> HeldOut:
-    """``read_items`` of share ``part``. A share (``part[1] > 1``, the data-parallel size) is
-    collective over the data-parallel group and raises ``HeldOutError`` on every rank when any
-    replica failed; the whole set (``(0, 1)``) is read alone, its errors raised as they are."""
-    if part == (0, 1):
+                  share: Tuple[int, int] = (0, 1), whole: bool = False) -> HeldOut:
+    """This replica's held-out items: share ``share = (dp rank, dp)`` of the samples, or all of them
+    where ``whole`` (``casa-eval``'s rank 0, which also answers them all through the HF side;
+    ``answering.run_replicas`` takes its share from them). With ``dp > 1`` collective over the
+    data-parallel group: the counts are the whole set's, and an error on any replica raises
+    ``HeldOutError`` on every rank. With ``dp == 1`` the whole set, its errors raised as they are."""
+    rank, dp = share
+    if dp == 1:
         items = read_items(path, settings, max_samples, media_root)
         return HeldOut(items, len(items.questions), len(items.captions), dict(items.skipped))
     items, problem = None, None
     try:
-        items = read_items(path, settings, max_samples, media_root, part=part)
+        items = read_items(path, settings, max_samples, media_root, part=(0, 1) if whole else share)
     except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:
-        problem = f"{exc}"
-    shares = _gathered(problem or (len(items.questions), len(items.captions), items.skipped))
+        problem = str(exc) or type(exc).__name__
+    if problem is None:  # counted over this replica's share only; a whole reader's skips are the set's
+        mine = (sum(q.order % dp == rank for q in items.questions), sum(c.order % dp == rank for c in items.captions),
+                items.skipped, whole)
+    shares = _gathered(problem or mine)
     problems = [p for p in shares if isinstance(p, str)]
     if problems:
         raise HeldOutError(problems[0])
-    return HeldOut(items, sum(q for q, _, _ in shares), sum(c for _, c, _ in shares),
-                   dict(sum((Counter(skipped) for _, _, skipped in shares), Counter())))
+    complete = [skipped for _, _, skipped, was_whole in shares if was_whole]
+    skipped = complete[0] if complete else dict(sum((Counter(k) for _, _, k, _ in shares), Counter()))
+    return HeldOut(items, sum(s[0] for s in shares), sum(s[1] for s in shares), dict(skipped))

@@ -59,7 +59,7 @@ class GenerationEval:
         self.settings = dataclasses.replace(settings, truncate=False)  # a held-out prompt is never cut
         try:
             self.held_out = read_held_out(g.data, self.settings, g.max_samples, g.media_root or "",
-                                          part=replica_share())
+                                          share=replica_share())
         except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:  # what casa-eval reports too
             raise ConfigError(f"eval_generation.data={g.data!r}: {exc}") from exc
         self.items = self.held_out.items

@@ -75,7 +75,7 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
     assert [q["tokens"] for q in alone["questions"]] == [q["tokens"] for q in megatron["questions"]]
 
 
-def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1):
+def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1, hf=None):
     """(exit code, how many times this rank checksummed each checkpoint file, its held-out reads)."""
     from support.spies import counting_checksums, held_out_reads
 
@@ -83,7 +83,8 @@ def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=
 
     (code, checked), reads = held_out_reads(counting_checksums, main, [
         "--data", valid, "--checkpoint", checkpoint, "--out", out, "--max-new-tokens", "6", "--tensor-parallel",
-        str(tp), "--pipeline-parallel", str(pp), "--batch-size", str(batch), *(["--track"] if track else [])])
+        str(tp), "--pipeline-parallel", str(pp), "--batch-size", str(batch), *(["--track"] if track else []),
+        *(["--hf", hf] if hf else [])])
     return code, checked, reads
 
 
@@ -143,14 +144,15 @@ def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, 
     and answer half of the samples and give them back in order; rank 0 alone writes the report (and, with ``--track``, logs
     the scores: it used to wait there for the other ranks to check the checkpoint's files with it,
     and crashed when they exited). A launch of the wrong size is refused."""
-    valid, checkpoint, _ = trained
+    valid, checkpoint, hf = trained
     runs = {}
     # one question per generation in one process; several (rows of one batch) in the parallel layouts
     for name, tp, pp, world, batch in (("one", 1, 1, 1, 1), ("tp2", 2, 1, 2, 3), ("pp2", 1, 2, 2, 4),
-                                       ("dp2", 1, 1, 2, 2)):
+                                       ("dp2", 1, 1, 2, 2), ("dp2_hf", 1, 1, 2, 2)):
         out = tmp_path / name
         got = run_distributed(_eval_ranks, world_size=world, valid=str(valid), checkpoint=str(checkpoint),
-                              out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300)
+                              out=str(out), tp=tp, pp=pp, track=name == "pp2", batch=batch, timeout=300,
+                              hf=str(hf) if name == "dp2_hf" else None)
         assert [code for code, _, _ in got] == [0] * world, (name, got)
         # each file of the checkpoint read for its checksum once per rank (checked at the start,
         # before torch.distributed is up; the configuration, the model and the tracked run then come
@@ -158,12 +160,17 @@ def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, 
         files = read_manifest(checkpoint / "iter_0000030")["files"]
         for _, checked, _ in got:
             assert len(checked) == len(files) and set(checked.values()) == {1}, (name, checked)
-        # the held-out samples: all by every rank of a replica; two replicas read disjoint halves
+        # the held-out samples: all by every rank of a replica; two replicas read disjoint halves,
+        # except that rank 0 reads them all for the HF side (--hf)
         (share, read), = got[0][2]
-        if name == "dp2":
+        if name.startswith("dp2"):
             (other, read_other), = got[1][2]
-            assert (share, other) == ((0, 2), (1, 2)) and read and read_other and not set(read) & set(read_other)
-            assert sorted(read + read_other) == list(range(len(read) + len(read_other)))
+            assert other == (1, 2) and read_other and set(read_other) == set(range(1, len(read_other) * 2 + 1, 2))
+            if name == "dp2":
+                assert share == (0, 2) and sorted(read + read_other) == list(range(len(read) + len(read_other)))
+            else:
+                assert share == (0, 1) and set(read_other) < set(read) and len(read) >= 2 * len(read_other)
+                assert json.loads((out / "eval.json").read_text())["agreement"]["all_equal"]
         else:
             assert share == (0, 1) and all(g[2] == got[0][2] for g in got), (name, got)
         result = json.loads((out / "eval.json").read_text())
@@ -180,7 +187,7 @@ def test_the_megatron_side_runs_tensor_and_pipeline_parallel(trained, tmp_path, 
         runs[name] = ([q["tokens"] for q in side["questions"]], [f["tokens"] for c in side["captions"] for f in c["frames"]])
     questions, frames = runs["one"]
     assert len(questions) >= 4 and frames and len({tuple(q) for q in questions}) > 1
-    assert runs["tp2"] == runs["one"] and runs["pp2"] == runs["one"] and runs["dp2"] == runs["one"]
+    assert runs["tp2"] == runs["one"] and runs["pp2"] == runs["one"] and runs["dp2"] == runs["one"] == runs["dp2_hf"]
     with pytest.raises(SystemExit):
         main(["--data", str(valid), "--checkpoint", str(checkpoint), "--tensor-parallel", "2"])
     assert "needs a multiple of 2 processes" in capsys.readouterr().err
