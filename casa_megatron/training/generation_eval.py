@@ -38,7 +38,6 @@ class GenerationEval:
         self.cfg = cfg
         self.settings = None
         self.held_out = None  # evaluation/shares.HeldOut: this replica's items, the whole set's counts
-        self.items = None
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval_generation.interval
@@ -62,7 +61,6 @@ class GenerationEval:
                                           share=replica_share())
         except (OSError, ValueError, ShardError, RecipeError, MetricError) as exc:  # what casa-eval reports too
             raise ConfigError(f"eval_generation.data={g.data!r}: {exc}") from exc
-        self.items = self.held_out.items
         if self.held_out.empty:
             raise ConfigError(f"eval_generation.data={g.data!r}: no usable held-out sample "
                               f"(skipped: {self.held_out.skipped})")
@@ -92,7 +90,7 @@ class GenerationEval:
             chunk.eval()
         try:
             runner = greedy_for(chunks, self.cfg, self.settings, self.cfg.eval_generation.max_new_tokens)
-            result = run_replicas(runner, self.items, decoder(runner.tok, runner.stop_ids), progress=False,
+            result = run_replicas(runner, self.held_out.items, decoder(runner.tok, runner.stop_ids), progress=False,
                                   batch_size=self.cfg.eval_generation.batch_size)
         finally:
             for chunk, n in zip(chunks, slots):
