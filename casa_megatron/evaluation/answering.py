@@ -78,8 +78,9 @@ def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: 
     (``read_items(part=(r, D))``, ``evaluation/shares.py``: the evaluation during training, the
     ranks of ``casa-eval``) or the whole set (``casa-eval``'s rank 0 with ``--hf``, one process),
     which it is taken from. The answers merge by sample index and turn."""
-    import torch
     from megatron.core import parallel_state
+
+    from casa_megatron.evaluation.shares import gathered_over_replicas
 
     start = time.perf_counter()
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -93,10 +94,7 @@ def run_replicas(runner, items: Items, text, progress: bool = True, batch_size: 
     questions, captions = answer_all("megatron", runner, share, text, batch_size, progress=progress)
     mine = (list(zip([(q.order, q.turn) for q in share.questions], questions)),
             list(zip([c.order for c in share.captions], captions)))
-    shards: List = [mine]
-    if dp > 1:
-        shards = [None] * dp
-        torch.distributed.all_gather_object(shards, mine, group=parallel_state.get_data_parallel_group())
+    shards = gathered_over_replicas(mine)
     questions = [row for _, row in sorted((pair for shard in shards for pair in shard[0]), key=lambda p: p[0])]
     captions = [row for _, row in sorted((pair for shard in shards for pair in shard[1]), key=lambda p: p[0])]
     return scored(questions, captions, time.perf_counter() - start)

@@ -53,10 +53,14 @@ def replica_share() -> Tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
-def _gathered(mine) -> List:
+def gathered_over_replicas(mine) -> List:
+    """``mine`` from every data-parallel replica, in replica order (``[mine]`` without replicas)."""
     from megatron.core import parallel_state
 
-    out = [None] * parallel_state.get_data_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return [mine]
+    out = [None] * dp
     dist.all_gather_object(out, mine, group=parallel_state.get_data_parallel_group())
     return out
 
@@ -80,7 +84,7 @@ def read_held_out(path: str, settings, max_samples=None, media_root: str = "",
     if problem is None:  # counted over this replica's share only; a whole reader's skips are the set's
         mine = (sum(q.order % dp == rank for q in items.questions), sum(c.order % dp == rank for c in items.captions),
                 items.skipped, whole)
-    shares = _gathered(problem or mine)
+    shares = gathered_over_replicas(problem or mine)
     problems = [p for p in shares if isinstance(p, str)]
     if problems:
         raise HeldOutError(problems[0])
