@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--lora", default="merge", choices=("merge", "separate"),
                      help="LoRA adapters: merged into the weights (default), or the base weights plus a PEFT "
                           "adapter folder OUT_DIR/lora_adapter")
+    exp.add_argument("--repo-id", help="the model card's snippet loads this Hub id (e.g. org/name, where you will "
+                     "push the folder); default: the folder's path")
+    exp.add_argument("--base-model", action="append", default=[], metavar="ID",
+                     help="the model card's base_model (repeatable); default: the import's Hub id when its "
+                          "config.json names one")
+    exp.add_argument("--license", help="the model card's license (a Hub license id, e.g. apache-2.0)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -96,7 +102,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         result = export_hf(args.checkpoint, args.out_dir, force=args.force, fmt=args.format, dtype=args.dtype,
                            tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                           progress=not args.no_progress, phases=True, lora=args.lora)
+                           progress=not args.no_progress, phases=True, lora=args.lora, repo_id=args.repo_id,
+                           base_models=args.base_model, license=args.license)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -62,11 +63,15 @@ def _phase_logger(start: float, enabled: bool):
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "auto",
               dtype: str = "auto", tokenizer: Optional[str | Path] = None, max_shard_size: str = "2GB",
-              progress: bool = True, phases: bool = False, lora: str = "merge") -> ExportResult:
+              progress: bool = True, phases: bool = False, lora: str = "merge", repo_id: Optional[str] = None,
+              base_models: Sequence[str] = (), license: Optional[str] = None) -> ExportResult:
     """See the module docstring. ``dtype``: auto (the checkpoint's), fp32 or bf16; ``tokenizer``:
     a tokenizer folder when the checkpoint's own cannot be found; ``lora``: ``merge`` folds LoRA
     adapters into the weights, ``separate`` writes the base weights and a PEFT adapter folder
-    (``OUT_DIR/lora_adapter``, conversion/lora_export.py)."""
+    (``OUT_DIR/lora_adapter``, conversion/lora_export.py). The model card (``README.md``,
+    conversion/model_card.py): ``repo_id`` is what its snippet loads (default: the folder's path),
+    ``base_models`` its Hub ``base_model`` (default: the import's, when its config names a Hub
+    id), ``license`` its Hub license."""
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
@@ -100,13 +105,43 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     from casa_megatron.hf.folder import write_hf_folder
 
     count = sum(len(u.names) for u in units)
+    card = _card(out, target, source, model_cfg, units, dtype_name, lora, repo_id, base_models, license)
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
         write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
                         force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
-                        progress=bar.update, extra=adapter_writer)
+                        progress=bar.update, extra=adapter_writer, texts={"README.md": card})
     log("done")
     return ExportResult(out, target, source, count, sum(u.nbytes for u in units), dtype_name,
                         time.perf_counter() - start)
+
+
+def _card(out: Path, target: str, source: CheckpointSource, model_cfg: ModelConfig, units, dtype_name: str,
+          lora: str, repo_id: Optional[str], base_models: Sequence[str], license: Optional[str]) -> str:
+    """The folder's ``README.md`` from what the checkpoint holds (conversion/model_card.py)."""
+    from casa_megatron.config.loader import read_yaml
+    from casa_megatron.conversion.model_card import CardFacts, base_models_of, metrics_at_step, model_card
+
+    train = read_yaml(source.path / "config.yaml") if source.kind == "training" else None
+    results, results_from = {}, None
+    if train is not None and source.step is not None:
+        # the run's folder: <run_dir>/checkpoints/iter_N by default, else the run_dir it named
+        custom = (train.get("checkpoint") or {}).get("dir")
+        run_dir = Path(train["run_dir"]) if custom and train.get("run_dir") else source.path.parent.parent
+        results, results_from = metrics_at_step(run_dir, source.step)
+    if not base_models:
+        pretrained = (train or {}).get("checkpoint", {}).get("pretrained")
+        base_models = base_models_of(source.path if source.kind == "import" else
+                                     Path(pretrained) if pretrained else None)
+    facts = CardFacts(name=out.name, format=target, model=model_cfg, kind=source.kind, step=source.step,
+                      parameters=sum(math.prod(s) for u in units for s in u.shapes), dtype=dtype_name,
+                      repo_id=repo_id or str(out.resolve()), lora=lora if _has_lora(model_cfg) else "merge",
+                      train=train, base_models=list(base_models), license=license, results=results,
+                      results_from=str(results_from) if results_from else None)
+    return model_card(facts)
+
+
+def _has_lora(model_cfg: ModelConfig) -> bool:
+    return model_cfg.lora.enabled or model_cfg.vision.lora.enabled
 
 
 LORA_MODES = ("merge", "separate")

@@ -156,6 +156,8 @@ def run_hf(args, items: Items, adapter: Optional[Path] = None) -> Dict:
 
 
 def run(args: argparse.Namespace) -> Dict:
+    if not Path(args.data).exists():  # before any checkpoint is read or model loaded (torchrun loads first)
+        raise FileNotFoundError(f"data source {args.data} does not exist")
     given = args.checkpoint
     if args.checkpoint:
         # the folder checked against its manifest (the one full read of its files) is the one used

@@ -39,11 +39,13 @@ def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Tensor
                     max_shard_size: str = "2GB", remote_code: bool = True,
                     files: Optional[Dict[str, Path]] = None,
                     progress: Optional[Callable[[int], None]] = None,
-                    extra: Optional[Callable[[Path], None]] = None) -> Path:
+                    extra: Optional[Callable[[Path], None]] = None,
+                    texts: Optional[Dict[str, str]] = None) -> Path:
     """``remote_code``: our CASA model (remote files, ``processor_config.json`` for
     ``CasaProcessor``). Without it (transformers' own class, e.g. Qwen2.5-VL) ``processor`` is
     written as ``preprocessor_config.json`` as given. ``files``: more files copied in by name;
-    ``extra``: writes more into the staged folder (a PEFT adapter), published with the rest."""
+    ``extra``: writes more into the staged folder (a PEFT adapter), published with the rest;
+    ``texts``: more files written from their text by name (the model card ``README.md``)."""
     units = units_from_tensors(dict(tensors)) if isinstance(tensors, Mapping) else list(tensors)
     out = Path(out_dir)
     with staged_output(out, force) as tmp:
@@ -61,6 +63,8 @@ def write_hf_folder(out_dir: str | Path, config: Dict[str, Any], tensors: Tensor
             (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
         gen.update(generation or {})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if extra is not None:

@@ -225,7 +225,11 @@ def test_track_logs_the_scores_to_the_training_run_at_its_step(trained, tmp_path
     assert not (untracked.parent / "mlflow.db").exists()  # looking did not create a store
 
 
-def test_bad_inputs_are_named(trained, tmp_path, capsys):
+def _never(*args, **kwargs):
+    raise AssertionError("called before the data was checked")
+
+
+def test_bad_inputs_are_named(trained, tmp_path, capsys, monkeypatch):
     valid, checkpoint, hf = trained
     assert main(["--data", str(valid), "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "no such directory; expected a training checkpoint" in capsys.readouterr().err
@@ -242,6 +246,14 @@ def test_bad_inputs_are_named(trained, tmp_path, capsys):
     assert "not a Hugging Face model folder" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "none"), "--hf", str(hf)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # under torchrun the model loads before the data is read (each replica reads its share): a
+    # missing --data still stops before any checkpoint is read or model loaded
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        m.setattr("casa_megatron.evaluation.cli.resolve_checkpoint", _never)
+        m.setattr("casa_megatron.evaluation.cli.load_megatron", _never)
+        assert main(["--data", str(tmp_path / "none"), "--checkpoint", str(checkpoint)]) == 2
+    assert f"data source {tmp_path / 'none'} does not exist" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "--hf", str(hf)]) == 2  # a directory without shards
     assert "no *.tar shards" in capsys.readouterr().err
 

@@ -67,7 +67,10 @@ def test_base_plus_peft_adapter_equals_megatron(separate, name, layout):
     inputs = {kind: hf_inputs(make_case(kind)) for kind in ("image", "video")}
     with torch.no_grad():
         plain = {kind: base(**x, use_cache=False).logits for kind, x in inputs.items()}
-    model = PeftModel.from_pretrained(base, folder / "lora_adapter").eval()
+    # as the folder's model card says (README.md): the adapter as a subfolder of the model's folder
+    assert f'PeftModel.from_pretrained(model, "{folder.resolve()}", subfolder="lora_adapter")' in \
+        (folder / "README.md").read_text()
+    model = PeftModel.from_pretrained(base, str(folder.resolve()), subfolder="lora_adapter").eval()
     for kind, x in inputs.items():
         with torch.no_grad():
             out_logits = model(**x, use_cache=False).logits
