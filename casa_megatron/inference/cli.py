@@ -6,6 +6,12 @@ cannot be decoded stops with an error naming it; a stream that breaks mid-way (d
 Ctrl-C) keeps and writes the captions so far, marked ``"stopped": <reason>``. ``--realtime``
 delivers the frames at the video's own pace, as a live camera (``pacing.py``): each caption's lag
 behind its frame and the frames dropped say whether the model keeps up on this machine.
+
+A live source (an RTSP / RTMP / UDP / SRT URL, ``-`` for standard input, a camera such as
+``/dev/video0 --input-format v4l2``, or any source with ``--live``) is captioned as it arrives:
+read on a thread of its own, the captioner taking the newest frame, with the same lag and drop
+report; it runs until the source ends, ``--max-frames``, or Ctrl-C (then exit 0, the captions
+written).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from typing import List, Optional
 
 import torch
 
-from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, iter_frames
+from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, is_live, iter_frames
 from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, resolve_adapter
-from casa_megatron.inference.pacing import PacingStats, realtime
+from casa_megatron.inference.pacing import PacingStats, live, realtime
 from casa_megatron.inference.report import plot_series
 from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
 from casa_megatron.runtime.atomic import atomic_write_json
@@ -28,7 +34,14 @@ from casa_megatron.runtime.atomic import atomic_write_json
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="casa-stream", description=__doc__.splitlines()[0])
-    p.add_argument("video", help="video file (anything FFmpeg decodes)")
+    p.add_argument("video", help="video file or http(s) URL (anything FFmpeg decodes), or a live source: an "
+                   "rtsp:// rtmp:// udp:// srt:// URL, - (standard input), pipe:N, a device (/dev/video0)")
+    p.add_argument("--live", action="store_true", help="caption the source as it arrives (implied for the live "
+                   "sources above): read on its own thread, the newest frame captioned, late ones dropped")
+    p.add_argument("--input-format", default=None, help="FFmpeg input format or device kind (v4l2, avfoundation, "
+                   "dshow, mpegts, ...); default: guessed from the source")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds a URL may take to open or to send more "
+                   "data before the stream counts as broken (default 10)")
     p.add_argument("--model", required=True, help="exported Hugging Face folder (casa-convert export-hf)")
     p.add_argument("--out", default="stream_out", help="folder for stream.json and stream.png")
     p.add_argument("--fps", type=float, default=2.0)
@@ -49,9 +62,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _decoder(kind: str, device: str) -> str:
+def _decoder(kind: str, device: str, live: bool = False) -> str:
     if kind != "auto":
         return kind
+    if live:  # DALI decodes whole files
+        return "cpu"
     from casa_megatron.data.video.dali import dali_available
 
     return "dali" if device.startswith("cuda") and dali_available() else "cpu"
@@ -69,23 +84,28 @@ def run(args: argparse.Namespace) -> dict:
     records: List[FrameRecord] = []
     stopped = None
     start = time.perf_counter()
-    frames = iter_frames(args.video, args.fps, args.max_frames, _decoder(args.decoder, args.device))
+    live_source = args.live or is_live(args.video)
+    frames = iter_frames(args.video, args.fps, args.max_frames, _decoder(args.decoder, args.device, live_source),
+                         live=live_source, input_format=args.input_format, timeout_s=args.timeout)
     pacing, lags = None, []
-    if args.realtime:
+    if live_source:
+        pacing = PacingStats()
+        frames = live(frames, pacing)
+    elif args.realtime:
         pacing = PacingStats()
         frames = realtime(frames, pacing)
     try:
         for record in captioner.stream(frames):
             records.append(record)
-            if pacing is not None:  # the caption is done now; its frame arrived at its video time
-                lags.append(time.perf_counter() - pacing.start - record.time_s)
+            if pacing is not None:  # the caption is done now: its lag behind its frame's arrival
+                lags.append(time.perf_counter() - pacing.arrived[record.time_s])
             print(f"[{stamp(record.time_s)}] {record.caption}", flush=True)
     except StreamBroken as e:
         stopped = str(e)
     except KeyboardInterrupt:
         stopped = "interrupted"
-    result = {"video": str(args.video), "model": str(args.model), "adapter": adapter and str(adapter),
-              "fps": args.fps, "device": args.device,
+    result = {"video": str(args.video), "live": live_source, "model": str(args.model),
+              "adapter": adapter and str(adapter), "fps": args.fps, "device": args.device,
               "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
               "wall_s": time.perf_counter() - start}
     if pacing is not None:
@@ -112,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (VideoDecodeError, NotAnHFFolder) as e:
         print(f"casa-stream: {e}", file=sys.stderr)
         return 2
+    if result["stopped"] == "interrupted" and result["live"]:  # how a live stream is ended
+        print(f"casa-stream: stopped; {len(result['frames'])} frames captioned, written to {args.out}", file=sys.stderr)
+        return 0
     if result["stopped"]:
         print(f"casa-stream: stream stopped early ({result['stopped']}); "
               f"{len(result['frames'])} frames captioned, written to {args.out}", file=sys.stderr)

@@ -77,8 +77,8 @@ def test_stream_stopping_midway_keeps_captions(exported, tmp_path, monkeypatch):
 
     video = _video(tmp_path)
 
-    def breaking(path, fps, max_frames, decoder):
-        for i, item in enumerate(iter_frames(path, fps, max_frames, decoder)):
+    def breaking(path, fps, max_frames, decoder, **options):
+        for i, item in enumerate(iter_frames(path, fps, max_frames, decoder, **options)):
             if i == 3:
                 raise StreamBroken(f"{path}: connection lost")
             yield item
