@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="the model card's base_model (repeatable); default: the import's Hub id when its "
                           "config.json names one")
     exp.add_argument("--license", help="the model card's license (a Hub license id, e.g. apache-2.0)")
+    exp.add_argument("--eval-results", action="append", default=[], metavar="EVAL_JSON",
+                     help="casa-eval's eval.json of this checkpoint: its scores go into the model card (repeatable)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -103,7 +105,7 @@ def _export(args: argparse.Namespace) -> int:
         result = export_hf(args.checkpoint, args.out_dir, force=args.force, fmt=args.format, dtype=args.dtype,
                            tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
                            progress=not args.no_progress, phases=True, lora=args.lora, repo_id=args.repo_id,
-                           base_models=args.base_model, license=args.license)
+                           base_models=args.base_model, license=args.license, eval_results=args.eval_results)
     except ConversionError as exc:
         print(f"casa-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -64,14 +64,16 @@ def _phase_logger(start: float, enabled: bool):
 def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, fmt: str = "auto",
               dtype: str = "auto", tokenizer: Optional[str | Path] = None, max_shard_size: str = "2GB",
               progress: bool = True, phases: bool = False, lora: str = "merge", repo_id: Optional[str] = None,
-              base_models: Sequence[str] = (), license: Optional[str] = None) -> ExportResult:
+              base_models: Sequence[str] = (), license: Optional[str] = None,
+              eval_results: Sequence[str | Path] = ()) -> ExportResult:
     """See the module docstring. ``dtype``: auto (the checkpoint's), fp32 or bf16; ``tokenizer``:
     a tokenizer folder when the checkpoint's own cannot be found; ``lora``: ``merge`` folds LoRA
     adapters into the weights, ``separate`` writes the base weights and a PEFT adapter folder
     (``OUT_DIR/lora_adapter``, conversion/lora_export.py). The model card (``README.md``,
     conversion/model_card.py): ``repo_id`` is what its snippet loads (default: the folder's path),
     ``base_models`` its Hub ``base_model`` (default: the import's, when its config names a Hub
-    id), ``license`` its Hub license."""
+    id), ``license`` its Hub license, ``eval_results`` casa-eval ``eval.json`` files of this
+    checkpoint whose scores it shows (checked before the load: conversion/model_card.py)."""
     start = time.perf_counter()
     log = _phase_logger(start, phases)
     out = Path(out_dir)
@@ -83,6 +85,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     model_cfg = dataclasses.replace(source.model, transformer_impl="local")  # TE checkpoints load into local
     target = choose_format(model_cfg, fmt)
     _check_lora_mode(lora, model_cfg)
+    from casa_megatron.conversion.model_card import read_evaluation
+
+    evaluations = [read_evaluation(Path(f), source.path) for f in eval_results]  # before the (long) load
     tok_dir = resolve_tokenizer(source, tokenizer)
     tok = _load_tokenizer(tok_dir, model_cfg)
     marks = _token_ids(tok, tok_dir, QWEN_TOKENS) if target == "qwen2_5_vl" else \
@@ -105,7 +110,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     from casa_megatron.hf.folder import write_hf_folder
 
     count = sum(len(u.names) for u in units)
-    card = _card(out, target, source, model_cfg, units, dtype_name, lora, repo_id, base_models, license)
+    card = _card(out, target, source, model_cfg, units, dtype_name, lora, repo_id, base_models, license, evaluations)
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
         write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
                         force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
@@ -116,7 +121,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
 
 
 def _card(out: Path, target: str, source: CheckpointSource, model_cfg: ModelConfig, units, dtype_name: str,
-          lora: str, repo_id: Optional[str], base_models: Sequence[str], license: Optional[str]) -> str:
+          lora: str, repo_id: Optional[str], base_models: Sequence[str], license: Optional[str],
+          evaluations: Sequence[Dict] = ()) -> str:
     """The folder's ``README.md`` from what the checkpoint holds (conversion/model_card.py)."""
     from casa_megatron.config.loader import read_yaml
     from casa_megatron.conversion.model_card import CardFacts, base_models_of, metrics_at_step, model_card
@@ -136,7 +142,7 @@ def _card(out: Path, target: str, source: CheckpointSource, model_cfg: ModelConf
                       parameters=sum(math.prod(s) for u in units for s in u.shapes), dtype=dtype_name,
                       repo_id=repo_id or str(out.resolve()), lora=lora if _has_lora(model_cfg) else "merge",
                       train=train, base_models=list(base_models), license=license, results=results,
-                      results_from=str(results_from) if results_from else None)
+                      results_from=str(results_from) if results_from else None, evaluations=list(evaluations))
     return model_card(facts)
 
 

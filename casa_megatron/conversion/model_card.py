@@ -43,6 +43,7 @@ class CardFacts:
     license: Optional[str] = None
     results: Dict[str, float] = field(default_factory=dict)  # at ``step``
     results_from: Optional[str] = None
+    evaluations: List[Dict] = field(default_factory=list)  # casa-eval's eval.json of this checkpoint
 
 
 # --- facts from the checkpoint's folders ----------------------------------------------------
@@ -81,6 +82,31 @@ def metrics_at_step(run_dir: Path, step: int) -> tuple[Dict[str, float], Optiona
     return found, (path if found else None)
 
 
+def read_evaluation(path: Path, checkpoint: Path) -> Dict:
+    """``casa-eval``'s ``eval.json`` at ``path``, checked to have scored ``checkpoint`` (the
+    manifest digest it recorded, else, for results written before digests, the same folder):
+    a card must not show another checkpoint's scores. ConversionError naming both otherwise."""
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.training.ckpt_manifest import manifest_digest
+
+    try:
+        result = json.loads(Path(path).read_text())
+        sides = result["sides"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(f"--eval-results {path}: not an eval.json written by casa-eval ({exc!r})") from None
+    scored = result.get("checkpoint_folder") or result.get("checkpoint")
+    digest, own = result.get("checkpoint_digest"), manifest_digest(checkpoint)
+    same = (digest == own) if digest and own else (
+        scored is not None and Path(scored).resolve() == Path(checkpoint).resolve())
+    if "megatron" not in sides or not same:
+        raise ConversionError(f"--eval-results {path}: it scored {scored or 'no megatron checkpoint'}"
+                              f"{' (another manifest)' if digest and own and digest != own else ''}, not the exported "
+                              f"checkpoint {checkpoint}; run casa-eval --checkpoint {checkpoint} for its scores")
+    return {"file": str(path), "data": result.get("data"), "hf": result.get("hf"),
+            "max_new_tokens": result.get("max_new_tokens"),
+            "scores": {side: sides[side]["scores"] for side in sides}, "agreement": result.get("agreement")}
+
+
 # --- the card -------------------------------------------------------------------------------
 def model_card(facts: CardFacts) -> str:
     header = {"library_name": "transformers", "pipeline_tag": "image-text-to-text",
@@ -89,8 +115,10 @@ def model_card(facts: CardFacts) -> str:
         header["license"] = facts.license
     if facts.base_models:
         header["base_model"] = list(facts.base_models)
+    if facts.evaluations:
+        header["model-index"] = [{"name": facts.name, "results": _model_index(facts.evaluations)}]
     sections = [f"# {facts.name}", _summary(facts), _architecture(facts), _training(facts), _results(facts),
-                _use(facts), f"## Paper\n\nCASA, \"Cross-Attention via Self-Attention\": arXiv:2512.19535, {PAPER}"]
+                _evaluations(facts), _use(facts), f"## Paper\n\nCASA, \"Cross-Attention via Self-Attention\": arXiv:2512.19535, {PAPER}"]
     front = yaml.safe_dump(header, sort_keys=False).strip()
     return f"---\n{front}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
 
@@ -181,6 +209,46 @@ def _results(facts: CardFacts) -> str:
     return (f"## Results at step {facts.step}\n\nAs the run logged them (`{facts.results_from}`): training loss, "
             "validation loss on the held-out sources, held-out answers by greedy generation.\n\n"
             + _table(rows).replace("| | |", "| metric | value |", 1))
+
+
+def _model_index(evaluations: Sequence[Dict]) -> List[Dict]:
+    """The Hub's ``model-index`` results (its evaluation widget): the megatron side's accuracy over
+    all questions and caption token F1, per held-out set."""
+    results = []
+    for ev in evaluations:
+        scores = ev["scores"]["megatron"]
+        metrics = [{"type": "accuracy", "value": round(scores["all"]["accuracy"], 4),
+                    "name": f"held-out accuracy ({scores['all']['n']} questions)"}] if "all" in scores else []
+        caption = scores.get("caption") or {}
+        if caption.get("caption_f1") is not None:
+            metrics.append({"type": "f1", "value": round(caption["caption_f1"], 4), "name": "caption token F1"})
+        if metrics:
+            results.append({"task": {"type": "image-text-to-text"},
+                            "dataset": {"name": Path(str(ev["data"])).name, "type": "custom"}, "metrics": metrics})
+    return results
+
+
+def _evaluations(facts: CardFacts) -> str:
+    parts = []
+    for ev in facts.evaluations:
+        sides = [s for s in ("megatron", "hf") if s in ev["scores"]]
+        names = {"megatron": "megatron checkpoint", "hf": f"HF export `{ev.get('hf')}`"}
+        rows = ["| group | n | " + " | ".join(names[s] for s in sides) + " |", "|---|---|" + "---|" * len(sides)]
+        for group, score in ev["scores"]["megatron"].items():
+            if "accuracy" in score:
+                rows.append(f"| {group} | {score['n']} | " + " | ".join(
+                    f"{ev['scores'][s].get(group, {}).get('accuracy', float('nan')):.4f}" for s in sides) + " |")
+        caption = ev["scores"]["megatron"].get("caption") or {}
+        if caption.get("caption_f1") is not None:
+            rows.append(f"| caption token F1 | {caption['frames_with_reference']} frames | " + " | ".join(
+                f"{(ev['scores'][s].get('caption') or {}).get('caption_f1', float('nan')):.4f}" for s in sides) + " |")
+        agree = ev.get("agreement")
+        said = (f" The HF export gave the megatron checkpoint's tokens on {agree['questions'] - agree['questions_differ']}"
+                f"/{agree['questions']} questions and {agree['frames'] - agree['frames_differ']}/{agree['frames']} "
+                "caption frames." if agree else "")
+        parts.append(f"`casa-eval` on `{ev['data']}` (greedy, at most {ev['max_new_tokens']} new tokens; "
+                     f"`{ev['file']}`).{said}\n\n" + "\n".join(rows))
+    return "## Evaluation\n\n" + "\n\n".join(parts) if parts else ""
 
 
 def use_snippet(facts: CardFacts) -> str:

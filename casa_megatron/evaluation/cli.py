@@ -192,7 +192,11 @@ def run(args: argparse.Namespace) -> Dict:
         return {}
     if args.hf:
         sides["hf"] = run_hf(args, items, adapter)
-    result = {"data": str(args.data), "checkpoint": given, "checkpoint_folder": args.checkpoint, "hf": args.hf,
+    from casa_megatron.training.ckpt_manifest import manifest_digest
+
+    digest = manifest_digest(Path(args.checkpoint)) if args.checkpoint else None
+    result = {"data": str(args.data), "checkpoint": given, "checkpoint_folder": args.checkpoint,
+              "checkpoint_digest": digest, "hf": args.hf,
               "adapter": adapter and str(adapter),
               "megatron_layout": {"tensor_parallel": args.tensor_parallel, "pipeline_parallel": args.pipeline_parallel,
                                   "data_parallel": int(os.environ.get("WORLD_SIZE", 1)) // (

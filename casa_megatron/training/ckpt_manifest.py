@@ -16,6 +16,7 @@ reads back about its own share: the files it just wrote, usually still in the pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -127,6 +128,15 @@ def read_manifest(directory: Path) -> Optional[dict]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
     return manifest
+
+
+def manifest_digest(directory: Path) -> Optional[str]:
+    """SHA-256 of a checkpoint's ``manifest.json`` (every file's size and CRC-32): the same for the
+    same checkpoint wherever it is copied or mounted, so results can name the checkpoint they
+    scored (``casa-eval``'s ``checkpoint_digest``, checked by ``export-hf --eval-results``). None
+    without a manifest (an import folder)."""
+    path = directory / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def check_files(directory: Path, checksums: bool = True) -> Optional[str]:

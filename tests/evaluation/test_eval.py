@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     return root / "data" / "valid", run / "checkpoints", Path(hf)
 
 
-def test_megatron_and_hf_answer_alike(trained, tmp_path):
+def test_megatron_and_hf_answer_alike_and_the_scores_reach_the_model_card(trained, tmp_path):
     valid, checkpoint, hf = trained
     assert json.loads((hf / "processor_config.json").read_text())["text_layout"] == "chat_template"
     assert json.loads((hf / "config.json").read_text())["placeholders_in_stream"] is False
@@ -73,6 +73,24 @@ def test_megatron_and_hf_answer_alike(trained, tmp_path):
                  "--batch-size", "3"]) == 0
     alone = json.loads((tmp_path / "hf" / "eval.json").read_text())["sides"]["hf"]
     assert [q["tokens"] for q in alone["questions"]] == [q["tokens"] for q in megatron["questions"]]
+
+    # eval.json names the checkpoint it scored by its manifest; export-hf --eval-results puts the
+    # scores into the model card, where the Hub's parser reads them
+    from huggingface_hub import ModelCard
+
+    from casa_megatron.training.ckpt_manifest import manifest_digest
+
+    assert result["checkpoint_digest"] == manifest_digest(Path(result["checkpoint_folder"])) is not None
+    exported = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "casa_megatron.conversion", "export-hf", str(checkpoint),
+                           str(exported), "--no-progress", "--eval-results", str(out / "eval.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = ModelCard.load(exported / "README.md")
+    by_metric = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_metric["accuracy"] == round(megatron["scores"]["all"]["accuracy"], 4)
+    assert by_metric["f1"] == round(megatron["scores"]["caption"]["caption_f1"], 4)
+    assert f"| coarse | {megatron['scores']['coarse']['n']} | " in (exported / "README.md").read_text()
 
 
 def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1, hf=None):

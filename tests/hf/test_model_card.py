@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -151,3 +152,51 @@ def test_card_base_model_and_native_format(tmp_path):
     given = _card(tmp_path / "out", "qwen2_5_vl", source, model, [], "bfloat16", "merge", None, ["a/b", "c/d"], None)
     (tmp_path / "README.md").write_text(given)
     assert ModelCard.load(tmp_path / "README.md").data.to_dict()["base_model"] == ["a/b", "c/d"]
+
+
+def test_evaluation_results_must_be_of_the_exported_checkpoint(tmp_path, monkeypatch):
+    """casa-eval's eval.json names the checkpoint it scored by its manifest digest: accepted from
+    anywhere (another working directory, a copied checkpoint), refused for another checkpoint,
+    naming both; older results without a digest must name the same folder. The card then shows
+    the scores, and the Hub's parser reads them from its model-index."""
+    from huggingface_hub import ModelCard
+
+    from casa_megatron.conversion.errors import ConversionError
+    from casa_megatron.conversion.exporter import _card
+    from casa_megatron.conversion.model_card import read_evaluation
+    from casa_megatron.training.ckpt_manifest import manifest_digest
+
+    source = _training_checkpoint(tmp_path / "run", 200)
+    (source.path / "manifest.json").write_text(json.dumps({"format": 1, "step": 200, "files": {"a": {"size": 1}}}))
+    other = tmp_path / "other" / "iter_0000200"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text(json.dumps({"format": 1, "step": 200, "files": {"a": {"size": 2}}}))
+    scores = {"all": {"n": 4, "accuracy": 0.75}, "task:colour": {"n": 2, "accuracy": 0.5},
+              "caption": {"frames_with_reference": 3, "caption_f1": 0.625, "caption_exact": 0.0,
+                          "frames_without_reference": 1, "silence_accuracy": 1.0}}
+
+    def written(name, folder, digest):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"data": "held/out", "checkpoint": "x", "checkpoint_folder": folder,
+                                    "checkpoint_digest": digest, "hf": None, "max_new_tokens": 8,
+                                    "sides": {"megatron": {"scores": scores}}}))
+        return path
+
+    monkeypatch.chdir(tmp_path / "other")  # the folder name written relative to another directory
+    ok = read_evaluation(written("digest", "checkpoints/iter_0000200", manifest_digest(source.path)), source.path)
+    with pytest.raises(ConversionError, match="another manifest.*iter_0000200"):
+        read_evaluation(written("other", str(source.path), manifest_digest(other)), source.path)
+    assert read_evaluation(written("old_same", str(source.path), None), source.path)["scores"]["megatron"] == scores
+    with pytest.raises(ConversionError, match="not the exported checkpoint"):
+        read_evaluation(written("old_other", str(other), None), source.path)
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ConversionError, match="not an eval.json"):
+        read_evaluation(tmp_path / "junk.json", source.path)
+
+    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None, [ok])
+    assert _row(card, "task:colour").startswith("2 | 0.5000")
+    assert _row(card, "caption token F1") == "3 frames | 0.6250"
+    (tmp_path / "README.md").write_text(card)
+    results = ModelCard.load(tmp_path / "README.md").data.eval_results
+    assert {(r.dataset_name, r.metric_type, r.metric_value) for r in results} == {("out", "accuracy", 0.75),
+                                                                                   ("out", "f1", 0.625)}
