@@ -1,7 +1,8 @@
 """``casa-stream VIDEO --model HF_DIR``: live captions of a video with an exported CASA model.
 
 Prints ``[mm:ss.s] caption`` per frame and writes ``stream.json`` (per-frame time-to-first-token,
-decode tokens/s, cache bytes, memory, captions) and ``stream.png`` into ``--out``. A video that
+decode tokens/s, cache bytes, memory, captions), ``stream.png`` and the captions as subtitles
+(``captions.srt``, ``captions.vtt``) into ``--out``. A video that
 cannot be decoded stops with an error naming it; a stream that breaks mid-way (decoding error,
 Ctrl-C) keeps and writes the captions so far, marked ``"stopped": <reason>``. ``--realtime``
 delivers the frames at the video's own pace, as a live camera (``pacing.py``): each caption's lag
@@ -29,7 +30,8 @@ from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, reso
 from casa_megatron.inference.pacing import PacingStats, live, realtime
 from casa_megatron.inference.report import plot_series
 from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
-from casa_megatron.runtime.atomic import atomic_write_json
+from casa_megatron.inference.subtitles import cues, srt, vtt
+from casa_megatron.runtime.atomic import atomic_write_json, atomic_write_text
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -120,6 +122,9 @@ def run(args: argparse.Namespace) -> dict:
               f"{'keeps up' if result['realtime']['keeps_up'] else 'falls behind'}", flush=True)
     out = Path(args.out)
     atomic_write_json(out / "stream.json", result)
+    captions = cues([r.time_s for r in records], [r.caption for r in records], 1 / args.fps)
+    atomic_write_text(out / "captions.srt", srt(captions))  # to watch the video with its captions
+    atomic_write_text(out / "captions.vtt", vtt(captions))
     if records:
         plot_series(out / "stream.png", {"casa-stream": result["frames"]}, f"{Path(args.video).name} @ {args.fps} fps")
     return result

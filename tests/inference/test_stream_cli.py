@@ -37,6 +37,17 @@ def test_stream_cli_writes_captions_json_and_plot(exported, tmp_path, capsys):
     assert sa == sorted(sa) and sa[0] > 0  # the text cache only grows
     assert len({f["cache_bytes"]["casa_windows"] for f in frames[1:]}) >= 1
     assert (out / "stream.png").stat().st_size > 1000 and result["stopped"] is None
+    # the captions as subtitles: a cue per frame that said something, until the next frame
+    spoken = [f for f in frames if f["caption"].strip()]
+    vtt = (out / "captions.vtt").read_text().split("\n\n")
+    assert vtt[0] == "WEBVTT" and len([c for c in vtt[1:] if c]) == len(spoken) >= 1
+    srt = [c for c in (out / "captions.srt").read_text().split("\n\n") if c]
+    for n, (cue, frame) in enumerate(zip(srt, spoken), 1):
+        index, times, text = cue.split("\n", 2)
+        following = [f["time_s"] for f in frames if f["time_s"] > frame["time_s"]]
+        end = following[0] if following else frame["time_s"] + 0.5
+        assert index == str(n) and text == frame["caption"].strip()
+        assert times == f"00:00:0{frame['time_s']:.3f} --> 00:00:0{end:.3f}".replace(".", ",")
 
 
 def test_undecodable_video_is_named(exported, tmp_path, capsys):
