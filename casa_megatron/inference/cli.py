@@ -29,7 +29,7 @@ from casa_megatron.inference.frames import StreamBroken, VideoDecodeError, is_li
 from casa_megatron.inference.model_folder import NotAnHFFolder, load_model, resolve_adapter
 from casa_megatron.inference.pacing import PacingStats, live, realtime
 from casa_megatron.inference.report import plot_series
-from casa_megatron.inference.streaming import FrameRecord, LiveCaptioner
+from casa_megatron.inference.streaming import ContextTooSmall, FrameRecord, LiveCaptioner
 from casa_megatron.inference.subtitles import cues, srt, vtt
 from casa_megatron.runtime.atomic import atomic_write_json, atomic_write_text
 
@@ -49,6 +49,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=2.0)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-context-tokens", type=int, default=None, help="bound the text cache (a live stream that "
+                   "never ends): a frame whose turn could pass it starts the stream afresh (default: no bound)")
     p.add_argument("--prompt", default="", help="before the first frame: the user turn (chat template) or the "
                    "text after <bos> (layout tokens)")
     p.add_argument("--max-pixels", type=int, default=None, help="frame pixel budget (processor default)")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     adapter = resolve_adapter(args.model, args.adapter)
     model, processor = load_model(args.model, args.device, args.dtype, str(adapter) if adapter else "none")
     captioner = LiveCaptioner(model, processor, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-                              max_pixels=args.max_pixels)
+                              max_pixels=args.max_pixels, max_context_tokens=args.max_context_tokens)
     records: List[FrameRecord] = []
     stopped = None
     start = time.perf_counter()
@@ -108,8 +110,9 @@ def run(args: argparse.Namespace) -> dict:
         stopped = "interrupted"
     result = {"video": str(args.video), "live": live_source, "model": str(args.model),
               "adapter": adapter and str(adapter), "fps": args.fps, "device": args.device,
-              "dtype": args.dtype, "frames": [r.to_json() for r in records], "stopped": stopped,
-              "wall_s": time.perf_counter() - start}
+              "dtype": args.dtype, "max_context_tokens": args.max_context_tokens,
+              "restarts": sum(r.restarted for r in records), "frames": [r.to_json() for r in records],
+              "stopped": stopped, "wall_s": time.perf_counter() - start}
     if pacing is not None:
         for frame, lag in zip(result["frames"], lags):
             frame["lag_s"] = lag
@@ -134,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (VideoDecodeError, NotAnHFFolder) as e:
+    except (VideoDecodeError, NotAnHFFolder, ContextTooSmall) as e:
         print(f"casa-stream: {e}", file=sys.stderr)
         return 2
     if result["stopped"] == "interrupted" and result["live"]:  # how a live stream is ended

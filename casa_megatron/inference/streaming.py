@@ -11,6 +11,12 @@ drops the previous frame's K/V when the next frame arrives, so memory grows with
 As in the released captioner, a frame's last sampled token (its stop token) is not run on its
 own: it is prepended to the next frame's input and enters the cache in that forward pass.
 
+A live source may never end, and the text cache grows by every caption. ``max_context_tokens``
+bounds it: a frame whose turn could take the cache past the bound starts the stream afresh
+(an empty cache, the stream prompt, then the frame), as if the captioner had been started at
+that frame: memory and the per-turn cost then stay flat forever, at the price of the captions'
+memory of what came before (``FrameRecord.restarted``).
+
 Per frame we record time-to-first-token (preprocessing + vision + prefill + first token), the
 turn's wall and CPU time, decode tokens/s, the cache's bytes (self-attention text / CASA windows)
 and memory. CPU time is what a shared machine cannot distort: with one thread it is the turn's
@@ -27,6 +33,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 
+class ContextTooSmall(ValueError):
+    """``max_context_tokens`` cannot hold even one turn."""
+
+
 @dataclass
 class FrameRecord:
     index: int
@@ -40,6 +50,7 @@ class FrameRecord:
     text_tokens: int
     cache_bytes: Dict[str, int]
     memory_bytes: int
+    restarted: bool = False  # the stream started afresh at this frame (max_context_tokens)
 
     def to_json(self) -> Dict:
         return asdict(self)
@@ -75,8 +86,10 @@ class LiveCaptioner:
     max_pixels: Optional[int] = None
     force_tokens: bool = False  # never stop early (benchmarks: a fixed number of tokens per turn)
     use_images: bool = True  # False: the placeholder stays a plain token (a text-only baseline)
+    max_context_tokens: Optional[int] = None  # bound on the text cache: start afresh before passing it
     cache: object = None
-    frames_seen: int = 0
+    frames_seen: int = 0  # since the stream (re)started
+    frames_total: int = 0
     pending: List[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -86,10 +99,29 @@ class LiveCaptioner:
                              if t is not None]
         self.device = next(self.model.parameters()).device
         self.reset()
+        if self.max_context_tokens is not None and self._turn_tokens() > self.max_context_tokens:
+            raise ContextTooSmall(f"max_context_tokens={self.max_context_tokens} cannot hold one turn "
+                                  f"({self._turn_tokens()} text tokens: the stream prompt, a frame's markup and "
+                                  "max_new_tokens)")
 
     def reset(self) -> None:
         self.cache = self.model.new_cache()
         self.frames_seen, self.pending = 0, []
+
+    def _turn_tokens(self) -> int:
+        """Text tokens this frame's turn may add to the cache: its input (the pending token, the
+        stream prompt on a first frame, the frame's markup), then up to ``max_new_tokens``
+        generated, the last of which waits for the next frame."""
+        return len(self._frame_input_ids()) + self.max_new_tokens - 1
+
+    def _restart_if_full(self) -> bool:
+        """Start afresh when this frame's turn could take the text cache past ``max_context_tokens``."""
+        if self.max_context_tokens is None or self.frames_seen == 0:
+            return False
+        if self.cache.rows[0].text_tokens + self._turn_tokens() <= self.max_context_tokens:
+            return False
+        self.reset()
+        return True
 
     def _frame_input_ids(self) -> List[int]:
         ids = list(self.pending)
@@ -111,6 +143,7 @@ class LiveCaptioner:
     def caption_frame(self, frame, time_s: float) -> FrameRecord:
         """One turn: open the frame's window, generate its caption."""
         start, cpu_start = time.perf_counter(), time.process_time()
+        restarted = self._restart_if_full()
         images = {}
         if self.use_images:
             pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
@@ -126,15 +159,17 @@ class LiveCaptioner:
         end, cpu_end = time.perf_counter(), time.process_time()
         self.pending = [tokens[-1]]
         self.frames_seen += 1
+        self.frames_total += 1
         text = [t for t in tokens if t not in self.stop_tokens]
         decode_n = len(tokens) - 1
         row = self.cache.rows[0]
         return FrameRecord(
-            index=self.frames_seen - 1, time_s=float(time_s),
+            index=self.frames_total - 1, time_s=float(time_s),
             caption=self.processor.tokenizer.decode(text, skip_special_tokens=True).strip(), tokens=tokens,
             ttft_s=first - start, turn_s=end - start, turn_cpu_s=cpu_end - cpu_start,
             decode_tokens_per_s=decode_n / (end - first) if decode_n and end > first else 0.0,
-            text_tokens=row.text_tokens, cache_bytes=self.cache.nbytes(), memory_bytes=memory_bytes(self.device))
+            text_tokens=row.text_tokens, cache_bytes=self.cache.nbytes(), memory_bytes=memory_bytes(self.device),
+            restarted=restarted)
 
     def stream(self, frames: Iterable[Tuple[float, object]]) -> Iterator[FrameRecord]:
         for time_s, frame in frames:
