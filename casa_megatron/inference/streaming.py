@@ -12,7 +12,8 @@ As in the released captioner, a frame's last sampled token (its stop token) is n
 own: it is prepended to the next frame's input and enters the cache in that forward pass.
 
 A live source may never end, and the text cache grows by every caption. ``max_context_tokens``
-bounds it: a frame whose turn could take the cache past the bound starts the stream afresh
+bounds the self-attention cache (text; with token insertion also the inserted image tokens): a
+frame whose turn could take the cache past the bound starts the stream afresh
 (an empty cache, the stream prompt, then the frame), as if the captioner had been started at
 that frame: memory and the per-turn cost then stay flat forever, at the price of the captions'
 memory of what came before (``FrameRecord.restarted``).
@@ -51,6 +52,7 @@ class FrameRecord:
     cache_bytes: Dict[str, int]
     memory_bytes: int
     restarted: bool = False  # the stream started afresh at this frame (max_context_tokens)
+    stream_tokens: int = 0  # tokens in the self-attention cache: text, and inserted image tokens
 
     def to_json(self) -> Dict:
         return asdict(self)
@@ -108,20 +110,41 @@ class LiveCaptioner:
         self.cache = self.model.new_cache()
         self.frames_seen, self.pending = 0, []
 
-    def _turn_tokens(self) -> int:
-        """Text tokens this frame's turn may add to the cache: its input (the pending token, the
-        stream prompt on a first frame, the frame's markup), then up to ``max_new_tokens``
-        generated, the last of which waits for the next frame."""
-        return len(self._frame_input_ids()) + self.max_new_tokens - 1
+    def _turn_tokens(self, image_tokens: int = 0) -> int:
+        """Tokens this frame's turn may add to the self-attention cache: its input (the pending
+        token, the stream prompt on a first frame, the frame's markup, ``image_tokens`` inserted
+        in the stream), then up to ``max_new_tokens`` generated, the last of which waits for the
+        next frame."""
+        return len(self._frame_input_ids()) + image_tokens + self.max_new_tokens - 1
 
-    def _restart_if_full(self) -> bool:
-        """Start afresh when this frame's turn could take the text cache past ``max_context_tokens``."""
-        if self.max_context_tokens is None or self.frames_seen == 0:
+    def _inserted(self, grid) -> int:
+        """Image tokens the frame puts into the self-attention stream: none with CASA (its images
+        are keys and values of their window only), all of them with token insertion."""
+        if grid is None or self.model.config.fusion_mechanism != "insertion":
+            return 0
+        merge = self.model.config.vision_config.get("spatial_merge_size", 2)
+        return int(grid.prod(-1).sum()) // merge ** 2
+
+    def _cached_tokens(self) -> int:
+        """Tokens in the self-attention cache: the text, and with insertion the image tokens."""
+        row = self.cache.rows[0] if self.cache.rows else None
+        if row is None:
+            return 0
+        return row.stream_tokens if self.model.config.fusion_mechanism == "insertion" else row.text_tokens
+
+    def _restart_if_full(self, image_tokens: int) -> bool:
+        """Start afresh when this turn could take the cache past ``max_context_tokens``."""
+        if self.max_context_tokens is None:
             return False
-        if self.cache.rows[0].text_tokens + self._turn_tokens() <= self.max_context_tokens:
-            return False
-        self.reset()
-        return True
+        restarted = bool(self.frames_seen) and (
+            self._cached_tokens() + self._turn_tokens(image_tokens) > self.max_context_tokens)
+        if restarted:
+            self.reset()
+        if self.frames_seen == 0 and self._turn_tokens(image_tokens) > self.max_context_tokens:
+            raise ContextTooSmall(f"max_context_tokens={self.max_context_tokens} cannot hold one turn "
+                                  f"({self._turn_tokens(image_tokens)} tokens, the frame's {image_tokens} inserted "
+                                  "image tokens included)")
+        return restarted
 
     def _frame_input_ids(self) -> List[int]:
         ids = list(self.pending)
@@ -143,12 +166,12 @@ class LiveCaptioner:
     def caption_frame(self, frame, time_s: float) -> FrameRecord:
         """One turn: open the frame's window, generate its caption."""
         start, cpu_start = time.perf_counter(), time.process_time()
-        restarted = self._restart_if_full()
-        images = {}
+        images, grid = {}, None
         if self.use_images:
             pixel_values, grid = self.processor.process_images([frame], self.max_pixels or self.processor.video_max_pixels)
             images = {"pixel_values": pixel_values.to(self.device, self.model.dtype),
                       "image_grid_thw": grid.to(self.device)}
+        restarted = self._restart_if_full(self._inserted(grid))
         token = self._forward(self._frame_input_ids(), **images)
         _sync(self.device)
         first = time.perf_counter()
@@ -169,7 +192,7 @@ class LiveCaptioner:
             ttft_s=first - start, turn_s=end - start, turn_cpu_s=cpu_end - cpu_start,
             decode_tokens_per_s=decode_n / (end - first) if decode_n and end > first else 0.0,
             text_tokens=row.text_tokens, cache_bytes=self.cache.nbytes(), memory_bytes=memory_bytes(self.device),
-            restarted=restarted)
+            restarted=restarted, stream_tokens=self._cached_tokens())
 
     def stream(self, frames: Iterable[Tuple[float, object]]) -> Iterator[FrameRecord]:
         for time_s, frame in frames:
