@@ -113,9 +113,10 @@ STARTUP_GUESS_S = 60.0  # a fusion's process on a GPU before its first frame (sp
 
 
 def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, threads: int, device: str,
-                budget_s: Optional[float] = None):
+                budget_s: Optional[float] = None, max_context_tokens: Optional[int] = None):
     """One fusion in a fresh process -> per-turn records. ``budget_s``: stop streaming after this
-    many seconds (at least MIN_FRAMES frames), so a lent GPU's 10-minute call still returns."""
+    many seconds (at least MIN_FRAMES frames), so a lent GPU's 10-minute call still returns;
+    ``max_context_tokens``: the captioner's bound on its self-attention cache (restarts)."""
     import ctypes
     import gc
 
@@ -136,7 +137,7 @@ def _run_fusion(mechanism: str, preset_name: str, frames: int, tokens: int, thre
     with tempfile.TemporaryDirectory() as tmp:
         processor = _processor(model.config.vocab_size, Path(tmp), preset)
     captioner = LiveCaptioner(model, processor, max_new_tokens=tokens, force_tokens=True,
-                              use_images=mechanism != "text_only")
+                              use_images=mechanism != "text_only", max_context_tokens=max_context_tokens)
     rng = np.random.default_rng(0)
     px = preset["frame_px"]
     captioner.caption_frame(rng.integers(0, 256, (px, px, 3), dtype=np.uint8), 0.0)  # warm-up
@@ -187,10 +188,12 @@ def summarise(name: str, out: dict, tokens: int, casa_image_tokens: Optional[int
         "memory_end_mib": recs[-1]["memory_bytes"] / 2 ** 20,
         "memory_slope_bytes": slope([r["memory_bytes"] for r in recs]),
         "decode_tok_s_last10": statistics.mean(r["decode_tokens_per_s"] for r in recs[-n:]),
+        "restarts": sum(r.get("restarted", False) for r in recs),
+        "max_cached_tokens": max((r.get("stream_tokens", 0) for r in recs), default=0),
     }
 
 
-def load_store(path: Optional[Path], preset: str, tokens: int, now) -> dict:
+def load_store(path: Optional[Path], preset: str, tokens: int, now, bound: Optional[int] = None) -> dict:
     """Fusions an earlier run measured (``--results-store``) with the same preset and tokens per
     turn, except those run again now."""
     if path is None or not path.exists():
@@ -205,9 +208,11 @@ def load_store(path: Optional[Path], preset: str, tokens: int, now) -> dict:
         raise SystemExit(f"--results-store {path}: not a streaming benchmark JSON ({type(exc).__name__}: {exc})") from exc
     if missing:
         raise SystemExit(f"--results-store {path}: no per-frame records of {sorted(missing)}")
-    if (stored.get("preset"), stored.get("tokens_per_turn")) != (preset, tokens):
+    if (stored.get("preset"), stored.get("tokens_per_turn"), stored.get("max_context_tokens")) != (
+            preset, tokens, bound):
         raise SystemExit(f"--results-store {path} holds preset {stored.get('preset')!r} with "
-                         f"{stored.get('tokens_per_turn')} tokens/turn, not {preset!r} with {tokens}: use another store")
+                         f"{stored.get('tokens_per_turn')} tokens/turn and max_context_tokens "
+                         f"{stored.get('max_context_tokens')}, not {preset!r} with {tokens} and {bound}: use another store")
     return {name: dict(run, records=stored["per_frame"][name]) for name, run in runs.items() if name not in now}
 
 
@@ -236,8 +241,11 @@ def report(runs: dict, args, started: float) -> dict:
         ("TTFT ms first 10", "first10_ttft_ms", ".1f"), ("TTFT ms last 10", "last10_ttft_ms", ".1f"),
         ("cache MiB at end", "cache_end_mib", ".2f"), ("cache growth B/frame", "cache_slope_bytes", ".0f"),
         ("formula B/frame", "formula_bytes", ".0f"), ("memory growth B/frame", "memory_slope_bytes", ".0f"),
-        ("decode tok/s last 10", "decode_tok_s_last10", ".0f")])
+        ("decode tok/s last 10", "decode_tok_s_last10", ".0f"),
+        *([("restarts", "restarts", "d"), ("max cached tokens", "max_cached_tokens", "d")]
+          if getattr(args, "max_context_tokens", None) else [])])
     return {"preset": args.preset, "config": PRESETS[args.preset], "frames": args.frames, "tokens_per_turn": args.tokens,
+            "max_context_tokens": getattr(args, "max_context_tokens", None),
             "threads": args.threads, "device": args.device, "machine": machine_info(), "summary": rows,
             "table": table, "wall_s": time.time() - started, "budget_s": args.budget_s,
             "targets": {"casa_latency_ratio_max": 1.05, "casa_cache_growth_equals_text_formula": True},
@@ -267,6 +275,9 @@ def main(argv=None) -> dict:
     p.add_argument("--results-store", default=None,
                    help="JSON carrying fusions across runs (one lent-GPU call per fusion): fusions not run now "
                         "are kept from it, every fusion run now is written into it")
+    p.add_argument("--max-context-tokens", type=int, default=None,
+                   help="bound each captioner's self-attention cache (casa-stream --max-context-tokens): a turn "
+                        "that could pass it starts the stream afresh; default: no bound (the paper's protocol)")
     p.add_argument("--start-method", choices=("fork", "spawn"), default=None,
                    help="how each fusion's process starts (default: spawn where CUDA is available, else fork)")
     args = p.parse_args(argv)
@@ -276,7 +287,7 @@ def main(argv=None) -> dict:
     out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"streaming_{args.preset}.json")
     store = Path(args.results_store) if args.results_store else None
     started = time.time()
-    runs = load_store(store, args.preset, args.tokens, set(fusions))
+    runs = load_store(store, args.preset, args.tokens, set(fusions), args.max_context_tokens)
 
     def publish() -> dict:
         result = report(runs, args, started)
@@ -301,7 +312,8 @@ def main(argv=None) -> dict:
                 continue
             budget = share if budget is None else min(budget, share)
         runs[name] = run_in_child(_run_fusion, name, args.preset, args.frames, args.tokens, args.threads,
-                                  args.device, budget, what="streaming benchmark", method=args.start_method)
+                                  args.device, budget, args.max_context_tokens, what="streaming benchmark",
+                                  method=args.start_method)
         startup = runs[name].get("startup_s", startup)
         result = publish()  # after every fusion: a run cut short keeps what finished
     print(result["table"])

@@ -84,36 +84,19 @@ def _open(source: str, input_format: Optional[str], timeout_s: float):
 
 def _pyav_frames(path: str, fps: float, max_frames: Optional[int], input_format: Optional[str] = None,
                  timeout_s: float = 10.0):
-    import av
-
-    container = _open(path, input_format, timeout_s)
-    delivered = 0
-    try:
-        if not container.streams.video:
-            raise VideoDecodeError(f"cannot decode video {path}: it has no video stream")
-        stream = container.streams.video[0]
+    """A file's frames at ``fps``: sample k is frame ``floor(k / fps * native_fps)``."""
+    def by_index(stream):
         native = float(stream.average_rate or stream.guessed_rate or 0)
         if native <= 0:
             raise VideoDecodeError(f"cannot decode video {path}: unknown frame rate")
         k = 0
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                while math.floor(k / fps * native + 1e-6) <= i:
-                    if math.floor(k / fps * native + 1e-6) == i:
-                        rgb = np.ascontiguousarray(rgb_array(frame))
-                        yield k / fps, torch.from_numpy(rgb).permute(2, 0, 1)
-                        delivered += 1
-                        if max_frames is not None and delivered >= max_frames:
-                            return
-                    k += 1
-        except av.error.FFmpegError as e:
-            if delivered == 0:
-                raise VideoDecodeError(f"cannot decode video {path}: {e}") from e
-            raise StreamBroken(f"{path}: decoding stopped after {delivered} frames ({e})") from e
-        if delivered == 0:
-            raise VideoDecodeError(f"cannot decode video {path}: no frame could be decoded")
-    finally:
-        container.close()
+        for i, frame in enumerate(stream.container.decode(stream)):
+            while math.floor(k / fps * native + 1e-6) <= i:
+                if math.floor(k / fps * native + 1e-6) == i:
+                    yield k / fps, frame
+                k += 1
+
+    yield from _delivered(path, _open(path, input_format, timeout_s), by_index, max_frames)
 
 
 def _live_frames(source: str, fps: float, max_frames: Optional[int], input_format: Optional[str],
@@ -122,34 +105,42 @@ def _live_frames(source: str, fps: float, max_frames: Optional[int], input_forma
     sample k is the last frame that started by ``t_k = k / fps`` (to within a millionth of a
     frame, as ``_pyav_frames``' index rule), yielded when the frame after it arrives (one source
     frame of latency) or the stream ends."""
+    def by_time(stream):
+        native = float(stream.average_rate or stream.guessed_rate or 0)
+        eps = 1e-6 / native if native > 0 else 1e-9
+        first, prev, k = None, None, 0  # the first frame's time; (time since it, frame) of the last frame
+        for frame in stream.container.decode(stream):
+            if frame.time is None:
+                raise VideoDecodeError(f"cannot place the frames of {source} in time: they carry no timestamps")
+            first = frame.time if first is None else first
+            now = (frame.time - first, frame)
+            while prev is not None and k / fps + eps < now[0]:  # prev was on screen at t_k
+                yield k / fps, prev[1]
+                k += 1
+            prev = now
+        # the stream ended: the last frame stays on screen for one frame interval
+        end = prev[0] + 1 / native if prev is not None and native > 0 else (prev[0] + eps if prev else -1)
+        while prev is not None and k / fps + eps < end:
+            yield k / fps, prev[1]
+            k += 1
+
+    yield from _delivered(source, _open(source, input_format, timeout_s), by_time, max_frames)
+
+
+def _delivered(source: str, container, sampler, max_frames: Optional[int]):
+    """``sampler(stream)``'s ``(time_s, frame)`` as ``(time_s, [3, H, W] uint8)``, converted on this
+    (the decoding) thread, up to ``max_frames``; the container closed at the end. An FFmpeg
+    error is a VideoDecodeError before the first frame, a StreamBroken after it."""
     import av
 
-    container = _open(source, input_format, timeout_s)
-    delivered, k = 0, 0
+    delivered = 0
     try:
         if not container.streams.video:
             raise VideoDecodeError(f"cannot decode video {source}: it has no video stream")
-        stream = container.streams.video[0]
-        native = float(stream.average_rate or stream.guessed_rate or 0)
-        eps = 1e-6 / native if native > 0 else 1e-9
-        first, prev = None, None  # the first frame's time; (time since it, frame) of the last frame
         try:
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    raise VideoDecodeError(f"cannot place the frames of {source} in time: they carry no timestamps")
-                first = frame.time if first is None else first
-                now = (frame.time - first, frame)
-                while prev is not None and k / fps + eps < now[0]:  # prev was on screen at t_k
-                    yield k / fps, _tensor(prev[1])
-                    delivered, k = delivered + 1, k + 1
-                    if max_frames is not None and delivered >= max_frames:
-                        return
-                prev = now
-            # the stream ended: the last frame stays on screen for one frame interval
-            end = prev[0] + 1 / native if prev is not None and native > 0 else (prev[0] + eps if prev else -1)
-            while prev is not None and k / fps + eps < end:
-                yield k / fps, _tensor(prev[1])
-                delivered, k = delivered + 1, k + 1
+            for t, frame in sampler(container.streams.video[0]):
+                yield t, _tensor(frame)
+                delivered += 1
                 if max_frames is not None and delivered >= max_frames:
                     return
         except av.error.FFmpegError as e:

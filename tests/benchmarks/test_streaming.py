@@ -34,6 +34,25 @@ def test_streaming_benchmark_small(tmp_path):
     assert len(result["per_frame"]["casa"]) == 6 and out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_a_bounded_context_restarts_and_holds_the_bound(tmp_path):
+    """--max-context-tokens: every fusion's cache stays within the bound, restarting as often as
+    its turns need (insertion: its 64 image tokens per frame count too)."""
+    from benchmarks.streaming import main
+
+    out = tmp_path / "bounded.json"
+    main(["--frames", "8", "--tokens", "3", "--json", str(out), "--max-context-tokens", "160"])
+    result = json.loads(out.read_text())
+    rows = {r["fusion"]: r for r in result["summary"]}
+    assert result["max_context_tokens"] == 160 and "restarts" in result["table"]
+    for name, row in rows.items():
+        frames = result["per_frame"][name]
+        assert row["max_cached_tokens"] == max(f["stream_tokens"] for f in frames) <= 160
+    # a turn adds 4 text tokens (CASA, text-only: 32 after 8 frames); insertion 4 + 64: two fit in 160
+    assert rows["casa"]["restarts"] == rows["text_only"]["restarts"] == 0 and rows["casa"]["max_cached_tokens"] == 32
+    assert [(f["stream_tokens"], f["restarted"]) for f in result["per_frame"]["insertion"]] == [
+        (68, False), (136, False)] + [(68, True), (136, False)] * 3 and rows["insertion"]["restarts"] == 3
+
+
 def test_gpu_preset_code_path_runs_on_cpu_at_a_small_shape(tmp_path, monkeypatch):
     """``--preset helium2b_gpu``'s structure (Helium family, the Qwen2.5-VL encoder with frame
     pairs and windows, bf16) at a tiny width, on CPU: the code a GPU session runs, run here first.

@@ -132,19 +132,24 @@ def test_the_live_feed_gives_the_newest_frame_and_counts_the_rest():
     assert got and got[-1] == pytest.approx(0.02)
 
 
-def test_casa_stream_captions_a_live_pipe_and_ctrl_c_ends_it(exported, tmp_path, capsys, monkeypatch):
-    from casa_megatron.inference import cli
-    from casa_megatron.inference.streaming import LiveCaptioner
-
-    model = str(exported[0] / "casa_parallel")
-    fd, sender = _pipe(_mpegts(), seconds=2.5)  # 3 s of video sent over 2.5 s
-    out = tmp_path / "out"
+def _stream_pipe(cli, model: str, out, seconds: float) -> dict:
+    """``casa-stream pipe:N`` on the clip sent through a pipe over ``seconds``: its stream.json."""
+    fd, sender = _pipe(_mpegts(), seconds=seconds)
     try:
         assert cli.main([f"pipe:{fd}", "--model", model, "--out", str(out), "--max-new-tokens", "2"]) == 0
     finally:
         sender.join()
         os.close(fd)
-    result = json.loads((out / "stream.json").read_text())
+    return json.loads((out / "stream.json").read_text())
+
+
+def test_casa_stream_captions_a_live_pipe_and_ctrl_c_ends_it(exported, tmp_path, capsys, monkeypatch):
+    from casa_megatron.inference import cli
+    from casa_megatron.inference.streaming import LiveCaptioner
+
+    model = str(exported[0] / "casa_parallel")
+    out = tmp_path / "out"
+    result = _stream_pipe(cli, model, out, seconds=2.5)  # 3 s of video sent over 2.5 s
     report = result["realtime"]
     assert result["live"] is True and result["stopped"] is None
     assert sorted([f["time_s"] for f in result["frames"]] + report["dropped_times_s"]) == [0.0, 0.5, 1.0, 1.5, 2.0,
@@ -162,12 +167,6 @@ def test_casa_stream_captions_a_live_pipe_and_ctrl_c_ends_it(exported, tmp_path,
         return original(self, frame, time_s)
 
     monkeypatch.setattr(LiveCaptioner, "caption_frame", interrupted)
-    fd, sender = _pipe(_mpegts(), seconds=1.0)
-    try:
-        assert cli.main([f"pipe:{fd}", "--model", model, "--out", str(out), "--max-new-tokens", "2"]) == 0
-    finally:
-        sender.join()
-        os.close(fd)
-    result = json.loads((out / "stream.json").read_text())
+    result = _stream_pipe(cli, model, out, seconds=1.0)
     assert result["stopped"] == "interrupted" and len(result["frames"]) == 1
     assert "stopped; 1 frames captioned" in capsys.readouterr().err
