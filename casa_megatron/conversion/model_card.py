@@ -44,6 +44,7 @@ class CardFacts:
     results: Dict[str, float] = field(default_factory=dict)  # at ``step``
     results_from: Optional[str] = None
     evaluations: List[Dict] = field(default_factory=list)  # casa-eval's eval.json of this checkpoint
+    curves_to_step: Optional[int] = None  # the run's loss.png, copied into the folder, drawn to this step
 
 
 # --- facts from the checkpoint's folders ----------------------------------------------------
@@ -57,6 +58,18 @@ def base_models_of(import_folder: Optional[Path]) -> List[str]:
     except (OSError, ValueError):
         return []
     return [name] if isinstance(name, str) and HUB_ID.match(name) and not Path(name).exists() else []
+
+
+def last_logged_step(run_dir: Path) -> Optional[int]:
+    """The last step in the run's ``metrics.jsonl`` (how far its ``loss.png`` is drawn)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return max(steps, default=None)
 
 
 def metrics_at_step(run_dir: Path, step: int) -> tuple[Dict[str, float], Optional[Path]]:
@@ -203,12 +216,16 @@ def _training(facts: CardFacts) -> str:
 
 
 def _results(facts: CardFacts) -> str:
+    curves = (f"\n\n![The run's loss curves and held-out accuracy](loss.png)\n\nThe run's curves (`loss.png`), "
+              f"drawn to step {facts.curves_to_step}" + (f", past this checkpoint's step {facts.step}"
+                                                         if facts.curves_to_step != facts.step else "") + "."
+              if facts.curves_to_step is not None else "")
     if not facts.results:
-        return ""
+        return f"## Training curves{curves}" if curves else ""
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in facts.results.items()]
     return (f"## Results at step {facts.step}\n\nAs the run logged them (`{facts.results_from}`): training loss, "
             "validation loss on the held-out sources, held-out answers by greedy generation.\n\n"
-            + _table(rows).replace("| | |", "| metric | value |", 1))
+            + _table(rows).replace("| | |", "| metric | value |", 1) + curves)
 
 
 def _model_index(evaluations: Sequence[Dict]) -> List[Dict]:

@@ -91,6 +91,9 @@ def test_megatron_and_hf_answer_alike_and_the_scores_reach_the_model_card(traine
     assert by_metric["accuracy"] == round(megatron["scores"]["all"]["accuracy"], 4)
     assert by_metric["f1"] == round(megatron["scores"]["caption"]["caption_f1"], 4)
     assert f"| coarse | {megatron['scores']['coarse']['n']} | " in (exported / "README.md").read_text()
+    # the run's loss curves travel with the export, and the card shows them
+    assert (exported / "loss.png").read_bytes() == (checkpoint.parent / "loss.png").read_bytes()
+    assert "](loss.png)" in (exported / "README.md").read_text()
 
 
 def _eval_ranks(rank, world, valid, checkpoint, out, tp, pp, track=False, batch=1, hf=None):

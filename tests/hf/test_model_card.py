@@ -115,6 +115,12 @@ def test_card_results_are_the_exported_steps(tmp_path):
     card = _card(tmp_path / "out", "casa", elsewhere, elsewhere.model, [], "float32", "merge", None, (), None)
     assert _row(card, "train/loss") == "0.5000" and _row(card, "generation/all") == "0.7500"
 
+    assert "loss.png" not in card  # the run drew no curves
+    (run / "loss.png").write_bytes(b"png")
+    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None)
+    assert "![The run's loss curves and held-out accuracy](loss.png)" in card
+    assert "drawn to step 200, past this checkpoint's step 100." in card
+
     other = tmp_path / "other"
     other.mkdir()
     lone = _training_checkpoint(other, 300)
