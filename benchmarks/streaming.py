@@ -212,7 +212,8 @@ def load_store(path: Optional[Path], preset: str, tokens: int, now, bound: Optio
             preset, tokens, bound):
         raise SystemExit(f"--results-store {path} holds preset {stored.get('preset')!r} with "
                          f"{stored.get('tokens_per_turn')} tokens/turn and max_context_tokens "
-                         f"{stored.get('max_context_tokens')}, not {preset!r} with {tokens} and {bound}: use another store")
+                         f"{stored.get('max_context_tokens')}, not {preset!r} with {tokens} and {bound}: "
+                         "use another store")
     return {name: dict(run, records=stored["per_frame"][name]) for name, run in runs.items() if name not in now}
 
 

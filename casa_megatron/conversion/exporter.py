@@ -110,10 +110,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
     from casa_megatron.hf.folder import write_hf_folder
 
     count = sum(len(u.names) for u in units)
-    run_dir = _run_dir(source)
-    if run_dir is not None and (run_dir / "loss.png").is_file():  # the run's curves, shown by the model card
-        files["loss.png"] = run_dir / "loss.png"
-    card = _card(out, target, source, model_cfg, units, dtype_name, lora, repo_id, base_models, license, evaluations)
+    card, card_files = _card(out, target, source, model_cfg, units, dtype_name, lora, repo_id, base_models, license,
+                             evaluations)
+    files.update(card_files)
     with tqdm(total=count, desc="export", unit="tensor", disable=not progress) as bar:
         write_hf_folder(out, config, units, tokenizer_dir=tok_dir, processor=processor, generation=generation,
                         force=force, max_shard_size=max_shard_size, remote_code=target == "casa", files=files,
@@ -125,18 +124,23 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False, 
 
 def _card(out: Path, target: str, source: CheckpointSource, model_cfg: ModelConfig, units, dtype_name: str,
           lora: str, repo_id: Optional[str], base_models: Sequence[str], license: Optional[str],
-          evaluations: Sequence[Dict] = ()) -> str:
-    """The folder's ``README.md`` from what the checkpoint holds (conversion/model_card.py)."""
+          evaluations: Sequence[Dict] = ()) -> tuple[str, Dict[str, Path]]:
+    """The folder's ``README.md`` from what the checkpoint holds (conversion/model_card.py), and
+    the files it shows (the run's ``loss.png``), to copy in by name."""
     from casa_megatron.config.loader import read_yaml
     from casa_megatron.conversion.model_card import (CardFacts, base_models_of, last_logged_step, metrics_at_step,
                                                       model_card)
 
     train = read_yaml(source.path / "config.yaml") if source.kind == "training" else None
-    results, results_from, curves_to = {}, None, None
-    run_dir = _run_dir(source)
-    if run_dir is not None:
+    results, results_from, curves_to, shown = {}, None, None, {}
+    if train is not None and source.step is not None:
+        # the run's folder (metrics.jsonl, loss.png): <run_dir>/checkpoints/iter_N by default,
+        # else the run_dir its config names
+        custom = (train.get("checkpoint") or {}).get("dir")
+        run_dir = Path(train["run_dir"]) if custom and train.get("run_dir") else source.path.parent.parent
         results, results_from = metrics_at_step(run_dir, source.step)
-        curves_to = last_logged_step(run_dir) if (run_dir / "loss.png").is_file() else None
+        if (run_dir / "loss.png").is_file():
+            curves_to, shown = last_logged_step(run_dir), {"loss.png": run_dir / "loss.png"}
     if not base_models:
         pretrained = (train or {}).get("checkpoint", {}).get("pretrained")
         base_models = base_models_of(source.path if source.kind == "import" else
@@ -147,19 +151,8 @@ def _card(out: Path, target: str, source: CheckpointSource, model_cfg: ModelConf
                       train=train, base_models=list(base_models), license=license, results=results,
                       results_from=str(results_from) if results_from else None, evaluations=list(evaluations),
                       curves_to_step=curves_to)
-    return model_card(facts)
+    return model_card(facts), shown
 
-
-def _run_dir(source: CheckpointSource) -> Optional[Path]:
-    """A training checkpoint's run folder (its metrics.jsonl, loss.png): ``<run_dir>/checkpoints/
-    iter_N`` by default, else the ``run_dir`` its config names; None for an import."""
-    from casa_megatron.config.loader import read_yaml
-
-    if source.kind != "training" or source.step is None:
-        return None
-    train = read_yaml(source.path / "config.yaml")
-    custom = (train.get("checkpoint") or {}).get("dir")
-    return Path(train["run_dir"]) if custom and train.get("run_dir") else source.path.parent.parent
 
 def _has_lora(model_cfg: ModelConfig) -> bool:
     return model_cfg.lora.enabled or model_cfg.vision.lora.enabled

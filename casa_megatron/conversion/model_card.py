@@ -131,7 +131,8 @@ def model_card(facts: CardFacts) -> str:
     if facts.evaluations:
         header["model-index"] = [{"name": facts.name, "results": _model_index(facts.evaluations)}]
     sections = [f"# {facts.name}", _summary(facts), _architecture(facts), _training(facts), _results(facts),
-                _evaluations(facts), _use(facts), f"## Paper\n\nCASA, \"Cross-Attention via Self-Attention\": arXiv:2512.19535, {PAPER}"]
+                _evaluations(facts), _use(facts),
+                f"## Paper\n\nCASA, \"Cross-Attention via Self-Attention\": arXiv:2512.19535, {PAPER}"]
     front = yaml.safe_dump(header, sort_keys=False).strip()
     return f"---\n{front}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
 
@@ -260,9 +261,9 @@ def _evaluations(facts: CardFacts) -> str:
             rows.append(f"| caption token F1 | {caption['frames_with_reference']} frames | " + " | ".join(
                 f"{(ev['scores'][s].get('caption') or {}).get('caption_f1', float('nan')):.4f}" for s in sides) + " |")
         agree = ev.get("agreement")
-        said = (f" The HF export gave the megatron checkpoint's tokens on {agree['questions'] - agree['questions_differ']}"
-                f"/{agree['questions']} questions and {agree['frames'] - agree['frames_differ']}/{agree['frames']} "
-                "caption frames." if agree else "")
+        said = (f" The HF export gave the megatron checkpoint's tokens on "
+                f"{agree['questions'] - agree['questions_differ']}/{agree['questions']} questions and "
+                f"{agree['frames'] - agree['frames_differ']}/{agree['frames']} caption frames." if agree else "")
         parts.append(f"`casa-eval` on `{ev['data']}` (greedy, at most {ev['max_new_tokens']} new tokens; "
                      f"`{ev['file']}`).{said}\n\n" + "\n".join(rows))
     return "## Evaluation\n\n" + "\n\n".join(parts) if parts else ""
@@ -289,7 +290,8 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 model = Qwen2_5_VLForConditionalGeneration.from_pretrained("{repo}")
 processor = AutoProcessor.from_pretrained("{repo}")  # transformers' Qwen2.5-VL processor needs torchvision
 image = Image.open("image.jpg").convert("RGB")
-messages = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+messages = [{{"role": "user", "content": [{{"type": "image", "image": image}},
+                                         {{"type": "text", "text": "What is in the image?"}}]}}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                        return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=32)

@@ -45,12 +45,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a URL may take to open or to send more "
                    "data before the stream counts as broken (default 10)")
     p.add_argument("--model", required=True, help="exported Hugging Face folder (casa-convert export-hf)")
-    p.add_argument("--out", default="stream_out", help="folder for stream.json and stream.png")
+    p.add_argument("--out", default="stream_out", help="folder for stream.json, stream.png and the subtitles "
+                   "captions.srt / captions.vtt")
     p.add_argument("--fps", type=float, default=2.0)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--max-context-tokens", type=int, default=None, help="bound the text cache (a live stream that "
-                   "never ends): a frame whose turn could pass it starts the stream afresh (default: no bound)")
+    p.add_argument("--max-context-tokens", type=int, default=None, help="bound the self-attention cache (text; "
+                   "an insertion export's image tokens too) of a stream that never ends: a frame whose turn could pass "
+                   "it starts the stream afresh (default: no bound)")
     p.add_argument("--prompt", default="", help="before the first frame: the user turn (chat template) or the "
                    "text after <bos> (layout tokens)")
     p.add_argument("--max-pixels", type=int, default=None, help="frame pixel budget (processor default)")

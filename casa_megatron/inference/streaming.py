@@ -88,7 +88,7 @@ class LiveCaptioner:
     max_pixels: Optional[int] = None
     force_tokens: bool = False  # never stop early (benchmarks: a fixed number of tokens per turn)
     use_images: bool = True  # False: the placeholder stays a plain token (a text-only baseline)
-    max_context_tokens: Optional[int] = None  # bound on the text cache: start afresh before passing it
+    max_context_tokens: Optional[int] = None  # bound on the self-attention cache: start afresh before passing it
     cache: object = None
     frames_seen: int = 0  # since the stream (re)started
     frames_total: int = 0

@@ -104,7 +104,7 @@ def test_card_results_are_the_exported_steps(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 200, "lo')
     source = _training_checkpoint(run, 100)
-    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None)
+    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None)[0]
     assert "## Results at step 100" in card
     assert (_row(card, "train/loss"), _row(card, "valid_loss"), _row(card, "generation/all"),
             _row(card, "generation/caption/caption_f1")) == ("1.5000", "1.7500", "0.2500", "0.5000")
@@ -112,19 +112,20 @@ def test_card_results_are_the_exported_steps(tmp_path):
     assert _row(card, "step") == "100 of 200"
 
     elsewhere = _training_checkpoint(run, 200, checkpoint_dir=tmp_path / "fast_disk" / "ckpts")
-    card = _card(tmp_path / "out", "casa", elsewhere, elsewhere.model, [], "float32", "merge", None, (), None)
+    card = _card(tmp_path / "out", "casa", elsewhere, elsewhere.model, [], "float32", "merge", None, (), None)[0]
     assert _row(card, "train/loss") == "0.5000" and _row(card, "generation/all") == "0.7500"
 
     assert "loss.png" not in card  # the run drew no curves
     (run / "loss.png").write_bytes(b"png")
-    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None)
+    card, shown = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None)
+    assert shown == {"loss.png": run / "loss.png"}  # copied into the folder
     assert "![The run's loss curves and held-out accuracy](loss.png)" in card
     assert "drawn to step 200, past this checkpoint's step 100." in card
 
     other = tmp_path / "other"
     other.mkdir()
     lone = _training_checkpoint(other, 300)
-    card = _card(tmp_path / "out", "casa", lone, lone.model, [], "float32", "merge", None, (), None)
+    card = _card(tmp_path / "out", "casa", lone, lone.model, [], "float32", "merge", None, (), None)[0]
     assert "## Results" not in card and "## Training" in card
 
 
@@ -146,7 +147,7 @@ def test_card_base_model_and_native_format(tmp_path):
                                (str(tmp_path), None)):
         (folder / "hf_config.json").write_text(json.dumps({"_name_or_path": name_or_path}))
         card = _card(tmp_path / "out", "qwen2_5_vl", source, model, [], "bfloat16", "merge", "org/name", (),
-                     "apache-2.0")
+                     "apache-2.0")[0]
         (tmp_path / "README.md").write_text(card)
         header = ModelCard.load(tmp_path / "README.md").data.to_dict()
         assert header.get("base_model") == base and header["license"] == "apache-2.0"
@@ -155,7 +156,8 @@ def test_card_base_model_and_native_format(tmp_path):
     ast.parse(snippet)
     assert "Qwen2_5_VLForConditionalGeneration.from_pretrained(\"org/name\")" in snippet
     assert "trust_remote_code" not in snippet
-    given = _card(tmp_path / "out", "qwen2_5_vl", source, model, [], "bfloat16", "merge", None, ["a/b", "c/d"], None)
+    given = _card(tmp_path / "out", "qwen2_5_vl", source, model, [], "bfloat16", "merge", None, ["a/b", "c/d"],
+                  None)[0]
     (tmp_path / "README.md").write_text(given)
     assert ModelCard.load(tmp_path / "README.md").data.to_dict()["base_model"] == ["a/b", "c/d"]
 
@@ -199,7 +201,7 @@ def test_evaluation_results_must_be_of_the_exported_checkpoint(tmp_path, monkeyp
     with pytest.raises(ConversionError, match="not an eval.json"):
         read_evaluation(tmp_path / "junk.json", source.path)
 
-    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None, [ok])
+    card = _card(tmp_path / "out", "casa", source, source.model, [], "float32", "merge", None, (), None, [ok])[0]
     assert _row(card, "task:colour").startswith("2 | 0.5000")
     assert _row(card, "caption token F1") == "3 frames | 0.6250"
     (tmp_path / "README.md").write_text(card)
