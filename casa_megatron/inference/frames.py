@@ -85,8 +85,7 @@ def _open(source: str, input_format: Optional[str], timeout_s: float):
 def _pyav_frames(path: str, fps: float, max_frames: Optional[int], input_format: Optional[str] = None,
                  timeout_s: float = 10.0):
     """A file's frames at ``fps``: sample k is frame ``floor(k / fps * native_fps)``."""
-    def by_index(stream):
-        native = float(stream.average_rate or stream.guessed_rate or 0)
+    def by_index(stream, native: float):
         if native <= 0:
             raise VideoDecodeError(f"cannot decode video {path}: unknown frame rate")
         k = 0
@@ -105,8 +104,7 @@ def _live_frames(source: str, fps: float, max_frames: Optional[int], input_forma
     sample k is the last frame that started by ``t_k = k / fps`` (to within a millionth of a
     frame, as ``_pyav_frames``' index rule), yielded when the frame after it arrives (one source
     frame of latency) or the stream ends."""
-    def by_time(stream):
-        native = float(stream.average_rate or stream.guessed_rate or 0)
+    def by_time(stream, native: float):
         eps = 1e-6 / native if native > 0 else 1e-9
         first, prev, k = None, None, 0  # the first frame's time; (time since it, frame) of the last frame
         for frame in stream.container.decode(stream):
@@ -118,9 +116,11 @@ def _live_frames(source: str, fps: float, max_frames: Optional[int], input_forma
                 yield k / fps, prev[1]
                 k += 1
             prev = now
+        if prev is None:
+            return
         # the stream ended: the last frame stays on screen for one frame interval
-        end = prev[0] + 1 / native if prev is not None and native > 0 else (prev[0] + eps if prev else -1)
-        while prev is not None and k / fps + eps < end:
+        end = prev[0] + (1 / native if native > 0 else eps)
+        while k / fps + eps < end:
             yield k / fps, prev[1]
             k += 1
 
@@ -128,9 +128,9 @@ def _live_frames(source: str, fps: float, max_frames: Optional[int], input_forma
 
 
 def _delivered(source: str, container, sampler, max_frames: Optional[int]):
-    """``sampler(stream)``'s ``(time_s, frame)`` as ``(time_s, [3, H, W] uint8)``, converted on this
-    (the decoding) thread, up to ``max_frames``; the container closed at the end. An FFmpeg
-    error is a VideoDecodeError before the first frame, a StreamBroken after it."""
+    """``sampler(stream, native_fps)``'s ``(time_s, frame)`` as ``(time_s, [3, H, W] uint8)``,
+    converted on this (the decoding) thread, up to ``max_frames``; the container closed at the
+    end. An FFmpeg error is a VideoDecodeError before the first frame, a StreamBroken after it."""
     import av
 
     delivered = 0
@@ -138,7 +138,8 @@ def _delivered(source: str, container, sampler, max_frames: Optional[int]):
         if not container.streams.video:
             raise VideoDecodeError(f"cannot decode video {source}: it has no video stream")
         try:
-            for t, frame in sampler(container.streams.video[0]):
+            stream = container.streams.video[0]
+            for t, frame in sampler(stream, float(stream.average_rate or stream.guessed_rate or 0)):
                 yield t, _tensor(frame)
                 delivered += 1
                 if max_frames is not None and delivered >= max_frames:
